@@ -1,0 +1,40 @@
+// fastmed._C: the optional compiled extension (pybind11 through torch's extension tooling).
+//
+// Each op family adds its own csrc/<op>.cpp (CPU) and csrc/<op>.cu (CUDA) and registers its
+// functions from the init hooks declared in csrc/fastmed_ext.h.  This file owns the module.
+#include <torch/extension.h>
+
+#include "fastmed_ext.h"
+
+namespace fastmed {
+
+pybind11::dict build_info() {
+  pybind11::dict info;
+#ifdef FASTMED_WITH_CUDA
+  info["cuda"] = true;
+  info["cuda_runtime_version"] = cuda_runtime_version();
+#else
+  info["cuda"] = false;
+#endif
+#ifdef _OPENMP
+  info["openmp"] = true;
+#else
+  info["openmp"] = false;
+#endif
+  info["torch_version"] = TORCH_VERSION;
+  return info;
+}
+
+int64_t num_threads() { return at::get_num_threads(); }
+
+}  // namespace fastmed
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "fastmed compiled extension (C++ CPU kernels, optional CUDA kernels)";
+  m.def("build_info", &fastmed::build_info, "What this build of fastmed._C contains.");
+  m.def("num_threads", &fastmed::num_threads, "Threads available to CPU kernels (torch's intra-op pool).");
+#ifdef FASTMED_WITH_CUDA
+  m.def("cuda_selftest", &fastmed::cuda_selftest,
+        "Runs a tiny CUDA kernel writing 0..n-1 into an int32 CUDA tensor; returns it.", pybind11::arg("n"));
+#endif
+}

@@ -1,0 +1,45 @@
+"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]``."""
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+
+
+def _bench(names: list[str], quick: bool) -> int:
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    bench_dir = os.path.join(here, "bench")
+    if not os.path.isdir(bench_dir):
+        print("python -m fastmed bench runs the scripts in the repository's bench/ folder; "
+              "run it from a source checkout", file=sys.stderr)
+        return 2
+    rc = 0
+    for name in names:
+        script = os.path.join(bench_dir, f"bench_{name}.py")
+        if not os.path.exists(script):
+            print(f"no benchmark named {name!r} (looked for {script})", file=sys.stderr)
+            return 2
+        cmd = [sys.executable, script] + (["--quick"] if quick else [])
+        rc = subprocess.call(cmd) or rc
+    return rc
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m fastmed", description=__doc__)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("info", help="versions, compiled extension, and which backend each op uses here and why")
+    b = sub.add_parser("bench", help="run benchmarks from the source checkout's bench/ folder")
+    b.add_argument("names", nargs="*", default=["norm_act"], help="benchmark names (default: norm_act)")
+    b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    args = parser.parse_args(argv)
+    if args.cmd == "info":
+        import fastmed
+
+        print(fastmed.info())
+        return 0
+    return _bench(args.names, args.quick)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

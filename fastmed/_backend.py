@@ -1,0 +1,229 @@
+"""Backend choice that explains itself.
+
+Every op lists the backends that implement it, in order of preference.  Each backend has a
+``can_run(device, forced)`` check that returns ``None`` when it can run or a sentence saying
+why not.  ``auto`` picks the first backend that can run; ``FASTMED_BACKEND=<name>`` or
+``with fastmed.use_backend(<name>):`` forces one, and forcing one that cannot run raises
+:class:`BackendUnavailableError` with the reason.
+
+Backends:
+
+``triton``     Triton kernels from ``fastmed.kernels``.  ``auto`` uses them for CUDA tensors;
+               for CPU tensors they run only when forced and ``TRITON_INTERPRET=1`` was set
+               before triton was imported (that is how the CPU test suite exercises them).
+``cuda``       hand-written CUDA in the compiled extension ``fastmed._C`` (ops that have it).
+``cpp``        C++ CPU code in ``fastmed._C`` (ops that have it).
+``reference``  plain PyTorch from ``fastmed.reference``: the test oracle and CPU fallback.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import functools
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+BACKENDS = ("triton", "cuda", "cpp", "reference")
+_CHOICES = ("auto",) + BACKENDS
+
+_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastmed_backend", default=None)
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run the requested op on the given inputs."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if not isinstance(name, str) or name not in _CHOICES:
+        raise ValueError(f"{what} must be one of {', '.join(_CHOICES)}; got {name!r}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Force a backend for every fastmed op called inside the block.
+
+    >>> with fastmed.use_backend("reference"):
+    ...     y = fastmed.ops.norm_act(x, "instance")
+
+    ``"auto"`` restores automatic choice inside the block.  Overrides ``FASTMED_BACKEND``.
+    """
+    _check_name(name, "use_backend(name)")
+    token = _forced.set(name)
+    try:
+        yield
+    finally:
+        _forced.reset(token)
+
+
+def requested_backend() -> str:
+    """The backend asked for here: the innermost ``use_backend`` block, else ``FASTMED_BACKEND``, else ``auto``."""
+    name = _forced.get()
+    if name is not None:
+        return name
+    env = os.environ.get("FASTMED_BACKEND", "").strip() or "auto"
+    return _check_name(env, "the FASTMED_BACKEND environment variable")
+
+
+# --------------------------------------------------------------------------------------------
+# Facts about this machine, cached.
+# --------------------------------------------------------------------------------------------
+
+def interpreter_active() -> bool:
+    """True when Triton kernels run through Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+@functools.lru_cache(maxsize=None)
+def triton_import_error() -> Optional[str]:
+    """None when triton imports, else why not."""
+    if importlib.util.find_spec("triton") is None:
+        return "triton is not installed (pip install 'fastmed[triton]' or pip install triton)"
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception as exc:  # pragma: no cover - depends on the environment
+        return f"triton failed to import: {exc}"
+    return None
+
+
+def triton_version() -> Optional[str]:
+    if triton_import_error() is not None:
+        return None
+    import triton
+
+    return triton.__version__
+
+
+def _triton_can_run(device: torch.device, forced: bool) -> Optional[str]:
+    err = triton_import_error()
+    if err is not None:
+        return err
+    if device.type == "cuda":
+        if interpreter_active():
+            return "TRITON_INTERPRET=1 is set, so Triton runs on the CPU only; unset it for CUDA tensors"
+        return None
+    if device.type == "cpu":
+        if not interpreter_active():
+            return ("Triton kernels run on CPU tensors only under TRITON_INTERPRET=1 "
+                    "(set before triton is imported)")
+        if not forced:
+            return "auto uses the reference for CPU tensors; force 'triton' to run the Triton interpreter"
+        return None
+    return f"Triton kernels do not run on {device.type} tensors"
+
+
+def _ext_can_run(part: str) -> Callable[[torch.device, bool], Optional[str]]:
+    def can_run(device: torch.device, forced: bool) -> Optional[str]:
+        from fastmed import _ext
+
+        info = _ext.extension_info()
+        if not info["built"]:
+            return f"fastmed._C is not built ({info['error']})"
+        if part == "cuda":
+            if device.type != "cuda":
+                return f"the CUDA backend needs CUDA tensors, got {device.type} tensors"
+            if not info["cuda"]:
+                return "fastmed._C was built without its CUDA part (FASTMED_BUILD_CUDA=1 with nvcc to build it)"
+            return None
+        if device.type != "cpu":
+            return f"the C++ backend needs CPU tensors, got {device.type} tensors"
+        return None
+
+    return can_run
+
+
+def _reference_can_run(device: torch.device, forced: bool) -> Optional[str]:
+    return None
+
+
+_BACKEND_CHECKS: dict[str, Callable[[torch.device, bool], Optional[str]]] = {
+    "triton": _triton_can_run,
+    "cuda": _ext_can_run("cuda"),
+    "cpp": _ext_can_run("cpp"),
+    "reference": _reference_can_run,
+}
+
+
+# --------------------------------------------------------------------------------------------
+# Op registry
+# --------------------------------------------------------------------------------------------
+
+@dataclass
+class OpInfo:
+    name: str
+    backends: Sequence[str]
+    # Optional extra check per backend: (backend, device) -> reason or None.
+    extra_check: Optional[Callable[[str, torch.device], Optional[str]]] = None
+    doc: str = ""
+    _extra: dict = field(default_factory=dict)
+
+
+_OPS: dict[str, OpInfo] = {}
+
+
+def register_op(name: str, backends: Sequence[str], doc: str = "",
+                extra_check: Optional[Callable[[str, torch.device], Optional[str]]] = None) -> OpInfo:
+    """Declare an op and its backends in order of preference (the reference last)."""
+    for b in backends:
+        if b not in BACKENDS:
+            raise ValueError(f"register_op({name!r}): unknown backend {b!r}")
+    info = OpInfo(name, tuple(backends), extra_check, doc)
+    _OPS[name] = info
+    return info
+
+
+def registered_ops() -> dict[str, OpInfo]:
+    return dict(_OPS)
+
+
+def why_not(op: str, backend: str, device: torch.device, forced: bool = False) -> Optional[str]:
+    """None when ``backend`` can run ``op`` on ``device``, else the reason."""
+    info = _OPS[op]
+    if backend not in info.backends:
+        return f"{op} has no {backend} implementation (it has: {', '.join(info.backends)})"
+    reason = _BACKEND_CHECKS[backend](device, forced)
+    if reason is None and info.extra_check is not None:
+        reason = info.extra_check(backend, device)
+    return reason
+
+
+def choose(op: str, device: torch.device) -> str:
+    """Pick the backend for ``op`` on ``device``, honouring a forced choice.
+
+    Raises :class:`BackendUnavailableError` when a forced backend cannot run, with the reason.
+    """
+    requested = requested_backend()
+    if requested != "auto":
+        reason = why_not(op, requested, device, forced=True)
+        if reason is not None:
+            raise BackendUnavailableError(
+                f"fastmed backend {requested!r} was forced (use_backend / FASTMED_BACKEND) but cannot run "
+                f"{op} on {device.type} tensors: {reason}")
+        return requested
+    reasons = []
+    for backend in _OPS[op].backends:
+        reason = why_not(op, backend, device, forced=False)
+        if reason is None:
+            return backend
+        reasons.append(f"{backend}: {reason}")
+    raise BackendUnavailableError(f"no backend can run {op} on {device.type} tensors: " + "; ".join(reasons))
+
+
+def explain(device: Optional[torch.device] = None) -> list[tuple[str, str, dict[str, Optional[str]]]]:
+    """For each registered op: (op, backend auto would pick, {backend: reason or None})."""
+    if device is None:
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    rows = []
+    for name, info in sorted(_OPS.items()):
+        reasons = {b: why_not(name, b, device, forced=False) for b in info.backends}
+        try:
+            picked = choose(name, device) if requested_backend() == "auto" else requested_backend()
+        except BackendUnavailableError as exc:
+            picked = f"(none: {exc})"
+        rows.append((name, picked, reasons))
+    return rows

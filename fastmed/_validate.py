@@ -1,0 +1,66 @@
+"""Input checks shared by every op: errors name the argument, what was expected and what came."""
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_tensor(x, name: str, *, floating: bool = True, min_ndim: Optional[int] = None,
+                 max_ndim: Optional[int] = None, allow_empty: bool = False) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if floating and x.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float16, bfloat16, float32 or float64), "
+                        f"got dtype {x.dtype}")
+    if min_ndim is not None and x.dim() < min_ndim or max_ndim is not None and x.dim() > max_ndim:
+        lo = "" if min_ndim is None else str(min_ndim)
+        hi = "" if max_ndim is None else str(max_ndim)
+        expect = f"{lo}..{hi}" if lo != hi else lo
+        raise ValueError(f"{name} must have {expect} dimensions, got shape {tuple(x.shape)} ({x.dim()} dimensions)")
+    if not allow_empty and x.numel() == 0:
+        raise ValueError(f"{name} must not be empty, got shape {tuple(x.shape)}")
+    return x
+
+
+def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
+    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
+    device = items[0][1].device
+    for k, v in items[1:]:
+        if v.device != device:
+            first = items[0][0]
+            raise ValueError(f"{k} is on {v.device} but {first} is on {device}; all tensors must be on one device")
+    return device
+
+
+def check_choice(value, name: str, choices: Iterable[str]) -> str:
+    choices = tuple(choices)
+    if not isinstance(value, str) or value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}; got {value!r}")
+    return value
+
+
+def check_per_channel(t: Optional[torch.Tensor], name: str, channels: int, *, allow_scalar: bool = False) -> None:
+    if t is None:
+        return
+    check_tensor(t, name)
+    ok = t.dim() == 1 and (t.shape[0] == channels or (allow_scalar and t.shape[0] == 1))
+    if not ok:
+        extra = " or (1,)" if allow_scalar else ""
+        raise ValueError(f"{name} must have shape ({channels},){extra} to match the {channels} channels of x, "
+                         f"got shape {tuple(t.shape)}")
+
+
+def flat_view(x: torch.Tensor) -> torch.Tensor:
+    """(N, C, *spatial) -> (N, C, S) as a view when the spatial dims collapse (contiguous or
+    channels-last layouts); otherwise a contiguous copy."""
+    n, c = x.shape[:2]
+    s = 1
+    for d in x.shape[2:]:
+        s *= d
+    try:
+        return x.view(n, c, s)
+    except RuntimeError:
+        return x.contiguous().view(n, c, s)

@@ -1,0 +1,4 @@
+"""fastmed modules (drop-in replacements whose parameter names match the modules they replace)."""
+from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
+
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]

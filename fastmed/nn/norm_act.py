@@ -1,0 +1,163 @@
+"""``NormAct`` modules: normalization + activation as one fused op.
+
+Parameter names follow torch's norm modules (``weight``, ``bias``, ``running_mean``, ``running_var``,
+``num_batches_tracked``) so a ``NormAct`` loads the state dict of the ``nn.InstanceNorm*d`` /
+``nn.GroupNorm`` / ``nn.BatchNorm*d`` it replaces; a PReLU slope lives in ``act_weight``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import nn
+
+from fastmed.ops.norm_act import _normalize_activation, norm_act
+
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]
+
+
+class NormAct(nn.Module):
+    """``act(norm(x) + residual)`` for inputs ``(N, C, *spatial)`` with 1 to 3 spatial dims.
+
+    Args:
+        kind: ``"instance"``, ``"group"`` or ``"batch"``.
+        num_channels: C.
+        num_groups: groups for ``kind="group"``.
+        eps, momentum: as in torch's norm modules (``momentum=None``: cumulative average, batch norm).
+        affine: learn ``weight`` (ones) and ``bias`` (zeros) of shape ``(C,)``.
+        track_running_stats: batch norm keeps ``running_mean``/``running_var`` and uses them in eval mode.
+        activation: see :func:`fastmed.ops.norm_act`; ``negative_slope`` for leaky_relu;
+            ``prelu_init``/``prelu_per_channel`` for prelu (``act_weight`` of shape ``(C,)`` or ``(1,)``).
+
+    ``forward(x, residual=None)`` returns a tensor shaped like ``x``.
+    """
+
+    def __init__(self, kind: str, num_channels: int, *, num_groups: Optional[int] = None, eps: float = 1e-5,
+                 momentum: Optional[float] = 0.1, affine: bool = True, track_running_stats: bool = True,
+                 activation: Optional[str] = "leaky_relu", negative_slope: float = 0.01, prelu_init: float = 0.25,
+                 prelu_per_channel: bool = True, device=None, dtype=None):
+        super().__init__()
+        if not isinstance(num_channels, int) or num_channels < 1:
+            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        factory = {"device": device, "dtype": dtype}
+        self.kind = kind
+        self.num_channels = num_channels
+        self.num_groups = num_groups
+        self.eps = eps
+        self.momentum = momentum
+        self.affine = affine
+        self.activation = _normalize_activation(activation)
+        self.negative_slope = negative_slope
+        if affine:
+            self.weight = nn.Parameter(torch.ones(num_channels, **factory))
+            self.bias = nn.Parameter(torch.zeros(num_channels, **factory))
+        else:
+            self.register_parameter("weight", None)
+            self.register_parameter("bias", None)
+        self.track_running_stats = kind == "batch" and track_running_stats
+        if self.track_running_stats:
+            self.register_buffer("running_mean", torch.zeros(num_channels, **factory))
+            self.register_buffer("running_var", torch.ones(num_channels, **factory))
+            self.register_buffer("num_batches_tracked", torch.tensor(0, dtype=torch.long, device=device))
+        else:
+            self.register_buffer("running_mean", None)
+            self.register_buffer("running_var", None)
+            self.register_buffer("num_batches_tracked", None)
+        if self.activation == "prelu":
+            n = num_channels if prelu_per_channel else 1
+            self.act_weight = nn.Parameter(torch.full((n,), float(prelu_init), **factory))
+        else:
+            self.register_parameter("act_weight", None)
+        # Validate the configuration once, at construction, with a tiny probe of the argument checks.
+        if kind not in ("instance", "group", "batch"):
+            raise ValueError(f"kind must be one of 'instance', 'group', 'batch'; got {kind!r}")
+        if kind == "group" and (num_groups is None or num_groups < 1 or num_channels % num_groups):
+            raise ValueError(f"num_groups must divide num_channels={num_channels}, got {num_groups!r}")
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        training = self.training or not self.track_running_stats
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.kind == "batch" and self.training and self.track_running_stats:
+            self.num_batches_tracked.add_(1)
+            if self.momentum is None:
+                momentum = 1.0 / float(self.num_batches_tracked)
+        slope = self.act_weight if self.activation == "prelu" else self.negative_slope
+        return norm_act(x, self.kind, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps,
+                        activation=self.activation, negative_slope=slope, residual=residual,
+                        running_mean=self.running_mean if self.track_running_stats else None,
+                        running_var=self.running_var if self.track_running_stats else None,
+                        momentum=momentum, training=training)
+
+    def extra_repr(self) -> str:
+        s = f"{self.kind}, {self.num_channels}"
+        if self.kind == "group":
+            s += f", num_groups={self.num_groups}"
+        s += f", eps={self.eps}, affine={self.affine}, activation={self.activation}"
+        if self.activation == "leaky_relu":
+            s += f", negative_slope={self.negative_slope}"
+        return s
+
+    @classmethod
+    def from_modules(cls, norm: nn.Module, act: Optional[nn.Module] = None) -> "NormAct":
+        """Build a NormAct that shares the parameters and buffers of an existing torch norm module and
+        activation module (used by ``fastmed.patch``).  Raises ``TypeError`` for unsupported modules."""
+        if isinstance(norm, nn.GroupNorm):
+            kind, channels, groups = "group", norm.num_channels, norm.num_groups
+            track = False
+        elif isinstance(norm, nn.modules.instancenorm._InstanceNorm):
+            if norm.track_running_stats:
+                raise TypeError("InstanceNorm with track_running_stats=True is not supported by NormAct")
+            kind, channels, groups, track = "instance", norm.num_features, None, False
+        elif isinstance(norm, nn.modules.batchnorm._BatchNorm):
+            kind, channels, groups, track = "batch", norm.num_features, None, norm.track_running_stats
+        else:
+            raise TypeError(f"norm must be an InstanceNorm, GroupNorm or BatchNorm module, got {type(norm).__name__}")
+        activation, slope, prelu = _activation_of(act)
+        out = cls(kind, channels, num_groups=groups, eps=norm.eps, momentum=getattr(norm, "momentum", 0.1),
+                  affine=norm.weight is not None, track_running_stats=track, activation=activation,
+                  negative_slope=slope, device=None)
+        out.weight, out.bias = norm.weight, norm.bias
+        if track:
+            out.running_mean, out.running_var = norm.running_mean, norm.running_var
+            out.num_batches_tracked = norm.num_batches_tracked
+        if prelu is not None:
+            out.act_weight = prelu.weight
+        return out
+
+
+def _activation_of(act: Optional[nn.Module]):
+    """(activation name, negative_slope, prelu module or None) for a torch activation module."""
+    if act is None or isinstance(act, nn.Identity):
+        return "identity", 0.01, None
+    if isinstance(act, nn.ReLU):
+        return "relu", 0.01, None
+    if isinstance(act, nn.LeakyReLU):
+        return "leaky_relu", act.negative_slope, None
+    if isinstance(act, nn.PReLU):
+        return "prelu", 0.01, act
+    if isinstance(act, nn.GELU):
+        return ("gelu_tanh" if act.approximate == "tanh" else "gelu"), 0.01, None
+    if isinstance(act, nn.SiLU):
+        return "silu", 0.01, None
+    raise TypeError(f"act must be Identity, ReLU, LeakyReLU, PReLU, GELU or SiLU, got {type(act).__name__}")
+
+
+class InstanceNormAct(NormAct):
+    """Instance norm (affine, eps 1e-5) + activation; nnU-Net's default is LeakyReLU(0.01)."""
+
+    def __init__(self, num_channels: int, **kwargs):
+        super().__init__("instance", num_channels, **kwargs)
+
+
+class GroupNormAct(NormAct):
+    """Group norm + activation."""
+
+    def __init__(self, num_groups: int, num_channels: int, **kwargs):
+        super().__init__("group", num_channels, num_groups=num_groups, **kwargs)
+
+
+class BatchNormAct(NormAct):
+    """Batch norm (running statistics like nn.BatchNorm*d) + activation."""
+
+    def __init__(self, num_channels: int, **kwargs):
+        super().__init__("batch", num_channels, **kwargs)

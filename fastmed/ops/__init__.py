@@ -1,0 +1,4 @@
+"""Functional fastmed ops.  Each dispatches to the best backend that can run (see ``fastmed.info()``)."""
+from fastmed.ops.norm_act import norm_act
+
+__all__ = ["norm_act"]

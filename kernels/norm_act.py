@@ -1,0 +1,397 @@
+"""Fused normalization + activation: Triton kernels and launchers.
+
+The input ``x`` of shape ``(N, C, *spatial)`` is seen as an ``(N, C, S)`` strided view (a view, not a
+copy, for both contiguous and channels-last layouts).  A statistics *row* is the set of elements
+normalized together: ``(n, c)`` for instance norm, ``(n, group)`` for group norm, ``c`` over the whole
+batch for batch norm.  The row of element ``(n, c, s)`` is ``n * rows_per_n + c // cg``.
+
+Forward  (2 passes over x + 1 write):
+  1. ``_norm_stats_kernel``: grid (P splits of S, channel blocks, N); each program folds its slice into
+     per-channel (mean, M2) with Chan's parallel update (no cancellation when |mean| >> std) and writes
+     fp32 partials of shape (N, C, P).  The partials are combined per row in a fixed order (deterministic).
+  2. ``_norm_act_fwd_kernel``: y = act((x - mean) * rstd * w + b + residual).
+Backward (2 passes over x and dy + 1 write), recomputing xhat from x, mean and rstd (nothing saved but x):
+  1. ``_norm_act_bwd_reduce_kernel``: per (n, c, split) partial sums of g = dy * act'(z), g * xhat and, for
+     prelu, dy * min(z, 0)-part; combined into dweight, dbias, dslope and the two per-row means.
+  2. ``_norm_act_bwd_apply_kernel``: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)), dresidual = g.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from ._common import ACT_CODES, act_grad, apply_act
+
+# --------------------------------------------------------------------------------------------------
+# Device code
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _norm_stats_kernel(
+    x_ptr,      # shape (N, C, S), strides (sxn, sxc, sxs)
+    pmean_ptr,  # shape (N, C, P), contiguous, stats dtype: mean of each split
+    pm2_ptr,    # shape (N, C, P), contiguous, stats dtype: sum of squared deviations of each split
+    C, S, P, s_per_split,
+    sxn, sxc, sxs,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    acc_ty = pmean_ptr.dtype.element_ty
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    s_start = pid_p.to(tl.int64) * s_per_split
+    s_end = tl.minimum(s_start + s_per_split, S)
+    base = x_ptr + n * sxn + c[:, None] * sxc
+    count = tl.zeros([BLOCK_C], acc_ty)
+    mean = tl.zeros([BLOCK_C], acc_ty)
+    m2 = tl.zeros([BLOCK_C], acc_ty)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        ms = s < s_end
+        mask = mc[:, None] & ms[None, :]
+        tile = tl.load(base + s[None, :] * sxs, mask=mask, other=0.0).to(acc_ty)
+        nb = tl.sum(ms.to(acc_ty), axis=0)
+        tmean = tl.sum(tile, axis=1) / nb
+        d = tl.where(mask, tile - tmean[:, None], 0.0)
+        tm2 = tl.sum(d * d, axis=1)
+        new_count = count + nb
+        delta = tmean - mean
+        mean = mean + delta * (nb / new_count)
+        m2 = m2 + tm2 + delta * delta * (count * nb / new_count)
+        count = new_count
+    out = (n * C + c) * P + pid_p
+    tl.store(pmean_ptr + out, mean, mask=mc)
+    tl.store(pm2_ptr + out, m2, mask=mc)
+
+
+@triton.jit
+def _load_pre_activation(
+    x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
+    n, c, s, mc, mask, rows_per_n, cg,
+    sxn, sxc, sxs, srn, src, srs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
+):
+    """Loads a [BLOCK_C, BLOCK_S] tile and returns (xhat, z, rstd, w) in the stats dtype."""
+    row = n * rows_per_n + c // cg
+    mean = tl.load(mean_ptr + row, mask=mc, other=0.0)
+    rstd = tl.load(rstd_ptr + row, mask=mc, other=0.0)
+    acc_ty = mean.dtype
+    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(acc_ty)
+    xhat = (x - mean[:, None]) * rstd[:, None]
+    if HAS_W:
+        w = tl.load(w_ptr + c, mask=mc, other=0.0).to(acc_ty)
+        z = xhat * w[:, None]
+    else:
+        w = tl.full([c.shape[0]], 1.0, acc_ty)
+        z = xhat
+    if HAS_B:
+        z = z + tl.load(b_ptr + c, mask=mc, other=0.0).to(acc_ty)[:, None]
+    if HAS_RES:
+        z = z + tl.load(res_ptr + n * srn + c[:, None] * src + s[None, :] * srs, mask=mask, other=0.0).to(acc_ty)
+    return xhat, z, rstd, w
+
+
+@triton.jit
+def _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, acc_ty, ACT: tl.constexpr):
+    if ACT == 6:
+        slope = tl.load(slope_ptr + c * slope_stride, mask=mc, other=0.0).to(acc_ty)[:, None]
+    else:
+        slope = negative_slope
+    return slope
+
+
+@triton.jit
+def _norm_act_fwd_kernel(
+    x_ptr,      # shape (N, C, S), strides (sxn, sxc, sxs)
+    y_ptr,      # shape (N, C, S), strides (syn, syc, sys)
+    res_ptr,    # shape (N, C, S), strides (srn, src, srs); unused unless HAS_RES
+    mean_ptr,   # shape (R,) stats dtype, R = rows
+    rstd_ptr,   # shape (R,)
+    w_ptr,      # shape (C,)  unused unless HAS_W
+    b_ptr,      # shape (C,)  unused unless HAS_B
+    slope_ptr,  # shape (C,) or (1,)  prelu slope, unused unless ACT == 6
+    C, S, rows_per_n, cg, slope_stride, negative_slope,
+    sxn, sxc, sxs, syn, syc, sys, srn, src, srs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    mask = mc[:, None] & (s < S)[None, :]
+    xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc, mask,
+                                            rows_per_n, cg, sxn, sxc, sxs, srn, src, srs, HAS_W, HAS_B, HAS_RES)
+    slope = _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, z.dtype, ACT)
+    y = apply_act(z, slope, ACT)
+    tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, y.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _norm_act_bwd_reduce_kernel(
+    dy_ptr,     # shape (N, C, S), strides (sdn, sdc, sds)
+    x_ptr,      # shape (N, C, S), strides (sxn, sxc, sxs)
+    res_ptr,    # shape (N, C, S), strides (srn, src, srs); unused unless HAS_RES
+    mean_ptr, rstd_ptr,  # shape (R,)
+    w_ptr, b_ptr, slope_ptr,
+    psg_ptr,    # shape (N, C, P): sum of g = dy * act'(z)
+    psgx_ptr,   # shape (N, C, P): sum of g * xhat
+    psa_ptr,    # shape (N, C, P): sum of dy * z where z <= 0 (prelu slope gradient), unused unless ACT == 6
+    C, S, P, s_per_split, rows_per_n, cg, slope_stride, negative_slope,
+    sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_p = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    acc_ty = psg_ptr.dtype.element_ty
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    s_start = pid_p.to(tl.int64) * s_per_split
+    s_end = tl.minimum(s_start + s_per_split, S)
+    sg = tl.zeros([BLOCK_C], acc_ty)
+    sgx = tl.zeros([BLOCK_C], acc_ty)
+    sa = tl.zeros([BLOCK_C], acc_ty)
+    slope = _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, acc_ty, ACT)
+    for s0 in range(s_start, s_end, BLOCK_S):
+        s = s0 + tl.arange(0, BLOCK_S)
+        mask = mc[:, None] & (s < s_end)[None, :]
+        xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc,
+                                                mask, rows_per_n, cg, sxn, sxc, sxs, srn, src, srs,
+                                                HAS_W, HAS_B, HAS_RES)
+        dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(acc_ty)
+        g = dy * act_grad(z, slope, ACT)
+        sg += tl.sum(g, axis=1)
+        sgx += tl.sum(g * xhat, axis=1)
+        if ACT == 6:
+            sa += tl.sum(tl.where(z > 0, 0.0, dy * z), axis=1)
+    out = (n * C + c) * P + pid_p
+    tl.store(psg_ptr + out, sg, mask=mc)
+    tl.store(psgx_ptr + out, sgx, mask=mc)
+    if ACT == 6:
+        tl.store(psa_ptr + out, sa, mask=mc)
+
+
+@triton.jit
+def _norm_act_bwd_apply_kernel(
+    dy_ptr, x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, slope_ptr,
+    m1_ptr,     # shape (R,): mean over the row of g * w
+    m2_ptr,     # shape (R,): mean over the row of g * w * xhat
+    dx_ptr,     # shape (N, C, S), strides (sxn_o, sxc_o, sxs_o)
+    dres_ptr,   # shape (N, C, S), same strides as dx; unused unless HAS_RES
+    C, S, rows_per_n, cg, slope_stride, negative_slope,
+    sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, son, soc, sos,
+    HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
+    INPUT_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
+):
+    pid_s = tl.program_id(0)
+    pid_c = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    mask = mc[:, None] & (s < S)[None, :]
+    xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc, mask,
+                                            rows_per_n, cg, sxn, sxc, sxs, srn, src, srs, HAS_W, HAS_B, HAS_RES)
+    slope = _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, z.dtype, ACT)
+    dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(z.dtype)
+    g = dy * act_grad(z, slope, ACT)
+    dxhat = g * w[:, None]
+    if INPUT_STATS:
+        row = n * rows_per_n + c // cg
+        m1 = tl.load(m1_ptr + row, mask=mc, other=0.0)
+        m2 = tl.load(m2_ptr + row, mask=mc, other=0.0)
+        dx = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
+    else:
+        dx = rstd[:, None] * dxhat
+    out = n * son + c[:, None] * soc + s[None, :] * sos
+    tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
+    if HAS_RES:
+        tl.store(dres_ptr + out, g.to(dres_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+KIND_ROWS = ("instance", "group", "batch")
+
+
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    n, c = x.shape[:2]
+    return x.view(n, c, -1)
+
+
+def _dense_like(t: torch.Tensor) -> torch.Tensor:
+    """t itself when its (N, C, *spatial) dims collapse to an (N, C, S) view, else a contiguous copy."""
+    try:
+        _flat(t)
+        return t
+    except RuntimeError:
+        return t.contiguous()
+
+
+def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_S, num_warps) for a tile of t3 = (N, C, S): channels fastest when C has stride 1."""
+    if t3.stride(1) == 1 and t3.shape[2] > 1:  # channels-last
+        block_c = min(triton.next_power_of_2(channels), 64)
+        block_s = max(4096 // block_c, 16)
+    else:
+        block_c = min(triton.next_power_of_2(channels), 2)
+        block_s = 2048
+    block_s = min(block_s, max(triton.next_power_of_2(t3.shape[2]), 16))
+    num_warps = 8 if block_c * block_s >= 4096 else 4
+    return block_c, block_s, num_warps
+
+
+def _num_programs_target(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # interpreter: few, large programs run fastest
+
+
+def _splits(n: int, cblocks: int, S: int, block_s: int, device: torch.device) -> tuple[int, int]:
+    """(P, s_per_split): how many programs share one (n, channel-block) row of S."""
+    max_p = triton.cdiv(S, block_s)
+    want = triton.cdiv(_num_programs_target(device), n * cblocks)
+    p = max(1, min(max_p, want))
+    s_per = triton.cdiv(triton.cdiv(S, p), block_s) * block_s
+    return triton.cdiv(S, s_per), s_per
+
+
+def _row_layout(kind: str, C: int, num_groups: int) -> tuple[int, int]:
+    """(rows_per_n, cg): row of (n, c) = n * rows_per_n + c // cg."""
+    if kind == "instance":
+        return C, 1
+    if kind == "group":
+        return num_groups, C // num_groups
+    return 0, 1
+
+
+def _rows_view(part: torch.Tensor, kind: str, num_groups: int) -> torch.Tensor:
+    """(N, C, P) partials -> (R, elements of the row) in a fixed order."""
+    N, C, P = part.shape
+    if kind == "instance":
+        return part.reshape(N * C, P)
+    if kind == "group":
+        return part.reshape(N * num_groups, (C // num_groups) * P)
+    return part.permute(1, 0, 2).reshape(C, N * P)
+
+
+def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _opt(t, dummy):
+    """An absent optional tensor is passed as a dummy pointer that the kernel never reads."""
+    return t if t is not None else dummy
+
+
+def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Biased mean and rstd per row, (R,) in the stats dtype; two deterministic stages."""
+    x = _dense_like(x)
+    x3 = _flat(x)
+    N, C, S = x3.shape
+    acc = _stats_dtype(x.dtype)
+    block_c, block_s, num_warps = _blocks(x3, C)
+    cblocks = triton.cdiv(C, block_c)
+    P, s_per = _splits(N, cblocks, S, block_s, x.device)
+    pmean = torch.empty((N, C, P), device=x.device, dtype=acc)
+    pm2 = torch.empty((N, C, P), device=x.device, dtype=acc)
+    wrap_triton(_norm_stats_kernel)[(P, cblocks, N)](
+        x3, pmean, pm2, C, S, P, s_per, *x3.stride(),
+        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    counts = torch.clamp(S - torch.arange(P, device=x.device, dtype=acc) * s_per, max=s_per)
+    cnt = _rows_view(counts.expand(N, C, P), kind, num_groups)
+    mu = _rows_view(pmean, kind, num_groups)
+    m2 = _rows_view(pm2, kind, num_groups)
+    total = cnt.sum(1, keepdim=True)
+    mean = (cnt * mu).sum(1, keepdim=True) / total
+    M2 = (m2 + cnt * (mu - mean) ** 2).sum(1)
+    var = M2 / total.squeeze(1)
+    return mean.squeeze(1), torch.rsqrt(var + eps)
+
+
+def norm_act_forward(x, weight, bias, residual, slope, mean, rstd, kind: str, num_groups: int, eps: float,
+                     activation: str, negative_slope: float):
+    """y = act(norm(x) * weight + bias + residual); returns (y, mean, rstd).
+
+    x: (N, C, *spatial), any dense layout; weight, bias, slope: (C,) or None (slope (1,) allowed);
+    residual: like x or None; mean/rstd: (R,) to use given statistics (batch norm eval) or None.
+    """
+    x = _dense_like(x)
+    if mean is None:
+        mean, rstd = norm_stats(x, kind, num_groups, eps)
+    y = torch.empty_like(x)
+    x3, y3 = _flat(x), _flat(y)
+    N, C, S = x3.shape
+    r3 = _flat(_dense_like(residual)) if residual is not None else x3
+    block_c, block_s, num_warps = _blocks(x3, C)
+    rows_per_n, cg = _row_layout(kind, C, num_groups)
+    grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), N)
+    wrap_triton(_norm_act_fwd_kernel)[grid](
+        x3, y3, r3, mean, rstd, _opt(weight, mean), _opt(bias, mean), _opt(slope, mean),
+        C, S, rows_per_n, cg, 0 if slope is None or slope.numel() == 1 else 1, float(negative_slope),
+        *x3.stride(), *y3.stride(), *r3.stride(),
+        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+        ACT=ACT_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    return y, mean, rstd
+
+
+def norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind: str, num_groups: int,
+                      activation: str, negative_slope: float, input_stats: bool):
+    """Returns (dx, dweight, dbias, dresidual, dslope), None for absent inputs."""
+    x = _dense_like(x)
+    dy = _dense_like(dy)
+    x3, dy3 = _flat(x), _flat(dy)
+    N, C, S = x3.shape
+    r3 = _flat(_dense_like(residual)) if residual is not None else x3
+    acc = mean.dtype
+    block_c, block_s, num_warps = _blocks(x3, C)
+    cblocks = triton.cdiv(C, block_c)
+    rows_per_n, cg = _row_layout(kind, C, num_groups)
+    w_, b_, sl_ = _opt(weight, mean), _opt(bias, mean), _opt(slope, mean)
+    slope_stride = 0 if slope is None or slope.numel() == 1 else 1
+    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
+                 ACT=ACT_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    P, s_per = _splits(N, cblocks, S, block_s, x.device)
+    psg = torch.empty((N, C, P), device=x.device, dtype=acc)
+    psgx = torch.empty_like(psg)
+    psa = torch.empty_like(psg) if activation == "prelu" else psg
+    wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
+        dy3, x3, r3, mean, rstd, w_, b_, sl_, psg, psgx, psa,
+        C, S, P, s_per, rows_per_n, cg, slope_stride, float(negative_slope),
+        *dy3.stride(), *x3.stride(), *r3.stride(), **flags)
+    sg = psg.sum(2)     # (N, C)
+    sgx = psgx.sum(2)   # (N, C)
+    dweight = sgx.sum(0).to(weight.dtype) if weight is not None else None
+    dbias = sg.sum(0).to(bias.dtype) if bias is not None else None
+    dslope = None
+    if activation == "prelu":
+        sa = psa.sum(2).sum(0)
+        dslope = (sa if slope.numel() > 1 else sa.sum().reshape(1)).to(slope.dtype)
+    if input_stats:
+        wv = weight.to(acc) if weight is not None else torch.ones(C, device=x.device, dtype=acc)
+        gw, gwx = sg * wv, sgx * wv
+        rows = _rows_view(torch.stack([gw, gwx], -1), kind, num_groups)  # (R, elems * 2)
+        per_row = rows.reshape(rows.shape[0], -1, 2).sum(1) / (rows.shape[1] // 2 * S)  # / elements per row
+        m1, m2 = per_row[:, 0].contiguous(), per_row[:, 1].contiguous()
+    else:
+        m1 = m2 = mean
+    dx = torch.empty_like(x)
+    dres = torch.empty_like(x, dtype=residual.dtype) if residual is not None else dx
+    dx3, dres3 = _flat(dx), _flat(dres)
+    grid = (triton.cdiv(S, block_s), cblocks, N)
+    wrap_triton(_norm_act_bwd_apply_kernel)[grid](
+        dy3, x3, r3, mean, rstd, w_, b_, sl_, m1, m2, dx3, dres3,
+        C, S, rows_per_n, cg, slope_stride, float(negative_slope),
+        *dy3.stride(), *x3.stride(), *r3.stride(), *dx3.stride(), INPUT_STATS=input_stats, **flags)
+    return dx, dweight, dbias, (dres if residual is not None else None), dslope
