@@ -18,7 +18,6 @@ Backends:
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import functools
 import importlib.util
 import os
@@ -30,7 +29,9 @@ import torch
 BACKENDS = ("triton", "cuda", "cpp", "reference")
 _CHOICES = ("auto",) + BACKENDS
 
-_forced: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar("fastmed_backend", default=None)
+# Stack of forced backends (innermost last).  A plain list rather than a ContextVar so that
+# torch.compile can read it; the choice is process-wide, not per thread.
+_forced: list[str] = []
 
 
 class BackendUnavailableError(RuntimeError):
@@ -53,18 +54,17 @@ def use_backend(name: str) -> Iterator[None]:
     ``"auto"`` restores automatic choice inside the block.  Overrides ``FASTMED_BACKEND``.
     """
     _check_name(name, "use_backend(name)")
-    token = _forced.set(name)
+    _forced.append(name)
     try:
         yield
     finally:
-        _forced.reset(token)
+        _forced.pop()
 
 
 def requested_backend() -> str:
     """The backend asked for here: the innermost ``use_backend`` block, else ``FASTMED_BACKEND``, else ``auto``."""
-    name = _forced.get()
-    if name is not None:
-        return name
+    if _forced:
+        return _forced[-1]
     env = os.environ.get("FASTMED_BACKEND", "").strip() or "auto"
     return _check_name(env, "the FASTMED_BACKEND environment variable")
 
@@ -192,10 +192,12 @@ def why_not(op: str, backend: str, device: torch.device, forced: bool = False) -
     return reason
 
 
+@torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device) -> str:
     """Pick the backend for ``op`` on ``device``, honouring a forced choice.
 
     Raises :class:`BackendUnavailableError` when a forced backend cannot run, with the reason.
+    Under ``torch.compile`` the choice is made once, at trace time, and is a constant of the graph.
     """
     requested = requested_backend()
     if requested != "auto":

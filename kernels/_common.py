@@ -26,7 +26,7 @@ def apply_act(z, slope, ACT: tl.constexpr):
     if ACT == 0:
         out = z
     elif ACT == 1:
-        out = tl.where(z > 0, z, 0.0)
+        out = tl.where(z < 0, 0.0, z)  # NaN stays NaN
     elif ACT == 2 or ACT == 6:
         out = tl.where(z > 0, z, z * slope)
     elif ACT == 3:

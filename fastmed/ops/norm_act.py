@@ -191,6 +191,9 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
     if kind == "batch" and use_batch_stats and x.numel() // C <= 1:
         raise ValueError(f"batch norm in training needs more than one value per channel, got x of shape "
                          f"{tuple(x.shape)}")
+    if kind != "batch" and x[0].numel() // groups <= 1:
+        raise ValueError(f"{kind} norm needs more than one value per normalized group (as torch requires), "
+                         f"got x of shape {tuple(x.shape)}")
 
     backend = _backend.choose("norm_act", device)
     y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, weight, bias, residual, slope_t, mean_in, rstd_in, kind,

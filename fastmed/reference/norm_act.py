@@ -159,6 +159,17 @@ def norm_act_forward(x, kind, weight=None, bias=None, *, num_groups=None, eps=1e
     return y, mean, rstd
 
 
+def memory_format_of(x: torch.Tensor) -> torch.memory_format:
+    """The memory format torch's kernels would pick for x (channels-last when x is laid out so)."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
 def keeps_sign(activation_name: str, negative_slope) -> bool:
     """True when act'(z) can be read off y = act(z) (identity, relu, leaky_relu with slope > 0)."""
     if activation_name in ("identity", "relu"):
@@ -195,6 +206,9 @@ def norm_act_backward(dy, x, kind, weight, bias, residual, prelu_weight, mean, r
         neg = torch.where(z > 0, torch.zeros_like(z), dyf * z)
         dprelu = (neg.sum(red) if prelu_weight.numel() > 1 else neg.sum().reshape(1)).to(prelu_weight.dtype)
     mask = [True, weight is not None, bias is not None]
+    # torch's native backward kernels assume dY and X share one memory format (autograd arranges that).
+    fmt = memory_format_of(x)
+    g, xf = g.contiguous(memory_format=fmt), xf.contiguous(memory_format=fmt)
     if kind == "batch":
         # training: the saved batch statistics; eval (input_stats=False): constant statistics, which the
         # native backward reads as invstd = 1 / sqrt(running_var + eps) with running_var = rstd^-2, eps = 0.

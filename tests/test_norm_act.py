@@ -1,0 +1,339 @@
+"""fastmed.ops.norm_act / fastmed.nn.NormAct against the torch composition.
+
+Both backends are checked: the reference (CPU fallback) and the Triton kernels (under TRITON_INTERPRET=1 on
+this CPU machine, natively on a GPU machine).
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastmed
+from conftest import TOL, triton_device
+from fastmed.ops import norm_act
+from fastmed.reference.norm_act import norm_act_reference
+
+ACTS = ["identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "prelu"]
+KINDS = ["instance", "group", "batch"]
+
+
+def make_case(seed, kind, act, ndim, dtype, affine, residual, channels_last, device, n=2, c=4, sizes=None,
+              requires_grad=True):
+    g = torch.Generator().manual_seed(seed)
+    sizes = sizes or [3, 4, 5][:ndim]
+    x = (torch.randn(n, c, *sizes, generator=g, dtype=torch.float64) * 2 + 0.5)
+    if channels_last and ndim in (2, 3):
+        x = x.to(memory_format=torch.channels_last if ndim == 2 else torch.channels_last_3d)
+    w = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    b = torch.randn(c, generator=g, dtype=torch.float64) if affine else None
+    r = torch.randn(x.shape, generator=g, dtype=torch.float64) if residual else None
+    slope = (torch.rand(c, generator=g, dtype=torch.float64) * 0.5) if act == "prelu" else 0.1
+    ng = (2 if c % 2 == 0 else 1) if kind == "group" else None
+
+    def cast(t):
+        if t is None or not isinstance(t, torch.Tensor):
+            return t
+        t = t.to(device=device, dtype=dtype if t.dim() > 1 else torch.float32 if dtype != torch.float64 else dtype)
+        return t.requires_grad_(requires_grad)
+
+    x = x.to(device=device, dtype=dtype).requires_grad_(requires_grad)
+    return x, cast(w), cast(b), cast(r), cast(slope), ng
+
+
+def inputs_of(x, w, b, r, slope):
+    return [t for t in (x, w, b, r, slope) if isinstance(t, torch.Tensor)]
+
+
+def run(backend, x, kind, w, b, r, slope, ng, act, gy, **kw):
+    with fastmed.use_backend(backend):
+        y = norm_act(x, kind, w, b, num_groups=ng, residual=r, activation=act, negative_slope=slope, **kw)
+    grads = torch.autograd.grad(y, inputs_of(x, w, b, r, slope), gy)
+    return y, grads
+
+
+def oracle(x, kind, w, b, r, slope, ng, act, gy):
+    """The torch composition in float64."""
+    up = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in (x, w, b, r, slope)]
+    y = norm_act_reference(up[0], kind, up[1], up[2], num_groups=ng, residual=up[3], activation=act,
+                           negative_slope=up[4])
+    grads = torch.autograd.grad(y, inputs_of(*up), gy.double())
+    return y, grads
+
+
+def assert_close(actual, expected, dtype, what):
+    tol = TOL[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
+
+
+BACKENDS = ["reference", "triton"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(kind=st.sampled_from(KINDS), act=st.sampled_from(ACTS), ndim=st.integers(1, 3),
+       dtype=st.sampled_from([torch.float32, torch.float64]), affine=st.booleans(), residual=st.booleans(),
+       channels_last=st.booleans(), n=st.integers(1, 2), c=st.integers(1, 5),
+       sizes=st.lists(st.integers(1, 6), min_size=3, max_size=3), seed=st.integers(0, 2**16))
+def test_equivalence(backend, kind, act, ndim, dtype, affine, residual, channels_last, n, c, sizes, seed):
+    group_size = {"instance": 1, "group": c // 2 if c % 2 == 0 else c, "batch": n}[kind]
+    if group_size * math.prod(sizes[:ndim]) == 1:  # torch refuses to normalize a single value
+        sizes = [2] + sizes[1:]
+    device = triton_device() if backend == "triton" else "cpu"
+    x, w, b, r, slope, ng = make_case(seed, kind, act, ndim, dtype, affine, residual, channels_last, device, n=n,
+                                      c=c, sizes=sizes[:ndim])
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64).to(x)
+    y, grads = run(backend, x, kind, w, b, r, slope, ng, act, gy)
+    y_ref, grads_ref = oracle(x, kind, w, b, r, slope, ng, act, gy)
+    assert y.dtype == x.dtype and y.shape == x.shape
+    assert_close(y, y_ref, dtype, "y")
+    names = ["x", "weight", "bias", "residual", "slope"]
+    present = [nm for nm, t in zip(names, (x, w, b, r, slope)) if isinstance(t, torch.Tensor)]
+    for nm, g, g_ref in zip(present, grads, grads_ref):
+        # Reductions over the row amplify rounding: scale the tolerance by the gradient's magnitude.
+        scale = max(1.0, float(g_ref.abs().max()))
+        tol = TOL[dtype]
+        torch.testing.assert_close(g.double() / scale, g_ref / scale, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10,
+                                   msg=lambda m: f"d{nm}: {m}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("kind", KINDS)
+def test_low_precision(backend, dtype, kind):
+    """fp16/bf16 in, fp32 statistics: error of the fused path <= 2x the error of the composition run in the same
+    precision, plus a small floor (flash-attention's rule)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    x, w, b, r, slope, ng = make_case(3, kind, "leaky_relu", 3, torch.float32, True, True, True, device, c=4,
+                                      sizes=[4, 5, 6])
+    xl, rl = x.detach().to(dtype).requires_grad_(), r.detach().to(dtype).requires_grad_()
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(7)).to(device)
+    y, grads = run(backend, xl, kind, w, b, rl, slope, ng, "leaky_relu", gy.to(dtype))
+    y64, grads64 = oracle(xl, kind, w, b, rl, slope, ng, "leaky_relu", gy)
+    # The composition in the same low precision (torch's own norms upcast internally; the output is rounded).
+    with torch.no_grad():
+        y_low = norm_act_reference(xl.float(), kind, w, b, num_groups=ng, residual=rl.float(),
+                                   activation="leaky_relu", negative_slope=0.1).to(dtype)
+    err_low = (y_low.double() - y64).abs().max().item()
+    err = (y.double().cpu() - y64.cpu()).abs().max().item()
+    # floor: one unit in the last place of the largest output (a rounding tie may fall either way)
+    floor = torch.finfo(dtype).eps * y64.abs().max().item()
+    assert err <= 2 * err_low + floor, (err, err_low, floor)
+    assert y.dtype == dtype
+    for g, g64 in zip(grads, grads64):
+        scale = max(1.0, float(g64.abs().max()))
+        assert (g.double().cpu() - g64.cpu()).abs().max().item() / scale < 3e-2
+
+
+def test_gradcheck_reference_fp64():
+    x, w, b, r, slope, ng = make_case(0, "group", "prelu", 2, torch.float64, True, True, False, "cpu", c=4,
+                                      sizes=[3, 3])
+    with fastmed.use_backend("reference"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, r, s: norm_act(x, "group", w, b, num_groups=2, residual=r, activation="prelu",
+                                           negative_slope=s), (x, w, b, r, slope))
+        x, w, b, r, _, _ = make_case(1, "batch", "gelu", 1, torch.float64, True, False, False, "cpu", c=3)
+        assert torch.autograd.gradcheck(lambda x, w, b: norm_act(x, "batch", w, b, activation="gelu"), (x, w, b))
+
+
+def test_gradcheck_triton_fp64():
+    """The Triton kernels accumulate in fp64 for fp64 inputs, so finite differences check them too."""
+    device = triton_device()
+    x, w, b, r, _, _ = make_case(2, "instance", "silu", 2, torch.float64, True, True, True, device, n=1, c=2,
+                                 sizes=[3, 3])
+    with fastmed.use_backend("triton"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, r: norm_act(x, "instance", w, b, residual=r, activation="silu"), (x, w, b, r))
+
+
+@pytest.mark.parametrize("kind,act", [("instance", "leaky_relu"), ("group", "prelu"), ("batch", "gelu"),
+                                      ("instance", "identity")])
+def test_opcheck_reference(kind, act):
+    x, w, b, r, slope, ng = make_case(4, kind, act, 3, torch.float32, True, True, False, "cpu", c=4)
+    slope_t = slope if act == "prelu" else None
+    sl = 0.0 if act == "prelu" else 0.01
+    torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default,
+                          (x, w, b, r, slope_t, None, None, kind, ng or (4 if kind == "instance" else 1), 1e-5, act,
+                           sl, "reference"))
+    y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, w, b, r, slope_t, None, None, kind,
+                                                   ng or (4 if kind == "instance" else 1), 1e-5, act, sl, "reference")
+    dy = torch.randn_like(y)
+    torch.library.opcheck(torch.ops.fastmed.norm_act_bwd.default,
+                          (dy, x.detach(), None, w.detach(), b.detach(), r.detach(),
+                           None if slope_t is None else slope_t.detach(), mean.detach(), rstd.detach(), kind,
+                           ng or (4 if kind == "instance" else 1), act, sl, True, "reference"))
+
+
+def test_torch_compile_fullgraph_block():
+    torch.manual_seed(0)
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = torch.nn.Conv3d(2, 4, 3, padding=1)
+            self.norm = fastmed.nn.InstanceNormAct(4, activation="leaky_relu")
+
+        def forward(self, x):
+            return self.norm(self.conv(x)).sum()
+
+    block = Block()
+    x = torch.randn(2, 2, 4, 5, 6, requires_grad=True)
+    with fastmed.use_backend("reference"):
+        eager = block(x)
+        (g_eager,) = torch.autograd.grad(eager, x)
+        compiled = torch.compile(block, fullgraph=True)
+        out = compiled(x)
+        (g_comp,) = torch.autograd.grad(out, x)
+    torch.testing.assert_close(out, eager, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(g_comp, g_eager, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_norm_running_stats(backend, channels_last):
+    device = triton_device() if backend == "triton" else "cpu"
+    torch.manual_seed(0)
+    x = torch.randn(3, 4, 5, 6, device=device) * 3 + 2
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    w, b = torch.rand(4, device=device) + 0.5, torch.randn(4, device=device)
+    rm, rv = torch.randn(4, device=device), torch.rand(4, device=device) + 0.5
+    rm_t, rv_t = rm.clone(), rv.clone()
+    with fastmed.use_backend(backend):
+        y = norm_act(x, "batch", w, b, running_mean=rm, running_var=rv, momentum=0.3, activation="relu")
+    y_t = F.relu(F.batch_norm(x, rm_t, rv_t, w, b, True, 0.3, 1e-5))
+    torch.testing.assert_close(y, y_t, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm, rm_t, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(rv, rv_t, atol=1e-6, rtol=1e-5)
+    # eval mode: running statistics, gradients through x only
+    xe = x.detach().clone().requires_grad_()
+    with fastmed.use_backend(backend):
+        ye = norm_act(xe, "batch", w, b, running_mean=rm, running_var=rv, training=False, activation="relu")
+    xt = x.detach().clone().requires_grad_()
+    ye_t = F.relu(F.batch_norm(xt, rm_t, rv_t, w, b, False, 0.3, 1e-5))
+    torch.testing.assert_close(ye, ye_t, atol=1e-5, rtol=1e-5)
+    gy = torch.randn_like(ye)
+    torch.testing.assert_close(torch.autograd.grad(ye, xe, gy)[0], torch.autograd.grad(ye_t, xt, gy)[0],
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rm, rm_t)  # eval does not touch the running statistics
+
+
+def test_module_matches_torch_modules_and_loads_state_dict():
+    torch.manual_seed(0)
+    bn = torch.nn.BatchNorm3d(4, momentum=None)
+    fm = fastmed.nn.BatchNormAct(4, momentum=None, activation="relu")
+    bn.weight.data.uniform_(0.5, 1.5)
+    bn.bias.data.normal_()
+    fm.load_state_dict(bn.state_dict())
+    for _ in range(3):  # cumulative moving average when momentum=None
+        x = torch.randn(2, 4, 3, 3, 3)
+        torch.testing.assert_close(fm(x), F.relu(bn(x)), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fm.running_var, bn.running_var, atol=1e-6, rtol=1e-5)
+    assert int(fm.num_batches_tracked) == 3
+    fm.eval(), bn.eval()
+    x = torch.randn(2, 4, 3, 3, 3)
+    torch.testing.assert_close(fm(x), F.relu(bn(x)), atol=1e-5, rtol=1e-5)
+
+    inorm = torch.nn.InstanceNorm3d(4, affine=True)
+    inorm.weight.data.normal_()
+    act = torch.nn.LeakyReLU(0.01)
+    na = fastmed.nn.NormAct.from_modules(inorm, act)
+    assert na.weight is inorm.weight  # shared, not copied
+    x = torch.randn(2, 4, 3, 4, 5)
+    torch.testing.assert_close(na(x), act(inorm(x)), atol=1e-5, rtol=1e-5)
+    gn = torch.nn.GroupNorm(2, 4)
+    pr = torch.nn.PReLU(4)
+    na = fastmed.nn.NormAct.from_modules(gn, pr)
+    torch.testing.assert_close(na(x), pr(gn(x)), atol=1e-5, rtol=1e-5)
+    assert set(fastmed.nn.GroupNormAct(2, 4).state_dict()) == set(gn.state_dict())
+    with pytest.raises(TypeError, match="norm must be"):
+        fastmed.nn.NormAct.from_modules(torch.nn.LayerNorm(4), act)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_channels_last_without_copies(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    x = torch.randn(2, 8, 3, 4, 5, device=device).to(memory_format=torch.channels_last_3d)
+    with fastmed.use_backend(backend):
+        y = norm_act(x, "instance")
+    assert y.is_contiguous(memory_format=torch.channels_last_3d)
+    if backend == "triton":
+        from fastmed.kernels.norm_act import _dense_like, _flat
+
+        assert _dense_like(x) is x and _flat(x).data_ptr() == x.data_ptr()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_propagates_and_inputs_untouched(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    x = torch.randn(2, 3, 4, 4, device=device)
+    x[0, 1, 2, 2] = float("nan")
+    before = x.clone()
+    with fastmed.use_backend(backend):
+        y = norm_act(x, "instance", activation="relu")
+    assert torch.isnan(y[0, 1]).all()  # the poisoned row
+    assert not torch.isnan(y[1]).any() and not torch.isnan(y[0, 0]).any()
+    torch.testing.assert_close(x, before, equal_nan=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_expanded_gradient(backend):
+    """dy from .sum() is an expanded tensor with zero strides; the kernels read it without a copy."""
+    device = triton_device() if backend == "triton" else "cpu"
+    x = torch.randn(2, 3, 5, 5, device=device, dtype=torch.float64, requires_grad=True)
+    with fastmed.use_backend(backend):
+        (g,) = torch.autograd.grad(norm_act(x, "group", num_groups=3, activation="gelu").sum(), x)
+    xr = x.detach().requires_grad_()
+    (gr,) = torch.autograd.grad(norm_act_reference(xr, "group", num_groups=3, activation="gelu").sum(), xr)
+    torch.testing.assert_close(g, gr, atol=1e-8, rtol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------- bad input
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda x: norm_act(x[0, 0], "instance"), ValueError, "x must have 3..5 dimensions"),
+    (lambda x: norm_act(x, "instance", torch.ones(3)), ValueError, r"weight must have shape \(4,\)"),
+    (lambda x: norm_act(x, "group", num_groups=3), ValueError, "num_groups must divide the 4 channels"),
+    (lambda x: norm_act(x, "group"), ValueError, "num_groups must be a positive integer"),
+    (lambda x: norm_act(x, "instance", num_groups=2), ValueError, "num_groups is only used with kind='group'"),
+    (lambda x: norm_act(x.long(), "instance"), TypeError, "x must be a floating-point tensor"),
+    (lambda x: norm_act(x, "instance", torch.ones(4, device="meta")), ValueError, "weight is on meta"),
+    (lambda x: norm_act(x[:0], "instance"), ValueError, "x must not be empty"),
+    (lambda x: norm_act(x, "layer"), ValueError, "kind must be one of"),
+    (lambda x: norm_act(x, "instance", activation="mish"), ValueError, "activation must be one of"),
+    (lambda x: norm_act(x, "instance", activation="prelu"), TypeError, "negative_slope must be the learned prelu"),
+    (lambda x: norm_act(x, "instance", negative_slope=torch.ones(1)), TypeError, "negative_slope must be a number"),
+    (lambda x: norm_act(x, "instance", residual=x[:, :2]), ValueError, "residual must have the shape of x"),
+    (lambda x: norm_act(x, "batch", training=False), ValueError, "needs running_mean and running_var"),
+    (lambda x: norm_act(x, "instance", running_mean=torch.zeros(4), running_var=torch.ones(4)), ValueError,
+     "only used with kind='batch'"),
+    (lambda x: norm_act(x, "batch", running_mean=torch.zeros(4)), ValueError, "must be given together"),
+    (lambda x: norm_act(x[:1, :, :1, :1], "batch"), ValueError, "more than one value per channel"),
+    (lambda x: norm_act(x, "instance", eps=-1.0), ValueError, "eps must be a non-negative number"),
+    (lambda x: norm_act(x[:, :, :1, :1], "instance"), ValueError, "more than one value per normalized group"),
+    (lambda x: norm_act(x.numpy(), "instance"), TypeError, "x must be a torch.Tensor"),
+])
+def test_bad_input(call, exc, match):
+    x = torch.randn(2, 4, 3, 3)
+    with pytest.raises(exc, match=match):
+        call(x)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32),
+                                   (2, 320, 8, 8, 8), (24, 64, 224, 224)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_benchmark_shapes(shape, dtype):
+    x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    w = torch.rand(shape[1], device="cuda") + 0.5
+    b = torch.randn(shape[1], device="cuda")
+    gy = torch.randn_like(x)
+    y = norm_act(x, "instance", w, b)
+    (g,) = torch.autograd.grad(y, x, gy)
+    xr = x.detach().float().requires_grad_()
+    y_ref = F.leaky_relu(F.instance_norm(xr, weight=w, bias=b), 0.01)
+    (g_ref,) = torch.autograd.grad(y_ref, xr, gy.float())
+    tol = TOL[dtype]
+    torch.testing.assert_close(y.float(), y_ref, **tol)
+    torch.testing.assert_close(g.float() / g_ref.abs().max(), g_ref / g_ref.abs().max(), **tol)
