@@ -6,7 +6,31 @@
 
 #include "fastmed_ext.h"
 
+#ifdef FASTMED_WITH_CUDA
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include <string>
+
 namespace fastmed {
+
+#ifdef FASTMED_WITH_CUDA
+torch::Tensor cuda_selftest(int64_t n) {
+  TORCH_CHECK(n >= 0 && n <= (int64_t(1) << 31), "cuda_selftest: n must be in [0, 2^31], got ", n);
+  TORCH_CHECK(torch::cuda::is_available(), "cuda_selftest: no CUDA device is available");
+  auto out = torch::empty({n}, torch::dtype(torch::kInt32).device(torch::kCUDA));
+  const c10::cuda::CUDAGuard guard(out.device());
+  const cudaError_t err = launch_iota(out.data_ptr<int32_t>(), n, c10::cuda::getCurrentCUDAStream());
+  TORCH_CHECK(err == cudaSuccess, "cuda_selftest: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
+std::string cuda_runtime_version() {
+  const int v = cuda_runtime_version_number();
+  return std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10);
+}
+#endif
 
 pybind11::dict build_info() {
   pybind11::dict info;

@@ -38,6 +38,8 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "gpu: needs a CUDA device (skipped on CPU-only machines)")
+    # third-party import-time noise (libcst via hypothesis' plugins)
+    config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:libcst.*")
     config.addinivalue_line("markers", "slow: long-running test")
 
 

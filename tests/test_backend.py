@@ -1,0 +1,93 @@
+"""Backend choice, `python -m fastmed info`, and the optional compiled extension."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmed
+from fastmed import _backend, _ext
+
+
+def test_auto_picks_reference_on_cpu():
+    assert _backend.choose("norm_act", torch.device("cpu")) == "reference"
+
+
+def test_use_backend_nests_and_restores():
+    assert _backend.requested_backend() == "auto"
+    with fastmed.use_backend("reference"):
+        assert _backend.requested_backend() == "reference"
+        with fastmed.use_backend("auto"):
+            assert _backend.requested_backend() == "auto"
+        assert _backend.requested_backend() == "reference"
+    assert _backend.requested_backend() == "auto"
+
+
+def test_env_var_forces_backend(monkeypatch):
+    monkeypatch.setenv("FASTMED_BACKEND", "reference")
+    assert _backend.choose("norm_act", torch.device("cpu")) == "reference"
+    monkeypatch.setenv("FASTMED_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="FASTMED_BACKEND environment variable must be one of"):
+        _backend.requested_backend()
+
+
+def test_forcing_a_backend_that_cannot_run_says_why():
+    x = torch.randn(2, 3, 4)
+    with fastmed.use_backend("cuda"):
+        with pytest.raises(fastmed.BackendUnavailableError, match="norm_act has no cuda implementation"):
+            fastmed.ops.norm_act(x, "instance")
+    with pytest.raises(ValueError, match="use_backend\\(name\\) must be one of"):
+        with fastmed.use_backend("gpu"):
+            pass
+
+
+def test_triton_on_cpu_needs_the_interpreter():
+    reason = _backend.why_not("norm_act", "triton", torch.device("cpu"), forced=True)
+    if _backend.triton_import_error() is not None:
+        assert "triton" in reason
+    elif _backend.interpreter_active():
+        assert reason is None
+    else:
+        assert "TRITON_INTERPRET=1" in reason
+    # auto never picks the interpreter for CPU tensors
+    assert _backend.why_not("norm_act", "triton", torch.device("cpu"), forced=False) is not None
+
+
+def test_info_reports_versions_extension_and_ops():
+    text = fastmed.info()
+    for needle in ("torch", "triton", "cudnn", "fastmed._C", "norm_act", "ops on cpu tensors"):
+        assert needle in text
+    out = subprocess.run([sys.executable, "-m", "fastmed", "info"], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TRITON_INTERPRET": "0"})
+    assert out.returncode == 0, out.stderr
+    assert "norm_act" in out.stdout and "-> reference" in out.stdout
+
+
+def test_extension_info_is_consistent():
+    info = _ext.extension_info()
+    assert set(info) >= {"built", "cuda", "error"}
+    if info["built"]:
+        assert info["error"] is None
+        assert "build_info" in info["functions"]
+        assert info["cuda"] == ("cuda_selftest" in info["functions"])
+        assert _ext.load().num_threads() >= 1
+    else:
+        assert info["error"]
+
+
+def test_missing_extension_stub_says_how_to_build():
+    stub = _ext._MissingExtension("ImportError: no module named fastmed._C")
+    with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
+        stub.edt_cpu
+    with pytest.raises(AttributeError):
+        stub.__wrapped__
+
+
+@pytest.mark.gpu
+def test_cuda_part_of_extension_runs():
+    info = _ext.extension_info()
+    if not info["cuda"]:
+        pytest.fail("fastmed._C was built without its CUDA part on a CUDA machine: " + str(info))
+    out = _ext.load().cuda_selftest(1000)
+    assert out.is_cuda and torch.equal(out.cpu(), torch.arange(1000, dtype=torch.int32))
