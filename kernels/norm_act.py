@@ -70,6 +70,84 @@ def _norm_stats_kernel(
 
 
 @triton.jit
+def _partial_offsets(r, e, C, P, outer, row_cg):
+    """Element e of statistics row r -> (offset into an (N, C, P) partial tensor, channel).
+
+    The row's elements are its (n, c) pairs times the P splits: instance/group rows own channels
+    r*row_cg .. r*row_cg + row_cg - 1 of one sample (outer = 1); batch rows own channel r of every sample
+    (outer = C, row_cg = 1).
+    """
+    nc = (e // P) * outer + r * row_cg
+    return nc * P + e % P, nc % C
+
+
+@triton.jit
+def _norm_finalize_kernel(
+    pmean_ptr,  # shape (N, C, P): mean of each split
+    pm2_ptr,    # shape (N, C, P): sum of squared deviations of each split
+    mean_ptr,   # shape (R,) out
+    rstd_ptr,   # shape (R,) out
+    C, S, P, s_per_split, E, outer, row_cg, eps,
+    BLOCK: tl.constexpr,
+):
+    """Combines a row's E split partials with Chan's formula, lane by lane in a fixed order, then across lanes."""
+    r = tl.program_id(0).to(tl.int64)
+    acc_ty = mean_ptr.dtype.element_ty
+    cnt = tl.zeros([BLOCK], acc_ty)
+    mean = tl.zeros([BLOCK], acc_ty)
+    m2 = tl.zeros([BLOCK], acc_ty)
+    for e0 in range(0, E, BLOCK):
+        e = e0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = e < E
+        off, _c = _partial_offsets(r, e, C, P, outer, row_cg)
+        c_e = tl.where(m, tl.minimum(s_per_split, S - (e % P) * s_per_split), 0).to(acc_ty)
+        mu_e = tl.load(pmean_ptr + off, mask=m, other=0.0)
+        m2_e = tl.load(pm2_ptr + off, mask=m, other=0.0)
+        new = cnt + c_e
+        safe = tl.where(new > 0, new, 1.0)
+        delta = mu_e - mean
+        mean = mean + delta * (c_e / safe)
+        m2 = m2 + m2_e + delta * delta * (cnt * c_e / safe)
+        cnt = new
+    total = tl.sum(cnt, axis=0)
+    row_mean = tl.sum(cnt * mean, axis=0) / total
+    d = mean - row_mean
+    var = tl.sum(m2 + cnt * d * d, axis=0) / total
+    tl.store(mean_ptr + r, row_mean)
+    tl.store(rstd_ptr + r, 1.0 / tl.sqrt(var + eps))
+
+
+@triton.jit
+def _row_sums_kernel(
+    a_ptr,      # shape (N, C, P)
+    b_ptr,      # shape (N, C, P)
+    w_ptr,      # shape (C,)  per-channel factor, unused unless HAS_W
+    out_a_ptr,  # shape (R,)  sum over the row of w_c * a, divided by `divisor`
+    out_b_ptr,  # shape (R,)  sum over the row of w_c * b, divided by `divisor`
+    C, P, E, outer, row_cg, divisor,
+    HAS_W: tl.constexpr, BLOCK: tl.constexpr,
+):
+    r = tl.program_id(0).to(tl.int64)
+    acc_ty = out_a_ptr.dtype.element_ty
+    sa = tl.zeros([BLOCK], acc_ty)
+    sb = tl.zeros([BLOCK], acc_ty)
+    for e0 in range(0, E, BLOCK):
+        e = e0 + tl.arange(0, BLOCK).to(tl.int64)
+        m = e < E
+        off, c = _partial_offsets(r, e, C, P, outer, row_cg)
+        a = tl.load(a_ptr + off, mask=m, other=0.0)
+        b = tl.load(b_ptr + off, mask=m, other=0.0)
+        if HAS_W:
+            w = tl.load(w_ptr + c, mask=m, other=0.0).to(acc_ty)
+            a = a * w
+            b = b * w
+        sa += a
+        sb += b
+    tl.store(out_a_ptr + r, tl.sum(sa, axis=0) / divisor)
+    tl.store(out_b_ptr + r, tl.sum(sb, axis=0) / divisor)
+
+
+@triton.jit
 def _load_pre_activation(
     x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
     n, c, s, mc, mask, rows_per_n, cg,
@@ -276,14 +354,18 @@ def _row_layout(kind: str, C: int, num_groups: int) -> tuple[int, int]:
     return 0, 1
 
 
-def _rows_view(part: torch.Tensor, kind: str, num_groups: int) -> torch.Tensor:
-    """(N, C, P) partials -> (R, elements of the row) in a fixed order."""
-    N, C, P = part.shape
+def _row_geometry(kind: str, N: int, C: int, P: int, num_groups: int) -> tuple[int, int, int, int]:
+    """(rows R, elements per row E, outer, row_cg) of the (N, C, P) partials, see _partial_offsets."""
     if kind == "instance":
-        return part.reshape(N * C, P)
+        return N * C, P, 1, 1
     if kind == "group":
-        return part.reshape(N * num_groups, (C // num_groups) * P)
-    return part.permute(1, 0, 2).reshape(C, N * P)
+        cg = C // num_groups
+        return N * num_groups, cg * P, 1, cg
+    return C, N * P, C, 1
+
+
+def _finalize_block(E: int) -> int:
+    return min(max(triton.next_power_of_2(E), 16), 1024)
 
 
 def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -309,15 +391,12 @@ def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple
     wrap_triton(_norm_stats_kernel)[(P, cblocks, N)](
         x3, pmean, pm2, C, S, P, s_per, *x3.stride(),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
-    counts = torch.clamp(S - torch.arange(P, device=x.device, dtype=acc) * s_per, max=s_per)
-    cnt = _rows_view(counts.expand(N, C, P), kind, num_groups)
-    mu = _rows_view(pmean, kind, num_groups)
-    m2 = _rows_view(pm2, kind, num_groups)
-    total = cnt.sum(1, keepdim=True)
-    mean = (cnt * mu).sum(1, keepdim=True) / total
-    M2 = (m2 + cnt * (mu - mean) ** 2).sum(1)
-    var = M2 / total.squeeze(1)
-    return mean.squeeze(1), torch.rsqrt(var + eps)
+    R, E, outer, row_cg = _row_geometry(kind, N, C, P, num_groups)
+    mean = torch.empty(R, device=x.device, dtype=acc)
+    rstd = torch.empty(R, device=x.device, dtype=acc)
+    wrap_triton(_norm_finalize_kernel)[(R,)](
+        pmean, pm2, mean, rstd, C, S, P, s_per, E, outer, row_cg, float(eps), BLOCK=_finalize_block(E))
+    return mean, rstd
 
 
 def norm_act_forward(x, weight, bias, residual, slope, mean, rstd, kind: str, num_groups: int, eps: float,
@@ -365,25 +444,34 @@ def norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind: st
     P, s_per = _splits(N, cblocks, S, block_s, x.device)
     psg = torch.empty((N, C, P), device=x.device, dtype=acc)
     psgx = torch.empty_like(psg)
-    psa = torch.empty_like(psg) if activation == "prelu" else psg
+    psa = torch.empty_like(psg) if activation == "prelu" else psg  # a dummy pointer unless prelu
     wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
         dy3, x3, r3, mean, rstd, w_, b_, sl_, psg, psgx, psa,
         C, S, P, s_per, rows_per_n, cg, slope_stride, float(negative_slope),
         *dy3.stride(), *x3.stride(), *r3.stride(), **flags)
-    sg = psg.sum(2)     # (N, C)
-    sgx = psgx.sum(2)   # (N, C)
-    dweight = sgx.sum(0).to(weight.dtype) if weight is not None else None
-    dbias = sg.sum(0).to(bias.dtype) if bias is not None else None
-    dslope = None
+    # per-channel sums over the batch (batch-style rows): dbias = sum g, dweight = sum g * xhat, dslope
+    _, E_c, outer_c, cg_c = _row_geometry("batch", N, C, P, num_groups)
+    dweight = dbias = dslope = None
+    if weight is not None or bias is not None:
+        sg_c = torch.empty(C, device=x.device, dtype=acc)
+        sgx_c = torch.empty(C, device=x.device, dtype=acc)
+        wrap_triton(_row_sums_kernel)[(C,)](psg, psgx, mean, sg_c, sgx_c, C, P, E_c, outer_c, cg_c, 1,
+                                            HAS_W=False, BLOCK=_finalize_block(E_c))
+        dweight = sgx_c.to(weight.dtype) if weight is not None else None
+        dbias = sg_c.to(bias.dtype) if bias is not None else None
     if activation == "prelu":
-        sa = psa.sum(2).sum(0)
-        dslope = (sa if slope.numel() > 1 else sa.sum().reshape(1)).to(slope.dtype)
+        sa_c = torch.empty(C, device=x.device, dtype=acc)
+        # one array to sum: it goes in as both a and b, and both results land in sa_c
+        wrap_triton(_row_sums_kernel)[(C,)](psa, psa, mean, sa_c, sa_c, C, P, E_c, outer_c, cg_c, 1,
+                                            HAS_W=False, BLOCK=_finalize_block(E_c))
+        dslope = (sa_c if slope.numel() > 1 else sa_c.sum().reshape(1)).to(slope.dtype)
     if input_stats:
-        wv = weight.to(acc) if weight is not None else torch.ones(C, device=x.device, dtype=acc)
-        gw, gwx = sg * wv, sgx * wv
-        rows = _rows_view(torch.stack([gw, gwx], -1), kind, num_groups)  # (R, elems * 2)
-        per_row = rows.reshape(rows.shape[0], -1, 2).sum(1) / (rows.shape[1] // 2 * S)  # / elements per row
-        m1, m2 = per_row[:, 0].contiguous(), per_row[:, 1].contiguous()
+        # per statistics row: m1 = mean of g * w, m2 = mean of g * w * xhat
+        R, E, outer, row_cg = _row_geometry(kind, N, C, P, num_groups)
+        m1 = torch.empty(R, device=x.device, dtype=acc)
+        m2 = torch.empty(R, device=x.device, dtype=acc)
+        wrap_triton(_row_sums_kernel)[(R,)](psg, psgx, w_, m1, m2, C, P, E, outer, row_cg, (E // P) * S,
+                                            HAS_W=weight is not None, BLOCK=_finalize_block(E))
     else:
         m1 = m2 = mean
     dx = torch.empty_like(x)
