@@ -57,7 +57,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "fastmed compiled extension (C++ CPU kernels, optional CUDA kernels)";
   m.def("build_info", &fastmed::build_info, "What this build of fastmed._C contains.");
   m.def("num_threads", &fastmed::num_threads, "Threads available to CPU kernels (torch's intra-op pool).");
+  m.def("distance_transform_cpu", &fastmed::distance_transform_cpu,
+        "Exact Euclidean distance transform (scipy distance_transform_edt semantics) of the last spatial_dims dims "
+        "of a contiguous uint8/bool CPU mask; spacing [] = unit; +inf where a map has no zero voxel.",
+        pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
+        pybind11::arg("float64"));
 #ifdef FASTMED_WITH_CUDA
+  m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
+        "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",
+        pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
+        pybind11::arg("float64"));
   m.def("cuda_selftest", &fastmed::cuda_selftest,
         "Runs a tiny CUDA kernel writing 0..n-1 into an int32 CUDA tensor; returns it.", pybind11::arg("n"));
 #endif

@@ -1,4 +1,6 @@
 """fastmed modules (drop-in replacements whose parameter names match the modules they replace)."""
+from fastmed.nn.boundary_losses import BoundaryLoss, HausdorffDTLoss, boundary_loss_weights
 from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "BoundaryLoss", "HausdorffDTLoss",
+           "boundary_loss_weights"]

@@ -1,0 +1,144 @@
+// Exact Euclidean distance transform on CUDA tensors: the algorithm of csrc/distance_transform.cpp with one thread
+// per line and one launch per axis for every map of the batch.
+//
+// Pass 1 (last axis): each thread sweeps its line twice and writes squared distances to the nearest zero.
+// Passes 2.. (the other axes, from the second-last to the first): each thread builds the lower envelope of the
+// parabolas w (q - p)^2 + f(p) of its line (Felzenszwalb & Huttenlocher), keeping the envelope's roots v and their
+// values f(v) in global scratch laid out [position][line] (neighbouring threads touch neighbouring addresses), and
+// recomputing the breakpoints z from them when needed instead of storing them.  Lines of strided axes are read
+// coalesced: neighbouring threads own neighbouring inner offsets.  Envelope arithmetic is float64, as on the CPU,
+// so unit-spacing squared distances are exact.  A map with no zero voxel gets +inf everywhere.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "distance_transform.cuh"
+#include "fastmed_ext.h"
+
+namespace fastmed {
+
+namespace {
+
+constexpr int kThreads = 128;
+
+// One thread per line of the last axis: `lines` contiguous lines of length n.
+template <typename O>
+__global__ void line_pass_kernel(const uint8_t* __restrict__ mask, O* __restrict__ out, int64_t lines, int64_t n,
+                                 double s, bool take_sqrt) {
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l < lines) dt_line_pass(mask + l * n, out + l * n, n, s, take_sqrt);
+}
+
+// One thread per line of an axis of length n and stride `inner`; lines = outer * inner.  May run in place.
+// vbuf, fbuf: scratch of n * lines entries each, entry k of line l at k * lines + l.
+template <typename W, typename O>
+__global__ void envelope_kernel(const W* src, O* dst, int32_t* __restrict__ vbuf, W* __restrict__ fbuf,
+                                int64_t outer, int64_t n, int64_t inner, double w, bool take_sqrt) {
+  const int64_t lines = outer * inner;
+  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (l >= lines) return;
+  const int64_t base = (l / inner) * n * inner + (l % inner);
+  dt_envelope_line(src + base, dst + base, inner, n, vbuf + l, fbuf + l, lines, w, take_sqrt,
+                   static_cast<const void*>(src) == static_cast<const void*>(dst));
+}
+
+inline unsigned int blocks_for(int64_t lines) {
+  return static_cast<unsigned int>((lines + kThreads - 1) / kThreads);
+}
+
+template <typename W, typename O>
+void run_passes(const uint8_t* mask, W* work, O* out, int64_t batch, const std::vector<int64_t>& sizes,
+                const std::vector<double>& spacing, bool squared, const at::TensorOptions& opts,
+                cudaStream_t stream) {
+  const int64_t nd = static_cast<int64_t>(sizes.size());
+  int64_t total = batch;
+  for (auto s : sizes) total *= s;
+  const int64_t last = sizes[nd - 1];
+  const int64_t last_lines = total / last;
+  if (nd == 1) {
+    line_pass_kernel<O><<<blocks_for(last_lines), kThreads, 0, stream>>>(mask, out, last_lines, last, spacing[0],
+                                                                           !squared);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  line_pass_kernel<W><<<blocks_for(last_lines), kThreads, 0, stream>>>(mask, work, last_lines, last,
+                                                                         spacing[nd - 1], false);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  // Envelope scratch, n * lines = total entries for every axis.
+  auto vbuf = torch::empty({total}, opts.dtype(at::kInt));
+  auto fbuf = torch::empty({total}, opts.dtype(c10::CppTypeToScalarType<W>::value));
+  int64_t inner = last;
+  for (int64_t d = nd - 2; d >= 0; --d) {
+    const int64_t n = sizes[d];
+    const int64_t outer = total / (n * inner);
+    const double w = spacing[d] * spacing[d];
+    const unsigned int blocks = blocks_for(outer * inner);
+    if (d == 0) {
+      envelope_kernel<W, O><<<blocks, kThreads, 0, stream>>>(work, out, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(),
+                                                             outer, n, inner, w, !squared);
+    } else {
+      envelope_kernel<W, W><<<blocks, kThreads, 0, stream>>>(work, work, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(),
+                                                             outer, n, inner, w, false);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    inner *= n;
+  }
+}
+
+}  // namespace
+
+torch::Tensor distance_transform_cuda(const torch::Tensor& mask, int64_t spatial_dims, std::vector<double> spacing,
+                                      bool squared, bool float64) {
+  TORCH_CHECK(mask.is_cuda(), "distance_transform_cuda: mask must be a CUDA tensor, got ", mask.device());
+  TORCH_CHECK(mask.scalar_type() == at::kByte || mask.scalar_type() == at::kBool,
+              "distance_transform_cuda: mask must be uint8 or bool (nonzero = foreground), got ", mask.scalar_type());
+  TORCH_CHECK(spatial_dims >= 1 && spatial_dims <= 3,
+              "distance_transform_cuda: spatial_dims must be 1, 2 or 3, got ", spatial_dims);
+  TORCH_CHECK(mask.dim() >= spatial_dims, "distance_transform_cuda: mask must have at least spatial_dims=",
+              spatial_dims, " dimensions, got ", mask.dim());
+  TORCH_CHECK(spacing.empty() || static_cast<int64_t>(spacing.size()) == spatial_dims,
+              "distance_transform_cuda: spacing must be empty or have spatial_dims=", spatial_dims,
+              " entries, got ", spacing.size());
+  for (double s : spacing)
+    TORCH_CHECK(std::isfinite(s) && s > 0, "distance_transform_cuda: spacing entries must be positive, got ", s);
+
+  const c10::cuda::CUDAGuard guard(mask.device());
+  const auto m = mask.contiguous();
+  auto out = torch::empty(m.sizes(), m.options().dtype(float64 ? at::kDouble : at::kFloat));
+  if (m.numel() == 0) return out;
+  std::vector<int64_t> sizes(m.sizes().end() - spatial_dims, m.sizes().end());
+  int64_t map_size = 1;
+  double max_d2 = 0;
+  for (auto s : sizes) {
+    TORCH_CHECK(s < (int64_t(1) << 31), "distance_transform_cuda: spatial sizes must be below 2^31, got ", s);
+    map_size *= s;
+    max_d2 += static_cast<double>(s) * s;
+  }
+  const int64_t batch = m.numel() / map_size;
+  const bool isotropic = spacing.empty();
+  if (isotropic) spacing.assign(spatial_dims, 1.0);
+  const auto* mp = reinterpret_cast<const uint8_t*>(m.data_ptr());
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const auto opts = m.options();
+
+  if (float64) {
+    double* o = out.data_ptr<double>();
+    run_passes<double, double>(mp, o, o, batch, sizes, spacing, squared, opts, stream);
+  } else if (isotropic && max_d2 < 16777216.0) {  // integer squared distances are exact in float32
+    float* o = out.data_ptr<float>();
+    run_passes<float, float>(mp, o, o, batch, sizes, spacing, squared, opts, stream);
+  } else {
+    auto work = torch::empty(m.sizes(), opts.dtype(at::kDouble));
+    run_passes<double, float>(mp, work.data_ptr<double>(), out.data_ptr<float>(), batch, sizes, spacing, squared,
+                              opts, stream);
+  }
+  return out;
+}
+
+}  // namespace fastmed

@@ -1,0 +1,208 @@
+"""``fastmed.ops.distance_transform`` and ``fastmed.ops.signed_distance``: exact Euclidean distance maps of whole
+batches in one call, on the device that holds the mask.
+
+Backends, in order: ``cuda`` (csrc/distance_transform.cu, one thread per line, one launch per axis for the whole
+batch), ``cpp`` (csrc/distance_transform.cpp, threads over blocks of lines), ``reference``
+(fastmed/reference/distance_transform.py).  Distance maps carry no gradient, so the ops are plain torch.library
+custom ops (``fastmed::distance_transform``, ``fastmed::signed_distance``) with fake implementations:
+``torch.compile(fullgraph=True)`` keeps them as single opaque nodes.  The backend is chosen inside the op body, at
+run time (``use_backend`` blocks and ``FASTMED_BACKEND`` apply to compiled code too).  Checks that need the mask's
+values (a float mask must hold only 0 and 1, labels must lie in ``[0, num_classes)``) run there as well.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from fastmed import _backend, _ext
+from fastmed.reference import distance_transform as ref
+
+__all__ = ["distance_transform", "signed_distance"]
+
+_backend.register_op("distance_transform", ("cuda", "cpp", "reference"),
+                     doc="exact Euclidean distance transform (scipy distance_transform_edt) and signed maps")
+
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
+                torch.bfloat16, torch.float32, torch.float64)
+
+Spacing = Union[None, float, Sequence[float]]
+
+
+def _check_binary(x: Tensor, name: str) -> None:
+    if x.is_floating_point() and bool(((x != 0) & (x != 1)).any()):
+        bad = x[(x != 0) & (x != 1)].flatten()[0].item()
+        raise ValueError(f"{name} is a floating-point tensor, so it must hold only 0 and 1 (it is used as a binary "
+                         f"mask); got a value {bad}. Threshold it first (e.g. {name} > 0.5).")
+
+
+def _transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool, float64: bool,
+               backend: str) -> Tensor:
+    """Distance transform of a bool/integer/binary-float mask on the given backend."""
+    if backend == "reference":
+        return ref.distance_transform(mask, spacing, spatial_dims=spatial_dims, squared=squared,
+                                      dtype=torch.float64 if float64 else torch.float32)
+    m = mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
+    fn = _ext.load().distance_transform_cuda if backend == "cuda" else _ext.load().distance_transform_cpu
+    return fn(m, spatial_dims, [] if spacing is None else list(spacing), squared, float64)
+
+
+@torch.library.custom_op("fastmed::distance_transform", mutates_args=())
+def _distance_transform_op(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
+                           float64: bool) -> Tensor:
+    _check_binary(mask, "mask")
+    backend = _backend.choose("distance_transform", mask.device)
+    return _transform(mask, spacing, spatial_dims, squared, float64, backend)
+
+
+@_distance_transform_op.register_fake
+def _(mask, spacing, spatial_dims, squared, float64):
+    return mask.new_empty(mask.shape, dtype=torch.float64 if float64 else torch.float32)
+
+
+def _signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool, backend: str) -> Tensor:
+    """Kervadec maps of a bool (N, K, *spatial) one-hot tensor (see ref.signed_distance)."""
+    if backend == "reference":
+        return ref.signed_distance(onehot, spacing, dtype=torch.float64 if float64 else torch.float32)
+    spatial_dims = onehot.dim() - 2
+    d = _transform(torch.stack([~onehot, onehot]), spacing, spatial_dims, False, float64, backend)
+    phi = torch.where(onehot, 1 - d[1], d[0])
+    flat = onehot.flatten(2)
+    has_boundary = (flat.any(-1) & ~flat.all(-1)).reshape(flat.shape[:2] + (1,) * spatial_dims)
+    return torch.where(has_boundary, phi, torch.zeros((), dtype=phi.dtype, device=phi.device))
+
+
+@torch.library.custom_op("fastmed::signed_distance", mutates_args=())
+def _signed_distance_op(target: Tensor, labels: bool, num_classes: int, first_class: int,
+                        spacing: Optional[list[float]], float64: bool) -> Tensor:
+    backend = _backend.choose("distance_transform", target.device)
+    if labels:
+        lo, hi = int(target.min()), int(target.max())
+        if lo < 0 or hi >= num_classes:
+            raise ValueError(f"target holds integer labels, which must lie in [0, num_classes={num_classes}); "
+                             f"got values from {lo} to {hi}")
+        classes = torch.arange(first_class, num_classes, device=target.device)
+        onehot = target == classes.reshape((1, -1) + (1,) * (target.dim() - 2))
+    else:
+        _check_binary(target, "target")
+        onehot = target[:, first_class:] != 0
+    return _signed(onehot, spacing, float64, backend)
+
+
+@_signed_distance_op.register_fake
+def _(target, labels, num_classes, first_class, spacing, float64):
+    shape = (target.shape[0], num_classes - first_class) + tuple(target.shape[2:])
+    return target.new_empty(shape, dtype=torch.float64 if float64 else torch.float32)
+
+
+def _check_spacing(spacing: Spacing, spatial_dims: int) -> Optional[list[float]]:
+    if spacing is None:
+        return None
+    if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
+        values = [float(spacing)] * spatial_dims
+    elif isinstance(spacing, (Sequence, Tensor)) and not isinstance(spacing, str):
+        values = [float(s) for s in spacing]
+        if len(values) != spatial_dims:
+            raise ValueError(f"spacing must be one number or {spatial_dims} numbers (one per spatial dim), "
+                             f"got {len(values)}: {list(spacing)}")
+    else:
+        raise TypeError(f"spacing must be None, a number or a sequence of {spatial_dims} numbers, "
+                        f"got {type(spacing).__name__}")
+    if not all(math.isfinite(s) and s > 0 for s in values):
+        raise ValueError(f"spacing entries must be finite and positive, got {values}")
+    return values
+
+
+def _check_dtype(dtype) -> bool:
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype == torch.float64
+
+
+def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool = False,
+                       spatial_dims: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Exact Euclidean distance transform: ``scipy.ndimage.distance_transform_edt(mask, sampling=spacing)`` for
+    every map of a batch, in one call.
+
+    Args:
+        mask: ``(*batch, *spatial)``; bool, integer, or floating point holding only 0 and 1.  Nonzero voxels are
+            foreground.  The last ``spatial_dims`` dims form each map; all leading dims are a batch of independent
+            maps (e.g. ``(N, C, D, H, W)`` with ``spatial_dims=3``).
+        spacing: voxel size, one positive number per spatial dim (first spatial dim first, like scipy's
+            ``sampling``), a single number for all, or None (unit spacing).
+        squared: return squared distances (exact integers for unit spacing).
+        spatial_dims: 1, 2 or 3.  None means ``min(mask.dim(), 3)``: a 2D mask is one 2D map, a 3D or higher mask
+            is a batch of 3D maps.  Pass ``spatial_dims=2`` for batches of 2D maps such as ``(N, C, H, W)``.
+        dtype: ``torch.float32`` (default) or ``torch.float64``.
+
+    Returns:
+        ``dtype`` tensor shaped like ``mask``: 0 at zero voxels, the distance to the nearest zero voxel of the
+        same map elsewhere.  A map with no zero voxel has no finite distance and is ``+inf`` everywhere (scipy
+        measures to a virtual zero outside the array there).  For unit spacing the squared distances are exact
+        and the distances equal scipy's (rounded to ``dtype``); with spacing the envelope arithmetic is float64.
+    """
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype not in _MASK_DTYPES:
+        raise TypeError(f"mask must be a bool, integer or floating-point tensor, got dtype {mask.dtype}")
+    if spatial_dims is None:
+        spatial_dims = min(mask.dim(), 3)
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or not 1 <= spatial_dims <= 3:
+        raise ValueError(f"spatial_dims must be 1, 2 or 3, got {spatial_dims!r}")
+    if mask.dim() < spatial_dims:
+        raise ValueError(f"mask must have at least spatial_dims={spatial_dims} dimensions, got shape "
+                         f"{tuple(mask.shape)}")
+    sp = _check_spacing(spacing, spatial_dims)
+    float64 = _check_dtype(dtype)
+    if mask.numel() == 0:
+        return mask.new_empty(mask.shape, dtype=dtype)
+    return torch.ops.fastmed.distance_transform(mask, sp, spatial_dims, bool(squared), float64)
+
+
+def signed_distance(target: Tensor, num_classes: Optional[int] = None, spacing: Spacing = None,
+                    include_background: bool = False, *, dtype: torch.dtype = torch.float32) -> Tensor:
+    """Kervadec's boundary-loss map per class: ``phi = edt(~m) * ~m - (edt(m) - 1) * m``.
+
+    Positive outside the class (the distance to it), 0 on its inner boundary, negative deeper inside.  A class
+    absent from a map gets all zeros, and so does a class covering the whole map (it has no boundary; MONAI's
+    ``BoundaryLoss`` does the same).
+
+    Args:
+        target: ``(N, 1, *spatial)`` integer class labels (any integer dtype; ``num_classes`` required), or a
+            ``(N, C, *spatial)`` one-hot tensor (bool, or floating point holding 0 and 1).  1 to 3 spatial dims.
+        num_classes: number of classes; for a one-hot target it must equal C when given.
+        spacing: voxel size per spatial dim, one number for all, or None.
+        include_background: keep class 0 (else the result starts at class 1).
+        dtype: ``torch.float32`` or ``torch.float64``.
+
+    Returns:
+        ``(N, K, *spatial)`` maps, K = num_classes (or num_classes - 1 without the background).
+    """
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dtype not in _MASK_DTYPES:
+        raise TypeError(f"target must hold integer labels or a bool/float one-hot encoding, got dtype {target.dtype}")
+    if not 3 <= target.dim() <= 5:
+        raise ValueError(f"target must be (N, 1, *spatial) labels or (N, C, *spatial) one-hot with 1 to 3 spatial "
+                         f"dims, got shape {tuple(target.shape)}")
+    labels = not target.is_floating_point() and target.dtype != torch.bool and target.shape[1] == 1
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    if labels:
+        if num_classes is None:
+            raise ValueError("num_classes is required when target holds integer labels of shape (N, 1, *spatial)")
+    elif num_classes is None:
+        num_classes = target.shape[1]
+    elif num_classes != target.shape[1]:
+        raise ValueError(f"num_classes={num_classes} does not match the {target.shape[1]} channels of the one-hot "
+                         f"target of shape {tuple(target.shape)}")
+    first = 0 if include_background else 1
+    if num_classes - first < 1:
+        raise ValueError(f"no class left: num_classes={num_classes} with include_background=False")
+    sp = _check_spacing(spacing, target.dim() - 2)
+    float64 = _check_dtype(dtype)
+    return torch.ops.fastmed.signed_distance(target, labels, int(num_classes), first, sp, float64)

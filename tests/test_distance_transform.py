@@ -1,0 +1,307 @@
+"""distance_transform / signed_distance: C++ and reference backends vs scipy, the CUDA line code on the host (nvcc),
+boundary and Hausdorff losses vs MONAI, errors."""
+import os
+import shutil
+import subprocess
+import warnings
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+from hypothesis import given, strategies as st
+
+import fastmed
+from fastmed import _ext
+from fastmed.nn import BoundaryLoss, HausdorffDTLoss, boundary_loss_weights
+from fastmed.ops import distance_transform, signed_distance
+
+HAS_CPP = _ext.extension_info()["built"]
+BACKENDS = ["reference"] + (["cpp"] if HAS_CPP else [])
+CSRC = os.path.join(os.path.dirname(__file__), "..", "csrc")
+
+
+@st.composite
+def masks(draw):
+    nd = draw(st.sampled_from([2, 3]))
+    shape = tuple(draw(st.lists(st.integers(1, 9 if nd == 3 else 17), min_size=nd, max_size=nd)))
+    kind = draw(st.sampled_from(["random", "zeros", "ones", "single", "shell"]))
+    rng = np.random.default_rng(draw(st.integers(0, 2**31)))
+    if kind == "random":
+        m = rng.random(shape) < draw(st.sampled_from([0.3, 0.8, 0.97]))
+    elif kind == "zeros":
+        m = np.zeros(shape, bool)
+    elif kind == "ones":
+        m = np.ones(shape, bool)
+    elif kind == "single":  # one zero voxel
+        m = np.ones(shape, bool)
+        m[tuple(rng.integers(0, s) for s in shape)] = False
+    else:  # a thin shell of zeros around a box
+        m = np.ones(shape, bool)
+        sl = tuple(slice(s // 3, max(s // 3 + 1, 2 * s // 3)) for s in shape)
+        m[sl] = False
+        m[tuple(slice(a.start + 1, a.stop - 1) for a in sl)] = True
+    spacing = draw(st.one_of(st.none(), st.lists(st.floats(0.25, 4.0), min_size=nd, max_size=nd)))
+    return m, spacing
+
+
+def _scipy(m, spacing):
+    if m.all():
+        return np.full(m.shape, np.inf)
+    return ndi.distance_transform_edt(m, sampling=spacing)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@given(case=masks())
+def test_matches_scipy(backend, case):
+    m, spacing = case
+    want = _scipy(m, spacing)
+    with fastmed.use_backend(backend):
+        d64 = distance_transform(torch.from_numpy(m), spacing, dtype=torch.float64).numpy()
+        d32 = distance_transform(torch.from_numpy(m), spacing).numpy()
+        sq = distance_transform(torch.from_numpy(m).to(torch.int32), spacing, squared=True,
+                                dtype=torch.float64).numpy()
+    if spacing is None:  # exact: sqrt of exact integer squared distances, as scipy
+        assert np.array_equal(d64, want)
+        assert np.array_equal(d32, want.astype(np.float32))
+        assert np.array_equal(sq, np.where(np.isinf(want), np.inf, np.round(want ** 2)))
+    else:
+        np.testing.assert_allclose(d64, want, rtol=1e-12)
+        np.testing.assert_allclose(d32, want, rtol=1e-6)
+        np.testing.assert_allclose(sq, want ** 2, rtol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_batch_and_spatial_dims(backend):
+    g = torch.Generator().manual_seed(0)
+    m = torch.rand(2, 3, 6, 7, 5, generator=g) > 0.4
+    m[1, 2] = True  # a map with no zero voxel: +inf everywhere
+    with fastmed.use_backend(backend):
+        d3 = distance_transform(m, (1.0, 2.0, 0.5))
+        d2 = distance_transform(m, spatial_dims=2)
+        d1 = distance_transform(m.float(), spatial_dims=1)
+    assert torch.isinf(d3[1, 2]).all() and torch.isinf(d2[1, 2]).all()
+    for idx in np.ndindex(2, 3):
+        if idx != (1, 2):
+            np.testing.assert_allclose(d3[idx].numpy(), ndi.distance_transform_edt(m[idx].numpy(),
+                                                                                    sampling=(1, 2, 0.5)), rtol=1e-6)
+        for k in range(6):
+            assert np.array_equal(d2[idx][k].numpy(), _scipy(m[idx][k].numpy(), None).astype(np.float32))
+            for j in range(7):
+                assert np.array_equal(d1[idx][k, j].numpy(), _scipy(m[idx][k, j].numpy(), None).astype(np.float32))
+
+
+def test_backends_agree_on_blobs():
+    g = torch.Generator().manual_seed(1)
+    m = torch.nn.functional.avg_pool3d(torch.rand(2, 1, 24, 20, 22, generator=g), 5, 1, 2) > 0.52
+    outs = {}
+    for b in BACKENDS:
+        with fastmed.use_backend(b):
+            outs[b] = distance_transform(m, squared=True)
+    for b in BACKENDS:
+        assert torch.equal(outs[b], outs["reference"])
+
+
+def test_forced_backend_unavailable():
+    with fastmed.use_backend("triton"):
+        with pytest.raises(fastmed.BackendUnavailableError, match="no triton implementation"):
+            distance_transform(torch.ones(3, 3, dtype=torch.bool))
+
+
+def test_torch_compile_fullgraph():
+    m = torch.rand(2, 5, 6) > 0.5
+    f = torch.compile(lambda x: distance_transform(x, spatial_dims=2) + 1, fullgraph=True, backend="eager")
+    assert torch.equal(f(m), distance_transform(m, spatial_dims=2) + 1)
+    t = torch.randint(0, 3, (2, 1, 5, 6))
+    s = torch.compile(lambda x: signed_distance(x, 3), fullgraph=True, backend="eager")
+    assert torch.equal(s(t), signed_distance(t, 3))
+    torch.library.opcheck(torch.ops.fastmed.distance_transform.default, (m, [1.0, 2.0], 2, False, False))
+
+
+def _kervadec(seg: np.ndarray, num_classes: int) -> np.ndarray:
+    """Direct transcription of Kervadec's one_hot2dist (boundary-loss repo, utils.py), full classes -> 0."""
+    res = np.zeros((num_classes,) + seg.shape, dtype=np.float64)
+    for k in range(num_classes):
+        posmask = seg == k
+        if posmask.any() and not posmask.all():
+            negmask = ~posmask
+            res[k] = ndi.distance_transform_edt(negmask) * negmask - (ndi.distance_transform_edt(posmask) - 1) * posmask
+    return res
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(9, 11), (5, 6, 7)])
+def test_signed_distance_is_kervadec(backend, shape):
+    g = torch.Generator().manual_seed(2)
+    lab = torch.randint(0, 3, (3, 1) + shape, generator=g)
+    lab[0] = 1  # class 1 fills map 0, classes 0 and 2 are absent there
+    lab[1, 0, 0] = 3
+    want = np.stack([_kervadec(lab[i, 0].numpy(), 4) for i in range(3)])
+    with fastmed.use_backend(backend):
+        got = signed_distance(lab, 4, include_background=True, dtype=torch.float64)
+        fg = signed_distance(lab, 4)
+        onehot = signed_distance(torch.nn.functional.one_hot(lab[:, 0], 4).movedim(-1, 1).float(), dtype=torch.float64)
+    np.testing.assert_array_equal(got.numpy(), want)
+    np.testing.assert_allclose(fg.numpy(), want[:, 1:], rtol=1e-6)
+    np.testing.assert_array_equal(onehot.numpy(), want[:, 1:])
+
+
+def test_boundary_loss_value_and_gradient():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 10, 12, generator=g, dtype=torch.float64, requires_grad=True)
+    lab = torch.randint(0, 3, (2, 1, 10, 12), generator=g)
+    phi = torch.from_numpy(np.stack([_kervadec(lab[i, 0].numpy(), 3) for i in range(2)]))
+    want = (torch.softmax(x, 1)[:, 1:] * phi[:, 1:]).mean()
+    got = BoundaryLoss()(x, lab)
+    pre = BoundaryLoss()(x, dist_maps=signed_distance(lab, 3, dtype=torch.float64))
+    torch.testing.assert_close(got, want)
+    torch.testing.assert_close(pre, want)
+    (gw,) = torch.autograd.grad(want, x)
+    (gg,) = torch.autograd.grad(got, x)
+    torch.testing.assert_close(gg, gw)
+    torch.autograd.gradcheck(lambda t: BoundaryLoss(include_background=True)(t, lab), (x,))
+
+
+def test_boundary_loss_matches_monai():
+    from monai.losses import BoundaryLoss as MonaiBoundaryLoss
+
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 7, 8, 9, generator=g, requires_grad=True)
+    lab = torch.randint(0, 3, (2, 1, 7, 8, 9), generator=g)
+    for ib in (True, False):
+        a = BoundaryLoss(include_background=ib)(x, lab)
+        b = MonaiBoundaryLoss(include_background=ib, softmax=True, to_onehot_y=True)(x, lab)
+        torch.testing.assert_close(a, b)
+        torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(include_background=True, sigmoid=True), dict(softmax=True, batch=True),
+                                dict(softmax=True, reduction="none", alpha=1.5), dict(softmax=True, reduction="sum")])
+def test_hausdorff_loss_matches_monai(kw):
+    from monai.losses import HausdorffDTLoss as MonaiHD
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3, 9, 10, generator=g, requires_grad=True)
+    lab = torch.randint(0, 3, (3, 1, 9, 10), generator=g)
+    lab[0] = 0  # empty foreground classes
+    y = torch.nn.functional.one_hot(lab[:, 0], 3).movedim(-1, 1).float()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        b = MonaiHD(**kw)(x, y)
+    a = HausdorffDTLoss(**kw)(x, y)
+    torch.testing.assert_close(a, b)
+    torch.testing.assert_close(torch.autograd.grad(a.sum(), x)[0], torch.autograd.grad(b.sum(), x)[0])
+    c = HausdorffDTLoss(to_onehot_y=True, **kw)(x, lab)
+    torch.testing.assert_close(c, a)
+
+
+def test_schedule():
+    assert boundary_loss_weights(0) == (1.0, 0.01)
+    r, b = boundary_loss_weights(10)
+    assert abs(r - 0.9) < 1e-12 and abs(b - 0.11) < 1e-12
+    assert boundary_loss_weights(500)[0] == 0.1
+    with pytest.raises(ValueError, match="epoch"):
+        boundary_loss_weights(-1)
+
+
+def test_errors():
+    m = torch.zeros(4, 4)
+    with pytest.raises(ValueError, match="only 0 and 1"):
+        distance_transform(torch.tensor([[0.0, 0.5], [1.0, 1.0]]))
+    with pytest.raises(ValueError, match="spacing must be one number or 2 numbers"):
+        distance_transform(m, (1.0, 1.0, 1.0))
+    with pytest.raises(ValueError, match="finite and positive"):
+        distance_transform(m, (1.0, 0.0))
+    with pytest.raises(ValueError, match="spatial_dims"):
+        distance_transform(m, spatial_dims=3)
+    with pytest.raises(TypeError, match="dtype"):
+        distance_transform(m, dtype=torch.float16)
+    with pytest.raises(TypeError, match="mask must be a torch.Tensor"):
+        distance_transform(np.zeros((3, 3)))
+    lab = torch.tensor([[[[0, 1], [2, 3]]]])
+    with pytest.raises(ValueError, match=r"must lie in \[0, num_classes=3\)"):
+        signed_distance(lab, 3)
+    with pytest.raises(ValueError, match="num_classes is required"):
+        signed_distance(lab)
+    with pytest.raises(ValueError, match="does not match"):
+        signed_distance(torch.zeros(1, 2, 4, 4), 3)
+    with pytest.raises(ValueError, match="dist_maps must have shape"):
+        BoundaryLoss()(torch.zeros(1, 3, 4, 4), dist_maps=torch.zeros(1, 3, 4, 4))
+
+
+HOST_HARNESS = r"""
+#include <cstdio>
+#include <vector>
+#include "distance_transform.cuh"
+// Runs the CUDA kernels' per-line code on the host with the kernels' index mapping:
+// stdin: nd, sizes, batch, spacing, then the mask bytes; stdout: squared distances (float64).
+int main() {
+  int nd; long long batch; std::scanf("%d", &nd);
+  std::vector<long long> sizes(nd); for (auto& s : sizes) std::scanf("%lld", &s);
+  std::scanf("%lld", &batch);
+  std::vector<double> sp(nd); for (auto& s : sp) std::scanf("%lf", &s);
+  long long total = batch; for (auto s : sizes) total *= s;
+  std::vector<uint8_t> mask(total); for (auto& m : mask) { int v; std::scanf("%d", &v); m = v; }
+  std::vector<double> work(total);
+  long long last = sizes[nd - 1];
+  for (long long l = 0; l < total / last; ++l) fastmed::dt_line_pass(&mask[l * last], &work[l * last], last, sp[nd - 1], false);
+  std::vector<int32_t> v(total); std::vector<double> fv(total);
+  long long inner = last;
+  for (int d = nd - 2; d >= 0; --d) {
+    long long n = sizes[d], lines = total / n;
+    for (long long l = 0; l < lines; ++l) {
+      long long base = (l / inner) * n * inner + (l % inner);
+      fastmed::dt_envelope_line(&work[base], &work[base], inner, n, &v[l], &fv[l], lines, sp[d] * sp[d], false, true);
+    }
+    inner *= n;
+  }
+  for (auto x : work) std::printf("%.17g\n", x);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def host_harness(tmp_path_factory):
+    nvcc = shutil.which("nvcc") or ("/usr/local/cuda/bin/nvcc" if os.path.exists("/usr/local/cuda/bin/nvcc") else None)
+    if nvcc is None:
+        pytest.skip("nvcc not found: the CUDA line code cannot be compiled for the host check")
+    d = tmp_path_factory.mktemp("dt_host")
+    src = d / "harness.cu"
+    src.write_text(HOST_HARNESS)
+    exe = d / "harness"
+    subprocess.run([nvcc, "-std=c++17", "-O2", "-I", os.path.abspath(CSRC), str(src), "-o", str(exe)], check=True,
+                   capture_output=True)
+    return str(exe)
+
+
+@given(case=masks())
+def test_cuda_line_code_on_host(host_harness, case):
+    m, spacing = case
+    sp = spacing or [1.0] * m.ndim
+    batch = np.stack([m, ~m])
+    stdin = " ".join(map(str, [m.ndim, *m.shape, 2, *sp, *batch.astype(np.uint8).ravel()]))
+    out = subprocess.run([host_harness], input=stdin, capture_output=True, text=True, check=True).stdout
+    got = np.array([float(x) for x in out.split()]).reshape(batch.shape)
+    for i in range(2):
+        want = _scipy(batch[i], spacing) ** 2
+        if spacing is None:
+            assert np.array_equal(got[i], np.where(np.isinf(want), np.inf, np.round(want)))
+        else:
+            np.testing.assert_allclose(got[i], want, rtol=1e-12)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("spacing", [None, (1.0, 2.5, 0.7)])
+def test_cuda_matches_cpp(spacing):
+    g = torch.Generator().manual_seed(6)
+    m = torch.nn.functional.avg_pool3d(torch.rand(2, 3, 33, 40, 37, generator=g), 5, 1, 2) > 0.52
+    m[0, 1] = True
+    with fastmed.use_backend("cpp"):
+        want = distance_transform(m, spacing, squared=True, dtype=torch.float64)
+    with fastmed.use_backend("cuda"):
+        got = distance_transform(m.cuda(), spacing, squared=True, dtype=torch.float64).cpu()
+        got32 = distance_transform(m.cuda(), spacing).cpu()
+    if spacing is None:
+        assert torch.equal(got, want)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=0)
+    torch.testing.assert_close(got32, want.sqrt().float(), rtol=1e-6, atol=0)
