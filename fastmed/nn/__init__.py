@@ -1,4 +1,7 @@
 """fastmed modules (drop-in replacements whose parameter names match the modules they replace)."""
+from fastmed.nn.losses import (DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss,
+                               GeneralizedDiceLoss, NNUNetDiceCELoss, TverskyLoss)
 from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "DiceLoss", "GeneralizedDiceLoss",
+           "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss", "NNUNetDiceCELoss", "DeepSupervisionLoss"]
