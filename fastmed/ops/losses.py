@@ -42,7 +42,7 @@ from fastmed._validate import check_choice, check_same_device, check_tensor
 from fastmed.reference import losses as ref
 
 __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "dice_ce_loss", "dice_focal_loss",
-           "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights", "loss_stats"]
+           "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights"]
 
 _backend.register_op(
     "losses", ("triton", "reference"),
