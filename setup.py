@@ -66,7 +66,7 @@ def _extensions():
     else:
         with_cuda = want_cuda
 
-    cxx_flags = ["-O3", "-std=c++17"]
+    cxx_flags = ["-O3", "-std=c++20"]
     if sys.platform.startswith("linux"):
         cxx_flags.append("-fopenmp")
     extra_link = ["-fopenmp"] if sys.platform.startswith("linux") else []
@@ -78,7 +78,7 @@ def _extensions():
             "fastmed._C",
             cpp_sources + cu_sources,
             define_macros=[("FASTMED_WITH_CUDA", "1")],
-            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++17", "--use_fast_math"]},
+            extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "-std=c++20"]},
             extra_link_args=extra_link,
         )
     else:
