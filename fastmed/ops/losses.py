@@ -118,19 +118,12 @@ class _Spec(NamedTuple):
     focal_pos: int = ref.FPOS_OFF
 
 
-@torch.compiler.assume_constant_result
-def _choose_backend(device: torch.device) -> str:
-    # Resolved once while torch.compile traces (the choice is a constant of the graph): dynamo cannot read the
-    # context variable behind fastmed.use_backend itself.
-    return _backend.choose("losses", device)
-
-
 def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
     args = (tgt.target, tgt.mask, spec.act, tgt.label_mode, tgt.has_ignore, tgt.ignore_index, spec.pow_mode,
             spec.ce_mode, spec.focal_mode, spec.focal_c0, float(spec.gamma), spec.focal_pos)
     if tgt.target.requires_grad:
         return ref.loss_stats(logits, *args)
-    backend = _choose_backend(logits.device)
+    backend = _backend.choose("losses", logits.device)
     return torch.ops.fastmed.loss_stats(logits, *args, backend)
 
 
