@@ -573,3 +573,32 @@ def test_cudnn_path_channels_last_smooth_activation_reference_backend():
     with fastmed.use_backend("reference"):
         _check_block(17, 2, 3, 5, (5, 6, 7), 3, 1, 1, 1, "instance", "silu", True, False, torch.float32, "cudnn",
                      channels_last=True)
+
+
+def test_bench_write_choice_table_round_trip(tmp_path, monkeypatch):
+    """The table the GPU benchmark writes is valid Python whose keys are the ones ``auto`` looks up."""
+    import importlib.util
+    import os
+
+    from fastmed.ops import conv_block as ops_cb
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_conv_block.py")
+    spec = importlib.util.spec_from_file_location("bench_conv_block", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "choice.py"
+    monkeypatch.setattr(bench, "CHOICE_FILE", str(out))
+    rows = [dict(impl=f"fastmed-{impl}", mode="fwd+bwd", ms=ms, spatial="6x5x4", dtype="float32", Cin=3, Cout=4,
+                 stride=2, layout="channels_last") for impl, ms in (("cudnn", 2.0), ("implicit_gemm", 1.0))]
+    rows.append(dict(rows[0], spatial="7x6", layout="channels_first"))
+    bench.write_choice(rows, str(tmp_path / "run.json"), dict(device="test", torch="t", triton="t", cuda="c",
+                                                                cudnn="d", commit="x"))
+    spec = importlib.util.spec_from_file_location("choice", str(out))
+    choice = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(choice)
+    assert choice.MEASURED and len(choice.TABLE) == 2
+    monkeypatch.setattr(ops_cb, "conv_block_choice", choice)
+    x = torch.randn(1, 3, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d)
+    assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (2, 2, 2)) == "implicit_gemm"
+    assert ops_cb.choose_implementation(torch.randn(1, 3, 7, 6), torch.randn(4, 3, 3, 3), (2, 2)) == "cudnn"
+    assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (1, 1, 1)) == choice.DEFAULT
