@@ -28,7 +28,9 @@ from harness import Bench, add_common_args  # noqa: E402
 
 from fastmed.ops import conv_norm_act  # noqa: E402
 
-# (name, N, Cin, Cout, spatial, stride): nnU-Net 3D stages, their strided downsampling convs, a 2D stage.
+# (name, N, Cin, Cout, spatial, stride[, Cskip]): nnU-Net 3D stages, their strided downsampling convs, a 2D stage,
+# and decoder convolutions whose input is cat([upsampled, skip]) (Cskip given: fastmed reads the two tensors,
+# eager and torch.compile concatenate).
 FULL_CASES = [
     ("stage0-128^3", 2, 32, 32, (128, 128, 128), 1),
     ("stage1-64^3", 2, 64, 64, (64, 64, 64), 1),
@@ -40,11 +42,14 @@ FULL_CASES = [
     ("down3-32^3-s2", 2, 128, 256, (32, 32, 32), 2),
     ("down4-16^3-s2", 2, 256, 320, (16, 16, 16), 2),
     ("2d-224^2", 24, 64, 64, (224, 224), 1),
+    ("decoder-128^3-concat", 2, 32, 32, (128, 128, 128), 1, 32),
+    ("decoder-64^3-concat", 2, 64, 64, (64, 64, 64), 1, 64),
 ]
 QUICK_CASES = [
     ("quick-3d", 1, 4, 8, (10, 10, 10), 1),
     ("quick-3d-s2", 1, 4, 8, (10, 10, 10), 2),
     ("quick-2d", 2, 8, 8, (24, 24), 1),
+    ("quick-3d-concat", 1, 4, 4, (8, 8, 8), 1, 4),
 ]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHOICE_FILE = os.path.join(REPO_ROOT, "fastmed", "ops", "conv_block_choice.py")
@@ -58,7 +63,9 @@ def conv_flops(n, cin, cout, out_spatial, kernel_numel) -> float:
     return 2.0 * n * cout * vox * cin * kernel_numel
 
 
-def eager_block(x, w, b, nw, nb, stride):
+def eager_block(x, w, b, nw, nb, stride, skip=None):
+    if skip is not None:
+        x = torch.cat([x, skip], 1)
     conv = F.conv3d if x.dim() == 5 else F.conv2d
     h = conv(x, w, b, stride, 1)
     return F.leaky_relu(F.instance_norm(h, weight=nw, bias=nb, eps=1e-5), 0.01)
@@ -75,16 +82,21 @@ def matmul_tflops(bench: Bench) -> float:
 
 
 def make_inputs(case, dtype, channels_last, device):
-    _, n, cin, cout, spatial, stride = case
+    """[x, weight, bias, norm_weight, norm_bias] (+ [skip] for a decoder case)."""
+    _, n, cin, cout, spatial, stride, *skip_c = case
     sd = len(spatial)
     g = torch.Generator(device="cpu").manual_seed(0)
+    cin_total = cin + sum(skip_c)
     x = torch.randn((n, cin) + spatial, generator=g).to(device=device, dtype=dtype)
-    w = (torch.randn((cout, cin) + (3,) * sd, generator=g) / (cin * 3 ** sd) ** 0.5).to(device=device, dtype=dtype)
+    w = (torch.randn((cout, cin_total) + (3,) * sd, generator=g) / (cin_total * 3 ** sd) ** 0.5).to(device=device,
+                                                                                                     dtype=dtype)
     b, nw, nb = (torch.randn(cout, generator=g).to(device=device, dtype=dtype) for _ in range(3))
+    out = [x, w, b, nw, nb] + [torch.randn((n, c) + spatial, generator=g).to(device=device, dtype=dtype)
+                               for c in skip_c]
     if channels_last:
         fmt = torch.channels_last_3d if sd == 3 else torch.channels_last
-        x, w = x.contiguous(memory_format=fmt), w.contiguous(memory_format=fmt)
-    return [x, w, b, nw, nb]
+        out = [t.contiguous(memory_format=fmt) if t.dim() > 1 else t for t in out]
+    return out
 
 
 def timed(fn, leaves, backward):
@@ -125,29 +137,30 @@ def main(argv=None):
           f"{mm:.1f} TFLOP/s")
     compile_cache = {}
     for case in cases:
-        name, n, cin, cout, spatial, stride = case
+        name, n, cin, cout, spatial, stride, *skip_c = case
         sd = len(spatial)
         out_sp = tuple((s + 2 - 3) // stride + 1 for s in spatial)
-        flops_fwd = conv_flops(n, cin, cout, out_sp, 3 ** sd)
+        flops_fwd = conv_flops(n, cin + sum(skip_c), cout, out_sp, 3 ** sd)
         for dtype in dtypes:
             for channels_last in (False, True):
                 layout = "channels_last" if channels_last else "channels_first"
                 impls = {"fastmed-auto": "auto", "fastmed-cudnn": "cudnn"}
                 if on_gpu or os.environ.get("TRITON_INTERPRET") == "1":
                     impls["fastmed-implicit_gemm"] = "implicit_gemm"
-                fns = {k: (lambda *t, _impl=v: conv_norm_act(*t, stride=stride, implementation=_impl))
+                fns = {k: (lambda *t, _impl=v: conv_norm_act(*t[:5], skip=t[5] if len(t) > 5 else None,
+                                                             stride=stride, implementation=_impl))
                        for k, v in impls.items()}
-                fns["eager"] = lambda *t: eager_block(*t, stride)
+                fns["eager"] = lambda *t: eager_block(*t[:5], stride, *t[5:])
                 if not args.no_compile and (on_gpu or case is cases[0]):
                     key = (sd, stride)
                     if key not in compile_cache:
-                        compile_cache[key] = torch.compile(lambda *t, _s=stride: eager_block(*t, _s))
+                        compile_cache[key] = torch.compile(lambda *t, _s=stride: eager_block(*t[:5], _s, *t[5:]))
                     fns["torch.compile"] = compile_cache[key]
                 for mode, backward in (("fwd", False), ("fwd+bwd", True)):
                     label = f"{name} {str(dtype)[6:]} {layout} {mode}"
                     flops = flops_fwd * (3 if backward else 1)
                     extra = dict(case_name=name, layout=layout, mode=mode, stride=stride, N=n, Cin=cin, Cout=cout,
-                                 spatial="x".join(map(str, spatial)))
+                                 Cskip=sum(skip_c), spatial="x".join(map(str, spatial)))
                     for impl_name, fn in fns.items():
                         leaves = make_inputs(case, dtype, channels_last, bench.device)
                         row = bench.run(name=impl_name, fn=timed(fn, leaves, backward), case=label, dtype=dtype,
@@ -173,7 +186,7 @@ def write_choice(rows, source: str, env: dict) -> None:
     best: dict = {}
     for r in rows:
         impl = r["impl"].replace("fastmed-", "")
-        if r.get("mode") != "fwd+bwd" or impl not in IMPLS or "ms" not in r:
+        if r.get("mode") != "fwd+bwd" or impl not in IMPLS or "ms" not in r or r.get("Cskip"):
             continue
         spatial = tuple(int(s) for s in r["spatial"].split("x"))
         sd = len(spatial)

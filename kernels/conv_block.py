@@ -6,7 +6,8 @@ the layout the loads are laid out for (a row of the GEMM's A tile is ``BLOCK_K``
 
 Forward (``conv_block_forward``):
   1. ``_conv_fwd_kernel``: implicit GEMM with M = output voxels of one sample, N = output channels,
-     K = Cin * KD * KH * KW (loop over kernel taps, then channel blocks; the input tile is gathered with the
+     K = Cin * KD * KH * KW, where the input may come from two tensors (a decoder's upsampled features and
+     its skip: channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2, the concatenation never written) (loop over kernel taps, then channel blocks; the input tile is gathered with the
      zero-padding mask at load time).  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
      fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
      bias, stores the output tile and, for each output channel, the tile's mean and sum of squared
@@ -40,17 +41,39 @@ from .norm_act import norm_act_backward, norm_act_forward
 
 
 @triton.jit
+def _accumulate_taps(
+    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_tap, Cout, co, mco, idd, ihh, iww, valid,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc += x[n, c, idd, ihh, iww] @ w_tap[c_first + c, co] over the C channels of one input, one tap."""
+    a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                          # [BLOCK_M] pointers
+    for c0 in range(0, C, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mc = c < C
+        a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
 def _conv_fwd_kernel(
-    x_ptr,      # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
-    w_ptr,      # shape (KD, KH, KW, Cin, Cout), contiguous
+    x_ptr,      # shape (N, C1, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
+    x2_ptr,     # shape (N, C2, D, H, W), strides (s2n, s2c, s2d, s2h, s2w): the second input (channels
+                #   C1..C1+C2 of the convolution input, a decoder's skip); unused unless HAS_X2
+    w_ptr,      # shape (KD, KH, KW, C1 + C2, Cout), contiguous
     b_ptr,      # shape (Cout,), unused unless HAS_BIAS
     y_ptr,      # shape (N, Cout, Do, Ho, Wo), strides (syn, syc, syd, syh, syw)
     pmean_ptr,  # shape (N, Cout, P) fp32 contiguous: per M-tile mean of y; unused unless STATS
     pm2_ptr,    # shape (N, Cout, P) fp32 contiguous: per M-tile sum of squared deviations; unused unless STATS
-    Cin, Cout, D, H, W, Do, Ho, Wo, P,
+    C1, C2, Cout, D, H, W, Do, Ho, Wo, P,
     str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-    sxn, sxc, sxd, sxh, sxw, syn, syc, syd, syh, syw,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    sxn, sxc, sxd, sxh, sxw, s2n, s2c, s2d, s2h, s2w, syn, syc, syd, syh, syw,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_X2: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -65,7 +88,6 @@ def _conv_fwd_kernel(
     od = m // (Wo * Ho)
     co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
-    x_n = x_ptr + n * sxn
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for tap in range(KD * KH * KW):
         kd = tap // (KH * KW)
@@ -75,17 +97,12 @@ def _conv_fwd_kernel(
         ihh = oh * str_h - pad_h + kh * dil_h
         iww = ow * str_w - pad_w + kw * dil_w
         valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
-        a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                      # [BLOCK_M] pointers
-        w_tap = w_ptr + tap * (Cin * Cout)
-        for c0 in range(0, Cin, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mc = c < Cin
-            a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
-            b = tl.load(w_tap + c[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        w_tap = w_ptr + tap * ((C1 + C2) * Cout)
+        acc = _accumulate_taps(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_tap, Cout, co, mco, idd, ihh,
+                               iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        if HAS_X2:
+            acc = _accumulate_taps(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_tap, Cout, co, mco, idd,
+                                   ihh, iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mco, other=0.0).to(tl.float32)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
@@ -288,34 +305,38 @@ def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, counts: torch.Tensor, 
     return mean.squeeze(1), torch.rsqrt(var + eps)
 
 
-def conv_forward_stats(x: torch.Tensor, weight: torch.Tensor, bias, stride, padding, dilation, stats: bool):
-    """Convolution (groups = 1) and, with ``stats``, its per-(n, c, M tile) partial (mean, M2).
+def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, padding, dilation, stats: bool):
+    """Convolution (groups = 1) of ``cat([x, x2], 1)`` (x2 may be None; the concatenation is never
+    materialized) and, with ``stats``, its per-(n, c, M tile) partial (mean, M2).
 
-    x ``(N, Cin, *s)``, weight ``(Cout, Cin, *k)`` -> conv_out ``(N, Cout, *s_out)`` in x's memory format,
-    pmean/pm2 ``(N, Cout, P)`` fp32 and the tile sizes ``(P,)`` (None without ``stats``).
+    x ``(N, C1, *s)``, x2 ``(N, C2, *s)``, weight ``(Cout, C1 + C2, *k)`` -> conv_out ``(N, Cout, *s_out)`` in
+    x's memory format, pmean/pm2 ``(N, Cout, P)`` fp32 and the tile sizes ``(P,)`` (None without ``stats``).
     """
     nd = x.dim()
     st, pd, dl = _params_3d(stride, padding, dilation, nd)
-    N, Cin = x.shape[:2]
+    N, C1 = x.shape[:2]
+    C2 = x2.shape[1] if x2 is not None else 0
     Cout = weight.shape[0]
     out_sp = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
                    for i, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
     y = torch.empty((N, Cout) + out_sp, device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
     x5, y5 = _as_3d(x), _as_3d(y)
+    x25 = _as_3d(x2) if x2 is not None else x5
     w5 = _as_3d(weight)
     KD, KH, KW = w5.shape[2:]
     w_t = w5.permute(2, 3, 4, 1, 0).contiguous()  # (KD, KH, KW, Cin, Cout): small, coalesced along Cout
     Do, Ho, Wo = y5.shape[2:]
     Mo = Do * Ho * Wo
-    blocks = _gemm_blocks(x, Mo, Cout, Cin)
+    blocks = _gemm_blocks(x, Mo, Cout, max(C1, C2))
     P = triton.cdiv(Mo, blocks["BLOCK_M"])
     pmean = torch.empty((N, Cout, P) if stats else (1,), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     grid = (P, triton.cdiv(Cout, blocks["BLOCK_N"]), N)
     wrap_triton(_conv_fwd_kernel)[grid](
-        x5, w_t, bias if bias is not None else w_t, y5, pmean, pm2,
-        Cin, Cout, *x5.shape[2:], Do, Ho, Wo, P, *st, *pd, *dl, *x5.stride(), *y5.stride(),
-        KD=KD, KH=KH, KW=KW, HAS_BIAS=bias is not None, STATS=stats, **_dot_options(x), **blocks)
+        x5, x25, w_t, bias if bias is not None else w_t, y5, pmean, pm2,
+        C1, C2, Cout, *x5.shape[2:], Do, Ho, Wo, P, *st, *pd, *dl, *x5.stride(), *x25.stride(), *y5.stride(),
+        KD=KD, KH=KH, KW=KW, HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, **_dot_options(x),
+        **blocks)
     if not stats:
         return y, None, None, None
     counts = torch.clamp(Mo - torch.arange(P, device=x.device, dtype=torch.float32) * blocks["BLOCK_M"],
@@ -373,17 +394,19 @@ def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     return dw.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
 
 
-def conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride, padding,
-                       dilation, kind: str, num_groups: int, eps: float, activation: str, negative_slope: float):
-    """y = act(norm(conv(x)) * norm_weight + norm_bias + residual); returns (y, conv_out, mean, rstd).
+def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
+                       padding, dilation, kind: str, num_groups: int, eps: float, activation: str,
+                       negative_slope: float):
+    """y = act(norm(conv(cat([x, x2], 1))) * norm_weight + norm_bias + residual); returns (y, conv_out, mean, rstd).
 
-    x ``(N, Cin, *s)`` float16/bfloat16/float32, any strides; weight ``(Cout, Cin, *k)``; bias, norm_weight,
+    x ``(N, C1, *s)`` float16/bfloat16/float32, any strides; x2 ``(N, C2, *s)`` or None; weight
+    ``(Cout, C1 + C2, *k)``; bias, norm_weight,
     norm_bias ``(Cout,)`` or None; residual like conv_out or None; slope: prelu ``(Cout,)``/``(1,)`` or None;
     mean_in/rstd_in: given statistics (batch norm in eval mode) or None.  Statistics are fp32.
     """
     Cout = weight.shape[0]
     stats = mean_in is None
-    conv_out, pmean, pm2, counts = conv_forward_stats(x, weight, bias, stride, padding, dilation, stats)
+    conv_out, pmean, pm2, counts = conv_forward_stats(x, x2, weight, bias, stride, padding, dilation, stats)
     if stats:
         groups = Cout if kind == "instance" else num_groups
         mean, rstd = combine_stats(pmean, pm2, counts, kind, groups, eps)
@@ -394,17 +417,26 @@ def conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope,
     return y, conv_out, mean, rstd
 
 
-def conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
+def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
                         padding, dilation, kind: str, num_groups: int, activation: str, negative_slope: float,
                         input_stats: bool, has_bias: bool):
-    """Returns (dx, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope), None where absent."""
+    """Returns (dx, dx2, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope), None where absent.
+
+    With a second input the data and weight gradients run once per input on its slice of the weight."""
     dconv, dnw, dnb, dres, dslope = norm_act_backward(dy, conv_out, norm_weight, norm_bias, residual, slope, mean,
                                                       rstd, kind, num_groups, activation, negative_slope,
                                                       input_stats)
-    dx = conv_input_grad(dconv, weight, x, stride, padding, dilation)
-    dw = conv_weight_grad(dconv, x, weight, stride, padding, dilation)
+    c1 = x.shape[1]
+    w1 = weight[:, :c1] if x2 is not None else weight
+    dx = conv_input_grad(dconv, w1, x, stride, padding, dilation)
+    dw = conv_weight_grad(dconv, x, w1, stride, padding, dilation)
+    dx2 = None
+    if x2 is not None:
+        w2 = weight[:, c1:]
+        dx2 = conv_input_grad(dconv, w2, x2, stride, padding, dilation)
+        dw = torch.cat([dw, conv_weight_grad(dconv, x2, w2, stride, padding, dilation)], 1)
     db = None
     if has_bias:
         red = [0] + list(range(2, dconv.dim()))
         db = dconv.sum(red, dtype=torch.float32).to(weight.dtype)
-    return dx, dw, db, dnw, dnb, dres, dslope
+    return dx, dx2, dw, db, dnw, dnb, dres, dslope

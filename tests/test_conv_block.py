@@ -184,11 +184,11 @@ def test_does_not_modify_inputs_and_nan_propagates():
 
 def test_opcheck_reference():
     x, w, b, nw, nb, r, _ = _inputs(7, 1, 2, 3, (4, 5, 3), 3, torch.float32, residual_shape=(1, 3, 4, 5, 3))
-    args = (x.requires_grad_(), w.requires_grad_(), b, nw, nb, r, None, None, None, [1, 1, 1], [1, 1, 1],
+    args = (x.requires_grad_(), None, w.requires_grad_(), b, nw, nb, r, None, None, None, [1, 1, 1], [1, 1, 1],
             [1, 1, 1], "instance", 3, 1e-5, "leaky_relu", 0.01, "reference")
     torch.library.opcheck(torch.ops.fastmed.conv_block_fwd.default, args)
     y, conv_out, mean, rstd = (t.detach() for t in torch.ops.fastmed.conv_block_fwd(*args))
-    bwd_args = (torch.randn_like(y), x.detach(), w.detach(), conv_out, nw, nb, r, None, mean, rstd,
+    bwd_args = (torch.randn_like(y), x.detach(), None, w.detach(), conv_out, nw, nb, r, None, mean, rstd,
                 [1, 1, 1], [1, 1, 1], [1, 1, 1], "instance", 3, "leaky_relu", 0.01, True, True, "reference")
     torch.library.opcheck(torch.ops.fastmed.conv_block_bwd.default, bwd_args)
 
@@ -513,7 +513,7 @@ def test_epilogue_statistics_match_two_pass():
     x = torch.randn(2, 3, 6, 7, 5, generator=g)
     w = torch.randn(5, 3, 3, 3, 3, generator=g) / 9
     b = torch.full((5,), 1000.0)
-    y, pmean, pm2, counts = conv_forward_stats(x, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), True)
+    y, pmean, pm2, counts = conv_forward_stats(x, None, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), True)
     assert pmean.shape[2] > 1
     torch.testing.assert_close(y, F.conv3d(x, w, b, padding=1), rtol=1e-5, atol=1e-3)
     for kind, groups in (("instance", 5), ("batch", 1)):
@@ -523,6 +523,46 @@ def test_epilogue_statistics_match_two_pass():
         var, mu = torch.var_mean(yd, dim=dims, unbiased=False)
         torch.testing.assert_close(mean.double(), mu.reshape(-1), rtol=1e-6, atol=0)
         torch.testing.assert_close(rstd.double(), torch.rsqrt(var + 1e-5).reshape(-1), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("backend,implementation,channels_last", [
+    ("reference", "cudnn", False), ("reference", "implicit_gemm", False), ("triton", "implicit_gemm", False),
+    ("triton", "implicit_gemm", True), ("triton", "cudnn", True)])
+def test_two_input_convolution_skip(backend, implementation, channels_last):
+    """conv(cat([x, skip], 1)) with skip passed separately: values and the gradients of x, skip and weight."""
+    g = torch.Generator().manual_seed(18)
+    x = torch.randn(2, 3, 5, 4, 6, generator=g)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last_3d)  # the skip stays NCDHW: mixed layouts
+    skip = torch.randn(2, 2, 5, 4, 6, generator=g)
+    w = torch.randn(4, 5, 3, 3, 3, generator=g) / 11
+    b, nw, nb = torch.randn(4, generator=g), torch.rand(4, generator=g) + 0.5, torch.randn(4, generator=g)
+    leaves = [t.clone().requires_grad_() for t in (x, skip, w, b, nw, nb)]
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    with fastmed.use_backend(backend):
+        y = conv_norm_act(leaves[0], *leaves[2:], skip=leaves[1], stride=(1, 2, 1), activation="gelu",
+                          implementation=implementation)
+    y_ref = conv_norm_act_reference(ref_leaves[0], *ref_leaves[2:], skip=ref_leaves[1], stride=(1, 2, 1), padding=1,
+                                    activation="gelu")
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    for name, a, e in zip(("x", "skip", "weight", "bias", "norm_weight", "norm_bias"), _grads(y, leaves, 18),
+                          _grads(y_ref, ref_leaves, 18)):
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32], msg=lambda m: f"grad {name}: {m}")
+    with pytest.raises(ValueError, match="x and skip have 3 \\+ 2 = 5 channels"):
+        conv_norm_act(x, w[:, :4], skip=skip)
+    with pytest.raises(ValueError, match="skip must have the batch and spatial size of x"):
+        conv_norm_act(x, w, skip=skip[:, :, :4])
+
+
+def test_up_block_implicit_gemm_triton():
+    torch.manual_seed(19)
+    up = UpBlock(3, 6, 3, 4, upsample_stride=2, num_convs=2)
+    up_ig = UpBlock(3, 6, 3, 4, upsample_stride=2, num_convs=2, implementation="implicit_gemm")
+    up_ig.load_state_dict(up.state_dict())
+    x, skip = torch.randn(1, 6, 2, 3, 2), torch.randn(1, 3, 4, 6, 4)
+    with fastmed.use_backend("triton"):
+        y = up_ig(x, skip)
+    torch.testing.assert_close(y, up(x, skip), **TOL[torch.float32])
 
 
 # ------------------------------------------------------------------------------------------------

@@ -47,7 +47,7 @@ def _empty(like: Tensor) -> Tensor:
 
 
 @triton_op("fastmed::conv_block_fwd", mutates_args=())
-def _conv_block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
+def _conv_block_fwd(x: Tensor, x2: Optional[Tensor], weight: Tensor, bias: Optional[Tensor], norm_weight: Optional[Tensor],
                     norm_bias: Optional[Tensor], residual: Optional[Tensor], slope: Optional[Tensor],
                     mean_in: Optional[Tensor], rstd_in: Optional[Tensor], stride: list[int], padding: list[int],
                     dilation: list[int], kind: str, num_groups: int, eps: float, activation: str,
@@ -55,12 +55,12 @@ def _conv_block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weig
     if backend == "triton":
         from fastmed.kernels.conv_block import conv_block_forward
 
-        y, conv_out, mean, rstd = conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope,
+        y, conv_out, mean, rstd = conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope,
                                                      mean_in, rstd_in, stride, padding, dilation, kind,
                                                      num_groups, eps, activation, negative_slope)
     else:
-        y, conv_out, mean, rstd = ref.conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope,
-                                                         mean_in, rstd_in, stride, padding, dilation, kind,
+        y, conv_out, mean, rstd = ref.conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual,
+                                                         slope, mean_in, rstd_in, stride, padding, dilation, kind,
                                                          num_groups, eps, activation, negative_slope)
     if mean_in is not None:  # outputs of a custom op may not alias its inputs
         mean, rstd = mean.clone(), rstd.clone()
@@ -68,42 +68,42 @@ def _conv_block_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], norm_weig
 
 
 @triton_op("fastmed::conv_block_bwd", mutates_args=())
-def _conv_block_bwd(dy: Tensor, x: Tensor, weight: Tensor, conv_out: Tensor, norm_weight: Optional[Tensor],
+def _conv_block_bwd(dy: Tensor, x: Tensor, x2: Optional[Tensor], weight: Tensor, conv_out: Tensor, norm_weight: Optional[Tensor],
                     norm_bias: Optional[Tensor], residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor,
                     rstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], kind: str,
                     num_groups: int, activation: str, negative_slope: float, input_stats: bool, has_bias: bool,
-                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+                    backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from fastmed.kernels.conv_block import conv_block_backward
 
-        grads = conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd,
+        grads = conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd,
                                     stride, padding, dilation, kind, num_groups, activation, negative_slope,
                                     input_stats, has_bias)
     else:
-        grads = ref.conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean,
+        grads = ref.conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean,
                                         rstd, stride, padding, dilation, kind, num_groups, activation,
                                         negative_slope, input_stats, has_bias)
     return tuple(g if g is not None else _empty(x) for g in grads)
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, _rstd_in, stride, padding, dilation, kind,
-     num_groups, _eps, activation, negative_slope, backend) = inputs
+    (x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, _rstd_in, stride, padding, dilation,
+     kind, num_groups, _eps, activation, negative_slope, backend) = inputs
     _y, conv_out, mean, rstd = output
     # Saved: the block input, the convolution output (pre-normalization) and the statistics; the
     # normalized activation is recomputed in the backward, never stored.
-    ctx.save_for_backward(x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd)
+    ctx.save_for_backward(x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd)
     ctx.args = (stride, padding, dilation, kind, num_groups, activation, negative_slope, mean_in is None,
                 bias is not None, backend)
 
 
 def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
-    x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd = ctx.saved_tensors
+    x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias, backend = ctx.args
-    dx, dw, db, dnw, dnb, dres, dslope = torch.ops.fastmed.conv_block_bwd(
-        dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding, dilation,
+    dx, dx2, dw, db, dnw, dnb, dres, dslope = torch.ops.fastmed.conv_block_bwd(
+        dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding, dilation,
         kind, num_groups, activation, negative_slope, input_stats, has_bias, backend)
-    return (dx, dw, db if has_bias else None, dnw if norm_weight is not None else None,
+    return (dx, dx2 if x2 is not None else None, dw, db if has_bias else None, dnw if norm_weight is not None else None,
             dnb if norm_bias is not None else None, dres if residual is not None else None,
             dslope if slope is not None else None) + (None,) * 11
 
@@ -157,7 +157,7 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
                   activation: Optional[str] = "leaky_relu", negative_slope: Union[float, Tensor] = 0.01,
                   residual: Optional[Tensor] = None, running_mean: Optional[Tensor] = None,
                   running_var: Optional[Tensor] = None, momentum: float = 0.1, training: bool = True,
-                  implementation: str = "auto") -> Tensor:
+                  skip: Optional[Tensor] = None, implementation: str = "auto") -> Tensor:
     """``act(norm(conv(x, weight, bias)) * norm_weight + norm_bias + residual)`` for 2D and 3D inputs.
 
     Args:
@@ -174,6 +174,9 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         eps, activation, negative_slope, residual, running_mean, running_var, momentum, training: as in
             :func:`fastmed.ops.norm_act`; ``residual`` has the shape of the convolution output and is added
             after the normalization, before the activation (nnU-Net's residual block).
+        skip: ``(N, Cskip, *spatial_in)`` or None: the convolution input is then ``cat([x, skip], dim=1)``
+            (a U-Net decoder's upsampled features and skip; weight has ``Cin + Cskip`` input channels).
+            ``"implicit_gemm"`` reads both tensors and never writes the concatenation; ``"cudnn"`` concatenates.
         implementation: ``"auto"``, ``"cudnn"`` or ``"implicit_gemm"`` (see the module docstring).
             On the reference backend (CPU) ``"auto"`` runs ``"cudnn"``, i.e. the torch composition.
 
@@ -190,9 +193,20 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     if weight.dim() != x.dim():
         raise ValueError(f"weight must have {x.dim()} dimensions (Cout, Cin, *kernel) for {sd}D input, got shape "
                          f"{tuple(weight.shape)}")
-    if weight.shape[1] != x.shape[1]:
+    cin = x.shape[1]
+    if skip is not None:
+        check_tensor(skip, "skip")
+        if skip.dim() != x.dim() or skip.shape[0] != x.shape[0] or skip.shape[2:] != x.shape[2:]:
+            raise ValueError(f"skip must have the batch and spatial size of x {(x.shape[0],) + tuple(x.shape[2:])}, "
+                             f"got skip of shape {tuple(skip.shape)}")
+        if skip.dtype != x.dtype:
+            raise TypeError(f"skip must have the dtype of x ({x.dtype}), got {skip.dtype}")
+        cin += skip.shape[1]
+    if weight.shape[1] != cin:
+        what = f"x has {x.shape[1]} channels (x shape {tuple(x.shape)})" if skip is None else \
+            f"x and skip have {x.shape[1]} + {skip.shape[1]} = {cin} channels"
         raise ValueError(f"weight expects {weight.shape[1]} input channels (weight shape {tuple(weight.shape)}) "
-                         f"but x has {x.shape[1]} channels (x shape {tuple(x.shape)})")
+                         f"but {what}")
     if weight.dtype != x.dtype:
         raise TypeError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
     cout = weight.shape[0]
@@ -219,13 +233,14 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
             raise ValueError(f"residual must have the shape of the convolution output {out_shape}, got "
                              f"{tuple(residual.shape)}")
     device = check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
-                               residual=residual)
+                               residual=residual, skip=skip)
     backend = _choose(device.type, "conv_block")
 
     if norm == "none":
         if norm_weight is not None or norm_bias is not None or running_mean is not None:
             raise ValueError("norm='none' takes no norm_weight, norm_bias or running statistics")
-        return _conv_act(x, weight, bias, stride_t, padding_t, dilation_t, activation, negative_slope, residual)
+        xin = x if skip is None else torch.cat([x, skip], 1)
+        return _conv_act(xin, weight, bias, stride_t, padding_t, dilation_t, activation, negative_slope, residual)
 
     if implementation == "auto":
         implementation = "cudnn" if backend == "reference" else choose_implementation(x, weight, stride_t)
@@ -235,13 +250,14 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     groups, activation, slope_t, slope_f, mean_in, rstd_in, count = _norm_args(
         norm, num_groups, eps, activation, negative_slope, running_mean, running_var, training, x.dtype, out_shape)
     if implementation == "cudnn":
-        conv_out = ref.conv_nd(x, weight, bias, stride_t, padding_t, dilation_t)
+        xin = x if skip is None else torch.cat([x, skip], 1)
+        conv_out = ref.conv_nd(xin, weight, bias, stride_t, padding_t, dilation_t)
         y, mean, rstd = torch.ops.fastmed.norm_act_fwd(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in,
                                                        rstd_in, norm, groups, float(eps), activation, slope_f,
                                                        _choose(device.type, "norm_act"))
     else:
         y, _conv_out, mean, rstd = torch.ops.fastmed.conv_block_fwd(
-            x, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
+            x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
             list(padding_t), list(dilation_t), norm, groups, float(eps), activation, slope_f, backend)
     if norm == "batch" and training and running_mean is not None:
         with torch.no_grad():
