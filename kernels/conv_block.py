@@ -6,9 +6,9 @@ the layout the loads are laid out for (a row of the GEMM's A tile is ``BLOCK_K``
 
 Forward (``conv_block_forward``):
   1. ``_conv_fwd_kernel``: implicit GEMM with M = output voxels of one sample, N = output channels,
-     K = Cin * KD * KH * KW, where the input may come from two tensors (a decoder's upsampled features and
-     its skip: channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2, the concatenation never written) (loop over kernel taps, then channel blocks; the input tile is gathered with the
-     zero-padding mask at load time).  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
+     K = Cin * KD * KH * KW (loop over kernel taps, then channel blocks; the input tile is gathered with the
+     zero-padding mask at load time).  The input may come from two tensors, a decoder's upsampled features
+     and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
      fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
      bias, stores the output tile and, for each output channel, the tile's mean and sum of squared
      deviations (M2) over its voxels: fp32 partials ``(N, Cout, P)``, one per M tile (a tile never
@@ -25,6 +25,11 @@ Backward (``conv_block_backward``):
   3. ``_conv_wgrad_kernel``: d weight as GEMMs (Cout x Cin per tap) over K = N * output voxels, split into
      ``SPLITS`` ranges whose fp32 partials are summed in a fixed order (deterministic);
   4. d bias: a torch sum of d conv_out over (N, spatial) in fp32.
+
+Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  The data gradient of a
+strided convolution gathers with a divisibility mask, so 1 - 1/prod(stride) of its tap iterations load nothing
+useful (a sub-pixel decomposition would remove that).  Tile sizes are fixed heuristics, not autotuned, and no
+timing of these kernels on a GPU exists yet (see fastmed/ops/conv_block_choice.py).
 """
 from __future__ import annotations
 

@@ -17,7 +17,7 @@ from fastmed.nn import ConvNormAct, ResidualBlock, UpBlock, convert_monai_state_
 from fastmed.ops import conv_norm_act
 from fastmed.reference.conv_block import conv_norm_act_reference
 
-from conftest import INTERPRET, TOL
+from conftest import TOL
 
 ACTS = ("leaky_relu", "relu", "prelu", "gelu", "silu", "identity")
 
