@@ -140,22 +140,31 @@ def test_padding_none_is_same_padding():
     torch.testing.assert_close(y, conv_norm_act_reference(x, w, b, nw, nb, padding=4, dilation=2))
 
 
-def test_batch_norm_running_stats_both_implementations():
-    x, w, b, nw, nb, _, _ = _inputs(4, 2, 3, 4, (5, 6, 4), 3, torch.float64)
+@pytest.mark.parametrize("backend,dtype", [("reference", torch.float64), ("triton", torch.float32)])
+def test_batch_norm_running_stats_both_implementations(backend, dtype):
+    """Training updates the running statistics like F.batch_norm; eval uses them (constant statistics in the
+    backward too)."""
+    x, w, b, nw, nb, _, _ = _inputs(4, 2, 3, 4, (5, 6, 4), 3, dtype)
     expect_m, expect_v = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-    conv_norm_act_reference(x, w, b, nw, nb, padding=1, norm="batch", running_mean=expect_m,
-                            running_var=expect_v, momentum=0.2)
+    conv_norm_act_reference(x.double(), w.double(), b.double(), nw.double(), nb.double(), padding=1, norm="batch",
+                            running_mean=expect_m, running_var=expect_v, momentum=0.2)
     for impl in ("cudnn", "implicit_gemm"):
-        rm, rv = torch.zeros(4, dtype=torch.float64), torch.ones(4, dtype=torch.float64)
-        conv_norm_act(x, w, b, nw, nb, norm="batch", running_mean=rm, running_var=rv, momentum=0.2,
-                      implementation=impl)
-        torch.testing.assert_close(rm, expect_m)
-        torch.testing.assert_close(rv, expect_v)
-        y = conv_norm_act(x, w, b, nw, nb, norm="batch", running_mean=rm, running_var=rv, training=False,
+        rm, rv = torch.zeros(4, dtype=dtype), torch.ones(4, dtype=dtype)
+        with fastmed.use_backend(backend):
+            conv_norm_act(x, w, b, nw, nb, norm="batch", running_mean=rm, running_var=rv, momentum=0.2,
                           implementation=impl)
-        y_ref = conv_norm_act_reference(x, w, b, nw, nb, padding=1, norm="batch", running_mean=rm,
-                                        running_var=rv, training=False)
-        torch.testing.assert_close(y, y_ref)
+        torch.testing.assert_close(rm.double(), expect_m, **TOL[dtype])
+        torch.testing.assert_close(rv.double(), expect_v, **TOL[dtype])
+        leaves = [t.clone().requires_grad_() for t in (x, w, b, nw, nb)]
+        ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+        with fastmed.use_backend(backend):
+            y = conv_norm_act(*leaves, norm="batch", running_mean=rm, running_var=rv, training=False,
+                              implementation=impl)
+        y_ref = conv_norm_act_reference(*ref_leaves, padding=1, norm="batch", running_mean=rm.double(),
+                                        running_var=rv.double(), training=False)
+        torch.testing.assert_close(y.double(), y_ref, **TOL[dtype])
+        for a, e in zip(_grads(y, leaves, 4), _grads(y_ref, ref_leaves, 4)):
+            torch.testing.assert_close(a.double(), e, **TOL[dtype])
 
 
 def test_gradcheck_reference_op():
