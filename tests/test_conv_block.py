@@ -176,6 +176,22 @@ def test_gradcheck_reference_op():
                                      implementation="implicit_gemm"), ts)
 
 
+@pytest.mark.parametrize("implementation", ["cudnn", "implicit_gemm"])
+def test_autocast_like_eager(implementation):
+    """Under autocast (nnU-Net trains with it) a float32 module runs the convolution in the autocast dtype."""
+    torch.manual_seed(20)
+    m = ConvNormAct(3, 3, 4, implementation=implementation)
+    x = torch.randn(2, 3, 5, 4, 6, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        h = m.conv(x)
+        expect = F.leaky_relu(F.instance_norm(h.float(), weight=m.norm.weight, bias=m.norm.bias), 0.01)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.float(), expect, **TOL[torch.bfloat16])
+    y.float().sum().backward()
+    assert x.grad is not None and m.conv.weight.grad is not None
+
+
 def test_does_not_modify_inputs_and_nan_propagates():
     x, w, b, nw, nb, _, _ = _inputs(6, 1, 2, 3, (5, 5), 3, torch.float32)
     x[0, 0, 2, 2] = float("nan")

@@ -167,7 +167,8 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
 
     Args:
         x: ``(N, Cin, H, W)`` or ``(N, Cin, D, H, W)``, float16/bfloat16/float32/float64, contiguous or
-            channels-last.  The output keeps x's memory format.
+            channels-last.  The output keeps x's memory format and dtype; inside ``torch.autocast`` x, weight,
+            bias and skip are first cast to the autocast dtype, as for ``F.conv3d``.
         weight: ``(Cout, Cin, *kernel)`` (groups = 1).
         bias: ``(Cout,)`` convolution bias or None.
         norm_weight, norm_bias: ``(Cout,)`` affine parameters of the normalization, or None.
@@ -198,9 +199,11 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     if weight.dim() != x.dim():
         raise ValueError(f"weight must have {x.dim()} dimensions (Cout, Cin, *kernel) for {sd}D input, got shape "
                          f"{tuple(weight.shape)}")
-    cin = x.shape[1]
     if skip is not None:
         check_tensor(skip, "skip")
+    x, weight, bias, skip = _autocast(x, weight, bias, skip)
+    cin = x.shape[1]
+    if skip is not None:
         if skip.dim() != x.dim() or skip.shape[0] != x.shape[0] or skip.shape[2:] != x.shape[2:]:
             raise ValueError(f"skip must have the batch and spatial size of x {(x.shape[0],) + tuple(x.shape[2:])}, "
                              f"got skip of shape {tuple(skip.shape)}")
@@ -270,6 +273,20 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
             running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
             running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
     return y
+
+
+def _autocast(x, weight, bias, skip):
+    """Inside ``torch.autocast`` the convolution inputs are cast to the autocast dtype, as autocast does for
+    ``F.conv3d`` (float64 is left alone); the normalization still accumulates in float32."""
+    device_type = x.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return x, weight, bias, skip
+    dtype = torch.get_autocast_dtype(device_type)
+
+    def cast(t):
+        return t.to(dtype) if t is not None and t.dtype in (torch.float16, torch.bfloat16, torch.float32) else t
+
+    return cast(x), cast(weight), cast(bias), cast(skip)
 
 
 def _conv_act(x, weight, bias, stride, padding, dilation, activation, negative_slope, residual):
