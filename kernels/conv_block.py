@@ -21,15 +21,15 @@ Backward (``conv_block_backward``):
      norm affine gradients, d residual and the prelu slope gradient, recomputing the normalized activation;
   2. ``_conv_dgrad_kernel``: d x by the gather form of the transposed convolution, an implicit GEMM with
      M = input voxels of one sample, N = Cin, K = Cout * taps; output voxel ``o = (i + p - k d) / s`` per
-     axis, used where the division is exact and ``o`` is in range;
+     axis.  Strided convolutions are decomposed by sub-pixel residue class (programs own voxels with one
+     ``(i + p) mod s``), so each program loops only over the taps whose division is exact;
   3. ``_conv_wgrad_kernel``: d weight as GEMMs (Cout x Cin per tap) over K = N * output voxels, split into
      ``SPLITS`` ranges whose fp32 partials are summed in a fixed order (deterministic);
   4. d bias: a torch sum of d conv_out over (N, spatial) in fp32.
 
-Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  The data gradient of a
-strided convolution gathers with a divisibility mask, so 1 - 1/prod(stride) of its tap iterations load nothing
-useful (a sub-pixel decomposition would remove that).  Tile sizes are fixed heuristics, not autotuned, and no
-timing of these kernels on a GPU exists yet (see fastmed/ops/conv_block_choice.py).
+Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  Tile sizes are fixed
+heuristics, not autotuned, and no timing of these kernels on a GPU exists yet (see
+fastmed/ops/conv_block_choice.py).
 """
 from __future__ import annotations
 
@@ -131,22 +131,32 @@ def _conv_dgrad_kernel(
     dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw): gradient of the conv output
     w_ptr,      # shape (KD, KH, KW, Cout, Cin), contiguous
     dx_ptr,     # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
-    Cin, Cout, D, H, W, Do, Ho, Wo,
+    Cin, Cout, D, H, W, Do, Ho, Wo, QD, QH, QW, blocks_per_class,
     str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     sdn, sdc, sdd, sdh, sdw, sxn, sxc, sxd, sxh, sxw,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Sub-pixel decomposition: input voxels are grouped by their residue class r = (i + p) mod s per axis;
+    # a tap k reaches a class only when k * d = r (mod s), so each program skips the taps that cannot
+    # contribute instead of masking them.  Class (rd, rh, rw) holds i = i0 + s * q, i0 = (r - p) mod s,
+    # q < (QD, QH, QW) = ceil(size / s) (masked where i is past the end).
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    Mi = D * H * W
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = m < Mi
-    iw = m % W
-    ih = (m // W) % H
-    idd = m // (W * H)
+    cls = pid // blocks_per_class
+    rw = cls % str_w
+    rh = (cls // str_w) % str_h
+    rd = cls // (str_w * str_h)
+    i0d = ((rd - pad_d) % str_d + str_d) % str_d
+    i0h = ((rh - pad_h) % str_h + str_h) % str_h
+    i0w = ((rw - pad_w) % str_w + str_w) % str_w
+    q = (pid % blocks_per_class).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    iw = i0w + (q % QW) * str_w
+    ih = i0h + ((q // QW) % QH) * str_h
+    idd = i0d + (q // (QW * QH)) * str_d
+    mm = (q < QD * QH * QW) & (idd < D) & (ih < H) & (iw < W)
     ci = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mci = ci < Cin
     dy_n = dy_ptr + n * sdn
@@ -155,26 +165,27 @@ def _conv_dgrad_kernel(
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
-        td = idd + pad_d - kd * dil_d
-        th = ih + pad_h - kh * dil_h
-        tw = iw + pad_w - kw * dil_w
-        od = td // str_d
-        oh = th // str_h
-        ow = tw // str_w
-        valid = mm & (td >= 0) & (th >= 0) & (tw >= 0)
-        valid = valid & (td % str_d == 0) & (th % str_h == 0) & (tw % str_w == 0)
-        valid = valid & (od < Do) & (oh < Ho) & (ow < Wo)
-        a_row = dy_n + od * sdd + oh * sdh + ow * sdw
-        w_tap = w_ptr + tap * (Cout * Cin)
-        for c0 in range(0, Cout, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mc = c < Cout
-            a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
-            b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        if ((kd * dil_d) % str_d == rd) & ((kh * dil_h) % str_h == rh) & ((kw * dil_w) % str_w == rw):
+            # i + p - k d is a multiple of s for every voxel of this class: o = (i + p - k d) / s exactly
+            # (the numerator may be negative: masked, and shifted by s * K before dividing to stay exact).
+            td = idd + pad_d - kd * dil_d
+            th = ih + pad_h - kh * dil_h
+            tw = iw + pad_w - kw * dil_w
+            od = (td + str_d * KD * dil_d) // str_d - KD * dil_d
+            oh = (th + str_h * KH * dil_h) // str_h - KH * dil_h
+            ow = (tw + str_w * KW * dil_w) // str_w - KW * dil_w
+            valid = mm & (td >= 0) & (th >= 0) & (tw >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
+            a_row = dy_n + od * sdd + oh * sdh + ow * sdw
+            w_tap = w_ptr + tap * (Cout * Cin)
+            for c0 in range(0, Cout, BLOCK_K):
+                c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+                mc = c < Cout
+                a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
+                b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
+                if DOT_FP32:
+                    a = a.to(tl.float32)
+                    b = b.to(tl.float32)
+                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     x_off = n * sxn + (idd * sxd + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mm[:, None] & mci[None, :])
 
@@ -359,11 +370,15 @@ def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, 
     Cout = weight.shape[0]
     w_t = w5.permute(2, 3, 4, 0, 1).contiguous()  # (KD, KH, KW, Cout, Cin)
     D, H, W = dx5.shape[2:]
-    blocks = _gemm_blocks(x, D * H * W, Cin, Cout)
-    grid = (triton.cdiv(D * H * W, blocks["BLOCK_M"]), triton.cdiv(Cin, blocks["BLOCK_N"]), N)
+    q = [triton.cdiv(size, s) for size, s in zip((D, H, W), st)]  # voxels per residue class, per axis
+    per_class = q[0] * q[1] * q[2]
+    blocks = _gemm_blocks(x, per_class, Cin, Cout)
+    blocks_per_class = triton.cdiv(per_class, blocks["BLOCK_M"])
+    classes = st[0] * st[1] * st[2]
+    grid = (classes * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
     wrap_triton(_conv_dgrad_kernel)[grid](
-        dy5, w_t, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *st, *pd, *dl, *dy5.stride(), *dx5.stride(),
-        KD=KD, KH=KH, KW=KW, **_dot_options(x), **blocks)
+        dy5, w_t, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl, *dy5.stride(),
+        *dx5.stride(), KD=KD, KH=KH, KW=KW, **_dot_options(x), **blocks)
     return dx
 
 
