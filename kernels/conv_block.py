@@ -46,16 +46,31 @@ from .norm_act import norm_act_backward, norm_act_forward
 
 
 @triton.jit
-def _accumulate_taps(
-    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_tap, Cout, co, mco, idd, ihh, iww, valid,
+def _accumulate_input(
+    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_ptr, CinT, Cout, co, mco, od, oh, ow, mm, D, H, W,
+    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc += x[n, c, idd, ihh, iww] @ w_tap[c_first + c, co] over the C channels of one input, one tap."""
-    a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                          # [BLOCK_M] pointers
-    for c0 in range(0, C, BLOCK_K):
-        c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    """acc += sum over taps and the C channels of one input of x[n, c, o * s - p + k * d] @ w[k, c_first + c, co].
+
+    One flat loop over (tap, channel block), so the compiler pipelines the loads across taps even when the
+    channels fit one block (Cin = 32)."""
+    cblocks = tl.cdiv(C, BLOCK_K)
+    for kk in range(0, KD * KH * KW * cblocks):
+        tap = kk // cblocks
+        c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        idd = od * str_d - pad_d + kd * dil_d
+        ihh = oh * str_h - pad_h + kh * dil_h
+        iww = ow * str_w - pad_w + kw * dil_w
+        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
         mc = c < C
+        a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                      # [BLOCK_M] pointers
         a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        w_tap = w_ptr + tap * (CinT * Cout)
         b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
                     other=0.0)
         if DOT_FP32:
@@ -94,20 +109,13 @@ def _conv_fwd_kernel(
     co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(KD * KH * KW):
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        idd = od * str_d - pad_d + kd * dil_d
-        ihh = oh * str_h - pad_h + kh * dil_h
-        iww = ow * str_w - pad_w + kw * dil_w
-        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
-        w_tap = w_ptr + tap * ((C1 + C2) * Cout)
-        acc = _accumulate_taps(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_tap, Cout, co, mco, idd, ihh,
-                               iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
-        if HAS_X2:
-            acc = _accumulate_taps(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_tap, Cout, co, mco, idd,
-                                   ihh, iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    acc = _accumulate_input(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_ptr, C1 + C2, Cout, co, mco,
+                            od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+                            KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    if HAS_X2:
+        acc = _accumulate_input(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_ptr, C1 + C2, Cout, co,
+                                mco, od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d,
+                                dil_h, dil_w, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mco, other=0.0).to(tl.float32)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
@@ -130,17 +138,19 @@ def _conv_fwd_kernel(
 def _conv_dgrad_kernel(
     dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw): gradient of the conv output
     w_ptr,      # shape (KD, KH, KW, Cout, Cin), contiguous
+    taps_ptr,   # shape (classes, TAPS) int32: the taps that reach each residue class, padded
+    ntaps_ptr,  # shape (classes,) int32: how many
     dx_ptr,     # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
     Cin, Cout, D, H, W, Do, Ho, Wo, QD, QH, QW, blocks_per_class,
     str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     sdn, sdc, sdd, sdh, sdw, sxn, sxc, sxd, sxh, sxw,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Sub-pixel decomposition: input voxels are grouped by their residue class r = (i + p) mod s per axis;
-    # a tap k reaches a class only when k * d = r (mod s), so each program skips the taps that cannot
-    # contribute instead of masking them.  Class (rd, rh, rw) holds i = i0 + s * q, i0 = (r - p) mod s,
+    # a tap k reaches a class only when k * d = r (mod s) (the launcher lists those taps), so each program
+    # loops over contributing taps only.  Class (rd, rh, rw) holds i = i0 + s * q, i0 = (r - p) mod s,
     # q < (QD, QH, QW) = ceil(size / s) (masked where i is past the end).
     pid = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -160,32 +170,33 @@ def _conv_dgrad_kernel(
     ci = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mci = ci < Cin
     dy_n = dy_ptr + n * sdn
+    n_taps = tl.load(ntaps_ptr + cls)
+    cblocks = tl.cdiv(Cout, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(KD * KH * KW):
+    for kk in range(0, n_taps * cblocks):
+        tap = tl.load(taps_ptr + cls * TAPS + kk // cblocks)
+        c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
-        if ((kd * dil_d) % str_d == rd) & ((kh * dil_h) % str_h == rh) & ((kw * dil_w) % str_w == rw):
-            # i + p - k d is a multiple of s for every voxel of this class: o = (i + p - k d) / s exactly
-            # (the numerator may be negative: masked, and shifted by s * K before dividing to stay exact).
-            td = idd + pad_d - kd * dil_d
-            th = ih + pad_h - kh * dil_h
-            tw = iw + pad_w - kw * dil_w
-            od = (td + str_d * KD * dil_d) // str_d - KD * dil_d
-            oh = (th + str_h * KH * dil_h) // str_h - KH * dil_h
-            ow = (tw + str_w * KW * dil_w) // str_w - KW * dil_w
-            valid = mm & (td >= 0) & (th >= 0) & (tw >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
-            a_row = dy_n + od * sdd + oh * sdh + ow * sdw
-            w_tap = w_ptr + tap * (Cout * Cin)
-            for c0 in range(0, Cout, BLOCK_K):
-                c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
-                mc = c < Cout
-                a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
-                b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
-                if DOT_FP32:
-                    a = a.to(tl.float32)
-                    b = b.to(tl.float32)
-                acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        # i + p - k d is a multiple of s for every voxel of this class, so o = (i + p - k d) / s exactly
+        # (negative numerators are masked; the shift by s * k d keeps the integer division exact anyway).
+        td = idd + pad_d - kd * dil_d
+        th = ih + pad_h - kh * dil_h
+        tw = iw + pad_w - kw * dil_w
+        od = (td + str_d * kd * dil_d) // str_d - kd * dil_d
+        oh = (th + str_h * kh * dil_h) // str_h - kh * dil_h
+        ow = (tw + str_w * kw * dil_w) // str_w - kw * dil_w
+        valid = mm & (td >= 0) & (th >= 0) & (tw >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
+        mc = c < Cout
+        a_row = dy_n + od * sdd + oh * sdh + ow * sdw
+        a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
+        w_tap = w_ptr + tap * (Cout * Cin)
+        b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     x_off = n * sxn + (idd * sxd + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mm[:, None] & mci[None, :])
 
@@ -360,6 +371,24 @@ def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, 
     return y, pmean, pm2, counts
 
 
+def _class_taps(kernel, stride, dilation, device):
+    """For each residue class (rd, rh, rw) of the data gradient (row-major over the strides), the flat taps
+    ``(kd * KH + kh) * KW + kw`` with ``k * d = r (mod s)`` on every axis: (classes, taps) int32 padded, and
+    their counts (classes,) int32."""
+    (KD, KH, KW), (sd, sh, sw), (dd, dh, dw) = kernel, stride, dilation
+    rows = []
+    for rd in range(sd):
+        for rh in range(sh):
+            for rw in range(sw):
+                rows.append([(kd * KH + kh) * KW + kw for kd in range(KD) for kh in range(KH) for kw in range(KW)
+                             if (kd * dd) % sd == rd and (kh * dh) % sh == rh and (kw * dw) % sw == rw])
+    taps = torch.zeros((len(rows), KD * KH * KW), dtype=torch.int32)
+    for i, r in enumerate(rows):
+        taps[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+    ntaps = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    return taps.to(device), ntaps.to(device)
+
+
 def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation):
     """d x ``(N, Cin, *s)`` (x's dtype and memory format) from d conv_out ``(N, Cout, *s_out)``."""
     st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
@@ -374,11 +403,11 @@ def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, 
     per_class = q[0] * q[1] * q[2]
     blocks = _gemm_blocks(x, per_class, Cin, Cout)
     blocks_per_class = triton.cdiv(per_class, blocks["BLOCK_M"])
-    classes = st[0] * st[1] * st[2]
-    grid = (classes * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
+    taps, ntaps = _class_taps((KD, KH, KW), st, dl, x.device)
+    grid = (taps.shape[0] * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
     wrap_triton(_conv_dgrad_kernel)[grid](
-        dy5, w_t, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl, *dy5.stride(),
-        *dx5.stride(), KD=KD, KH=KH, KW=KW, **_dot_options(x), **blocks)
+        dy5, w_t, taps, ntaps, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl,
+        *dy5.stride(), *dx5.stride(), KH=KH, KW=KW, TAPS=KD * KH * KW, **_dot_options(x), **blocks)
     return dx
 
 
