@@ -510,12 +510,12 @@ def test_triton_strides_dilations(kernel, stride, dilation, padding):
         torch.testing.assert_close(a.double(), e, **TOL[torch.float32])
 
 
-@given(cfg=block_config(max_spatial=5))
-def test_triton_implicit_gemm_hypothesis(cfg):
+@given(cfg=block_config(max_spatial=5), channels_last=st.booleans())
+def test_triton_implicit_gemm_hypothesis(cfg, channels_last):
     if not _norm_defined(cfg) or cfg["norm"] == "none":
         return
     with fastmed.use_backend("triton"):
-        _check_block(12, dtype=torch.float32, implementation="implicit_gemm", **cfg)
+        _check_block(12, dtype=torch.float32, implementation="implicit_gemm", channels_last=channels_last, **cfg)
 
 
 def test_triton_auto_and_cudnn_paths():
