@@ -6,10 +6,11 @@ the layout the loads are laid out for (a row of the GEMM's A tile is ``BLOCK_K``
 
 Forward (``conv_block_forward``):
   1. ``_conv_fwd_kernel``: implicit GEMM with M = output voxels of one sample, N = output channels,
-     K = Cin * KD * KH * KW (loop over kernel taps, then channel blocks; the input tile is gathered with the
-     zero-padding mask at load time).  The input may come from two tensors, a decoder's upsampled features
-     and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
-     fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
+     K = Cin * KD * KH * KW (one flat loop over (kernel tap, channel block), so loads pipeline across taps;
+     the input tile is gathered with the zero-padding mask at load time).  The input may come from two
+     tensors, a decoder's upsampled features and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)``
+     from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation
+     (tf32 for fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
      bias, stores the output tile and, for each output channel, the tile's mean and sum of squared
      deviations (M2) over its voxels: fp32 partials ``(N, Cout, P)``, one per M tile (a tile never
      straddles two samples).  The partials are combined per statistics row with Chan's update in a fixed
