@@ -1,9 +1,11 @@
 """fastmed modules (drop-in replacements whose parameter names match the modules they replace)."""
 from fastmed.nn.boundary_losses import BoundaryLoss, HausdorffDTLoss, boundary_loss_weights
+from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, UpBlock, convert_monai_state_dict
 from fastmed.nn.losses import (DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss,
                                GeneralizedDiceLoss, NNUNetDiceCELoss, TverskyLoss)
 from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "BoundaryLoss", "HausdorffDTLoss",
-           "boundary_loss_weights", "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss",
-           "DiceFocalLoss", "NNUNetDiceCELoss", "DeepSupervisionLoss"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "ConvNormAct", "ResidualBlock", "UpBlock",
+           "convert_monai_state_dict", "BoundaryLoss", "HausdorffDTLoss", "boundary_loss_weights", "DiceLoss",
+           "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss", "NNUNetDiceCELoss",
+           "DeepSupervisionLoss"]
