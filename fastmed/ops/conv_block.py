@@ -32,7 +32,7 @@ from torch.library import triton_op
 from fastmed import _backend
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.ops import conv_block_choice
-from fastmed.ops.norm_act import _normalize_activation
+from fastmed.ops.norm_act import _normalize_activation, check_norm_args, update_running_stats
 from fastmed.reference import conv_block as ref
 from fastmed.reference import norm_act as na_ref
 
@@ -248,8 +248,10 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     if backend == "triton" and implementation == "implicit_gemm" and x.dtype not in _IGEMM_DTYPES:
         raise TypeError(f"implementation='implicit_gemm' runs float16, bfloat16 and float32 inputs on the Triton "
                         f"backend, got {x.dtype}; use implementation='cudnn'")
-    groups, activation, slope_t, slope_f, mean_in, rstd_in, count = _norm_args(
-        norm, num_groups, eps, activation, negative_slope, running_mean, running_var, training, x.dtype, out_shape)
+    groups, activation, slope_t, slope_f, mean_in, rstd_in, count = check_norm_args(
+        norm, tuple(out_shape), x.dtype, num_groups=num_groups, eps=eps, activation=activation,
+        negative_slope=negative_slope, running_mean=running_mean, running_var=running_var, training=training,
+        kind_arg="norm", what="the convolution output")
     if implementation == "cudnn":
         xin = x if skip is None else torch.cat([x, skip], 1)
         conv_out = ref.conv_nd(xin, weight, bias, stride_t, padding_t, dilation_t)
@@ -261,10 +263,7 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
             x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
             list(padding_t), list(dilation_t), norm, groups, float(eps), activation, slope_f, backend)
     if norm == "batch" and training and running_mean is not None:
-        with torch.no_grad():
-            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)
     return y
 
 
@@ -295,53 +294,3 @@ def _conv_act(x, weight, bias, stride, padding, dilation, activation, negative_s
     return na_ref.apply_activation(z, activation, slope)
 
 
-def _norm_args(kind, num_groups, eps, activation, negative_slope, running_mean, running_var, training, dtype,
-               out_shape):
-    """Checks the normalization arguments (as :func:`fastmed.ops.norm_act` does) and returns the op arguments
-    ``(groups, activation, slope tensor or None, slope float, mean_in, rstd_in, values per channel)``."""
-    activation = _normalize_activation(activation)
-    cout = out_shape[1]
-    if kind == "group":
-        if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral) \
-                or num_groups < 1 or cout % num_groups:
-            raise ValueError(f"num_groups must be a positive integer dividing the {cout} output channels for "
-                             f"norm='group', got {num_groups!r}")
-        groups = int(num_groups)
-    else:
-        if num_groups is not None:
-            raise ValueError(f"num_groups is only used with norm='group', got num_groups={num_groups!r}")
-        groups = cout if kind == "instance" else 1
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    slope_t: Optional[Tensor] = None
-    if activation == "prelu":
-        if not isinstance(negative_slope, Tensor):
-            raise TypeError("negative_slope must be the learned prelu slope, a tensor of shape "
-                            f"({cout},) or (1,), for activation='prelu'; got {type(negative_slope).__name__}")
-        check_per_channel(negative_slope, "negative_slope", cout, allow_scalar=True)
-        slope_t, slope_f = negative_slope, 0.0
-    else:
-        if isinstance(negative_slope, Tensor) or not isinstance(negative_slope, numbers.Real):
-            raise TypeError(f"negative_slope must be a number for activation={activation!r}, "
-                            f"got {type(negative_slope).__name__}")
-        slope_f = float(negative_slope)
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
-        if kind != "batch":
-            raise ValueError(f"running_mean/running_var are only used with norm='batch', got norm={kind!r}")
-        check_per_channel(running_mean, "running_mean", cout)
-        check_per_channel(running_var, "running_var", cout)
-    mean_in = rstd_in = None
-    if kind == "batch" and not training:
-        if running_mean is None:
-            raise ValueError("norm='batch' with training=False needs running_mean and running_var")
-        mean_in = running_mean.detach().to(na_ref.stats_dtype(dtype))
-        rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
-    count = out_shape[0]
-    for s in out_shape[2:]:
-        count *= s
-    if kind == "batch" and training and count <= 1:
-        raise ValueError(f"batch norm in training needs more than one value per channel, got a convolution "
-                         f"output of shape {out_shape}")
-    return groups, activation, slope_t, slope_f, mean_in, rstd_in, count

@@ -5,8 +5,9 @@ so ``torch.compile(fullgraph=True)`` traces through them) with ``register_autogr
 """
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from fastmed import _backend
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.reference import norm_act as ref
 
-__all__ = ["norm_act", "KINDS", "ACTIVATIONS"]
+__all__ = ["norm_act", "check_norm_args", "update_running_stats", "KINDS", "ACTIVATIONS"]
 
 KINDS = ref.KINDS
 ACTIVATIONS = ref.ACTIVATIONS
@@ -104,6 +105,82 @@ def _normalize_activation(activation) -> str:
     return check_choice(_ALIASES.get(name, name), "activation", ACTIVATIONS)
 
 
+class NormArgs(NamedTuple):
+    """Validated normalization arguments, as the ``fastmed::norm_act_fwd`` op takes them."""
+    groups: int                  # statistics groups per sample (C for instance, 1 for batch)
+    activation: str              # canonical activation name
+    slope_t: Optional[Tensor]    # prelu slope tensor, else None
+    slope_f: float               # leaky_relu slope (0.0 for prelu)
+    mean_in: Optional[Tensor]    # running statistics for batch norm in eval mode, else None
+    rstd_in: Optional[Tensor]
+    count: int                   # values per channel over the batch (for the unbiased running variance)
+
+
+def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, eps, activation, negative_slope,
+                    running_mean, running_var, training, kind_arg: str = "kind", what: str = "x") -> NormArgs:
+    """Checks the normalization arguments for an ``(N, C, *spatial)`` tensor ``what`` of ``shape``; shared by
+    :func:`norm_act` and the convolution blocks (``kind_arg="norm"``, ``what="the convolution output"``)."""
+    activation = _normalize_activation(activation)
+    C = shape[1]
+    if kind == "group":
+        if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+            raise ValueError(f"num_groups must be a positive integer for {kind_arg}='group', got {num_groups!r}")
+        if num_groups < 1 or C % num_groups != 0:
+            raise ValueError(f"num_groups must divide the {C} channels of {what}, got num_groups={num_groups}")
+        groups = int(num_groups)
+    else:
+        if num_groups is not None:
+            raise ValueError(f"num_groups is only used with {kind_arg}='group', got num_groups={num_groups!r} "
+                             f"with {kind_arg}={kind!r}")
+        groups = C if kind == "instance" else 1
+    if not isinstance(eps, numbers.Real) or not eps >= 0:
+        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    slope_t: Optional[Tensor] = None
+    if activation == "prelu":
+        if not isinstance(negative_slope, Tensor):
+            raise TypeError("negative_slope must be the learned prelu slope, a tensor of shape "
+                            f"({C},) or (1,), for activation='prelu'; got {type(negative_slope).__name__}")
+        check_per_channel(negative_slope, "negative_slope", C, allow_scalar=True)
+        slope_t, slope_f = negative_slope, 0.0
+    else:
+        if isinstance(negative_slope, Tensor) or not isinstance(negative_slope, numbers.Real):
+            raise TypeError(f"negative_slope must be a number for activation={activation!r}, "
+                            f"got {type(negative_slope).__name__}")
+        slope_f = float(negative_slope)
+    if (running_mean is None) != (running_var is None):
+        raise ValueError("running_mean and running_var must be given together")
+    if running_mean is not None:
+        if kind != "batch":
+            raise ValueError(f"running_mean/running_var are only used with {kind_arg}='batch', "
+                             f"got {kind_arg}={kind!r}")
+        check_per_channel(running_mean, "running_mean", C)
+        check_per_channel(running_var, "running_var", C)
+    mean_in = rstd_in = None
+    if kind == "batch" and not training:
+        if running_mean is None:
+            raise ValueError(f"{kind_arg}='batch' with training=False needs running_mean and running_var")
+        mean_in = running_mean.detach().to(ref.stats_dtype(dtype))
+        rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
+    count = math.prod(shape) // C
+    if kind == "batch" and training and count <= 1:
+        raise ValueError(f"batch norm in training needs more than one value per channel, got {what} of shape "
+                         f"{tuple(shape)}")
+    if kind != "batch" and count // shape[0] * (C // groups) <= 1:
+        raise ValueError(f"{kind} norm needs more than one value per normalized group (as torch requires), "
+                         f"got {what} of shape {tuple(shape)}")
+    return NormArgs(groups, activation, slope_t, slope_f, mean_in, rstd_in, count)
+
+
+def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, count: int,
+                         eps: float, momentum: float) -> None:
+    """In place, like ``F.batch_norm``: running = (1 - momentum) * running + momentum * batch statistic, with the
+    unbiased variance (``count`` values per channel)."""
+    with torch.no_grad():
+        var = (rstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))
+        running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
+        running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+
+
 def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Optional[Tensor] = None, *,
              num_groups: Optional[int] = None, eps: float = 1e-5, activation: Optional[str] = "leaky_relu",
              negative_slope: Union[float, Tensor] = 0.01, residual: Optional[Tensor] = None,
@@ -138,70 +215,22 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
     if not isinstance(kind, str):
         raise TypeError(f"kind must be a string (one of {', '.join(KINDS)}), got {type(kind).__name__}")
     kind = check_choice(kind.lower(), "kind", KINDS)
-    activation = _normalize_activation(activation)
-    N, C = x.shape[:2]
-    if kind == "group":
-        if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-            raise ValueError(f"num_groups must be a positive integer for kind='group', got {num_groups!r}")
-        if num_groups < 1 or C % num_groups != 0:
-            raise ValueError(f"num_groups must divide the {C} channels of x, got num_groups={num_groups}")
-        groups = int(num_groups)
-    else:
-        if num_groups is not None:
-            raise ValueError(f"num_groups is only used with kind='group', got num_groups={num_groups!r} "
-                             f"with kind={kind!r}")
-        groups = C if kind == "instance" else 1
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    C = x.shape[1]
     check_per_channel(weight, "weight", C)
     check_per_channel(bias, "bias", C)
-    slope_t: Optional[Tensor] = None
-    if activation == "prelu":
-        if not isinstance(negative_slope, Tensor):
-            raise TypeError("negative_slope must be the learned prelu slope, a tensor of shape "
-                            f"({C},) or (1,), for activation='prelu'; got {type(negative_slope).__name__}")
-        check_per_channel(negative_slope, "negative_slope", C, allow_scalar=True)
-        slope_t, slope_f = negative_slope, 0.0
-    else:
-        if isinstance(negative_slope, Tensor) or not isinstance(negative_slope, numbers.Real):
-            raise TypeError(f"negative_slope must be a number for activation={activation!r}, "
-                            f"got {type(negative_slope).__name__}")
-        slope_f = float(negative_slope)
     if residual is not None:
         check_tensor(residual, "residual")
         if residual.shape != x.shape:
             raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
-    if (running_mean is None) != (running_var is None):
-        raise ValueError("running_mean and running_var must be given together")
-    if running_mean is not None:
-        if kind != "batch":
-            raise ValueError(f"running_mean/running_var are only used with kind='batch', got kind={kind!r}")
-        check_per_channel(running_mean, "running_mean", C)
-        check_per_channel(running_var, "running_var", C)
-    device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=slope_t,
+    args = check_norm_args(kind, tuple(x.shape), x.dtype, num_groups=num_groups, eps=eps, activation=activation,
+                           negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
+                           training=training)
+    device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=args.slope_t,
                                running_mean=running_mean, running_var=running_var)
-
-    mean_in = rstd_in = None
-    use_batch_stats = kind != "batch" or training
-    if kind == "batch" and not training:
-        if running_mean is None:
-            raise ValueError("kind='batch' with training=False needs running_mean and running_var")
-        mean_in = running_mean.detach().to(ref.stats_dtype(x.dtype))
-        rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
-    if kind == "batch" and use_batch_stats and x.numel() // C <= 1:
-        raise ValueError(f"batch norm in training needs more than one value per channel, got x of shape "
-                         f"{tuple(x.shape)}")
-    if kind != "batch" and x[0].numel() // groups <= 1:
-        raise ValueError(f"{kind} norm needs more than one value per normalized group (as torch requires), "
-                         f"got x of shape {tuple(x.shape)}")
-
     backend = _backend.choose("norm_act", device)
-    y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, weight, bias, residual, slope_t, mean_in, rstd_in, kind,
-                                                   groups, float(eps), activation, slope_f, backend)
+    y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, weight, bias, residual, args.slope_t, args.mean_in,
+                                                   args.rstd_in, kind, args.groups, float(eps), args.activation,
+                                                   args.slope_f, backend)
     if kind == "batch" and training and running_mean is not None:
-        with torch.no_grad():
-            count = x.numel() // C
-            var = (rstd.double().pow(-2) - eps).clamp_min(0) * (count / (count - 1))
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_(var.to(running_var.dtype), alpha=momentum)
+        update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
     return y
