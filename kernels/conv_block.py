@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-from .norm_act import norm_act_backward, norm_act_forward
+from .norm_act import finalize_stats, norm_act_backward, norm_act_forward
 
 # --------------------------------------------------------------------------------------------------
 # Device code
@@ -304,35 +304,6 @@ def _gemm_blocks(t: torch.Tensor, m: int, n_cols: int, k_cols: int) -> dict:
                 num_stages=3)
 
 
-def _row_layout(kind: str, C: int, num_groups: int) -> tuple[int, int]:
-    if kind == "instance":
-        return C, 1
-    if kind == "group":
-        return num_groups, C // num_groups
-    return 0, 1
-
-
-def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, counts: torch.Tensor, kind: str, num_groups: int,
-                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-tile (mean, M2) partials ``(N, C, P)`` with tile sizes ``counts`` ``(P,)`` -> (mean, rstd) per
-    statistics row: ``(N * C,)`` instance, ``(N * G,)`` group, ``(C,)`` batch.  Fixed order, Chan's update."""
-    N, C, P = pmean.shape
-    cnt = counts.expand(N, C, P)
-
-    def rows(t):
-        if kind == "instance":
-            return t.reshape(N * C, P)
-        if kind == "group":
-            return t.reshape(N * num_groups, (C // num_groups) * P)
-        return t.permute(1, 0, 2).reshape(C, N * P)
-
-    c, mu, m2 = rows(cnt), rows(pmean), rows(pm2)
-    total = c.sum(1, keepdim=True)
-    mean = (c * mu).sum(1, keepdim=True) / total
-    var = (m2 + c * (mu - mean) ** 2).sum(1) / total.squeeze(1)
-    return mean.squeeze(1), torch.rsqrt(var + eps)
-
-
 def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, padding, dilation, stats: bool):
     """Convolution (groups = 1) of ``cat([x, x2], 1)`` (x2 may be None; the concatenation is never
     materialized) and, with ``stats``, its per-(n, c, M tile) partial (mean, M2).
@@ -367,9 +338,7 @@ def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, 
         **blocks)
     if not stats:
         return y, None, None, None
-    counts = torch.clamp(Mo - torch.arange(P, device=x.device, dtype=torch.float32) * blocks["BLOCK_M"],
-                         max=blocks["BLOCK_M"])
-    return y, pmean, pm2, counts
+    return y, pmean, pm2, blocks["BLOCK_M"]
 
 
 def _class_taps(kernel, stride, dilation, device):
@@ -454,12 +423,10 @@ def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, sl
     norm_bias ``(Cout,)`` or None; residual like conv_out or None; slope: prelu ``(Cout,)``/``(1,)`` or None;
     mean_in/rstd_in: given statistics (batch norm in eval mode) or None.  Statistics are fp32.
     """
-    Cout = weight.shape[0]
     stats = mean_in is None
-    conv_out, pmean, pm2, counts = conv_forward_stats(x, x2, weight, bias, stride, padding, dilation, stats)
+    conv_out, pmean, pm2, tile = conv_forward_stats(x, x2, weight, bias, stride, padding, dilation, stats)
     if stats:
-        groups = Cout if kind == "instance" else num_groups
-        mean, rstd = combine_stats(pmean, pm2, counts, kind, groups, eps)
+        mean, rstd = finalize_stats(pmean, pm2, conv_out[0, 0].numel(), tile, kind, num_groups, eps)
     else:
         mean, rstd = mean_in, rstd_in
     y, mean, rstd = norm_act_forward(conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, kind,

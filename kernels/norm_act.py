@@ -391,11 +391,20 @@ def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple
     wrap_triton(_norm_stats_kernel)[(P, cblocks, N)](
         x3, pmean, pm2, C, S, P, s_per, *x3.stride(),
         BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    return finalize_stats(pmean, pm2, S, s_per, kind, num_groups, eps)
+
+
+def finalize_stats(pmean: torch.Tensor, pm2: torch.Tensor, S: int, s_per_split: int, kind: str, num_groups: int,
+                   eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean, M2) partials ``(N, C, P)`` of consecutive chunks of ``s_per_split`` of the S values of each
+    (n, c) -> (mean, rstd) per statistics row, ``(R,)``, combined in a fixed order (also used by the convolution
+    epilogue statistics)."""
+    N, C, P = pmean.shape
     R, E, outer, row_cg = _row_geometry(kind, N, C, P, num_groups)
-    mean = torch.empty(R, device=x.device, dtype=acc)
-    rstd = torch.empty(R, device=x.device, dtype=acc)
+    mean = torch.empty(R, device=pmean.device, dtype=pmean.dtype)
+    rstd = torch.empty(R, device=pmean.device, dtype=pmean.dtype)
     wrap_triton(_norm_finalize_kernel)[(R,)](
-        pmean, pm2, mean, rstd, C, S, P, s_per, E, outer, row_cg, float(eps), BLOCK=_finalize_block(E))
+        pmean, pm2, mean, rstd, C, S, P, s_per_split, E, outer, row_cg, float(eps), BLOCK=_finalize_block(E))
     return mean, rstd
 
 

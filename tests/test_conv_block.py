@@ -52,7 +52,6 @@ def _grads(out, tensors, seed):
 def _check_block(seed, n, cin, cout, spatial, kernel, stride, padding, dilation, norm, act, bias, residual,
                  dtype, implementation, num_groups=None, channels_last=False, tol=None):
     """Runs the fastmed block and the float64 oracle; compares the output and every gradient."""
-    sd = len(spatial)
     out_sp = tuple((i + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1 for i in spatial)
     affine = norm != "none"
     x, w, b, nw, nb, r, slope = _inputs(seed, n, cin, cout, spatial, kernel, dtype, bias=bias, affine=affine,
@@ -552,17 +551,18 @@ def test_triton_bfloat16_storage():
 def test_epilogue_statistics_match_two_pass():
     """The per-tile (mean, M2) partials of the convolution epilogue combine to the exact statistics, also when
     |mean| >> std (a large bias) and across several M tiles."""
-    from fastmed.kernels.conv_block import combine_stats, conv_forward_stats
+    from fastmed.kernels.conv_block import conv_forward_stats
+    from fastmed.kernels.norm_act import finalize_stats
 
     g = torch.Generator().manual_seed(15)
     x = torch.randn(2, 3, 6, 7, 5, generator=g)
     w = torch.randn(5, 3, 3, 3, 3, generator=g) / 9
     b = torch.full((5,), 1000.0)
-    y, pmean, pm2, counts = conv_forward_stats(x, None, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), True)
+    y, pmean, pm2, tile = conv_forward_stats(x, None, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), True)
     assert pmean.shape[2] > 1
     torch.testing.assert_close(y, F.conv3d(x, w, b, padding=1), rtol=1e-5, atol=1e-3)
     for kind, groups in (("instance", 5), ("batch", 1)):
-        mean, rstd = combine_stats(pmean, pm2, counts, kind, groups, 1e-5)
+        mean, rstd = finalize_stats(pmean, pm2, y[0, 0].numel(), tile, kind, groups, 1e-5)
         yd = y.double()
         dims = (2, 3, 4) if kind == "instance" else (0, 2, 3, 4)
         var, mu = torch.var_mean(yd, dim=dims, unbiased=False)
