@@ -684,3 +684,26 @@ def test_bench_write_choice_table_round_trip(tmp_path, monkeypatch):
     assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (2, 2, 2)) == "implicit_gemm"
     assert ops_cb.choose_implementation(torch.randn(1, 3, 7, 6), torch.randn(4, 3, 3, 3), (2, 2)) == "cudnn"
     assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (1, 1, 1)) == choice.DEFAULT
+
+
+def test_kernels_compile_for_sm90():
+    """The implicit-GEMM kernels compile for an H100 with tensor-core tl.dot (bf16/fp16, tf32 for fp32) at the
+    tile sizes the launcher picks on a GPU; the interpreter runs them with fp32 dots only."""
+    from sm90 import compile_for_sm90
+
+    m = "fastmed.kernels.conv_block"
+    specs = []
+    for dt, prec, blocks, warps in (("*bf16", "ieee", dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32), 4),
+                                    ("*fp16", "ieee", dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 8),
+                                    ("*fp32", "tf32", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8)):
+        dots = dict(DOT_FP32=False, INPUT_PRECISION=prec, **blocks)
+        acc = {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "pw_ptr": "*fp32", "taps_ptr": "*i32",
+               "ntaps_ptr": "*i32", "b_ptr": dt}
+        for kd in (3, 1):  # 3D and 2D (a depth-1 kernel)
+            specs.append(dict(module=m, kernel="_conv_fwd_kernel", ptr=dt, pointers=acc, num_warps=warps,
+                              constexprs=dict(KD=kd, KH=3, KW=3, HAS_X2=kd == 3, HAS_BIAS=True, STATS=True, **dots)))
+            specs.append(dict(module=m, kernel="_conv_dgrad_kernel", ptr=dt, pointers=acc, num_warps=warps,
+                              constexprs=dict(KH=3, KW=3, TAPS=kd * 9, **dots)))
+            specs.append(dict(module=m, kernel="_conv_wgrad_kernel", ptr=dt, pointers=acc, num_warps=warps,
+                              constexprs=dict(KH=3, KW=3, TAPS=kd * 9, **dots)))
+    compile_for_sm90(specs)

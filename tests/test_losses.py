@@ -411,3 +411,32 @@ def test_gpu_benchmark_shapes(shape, dtype, name):
     (g,) = torch.autograd.grad(got, x)
     torch.testing.assert_close(got.float(), expected, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(g.float(), gr, **TOL[dtype])
+
+
+def test_kernels_compile_for_sm90():
+    """The fused loss kernels compile for an H100 in the main option families (the interpreter is lenient)."""
+    from sm90 import compile_for_sm90
+
+    from fastmed.kernels.losses import K_STATS
+
+    m = "fastmed.kernels.losses"
+    base = dict(LABEL_FLOAT=False, HAS_MASK=False, FOCAL_C0=0, K=K_STATS)
+    families = [
+        # softmax + integer labels + CE + Dice sums, ignore_index (DiceCE, nnU-Net)
+        ("*bf16", "*i64", dict(ACT=2, LABEL=True, HAS_IGNORE=True, POW=1, CE=1, FOCAL=0, FPOS=0, C_PAD=16, BLOCK=64)),
+        # sigmoid + dense soft targets with an ignore mask + BCE + focal, squared predictions
+        ("*fp16", "*fp16", dict(ACT=1, LABEL=False, HAS_IGNORE=False, POW=2, CE=3, FOCAL=1, FPOS=1, C_PAD=2,
+                                BLOCK=512, LABEL_FLOAT=True, HAS_MASK=True)),
+        # softmax focal without background, label smoothing, uint8 labels, float32 logits
+        ("*fp32", "*u8", dict(ACT=2, LABEL=True, HAS_IGNORE=False, POW=1, CE=2, FOCAL=2, FPOS=2, C_PAD=4, BLOCK=256,
+                              FOCAL_C0=1)),
+    ]
+    specs = []
+    for zdt, tdt, flags in families:
+        consts = {**base, **flags}
+        ptrs = {"z_ptr": zdt, "t_ptr": tdt, "m_ptr": "*i1", "dz_ptr": zdt}
+        warps = 4 if consts["C_PAD"] * consts["BLOCK"] <= 2048 else 8
+        for kernel in ("_loss_stats_fwd_kernel", "_loss_stats_bwd_kernel"):
+            specs.append(dict(module=m, kernel=kernel, ptr="*fp32", pointers=ptrs, floats=["gamma"],
+                              constexprs=consts, num_warps=warps))
+    compile_for_sm90(specs)

@@ -337,3 +337,44 @@ def test_gpu_benchmark_shapes(shape, dtype):
     tol = TOL[dtype]
     torch.testing.assert_close(y.float(), y_ref, **tol)
     torch.testing.assert_close(g.float() / g_ref.abs().max(), g_ref / g_ref.abs().max(), **tol)
+
+
+# ----------------------------------------------------------------------------------------- GPU compilation
+
+def test_kernels_compile_for_sm90():
+    """Every norm_act kernel, in the configurations the launchers use, compiles for an H100."""
+    from sm90 import compile_for_sm90
+
+    m = "fastmed.kernels.norm_act"
+    acc = {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32",
+           "b_ptr": "*fp32", "slope_ptr": "*fp32", "m1_ptr": "*fp32", "m2_ptr": "*fp32", "psg_ptr": "*fp32",
+           "psgx_ptr": "*fp32", "psa_ptr": "*fp32"}
+    floats = ["negative_slope", "eps"]
+    flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
+    specs = []
+    for dt, blocks, warps in (("*bf16", dict(BLOCK_C=2, BLOCK_S=2048), 8), ("*fp16", dict(BLOCK_C=64, BLOCK_S=64), 8),
+                              ("*fp32", dict(BLOCK_C=1, BLOCK_S=16), 4)):
+        specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr=dt, pointers=acc, constexprs=blocks,
+                          num_warps=warps))
+        for act in range(7):
+            specs.append(dict(module=m, kernel="_norm_act_fwd_kernel", ptr=dt, pointers=acc, floats=floats,
+                              constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
+        for act in (2, 3, 6):
+            specs.append(dict(module=m, kernel="_norm_act_bwd_reduce_kernel", ptr=dt, pointers=acc, floats=floats,
+                              constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
+            specs.append(dict(module=m, kernel="_norm_act_bwd_apply_kernel", ptr=dt, pointers=acc, floats=floats,
+                              constexprs=dict(ACT=act, INPUT_STATS=act != 6, **flags, **blocks), num_warps=warps))
+    # float64 inputs accumulate in float64; contiguous strides arrive as the constant 1; no affine, no residual
+    f64 = {k: "*fp64" for k in acc}
+    specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr="*fp64", pointers=f64,
+                      constexprs=dict(BLOCK_C=2, BLOCK_S=1024, sxs=1)))
+    specs.append(dict(module=m, kernel="_norm_act_fwd_kernel", ptr="*fp64", pointers=f64, floats=floats,
+                      constexprs=dict(ACT=3, HAS_W=False, HAS_B=False, HAS_RES=False, BLOCK_C=2, BLOCK_S=1024,
+                                      sxs=1, sys=1)))
+    for dt_acc in ("*fp32", "*fp64"):
+        specs.append(dict(module=m, kernel="_norm_finalize_kernel", ptr=dt_acc, floats=floats,
+                          constexprs=dict(BLOCK=1024)))
+        specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, constexprs=dict(HAS_W=True, BLOCK=16)))
+        specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, pointers={"w_ptr": "*bf16"},
+                          constexprs=dict(HAS_W=False, BLOCK=256, divisor=1, P=1)))
+    compile_for_sm90(specs)
