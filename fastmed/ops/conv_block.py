@@ -32,7 +32,7 @@ from torch.library import triton_op
 from fastmed import _backend
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.ops import conv_block_choice
-from fastmed.ops.norm_act import _normalize_activation, check_norm_args, update_running_stats
+from fastmed.ops.norm_act import _normalize_activation, check_norm_args, norm_act_call, update_running_stats
 from fastmed.reference import conv_block as ref
 from fastmed.reference import norm_act as na_ref
 
@@ -255,9 +255,8 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     if implementation == "cudnn":
         xin = x if skip is None else torch.cat([x, skip], 1)
         conv_out = ref.conv_nd(xin, weight, bias, stride_t, padding_t, dilation_t)
-        y, mean, rstd = torch.ops.fastmed.norm_act_fwd(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in,
-                                                       rstd_in, norm, groups, float(eps), activation, slope_f,
-                                                       _backend.choose("norm_act", device))
+        y, mean, rstd = norm_act_call(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, norm,
+                                      groups, float(eps), activation, slope_f, _backend.choose("norm_act", device))
     else:
         y, _conv_out, mean, rstd = torch.ops.fastmed.conv_block_fwd(
             x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),

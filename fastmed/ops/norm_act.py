@@ -14,6 +14,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed.ops import _eager
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.reference import norm_act as ref
 
@@ -32,11 +33,9 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-@triton_op("fastmed::norm_act_fwd", mutates_args=())
-def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                  slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
-                  num_groups: int, eps: float, activation: str, negative_slope: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+def _fwd_impl(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+              negative_slope, backend):
+    """Body of ``fastmed::norm_act_fwd``: (y, mean, rstd)."""
     if backend == "triton":
         from fastmed.kernels.norm_act import norm_act_forward
 
@@ -52,11 +51,9 @@ def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     return y, mean, rstd
 
 
-@triton_op("fastmed::norm_act_bwd", mutates_args=())
-def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                  residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
-                  num_groups: int, activation: str, negative_slope: float, input_stats: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+def _bwd_impl(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
+              input_stats, backend):
+    """Body of ``fastmed::norm_act_bwd``: (dx, dweight, dbias, dresidual, dslope), empty tensors where absent."""
     if backend == "triton":
         from fastmed.kernels.norm_act import norm_act_backward
 
@@ -70,6 +67,24 @@ def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[T
     return tuple(g if g is not None else _empty(x) for g in grads)
 
 
+@triton_op("fastmed::norm_act_fwd", mutates_args=())
+def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                  slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
+                  num_groups: int, eps: float, activation: str, negative_slope: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return _fwd_impl(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+                     negative_slope, backend)
+
+
+@triton_op("fastmed::norm_act_bwd", mutates_args=())
+def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
+                  num_groups: int, activation: str, negative_slope: float, input_stats: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    return _bwd_impl(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
+                     negative_slope, input_stats, backend)
+
+
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, slope, mean_in, _rstd_in, kind, num_groups, _eps, activation, negative_slope,
      backend) = inputs
@@ -79,20 +94,28 @@ def _setup_context(ctx, inputs, output):
     keep_y = backend == "reference" and ref.keeps_sign(activation, negative_slope)
     ctx.save_for_backward(x, y if keep_y else None, weight, bias, residual, slope, mean, rstd)
     ctx.args = (kind, num_groups, activation, negative_slope, mean_in is None, backend)
+    if getattr(ctx, "eager", False):
+        ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, y, weight, bias, residual, slope, mean, rstd = ctx.saved_tensors
     kind, num_groups, activation, negative_slope, input_stats, backend = ctx.args
-    dx, dw, db, dres, dslope = torch.ops.fastmed.norm_act_bwd(
-        dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
-        input_stats, backend)
+    bwd = _bwd_impl if getattr(ctx, "eager", False) else torch.ops.fastmed.norm_act_bwd
+    dx, dw, db, dres, dslope = bwd(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups,
+                                   activation, negative_slope, input_stats, backend)
     return (dx, dw if weight is not None else None, db if bias is not None else None,
             dres if residual is not None else None, dslope if slope is not None else None,
             None, None, None, None, None, None, None, None)
 
 
 _norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
+_NormActEager = _eager.eager_function("_NormActEager", _fwd_impl, _setup_context, _backward)
+
+
+def norm_act_call(*op_args) -> tuple[Tensor, Tensor, Tensor]:
+    """``fastmed::norm_act_fwd(*op_args)`` with its autograd, through the eager fast path outside torch.compile."""
+    return _eager.call(torch.ops.fastmed.norm_act_fwd, _NormActEager, _fwd_impl, *op_args)
 
 
 def _normalize_activation(activation) -> str:
@@ -228,9 +251,8 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
     device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=args.slope_t,
                                running_mean=running_mean, running_var=running_var)
     backend = _backend.choose("norm_act", device)
-    y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, weight, bias, residual, args.slope_t, args.mean_in,
-                                                   args.rstd_in, kind, args.groups, float(eps), args.activation,
-                                                   args.slope_f, backend)
+    y, mean, rstd = norm_act_call(x, weight, bias, residual, args.slope_t, args.mean_in, args.rstd_in, kind,
+                                  args.groups, float(eps), args.activation, args.slope_f, backend)
     if kind == "batch" and training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
     return y
