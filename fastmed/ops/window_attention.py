@@ -75,6 +75,12 @@ def _backward(ctx, dout, _dlse):
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: str) -> str:
+    """``_backend.choose`` evaluated once while tracing (dynamo cannot trace the ContextVar it reads)."""
+    return _backend.choose(op, torch.device(device))
+
+
 def _int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
         raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
@@ -161,7 +167,9 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
         if s >= w:
             raise ValueError(f"shift_size must be smaller than window_size on every axis, got shift_size={shift} "
                              f"with window_size={window} (axis {a})")
-    n_table = math.prod(2 * w - 1 for w in window)
+    n_table = 1
+    for w in window:
+        n_table *= 2 * w - 1
     if rel_pos_bias_table is not None:
         check_tensor(rel_pos_bias_table, "rel_pos_bias_table")
         if tuple(rel_pos_bias_table.shape) != (n_table, heads):
@@ -191,7 +199,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     table_window = list(lead + window)
     bias_coords = win3 if bias_index == "coords" else table_window
 
-    backend = _backend.choose("window_attention", device)
+    backend = _choose("window_attention", str(device))
     out, _ = torch.ops.fastmed.window_attention_fwd(x5, rel_pos_bias_table, heads, win3, shift3, float(scale),
                                                     table_window, bias_coords, backend)
     if nd == 2:
@@ -235,5 +243,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise ValueError(f"scale must be a number or None, got {scale!r}")
     device = check_same_device(q=q, k=k, v=v, bias=bias)
-    _backend.choose("attention", device)
+    _choose("attention", str(device))
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
