@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-MASK_VALUE = -100.0
+MASK_VALUE = tl.constexpr(-100.0)  # the anchors' constant between shift regions
 
 # --------------------------------------------------------------------------------------------------
 # Device code
