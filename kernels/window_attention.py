@@ -17,9 +17,9 @@ Forward: ``_fwd_kernel``, one program per (window, block of BLOCK_M queries, hea
 with an online softmax (49 tokens are one 64-tile; 343 tokens are 6 tiles); saves the per-row logsumexp.
 Backward (flash-style, P recomputed from the logsumexp; ``delta = rowsum(dO * O)`` computed first):
   1. ``_bwd_dkdv_kernel``: per (window, key block, head), loop over query blocks -> dK, dV.
-  2. ``_bwd_dq_kernel``: per (query block, head, group of windows), loop over its windows and key blocks
-     -> dQ; with a single key block it also sums dS over its windows into a private ``(N, N)`` partial
-     of the bias-table gradient.
+  2. ``_bwd_dq_kernel``: per (query block, head, window), loop over key blocks -> dQ.  With a single key
+     block (N <= 64) each program takes a group of windows and also sums their dS into a private ``(N, N)``
+     partial of the bias-table gradient.
   3. ``_bwd_dbias_kernel`` (more than one key block only): per (query block x key block, head, group of
      windows) -> the same partials.
   4. ``_dtable_reduce_kernel``: per block of table rows, sum the partials of every (query, key) pair with that
@@ -448,15 +448,19 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     wrap_triton(_bwd_dkdv_kernel)[(cfg["n_windows"] * n_b, num_heads)](
         qkv, dout, lse, delta, tab, dqkv, st0, st1, *sizes, HAS_BIAS=table is not None, **common, num_warps=4)
 
+    # dQ: one program per (query block, head, window); with a single key block it also sums dS over a group of
+    # windows (the bias-table partial), otherwise _bwd_dbias_kernel does that over its own groups.
     fuse = table is not None and n_b == 1
     elem = torch.finfo(acc).bits // 8
-    if table is not None:
-        G, per_group = _groups(cfg["n_windows"], n_b * n_b * num_heads, num_heads * N * N * elem, qkv.device)
-    else:
-        G, per_group = _groups(cfg["n_windows"], n_b * num_heads, 0, qkv.device)
+    part_bytes = num_heads * N * N * elem
+    if fuse:
+        G, per_group = _groups(cfg["n_windows"], n_b * num_heads, part_bytes, qkv.device)
+    elif table is not None:
+        G, per_group = _groups(cfg["n_windows"], n_b * n_b * num_heads, part_bytes, qkv.device)
     part = torch.empty((G, num_heads, N, N) if table is not None else (0,), dtype=acc, device=qkv.device)
-    wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, G)](
-        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], per_group,
+    dq_groups, dq_per_group = (G, per_group) if fuse else (cfg["n_windows"], 1)
+    wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, dq_groups)](
+        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], dq_per_group,
         HAS_BIAS=table is not None, FUSE_DBIAS=fuse, **common, num_warps=4)
     if table is None:
         return dqkv, None
