@@ -15,7 +15,7 @@ Everything works on the token grid ``(B, D, H, W, ...)`` (2D grids have ``D = 1`
 
 Forward: ``_fwd_kernel``, one program per (window, block of BLOCK_M queries, head), keys in tiles of BLOCK_N
 with an online softmax (49 tokens are one 64-tile; 343 tokens are 6 tiles); saves the per-row logsumexp.
-Backward (flash-style, P recomputed from the logsumexp; ``delta = rowsum(dO * O)`` computed first):
+Backward (flash-style, P recomputed from the logsumexp; ``_delta_kernel`` computes ``delta = rowsum(dO * O)``):
   1. ``_bwd_dkdv_kernel``: per (window, key block, head), loop over query blocks -> dK, dV.
   2. ``_bwd_dq_kernel``: per (query block, head, window), loop over key blocks -> dQ.  With a single key
      block (N <= 64) each program takes a group of windows and also sums their dS into a private ``(N, N)``
@@ -182,6 +182,26 @@ def _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col
     dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
     ds = p * (dp - delta[:, None])
     return p, ds
+
+
+@triton.jit
+def _delta_kernel(
+    dout_ptr,   # shape (M, C), contiguous: the token grid flattened
+    out_ptr,    # shape (M, C), contiguous
+    delta_ptr,  # shape (M, heads), contiguous, accumulation dtype: rowsum over head_dim of dO * O
+    M, C, head_dim,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    dd = tl.arange(0, BLOCK_D)
+    m = (tok < M)[:, None] & (dd < head_dim)[None, :]
+    off = tok[:, None] * C + head * head_dim + dd[None, :]
+    acc_ty = delta_ptr.dtype.element_ty
+    do = tl.load(dout_ptr + off, mask=m, other=0.0).to(acc_ty)
+    o = tl.load(out_ptr + off, mask=m, other=0.0).to(acc_ty)
+    tl.store(delta_ptr + tok * heads + head, tl.sum(do * o, axis=1), mask=tok < M)
 
 
 @triton.jit
@@ -436,7 +456,11 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     B, D, H, W, _ = qkv.shape
     C, hd, N = cfg["C"], cfg["head_dim"], cfg["N"]
     acc = lse.dtype
-    delta = (dout.to(acc) * out.to(acc)).view(*out.shape[:-1], num_heads, hd).sum(-1).contiguous()
+    out = out.contiguous()
+    M = out.numel() // C
+    delta = torch.empty(out.shape[:-1] + (num_heads,), dtype=acc, device=out.device)
+    wrap_triton(_delta_kernel)[(triton.cdiv(M, 64), num_heads)](dout, out, delta, M, C, hd, BLOCK_T=64,
+                                                                BLOCK_D=cfg["block_d"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     tab, st0, st1 = _table_args(table, lse)
     blk = cfg["block"]
