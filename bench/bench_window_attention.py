@@ -175,7 +175,17 @@ def main() -> None:
                 tokens *= s
             elem = case.qkv.element_size()
             shape = (B,) + grid + (C,)
-            extra = dict(heads=heads, window=window, shift=shift, tokens_per_window=case.n)
+            with torch.no_grad():
+                want = case.fastmed(case.qkv, case.table).float()
+            diffs = {}
+            for impl, fn in impls.items():  # every baseline computes the same thing (checked before timing)
+                try:
+                    with torch.no_grad():
+                        diffs[impl] = (fn(case.qkv, case.table).float() - want).abs().max().item()
+                except Exception as exc:  # recorded as a failed row below
+                    diffs[impl] = f"{type(exc).__name__}"
+            print(f"  {name} {str(dtype).replace('torch.', '')}: max |impl - fastmed| = "
+                  + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
             for mode in ("fwd", "fwd+bwd"):
                 label = f"{name} {mode}"
                 bytes_moved = tokens * 4 * C * elem if mode == "fwd" else tokens * 12 * C * elem
@@ -189,7 +199,8 @@ def main() -> None:
                             out = fn(case.qkv, case.table)
                             torch.autograd.backward(out, case.dout, inputs=[case.qkv, case.table])
                     bench.run(name=impl, fn=run, case=label, dtype=dtype, shape=shape, bytes_moved=bytes_moved,
-                              extra=extra)
+                              extra=dict(heads=heads, window=window, shift=shift, tokens_per_window=case.n,
+                                         max_abs_diff_vs_fastmed=diffs[impl]))
                 for base in ("eager", "compile", "sdpa", "flex"):
                     r = bench.ratios(label, base)
                     if r is not None:
