@@ -392,6 +392,8 @@ def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords
     head_dim = C // num_heads
     N = window[0] * window[1] * window[2]
     block = 16 if N <= 16 else (32 if N <= 32 else 64)
+    if qkv.dtype == torch.float64:  # 64-wide float64 tiles overflow the 227 KB of shared memory of an H100
+        block = min(block, 32)
     nwin = (D // window[0]) * (H // window[1]) * (W // window[2])
     interp = qkv.device.type == "cpu"
     return dict(

@@ -284,8 +284,9 @@ from triton.compiler import ASTSource
 from fastmed.kernels import window_attention as K
 
 dt, wd, wh, ww, block_d = sys.argv[1], *map(int, sys.argv[2:6])
+fp32 = dt == "fp32"
 consts = dict(WD=wd, WH=wh, WW=ww, BD=wd, BH=wh, BW=ww, TWD=wd, TWH=wh, TWW=ww, HAS_BIAS=True, HAS_MASK=True,
-              FUSE_DBIAS=False, CAST=False, PREC="tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_R=32,
+              FUSE_DBIAS=False, CAST=fp32, PREC="ieee" if fp32 else "tf32", BLOCK_M=64, BLOCK_N=64, BLOCK_D=block_d, BLOCK_R=32,
               BLOCK_I=64, BLOCK_T=64)
 ptrs = dict(qkv_ptr="*" + dt, out_ptr="*" + dt, dout_ptr="*" + dt, dqkv_ptr="*" + dt, lse_ptr="*fp32",
             delta_ptr="*fp32", table_ptr="*fp32", part_ptr="*fp32", dtable_ptr="*fp32")
@@ -293,12 +294,15 @@ for fn in (K._fwd_kernel, K._delta_kernel, K._bwd_dkdv_kernel, K._bwd_dq_kernel,
     c = {k: v for k, v in consts.items() if k in fn.arg_names}
     sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a == "scale" else "i32") for a in fn.arg_names}
     src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in c.items()})
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32)).asm.get("cubin"), fn.__name__
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert kernel.asm.get("cubin"), fn.__name__
+    assert kernel.metadata.shared <= 232448, (fn.__name__, kernel.metadata.shared)  # H100: 227 KB per block
 print("compiled")
 """
 
 
-@pytest.mark.parametrize("dt,window,block_d", [("bf16", (1, 7, 7), 32), ("fp16", (7, 7, 7), 16)])
+@pytest.mark.parametrize("dt,window,block_d", [("bf16", (1, 7, 7), 32), ("fp16", (7, 7, 7), 16),
+                                               ("fp32", (7, 7, 7), 64)])
 def test_kernels_compile_for_sm90(dt, window, block_d):
     """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through."""
     import subprocess
