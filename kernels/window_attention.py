@@ -24,8 +24,9 @@ Backward (flash-style, P recomputed from the logsumexp; ``_delta_kernel`` comput
      partial of the bias-table gradient.
   3. ``_bwd_dbias_kernel`` (more than one key block only): per (query block x key block, head, group of
      windows) -> the same partials.
-  4. ``_dtable_reduce_kernel``: per block of table rows, sum the partials of every (query, key) pair with that
-     relative offset over the groups in a fixed order.  Deterministic; no atomics anywhere.
+  4. ``_dtable_reduce_kernel``: per (block of table rows, head), sum the partials of every (query, key) pair
+     with that relative offset over the groups in a fixed order.  Deterministic; no atomics anywhere.
+  Padding keys (MONAI padding) collect dK, dV per program; their sum over programs is d(qkv_pad).
 """
 from __future__ import annotations
 
@@ -373,25 +374,25 @@ def _dtable_reduce_kernel(
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.program_id(1)
     r_ok = r < T
     # relative offset (query - key) of each table row
     od = r // ((2 * TWH - 1) * (2 * TWW - 1)) - (TWD - 1)
     oh = (r // (2 * TWW - 1)) % (2 * TWH - 1) - (TWH - 1)
     ow = r % (2 * TWW - 1) - (TWW - 1)
-    for h in range(0, heads):
-        acc = tl.zeros([BLOCK_R, BLOCK_I], dtable_ptr.dtype.element_ty)
-        for g in range(0, G):
-            base = part_ptr + (g * heads + h).to(tl.int64) * N * N
-            for i0 in range(0, N, BLOCK_I):
-                i = i0 + tl.arange(0, BLOCK_I)
-                kd = (i // (BH * BW))[None, :] - od[:, None]
-                kh = ((i // BW) % BH)[None, :] - oh[:, None]
-                kw = (i % BW)[None, :] - ow[:, None]
-                j = (kd * BH + kh) * BW + kw
-                ok = (r_ok[:, None] & (i < N)[None, :] & (kd >= 0) & (kd < BD) & (kh >= 0) & (kh < BH)
-                      & (kw >= 0) & (kw < BW) & (j < N))
-                acc += tl.load(base + i[None, :].to(tl.int64) * N + j, mask=ok, other=0.0)
-        tl.store(dtable_ptr + r * heads + h, tl.sum(acc, axis=1), mask=r_ok)
+    acc = tl.zeros([BLOCK_R, BLOCK_I], dtable_ptr.dtype.element_ty)
+    for g in range(0, G):
+        base = part_ptr + (g * heads + h).to(tl.int64) * N * N
+        for i0 in range(0, N, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            kd = (i // (BH * BW))[None, :] - od[:, None]
+            kh = ((i // BW) % BH)[None, :] - oh[:, None]
+            kw = (i % BW)[None, :] - ow[:, None]
+            j = (kd * BH + kh) * BW + kw
+            ok = (r_ok[:, None] & (i < N)[None, :] & (kd >= 0) & (kd < BD) & (kh >= 0) & (kh < BH)
+                  & (kw >= 0) & (kw < BW) & (j < N))
+            acc += tl.load(base + i[None, :].to(tl.int64) * N + j, mask=ok, other=0.0)
+    tl.store(dtable_ptr + r * heads + h, tl.sum(acc, axis=1), mask=r_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -526,7 +527,7 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     dtable = torch.empty((T, num_heads), dtype=acc, device=qkv.device)
     c = cfg["consts"]
     block_r = 32
-    wrap_triton(_dtable_reduce_kernel)[(triton.cdiv(T, block_r),)](
+    wrap_triton(_dtable_reduce_kernel)[(triton.cdiv(T, block_r), num_heads)](
         part, dtable, G, num_heads, N, T, BD=c["BD"], BH=c["BH"], BW=c["BW"], TWD=c["TWD"], TWH=c["TWH"],
         TWW=c["TWW"], BLOCK_R=block_r, BLOCK_I=min(64, triton.next_power_of_2(N)), num_warps=4)
     return dqkv, dtable.to(table.dtype), dpad
