@@ -133,7 +133,8 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
           with tokens whose qkv is ``qkv_pad``.  This equals MONAI's ``SwinTransformerBlock``, which zero-pads
           the normalized tokens *before* the qkv Linear (so padded tokens take part through the qkv bias) and
           builds the shift mask on the padded grid; the padded rows are cropped from the result.  Pass the qkv
-          Linear's bias as ``qkv_pad`` (its gradient then flows into that bias).
+          Linear's bias as ``qkv_pad`` (its gradient then flows into that bias).  The Triton kernels never
+          materialize the padded grid: padding tokens are read from ``qkv_pad`` by index.
 
     Returns:
         ``(B, H, W, C)`` / ``(B, D, H, W, C)`` in ``qkv``'s dtype.  Differentiable with respect to ``qkv``,
