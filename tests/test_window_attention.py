@@ -304,8 +304,7 @@ print("compiled")
 """
 
 
-@pytest.mark.parametrize("dt,window,block_d", [("bf16", (1, 7, 7), 32), ("fp16", (7, 7, 7), 16),
-                                               ("fp32", (7, 7, 7), 64)])
+@pytest.mark.parametrize("dt,window,block_d", [("bf16", (1, 7, 7), 32), ("fp32", (7, 7, 7), 64)])
 def test_kernels_compile_for_sm90(dt, window, block_d):
     """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through."""
     import subprocess
