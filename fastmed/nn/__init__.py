@@ -4,8 +4,11 @@ from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, UpBlock, convert_m
 from fastmed.nn.losses import (DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss,
                                GeneralizedDiceLoss, NNUNetDiceCELoss, TverskyLoss)
 from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
+from fastmed.nn.swin import (DropPath, FinalPatchExpandX4, Mlp, PatchExpand, PatchMerging, SwinTransformerBlock,
+                             WindowAttention)
 
 __all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "ConvNormAct", "ResidualBlock", "UpBlock",
-           "convert_monai_state_dict", "BoundaryLoss", "HausdorffDTLoss", "boundary_loss_weights", "DiceLoss",
-           "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss", "NNUNetDiceCELoss",
-           "DeepSupervisionLoss"]
+           "convert_monai_state_dict", "WindowAttention", "SwinTransformerBlock", "Mlp", "DropPath", "PatchMerging",
+           "PatchExpand", "FinalPatchExpandX4", "BoundaryLoss", "HausdorffDTLoss", "boundary_loss_weights",
+           "DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss",
+           "NNUNetDiceCELoss", "DeepSupervisionLoss"]
