@@ -30,6 +30,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed.ops import _eager
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.ops import conv_block_choice
 from fastmed.ops.norm_act import _normalize_activation, check_norm_args, norm_act_call, update_running_stats
@@ -105,7 +106,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
     x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias, backend = ctx.args
-    dx, dx2, dw, db, dnw, dnb, dres, dslope = torch.ops.fastmed.conv_block_bwd(
+    dx, dx2, dw, db, dnw, dnb, dres, dslope = _eager.backward_op(ctx, _conv_block_bwd)(
         dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding, dilation,
         kind, num_groups, activation, negative_slope, input_stats, has_bias, backend)
     return (dx, dx2 if x2 is not None else None, dw, db if has_bias else None, dnw if norm_weight is not None else None,
@@ -114,6 +115,7 @@ def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
 
 
 _conv_block_fwd.register_autograd(_backward, setup_context=_setup_context)
+_ConvBlockEager = _eager.eager_function("_ConvBlockEager", _conv_block_fwd, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -258,8 +260,8 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         y, mean, rstd = norm_act_call(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, norm,
                                       groups, float(eps), activation, slope_f, _backend.choose("norm_act", device))
     else:
-        y, _conv_out, mean, rstd = torch.ops.fastmed.conv_block_fwd(
-            x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
+        y, _conv_out, mean, rstd = _eager.call(
+            _conv_block_fwd, _ConvBlockEager, x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
             list(padding_t), list(dilation_t), norm, groups, float(eps), activation, slope_f, backend)
     if norm == "batch" and training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)

@@ -38,6 +38,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed.ops import _eager
 from fastmed._validate import check_choice, check_same_device, check_tensor
 from fastmed.reference import losses as ref
 
@@ -92,11 +93,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gstats):
     logits, target, mask = ctx.saved_tensors
-    dlogits = torch.ops.fastmed.loss_stats_bwd(gstats, logits, target, mask, *ctx.args)
+    dlogits = _eager.backward_op(ctx, _loss_stats_bwd_op)(gstats, logits, target, mask, *ctx.args)
     return (dlogits,) + (None,) * 13
 
 
 _loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
+_LossStatsEager = _eager.eager_function("_LossStatsEager", _loss_stats_op, _setup_context, _backward)
 
 
 class _Target(NamedTuple):
@@ -124,7 +126,7 @@ def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
     if tgt.target.requires_grad:
         return ref.loss_stats(logits, *args)
     backend = _backend.choose("losses", logits.device)
-    return torch.ops.fastmed.loss_stats(logits, *args, backend)
+    return _eager.call(_loss_stats_op, _LossStatsEager, logits, *args, backend)
 
 
 def _check_labels(stats: Tensor, tgt: _Target, C: int) -> None:

@@ -33,9 +33,11 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
-def _fwd_impl(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
-              negative_slope, backend):
-    """Body of ``fastmed::norm_act_fwd``: (y, mean, rstd)."""
+@triton_op("fastmed::norm_act_fwd", mutates_args=())
+def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
+                  slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
+                  num_groups: int, eps: float, activation: str, negative_slope: float,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         from fastmed.kernels.norm_act import norm_act_forward
 
@@ -51,9 +53,11 @@ def _fwd_impl(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_grou
     return y, mean, rstd
 
 
-def _bwd_impl(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
-              input_stats, backend):
-    """Body of ``fastmed::norm_act_bwd``: (dx, dweight, dbias, dresidual, dslope), empty tensors where absent."""
+@triton_op("fastmed::norm_act_bwd", mutates_args=())
+def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+                  residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
+                  num_groups: int, activation: str, negative_slope: float, input_stats: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     if backend == "triton":
         from fastmed.kernels.norm_act import norm_act_backward
 
@@ -67,24 +71,6 @@ def _bwd_impl(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_gro
     return tuple(g if g is not None else _empty(x) for g in grads)
 
 
-@triton_op("fastmed::norm_act_fwd", mutates_args=())
-def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
-                  slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
-                  num_groups: int, eps: float, activation: str, negative_slope: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    return _fwd_impl(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
-                     negative_slope, backend)
-
-
-@triton_op("fastmed::norm_act_bwd", mutates_args=())
-def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
-                  residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
-                  num_groups: int, activation: str, negative_slope: float, input_stats: bool,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return _bwd_impl(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                     negative_slope, input_stats, backend)
-
-
 def _setup_context(ctx, inputs, output):
     (x, weight, bias, residual, slope, mean_in, _rstd_in, kind, num_groups, _eps, activation, negative_slope,
      backend) = inputs
@@ -94,28 +80,26 @@ def _setup_context(ctx, inputs, output):
     keep_y = backend == "reference" and ref.keeps_sign(activation, negative_slope)
     ctx.save_for_backward(x, y if keep_y else None, weight, bias, residual, slope, mean, rstd)
     ctx.args = (kind, num_groups, activation, negative_slope, mean_in is None, backend)
-    if getattr(ctx, "eager", False):
-        ctx.mark_non_differentiable(mean, rstd)
 
 
 def _backward(ctx, dy, _dmean, _drstd):
     x, y, weight, bias, residual, slope, mean, rstd = ctx.saved_tensors
     kind, num_groups, activation, negative_slope, input_stats, backend = ctx.args
-    bwd = _bwd_impl if getattr(ctx, "eager", False) else torch.ops.fastmed.norm_act_bwd
-    dx, dw, db, dres, dslope = bwd(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups,
-                                   activation, negative_slope, input_stats, backend)
+    dx, dw, db, dres, dslope = _eager.backward_op(ctx, _norm_act_bwd)(
+        dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
+        input_stats, backend)
     return (dx, dw if weight is not None else None, db if bias is not None else None,
             dres if residual is not None else None, dslope if slope is not None else None,
             None, None, None, None, None, None, None, None)
 
 
 _norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
-_NormActEager = _eager.eager_function("_NormActEager", _fwd_impl, _setup_context, _backward)
+_NormActEager = _eager.eager_function("_NormActEager", _norm_act_fwd, _setup_context, _backward)
 
 
 def norm_act_call(*op_args) -> tuple[Tensor, Tensor, Tensor]:
     """``fastmed::norm_act_fwd(*op_args)`` with its autograd, through the eager fast path outside torch.compile."""
-    return _eager.call(torch.ops.fastmed.norm_act_fwd, _NormActEager, _fwd_impl, *op_args)
+    return _eager.call(_norm_act_fwd, _NormActEager, *op_args)
 
 
 def _normalize_activation(activation) -> str:

@@ -17,6 +17,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed.ops import _eager
 from fastmed._validate import check_choice, check_same_device, check_tensor
 from fastmed.reference import window_attention as ref
 
@@ -69,14 +70,15 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, table, qkv_pad = ctx.saved_tensors
     num_heads, window, shift, scale, table_window, bias_coords, backend = ctx.args
-    dqkv, dtable, dpad = torch.ops.fastmed.window_attention_bwd(dout, qkv, out, lse, table, qkv_pad, num_heads,
-                                                                window, shift, scale, table_window, bias_coords,
-                                                                backend)
+    dqkv, dtable, dpad = _eager.backward_op(ctx, _window_attention_bwd)(
+        dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords, backend)
     return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None,
             None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+_WindowAttentionEager = _eager.eager_function("_WindowAttentionEager", _window_attention_fwd, _setup_context,
+                                              _backward)
 
 
 def _int(value, name: str, minimum: int) -> int:
@@ -182,8 +184,8 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     bias_coords = win3 if bias_index == "coords" else table_window
 
     backend = _backend.choose("window_attention", device)
-    out, _ = torch.ops.fastmed.window_attention_fwd(x5, rel_pos_bias_table, qkv_pad, heads, win3, shift3,
-                                                    float(scale), table_window, bias_coords, backend)
+    out, _ = _eager.call(_window_attention_fwd, _WindowAttentionEager, x5, rel_pos_bias_table, qkv_pad, heads,
+                         win3, shift3, float(scale), table_window, bias_coords, backend)
     return out.squeeze(1) if nd == 2 else out
 
 
