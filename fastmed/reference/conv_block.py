@@ -1,0 +1,116 @@
+"""Plain PyTorch reference for the fused convolution block ``act(norm(conv(x)) * w + b + residual)``.
+
+This is the test oracle and the CPU fallback of :func:`fastmed.ops.conv_norm_act`.  The convolution is
+``F.conv2d`` / ``F.conv3d`` (groups = 1), the normalization and activation come from
+:mod:`fastmed.reference.norm_act`.
+
+Shapes (``sd`` = 2 or 3 spatial dims):
+    x          ``(N, Cin, *spatial_in)``
+    weight     ``(Cout, Cin, *kernel)``
+    bias       ``(Cout,)`` or None
+    conv_out   ``(N, Cout, *spatial_out)`` with ``out = (in + 2 p - d (k - 1) - 1) // s + 1`` per axis
+    norm_weight, norm_bias ``(Cout,)`` or None
+    residual   like conv_out or None
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from fastmed.reference import norm_act as na
+
+NORM_KINDS = ("instance", "group", "batch", "none")
+
+
+def conv_nd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
+            padding: Sequence[int], dilation: Sequence[int]) -> torch.Tensor:
+    """F.conv2d / F.conv3d by the number of spatial dims of x."""
+    fn = F.conv3d if x.dim() == 5 else F.conv2d
+    return fn(x, weight, bias, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def output_size(in_size: Sequence[int], kernel: Sequence[int], stride: Sequence[int], padding: Sequence[int],
+                dilation: Sequence[int]) -> tuple[int, ...]:
+    """Spatial output size of the convolution, per axis."""
+    return tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                 for i, k, s, p, d in zip(in_size, kernel, stride, padding, dilation))
+
+
+def conv_weight_grad(x: torch.Tensor, weight_shape, dout: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """d loss / d weight of the convolution, ``(Cout, Cin, *kernel)``."""
+    fn = torch.nn.grad.conv3d_weight if x.dim() == 5 else torch.nn.grad.conv2d_weight
+    return fn(x, weight_shape, dout, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def conv_input_grad(x_shape, weight: torch.Tensor, dout: torch.Tensor, stride, padding, dilation) -> torch.Tensor:
+    """d loss / d x of the convolution, ``(N, Cin, *spatial_in)``."""
+    fn = torch.nn.grad.conv3d_input if len(x_shape) == 5 else torch.nn.grad.conv2d_input
+    return fn(x_shape, weight, dout, tuple(stride), tuple(padding), tuple(dilation))
+
+
+def memory_format(t: torch.Tensor) -> torch.memory_format:
+    """channels_last(_3d) when t is stored channels-last (and not also plain contiguous), else contiguous."""
+    fmt = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+    if t.dim() in (4, 5) and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+        return fmt
+    return torch.contiguous_format
+
+
+def conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride, padding,
+                       dilation, kind, num_groups, eps, activation, negative_slope):
+    """Forward on the reference backend: returns ``(y, conv_out, mean, rstd)``.
+
+    ``conv_out`` is the convolution output (saved for the backward); ``mean``/``rstd`` the statistics of
+    the normalization, ``(N * G,)`` (instance: G = Cout) or ``(Cout,)`` (batch).
+    """
+    conv_out = conv_nd(x, weight, bias, stride, padding, dilation)
+    y, mean, rstd = na.norm_act_forward(conv_out, kind, norm_weight, norm_bias, num_groups=num_groups, eps=eps,
+                                        activation_name=activation,
+                                        negative_slope=slope if activation == "prelu" else negative_slope,
+                                        residual=residual, mean=mean_in, rstd=rstd_in)
+    return y, conv_out, mean, rstd
+
+
+def conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding,
+                        dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias):
+    """Backward on the reference backend.
+
+    Returns ``(dx, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope)``, None where absent.
+    """
+    # torch's CPU native_group_norm_backward is wrong when dy and x differ in memory format: match them.
+    dy = dy.contiguous(memory_format=memory_format(conv_out))
+    dconv, dnw, dnb, dres, dslope = na.norm_act_backward(
+        dy, conv_out, kind, norm_weight, norm_bias, residual, slope, mean, rstd, num_groups=num_groups,
+        activation_name=activation, negative_slope=negative_slope, input_stats=input_stats)
+    acc = na.stats_dtype(x.dtype)
+    dx = conv_input_grad(x.shape, weight, dconv, stride, padding, dilation).to(x.dtype)
+    dw = conv_weight_grad(x.to(acc), weight.shape, dconv.to(acc), stride, padding, dilation).to(weight.dtype)
+    red = [0] + list(range(2, dconv.dim()))
+    db = dconv.to(acc).sum(red).to(weight.dtype) if has_bias else None
+    return dx, dw, db, dnw, dnb, dres, dslope
+
+
+def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=None, *, stride=1, padding=0,
+                            dilation=1, norm="instance", num_groups=None, eps=1e-5, activation="leaky_relu",
+                            negative_slope=0.01, residual=None, running_mean=None, running_var=None, momentum=0.1,
+                            training=True):
+    """The block composed from torch.nn.functional, differentiable by autograd: the oracle.
+
+    ``norm="none"`` skips normalization (then ``residual`` is added to the convolution output).
+    """
+    sd = x.dim() - 2
+    expand = (lambda v: (v,) * sd if isinstance(v, int) else tuple(v))
+    conv_out = conv_nd(x, weight, bias, expand(stride), expand(padding), expand(dilation))
+    if norm == "none":
+        acc = na.stats_dtype(x.dtype)
+        z = conv_out.to(acc)
+        if residual is not None:
+            z = z + residual.to(acc)
+        slope = negative_slope.to(acc) if activation == "prelu" else negative_slope
+        return na.apply_activation(z, activation, slope).to(x.dtype)
+    return na.norm_act_reference(conv_out, norm, norm_weight, norm_bias, num_groups=num_groups, eps=eps,
+                                 activation=activation, negative_slope=negative_slope, residual=residual,
+                                 running_mean=running_mean, running_var=running_var, momentum=momentum,
+                                 training=training)
