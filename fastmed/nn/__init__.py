@@ -1,7 +1,10 @@
 """fastmed modules (drop-in replacements whose parameter names match the modules they replace)."""
+from fastmed.nn.losses import (DeepSupervisionLoss, DiceCELoss, DiceFocalLoss, DiceLoss, FocalLoss,
+                               GeneralizedDiceLoss, NNUNetDiceCELoss, TverskyLoss)
 from fastmed.nn.norm_act import BatchNormAct, GroupNormAct, InstanceNormAct, NormAct
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "DiceLoss", "GeneralizedDiceLoss",
+           "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss", "NNUNetDiceCELoss", "DeepSupervisionLoss"]
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, UpBlock, convert_monai_state_dict  # noqa: E402
 
 __all__ += ["ConvNormAct", "ResidualBlock", "UpBlock", "convert_monai_state_dict"]

@@ -1,0 +1,628 @@
+"""``fastmed.ops`` segmentation losses: MONAI 1.6 ``DiceLoss``, ``GeneralizedDiceLoss``, ``TverskyLoss``,
+``FocalLoss``, ``DiceCELoss``, ``DiceFocalLoss`` and nnU-Net's ``DC_and_CE_loss`` / deep supervision.
+
+Each loss is one fused pass over the logits and the targets that yields per-(sample, class) statistics
+``(B, K, C)`` (torch.library op ``fastmed::loss_stats``, Triton on CUDA, reference on CPU), followed by MONAI's or
+nnU-Net's formula on that tiny tensor (plain torch, see ``fastmed.reference.losses``).  The backward
+(``fastmed::loss_stats_bwd``) is one pass that recomputes the activation from the logits; no probabilities, one-hot
+tensors or products are stored.  Sums accumulate in float32 (float64 for float64 logits), so float16 logits over
+volumes of more than 65504 voxels per class give finite Dice values.
+
+Inputs: logits ``(B, C, *spatial)`` (1 to 3 spatial dims; float16, bfloat16, float32, float64; contiguous or
+channels-last); targets as integer labels ``(B, 1, *spatial)`` or ``(B, *spatial)`` (any integer dtype, or floats
+holding integers) with ``to_onehot_y=True``, or one-hot / soft targets ``(B, C, *spatial)``.
+
+Fallback rule (what the fused op does not do, and what runs instead, whatever the backend):
+  * ``other_act``: the callable runs eagerly on the logits and the fused statistics (no activation) run on its
+    output; cross-entropy / focal terms still run fused on the logits.
+  * ``FocalLoss`` / ``DiceFocalLoss`` with ``reduction="none"`` return a per-voxel tensor: the focal part is the
+    plain PyTorch composition ``fastmed.reference.losses.focal_loss_voxels`` (nothing to reduce, nothing to fuse).
+  * a dense target that requires grad: the statistics are the differentiable plain PyTorch
+    ``fastmed.reference.losses.loss_stats`` (the fused op gives gradients to the logits only).
+  * ``ddp_sync=True`` all-reduces the batch-summed statistics over the default process group
+    (``torch.distributed.nn.functional.all_reduce``: differentiable, gradient = nnU-Net's ``AllGatherGrad``).
+
+Labels are checked by the fused pass itself (a count of voxels whose label is neither an integer in [0, C) nor
+``ignore_index``); a non-zero count raises ``ValueError`` naming ``target`` (this reads one number back from the
+device; the check is skipped while ``torch.compile`` traces).
+"""
+from __future__ import annotations
+
+import numbers
+import warnings
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from fastmed import _backend
+from fastmed._validate import check_choice, check_same_device, check_tensor
+from fastmed.reference import losses as ref
+
+__all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "dice_ce_loss", "dice_focal_loss",
+           "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights", "loss_stats"]
+
+_backend.register_op(
+    "losses", ("triton", "reference"),
+    doc="segmentation-loss statistics (Dice/Tversky/GDL/CE/focal sums) in one pass, backward in one pass; "
+        "other_act, per-voxel focal outputs and differentiable targets use the plain PyTorch composition")
+
+_REDUCTIONS = ("mean", "sum", "none")
+Weight = Union[Sequence[float], float, int, Tensor, None]
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The fused op
+# ------------------------------------------------------------------------------------------------------------
+
+@triton_op("fastmed::loss_stats", mutates_args=())
+def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int, label_mode: bool,
+                   has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int, focal_mode: int,
+                   focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
+    args = (logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode, focal_mode,
+            focal_c0, gamma, focal_pos)
+    if backend == "triton":
+        from fastmed.kernels.losses import loss_stats_forward
+
+        return loss_stats_forward(*args)
+    with torch.no_grad():
+        return ref.loss_stats(*args)
+
+
+@triton_op("fastmed::loss_stats_bwd", mutates_args=())
+def _loss_stats_bwd_op(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int,
+                       label_mode: bool, has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int,
+                       focal_mode: int, focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
+    args = (gstats, logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
+            focal_mode, focal_c0, gamma, focal_pos)
+    if backend == "triton":
+        from fastmed.kernels.losses import loss_stats_backward
+
+        return loss_stats_backward(*args)
+    return ref.loss_stats_backward(*args)
+
+
+def _setup_context(ctx, inputs, output):
+    logits, target, mask = inputs[:3]
+    ctx.save_for_backward(logits, target, mask)
+    ctx.args = inputs[3:]
+
+
+def _backward(ctx, gstats):
+    logits, target, mask = ctx.saved_tensors
+    dlogits = torch.ops.fastmed.loss_stats_bwd(gstats, logits, target, mask, *ctx.args)
+    return (dlogits,) + (None,) * 13
+
+
+_loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _Target(NamedTuple):
+    """A validated target: labels ``(B, 1, *sp)`` (label_mode) or dense ``(B, C|1, *sp)``, and its ignore mask."""
+    target: Tensor
+    label_mode: bool
+    mask: Optional[Tensor]
+    has_ignore: bool
+    ignore_index: int
+
+
+class _Spec(NamedTuple):
+    act: int = ref.ACT_NONE
+    pow_mode: int = ref.POW_OFF
+    ce_mode: int = ref.CE_OFF
+    focal_mode: int = ref.FOCAL_OFF
+    focal_c0: int = 0
+    gamma: float = 0.0
+    focal_pos: int = ref.FPOS_OFF
+
+
+def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
+    args = (tgt.target, tgt.mask, spec.act, tgt.label_mode, tgt.has_ignore, tgt.ignore_index, spec.pow_mode,
+            spec.ce_mode, spec.focal_mode, spec.focal_c0, float(spec.gamma), spec.focal_pos)
+    if tgt.target.requires_grad:
+        return ref.loss_stats(logits, *args)
+    backend = _backend.choose("losses", logits.device)
+    return torch.ops.fastmed.loss_stats(logits, *args, backend)
+
+
+def _check_labels(stats: Tensor, tgt: _Target, C: int) -> None:
+    if not tgt.label_mode or torch.compiler.is_compiling():
+        return
+    bad = int(stats[:, ref.BAD, 0].sum().item())
+    if bad:
+        extra = f" or ignore_index={tgt.ignore_index}" if tgt.has_ignore else ""
+        raise ValueError(f"target must hold integer labels in [0, {C}){extra} for logits with {C} channels; "
+                         f"{bad} voxels hold other values (negative, >= {C}, or not integers)")
+
+
+def loss_stats(logits: Tensor, tgt: _Target, spec: _Spec, other_act: Optional[Callable] = None) -> Tensor:
+    """Statistics ``(B, K, C)``; with ``other_act`` the Dice slots come from ``other_act(logits)``."""
+    if other_act is not None and spec.pow_mode != ref.POW_OFF:
+        dice = _run_stats(other_act(logits), tgt, spec._replace(act=ref.ACT_NONE, ce_mode=ref.CE_OFF,
+                                                                focal_mode=ref.FOCAL_OFF))
+        if spec.ce_mode == ref.CE_OFF and spec.focal_mode == ref.FOCAL_OFF:
+            stats = dice
+        else:
+            rest = _run_stats(logits, tgt, spec._replace(pow_mode=ref.POW_OFF))
+            stats = torch.cat([dice[:, :ref.NLL], rest[:, ref.NLL:ref.COUNT], dice[:, ref.COUNT:]], 1)
+    else:
+        stats = _run_stats(logits, tgt, spec)
+    _check_labels(stats, tgt, logits.shape[1])
+    return stats
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Validation shared by the losses
+# ------------------------------------------------------------------------------------------------------------
+
+def _check_input(input) -> None:
+    check_tensor(input, "input", min_ndim=3, max_ndim=5)
+
+
+def _check_reduction(reduction, choices=_REDUCTIONS) -> str:
+    reduction = getattr(reduction, "value", reduction)
+    return check_choice(reduction, "reduction", choices)
+
+
+def _check_acts(sigmoid: bool, softmax: bool, other_act) -> None:
+    if other_act is not None and not callable(other_act):
+        raise TypeError(f"other_act must be None or callable but is {type(other_act).__name__}.")
+    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
+        raise ValueError("Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None].")
+
+
+def _check_lambda(value, name: str) -> float:
+    if not isinstance(value, numbers.Real) or value < 0:
+        raise ValueError(f"{name} should be no less than 0.0, got {value!r}")
+    return float(value)
+
+
+def _dice_act(C: int, sigmoid: bool, softmax: bool) -> int:
+    if sigmoid:
+        return ref.ACT_SIGMOID
+    if softmax:
+        if C == 1:
+            ref.warn_single_channel("softmax=True")
+            return ref.ACT_NONE
+        return ref.ACT_SOFTMAX
+    return ref.ACT_NONE
+
+
+def _pow_mode(squared_pred: bool, soft_label: bool) -> int:
+    if squared_pred:
+        return ref.POW_SQUARE
+    return ref.POW_ABS if soft_label else ref.POW_LINEAR
+
+
+def _ignore_mask(target: Tensor, ignore_index: int) -> Tensor:
+    """MONAI ``create_ignore_mask`` for a dense target: (B, 1, *spatial), 1 where the voxel counts."""
+    if target.shape[1] == 1:
+        return (target != ignore_index).float()
+    if 0 <= ignore_index < target.shape[1]:
+        return 1.0 - target[:, ignore_index:ignore_index + 1].float()
+    return (target.sum(dim=1, keepdim=True) > 0).float()
+
+
+def _prepare_target(input: Tensor, target, to_onehot_y: bool, ignore_index: Optional[int], *,
+                    warn_onehot: bool = True) -> _Target:
+    """Validates ``target`` against ``input (B, C, *sp)``; labels (B, *sp) become (B, 1, *sp)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.is_complex():
+        raise TypeError(f"target must be a real tensor, got dtype {target.dtype}")
+    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
+        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    B, C = input.shape[:2]
+    spatial = tuple(input.shape[2:])
+    if target.dim() == input.dim() - 1 and tuple(target.shape) == (B,) + spatial:
+        target = target.unsqueeze(1)
+    if target.dim() != input.dim() or target.shape[0] != B or tuple(target.shape[2:]) != spatial:
+        raise ValueError(f"target must have shape (B, 1, *spatial), (B, *spatial) or (B, C, *spatial) matching input "
+                         f"{tuple(input.shape)}, got {tuple(target.shape)}")
+    check_same_device(input=input, target=target)
+    if to_onehot_y and C > 1:
+        if target.shape[1] != 1:
+            raise ValueError(f"target must hold one label per voxel, shape (B, 1, *spatial) or (B, *spatial), when "
+                             f"to_onehot_y=True; got shape {tuple(target.shape)} (a one-hot target needs "
+                             "to_onehot_y=False)")
+        if target.requires_grad:
+            raise ValueError("target holds labels (to_onehot_y=True) and cannot require grad")
+        ii = 0 if ignore_index is None else int(ignore_index)
+        return _Target(target, True, None, ignore_index is not None, ii)
+    if to_onehot_y and warn_onehot:
+        ref.warn_single_channel("to_onehot_y=True")
+    if target.shape[1] != C:
+        raise ValueError(f"target must have the {C} channels of input (one-hot or soft targets), or hold labels "
+                         f"with to_onehot_y=True; got shape {tuple(target.shape)} for input {tuple(input.shape)}")
+    mask = _ignore_mask(target, int(ignore_index)) if ignore_index is not None else None
+    return _Target(target, False, mask, False, 0)
+
+
+def _num_voxels(input: Tensor) -> int:
+    n = 1
+    for d in input.shape[2:]:
+        n *= d
+    return n
+
+
+def _warn_background(C: int, include_background: bool) -> None:
+    if not include_background and C == 1:
+        ref.warn_single_channel("include_background=False")
+
+
+def _as_weight(weight: Weight, name: str = "weight") -> Optional[Tensor]:
+    if weight is None:
+        return None
+    if isinstance(weight, bool) or not isinstance(weight, (numbers.Real, Sequence, Tensor)):
+        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {type(weight).__name__}")
+    return torch.as_tensor(weight)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# MONAI losses
+# ------------------------------------------------------------------------------------------------------------
+
+def dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
+              sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
+              squared_pred: bool = False, jaccard: bool = False, reduction: str = "mean", smooth_nr: float = 1e-5,
+              smooth_dr: float = 1e-5, batch: bool = False, weight: Weight = None, soft_label: bool = False,
+              ignore_index: Optional[int] = None, ddp_sync: bool = False) -> Tensor:
+    """MONAI ``DiceLoss`` (same arguments, defaults and results), fused.
+
+    Args:
+        input: logits (or probabilities) ``(B, C, *spatial)``.
+        target: labels ``(B, 1, *spatial)`` / ``(B, *spatial)`` with ``to_onehot_y``, else ``(B, C, *spatial)``.
+        ddp_sync: with ``batch=True``, sum the statistics over the ranks of the default process group too.
+        Other arguments: see ``monai.losses.DiceLoss``.
+
+    Returns:
+        ``"mean"``/``"sum"``: a scalar; ``"none"``: ``(B, C', 1, ...)`` (``(C', 1, ...)`` with ``batch``), C' the
+        classes kept.  float32 (float64 for float64 logits).
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    C = input.shape[1]
+    act = _dice_act(C, sigmoid, softmax)
+    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
+    _warn_background(C, include_background)
+    pow_mode = _pow_mode(squared_pred, soft_label)
+    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    return ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
+                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
+                               smooth_dr=float(smooth_dr), batch=batch, weight=_as_weight(weight), ddp_sync=ddp_sync)
+
+
+def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
+                 sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
+                 alpha: float = 0.5, beta: float = 0.5, reduction: str = "mean", smooth_nr: float = 1e-5,
+                 smooth_dr: float = 1e-5, batch: bool = False, soft_label: bool = False,
+                 ignore_index: Optional[int] = None, ddp_sync: bool = False) -> Tensor:
+    """MONAI ``TverskyLoss``, fused: ``1 - (tp + s_nr) / (tp + alpha fp + beta fn + s_dr)``.
+
+    Returns a scalar, or with ``reduction="none"`` MONAI's ``(B, C')`` (``(C',)`` with ``batch``).
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    C = input.shape[1]
+    act = _dice_act(C, sigmoid, softmax)
+    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
+    _warn_background(C, include_background)
+    pow_mode = ref.POW_ABS if soft_label else ref.POW_LINEAR
+    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    return ref.tversky_from_stats(stats, pow_mode=pow_mode, include_background=include_background,
+                                  alpha=float(alpha), beta=float(beta), reduction=reduction,
+                                  smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
+                                  ddp_sync=ddp_sync)
+
+
+def generalized_dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True,
+                          to_onehot_y: bool = False, sigmoid: bool = False, softmax: bool = False,
+                          other_act: Optional[Callable] = None, w_type: str = "square", reduction: str = "mean",
+                          smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
+                          soft_label: bool = False, ddp_sync: bool = False) -> Tensor:
+    """MONAI ``GeneralizedDiceLoss``, fused (class weights 1/G_c^2, 1/G_c or 1 by ``w_type``).
+
+    Returns a scalar, or with ``reduction="none"`` ``(B, 1, 1, ...)`` (``(1, 1, ...)`` with ``batch``).
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    w_type = check_choice(getattr(w_type, "value", w_type), "w_type", ("square", "simple", "uniform"))
+    C = input.shape[1]
+    act = _dice_act(C, sigmoid, softmax)
+    tgt = _prepare_target(input, target, to_onehot_y, None)
+    _warn_background(C, include_background)
+    pow_mode = ref.POW_ABS if soft_label else ref.POW_LINEAR
+    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    return ref.generalized_dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode,
+                                           include_background=include_background, w_type=w_type,
+                                           reduction=reduction, smooth_nr=float(smooth_nr),
+                                           smooth_dr=float(smooth_dr), batch=batch, ddp_sync=ddp_sync)
+
+
+def _focal_alpha(alpha, channels: int, use_softmax: bool, include_background: bool, C: int):
+    """MONAI FocalLoss's alpha: None, a float, or a per-class tensor of length ``channels``."""
+    if alpha is None:
+        return None
+    if isinstance(alpha, (float, int)) and not isinstance(alpha, bool):
+        if use_softmax and not include_background and C > 1:
+            warnings.warn("`include_background=False`, scalar `alpha` ignored when using softmax.", stacklevel=4)
+            return None
+        return float(alpha)
+    a = torch.as_tensor(alpha, dtype=torch.float32)
+    if a.ndim == 0:
+        return float(a)
+    if a.shape[0] != channels:
+        raise ValueError(f"The length of alpha ({a.shape[0]}) must match the number of classes ({channels}).")
+    return a
+
+
+def _focal_weight(weight, channels: int) -> Optional[Tensor]:
+    w = _as_weight(weight)
+    if w is None:
+        return None
+    if w.ndim > 0:
+        if channels == 1:
+            raise ValueError("Per-class class_weight is not supported for single-channel outputs.")
+        if w.numel() != channels:
+            raise ValueError(f"The number of class_weight ({w.numel()}) must match the number of "
+                             f"output channels ({channels}).")
+    if bool((w < 0).any()):
+        raise ValueError("class_weight values must be non-negative.")
+    return w
+
+
+def _focal_spec(C: int, use_softmax: bool, include_background: bool, gamma: float, alpha) -> _Spec:
+    if use_softmax:
+        c0 = 1 if not include_background and C > 1 else 0
+        return _Spec(focal_mode=ref.FOCAL_SOFTMAX, focal_c0=c0, gamma=float(gamma))
+    fpos = ref.FPOS_OFF if alpha is None else (ref.FPOS_LINEAR if isinstance(alpha, float) else ref.FPOS_HARD)
+    return _Spec(focal_mode=ref.FOCAL_SIGMOID, gamma=float(gamma), focal_pos=fpos)
+
+
+def _dense(input: Tensor, tgt: _Target) -> tuple[Tensor, Optional[Tensor]]:
+    """(dense target (B, C, *sp), mask) as MONAI builds them, for the per-voxel fallback."""
+    if not tgt.label_mode:
+        return tgt.target, tgt.mask
+    C = input.shape[1]
+    lab, mask = tgt.target, None
+    if tgt.has_ignore:
+        mask = (lab != tgt.ignore_index).float()
+        if not 0 <= tgt.ignore_index < C:
+            lab = torch.where(lab == tgt.ignore_index, torch.zeros_like(lab), lab)
+    if lab.is_floating_point() and not bool((lab == lab.floor()).all()):
+        raise ValueError("target must hold integer labels when to_onehot_y=True, got non-integer values")
+    if bool(((lab < 0) | (lab >= C)).any()):
+        raise ValueError(f"target must hold integer labels in [0, {C}) for logits with {C} channels")
+    return ref.one_hot(lab, C), mask
+
+
+def focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
+               gamma: float = 2.0, alpha=None, weight: Weight = None, reduction: str = "mean",
+               use_softmax: bool = False, ignore_index: Optional[int] = None) -> Tensor:
+    """MONAI ``FocalLoss`` (sigmoid, or softmax with ``use_softmax``), computed in float32, fused.
+
+    Returns a scalar; ``reduction="none"`` returns MONAI's per-voxel ``(B, C', *spatial)`` tensor (plain PyTorch
+    composition, see the module docstring).
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    C = input.shape[1]
+    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
+    _warn_background(C, include_background)
+    channels = C if include_background or C == 1 else C - 1
+    alpha_v = _focal_alpha(alpha, channels, use_softmax, include_background, C)
+    weight_v = _focal_weight(weight, channels)
+    if reduction == "none":
+        dense, mask = _dense(input, tgt)
+        return ref.focal_loss_voxels(input, dense, mask, include_background=include_background,
+                                     use_softmax=use_softmax, gamma=float(gamma), alpha=alpha_v, weight=weight_v)
+    stats = loss_stats(input, tgt, _focal_spec(C, use_softmax, include_background, gamma, alpha_v))
+    loss = ref.focal_from_stats(stats, use_softmax=use_softmax, include_background=include_background,
+                                alpha=alpha_v, weight=weight_v, reduction=reduction,
+                                num_voxels=_num_voxels(input), masked=ignore_index is not None)
+    return loss.float()  # MONAI's FocalLoss returns float32 whatever the input dtype
+
+
+def _check_combo_target(input: Tensor, target) -> None:
+    """DiceCELoss / DiceFocalLoss shape checks (labels (B, *sp) are accepted too)."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    if target.dim() == input.dim() - 1:
+        return
+    if input.dim() != target.dim():
+        raise ValueError(f"the number of dimensions for input and target should be the same, got shape "
+                         f"{tuple(input.shape)} and {tuple(target.shape)}; a label target has shape (B, 1, *spatial)")
+    if target.shape[1] != 1 and target.shape[1] != input.shape[1]:
+        raise ValueError(f"number of channels for target is neither 1 (labels) nor the same as input, got shape "
+                         f"{tuple(input.shape)} and {tuple(target.shape)}")
+
+
+def dice_ce_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
+                 sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
+                 squared_pred: bool = False, jaccard: bool = False, reduction: str = "mean",
+                 smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
+                 weight: Optional[Tensor] = None, lambda_dice: float = 1.0, lambda_ce: float = 1.0,
+                 label_smoothing: float = 0.0, ddp_sync: bool = False) -> Tensor:
+    """MONAI ``DiceCELoss``: ``lambda_dice * Dice + lambda_ce * CE`` (BCE-with-logits for one channel), one pass.
+
+    ``weight`` ``(C,)`` weighs the classes of CE (``pos_weight`` of BCE for C = 1) and of Dice (without the
+    background entry when ``include_background=False``).  Returns a scalar (``reduction`` "mean" or "sum").
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction, ("mean", "sum"))
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    lambda_dice, lambda_ce = _check_lambda(lambda_dice, "lambda_dice"), _check_lambda(lambda_ce, "lambda_ce")
+    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    _check_combo_target(input, target)
+    C = input.shape[1]
+    w = _as_weight(weight)
+    if w is not None and w.ndim != 1:
+        raise ValueError(f"weight must be a 1-D tensor with one value per class ({C}), got shape {tuple(w.shape)}")
+    act = _dice_act(C, sigmoid, softmax)
+    tgt = _prepare_target(input, target, to_onehot_y, None)
+    _warn_background(C, include_background)
+    pow_mode = _pow_mode(squared_pred, soft_label=False)
+    if C == 1:
+        ce_mode = ref.CE_BCE
+    else:
+        ce_mode = ref.CE_SOFTMAX_SMOOTH if label_smoothing > 0 else ref.CE_SOFTMAX
+    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode, ce_mode=ce_mode), other_act)
+    dice_w = w[1:] if w is not None and not include_background else w
+    dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
+                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
+                               smooth_dr=float(smooth_dr), batch=batch, weight=dice_w, ddp_sync=ddp_sync)
+    nvox = _num_voxels(input)
+    if C == 1:
+        ce = ref.bce_from_stats(stats, pos_weight=w, reduction=reduction, num_voxels=nvox)
+    else:
+        ce = ref.ce_from_stats(stats, label_targets=tgt.label_mode, weight=w, reduction=reduction,
+                               label_smoothing=float(label_smoothing), num_voxels=nvox)
+    return lambda_dice * dice + lambda_ce * ce
+
+
+def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
+                    sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
+                    squared_pred: bool = False, jaccard: bool = False, reduction: str = "mean",
+                    smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False, gamma: float = 2.0,
+                    weight: Weight = None, lambda_dice: float = 1.0, lambda_focal: float = 1.0,
+                    alpha: Optional[float] = None, ddp_sync: bool = False) -> Tensor:
+    """MONAI ``DiceFocalLoss``: ``lambda_dice * Dice + lambda_focal * sigmoid focal``, one pass.
+
+    Returns a scalar; ``reduction="none"`` returns MONAI's broadcast sum ``(B, C', *spatial)``.
+    """
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
+    lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
+    _check_combo_target(input, target)
+    C = input.shape[1]
+    tgt = _prepare_target(input, target, to_onehot_y, None)
+    act = _dice_act(C, sigmoid, softmax)
+    _warn_background(C, include_background)
+    channels = C if include_background or C == 1 else C - 1
+    alpha_v = _focal_alpha(alpha, channels, False, include_background, C)
+    weight_v = _focal_weight(weight, channels)
+    pow_mode = _pow_mode(squared_pred, soft_label=False)
+    focal_spec = _focal_spec(C, False, include_background, gamma, alpha_v)
+    if reduction == "none":
+        stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+        dense, _ = _dense(input, tgt)
+        focal = ref.focal_loss_voxels(input, dense, None, include_background=include_background, use_softmax=False,
+                                      gamma=float(gamma), alpha=alpha_v, weight=weight_v)
+    else:
+        stats = loss_stats(input, tgt, focal_spec._replace(act=act, pow_mode=pow_mode), other_act)
+        focal = ref.focal_from_stats(stats, use_softmax=False, include_background=include_background,
+                                     alpha=alpha_v, weight=weight_v, reduction=reduction,
+                                     num_voxels=_num_voxels(input), masked=False)
+    dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
+                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
+                               smooth_dr=float(smooth_dr), batch=batch, weight=_as_weight(weight),
+                               ddp_sync=ddp_sync)
+    return lambda_dice * dice + lambda_focal * focal
+
+
+def _check_ddp(ddp_sync: bool, batch: bool) -> None:
+    if ddp_sync and not batch:
+        raise ValueError("ddp_sync=True sums the batch Dice statistics over ranks and needs batch=True "
+                         "(batch_dice=True for nnU-Net)")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# nnU-Net
+# ------------------------------------------------------------------------------------------------------------
+
+def nnunet_dice_ce_loss(input: Tensor, target: Tensor, *, batch_dice: bool = False, do_bg: bool = False,
+                        smooth: float = 1e-5, weight_ce: float = 1.0, weight_dice: float = 1.0,
+                        ignore_label: Optional[int] = None, ddp_sync: bool = False) -> Tensor:
+    """nnU-Net ``DC_and_CE_loss`` with ``MemoryEfficientSoftDiceLoss`` (softmax), fused.
+
+    ``loss = weight_ce * CE + weight_dice * (-mean_c dc_c)`` with ``dc_c = (2 I_c + smooth) /
+    clip(G_c + P_c + smooth, 1e-8)`` over the foreground classes (all with ``do_bg``), per sample or summed over
+    the batch (``batch_dice``; ``ddp_sync`` sums over ranks too, like nnU-Net's ``AllGatherGrad``).  Voxels labelled
+    ``ignore_label`` count in neither term; CE is the mean over the other voxels (0 if there are none).
+
+    Args:
+        input: logits ``(B, C, *spatial)``.
+        target: labels ``(B, 1, *spatial)`` or ``(B, *spatial)``.
+    """
+    _check_input(input)
+    _check_ddp(ddp_sync, batch_dice)
+    C = input.shape[1]
+    if C < 2:
+        raise ValueError(f"input must have at least 2 channels (softmax over classes), got {C}")
+    if isinstance(target, Tensor) and target.dim() == input.dim() and target.shape[1] != 1:
+        raise ValueError(f"target must hold labels, shape (B, 1, *spatial) or (B, *spatial), got "
+                         f"{tuple(target.shape)}")
+    tgt = _prepare_target(input, target, True, ignore_label)
+    stats = loss_stats(input, tgt, _Spec(act=ref.ACT_SOFTMAX, pow_mode=ref.POW_LINEAR, ce_mode=ref.CE_SOFTMAX))
+    dc = ref.nnunet_dice_from_stats(stats, do_bg=do_bg, batch_dice=batch_dice, smooth=float(smooth),
+                                    ddp_sync=ddp_sync)
+    ce = stats[:, ref.NLL].sum() / stats[:, ref.COUNT, 0].sum().clamp(min=1)
+    return float(weight_ce) * ce + float(weight_dice) * dc
+
+
+def deep_supervision_weights(n: int) -> list[float]:
+    """nnU-Net's deep-supervision weights: 1 / 2^i, the lowest resolution set to 0, normalized to sum 1."""
+    if n < 1:
+        raise ValueError(f"deep supervision needs at least one output, got {n}")
+    if n == 1:
+        return [1.0]
+    w = [1.0 / 2 ** i for i in range(n)]
+    w[-1] = 0.0
+    total = sum(w)
+    return [x / total for x in w]
+
+
+def _downsample_target(target: Tensor, size, mode: str) -> Tensor:
+    if tuple(target.shape[2:]) == tuple(size):
+        return target
+    return F.interpolate(target.float(), size=tuple(size), mode=mode).to(target.dtype)
+
+
+def deep_supervision_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: Sequence[Tensor], target,
+                          weights: Optional[Sequence[float]] = None, target_mode: str = "nearest-exact") -> Tensor:
+    """nnU-Net ``DeepSupervisionWrapper``: ``sum_i w_i * loss_fn(outputs[i], target_i)``, terms with w_i = 0 skipped.
+
+    Args:
+        loss_fn: the loss of one output, e.g. ``fastmed.nn.NNUNetDiceCELoss()``.
+        outputs: logits at decreasing resolution, the full resolution first.
+        target: a list of targets (one per output), or one target ``(B, 1|C, *spatial)`` at full resolution that
+            is downsampled to each output's size with ``F.interpolate(mode=target_mode)`` (nnU-Net v2 uses
+            ``"nearest-exact"``; ``"nearest"`` is torch's legacy nearest neighbour).
+        weights: defaults to :func:`deep_supervision_weights`.
+    """
+    if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
+        raise TypeError("outputs must be a non-empty list or tuple of logits tensors, highest resolution first")
+    n = len(outputs)
+    weights = deep_supervision_weights(n) if weights is None else [float(w) for w in weights]
+    if len(weights) != n:
+        raise ValueError(f"weights must have one value per output ({n}), got {len(weights)}")
+    check_choice(target_mode, "target_mode", ("nearest-exact", "nearest"))
+    if isinstance(target, Tensor):
+        full = target.unsqueeze(1) if target.dim() == outputs[0].dim() - 1 else target
+        targets = [_downsample_target(full, o.shape[2:], target_mode) for o in outputs]
+    else:
+        targets = list(target)
+        if len(targets) != n:
+            raise ValueError(f"target must be one tensor or one per output ({n}), got {len(targets)}")
+    total = None
+    for w, out, tgt in zip(weights, outputs, targets):
+        if w == 0.0:
+            continue
+        term = w * loss_fn(out, tgt)
+        total = term if total is None else total + term
+    if total is None:
+        raise ValueError("weights are all zero: nothing to compute")
+    return total
