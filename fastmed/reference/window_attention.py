@@ -1,0 +1,231 @@
+"""Plain PyTorch reference for (shifted-)window attention (Swin, Swin-Unet, SwinUNETR).
+
+Written the way timm / Swin-Unet / MONAI write it: cyclic roll, window partition, per-window
+``softmax(q k^T * scale + B_rel + M_shift) v``, window reverse and roll back.  It is the test oracle
+(run it in float64) and the CPU fallback of :func:`fastmed.ops.window_attention`.
+
+Layout conventions (shared with the Triton kernels):
+
+* ``qkv``: the qkv projection on the token grid, ``(B, D, H, W, 3C)`` (2D inputs are seen as ``D = 1``),
+  channels ordered like timm/MONAI's ``qkv`` Linear: ``reshape(..., 3, heads, head_dim)``.
+* ``window`` / ``shift``: 3-tuples, already *effective* (shrunk on axes where the grid is not larger
+  than the window, see :func:`effective_window`); the grid must be divisible by ``window``.
+* ``table_window``: the window the relative position bias table was built for, ``prod(2 w - 1)`` rows.
+* ``bias_coords``: the window dims used to turn a token's index inside its window into the coordinates
+  that address the table.  ``window`` gives the geometric bias (the bias of a pair depends on their
+  displacement); ``table_window`` reproduces MONAI, which slices ``relative_position_index[:n, :n]`` of
+  the full window when the window shrinks.
+* ``lse``: per token and head, the logsumexp of its (scaled, biased, masked) scores, ``(B, D, H, W, heads)``.
+"""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+MASK_VALUE = -100.0  # the constant timm / Swin-Unet / MONAI add between tokens of different shift regions
+
+
+def effective_window(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> tuple[tuple, tuple]:
+    """Swin's rule: on an axis where ``grid <= window`` the window becomes the grid size and the shift 0."""
+    win, sh = list(window), list(shift)
+    for a, s in enumerate(grid):
+        if s <= win[a]:
+            win[a], sh[a] = s, 0
+    return tuple(win), tuple(sh)
+
+
+def relative_position_index(window: Sequence[int]) -> Tensor:
+    """``(N, N)`` long: row of the bias table for each (query, key) pair, as timm/MONAI build it."""
+    coords = torch.stack(torch.meshgrid(*[torch.arange(w) for w in window], indexing="ij")).flatten(1)
+    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+    index = torch.zeros(rel.shape[:2], dtype=torch.long)
+    stride = 1
+    for a in reversed(range(len(window))):
+        index += (rel[:, :, a] + window[a] - 1) * stride
+        stride *= 2 * window[a] - 1
+    return index
+
+
+def bias_index(window: Sequence[int], table_window: Sequence[int], bias_coords: Sequence[int]) -> Tensor:
+    """``(N, N)`` rows of the table (built for ``table_window``) used by a window of shape ``window``."""
+    n = 1
+    for w in window:
+        n *= w
+    ar = torch.arange(n)
+    coords = []
+    for a in reversed(range(len(bias_coords))):  # unravel the in-window index over bias_coords
+        coords.append(ar % bias_coords[a])
+        ar = ar // bias_coords[a]
+    coords = torch.stack(coords[::-1])  # (ndim, N)
+    index = torch.zeros(n, n, dtype=torch.long)
+    stride = 1
+    for a in reversed(range(len(table_window))):
+        index += (coords[a][:, None] - coords[a][None, :] + table_window[a] - 1) * stride
+        stride *= 2 * table_window[a] - 1
+    return index
+
+
+def window_partition(x: Tensor, window: Sequence[int]) -> Tensor:
+    """``(B, D, H, W, C) -> (B * nW, N, C)``, windows in raster order."""
+    B, D, H, W, C = x.shape
+    wd, wh, ww = window
+    x = x.view(B, D // wd, wd, H // wh, wh, W // ww, ww, C)
+    return x.permute(0, 1, 3, 5, 2, 4, 6, 7).reshape(-1, wd * wh * ww, C)
+
+
+def window_reverse(windows: Tensor, window: Sequence[int], grid: Sequence[int]) -> Tensor:
+    """Inverse of :func:`window_partition`: ``(B * nW, N, C) -> (B, D, H, W, C)``."""
+    D, H, W = grid
+    wd, wh, ww = window
+    C = windows.shape[-1]
+    x = windows.view(-1, D // wd, H // wh, W // ww, wd, wh, ww, C)
+    return x.permute(0, 1, 4, 2, 5, 3, 6, 7).reshape(-1, D, H, W, C)
+
+
+def shift_mask(grid: Sequence[int], window: Sequence[int], shift: Sequence[int], device=None,
+               dtype=torch.float32) -> Optional[Tensor]:
+    """``(nW, N, N)`` additive mask of shifted windows (-100 between regions), or None without shift.
+
+    Regions, per axis in the rolled frame: ``[0, S - w)``, ``[S - w, S - shift)``, ``[S - shift, S)``.
+    """
+    if not any(shift):
+        return None
+    region = torch.zeros(1, *grid, 1, device=device, dtype=dtype)
+    ids = [torch.zeros(s, dtype=torch.long) for s in grid]
+    for a, (s, w, sh) in enumerate(zip(grid, window, shift)):
+        y = torch.arange(s)
+        ids[a] = (y >= s - w).long() + (y >= s - sh).long() if sh > 0 else torch.zeros(s, dtype=torch.long)
+    rid = ids[0][:, None, None] * 9 + ids[1][None, :, None] * 3 + ids[2][None, None, :]
+    region[0, ..., 0] = rid.to(device=device, dtype=dtype)
+    mw = window_partition(region, window).squeeze(-1)  # (nW, N)
+    diff = mw[:, None, :] - mw[:, :, None]
+    return torch.where(diff != 0, torch.full_like(diff, MASK_VALUE), torch.zeros_like(diff))
+
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _scores(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], mask: Optional[Tensor], batch: int) -> Tensor:
+    """q, k: (B*nW, h, N, d) -> scores (B*nW, h, N, N) with bias (h, N, N) and mask (nW, N, N)."""
+    s = (q * scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.unsqueeze(0)
+    if mask is not None:
+        nw = mask.shape[0]
+        s = (s.view(batch, nw, *s.shape[1:]) + mask[None, :, None]).view(s.shape)
+    return s
+
+
+def _split_qkv(qkv: Tensor, num_heads: int, window: Sequence[int], shift: Sequence[int]):
+    """Rolled, partitioned q, k, v: each (B*nW, heads, N, head_dim)."""
+    C = qkv.shape[-1] // 3
+    if any(shift):
+        qkv = torch.roll(qkv, shifts=tuple(-s for s in shift), dims=(1, 2, 3))
+    win = window_partition(qkv, window)
+    bw, n, _ = win.shape
+    win = win.view(bw, n, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    return win[0], win[1], win[2]
+
+
+def _merge(x: Tensor, window: Sequence[int], shift: Sequence[int], grid: Sequence[int]) -> Tensor:
+    """(B*nW, heads, N, d) -> (B, D, H, W, heads*d), window reverse and roll back."""
+    bw, h, n, d = x.shape
+    out = window_reverse(x.transpose(1, 2).reshape(bw, n, h * d), window, grid)
+    if any(shift):
+        out = torch.roll(out, shifts=tuple(shift), dims=(1, 2, 3))
+    return out
+
+
+def _bias(table: Optional[Tensor], window, table_window, bias_coords) -> Optional[Tensor]:
+    if table is None:
+        return None
+    idx = bias_index(window, table_window, bias_coords).to(table.device)
+    n = idx.shape[0]
+    return table[idx.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
+
+
+def window_attention_forward(qkv: Tensor, table: Optional[Tensor], num_heads: int, window: Sequence[int],
+                             shift: Sequence[int], scale: float, table_window: Sequence[int],
+                             bias_coords: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Window attention on a divisible ``(B, D, H, W, 3C)`` grid: returns ``(out (B, D, H, W, C), lse)``.
+
+    Computes in float32 (float64 for float64 inputs); ``out`` has ``qkv``'s dtype, ``lse`` the compute dtype.
+    """
+    acc = _acc_dtype(qkv.dtype)
+    B, D, H, W, _ = qkv.shape
+    grid = (D, H, W)
+    q, k, v = _split_qkv(qkv.to(acc), num_heads, window, shift)
+    bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
+    mask = shift_mask(grid, window, shift, qkv.device, acc)
+    s = _scores(q, k, scale, bias, mask, B)
+    lse = torch.logsumexp(s, dim=-1)  # (B*nW, h, N)
+    out = torch.softmax(s, dim=-1) @ v
+    lse_grid = _merge(lse.unsqueeze(-1), window, shift, grid)
+    return _merge(out, window, shift, grid).to(qkv.dtype), lse_grid
+
+
+def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor], num_heads: int,
+                              window: Sequence[int], shift: Sequence[int], scale: float,
+                              table_window: Sequence[int], bias_coords: Sequence[int]) -> tuple[Tensor, Optional[Tensor]]:
+    """Gradients ``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None)`` by the explicit softmax backward."""
+    acc = _acc_dtype(qkv.dtype)
+    B, D, H, W, C3 = qkv.shape
+    grid = (D, H, W)
+    q, k, v = _split_qkv(qkv.to(acc), num_heads, window, shift)
+    bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
+    mask = shift_mask(grid, window, shift, qkv.device, acc)
+    p = torch.softmax(_scores(q, k, scale, bias, mask, B), dim=-1)
+    do = _split_qkv(torch.cat([dout.to(acc)] * 3, dim=-1), num_heads, window, shift)[0]
+    dv = p.transpose(-2, -1) @ do
+    dp = do @ v.transpose(-2, -1)
+    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
+    dq = (ds @ k) * scale
+    dk = (ds.transpose(-2, -1) @ q) * scale
+    dqkv = torch.cat([_merge(g, window, shift, grid) for g in (dq, dk, dv)], dim=-1)
+    dtable = None
+    if table is not None:
+        idx = bias_index(window, table_window, bias_coords).to(qkv.device).reshape(-1)
+        dsum = ds.sum(0).reshape(num_heads, -1).transpose(0, 1)  # (N*N, heads)
+        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add_(0, idx, dsum).to(table.dtype)
+    return dqkv.to(qkv.dtype), dtable
+
+
+def window_attention_eager(qkv: Tensor, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int],
+                           table: Optional[Tensor], scale: float, index: Optional[Tensor] = None) -> Tensor:
+    """Differentiable eager composition exactly as timm / Swin-Unet / MONAI write it (for tests and benchmarks).
+
+    ``qkv``: ``(B, *S, 3C)`` with ``S`` divisible by ``window_size`` (effective); ``index``: the ``(N, N)`` table
+    rows (defaults to :func:`relative_position_index` of ``window_size``).  Computes in ``qkv``'s dtype.
+    """
+    nd = qkv.dim() - 2
+    grid = tuple(qkv.shape[1:-1])
+    C = qkv.shape[-1] // 3
+    x = qkv
+    if any(shift_size):
+        x = torch.roll(x, shifts=tuple(-s for s in shift_size), dims=tuple(range(1, nd + 1)))
+    x3 = x if nd == 3 else x.unsqueeze(1)
+    win3 = tuple(window_size) if nd == 3 else (1,) + tuple(window_size)
+    xw = window_partition(x3, win3)
+    bw, n, _ = xw.shape
+    q, k, v = xw.reshape(bw, n, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    if table is not None:
+        if index is None:
+            index = relative_position_index(window_size).to(qkv.device)
+        attn = attn + table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    mask = shift_mask(grid if nd == 3 else (1,) + grid, win3, (0,) * (3 - nd) + tuple(shift_size), qkv.device,
+                      attn.dtype)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, num_heads, n, n) + mask[None, :, None]).view(-1, num_heads, n, n)
+    attn = torch.softmax(attn, dim=-1)
+    out = (attn @ v).transpose(1, 2).reshape(bw, n, C)
+    out = window_reverse(out, win3, grid if nd == 3 else (1,) + grid)
+    if nd == 2:
+        out = out.squeeze(1)
+    if any(shift_size):
+        out = torch.roll(out, shifts=tuple(shift_size), dims=tuple(range(1, nd + 1)))
+    return out

@@ -1,0 +1,473 @@
+"""(Shifted-)window attention: Triton kernels and launchers.
+
+Everything works on the token grid ``(B, D, H, W, ...)`` (2D grids have ``D = 1``), contiguous.  A *window*
+``wi`` in ``[0, B * nW)`` and a token ``t`` in ``[0, N)`` of that window (raster order inside the window,
+``N = WD * WH * WW``) address the grid by index arithmetic alone:
+
+* rolled-frame coordinate ``y = window_coord * w + local_coord``; the cyclic shift reads source
+  ``(y + shift) mod S`` and the output is stored at that same source token, which undoes partition and
+  roll together (no copies);
+* shift-region id per axis ``(y >= S - w) + (y >= S - shift)``; scores between tokens of different regions
+  get ``-100`` (the anchors' constant), so no mask tensor exists;
+* relative position bias: the token index is unravelled over ``BD, BH, BW`` (the effective window, or the
+  table's window for MONAI's ``index[:n, :n]`` when a window shrinks) and the table row is
+  ``(dd + TWD - 1) * (2TWH - 1)(2TWW - 1) + (dh + TWH - 1)(2TWW - 1) + (dw + TWW - 1)``.
+
+Forward: ``_fwd_kernel``, one program per (window, block of BLOCK_M queries, head), keys in tiles of BLOCK_N
+with an online softmax (49 tokens are one 64-tile; 343 tokens are 6 tiles); saves the per-row logsumexp.
+Backward (flash-style, P recomputed from the logsumexp; ``delta = rowsum(dO * O)`` computed first):
+  1. ``_bwd_dkdv_kernel``: per (window, key block, head), loop over query blocks -> dK, dV.
+  2. ``_bwd_dq_kernel``: per (query block, head, group of windows), loop over its windows and key blocks
+     -> dQ; with a single key block it also sums dS over its windows into a private ``(N, N)`` partial
+     of the bias-table gradient.
+  3. ``_bwd_dbias_kernel`` (more than one key block only): per (query block x key block, head, group of
+     windows) -> the same partials.
+  4. ``_dtable_reduce_kernel``: per block of table rows, sum the partials of every (query, key) pair with that
+     relative offset over the groups in a fixed order.  Deterministic; no atomics anywhere.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+MASK_VALUE = -100.0
+
+# --------------------------------------------------------------------------------------------------
+# Device code
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _tokens(wi, t, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+            WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
+            BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
+    """Grid token index (int64), shift-region id and bias coordinates of tokens ``t`` of window ``wi``."""
+    nw = nWd * nWh * nWw
+    b = wi // nw
+    r = wi % nw
+    wdi = r // (nWh * nWw)
+    whi = (r // nWw) % nWh
+    wwi = r % nWw
+    yd = wdi * WD + t // (WH * WW)
+    yh = whi * WH + (t // WW) % WH
+    yw = wwi * WW + t % WW
+    sd = (yd + shd) % D
+    sh = (yh + shh) % H
+    sw = (yw + shw) % W
+    tok = ((b * D + sd) * H + sh) * W + sw
+    region = (((yd >= D - WD).to(tl.int32) + (yd >= D - shd).to(tl.int32)) * 9
+              + ((yh >= H - WH).to(tl.int32) + (yh >= H - shh).to(tl.int32)) * 3
+              + ((yw >= W - WW).to(tl.int32) + (yw >= W - shw).to(tl.int32)))
+    bd = t // (BH * BW)
+    bh = (t // BW) % BH
+    bw = t % BW
+    return tok, region, bd, bh, bw
+
+
+@triton.jit
+def _scores(q, k, scale, head, table_ptr, st0, st1, row_ok, col_ok,
+            qreg, kreg, qbd, qbh, qbw, kbd, kbh, kbw,
+            HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+            TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr, PREC: tl.constexpr):
+    """[BLOCK_M, BLOCK_N] scores q k^T * scale + bias + shift mask; padded keys are -inf."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
+    if HAS_BIAS:
+        idx = ((qbd[:, None] - kbd[None, :] + TWD - 1) * ((2 * TWH - 1) * (2 * TWW - 1))
+               + (qbh[:, None] - kbh[None, :] + TWH - 1) * (2 * TWW - 1)
+               + (qbw[:, None] - kbw[None, :] + TWW - 1))
+        bias = tl.load(table_ptr + idx.to(tl.int64) * st0 + head * st1,
+                       mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        s = s + bias.to(s.dtype)
+    if HAS_MASK:
+        s = tl.where(qreg[:, None] == kreg[None, :], s, s + MASK_VALUE)
+    return tl.where(col_ok[None, :], s, float("-inf"))
+
+
+@triton.jit
+def _fwd_kernel(
+    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
+    out_ptr,    # shape (B, D, H, W, C), contiguous
+    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    table_ptr,  # shape (T, heads), strides (st0, st1)
+    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_ty = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    n_mb = tl.cdiv(N, BLOCK_M)
+    wi = pid // n_mb
+    rows = (pid % n_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_ok = rows < N
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < head_dim
+    qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw, WD, WH, WW, BD, BH, BW)
+    ch = head * head_dim + dd
+    qm = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(qkv_ptr + qtok[:, None] * (3 * C) + ch[None, :], mask=qm, other=0.0)
+    if CAST:
+        q = q.to(acc_ty)
+    m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
+    l_i = tl.zeros([BLOCK_M], acc_ty)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
+    for n0 in range(0, N, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        col_ok = cols < N
+        ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                            WD, WH, WW, BD, BH, BW)
+        km = col_ok[:, None] & d_ok[None, :]
+        kbase = qkv_ptr + ktok[:, None] * (3 * C) + ch[None, :]
+        k = tl.load(kbase + C, mask=km, other=0.0)
+        v = tl.load(kbase + 2 * C, mask=km, other=0.0)
+        if CAST:
+            k = k.to(acc_ty)
+            v = v.to(acc_ty)
+        s = _scores(q, k, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg, qbd, qbh, qbw,
+                    kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC).to(acc_ty)
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc_ty)
+        m_i = m_new
+    out = acc / l_i[:, None]
+    tl.store(out_ptr + qtok[:, None] * C + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=qm)
+    tl.store(lse_ptr + qtok * heads + head, m_i + tl.log(l_i), mask=row_ok)
+
+
+@triton.jit
+def _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, tok, row_ok, ch, d_ok, head, heads, C,
+               CAST: tl.constexpr, ACC: tl.constexpr):
+    """q, dO, lse and delta of a block of query rows."""
+    m = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(qkv_ptr + tok[:, None] * (3 * C) + ch[None, :], mask=m, other=0.0)
+    do = tl.load(dout_ptr + tok[:, None] * C + ch[None, :], mask=m, other=0.0)
+    if CAST:
+        q = q.to(ACC)
+        do = do.to(ACC)
+    lse = tl.load(lse_ptr + tok * heads + head, mask=row_ok, other=0.0)
+    delta = tl.load(delta_ptr + tok * heads + head, mask=row_ok, other=0.0)
+    return q, do, lse, delta
+
+
+@triton.jit
+def _load_cols(qkv_ptr, tok, col_ok, ch, d_ok, C, CAST: tl.constexpr, ACC: tl.constexpr):
+    """k and v of a block of key columns."""
+    m = col_ok[:, None] & d_ok[None, :]
+    base = qkv_ptr + tok[:, None] * (3 * C) + ch[None, :]
+    k = tl.load(base + C, mask=m, other=0.0)
+    v = tl.load(base + 2 * C, mask=m, other=0.0)
+    if CAST:
+        k = k.to(ACC)
+        v = v.to(ACC)
+    return k, v
+
+
+@triton.jit
+def _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok,
+          qreg, kreg, qbd, qbh, qbw, kbd, kbh, kbw,
+          HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr,
+          TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr, PREC: tl.constexpr, ACC: tl.constexpr):
+    """Recomputed P and dS = P * (dO V^T - delta) of one [BLOCK_M, BLOCK_N] tile (zero outside the window)."""
+    s = _scores(q, k, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg, qbd, qbh, qbw,
+                kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC).to(ACC)
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(row_ok[:, None] & col_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
+    ds = p * (dp - delta[:, None])
+    return p, ds
+
+
+@triton.jit
+def _bwd_dkdv_kernel(
+    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
+    dout_ptr,   # shape (B, D, H, W, C), contiguous
+    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype: rowsum(dO * O)
+    table_ptr,  # shape (T, heads), strides (st0, st1)
+    dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous: this kernel writes the k and v parts
+    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_ty = lse_ptr.dtype.element_ty
+    pid = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    n_nb = tl.cdiv(N, BLOCK_N)
+    wi = pid // n_nb
+    cols = (pid % n_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < head_dim
+    ch = head * head_dim + dd
+    ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw, WD, WH, WW, BD, BH, BW)
+    k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
+    for m0 in range(0, N, BLOCK_M):
+        rows = m0 + tl.arange(0, BLOCK_M)
+        row_ok = rows < N
+        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                            WD, WH, WW, BD, BH, BW)
+        q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
+                                       C, CAST, acc_ty)
+        p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
+                      qbd, qbh, qbw, kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
+        dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(acc_ty)
+        dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(acc_ty)
+    m = col_ok[:, None] & d_ok[None, :]
+    base = dqkv_ptr + ktok[:, None] * (3 * C) + ch[None, :]
+    out_ty = dqkv_ptr.dtype.element_ty
+    tl.store(base + C, (dk * scale).to(out_ty), mask=m)
+    tl.store(base + 2 * C, dv.to(out_ty), mask=m)
+
+
+@triton.jit
+def _bwd_dq_kernel(
+    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
+    dout_ptr,   # shape (B, D, H, W, C), contiguous
+    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    table_ptr,  # shape (T, heads), strides (st0, st1)
+    dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous: this kernel writes the q part
+    part_ptr,   # shape (G, heads, N, N), contiguous, accumulation dtype: dS summed over each group's windows
+    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_DBIAS: tl.constexpr, CAST: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_ty = lse_ptr.dtype.element_ty
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    g = tl.program_id(2).to(tl.int64)
+    row_ok = rows < N
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < head_dim
+    ch = head * head_dim + dd
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], acc_ty)
+    w_end = tl.minimum(g * per_group + per_group, n_windows)
+    for wi in range(g * per_group, w_end):
+        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                            WD, WH, WW, BD, BH, BW)
+        q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
+                                       C, CAST, acc_ty)
+        dq = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
+        for n0 in range(0, N, BLOCK_N):
+            cols = n0 + tl.arange(0, BLOCK_N)
+            col_ok = cols < N
+            ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                                WD, WH, WW, BD, BH, BW)
+            k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+            p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
+                          qbd, qbh, qbw, kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(acc_ty)
+            if FUSE_DBIAS:
+                dbias += ds
+        tl.store(dqkv_ptr + qtok[:, None] * (3 * C) + ch[None, :], (dq * scale).to(dqkv_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    if FUSE_DBIAS:
+        cols = tl.arange(0, BLOCK_N)
+        base = part_ptr + (g * heads + head) * N * N
+        tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=row_ok[:, None] & (cols < N)[None, :])
+
+
+@triton.jit
+def _bwd_dbias_kernel(
+    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
+    dout_ptr,   # shape (B, D, H, W, C), contiguous
+    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype
+    table_ptr,  # shape (T, heads), strides (st0, st1)
+    part_ptr,   # shape (G, heads, N, N), contiguous, accumulation dtype: dS summed over each group's windows
+    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
+    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
+    HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    acc_ty = lse_ptr.dtype.element_ty
+    n_nb = tl.cdiv(N, BLOCK_N)
+    pid = tl.program_id(0)
+    rows = (pid // n_nb) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = (pid % n_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    g = tl.program_id(2).to(tl.int64)
+    row_ok = rows < N
+    col_ok = cols < N
+    dd = tl.arange(0, BLOCK_D)
+    d_ok = dd < head_dim
+    ch = head * head_dim + dd
+    dbias = tl.zeros([BLOCK_M, BLOCK_N], acc_ty)
+    w_end = tl.minimum(g * per_group + per_group, n_windows)
+    for wi in range(g * per_group, w_end):
+        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                            WD, WH, WW, BD, BH, BW)
+        ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+                                            WD, WH, WW, BD, BH, BW)
+        q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
+                                       C, CAST, acc_ty)
+        k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+        p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
+                      qbd, qbh, qbw, kbd, kbh, kbw, True, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
+        dbias += ds
+    base = part_ptr + (g * heads + head) * N * N
+    tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=row_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def _dtable_reduce_kernel(
+    part_ptr,    # shape (G, heads, N, N), contiguous, accumulation dtype
+    dtable_ptr,  # shape (T, heads), contiguous, accumulation dtype
+    G, heads, N, T,
+    BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
+    TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
+):
+    r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    r_ok = r < T
+    # relative offset (query - key) of each table row
+    od = r // ((2 * TWH - 1) * (2 * TWW - 1)) - (TWD - 1)
+    oh = (r // (2 * TWW - 1)) % (2 * TWH - 1) - (TWH - 1)
+    ow = r % (2 * TWW - 1) - (TWW - 1)
+    for h in range(0, heads):
+        acc = tl.zeros([BLOCK_R, BLOCK_I], dtable_ptr.dtype.element_ty)
+        for g in range(0, G):
+            base = part_ptr + (g * heads + h).to(tl.int64) * N * N
+            for i0 in range(0, N, BLOCK_I):
+                i = i0 + tl.arange(0, BLOCK_I)
+                kd = (i // (BH * BW))[None, :] - od[:, None]
+                kh = ((i // BW) % BH)[None, :] - oh[:, None]
+                kw = (i % BW)[None, :] - ow[:, None]
+                j = (kd * BH + kh) * BW + kw
+                ok = (r_ok[:, None] & (i < N)[None, :] & (kd >= 0) & (kd < BD) & (kh >= 0) & (kh < BH)
+                      & (kw >= 0) & (kw < BW) & (j < N))
+                acc += tl.load(base + i[None, :].to(tl.int64) * N + j, mask=ok, other=0.0)
+        tl.store(dtable_ptr + r * heads + h, tl.sum(acc, axis=1), mask=r_ok)
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords):
+    """Shared launch parameters: sizes, tiles and constexpr flags."""
+    B, D, H, W, C3 = qkv.shape
+    C = C3 // 3
+    head_dim = C // num_heads
+    N = window[0] * window[1] * window[2]
+    block = 16 if N <= 16 else (32 if N <= 32 else 64)
+    nwin = (D // window[0]) * (H // window[1]) * (W // window[2])
+    interp = qkv.device.type == "cpu"
+    return dict(
+        B=B, C=C, head_dim=head_dim, N=N, nwin=nwin, n_windows=B * nwin, block=block,
+        cast=interp or qkv.dtype in (torch.float32, torch.float64),
+        prec="ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32",
+        block_d=max(16, triton.next_power_of_2(head_dim)),
+        nW=(D // window[0], H // window[1], W // window[2]),
+        consts=dict(WD=window[0], WH=window[1], WW=window[2], BD=bias_coords[0], BH=bias_coords[1],
+                    BW=bias_coords[2], TWD=table_window[0], TWH=table_window[1], TWW=table_window[2]),
+    )
+
+
+def _table_args(table, dummy):
+    if table is None:
+        return dummy, 0, 0
+    return table, table.stride(0), table.stride(1)
+
+
+def window_attention_forward(qkv: torch.Tensor, table, num_heads: int, window, shift, scale: float,
+                             table_window, bias_coords) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, D, H, W, C), lse (B, D, H, W, heads))`` for a divisible ``(B, D, H, W, 3C)`` grid.
+
+    ``window``/``shift`` are the effective 3-tuples; ``table`` is ``(T, heads)`` or None.
+    """
+    qkv = qkv.contiguous()
+    cfg = _config(qkv, num_heads, window, table_window, bias_coords)
+    B, D, H, W, _ = qkv.shape
+    out = torch.empty(qkv.shape[:-1] + (cfg["C"],), dtype=qkv.dtype, device=qkv.device)
+    lse = torch.empty(qkv.shape[:-1] + (num_heads,), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
+    tab, st0, st1 = _table_args(table, lse)
+    blk = cfg["block"]
+    grid = (cfg["n_windows"] * triton.cdiv(cfg["N"], blk), num_heads)
+    wrap_triton(_fwd_kernel)[grid](
+        qkv, out, lse, tab, st0, st1, D, H, W, cfg["C"], cfg["head_dim"], cfg["N"], *cfg["nW"], *shift,
+        float(scale), **cfg["consts"], HAS_BIAS=table is not None, HAS_MASK=any(s > 0 for s in shift),
+        CAST=cfg["cast"], PREC=cfg["prec"], BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=cfg["block_d"],
+        num_warps=4)
+    return out, lse
+
+
+def _groups(n_windows: int, programs_per_group: int, part_bytes_per_group: int,
+            device: torch.device) -> tuple[int, int]:
+    """(groups, windows per group) for the dQ / bias kernels; each group writes one partial."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:
+        target = 4
+    groups = max(1, min(n_windows, triton.cdiv(target, programs_per_group)))
+    budget = 256 << 20  # at most this many bytes of partials
+    groups = max(1, min(groups, budget // max(1, part_bytes_per_group)))
+    per_group = triton.cdiv(n_windows, groups)
+    return triton.cdiv(n_windows, per_group), per_group
+
+
+def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
+                              table, num_heads: int, window, shift, scale: float, table_window, bias_coords):
+    """``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None)``; deterministic."""
+    qkv = qkv.contiguous()
+    dout = dout.contiguous()
+    cfg = _config(qkv, num_heads, window, table_window, bias_coords)
+    B, D, H, W, _ = qkv.shape
+    C, hd, N = cfg["C"], cfg["head_dim"], cfg["N"]
+    acc = lse.dtype
+    delta = (dout.to(acc) * out.to(acc)).view(*out.shape[:-1], num_heads, hd).sum(-1).contiguous()
+    dqkv = torch.empty_like(qkv)
+    tab, st0, st1 = _table_args(table, lse)
+    blk = cfg["block"]
+    n_b = triton.cdiv(N, blk)
+    has_mask = any(s > 0 for s in shift)
+    common = dict(**cfg["consts"], HAS_MASK=has_mask, CAST=cfg["cast"], PREC=cfg["prec"], BLOCK_M=blk, BLOCK_N=blk,
+                  BLOCK_D=cfg["block_d"])
+    sizes = (D, H, W, C, hd, N, *cfg["nW"], *shift, float(scale))
+    wrap_triton(_bwd_dkdv_kernel)[(cfg["n_windows"] * n_b, num_heads)](
+        qkv, dout, lse, delta, tab, dqkv, st0, st1, *sizes, HAS_BIAS=table is not None, **common, num_warps=4)
+
+    fuse = table is not None and n_b == 1
+    elem = torch.finfo(acc).bits // 8
+    if table is not None:
+        G, per_group = _groups(cfg["n_windows"], n_b * n_b * num_heads, num_heads * N * N * elem, qkv.device)
+    else:
+        G, per_group = _groups(cfg["n_windows"], n_b * num_heads, 0, qkv.device)
+    part = torch.empty((G, num_heads, N, N) if table is not None else (0,), dtype=acc, device=qkv.device)
+    wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, G)](
+        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], per_group,
+        HAS_BIAS=table is not None, FUSE_DBIAS=fuse, **common, num_warps=4)
+    if table is None:
+        return dqkv, None
+    if not fuse:
+        wrap_triton(_bwd_dbias_kernel)[(n_b * n_b, num_heads, G)](
+            qkv, dout, lse, delta, tab, part, st0, st1, *sizes, cfg["n_windows"], per_group, **common, num_warps=4)
+    T = table.shape[0]
+    dtable = torch.empty((T, num_heads), dtype=acc, device=qkv.device)
+    c = cfg["consts"]
+    block_r = 32
+    wrap_triton(_dtable_reduce_kernel)[(triton.cdiv(T, block_r),)](
+        part, dtable, G, num_heads, N, T, BD=c["BD"], BH=c["BH"], BW=c["BW"], TWD=c["TWD"], TWH=c["TWH"],
+        TWW=c["TWW"], BLOCK_R=block_r, BLOCK_I=min(64, triton.next_power_of_2(N)), num_warps=4)
+    return dqkv, dtable.to(table.dtype)
