@@ -1,1 +1,4 @@
 """Complete models assembled from fastmed blocks."""
+from fastmed.models.unet import UNet, plan_nnunet
+
+__all__ = ["UNet", "plan_nnunet"]
