@@ -1,0 +1,188 @@
+"""Models from fastmed blocks: parameter counts, fused vs plain-PyTorch agreement, training, compile, errors."""
+import copy
+
+import pytest
+import torch
+
+from fastmed.models import AttentionUNet, UNet, plan_nnunet
+
+
+def _count(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _agree(model, x, atol=1e-4, rtol=1e-4):
+    """fused=True and fused=False give the same outputs and parameter gradients (same weights, train mode)."""
+    outs, grads = [], []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        m.fused = fused
+        y = m(x)
+        ys = y if isinstance(y, list) else [y]
+        sum((t.float() * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in ys).backward()
+        outs.append([t.detach() for t in ys])
+        grads.append(_grads(m))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))
+    for k in grads[0]:
+        torch.testing.assert_close(grads[0][k], grads[1][k], atol=atol, rtol=rtol, msg=k)
+
+
+# ---------------------------------------------------------------------------------------------- parameter counts
+def test_unet_original_parameter_count():
+    with torch.device("meta"):
+        model = UNet.original(in_channels=1, out_channels=2)
+    assert _count(model) == 31_030_658
+    assert round(_count(model) / 1e6, 2) == 31.03
+
+
+def test_nnunet_plan_rules():
+    plan = plan_nnunet((128, 128, 128), (1.0, 1.0, 1.0))
+    assert plan["features"] == (32, 64, 128, 256, 320, 320)
+    assert plan["strides"] == ((1, 1, 1),) + ((2, 2, 2),) * 5
+    aniso = plan_nnunet((40, 160, 160), (3.0, 0.8, 0.8))
+    assert aniso["strides"][1] == (1, 2, 2) and aniso["kernel_sizes"][0] == (1, 3, 3)
+    assert plan_nnunet((512, 512))["features"][-1] == 512
+    with pytest.raises(ValueError, match="divisible by the total stride"):
+        plan_nnunet((100, 100, 100))
+    with pytest.raises(ValueError, match="spacing"):
+        plan_nnunet((64, 64, 64), (1.0, -1.0, 1.0))
+
+
+def test_nnunet_preset_structure():
+    with torch.device("meta"):
+        model = UNet.nnunet((128, 128, 128), in_channels=1, out_channels=3)
+    assert model.features == (32, 64, 128, 256, 320, 320)
+    assert len(model.decoder.seg_layers) == 5 and model.deep_supervision
+    assert "encoder.stages.0.0.convs.0.conv.weight" in model.state_dict()
+    assert "decoder.transpconvs.0.weight" in model.state_dict()
+    with torch.device("meta"):
+        res = UNet.resenc((64, 64, 64))
+    assert [len(s.blocks) for s in res.encoder.stages] == [1, 3, 4, 6, 6]
+    assert "encoder.stem.convs.0.conv.weight" in res.state_dict()
+
+
+# ------------------------------------------------------------------------------------------- fused vs reference
+@pytest.mark.parametrize("cfg", [
+    dict(spatial_dims=2, residual=False, deep_supervision=True),
+    dict(spatial_dims=3, residual=False, deep_supervision=False),
+    dict(spatial_dims=3, residual=True, deep_supervision=True, blocks_per_stage=(1, 2, 1)),
+    dict(spatial_dims=2, norm="batch", act="relu", downsample="maxpool"),
+    dict(spatial_dims=2, norm="group", norm_kwargs={"num_groups": 2}, act="gelu"),
+])
+def test_unet_fused_matches_reference(cfg):
+    torch.manual_seed(0)
+    sd = cfg.pop("spatial_dims")
+    model = UNet(sd, 2, 3, features=(4, 8, 8), strides=(1, 2, 2), **cfg)
+    x = torch.randn(2, 2, *(8,) * sd)
+    _agree(model, x)
+
+
+def test_unet_deep_supervision_shapes():
+    model = UNet(3, 1, 2, features=(4, 8, 8), strides=(1, 2, (1, 2, 2)), deep_supervision=True)
+    out = model(torch.randn(1, 1, 8, 8, 8))
+    assert [tuple(o.shape) for o in out] == [(1, 2, 8, 8, 8), (1, 2, 4, 4, 4)]
+
+
+def test_unet_channels_last_checkpointing_and_autocast():
+    torch.manual_seed(1)
+    model = UNet(3, 1, 2, features=(4, 8), strides=(1, 2))
+    x = torch.randn(2, 1, 8, 8, 8)
+    ref = model(x)
+    cl = model(x.contiguous(memory_format=torch.channels_last_3d))
+    torch.testing.assert_close(cl, ref, atol=1e-5, rtol=1e-5)
+    ref.sum().backward()
+    g_ref = _grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    xr = x.clone().requires_grad_(True)
+    model(xr).sum().backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-5, msg=k)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert low.dtype == torch.bfloat16 and torch.isfinite(low.float()).all()
+    torch.testing.assert_close(low.float(), ref.detach(), atol=0.15, rtol=0.1)
+
+
+def test_unet_torch_compile_fullgraph():
+    torch.manual_seed(2)
+    model = UNet(2, 1, 2, features=(4, 8), strides=(1, 2))
+    x = torch.randn(1, 1, 8, 8)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x), model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_unet_training_reduces_loss():
+    from fastmed.nn import DiceCELoss
+
+    torch.manual_seed(3)
+    model = UNet(2, 1, 2, features=(4, 8), strides=(1, 2))
+    x = torch.randn(4, 1, 16, 16)
+    y = (x > 0.3).long()
+    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        loss = loss_fn(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.8 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------------------- errors
+def test_unet_bad_input():
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        UNet(1, 1, 2, features=(4, 8), strides=(1, 2))
+    with pytest.raises(ValueError, match="strides must have one entry per stage"):
+        UNet(2, 1, 2, features=(4, 8), strides=(1,))
+    model = UNet(2, 1, 2, features=(4, 8), strides=(1, 2))
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match="spatial_dims=2"):
+        model(torch.randn(1, 1, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"divisible by the product of the strides \(2, 2\).*\(10, 8\)"):
+        model(torch.randn(1, 1, 9, 8))
+
+
+# ------------------------------------------------------------------------------------------------ AttentionUNet
+@pytest.mark.parametrize("sd", [2, 3])
+def test_attention_unet_matches_monai(sd):
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from fastmed.convert import from_monai_attention_unet
+
+    torch.manual_seed(4)
+    ref = monai_nets.AttentionUnet(sd, 2, 3, channels=(4, 8, 16), strides=(2, 2))
+    model = AttentionUNet(sd, 2, 3, channels=(4, 8, 16), strides=(2, 2))
+    assert _count(model) == _count(ref)
+    model.load_state_dict(from_monai_attention_unet(ref.state_dict()))
+    x = torch.randn(2, 2, *(8,) * sd)
+    ref_eval, model_eval = copy.deepcopy(ref).eval(), copy.deepcopy(model).eval()
+    torch.testing.assert_close(model_eval(x), ref_eval(x), atol=1e-5, rtol=1e-5)
+    y_ref, y = ref(x), model(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(y)
+    (y_ref * w).sum().backward()
+    (y * w).sum().backward()
+    g_ref = {k: v.grad for k, v in ref.named_parameters()}
+    mapped = from_monai_attention_unet(g_ref)
+    for k, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, mapped[k], atol=1e-5, rtol=1e-4, msg=k)
+    _agree(model, x)
+
+
+def test_attention_unet_bad_input():
+    with pytest.raises(ValueError, match="strides needs"):
+        AttentionUNet(2, 1, 2, channels=(4, 8, 16), strides=(2,))
+    model = AttentionUNet(2, 1, 2, channels=(4, 8), strides=(2,))
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.randn(1, 2, 8, 8))
+    with pytest.raises(ValueError, match="divisible"):
+        model(torch.randn(1, 1, 7, 8))
