@@ -98,8 +98,9 @@ class ConvNormAct(nn.Module):
             position); while it is active (training, p > 0) the block runs unfused: conv, dropout, norm_act.
         implementation: ``"auto"``, ``"cudnn"`` or ``"implicit_gemm"`` (see :mod:`fastmed.ops.conv_block`).
 
-    ``forward(x, residual=None)``: ``(N, Cout, *spatial_out)``; ``residual`` (shaped like the output) is
-    added after the normalization, before the activation.
+    ``forward(x, residual=None, skip=None)``: ``(N, Cout, *spatial_out)``; ``residual`` (shaped like the
+    output) is added after the normalization, before the activation; ``skip`` given, the convolution reads
+    ``cat([x, skip], 1)`` (``in_channels`` counts both), without writing it with ``implementation="implicit_gemm"``.
     """
 
     def __init__(self, spatial_dims: int, in_channels: int, out_channels: int,
@@ -129,17 +130,19 @@ class ConvNormAct(nn.Module):
         self.nonlin = _make_act(act, act_kwargs)
         self._register_load_state_dict_pre_hook(_drop_nnunet_duplicates, with_module=True)
 
-    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return self.run(x, residual, self.nonlin)
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
+                skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.run(x, residual, self.nonlin, skip)
 
-    def run(self, x: torch.Tensor, residual: Optional[torch.Tensor], nonlin: nn.Module) -> torch.Tensor:
+    def run(self, x: torch.Tensor, residual: Optional[torch.Tensor], nonlin: nn.Module,
+            skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block with the activation of ``nonlin`` (``ResidualBlock`` passes its final activation)."""
         act, slope, prelu = _activation_of(nonlin)
         if prelu is not None:
             slope = prelu.weight
         conv = self.conv
         if self.dropout is not None and self.training:
-            h = self.dropout(conv(x))
+            h = self.dropout(conv(x if skip is None else torch.cat([x, skip], 1)))
             if self.norm is None:
                 z = h if residual is None else h + residual
                 return na_ref.apply_activation(z, act, slope.to(z.dtype) if prelu is not None else slope)
@@ -147,14 +150,14 @@ class ConvNormAct(nn.Module):
         if self.norm is None:
             return conv_norm_act(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding,
                                  dilation=conv.dilation, norm="none", activation=act, negative_slope=slope,
-                                 residual=residual, implementation=self.implementation)
+                                 residual=residual, skip=skip, implementation=self.implementation)
         nrm = self.norm
         running_mean, running_var, momentum, training = _norm_state(nrm)
         return conv_norm_act(x, conv.weight, conv.bias, nrm.weight, nrm.bias, stride=conv.stride,
                              padding=conv.padding, dilation=conv.dilation, norm=nrm.kind, num_groups=nrm.num_groups,
                              eps=nrm.eps, activation=act, negative_slope=slope, residual=residual,
                              running_mean=running_mean, running_var=running_var, momentum=momentum,
-                             training=training, implementation=self.implementation)
+                             training=training, skip=skip, implementation=self.implementation)
 
     def norm_act(self, h, residual, act, slope):
         nrm = self.norm
@@ -223,6 +226,9 @@ class ResidualBlock(nn.Module):
 class UpBlock(nn.Module):
     """Decoder stage: ``convs(cat([transpconv(x), skip], dim=1))`` (nnU-Net's decoder order).
 
+    The first convolution reads the upsampled features and the skip as two inputs, so with
+    ``implementation="implicit_gemm"`` the concatenated tensor is never materialized.
+
     ``transpconv`` is a transposed convolution with kernel = stride = ``upsample_stride`` from ``in_channels``
     to ``up_channels`` (default ``skip_channels``, as in nnU-Net); ``convs`` is ``num_convs`` ConvNormAct
     blocks, the first from ``up_channels + skip_channels`` to ``out_channels``.
@@ -254,11 +260,10 @@ class UpBlock(nn.Module):
         if up.shape[2:] != skip.shape[2:] or up.shape[0] != skip.shape[0]:
             raise ValueError(f"skip must have batch and spatial size {(up.shape[0],) + tuple(up.shape[2:])} "
                              f"(the upsampled x), got skip of shape {tuple(skip.shape)}")
-        fmt = torch.channels_last_3d if up.dim() == 5 else torch.channels_last
-        cat = torch.cat([up, skip], dim=1)
-        if skip.is_contiguous(memory_format=fmt) and not skip.is_contiguous():
-            cat = cat.contiguous(memory_format=fmt)
-        return self.convs(cat)
+        h = self.convs[0](up, skip=skip)
+        for block in self.convs[1:]:
+            h = block(h)
+        return h
 
 
 _MONAI_RENAMES = {

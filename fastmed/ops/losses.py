@@ -42,7 +42,7 @@ from fastmed._validate import check_choice, check_same_device, check_tensor
 from fastmed.reference import losses as ref
 
 __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "dice_ce_loss", "dice_focal_loss",
-           "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights", "loss_stats"]
+           "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights"]
 
 _backend.register_op(
     "losses", ("triton", "reference"),
@@ -118,12 +118,19 @@ class _Spec(NamedTuple):
     focal_pos: int = ref.FPOS_OFF
 
 
+@torch.compiler.assume_constant_result
+def _choose_backend(device: torch.device) -> str:
+    # Resolved once while torch.compile traces (the choice is a constant of the graph): dynamo cannot read the
+    # context variable behind fastmed.use_backend itself.
+    return _backend.choose("losses", device)
+
+
 def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
     args = (tgt.target, tgt.mask, spec.act, tgt.label_mode, tgt.has_ignore, tgt.ignore_index, spec.pow_mode,
             spec.ce_mode, spec.focal_mode, spec.focal_c0, float(spec.gamma), spec.focal_pos)
     if tgt.target.requires_grad:
         return ref.loss_stats(logits, *args)
-    backend = _backend.choose("losses", logits.device)
+    backend = _choose_backend(logits.device)
     return torch.ops.fastmed.loss_stats(logits, *args, backend)
 
 

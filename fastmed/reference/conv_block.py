@@ -5,7 +5,8 @@ This is the test oracle and the CPU fallback of :func:`fastmed.ops.conv_norm_act
 :mod:`fastmed.reference.norm_act`.
 
 Shapes (``sd`` = 2 or 3 spatial dims):
-    x          ``(N, Cin, *spatial_in)``
+    x          ``(N, Cin, *spatial_in)``, or ``(N, C1, ...)`` plus a second input ``x2``/``skip`` ``(N, C2, ...)``
+               with Cin = C1 + C2 (the convolution reads their concatenation along channels)
     weight     ``(Cout, Cin, *kernel)``
     bias       ``(Cout,)`` or None
     conv_out   ``(N, Cout, *spatial_out)`` with ``out = (in + 2 p - d (k - 1) - 1) // s + 1`` per axis
@@ -58,14 +59,16 @@ def memory_format(t: torch.Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
-def conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride, padding,
-                       dilation, kind, num_groups, eps, activation, negative_slope):
+def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
+                       padding, dilation, kind, num_groups, eps, activation, negative_slope):
     """Forward on the reference backend: returns ``(y, conv_out, mean, rstd)``.
 
+    The convolution input is ``x``, or ``cat([x, x2], 1)`` when a second input ``x2`` (a decoder's skip) is given.
     ``conv_out`` is the convolution output (saved for the backward); ``mean``/``rstd`` the statistics of
     the normalization, ``(N * G,)`` (instance: G = Cout) or ``(Cout,)`` (batch).
     """
-    conv_out = conv_nd(x, weight, bias, stride, padding, dilation)
+    xin = x if x2 is None else torch.cat([x, x2], 1)
+    conv_out = conv_nd(xin, weight, bias, stride, padding, dilation)
     y, mean, rstd = na.norm_act_forward(conv_out, kind, norm_weight, norm_bias, num_groups=num_groups, eps=eps,
                                         activation_name=activation,
                                         negative_slope=slope if activation == "prelu" else negative_slope,
@@ -73,11 +76,11 @@ def conv_block_forward(x, weight, bias, norm_weight, norm_bias, residual, slope,
     return y, conv_out, mean, rstd
 
 
-def conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding,
-                        dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias):
+def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
+                        padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias):
     """Backward on the reference backend.
 
-    Returns ``(dx, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope)``, None where absent.
+    Returns ``(dx, dx2, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope)``, None where absent.
     """
     # torch's CPU native_group_norm_backward is wrong when dy and x differ in memory format: match them.
     dy = dy.contiguous(memory_format=memory_format(conv_out))
@@ -85,21 +88,30 @@ def conv_block_backward(dy, x, weight, conv_out, norm_weight, norm_bias, residua
         dy, conv_out, kind, norm_weight, norm_bias, residual, slope, mean, rstd, num_groups=num_groups,
         activation_name=activation, negative_slope=negative_slope, input_stats=input_stats)
     acc = na.stats_dtype(x.dtype)
-    dx = conv_input_grad(x.shape, weight, dconv, stride, padding, dilation).to(x.dtype)
-    dw = conv_weight_grad(x.to(acc), weight.shape, dconv.to(acc), stride, padding, dilation).to(weight.dtype)
+    xin = x if x2 is None else torch.cat([x, x2], 1)
+    dxin = conv_input_grad(xin.shape, weight, dconv, stride, padding, dilation).to(x.dtype)
+    if x2 is None:
+        dx, dx2 = dxin, None
+    else:  # two outputs that may not alias each other: copies in the layouts of x and x2
+        dx = dxin[:, :x.shape[1]].clone(memory_format=memory_format(x))
+        dx2 = dxin[:, x.shape[1]:].clone(memory_format=memory_format(x2))
+    dw = conv_weight_grad(xin.to(acc), weight.shape, dconv.to(acc), stride, padding, dilation).to(weight.dtype)
     red = [0] + list(range(2, dconv.dim()))
     db = dconv.to(acc).sum(red).to(weight.dtype) if has_bias else None
-    return dx, dw, db, dnw, dnb, dres, dslope
+    return dx, dx2, dw, db, dnw, dnb, dres, dslope
 
 
 def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=None, *, stride=1, padding=0,
                             dilation=1, norm="instance", num_groups=None, eps=1e-5, activation="leaky_relu",
                             negative_slope=0.01, residual=None, running_mean=None, running_var=None, momentum=0.1,
-                            training=True):
+                            training=True, skip=None):
     """The block composed from torch.nn.functional, differentiable by autograd: the oracle.
 
-    ``norm="none"`` skips normalization (then ``residual`` is added to the convolution output).
+    ``norm="none"`` skips normalization (then ``residual`` is added to the convolution output); ``skip``
+    given: the convolution input is ``cat([x, skip], 1)``.
     """
+    if skip is not None:
+        x = torch.cat([x, skip], 1)
     sd = x.dim() - 2
     expand = (lambda v: (v,) * sd if isinstance(v, int) else tuple(v))
     conv_out = conv_nd(x, weight, bias, expand(stride), expand(padding), expand(dilation))

@@ -229,3 +229,14 @@ def window_attention_eager(qkv: Tensor, num_heads: int, window_size: Sequence[in
     if any(shift_size):
         out = torch.roll(out, shifts=tuple(shift_size), dims=tuple(range(1, nd + 1)))
     return out
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
+                        scale: Optional[float] = None) -> Tensor:
+    """Global attention ``softmax(q k^T * scale + bias) v`` written out: q ``(B, h, Lq, d)``, k/v ``(B, h, Lk, d)``."""
+    acc = _acc_dtype(q.dtype)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    s = (q.to(acc) * scale) @ k.to(acc).transpose(-2, -1)
+    if bias is not None:
+        s = s + bias.to(acc)
+    return (torch.softmax(s, dim=-1) @ v.to(acc)).to(q.dtype)

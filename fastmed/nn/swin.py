@@ -1,0 +1,288 @@
+"""Swin building blocks on the token grid (Swin Transformer, Swin-Unet, SwinUNETR).
+
+Every module takes and returns channels-last token grids ``(B, H, W, C)`` / ``(B, D, H, W, C)``.
+Parameter and buffer names follow MONAI's ``monai.networks.nets.swin_unetr`` (``norm1``, ``attn.qkv``,
+``attn.proj``, ``attn.relative_position_bias_table``, ``attn.relative_position_index``, ``norm2``,
+``mlp.linear1``, ``mlp.linear2``; ``reduction``/``norm`` for patch merging) and Swin-Unet (``expand``/``norm``
+for patch expanding), so their state dicts load with ``load_state_dict``.
+
+``WindowAttention`` and ``SwinTransformerBlock`` have two paths that agree: ``fused=True`` runs
+:func:`fastmed.ops.window_attention` (shift, partition, bias, mask, softmax, reverse in one kernel);
+``fused=False`` runs the eager composition exactly as MONAI writes it (pad, roll, partition, explicit bias
+and mask, softmax, reverse, roll back).  The patch merging/expanding layers are reshapes around a LayerNorm
+and a Linear and have one path.
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fastmed.ops.window_attention import BIAS_INDEX, window_attention
+from fastmed.reference import window_attention as ref
+
+__all__ = ["WindowAttention", "SwinTransformerBlock", "Mlp", "DropPath", "PatchMerging", "PatchExpand",
+           "FinalPatchExpandX4"]
+
+
+def _tuple(value: Union[int, Sequence[int]], nd: int, name: str) -> tuple[int, ...]:
+    if isinstance(value, int):
+        return (value,) * nd
+    value = tuple(int(v) for v in value)
+    if len(value) != nd:
+        raise ValueError(f"{name} must have {nd} entries (one per spatial axis), got {value}")
+    return value
+
+
+class WindowAttention(nn.Module):
+    """Window multi-head self-attention with relative position bias, on the token grid.
+
+    Args:
+        dim: channels C.
+        num_heads: heads; must divide ``dim``.
+        window_size: window per spatial axis; its length (2 or 3) fixes the dimensionality.
+        qkv_bias: bias in the qkv Linear.
+        attn_drop: dropout on the attention probabilities; when > 0 in training the eager path runs
+            (the fused kernel has no attention dropout).
+        proj_drop: dropout after the output projection.
+        fused: use :func:`fastmed.ops.window_attention` (True) or the eager MONAI composition (False).
+        bias_index: ``"monai"`` (default) reproduces MONAI's ``relative_position_index[:n, :n]`` when the window
+            shrinks on a small grid; ``"coords"`` looks the bias up by displacement (see the op).
+
+    Shapes: ``forward(x (B, *S, C), shift_size=0) -> (B, *S, C)``.  Any grid: windows shrink on axes not larger
+    than the window, and grids not divisible by the window are zero-padded before the qkv Linear and cropped
+    after (MONAI's ``SwinTransformerBlock`` semantics).
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], qkv_bias: bool = True,
+                 attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True, bias_index: str = "monai"):
+        super().__init__()
+        if num_heads < 1 or dim % num_heads != 0:
+            raise ValueError(f"num_heads must divide dim={dim}, got num_heads={num_heads}")
+        if bias_index not in BIAS_INDEX:
+            raise ValueError(f"bias_index must be one of {BIAS_INDEX}, got {bias_index!r}")
+        self.window_size = tuple(int(w) for w in window_size)
+        if len(self.window_size) not in (2, 3) or min(self.window_size) < 1:
+            raise ValueError(f"window_size must be 2 or 3 integers >= 1, got {window_size}")
+        self.dim, self.num_heads = dim, num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fused, self.bias_index = fused, bias_index
+        self.relative_position_bias_table = nn.Parameter(
+            torch.zeros(math.prod(2 * w - 1 for w in self.window_size), num_heads))
+        self.register_buffer("relative_position_index", ref.relative_position_index(self.window_size))
+        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+        nn.init.trunc_normal_(self.relative_position_bias_table, std=0.02)
+
+    def forward(self, x: Tensor, shift_size: Union[int, Sequence[int]] = 0) -> Tensor:
+        nd = len(self.window_size)
+        if x.dim() != nd + 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be a {nd}D token grid (B, *S, {self.dim}), got shape {tuple(x.shape)}")
+        shift = _tuple(shift_size, nd, "shift_size")
+        if self.fused and not (self.training and self.attn_drop.p > 0):
+            out = window_attention(self.qkv(x), self.num_heads, self.window_size, shift,
+                                   self.relative_position_bias_table, self.scale, qkv_pad=self.qkv.bias,
+                                   bias_index=self.bias_index)
+        else:
+            out = self._eager(x, shift)
+        return self.proj_drop(self.proj(out))
+
+    def _eager(self, x: Tensor, shift: tuple[int, ...]) -> Tensor:
+        """MONAI's composition: pad the tokens, qkv, roll, partition, bias + mask, softmax, reverse, crop."""
+        grid = tuple(x.shape[1:-1])
+        window, shift = ref.effective_window(grid, self.window_size, shift)
+        pads = []
+        for s, w in zip(reversed(grid), reversed(window)):
+            pads += [0, -s % w]
+        xp = F.pad(x, [0, 0] + pads)
+        n = math.prod(window)
+        if self.bias_index == "monai":
+            index = self.relative_position_index[:n, :n]
+        else:
+            index = ref.bias_index(window, self.window_size, window).to(x.device)
+        qkv = self.qkv(xp)
+        out = _eager_attention(qkv, self.num_heads, window, shift, self.relative_position_bias_table, self.scale,
+                               index, self.attn_drop)
+        if out.shape[1:-1] != grid:
+            out = out[(slice(None),) + tuple(slice(0, s) for s in grid)]
+        return out
+
+
+def _eager_attention(qkv: Tensor, num_heads: int, window, shift, table: Tensor, scale: float, index: Tensor,
+                     attn_drop: nn.Module) -> Tensor:
+    """timm / MONAI eager window attention on a divisible grid, with attention dropout."""
+    nd = qkv.dim() - 2
+    grid = tuple(qkv.shape[1:-1])
+    C = qkv.shape[-1] // 3
+    lead = (1,) * (3 - nd)
+    x = torch.roll(qkv, tuple(-s for s in shift), tuple(range(1, nd + 1))) if any(shift) else qkv
+    x = x.reshape((x.shape[0],) + lead + grid + (3 * C,))
+    xw = ref.window_partition(x, lead + tuple(window))
+    bw, n, _ = xw.shape
+    q, k, v = xw.reshape(bw, n, 3, num_heads, C // num_heads).permute(2, 0, 3, 1, 4)
+    attn = (q * scale) @ k.transpose(-2, -1)
+    attn = attn + table[index.reshape(-1)].view(n, n, -1).permute(2, 0, 1).unsqueeze(0)
+    mask = ref.shift_mask(lead + grid, lead + tuple(window), (0,) * (3 - nd) + tuple(shift), qkv.device, attn.dtype)
+    if mask is not None:
+        nw = mask.shape[0]
+        attn = (attn.view(-1, nw, num_heads, n, n) + mask[None, :, None]).view(-1, num_heads, n, n)
+    attn = attn_drop(torch.softmax(attn, dim=-1)).to(v.dtype)
+    out = (attn @ v).transpose(1, 2).reshape(bw, n, C)
+    out = ref.window_reverse(out, lead + tuple(window), lead + grid).reshape(qkv.shape[:-1] + (C,))
+    return torch.roll(out, tuple(shift), tuple(range(1, nd + 1))) if any(shift) else out
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: zero whole samples with probability ``drop_prob`` in training, rescale the rest."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_prob must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.training or self.drop_prob == 0.0:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.dim() - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+
+class Mlp(nn.Module):
+    """``linear2(drop(act(linear1(x))))`` then dropout, MONAI's ``MLPBlock`` in ``dropout_mode="swin"``."""
+
+    def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0):
+        super().__init__()
+        self.linear1 = nn.Linear(hidden_size, mlp_dim)
+        self.linear2 = nn.Linear(mlp_dim, hidden_size)
+        self.fn = nn.GELU()
+        self.drop = nn.Dropout(dropout_rate)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.linear2(self.drop(self.fn(self.linear1(x)))))
+
+
+class SwinTransformerBlock(nn.Module):
+    """Pre-norm Swin block: ``x + drop_path(W-MSA/SW-MSA(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``.
+
+    A drop-in for MONAI's ``SwinTransformerBlock`` (same constructor arguments and state-dict names); the
+    shifted-window mask is computed from region ids inside the kernel, so ``forward``'s ``mask_matrix`` (which
+    MONAI's ``BasicLayer`` passes) is accepted and ignored.
+
+    Shapes: ``(B, H, W, C)`` or ``(B, D, H, W, C)`` (matching ``len(window_size)``) in and out.
+    """
+
+    def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int],
+                 mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
+                 drop_path: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm, fused: bool = True,
+                 bias_index: str = "monai"):
+        super().__init__()
+        self.window_size = tuple(int(w) for w in window_size)
+        self.shift_size = _tuple(shift_size, len(self.window_size), "shift_size")
+        for w, s in zip(self.window_size, self.shift_size):
+            if not 0 <= s < w:
+                raise ValueError(f"shift_size must satisfy 0 <= shift < window on every axis, got "
+                                 f"shift_size={self.shift_size} with window_size={self.window_size}")
+        self.norm1 = norm_layer(dim)
+        self.attn = WindowAttention(dim, num_heads, self.window_size, qkv_bias=qkv_bias, attn_drop=attn_drop,
+                                    proj_drop=drop, fused=fused, bias_index=bias_index)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+
+    def forward(self, x: Tensor, mask_matrix: Optional[Tensor] = None) -> Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x), self.shift_size))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class PatchMerging(nn.Module):
+    """Concatenate each 2x2 (2x2x2) neighbourhood -> LayerNorm(4C / 8C) -> Linear(-> 2C, no bias).
+
+    ``(B, H, W, C) -> (B, ceil(H/2), ceil(W/2), 2C)`` and the 3D analogue; odd sizes are zero-padded (MONAI).
+    The concatenation order is Swin's / MONAI's: 2D ``x[0::2, 0::2], x[1::2, 0::2], x[0::2, 1::2], x[1::2, 1::2]``;
+    3D ``mode="merging"`` is MONAI's ``PatchMerging`` (SwinUNETR's default), ``mode="mergingv2"`` its
+    ``PatchMergingV2`` (``itertools.product`` order).
+    """
+
+    def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm, spatial_dims: int = 3,
+                 mode: str = "merging"):
+        super().__init__()
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if mode not in ("merging", "mergingv2"):
+            raise ValueError(f"mode must be 'merging' or 'mergingv2', got {mode!r}")
+        self.dim, self.spatial_dims, self.mode = dim, spatial_dims, mode
+        k = 2 ** spatial_dims
+        self.reduction = nn.Linear(k * dim, 2 * dim, bias=False)
+        self.norm = norm_layer(k * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        nd = self.spatial_dims
+        if x.dim() != nd + 2 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be a {nd}D token grid (B, *S, {self.dim}), got shape {tuple(x.shape)}")
+        pads = []
+        for s in reversed(x.shape[1:-1]):
+            pads += [0, s % 2]
+        if any(pads):
+            x = F.pad(x, [0, 0] + pads)
+        if nd == 2:
+            parts = [x[:, j::2, i::2] for i, j in itertools.product(range(2), range(2))]
+        elif self.mode == "mergingv2":
+            parts = [x[:, i::2, j::2, k::2] for i, j, k in itertools.product(range(2), range(2), range(2))]
+        else:
+            order = [(0, 0, 0), (1, 0, 0), (0, 1, 0), (0, 0, 1), (1, 1, 0), (1, 0, 1), (0, 1, 1), (1, 1, 1)]
+            parts = [x[:, i::2, j::2, k::2] for i, j, k in order]
+        return self.reduction(self.norm(torch.cat(parts, dim=-1)))
+
+
+def _pixel_shuffle(x: Tensor, p: int) -> Tensor:
+    """``(B, H, W, p*p*c) -> (B, H*p, W*p, c)`` as Swin-Unet's ``'b h w (p1 p2 c) -> b (h p1) (w p2) c'``."""
+    B, H, W, C = x.shape
+    c = C // (p * p)
+    return x.view(B, H, W, p, p, c).permute(0, 1, 3, 2, 4, 5).reshape(B, H * p, W * p, c)
+
+
+class PatchExpand(nn.Module):
+    """Swin-Unet's 2x up-sampling: Linear(C -> 2C, no bias) -> 2x2 pixel shuffle -> LayerNorm(C/2).
+
+    ``(B, H, W, C) -> (B, 2H, 2W, C/2)``.
+    """
+
+    def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        if dim % 2 != 0:
+            raise ValueError(f"dim must be even, got {dim}")
+        self.dim = dim
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = norm_layer(dim // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be a 2D token grid (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        return self.norm(_pixel_shuffle(self.expand(x), 2))
+
+
+class FinalPatchExpandX4(nn.Module):
+    """Swin-Unet's final 4x up-sampling: Linear(C -> 16C, no bias) -> 4x4 pixel shuffle -> LayerNorm(C).
+
+    ``(B, H, W, C) -> (B, 4H, 4W, C)``.
+    """
+
+    def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm):
+        super().__init__()
+        self.dim = dim
+        self.expand = nn.Linear(dim, 16 * dim, bias=False)
+        self.output_dim = dim
+        self.norm = norm_layer(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.dim() != 4 or x.shape[-1] != self.dim:
+            raise ValueError(f"x must be a 2D token grid (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        return self.norm(_pixel_shuffle(self.expand(x), 4))

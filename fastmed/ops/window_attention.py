@@ -1,0 +1,247 @@
+"""``fastmed.ops.window_attention`` (Swin (shifted-)window attention) and ``fastmed.ops.attention`` (global).
+
+``window_attention`` is registered as the torch.library ops ``fastmed::window_attention_fwd`` /
+``fastmed::window_attention_bwd`` (``triton_op``, so ``torch.compile(fullgraph=True)`` traces through them) with
+``register_autograd``.  ``attention`` routes to ``torch.nn.functional.scaled_dot_product_attention``, which picks
+the flash / cuDNN / memory-efficient / math kernel itself.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.library import triton_op
+
+from fastmed import _backend
+from fastmed._validate import check_choice, check_same_device, check_tensor
+from fastmed.reference import window_attention as ref
+
+__all__ = ["window_attention", "attention", "BIAS_INDEX"]
+
+BIAS_INDEX = ("coords", "monai")
+
+_backend.register_op("window_attention", ("triton", "reference"),
+                     doc="(shifted-)window attention with relative position bias, forward and backward")
+_backend.register_op("attention", ("reference",),
+                     doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
+
+
+@triton_op("fastmed::window_attention_fwd", mutates_args=())
+def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], num_heads: int, window: list[int],
+                          shift: list[int], scale: float, table_window: list[int], bias_coords: list[int],
+                          backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from fastmed.kernels.window_attention import window_attention_forward
+
+        return window_attention_forward(qkv, table, num_heads, window, shift, scale, table_window, bias_coords)
+    return ref.window_attention_forward(qkv, table, num_heads, window, shift, scale, table_window, bias_coords)
+
+
+@triton_op("fastmed::window_attention_bwd", mutates_args=())
+def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
+                          num_heads: int, window: list[int], shift: list[int], scale: float,
+                          table_window: list[int], bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
+    if backend == "triton":
+        from fastmed.kernels.window_attention import window_attention_backward
+
+        dqkv, dtable = window_attention_backward(dout, qkv, out, lse, table, num_heads, window, shift, scale,
+                                                 table_window, bias_coords)
+    else:
+        dqkv, dtable = ref.window_attention_backward(dout, qkv, table, num_heads, window, shift, scale,
+                                                     table_window, bias_coords)
+    # Absent gradients travel as empty tensors (custom ops return no None).
+    return dqkv, dtable if dtable is not None else qkv.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    qkv, table, num_heads, window, shift, scale, table_window, bias_coords, backend = inputs
+    out, lse = output
+    ctx.save_for_backward(qkv, out, lse, table)
+    ctx.args = (num_heads, window, shift, scale, table_window, bias_coords, backend)
+
+
+def _backward(ctx, dout, _dlse):
+    qkv, out, lse, table = ctx.saved_tensors
+    num_heads, window, shift, scale, table_window, bias_coords, backend = ctx.args
+    dqkv, dtable = torch.ops.fastmed.window_attention_bwd(dout, qkv, out, lse, table, num_heads, window, shift,
+                                                          scale, table_window, bias_coords, backend)
+    return dqkv, dtable if table is not None else None, None, None, None, None, None, None, None
+
+
+_window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.compiler.assume_constant_result
+def _choose(op: str, device: str) -> str:
+    """``_backend.choose`` evaluated once while tracing (dynamo cannot trace the ContextVar it reads)."""
+    return _backend.choose(op, torch.device(device))
+
+
+def _int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def _per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        value = (value,) * nd
+    if not isinstance(value, Sequence) or len(value) != nd:
+        raise ValueError(f"{name} must be an integer or a sequence of {nd} integers (one per spatial axis), "
+                         f"got {value!r}")
+    return tuple(_int(v, f"{name}[{a}]", minimum) for a, v in enumerate(value))
+
+
+def _pad_grid(qkv: Tensor, window: Sequence[int], pad_value: Optional[Tensor]) -> Tensor:
+    """Pad the grid at the end of each spatial axis up to a multiple of ``window`` with ``pad_value`` (3C,)."""
+    for a, w in enumerate(window):
+        axis = a + 1
+        extra = -qkv.shape[axis] % w
+        if extra:
+            shape = list(qkv.shape)
+            shape[axis] = extra
+            if pad_value is None:
+                fill = qkv.new_zeros(shape)
+            else:
+                fill = pad_value.to(qkv.dtype).expand(shape)
+            qkv = torch.cat([qkv, fill], dim=axis)
+    return qkv
+
+
+def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequence[int]],
+                     shift_size: Union[int, Sequence[int]] = 0, rel_pos_bias_table: Optional[Tensor] = None,
+                     scale: Optional[float] = None, *, qkv_pad: Optional[Tensor] = None,
+                     bias_index: str = "coords") -> Tensor:
+    """Swin (shifted-)window multi-head self-attention, computed straight on the token grid.
+
+    Per window of ``N = prod(window)`` tokens and per head: ``softmax(q k^T * scale + B_rel + M_shift) v``, with
+    the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
+    timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels (Triton on CUDA, the
+    reference on CPU).  The output projection is not included.
+
+    Args:
+        qkv: ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)``: the qkv Linear applied to the token grid, channels in
+            its order ``reshape(..., 3, num_heads, C // num_heads)`` (timm / Swin-Unet / MONAI).
+            float16/bfloat16/float32/float64; softmax and accumulation in float32 (float64 for float64).
+        num_heads: number of heads; must divide ``C``.
+        window_size: window per spatial axis (int or one per axis), each >= 1.
+        shift_size: cyclic shift per axis, ``0 <= shift < window`` (``window // 2`` for SW-MSA blocks).
+        rel_pos_bias_table: ``(prod(2 * window - 1), num_heads)`` relative position bias table, or None.
+        scale: score scale, default ``head_dim ** -0.5``.
+        qkv_pad: ``(3C,)``: the qkv of a padding token (the qkv Linear's bias; None means zeros).  Used only
+            when the grid is not divisible by the (shrunk) window.
+        bias_index: which table row a pair uses when a window shrinks (see below): ``"coords"`` (default)
+            looks the bias up by the pair's displacement; ``"monai"`` reproduces MONAI's
+            ``relative_position_index[:n, :n]`` slice of the full window's index.  Identical otherwise.
+
+    Window shrinking and padding (MONAI / Swin semantics):
+        * on an axis where the grid is not larger than the window, the window becomes the grid size and the
+          shift on that axis 0;
+        * a grid not divisible by the (shrunk) window is padded at the end of each axis up to a multiple of it
+          with tokens whose qkv is ``qkv_pad``.  This equals MONAI's ``SwinTransformerBlock``, which zero-pads
+          the normalized tokens *before* the qkv Linear (so padded tokens take part through the qkv bias) and
+          builds the shift mask on the padded grid; the padded rows are cropped from the result.  Pass the qkv
+          Linear's bias as ``qkv_pad`` (its gradient then flows into that bias).
+
+    Returns:
+        ``(B, H, W, C)`` / ``(B, D, H, W, C)`` in ``qkv``'s dtype.  Differentiable with respect to ``qkv``,
+        ``rel_pos_bias_table`` and ``qkv_pad``; the backward is deterministic.
+    """
+    check_tensor(qkv, "qkv", min_ndim=4, max_ndim=5)
+    nd = qkv.dim() - 2
+    heads = _int(num_heads, "num_heads", 1)
+    if qkv.shape[-1] % 3 != 0:
+        raise ValueError(f"qkv's last dimension must be 3 * C (q, k and v of C channels each), got "
+                         f"{qkv.shape[-1]}, which is not divisible by 3")
+    C = qkv.shape[-1] // 3
+    if C % heads != 0:
+        raise ValueError(f"num_heads must divide the C={C} channels (qkv's last dimension {qkv.shape[-1]} = 3 * C), "
+                         f"got num_heads={heads}")
+    window = _per_axis(window_size, "window_size", nd, 1)
+    shift = _per_axis(shift_size, "shift_size", nd, 0)
+    for a, (w, s) in enumerate(zip(window, shift)):
+        if s >= w:
+            raise ValueError(f"shift_size must be smaller than window_size on every axis, got shift_size={shift} "
+                             f"with window_size={window} (axis {a})")
+    n_table = 1
+    for w in window:
+        n_table *= 2 * w - 1
+    if rel_pos_bias_table is not None:
+        check_tensor(rel_pos_bias_table, "rel_pos_bias_table")
+        if tuple(rel_pos_bias_table.shape) != (n_table, heads):
+            raise ValueError(f"rel_pos_bias_table must have shape (prod(2 * window_size - 1), num_heads) = "
+                             f"({n_table}, {heads}) for window_size={window}, got {tuple(rel_pos_bias_table.shape)}")
+    if qkv_pad is not None:
+        check_tensor(qkv_pad, "qkv_pad")
+        if tuple(qkv_pad.shape) != (3 * C,):
+            raise ValueError(f"qkv_pad must have shape ({3 * C},) (the qkv of one padding token), "
+                             f"got {tuple(qkv_pad.shape)}")
+    if scale is None:
+        scale = (C // heads) ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    if not isinstance(bias_index, str):
+        raise TypeError(f"bias_index must be a string ('coords' or 'monai'), got {type(bias_index).__name__}")
+    check_choice(bias_index, "bias_index", BIAS_INDEX)
+    device = check_same_device(qkv=qkv, rel_pos_bias_table=rel_pos_bias_table, qkv_pad=qkv_pad)
+
+    grid = tuple(qkv.shape[1:-1])
+    eff_window, eff_shift = ref.effective_window(grid, window, shift)
+    x = _pad_grid(qkv, eff_window, qkv_pad)
+    lead = (1,) * (3 - nd)
+    x5 = x if nd == 3 else x.unsqueeze(1)
+    win3 = list(lead + eff_window)
+    shift3 = [0] * (3 - nd) + list(eff_shift)
+    table_window = list(lead + window)
+    bias_coords = win3 if bias_index == "coords" else table_window
+
+    backend = _choose("window_attention", str(device))
+    out, _ = torch.ops.fastmed.window_attention_fwd(x5, rel_pos_bias_table, heads, win3, shift3, float(scale),
+                                                    table_window, bias_coords, backend)
+    if nd == 2:
+        out = out.squeeze(1)
+    if out.shape[1:-1] != grid:
+        out = out[(slice(None),) + tuple(slice(0, s) for s in grid)]
+    return out
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
+    """Global multi-head attention ``softmax(q k^T * scale + bias) v`` (ViT, TransUNet, SAM's global blocks).
+
+    Routed to ``torch.nn.functional.scaled_dot_product_attention``: torch picks the flash / cuDNN /
+    memory-efficient kernel on CUDA (the flash kernel only without ``bias``) and the math kernel on CPU.
+
+    Args:
+        q: ``(B, heads, Lq, head_dim)``; k, v: ``(B, heads, Lk, head_dim)``, same dtype and device.
+        bias: additive float bias broadcastable to ``(B, heads, Lq, Lk)``, or None.
+        scale: default ``head_dim ** -0.5``.
+
+    Returns:
+        ``(B, heads, Lq, head_dim)``; differentiable with respect to ``q``, ``k``, ``v`` and ``bias``.
+    """
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name, min_ndim=4, max_ndim=4)
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape, got k {tuple(k.shape)} and v {tuple(v.shape)}")
+    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
+        raise ValueError(f"q (B, heads, Lq, head_dim) and k (B, heads, Lk, head_dim) must agree in B, heads and "
+                         f"head_dim, got q {tuple(q.shape)} and k {tuple(k.shape)}")
+    if q.dtype != k.dtype or q.dtype != v.dtype:
+        raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    target = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    if bias is not None:
+        check_tensor(bias, "bias")
+        try:
+            torch.broadcast_shapes(bias.shape, target)
+        except RuntimeError:
+            raise ValueError(f"bias must broadcast to (B, heads, Lq, Lk) = {target}, got {tuple(bias.shape)}") from None
+        bias = bias.to(q.dtype)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
+        raise ValueError(f"scale must be a number or None, got {scale!r}")
+    device = check_same_device(q=q, k=k, v=v, bias=bias)
+    _choose("attention", str(device))
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)

@@ -1,0 +1,447 @@
+"""Fused convolution block: Triton implicit-GEMM convolution with normalization statistics in the epilogue.
+
+Every tensor is seen as 3D: a 2D input ``(N, C, H, W)`` is the view ``(N, C, 1, H, W)`` (no copy).  Strides
+are explicit, so contiguous (NCDHW) and channels-last (NDHWC) tensors run without copies; channels-last is
+the layout the loads are laid out for (a row of the GEMM's A tile is ``BLOCK_K`` consecutive channels).
+
+Forward (``conv_block_forward``):
+  1. ``_conv_fwd_kernel``: implicit GEMM with M = output voxels of one sample, N = output channels,
+     K = Cin * KD * KH * KW (loop over kernel taps, then channel blocks; the input tile is gathered with the
+     zero-padding mask at load time).  The input may come from two tensors, a decoder's upsampled features
+     and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
+     fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
+     bias, stores the output tile and, for each output channel, the tile's mean and sum of squared
+     deviations (M2) over its voxels: fp32 partials ``(N, Cout, P)``, one per M tile (a tile never
+     straddles two samples).  The partials are combined per statistics row with Chan's update in a fixed
+     order (deterministic, no cancellation when |mean| >> std).
+  2. normalize + residual + activation in one pass: ``kernels/norm_act.py``'s apply kernel with these
+     statistics (no statistics pass over the convolution output).
+Backward (``conv_block_backward``):
+  1. the norm-act backward of ``kernels/norm_act.py`` (two passes: reduce, apply) gives d conv_out, the
+     norm affine gradients, d residual and the prelu slope gradient, recomputing the normalized activation;
+  2. ``_conv_dgrad_kernel``: d x by the gather form of the transposed convolution, an implicit GEMM with
+     M = input voxels of one sample, N = Cin, K = Cout * taps; output voxel ``o = (i + p - k d) / s`` per
+     axis, used where the division is exact and ``o`` is in range;
+  3. ``_conv_wgrad_kernel``: d weight as GEMMs (Cout x Cin per tap) over K = N * output voxels, split into
+     ``SPLITS`` ranges whose fp32 partials are summed in a fixed order (deterministic);
+  4. d bias: a torch sum of d conv_out over (N, spatial) in fp32.
+
+Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  The data gradient of a
+strided convolution gathers with a divisibility mask, so 1 - 1/prod(stride) of its tap iterations load nothing
+useful (a sub-pixel decomposition would remove that).  Tile sizes are fixed heuristics, not autotuned, and no
+timing of these kernels on a GPU exists yet (see fastmed/ops/conv_block_choice.py).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import wrap_triton
+
+from .norm_act import norm_act_backward, norm_act_forward
+
+# --------------------------------------------------------------------------------------------------
+# Device code
+# --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _accumulate_taps(
+    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_tap, Cout, co, mco, idd, ihh, iww, valid,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """acc += x[n, c, idd, ihh, iww] @ w_tap[c_first + c, co] over the C channels of one input, one tap."""
+    a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                          # [BLOCK_M] pointers
+    for c0 in range(0, C, BLOCK_K):
+        c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+        mc = c < C
+        a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
+                    other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    return acc
+
+
+@triton.jit
+def _conv_fwd_kernel(
+    x_ptr,      # shape (N, C1, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
+    x2_ptr,     # shape (N, C2, D, H, W), strides (s2n, s2c, s2d, s2h, s2w): the second input (channels
+                #   C1..C1+C2 of the convolution input, a decoder's skip); unused unless HAS_X2
+    w_ptr,      # shape (KD, KH, KW, C1 + C2, Cout), contiguous
+    b_ptr,      # shape (Cout,), unused unless HAS_BIAS
+    y_ptr,      # shape (N, Cout, Do, Ho, Wo), strides (syn, syc, syd, syh, syw)
+    pmean_ptr,  # shape (N, Cout, P) fp32 contiguous: per M-tile mean of y; unused unless STATS
+    pm2_ptr,    # shape (N, Cout, P) fp32 contiguous: per M-tile sum of squared deviations; unused unless STATS
+    C1, C2, Cout, D, H, W, Do, Ho, Wo, P,
+    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    sxn, sxc, sxd, sxh, sxw, s2n, s2c, s2d, s2h, s2w, syn, syc, syd, syh, syw,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_X2: tl.constexpr,
+    HAS_BIAS: tl.constexpr, STATS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    Mo = Do * Ho * Wo
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = m < Mo
+    ow = m % Wo
+    oh = (m // Wo) % Ho
+    od = m // (Wo * Ho)
+    co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mco = co < Cout
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tap in range(KD * KH * KW):
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        idd = od * str_d - pad_d + kd * dil_d
+        ihh = oh * str_h - pad_h + kh * dil_h
+        iww = ow * str_w - pad_w + kw * dil_w
+        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
+        w_tap = w_ptr + tap * ((C1 + C2) * Cout)
+        acc = _accumulate_taps(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_tap, Cout, co, mco, idd, ihh,
+                               iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        if HAS_X2:
+            acc = _accumulate_taps(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_tap, Cout, co, mco, idd,
+                                   ihh, iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + co, mask=mco, other=0.0).to(tl.float32)[None, :]
+    out = acc.to(y_ptr.dtype.element_ty)
+    mask = mm[:, None] & mco[None, :]
+    y_off = n * syn + (od * syd + oh * syh + ow * syw)[:, None] + co[None, :] * syc
+    tl.store(y_ptr + y_off, out, mask=mask)
+    if STATS:
+        # Statistics of the stored (rounded) values: exactly what the normalization pass reads.
+        v = tl.where(mask, out.to(tl.float32), 0.0)
+        cnt = tl.sum(mm.to(tl.float32), axis=0)
+        tmean = tl.sum(v, axis=0) / cnt
+        dev = tl.where(mask, v - tmean[None, :], 0.0)
+        tm2 = tl.sum(dev * dev, axis=0)
+        p_off = (n * Cout + co) * P + pid_m
+        tl.store(pmean_ptr + p_off, tmean, mask=mco)
+        tl.store(pm2_ptr + p_off, tm2, mask=mco)
+
+
+@triton.jit
+def _conv_dgrad_kernel(
+    dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw): gradient of the conv output
+    w_ptr,      # shape (KD, KH, KW, Cout, Cin), contiguous
+    dx_ptr,     # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
+    Cin, Cout, D, H, W, Do, Ho, Wo,
+    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    sdn, sdc, sdd, sdh, sdw, sxn, sxc, sxd, sxh, sxw,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    n = tl.program_id(2).to(tl.int64)
+    Mi = D * H * W
+    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    mm = m < Mi
+    iw = m % W
+    ih = (m // W) % H
+    idd = m // (W * H)
+    ci = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mci = ci < Cin
+    dy_n = dy_ptr + n * sdn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for tap in range(KD * KH * KW):
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        td = idd + pad_d - kd * dil_d
+        th = ih + pad_h - kh * dil_h
+        tw = iw + pad_w - kw * dil_w
+        od = td // str_d
+        oh = th // str_h
+        ow = tw // str_w
+        valid = mm & (td >= 0) & (th >= 0) & (tw >= 0)
+        valid = valid & (td % str_d == 0) & (th % str_h == 0) & (tw % str_w == 0)
+        valid = valid & (od < Do) & (oh < Ho) & (ow < Wo)
+        a_row = dy_n + od * sdd + oh * sdh + ow * sdw
+        w_tap = w_ptr + tap * (Cout * Cin)
+        for c0 in range(0, Cout, BLOCK_K):
+            c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+            mc = c < Cout
+            a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
+            b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
+            if DOT_FP32:
+                a = a.to(tl.float32)
+                b = b.to(tl.float32)
+            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    x_off = n * sxn + (idd * sxd + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
+    tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mm[:, None] & mci[None, :])
+
+
+@triton.jit
+def _conv_wgrad_kernel(
+    dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw)
+    x_ptr,      # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
+    pw_ptr,     # shape (SPLITS, KD * KH * KW, Cout, Cin) fp32 contiguous: partial weight gradients
+    Cin, Cout, D, H, W, Do, Ho, Wo, k_total, k_per_split,
+    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    sdn, sdc, sdd, sdh, sdw, sxn, sxc, sxd, sxh, sxw,
+    KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
+    DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    pid_mn = tl.program_id(0)
+    tap = tl.program_id(1)
+    split = tl.program_id(2)
+    n_blocks = tl.cdiv(Cin, BLOCK_N)
+    co = (pid_mn // n_blocks).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    ci = (pid_mn % n_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mco = co < Cout
+    mci = ci < Cin
+    kd = tap // (KH * KW)
+    kh = (tap // KW) % KH
+    kw = tap % KW
+    Mo = Do * Ho * Wo
+    k_start = split.to(tl.int64) * k_per_split
+    k_end = tl.minimum(k_start + k_per_split, k_total)
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)                       # flat (sample, output voxel) index
+        mk = k < k_end
+        nn = k // Mo
+        m = k % Mo
+        ow = m % Wo
+        oh = (m // Wo) % Ho
+        od = m // (Wo * Ho)
+        idd = od * str_d - pad_d + kd * dil_d
+        ihh = oh * str_h - pad_h + kh * dil_h
+        iww = ow * str_w - pad_w + kw * dil_w
+        valid = mk & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
+        dy_col = nn * sdn + od * sdd + oh * sdh + ow * sdw   # [BLOCK_K]
+        x_row = nn * sxn + idd * sxd + ihh * sxh + iww * sxw
+        a = tl.load(dy_ptr + co[:, None] * sdc + dy_col[None, :], mask=mco[:, None] & mk[None, :], other=0.0)
+        b = tl.load(x_ptr + x_row[:, None] + ci[None, :] * sxc, mask=valid[:, None] & mci[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+    out = ((split.to(tl.int64) * TAPS + tap) * Cout + co[:, None]) * Cin + ci[None, :]
+    tl.store(pw_ptr + out, acc, mask=mco[:, None] & mci[None, :])
+
+
+# --------------------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------------------
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _as_3d(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> the view (N, C, 1, H, W); 5D tensors unchanged."""
+    return t.unsqueeze(2) if t.dim() == 4 else t
+
+
+def _params_3d(stride, padding, dilation, nd: int):
+    if nd == 4:
+        return (1, *stride), (0, *padding), (1, *dilation)
+    return tuple(stride), tuple(padding), tuple(dilation)
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    fmt = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
+    if t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
+        return fmt
+    return torch.contiguous_format
+
+
+def _interpreting(t: torch.Tensor) -> bool:
+    return t.device.type != "cuda"
+
+
+def _dot_options(t: torch.Tensor) -> dict:
+    """DOT_FP32 (tiles cast to fp32 before tl.dot) and INPUT_PRECISION for tensors like t."""
+    if _interpreting(t):
+        return dict(DOT_FP32=True, INPUT_PRECISION="ieee")
+    if t.dtype == torch.float32:
+        return dict(DOT_FP32=False, INPUT_PRECISION="tf32" if torch.backends.cudnn.allow_tf32 else "ieee")
+    return dict(DOT_FP32=False, INPUT_PRECISION="ieee")
+
+
+def _gemm_blocks(t: torch.Tensor, m: int, n_cols: int, k_cols: int) -> dict:
+    """Tile sizes and warps of an implicit GEMM with M rows, N = n_cols, inner channel loop over k_cols."""
+    if _interpreting(t):  # the interpreter runs few, large programs fastest; tl.dot needs >= 16
+        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(m))),
+                    BLOCK_N=max(16, min(64, triton.next_power_of_2(n_cols))),
+                    BLOCK_K=max(16, min(64, triton.next_power_of_2(k_cols))), num_warps=4)
+    block_k = max(16, min(64 if t.element_size() <= 2 else 32, triton.next_power_of_2(k_cols)))
+    block_n = max(16, min(128, triton.next_power_of_2(n_cols)))
+    block_m = 128 if m >= 128 * 8 else 64
+    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 16384 else 4,
+                num_stages=3)
+
+
+def _row_layout(kind: str, C: int, num_groups: int) -> tuple[int, int]:
+    if kind == "instance":
+        return C, 1
+    if kind == "group":
+        return num_groups, C // num_groups
+    return 0, 1
+
+
+def combine_stats(pmean: torch.Tensor, pm2: torch.Tensor, counts: torch.Tensor, kind: str, num_groups: int,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-tile (mean, M2) partials ``(N, C, P)`` with tile sizes ``counts`` ``(P,)`` -> (mean, rstd) per
+    statistics row: ``(N * C,)`` instance, ``(N * G,)`` group, ``(C,)`` batch.  Fixed order, Chan's update."""
+    N, C, P = pmean.shape
+    cnt = counts.expand(N, C, P)
+
+    def rows(t):
+        if kind == "instance":
+            return t.reshape(N * C, P)
+        if kind == "group":
+            return t.reshape(N * num_groups, (C // num_groups) * P)
+        return t.permute(1, 0, 2).reshape(C, N * P)
+
+    c, mu, m2 = rows(cnt), rows(pmean), rows(pm2)
+    total = c.sum(1, keepdim=True)
+    mean = (c * mu).sum(1, keepdim=True) / total
+    var = (m2 + c * (mu - mean) ** 2).sum(1) / total.squeeze(1)
+    return mean.squeeze(1), torch.rsqrt(var + eps)
+
+
+def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, padding, dilation, stats: bool):
+    """Convolution (groups = 1) of ``cat([x, x2], 1)`` (x2 may be None; the concatenation is never
+    materialized) and, with ``stats``, its per-(n, c, M tile) partial (mean, M2).
+
+    x ``(N, C1, *s)``, x2 ``(N, C2, *s)``, weight ``(Cout, C1 + C2, *k)`` -> conv_out ``(N, Cout, *s_out)`` in
+    x's memory format, pmean/pm2 ``(N, Cout, P)`` fp32 and the tile sizes ``(P,)`` (None without ``stats``).
+    """
+    nd = x.dim()
+    st, pd, dl = _params_3d(stride, padding, dilation, nd)
+    N, C1 = x.shape[:2]
+    C2 = x2.shape[1] if x2 is not None else 0
+    Cout = weight.shape[0]
+    out_sp = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
+                   for i, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+    y = torch.empty((N, Cout) + out_sp, device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    x5, y5 = _as_3d(x), _as_3d(y)
+    x25 = _as_3d(x2) if x2 is not None else x5
+    w5 = _as_3d(weight)
+    KD, KH, KW = w5.shape[2:]
+    w_t = w5.permute(2, 3, 4, 1, 0).contiguous()  # (KD, KH, KW, Cin, Cout): small, coalesced along Cout
+    Do, Ho, Wo = y5.shape[2:]
+    Mo = Do * Ho * Wo
+    blocks = _gemm_blocks(x, Mo, Cout, max(C1, C2))
+    P = triton.cdiv(Mo, blocks["BLOCK_M"])
+    pmean = torch.empty((N, Cout, P) if stats else (1,), device=x.device, dtype=torch.float32)
+    pm2 = torch.empty_like(pmean)
+    grid = (P, triton.cdiv(Cout, blocks["BLOCK_N"]), N)
+    wrap_triton(_conv_fwd_kernel)[grid](
+        x5, x25, w_t, bias if bias is not None else w_t, y5, pmean, pm2,
+        C1, C2, Cout, *x5.shape[2:], Do, Ho, Wo, P, *st, *pd, *dl, *x5.stride(), *x25.stride(), *y5.stride(),
+        KD=KD, KH=KH, KW=KW, HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, **_dot_options(x),
+        **blocks)
+    if not stats:
+        return y, None, None, None
+    counts = torch.clamp(Mo - torch.arange(P, device=x.device, dtype=torch.float32) * blocks["BLOCK_M"],
+                         max=blocks["BLOCK_M"])
+    return y, pmean, pm2, counts
+
+
+def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation):
+    """d x ``(N, Cin, *s)`` (x's dtype and memory format) from d conv_out ``(N, Cout, *s_out)``."""
+    st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    dy5, dx5, w5 = _as_3d(dconv), _as_3d(dx), _as_3d(weight)
+    KD, KH, KW = w5.shape[2:]
+    N, Cin = x.shape[:2]
+    Cout = weight.shape[0]
+    w_t = w5.permute(2, 3, 4, 0, 1).contiguous()  # (KD, KH, KW, Cout, Cin)
+    D, H, W = dx5.shape[2:]
+    blocks = _gemm_blocks(x, D * H * W, Cin, Cout)
+    grid = (triton.cdiv(D * H * W, blocks["BLOCK_M"]), triton.cdiv(Cin, blocks["BLOCK_N"]), N)
+    wrap_triton(_conv_dgrad_kernel)[grid](
+        dy5, w_t, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *st, *pd, *dl, *dy5.stride(), *dx5.stride(),
+        KD=KD, KH=KH, KW=KW, **_dot_options(x), **blocks)
+    return dx
+
+
+def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation):
+    """d weight ``(Cout, Cin, *k)`` in weight's dtype: per-split fp32 partials summed in a fixed order."""
+    st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
+    dy5, x5, w5 = _as_3d(dconv), _as_3d(x), _as_3d(weight)
+    KD, KH, KW = w5.shape[2:]
+    taps = KD * KH * KW
+    N, Cin = x.shape[:2]
+    Cout = weight.shape[0]
+    Do, Ho, Wo = dy5.shape[2:]
+    k_total = N * Do * Ho * Wo
+    if _interpreting(x):
+        blocks = dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(Cout))),
+                      BLOCK_N=max(16, min(64, triton.next_power_of_2(Cin))),
+                      BLOCK_K=max(16, min(128, triton.next_power_of_2(k_total))), num_warps=4)
+        target = 2
+    else:
+        blocks = dict(BLOCK_M=max(16, min(128, triton.next_power_of_2(Cout))),
+                      BLOCK_N=max(16, min(128, triton.next_power_of_2(Cin))),
+                      BLOCK_K=64 if x.element_size() <= 2 else 32, num_warps=8, num_stages=3)
+        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+    tiles = triton.cdiv(Cout, blocks["BLOCK_M"]) * triton.cdiv(Cin, blocks["BLOCK_N"])
+    splits = max(1, min(triton.cdiv(target, tiles * taps), triton.cdiv(k_total, blocks["BLOCK_K"])))
+    k_per = triton.cdiv(triton.cdiv(k_total, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
+    splits = triton.cdiv(k_total, k_per)
+    pw = torch.empty((splits, taps, Cout, Cin), device=x.device, dtype=torch.float32)
+    wrap_triton(_conv_wgrad_kernel)[(tiles, taps, splits)](
+        dy5, x5, pw, Cin, Cout, *x5.shape[2:], Do, Ho, Wo, k_total, k_per, *st, *pd, *dl,
+        *dy5.stride(), *x5.stride(), KH=KH, KW=KW, TAPS=taps, **_dot_options(x), **blocks)
+    dw = pw.sum(0).reshape((KD, KH, KW, Cout, Cin)).permute(3, 4, 0, 1, 2)
+    return dw.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
+
+
+def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
+                       padding, dilation, kind: str, num_groups: int, eps: float, activation: str,
+                       negative_slope: float):
+    """y = act(norm(conv(cat([x, x2], 1))) * norm_weight + norm_bias + residual); returns (y, conv_out, mean, rstd).
+
+    x ``(N, C1, *s)`` float16/bfloat16/float32, any strides; x2 ``(N, C2, *s)`` or None; weight
+    ``(Cout, C1 + C2, *k)``; bias, norm_weight,
+    norm_bias ``(Cout,)`` or None; residual like conv_out or None; slope: prelu ``(Cout,)``/``(1,)`` or None;
+    mean_in/rstd_in: given statistics (batch norm in eval mode) or None.  Statistics are fp32.
+    """
+    Cout = weight.shape[0]
+    stats = mean_in is None
+    conv_out, pmean, pm2, counts = conv_forward_stats(x, x2, weight, bias, stride, padding, dilation, stats)
+    if stats:
+        groups = Cout if kind == "instance" else num_groups
+        mean, rstd = combine_stats(pmean, pm2, counts, kind, groups, eps)
+    else:
+        mean, rstd = mean_in, rstd_in
+    y, mean, rstd = norm_act_forward(conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, kind,
+                                     num_groups, eps, activation, negative_slope)
+    return y, conv_out, mean, rstd
+
+
+def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
+                        padding, dilation, kind: str, num_groups: int, activation: str, negative_slope: float,
+                        input_stats: bool, has_bias: bool):
+    """Returns (dx, dx2, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope), None where absent.
+
+    With a second input the data and weight gradients run once per input on its slice of the weight."""
+    dconv, dnw, dnb, dres, dslope = norm_act_backward(dy, conv_out, norm_weight, norm_bias, residual, slope, mean,
+                                                      rstd, kind, num_groups, activation, negative_slope,
+                                                      input_stats)
+    c1 = x.shape[1]
+    w1 = weight[:, :c1] if x2 is not None else weight
+    dx = conv_input_grad(dconv, w1, x, stride, padding, dilation)
+    dw = conv_weight_grad(dconv, x, w1, stride, padding, dilation)
+    dx2 = None
+    if x2 is not None:
+        w2 = weight[:, c1:]
+        dx2 = conv_input_grad(dconv, w2, x2, stride, padding, dilation)
+        dw = torch.cat([dw, conv_weight_grad(dconv, x2, w2, stride, padding, dilation)], 1)
+    db = None
+    if has_bias:
+        red = [0] + list(range(2, dconv.dim()))
+        db = dconv.sum(red, dtype=torch.float32).to(weight.dtype)
+    return dx, dx2, dw, db, dnw, dnb, dres, dslope

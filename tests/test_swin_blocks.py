@@ -1,0 +1,170 @@
+"""fastmed.nn Swin modules against MONAI's SwinUNETR blocks (monai as a test extra) and Swin-Unet's code."""
+import numpy as np
+import pytest
+import torch
+
+import fastmed
+from fastmed.nn import FinalPatchExpandX4, PatchExpand, PatchMerging, SwinTransformerBlock, WindowAttention
+
+swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
+
+
+def _monai_block(dim, heads, window, shift, seed=0):
+    torch.manual_seed(seed)
+    block = swin_unetr.SwinTransformerBlock(dim, heads, window, shift, qkv_bias=True).double()
+    with torch.no_grad():  # a non-trivial bias table (MONAI initialises it with std 0.02)
+        block.attn.relative_position_bias_table.normal_()
+    return block
+
+
+def _monai_forward(block, x, window, shift):
+    """What MONAI's BasicLayer does around a block: shrink the window, build the mask on the padded grid."""
+    grid = tuple(x.shape[1:-1])
+    ws, ss = swin_unetr.get_window_size(grid, window, shift)
+    dims = [int(np.ceil(g / w)) * w for g, w in zip(grid, ws)]
+    return block(x, swin_unetr.compute_mask(dims, ws, ss, x.device))
+
+
+def _grads(module, x, fn=None):
+    """Output and gradients of x and of every parameter of ``module`` (called through ``fn`` if given)."""
+    x = x.detach().requires_grad_()
+    y = (fn or module)(x)
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=y.dtype)
+    grads = torch.autograd.grad(y, [x] + [p for p in module.parameters()], g)
+    return y.detach(), grads
+
+
+CASES_3D = [
+    pytest.param((7, 7, 7), (7, 7, 7), (3, 3, 3), id="divisible-shift-shrinks-away"),
+    pytest.param((14, 7, 14), (7, 7, 7), (3, 3, 3), id="divisible-shifted"),
+    pytest.param((14, 7, 14), (7, 7, 7), (0, 0, 0), id="divisible-unshifted"),
+    pytest.param((9, 8, 10), (7, 7, 7), (3, 3, 3), id="padded-shifted"),
+    pytest.param((9, 8, 10), (7, 7, 7), (0, 0, 0), id="padded-unshifted"),
+    pytest.param((6, 9, 9), (7, 7, 7), (3, 3, 3), id="padded-shifted-window-shrinks"),
+]
+
+
+@pytest.mark.parametrize("grid,window,shift", CASES_3D)
+@pytest.mark.parametrize("fused", [True, False])
+def test_block_3d_equals_monai(grid, window, shift, fused):
+    monai_block = _monai_block(12, 3, window, shift)
+    ours = SwinTransformerBlock(12, 3, window, shift, fused=fused).double()
+    ours.load_state_dict(monai_block.state_dict())  # strict: identical names and shapes
+    x = torch.randn(1, *grid, 12, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y_ref, g_ref = _grads(monai_block, x, lambda t: _monai_forward(monai_block, t, window, shift))
+    y, g = _grads(ours, x)
+    torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_block_3d_triton_equals_monai():
+    # small windows keep the Triton interpreter fast; padded and shifted
+    window, shift = (3, 3, 3), (1, 1, 1)
+    monai_block = _monai_block(16, 1, window, shift).float()
+    ours = SwinTransformerBlock(16, 1, window, shift).float()
+    ours.load_state_dict(monai_block.state_dict())
+    x = torch.randn(1, 5, 6, 7, 16, generator=torch.Generator().manual_seed(2))
+    y_ref, g_ref = _grads(monai_block, x, lambda t: _monai_forward(monai_block, t, window, shift))
+    with fastmed.use_backend("triton"):
+        y, g = _grads(ours, x)
+    torch.testing.assert_close(y, y_ref, atol=2e-4, rtol=2e-4)
+    for a, b in zip(g, g_ref):
+        torch.testing.assert_close(a, b, atol=5e-4, rtol=5e-4)
+
+
+def test_block_2d_fused_equals_eager_and_monai():
+    window, shift = (7, 7), (3, 3)
+    monai_block = _monai_block(12, 3, window, shift)
+    x = torch.randn(2, 11, 16, 12, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y_ref, g_ref = _grads(monai_block, x, lambda t: _monai_forward(monai_block, t, window, shift))
+    for fused in (True, False):
+        ours = SwinTransformerBlock(12, 3, window, shift, fused=fused).double()
+        ours.load_state_dict(monai_block.state_dict())
+        y, g = _grads(ours, x)
+        torch.testing.assert_close(y, y_ref, atol=1e-10, rtol=1e-8)
+        for a, b in zip(g, g_ref):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_window_attention_coords_mode_fused_equals_eager():
+    attn_f = WindowAttention(8, 2, (7, 7), bias_index="coords").double()
+    attn_e = WindowAttention(8, 2, (7, 7), fused=False, bias_index="coords").double()
+    attn_e.load_state_dict(attn_f.state_dict())
+    x = torch.randn(1, 5, 9, 8, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    torch.testing.assert_close(attn_f(x, 3), attn_e(x, 3), atol=1e-10, rtol=1e-8)
+
+
+def test_state_dict_names_match_monai():
+    monai_block = swin_unetr.SwinTransformerBlock(24, 3, (7, 7, 7), (3, 3, 3), qkv_bias=True)
+    ours = SwinTransformerBlock(24, 3, (7, 7, 7), (3, 3, 3))
+    assert list(ours.state_dict()) == list(monai_block.state_dict())
+    assert torch.equal(ours.attn.relative_position_index, monai_block.attn.relative_position_index)
+
+
+@pytest.mark.parametrize("mode,cls", [("merging", "PatchMerging"), ("mergingv2", "PatchMergingV2")])
+@pytest.mark.parametrize("grid", [(4, 6, 8), (5, 6, 7)])
+def test_patch_merging_3d_equals_monai(mode, cls, grid):
+    torch.manual_seed(0)
+    theirs = getattr(swin_unetr, cls)(6, spatial_dims=3).double()
+    ours = PatchMerging(6, spatial_dims=3, mode=mode).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, *grid, 6, dtype=torch.float64)
+    torch.testing.assert_close(ours(x), theirs(x), atol=1e-12, rtol=1e-10)
+
+
+@pytest.mark.parametrize("grid", [(4, 6), (5, 7)])
+def test_patch_merging_2d_equals_monai_and_swin(grid):
+    torch.manual_seed(0)
+    theirs = swin_unetr.PatchMergingV2(6, spatial_dims=2).double()
+    ours = PatchMerging(6, spatial_dims=2).double()
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(2, *grid, 6, dtype=torch.float64)
+    y = ours(x)
+    torch.testing.assert_close(y, theirs(x), atol=1e-12, rtol=1e-10)
+    if grid[0] % 2 == 0 and grid[1] % 2 == 0:  # Swin / Swin-Unet order: x0, x1, x2, x3
+        cat = torch.cat([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
+        torch.testing.assert_close(y, ours.reduction(ours.norm(cat)))
+
+
+def test_patch_expand_as_swin_unet():
+    torch.manual_seed(0)
+    m = PatchExpand(8).double()
+    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    y = m(x)
+    assert y.shape == (2, 6, 10, 4)
+    # Swin-Unet: rearrange(x, 'b h w (p1 p2 c) -> b (h p1) (w p2) c', p1=2, p2=2, c=C // 4) written with loops
+    e = m.expand(x)
+    want = torch.empty(2, 6, 10, 4, dtype=torch.float64)
+    for p1 in range(2):
+        for p2 in range(2):
+            want[:, p1::2, p2::2] = e[..., (p1 * 2 + p2) * 4:(p1 * 2 + p2 + 1) * 4]
+    torch.testing.assert_close(y, m.norm(want))
+    assert m.expand.bias is None and m.expand.weight.shape == (16, 8)
+
+
+def test_final_patch_expand_x4_as_swin_unet():
+    torch.manual_seed(0)
+    m = FinalPatchExpandX4(4).double()
+    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
+    y = m(x)
+    assert y.shape == (1, 8, 12, 4)
+    e = m.expand(x)
+    want = torch.empty(1, 8, 12, 4, dtype=torch.float64)
+    for p1 in range(4):
+        for p2 in range(4):
+            want[:, p1::4, p2::4] = e[..., (p1 * 4 + p2) * 4:(p1 * 4 + p2 + 1) * 4]
+    torch.testing.assert_close(y, m.norm(want))
+
+
+def test_module_errors():
+    with pytest.raises(ValueError, match="num_heads must divide dim"):
+        WindowAttention(10, 3, (7, 7))
+    with pytest.raises(ValueError, match="shift_size must satisfy"):
+        SwinTransformerBlock(12, 3, (7, 7, 7), (7, 0, 0))
+    with pytest.raises(ValueError, match="x must be a 3D token grid"):
+        SwinTransformerBlock(12, 3, (7, 7, 7), (3, 3, 3))(torch.randn(1, 7, 7, 12))
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        PatchMerging(4, spatial_dims=1)
+    with pytest.raises(ValueError, match="dim must be even"):
+        PatchExpand(5)

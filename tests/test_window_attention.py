@@ -1,0 +1,272 @@
+"""fastmed.ops.window_attention / fastmed.ops.attention against the float64 eager composition.
+
+The oracle is :func:`fastmed.reference.window_attention.window_attention_eager` (roll + partition + explicit
+bias and mask + softmax, as timm / Swin-Unet / MONAI write it) differentiated by autograd in float64, with the
+grid padded by hand (MONAI's semantics) where it is not divisible by the window.
+"""
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import fastmed
+from fastmed.ops import attention, window_attention
+from fastmed.reference import window_attention as ref
+
+from conftest import TOL, triton_device
+
+
+def _oracle(qkv, heads, window, shift, table, scale=None, qkv_pad=None, bias_index="coords"):
+    """Eager float64 window attention with MONAI padding and Swin window shrinking."""
+    nd = qkv.dim() - 2
+    grid = tuple(qkv.shape[1:-1])
+    window = (window,) * nd if isinstance(window, int) else tuple(window)
+    shift = (shift,) * nd if isinstance(shift, int) else tuple(shift)
+    win, sh = ref.effective_window(grid, window, shift)
+    x = qkv
+    for a, w in enumerate(win):
+        extra = -x.shape[a + 1] % w
+        if extra:
+            shape = list(x.shape)
+            shape[a + 1] = extra
+            fill = x.new_zeros(shape) if qkv_pad is None else qkv_pad.expand(shape)
+            x = torch.cat([x, fill], dim=a + 1)
+    C = qkv.shape[-1] // 3
+    scale = (C // heads) ** -0.5 if scale is None else scale
+    index = ref.bias_index(win, window, win if bias_index == "coords" else window)
+    out = ref.window_attention_eager(x, heads, win, sh, table, scale, index=index)
+    return out[(slice(None),) + tuple(slice(0, s) for s in grid)]
+
+
+def _inputs(B, grid, heads, head_dim, window, bias, pad, dtype, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    nd = len(grid)
+    window = (window,) * nd if isinstance(window, int) else tuple(window)
+    C = heads * head_dim
+    qkv = torch.randn(B, *grid, 3 * C, generator=g, dtype=torch.float64)
+    table = torch.randn(math.prod(2 * w - 1 for w in window), heads, generator=g, dtype=torch.float64) if bias else None
+    qkv_pad = torch.randn(3 * C, generator=g, dtype=torch.float64) if pad else None
+    dout = torch.randn(B, *grid, C, generator=g, dtype=torch.float64)
+    cast = [t.to(device=device, dtype=dtype) if t is not None else None for t in (qkv, table, qkv_pad, dout)]
+    return cast
+
+
+def _grads(fn, qkv, table, qkv_pad, dout):
+    leaves = [t.detach().requires_grad_() if t is not None else None for t in (qkv, table, qkv_pad)]
+    out = fn(*leaves)
+    req = [t for t in leaves if t is not None]
+    grads = torch.autograd.grad(out, req, dout, allow_unused=True)  # qkv_pad is unused on divisible grids
+    return [out.detach()] + [torch.zeros_like(t) if g is None else g for t, g in zip(req, grads)]
+
+
+def _check(B, grid, heads, head_dim, window, shift, bias, pad, dtype, backend, bias_index="coords", tol=None):
+    device = triton_device() if backend == "triton" else "cpu"
+    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, bias, pad, dtype, device)
+    with fastmed.use_backend(backend):
+        got = _grads(lambda q, t, p: window_attention(q, heads, window, shift, t, qkv_pad=p, bias_index=bias_index),
+                     qkv, table, qkv_pad, dout)
+    want = _grads(lambda q, t, p: _oracle(q, heads, window, shift, t, qkv_pad=p, bias_index=bias_index),
+                  *[t.double().cpu() if t is not None else None for t in (qkv, table, qkv_pad, dout)])
+    tol = tol or TOL[dtype]
+    names = ["out", "dqkv", "dtable", "dqkv_pad"]
+    names = [n for n, present in zip(names, (True, True, bias, pad)) if present]
+    for name, a, b in zip(names, got, want):
+        scale = max(1.0, b.abs().max().item()) if name == "dtable" else 1.0
+        torch.testing.assert_close(a.double().cpu(), b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+
+
+# ----------------------------------------------------------------------------------------------- reference path
+
+@given(nd=st.sampled_from([2, 3]), data=st.data(), bias=st.booleans(), head_dim=st.sampled_from([16, 32]),
+       dtype=st.sampled_from([torch.float64, torch.float32]), pad=st.booleans())
+def test_reference_backend_matches_eager(nd, data, bias, head_dim, dtype, pad):
+    window = tuple(data.draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd), label="window"))
+    grid = tuple(data.draw(st.lists(st.integers(1, 9), min_size=nd, max_size=nd), label="grid"))
+    shift = tuple(data.draw(st.integers(0, w - 1), label="shift") for w in window)
+    _check(2, grid, 2, head_dim, window, shift, bias, pad, dtype, "reference")
+
+
+def test_reference_gradcheck():
+    qkv, table, qkv_pad, _ = _inputs(1, (3, 5), 1, 2, 2, True, True, torch.float64)
+    leaves = [t.requires_grad_() for t in (qkv, table, qkv_pad)]
+    with fastmed.use_backend("reference"):
+        assert torch.autograd.gradcheck(lambda q, t, p: window_attention(q, 1, 2, 1, t, qkv_pad=p), leaves)
+
+
+def test_window_shrinks_on_small_axes():
+    # grid 5x12 with window 7: axis 0 shrinks to 5 with shift 0; axis 1 keeps window 7 (padded to 14) and shift 3
+    _check(1, (5, 12), 2, 16, 7, 3, True, True, torch.float64, "reference")
+    _check(1, (5, 12), 2, 16, 7, 3, True, True, torch.float64, "reference", bias_index="monai")
+
+
+def test_bias_index_modes_differ_only_when_shrunk():
+    qkv, table, _, _ = _inputs(1, (6, 6), 2, 16, 7, True, False, torch.float64)
+    a = window_attention(qkv, 2, 7, 0, table, bias_index="coords")
+    b = window_attention(qkv, 2, 7, 0, table, bias_index="monai")
+    assert (a - b).abs().max() > 1e-3  # 6x6 window: MONAI's index[:36, :36] is not the displacement bias
+    qkv, table, _, _ = _inputs(1, (7, 14), 2, 16, 7, True, False, torch.float64)
+    torch.testing.assert_close(window_attention(qkv, 2, 7, 3, table, bias_index="coords"),
+                               window_attention(qkv, 2, 7, 3, table, bias_index="monai"), atol=0, rtol=0)
+
+
+def test_nan_stays_nan_and_inputs_untouched():
+    qkv, table, _, _ = _inputs(1, (7, 14), 2, 16, 7, True, False, torch.float32)
+    qkv[0, 1, 2, 5] = float("nan")
+    before = qkv.clone()
+    out = window_attention(qkv, 2, 7, 0, table)
+    assert torch.isnan(out[0, :7, :7]).any() and not torch.isnan(out[0, :, 7:]).any()
+    assert torch.equal(torch.isnan(qkv), torch.isnan(before)) and torch.equal(qkv.nan_to_num(), before.nan_to_num())
+
+
+def test_opcheck_reference():
+    qkv, table, _, dout = _inputs(2, (4, 6), 2, 4, 2, True, False, torch.float32)
+    args = (qkv.unsqueeze(1), table, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], "reference")
+    torch.library.opcheck(torch.ops.fastmed.window_attention_fwd.default, args)
+    out, lse = torch.ops.fastmed.window_attention_fwd(*args)
+    # the forward's aot_dispatch check already runs the backward op through AOT autograd
+    torch.library.opcheck(torch.ops.fastmed.window_attention_bwd.default,
+                          (dout.unsqueeze(1), qkv.unsqueeze(1), out, lse, table, 2, [1, 2, 2], [0, 1, 1], 0.5,
+                           [1, 2, 2], [1, 2, 2], "reference"),
+                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+
+
+def test_torch_compile_fullgraph_reference():
+    qkv, table, qkv_pad, dout = _inputs(1, (5, 6), 2, 4, 3, True, True, torch.float32)
+
+    def f(q, t, p):
+        return window_attention(q, 2, 3, 1, t, qkv_pad=p)
+
+    with fastmed.use_backend("reference"):
+        want = _grads(f, qkv, table, qkv_pad, dout)
+        got = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), qkv, table, qkv_pad, dout)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+
+
+# ----------------------------------------------------------------------------------------------- Triton kernels
+
+TRITON_CASES = [
+    # B, grid, heads, head_dim, window, shift, bias, pad, dtype
+    pytest.param(1, (14, 14), 2, 16, 7, 3, True, False, torch.float32, id="2d-14x14-w7-shift-bias"),
+    pytest.param(1, (14, 14), 1, 32, 7, 0, False, False, torch.float32, id="2d-14x14-w7-hd32-plain"),
+    pytest.param(2, (9, 10), 1, 16, 7, 3, True, True, torch.float32, id="2d-nondivisible-padded"),
+    pytest.param(1, (6, 6), 1, 16, 7, 3, True, False, torch.float32, id="2d-window-larger-than-grid"),
+    pytest.param(1, (4, 4, 6), 2, 16, (2, 2, 3), (1, 1, 1), True, False, torch.float32, id="3d-small-windows"),
+    pytest.param(1, (8, 8, 8), 1, 16, 8, 0, True, False, torch.float32, id="3d-8x8x8-512-tokens"),
+    pytest.param(1, (5, 6, 7), 1, 16, 3, 1, True, True, torch.float32, id="3d-nondivisible-padded"),
+    pytest.param(1, (7, 7), 1, 48, 7, 0, True, False, torch.float32, id="2d-hd48-padded-head"),
+    pytest.param(1, (7, 14), 1, 16, 7, 3, True, False, torch.float16, id="2d-fp16"),
+    pytest.param(1, (7, 14), 1, 16, 7, 3, True, False, torch.bfloat16, id="2d-bf16"),
+    pytest.param(1, (4, 6), 1, 16, (2, 3), (1, 1), True, False, torch.float64, id="2d-fp64"),
+]
+
+
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,bias,pad,dtype", TRITON_CASES)
+def test_triton_matches_eager(B, grid, heads, head_dim, window, shift, bias, pad, dtype):
+    tol = TOL[dtype]
+    if dtype in (torch.float16, torch.bfloat16):  # inputs rounded to the low precision; gradients sum many terms
+        tol = dict(atol=3 * tol["atol"], rtol=tol["rtol"])
+    _check(B, grid, heads, head_dim, window, shift, bias, pad, dtype, "triton", tol=tol)
+
+
+def test_triton_monai_bias_index_when_shrunk():
+    _check(1, (6, 6), 1, 16, 7, 3, True, False, torch.float32, "triton", bias_index="monai")
+
+
+def test_triton_backward_is_deterministic():
+    qkv, table, _, dout = _inputs(2, (4, 4, 4), 1, 16, 2, True, False, torch.float32, triton_device())
+    with fastmed.use_backend("triton"):
+        runs = [_grads(lambda q, t, p: window_attention(q, 1, 2, 1, t), qkv, table, None, dout) for _ in range(2)]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ----------------------------------------------------------------------------------------------- errors
+
+def test_errors():
+    qkv = torch.randn(1, 7, 7, 3 * 8)
+    table = torch.zeros(169, 2)
+    with pytest.raises(ValueError, match="num_heads must divide"):
+        window_attention(qkv, 3, 7)
+    with pytest.raises(ValueError, match="3 \\* C"):
+        window_attention(torch.randn(1, 7, 7, 25), 1, 7)
+    with pytest.raises(ValueError, match="rel_pos_bias_table must have shape .* = \\(169, 2\\)"):
+        window_attention(qkv, 2, 7, 0, torch.zeros(168, 2))
+    with pytest.raises(ValueError, match="window_size\\[0\\] must be an integer >= 1"):
+        window_attention(qkv, 2, 0)
+    with pytest.raises(ValueError, match="shift_size must be smaller than window_size"):
+        window_attention(qkv, 2, 7, 7, table)
+    with pytest.raises(ValueError, match="shift_size\\[1\\] must be an integer >= 0"):
+        window_attention(qkv, 2, 7, (0, -1), table)
+    with pytest.raises(ValueError, match="window_size must be an integer or a sequence of 2"):
+        window_attention(qkv, 2, (7, 7, 7))
+    with pytest.raises(ValueError, match="qkv must have 4..5 dimensions"):
+        window_attention(torch.randn(7, 24), 2, 7)
+    with pytest.raises(TypeError, match="qkv must be a floating-point tensor"):
+        window_attention(torch.zeros(1, 7, 7, 24, dtype=torch.long), 2, 7)
+    with pytest.raises(ValueError, match="qkv_pad must have shape \\(24,\\)"):
+        window_attention(qkv, 2, 7, qkv_pad=torch.zeros(8))
+    with pytest.raises(ValueError, match="bias_index must be one of"):
+        window_attention(qkv, 2, 7, bias_index="timm")
+    with pytest.raises(fastmed.BackendUnavailableError):
+        with fastmed.use_backend("cuda"):
+            window_attention(qkv, 2, 7)
+
+
+# ----------------------------------------------------------------------------------------------- global attention
+
+@pytest.mark.parametrize("bias_shape", [None, (1, 1, 5, 7), (2, 3, 5, 7)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_attention_matches_reference(bias_shape, dtype):
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(2, 3, 5, 8, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 3, 7, 8, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, 3, 7, 8, generator=g, dtype=dtype, requires_grad=True)
+    bias = None if bias_shape is None else torch.randn(bias_shape, generator=g, dtype=dtype, requires_grad=True)
+    leaves = [t for t in (q, k, v, bias) if t is not None]
+    out = attention(q, k, v, bias)
+    want = ref.attention_reference(*[t.double() for t in (q, k, v)], None if bias is None else bias.double())
+    torch.testing.assert_close(out.double(), want, **TOL[dtype])
+    dout = torch.randn_like(out)
+    got = torch.autograd.grad(out, leaves, dout)
+    exp = torch.autograd.grad(want, leaves, dout.double())
+    for a, b in zip(got, exp):  # both gradients come back in the leaves' dtype
+        torch.testing.assert_close(a, b, **TOL[dtype])
+
+
+def test_attention_errors():
+    q = torch.randn(1, 2, 4, 8)
+    with pytest.raises(ValueError, match="k and v must have the same shape"):
+        attention(q, q, torch.randn(1, 2, 5, 8))
+    with pytest.raises(ValueError, match="must agree in B, heads and head_dim"):
+        attention(q, torch.randn(1, 3, 4, 8), torch.randn(1, 3, 4, 8))
+    with pytest.raises(ValueError, match="bias must broadcast"):
+        attention(q, q, q, torch.randn(3, 4, 4))
+    with pytest.raises(TypeError, match="share a dtype"):
+        attention(q, q.double(), q)
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+GPU_SHAPES = [
+    pytest.param(24, (56, 56), 3, 32, 7, 3, id="swin-unet-56x56"),
+    pytest.param(24, (7, 7), 24, 32, 7, 3, id="swin-unet-7x7"),
+    pytest.param(2, (48, 48, 48), 3, 16, 7, 3, id="swinunetr-48^3-padded"),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift", GPU_SHAPES)
+def test_gpu_benchmark_shapes(B, grid, heads, head_dim, window, shift, dtype):
+    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, True, True, dtype, "cuda")
+    got = _grads(lambda q, t, p: window_attention(q, heads, window, shift, t, qkv_pad=p), qkv, table, qkv_pad, dout)
+    with fastmed.use_backend("reference"):  # float32 reference on the GPU, inputs upcast
+        want = _grads(lambda q, t, p: window_attention(q, heads, window, shift, t, qkv_pad=p),
+                      *[t.float() for t in (qkv, table, qkv_pad, dout)])
+    tol = TOL[dtype] if dtype == torch.float32 else dict(atol=0.1, rtol=0.05)
+    for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a.float(), b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
