@@ -126,9 +126,9 @@ def test_unet_training_reduces_loss():
     x = torch.randn(4, 1, 16, 16)
     y = (x > 0.3).long()
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-2)
     losses = []
-    for _ in range(8):
+    for _ in range(15):
         loss = loss_fn(model(x), y)
         opt.zero_grad()
         loss.backward()
@@ -174,7 +174,7 @@ def test_attention_unet_matches_monai(sd):
     g_ref = {k: v.grad for k, v in ref.named_parameters()}
     mapped = from_monai_attention_unet(g_ref)
     for k, p in model.named_parameters():
-        torch.testing.assert_close(p.grad, mapped[k], atol=1e-5, rtol=1e-4, msg=k)
+        torch.testing.assert_close(p.grad, mapped[k], atol=1e-4, rtol=1e-4, msg=k)  # conv bias before BN: grad ~0
     _agree(model, x)
 
 

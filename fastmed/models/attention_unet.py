@@ -9,6 +9,7 @@ Load MONAI weights with :func:`fastmed.convert.from_monai_attention_unet` (same 
 """
 from __future__ import annotations
 
+import math
 from typing import Sequence, Union
 
 import torch
@@ -93,6 +94,7 @@ class AttentionUNet(nn.Module):
         if len(strides) < len(channels) - 1:
             raise ValueError(f"strides needs len(channels) - 1 = {len(channels) - 1} entries, got {strides!r}")
         self.strides = tuple(L.per_axis(s, f"strides[{i}]", sd) for i, s in enumerate(strides[:len(channels) - 1]))
+        self.total_stride = tuple(math.prod(s[a] for s in self.strides) for a in range(sd))
         self.fused, self.checkpointing = fused, checkpointing
         factory = dict(device=device, dtype=dtype)
         n = len(channels)
@@ -113,9 +115,7 @@ class AttentionUNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L.check_input(x, self.spatial_dims, self.in_channels, "AttentionUNet")
-        total = [1] * self.spatial_dims
-        for s in self.strides:
-            total = [t * v for t, v in zip(total, s)]
+        total = self.total_stride
         if any(size % t for size, t in zip(x.shape[2:], total)):
             raise ValueError(f"AttentionUNet: every spatial size of x must be divisible by the product of the "
                              f"strides {tuple(total)}, got {tuple(x.shape[2:])}")

@@ -146,6 +146,8 @@ class UNet(nn.Module):
 
         self.spatial_dims, self.in_channels, self.out_channels = sd, in_channels, out_channels
         self.features, self.strides, self.kernel_sizes = tuple(features), tuple(strides), tuple(kernels)
+        # per axis, the product of the strides: every input size must be a multiple of it
+        self.total_stride = tuple(math.prod(s[a] for s in strides) for a in range(sd))
         self.deep_supervision, self.fused, self.checkpointing = deep_supervision, fused, checkpointing
         self.residual, self.downsample = residual, downsample
         block = dict(bias=bias, norm=norm, norm_kwargs=norm_kwargs, act=act, act_kwargs=act_kwargs,
@@ -182,11 +184,6 @@ class UNet(nn.Module):
         self.decoder = _Decoder(transpconvs, dec_stages, heads)
 
     # ------------------------------------------------------------------------------------------------------------
-    @property
-    def total_stride(self) -> tuple[int, ...]:
-        """Per axis, the product of the strides: every input size must be a multiple of it."""
-        return tuple(math.prod(s[a] for s in self.strides) for a in range(self.spatial_dims))
-
     def forward(self, x: torch.Tensor):
         L.check_input(x, self.spatial_dims, self.in_channels, "UNet")
         total = self.total_stride
