@@ -186,3 +186,84 @@ def test_attention_unet_bad_input():
         model(torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match="divisible"):
         model(torch.randn(1, 1, 7, 8))
+
+
+# ----------------------------------------------------------------------------------------------------- SwinUNet
+def test_swin_unet_parameter_count():
+    from fastmed.models import SwinUNet
+
+    with torch.device("meta"):
+        model = SwinUNet(2, in_channels=3, out_channels=9)
+    assert _count(model) == 27_168_900 and round(_count(model) / 1e6, 2) == 27.17
+
+
+def _small_swin(sd, **kw):
+    from fastmed.models import SwinUNet
+
+    torch.manual_seed(5)
+    return SwinUNet(sd, 1, 3, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=2 if sd == 3 else 4,
+                    drop_path_rate=0.0, **kw)
+
+
+@pytest.mark.parametrize("sd,size", [(2, (24, 20)), (3, (8, 12, 8))])
+def test_swin_unet_fused_matches_reference_any_size(sd, size):
+    model = _small_swin(sd)
+    x = torch.randn(2, 1, *size)
+    assert model(x).shape == (2, 3) + size  # padded to a multiple of 8 and cropped back
+    _agree(model, x, atol=2e-4, rtol=2e-4)
+
+
+def test_swin_unet_checkpointing_autocast_compile():
+    model = _small_swin(2)
+    x = torch.randn(1, 1, 16, 16)
+    ref = model(x)
+    ref.square().sum().backward()
+    g_ref = _grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    model(x.requires_grad_(True)).square().sum().backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-5, msg=k)
+    model.checkpointing = False
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    torch.testing.assert_close(low.float(), ref.detach(), atol=0.1, rtol=0.1)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(compiled(x.detach()), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_swin_unet_bad_input():
+    from fastmed.models import SwinUNet
+
+    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
+        SwinUNet(4)
+    with pytest.raises(ValueError, match="num_heads"):
+        SwinUNet(2, embed_dim=10, num_heads=(3, 6, 12, 24))
+    model = _small_swin(2, pad=False)
+    with pytest.raises(ValueError, match="multiple of 8"):
+        model(torch.randn(1, 1, 12, 16))
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.randn(1, 2, 16, 16))
+
+
+# ---------------------------------------------------------------------------------------------------------- ViT
+def test_vit_b16_parameter_count():
+    from fastmed.models import ViT
+
+    with torch.device("meta"):
+        assert _count(ViT.b16()) == 86_567_656
+        assert _count(ViT.b16(num_classes=0)) == 85_798_656
+
+
+@pytest.mark.parametrize("sd", [2, 3])
+def test_vit_fused_matches_reference(sd):
+    from fastmed.models import ViT
+
+    torch.manual_seed(6)
+    model = ViT(sd, img_size=16, patch_size=8, in_channels=1, num_classes=3, embed_dim=16, depth=2, num_heads=2)
+    x = torch.randn(2, 1, *(16,) * sd)
+    _agree(model, x)
+    # another size: interpolated position embeddings; the patch-token grid as an encoder feature map
+    assert model.feature_grid(torch.randn(1, 1, *(8,) * (sd - 1), 24)).shape == (1, 16) + (1,) * (sd - 1) + (3,)
+    with pytest.raises(ValueError, match="multiple of patch_size=8"):
+        model(torch.randn(1, 1, *(12,) * sd))
