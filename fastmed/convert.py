@@ -22,6 +22,25 @@ MONAI ``AttentionUnet(channels=(c0..cn), strides)`` -> :class:`fastmed.models.At
       (likewise ``W_x`` and ``psi``)
       ``P(i)merge.conv.*`` / ``merge.adn.A.weight``     ``merge.<i>.conv.*`` / ``merge.<i>.nonlin.weight``
       ``model.2.conv.*``                                ``out.*``
+
+timm ``vit_*`` (``VisionTransformer``, class token, no register tokens / layer scale / qk-norm) ->
+:class:`fastmed.models.ViT`: identical keys (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``, ``head.*``); keys of timm
+features fastmed's ViT does not have (``reg_token``, ``ls1.gamma``, ``attn.q_norm``, ``fc_norm`` with
+parameters, ...) raise ``ValueError``.
+
+Swin-Unet (Cao et al., ``SwinUnet`` / ``SwinTransformerSys``) and timm-style Swin keys -> :class:`fastmed.models.SwinUNet`:
+      ``swin_unet.`` prefix                              stripped (the ``SwinUnet`` wrapper)
+      ``*.mlp.fc1.*`` / ``*.mlp.fc2.*``                  ``*.mlp.linear1.*`` / ``*.mlp.linear2.*``
+      ``*.attn_mask``                                    dropped (fastmed builds the shift mask in the kernel)
+      everything else                                    unchanged (see :mod:`fastmed.models.swin_unet`)
+
+MONAI ``SwinTransformerBlock`` (SwinUNETR's blocks) -> :class:`fastmed.nn.SwinTransformerBlock`: identical keys
+(``norm1``, ``attn.{qkv,proj,relative_position_bias_table,relative_position_index}``, ``norm2``,
+``mlp.linear1``, ``mlp.linear2``); :func:`from_monai_swin_block` checks them.
+
+MONAI ``UNet`` / ``BasicUNet`` / ``DynUNet`` have no separate fastmed twin: :func:`fastmed.patch` fuses them in
+place with unchanged keys, so their checkpoints load as they are.
 """
 from __future__ import annotations
 
@@ -29,7 +48,7 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["from_nnunet", "from_monai_attention_unet"]
+__all__ = ["from_nnunet", "from_monai_attention_unet", "from_timm_vit", "from_swin_unet", "from_monai_swin_block"]
 
 
 def _check_state(state_dict, name: str = "state_dict") -> Mapping[str, torch.Tensor]:
@@ -101,3 +120,54 @@ def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
             rules += [(f"{p}attention.{branch}.0.conv.", f"gates.{i}.{branch}.conv."),
                       (f"{p}attention.{branch}.1.", f"gates.{i}.{branch}.norm.")]
     return _rename(state_dict, rules, "MONAI AttentionUnet")
+
+
+_VIT_KEY_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+
+
+def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """timm ``VisionTransformer`` weights (``vit_base_patch16_224`` ...) for :class:`fastmed.models.ViT` built with
+    the same ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` and ``num_classes``."""
+    state_dict = _check_state(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key in ("cls_token", "pos_embed") or key.startswith(("patch_embed.proj.", "norm.", "head.")):
+            out[key] = value
+        elif key.startswith("blocks.") and key.split(".", 2)[2].startswith(_VIT_KEY_PARTS):
+            out[key] = value
+        else:
+            raise ValueError(f"timm ViT key {key!r} has no counterpart in fastmed.models.ViT (supported: class "
+                             f"token, learned position embedding, plain pre-norm blocks, final norm, linear head)")
+    return out
+
+
+def from_swin_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Swin-Unet (Cao et al.) weights for :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``,
+    ``num_heads``, ``window_size``, classes).  Accepts the ``SwinUnet`` wrapper's ``swin_unet.`` prefix."""
+    state_dict = _check_state(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        k = key[len("swin_unet."):] if key.startswith("swin_unet.") else key
+        if k.endswith(".attn_mask"):
+            continue
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        top = k.split(".", 1)[0]
+        if top not in ("patch_embed", "layers", "norm", "layers_up", "concat_back_dim", "norm_up", "up", "output"):
+            raise ValueError(f"Swin-Unet key {key!r} has no counterpart in fastmed.models.SwinUNet")
+        out[k] = value
+    return out
+
+
+_SWIN_BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.relative_position_index",
+                    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
+                    "norm2.bias", "mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias")
+
+
+def from_monai_swin_block(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """A MONAI ``SwinTransformerBlock`` state dict for :class:`fastmed.nn.SwinTransformerBlock` (same names;
+    ``attn.qkv.bias`` is absent with ``qkv_bias=False``).  Raises ``ValueError`` on any other key."""
+    state_dict = _check_state(state_dict)
+    for key in state_dict:
+        if key not in _SWIN_BLOCK_KEYS:
+            raise ValueError(f"MONAI SwinTransformerBlock key {key!r} has no fastmed counterpart")
+    return dict(state_dict)
