@@ -178,7 +178,25 @@ def test_attention_unet_matches_monai(sd):
     _agree(model, x)
 
 
+def test_attention_unet_checkpointing_and_channels_last():
+    torch.manual_seed(7)
+    model = AttentionUNet(3, 1, 2, channels=(4, 8), strides=(2,))
+    x = torch.randn(2, 1, 8, 8, 8)
+    ref = model(x)
+    ref.sum().backward()
+    g_ref = _grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    out = model(x.contiguous(memory_format=torch.channels_last_3d).requires_grad_(True))
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+    out.sum().backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-4, rtol=1e-4, msg=k)
+
+
 def test_attention_unet_bad_input():
+    with pytest.raises(ValueError, match="attention gate halves"):
+        AttentionUNet(2, 1, 2, channels=(1, 8), strides=(2,))
     with pytest.raises(ValueError, match="strides needs"):
         AttentionUNet(2, 1, 2, channels=(4, 8, 16), strides=(2,))
     model = AttentionUNet(2, 1, 2, channels=(4, 8), strides=(2,))

@@ -91,6 +91,9 @@ class AttentionUNet(nn.Module):
         channels = [L.check_positive_int(c, "channels[i]") for c in channels]
         if len(channels) < 2:
             raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
+        if any(c < 2 for c in channels[:-1]):
+            raise ValueError(f"channels of every level but the last must be >= 2 (the attention gate halves them), "
+                             f"got {channels!r}")
         if len(strides) < len(channels) - 1:
             raise ValueError(f"strides needs len(channels) - 1 = {len(channels) - 1} entries, got {strides!r}")
         self.strides = tuple(L.per_axis(s, f"strides[{i}]", sd) for i, s in enumerate(strides[:len(channels) - 1]))
@@ -104,10 +107,7 @@ class AttentionUNet(nn.Module):
         self.up = nn.ModuleList(_UpConv(sd, channels[i + 1], channels[i], up_kernel_size, self.strides[i], factory)
                                 for i in range(n - 1))
         self.gates = nn.ModuleList(AttentionGate(sd, channels[i] // 2, channels[i], channels[i], **factory)
-                                   if channels[i] >= 2 else None for i in range(n - 1))
-        if any(g is None for g in self.gates):
-            raise ValueError(f"channels of every level but the last must be >= 2 (the gate halves them), "
-                             f"got {channels!r}")
+                                   for i in range(n - 1))
         self.merge = nn.ModuleList(
             ConvNormAct(sd, 2 * channels[i], channels[i], kernel_size, dropout=dropout, norm="instance",
                         norm_kwargs={"affine": False}, act="prelu", **factory) for i in range(n - 1))

@@ -84,7 +84,7 @@ class SwinUNet(nn.Module):
     Args:
         spatial_dims: 2 (Swin-Unet) or 3 (the same design with 3D windows, merging and expanding).
         in_channels, out_channels: image channels, classes.
-        img_size: the design size (224); only used to report ``grid`` and for the window rule below.
+        img_size: the design size (224), recorded as ``img_size``; any input size works (see ``pad``).
         patch_size: 4; embed_dim: 96; depths: (2, 2, 2, 2) (the decoder reuses them); num_heads: (3, 6, 12, 24);
         window_size: 7 (int or per axis); mlp_ratio: 4; drop_path_rate: 0.1 (stochastic depth, linear).
         pad: pad inputs whose size is not a multiple of ``patch_size * 2**(len(depths) - 1)`` (zeros at the end)
