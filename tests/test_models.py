@@ -257,6 +257,8 @@ def test_swin_unet_bad_input():
         SwinUNet(4)
     with pytest.raises(ValueError, match="num_heads"):
         SwinUNet(2, embed_dim=10, num_heads=(3, 6, 12, 24))
+    with pytest.raises(ValueError, match="at least 2 stages"):
+        SwinUNet(2, depths=(2,), num_heads=(3,))
     model = _small_swin(2, pad=False)
     with pytest.raises(ValueError, match="multiple of 8"):
         model(torch.randn(1, 1, 12, 16))
@@ -285,3 +287,44 @@ def test_vit_fused_matches_reference(sd):
     assert model.feature_grid(torch.randn(1, 1, *(8,) * (sd - 1), 24)).shape == (1, 16) + (1,) * (sd - 1) + (3,)
     with pytest.raises(ValueError, match="multiple of patch_size=8"):
         model(torch.randn(1, 1, *(12,) * sd))
+
+
+# ------------------------------------------------------------------------- every model: the same four features
+def _tiny(name):
+    from fastmed.models import SwinUNet, ViT
+
+    torch.manual_seed(8)
+    if name == "unet-resenc":
+        return UNet(3, 1, 2, features=(4, 8), strides=(1, 2), residual=True, blocks_per_stage=(1, 1)), (1, 1, 8, 8, 8)
+    if name == "attention-unet":
+        return AttentionUNet(2, 1, 2, channels=(4, 8), strides=(2,)), (2, 1, 8, 8)
+    if name == "swin-unet-3d":
+        return SwinUNet(3, 1, 2, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=2,
+                        drop_path_rate=0.0), (1, 1, 8, 8, 8)
+    return ViT(2, img_size=16, patch_size=8, in_channels=1, num_classes=2, embed_dim=16, depth=2,
+               num_heads=2), (2, 1, 16, 16)
+
+
+@pytest.mark.parametrize("name", ["unet-resenc", "attention-unet", "swin-unet-3d", "vit"])
+def test_every_model_autocast_channels_last_checkpointing_compile(name):
+    model, shape = _tiny(name)
+    model.eval()  # batch-norm statistics stay fixed, so every variant sees the same function
+    x = torch.randn(shape)
+    ref = model(x)
+    fmt = torch.channels_last_3d if x.dim() == 5 else torch.channels_last
+    torch.testing.assert_close(model(x.contiguous(memory_format=fmt)), ref, atol=1e-5, rtol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model(x)
+    assert torch.isfinite(low.float()).all()
+    torch.testing.assert_close(low.float(), ref, atol=0.1 * ref.abs().max().item() + 0.05, rtol=0.1)
+    ref.square().sum().backward()
+    g_ref = _grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    model(x.clone().requires_grad_(True)).square().sum().backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-4, msg=k)
+    model.checkpointing = False
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), ref.detach(), atol=1e-5, rtol=1e-5)

@@ -111,9 +111,9 @@ class SwinUNet(nn.Module):
         self.out_channels = L.check_positive_int(out_channels, "out_channels")
         self.patch_size = L.check_positive_int(patch_size, "patch_size")
         embed_dim = L.check_positive_int(embed_dim, "embed_dim")
-        if len(depths) != len(num_heads) or len(depths) < 1:
-            raise ValueError(f"depths and num_heads must have the same (non-zero) length, got {depths!r} and "
-                             f"{num_heads!r}")
+        if len(depths) != len(num_heads) or len(depths) < 2:
+            raise ValueError(f"depths and num_heads must have the same length, at least 2 stages, got {depths!r} "
+                             f"and {num_heads!r}")
         n = len(depths)
         for i, h in enumerate(num_heads):
             if (embed_dim * 2 ** i) % h:
