@@ -301,11 +301,15 @@ def _tiny(name):
     if name == "swin-unet-3d":
         return SwinUNet(3, 1, 2, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=2,
                         drop_path_rate=0.0), (1, 1, 8, 8, 8)
+    if name == "unetr":
+        from fastmed.models import UNETR
+
+        return UNETR(3, 1, 2, img_size=16, feature_size=4, embed_dim=16, depth=4, num_heads=2), (1, 1, 16, 16, 16)
     return ViT(2, img_size=16, patch_size=8, in_channels=1, num_classes=2, embed_dim=16, depth=2,
                num_heads=2), (2, 1, 16, 16)
 
 
-@pytest.mark.parametrize("name", ["unet-resenc", "attention-unet", "swin-unet-3d", "vit"])
+@pytest.mark.parametrize("name", ["unet-resenc", "attention-unet", "swin-unet-3d", "vit", "unetr"])
 def test_every_model_autocast_channels_last_checkpointing_compile(name):
     model, shape = _tiny(name)
     model.eval()  # batch-norm statistics stay fixed, so every variant sees the same function
@@ -328,3 +332,17 @@ def test_every_model_autocast_channels_last_checkpointing_compile(name):
     compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
     with torch.no_grad():
         torch.testing.assert_close(compiled(x), ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_unetr_fused_matches_reference_and_errors():
+    from fastmed.models import UNETR
+
+    torch.manual_seed(9)
+    model = UNETR(2, 1, 3, img_size=32, feature_size=4, embed_dim=16, depth=4, num_heads=2)
+    x = torch.randn(2, 1, 32, 48)  # another size than img_size: interpolated position embeddings
+    assert model(x).shape == (2, 3, 32, 48)
+    _agree(model, x)
+    with pytest.raises(ValueError, match="multiple of 16"):
+        model(torch.randn(1, 1, 24, 32))
+    with pytest.raises(ValueError, match="patch_size must be 16"):
+        UNETR(3, patch_size=8)

@@ -6,6 +6,6 @@ __all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate"]
 from fastmed.models.swin_unet import SwinUNet  # noqa: E402
 
 __all__ += ["SwinUNet"]
-from fastmed.models.vit import ViT  # noqa: E402
+from fastmed.models.vit import UNETR, ViT  # noqa: E402
 
-__all__ += ["ViT"]
+__all__ += ["ViT", "UNETR"]
