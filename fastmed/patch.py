@@ -18,13 +18,17 @@ checkpoints load before or after patching):
   :class:`FusedNormAct` (:func:`fastmed.ops.norm_act`).
 * **MONAI ``SwinTransformerBlock``** (SwinUNETR): replaced by :class:`fastmed.nn.SwinTransformerBlock` sharing
   its norms, qkv / proj / relative-position table and MLP (:func:`fastmed.ops.window_attention`).
+* **Swin-Unet / timm ``SwinTransformerBlock``s** (recognized by their attributes: ``attn.qkv``, ``attn.proj``,
+  ``attn.relative_position_bias_table``, ``norm1``, ``norm2``, ``mlp``, ``window_size``, ``shift_size`` and
+  ``input_resolution`` (Swin-Unet) or ``drop_path1``/``drop_path2`` (timm)): replaced by a
+  :class:`FusedSwinBlock` holding the same children.
 
 Supported pieces: ``Conv2d``/``Conv3d`` (groups 1, zero padding given as ints), ``InstanceNorm*d`` (without
 running statistics), ``GroupNorm``, ``BatchNorm*d``, activations ``ReLU``, ``LeakyReLU``, ``PReLU``, ``GELU``,
 ``SiLU``, ``Identity``.  Anything else is left alone; convolutions that were not fused are listed in
 ``report.skipped`` with the reason (e.g. a custom ``forward`` whose order cannot be read off a Sequential).
-timm / Swin-Unet window attention has another block structure: build :class:`fastmed.models.SwinUNet` /
-:class:`fastmed.models.ViT` and load the weights with :mod:`fastmed.convert` instead.
+timm is not installed in fastmed's CI: its block is checked against a reproduction of timm's code for grids
+divisible by the window (other grids run timm's own forward).
 """
 from __future__ import annotations
 
@@ -38,7 +42,7 @@ from fastmed.nn.norm_act import NormAct, _activation_of
 from fastmed.ops.conv_block import conv_norm_act
 from fastmed.ops.norm_act import norm_act
 
-__all__ = ["patch", "PatchReport", "FusedConvNormAct", "FusedNormAct", "Absorbed"]
+__all__ = ["patch", "PatchReport", "FusedConvNormAct", "FusedNormAct", "FusedSwinBlock", "Absorbed"]
 
 _NORMS = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _ACTS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU)
@@ -271,15 +275,88 @@ def _replace_everywhere(model: nn.Module, mapping: dict) -> None:
                 parent._modules[name] = mapping[id(child)]
 
 
+class FusedSwinBlock(nn.Module):
+    """A timm-style or Swin-Unet-style Swin block whose (shifted-)window attention runs as one
+    :func:`fastmed.ops.window_attention`.
+
+    Keeps the original children under their names (``norm1``, ``attn`` with ``qkv``/``proj``/
+    ``relative_position_bias_table``/``relative_position_index``, ``norm2``, ``mlp``, ``drop_path`` or
+    ``drop_path1``/``drop_path2``) and the ``attn_mask`` buffer, so state dicts are unchanged.
+    Swin-Unet layout: ``forward(x (B, H*W, C))`` with ``input_resolution = (H, W)``; timm layout:
+    ``forward(x (B, H, W, C))``.  A timm grid not divisible by the window runs the original block (timm pads
+    after the shift there, which the fused op does not reproduce)."""
+
+    def __init__(self, block: nn.Module, layout: str):
+        super().__init__()
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.register_buffer("attn_mask", getattr(block, "attn_mask", None),
+                             persistent="attn_mask" not in getattr(block, "_non_persistent_buffers_set", ()))
+        self.layout = layout
+        self.training = block.training
+        ws, ss = block.window_size, block.shift_size
+        self.window = (ws, ws) if isinstance(ws, int) else tuple(ws)
+        self.shift = (ss, ss) if isinstance(ss, int) else tuple(ss)
+        self.input_resolution = tuple(getattr(block, "input_resolution", ())) or None
+        object.__setattr__(self, "_original", block)
+
+    def _window_attention(self, h: torch.Tensor) -> torch.Tensor:
+        from fastmed.ops.window_attention import window_attention
+
+        attn = self.attn
+        out = window_attention(attn.qkv(h), attn.num_heads, self.window, self.shift,
+                               attn.relative_position_bias_table, float(attn.scale), qkv_pad=attn.qkv.bias)
+        return attn.proj_drop(attn.proj(out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.layout == "swin_unet":
+            H, W = self.input_resolution
+            B, L, C = x.shape
+            if L != H * W:
+                raise ValueError(f"input feature has wrong size: {L} tokens for input_resolution {(H, W)}")
+            y = self._window_attention(self.norm1(x).view(B, H, W, C)).view(B, L, C)
+            x = x + self.drop_path(y)
+            return x + self.drop_path(self.mlp(self.norm2(x)))
+        B, H, W, C = x.shape
+        if H % self.window[0] or W % self.window[1]:
+            self._original.attn_mask = self.attn_mask
+            return type(self._original).forward(self._original, x)
+        x = x + self.drop_path1(self._window_attention(self.norm1(x)))
+        return x + self.drop_path2(self.mlp(self.norm2(x)))
+
+
+def _swin_layout(blk: nn.Module) -> Optional[str]:
+    """'swin_unet' / 'timm' for a duck-typed Swin block this module can fuse, else None."""
+    attn = getattr(blk, "attn", None)
+    needed = ("qkv", "proj", "proj_drop", "relative_position_bias_table", "relative_position_index", "num_heads",
+              "scale")
+    if attn is None or not all(hasattr(attn, a) for a in needed) or not all(
+            hasattr(blk, a) for a in ("norm1", "norm2", "mlp", "window_size", "shift_size")):
+        return None
+    if hasattr(blk, "input_resolution") and isinstance(blk.window_size, int) and hasattr(blk, "drop_path"):
+        return "swin_unet"
+    if hasattr(blk, "drop_path1") and hasattr(blk, "drop_path2") and not isinstance(blk.window_size, int):
+        return "timm"
+    return None
+
+
 def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> None:
     try:
         from monai.networks.nets.swin_unetr import SwinTransformerBlock as MonaiBlock
     except ImportError:
-        return
+        MonaiBlock = None
     from fastmed.nn.swin import SwinTransformerBlock
 
     for name, blk in model.named_modules():
         if type(blk) is not MonaiBlock:
+            layout = _swin_layout(blk)
+            if layout is not None:
+                if blk.attn.attn_drop.p > 0 and blk.training:
+                    report.skipped.append((name, "attention dropout > 0 is not fused"))
+                    continue
+                mapping[id(blk)] = FusedSwinBlock(blk, layout)
+                report.replaced.append((name, f"{'Swin-Unet' if layout == 'swin_unet' else 'timm'} "
+                                              f"SwinTransformerBlock -> FusedSwinBlock (fused window attention)"))
             continue
         attn = blk.attn
         if attn.attn_drop.p > 0 and blk.training:

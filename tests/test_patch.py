@@ -162,3 +162,150 @@ def test_patch_report_and_bad_input():
     assert "replaced 0" in str(report)
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         patch("not a model")
+
+
+# ------------------------------------------------------- Swin-Unet and timm Swin blocks (their code, written out)
+def _partition(x, ws):
+    B, H, W, C = x.shape
+    return x.view(B, H // ws[0], ws[0], W // ws[1], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws[0] * ws[1], C)
+
+
+def _reverse(w, ws, H, W):
+    C = w.shape[-1]
+    return w.view(-1, H // ws[0], W // ws[1], ws[0], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+class _RefWindowAttention(nn.Module):
+    """Swin-Unet's / timm's WindowAttention (windows in, additive 0/-100 mask)."""
+
+    def __init__(self, dim, ws, heads):
+        super().__init__()
+        self.num_heads, self.scale, self.ws = heads, (dim // heads) ** -0.5, ws
+        self.relative_position_bias_table = nn.Parameter(0.5 * torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws[0]), torch.arange(ws[1]), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+        rel[:, :, 0] += ws[0] - 1
+        rel[:, :, 1] += ws[1] - 1
+        rel[:, :, 0] *= 2 * ws[1] - 1
+        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = (attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, N, N)
+        x = (self.attn_drop(attn.softmax(-1)) @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def _shift_mask(H, W, ws, ss):
+    img = torch.zeros(1, H, W, 1)
+    cnt = 0
+    for h in (slice(0, -ws[0]), slice(-ws[0], -ss[0]), slice(-ss[0], None)):
+        for w in (slice(0, -ws[1]), slice(-ws[1], -ss[1]), slice(-ss[1], None)):
+            img[:, h, w, :] = cnt
+            cnt += 1
+    mw = _partition(img, ws)[..., 0]
+    m = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinUnetBlock(nn.Module):
+    """Swin-Unet's SwinTransformerBlock: tokens (B, H*W, C), int window/shift, attn_mask buffer."""
+
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+        super().__init__()
+        self.input_resolution, self.window_size, self.shift_size = input_resolution, window_size, shift_size
+        if min(input_resolution) <= window_size:
+            self.shift_size, self.window_size = 0, min(input_resolution)
+        ws = (self.window_size,) * 2
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _RefWindowAttention(dim, ws, heads)
+        self.drop_path = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim)
+        mask = _shift_mask(*input_resolution, ws, (self.shift_size,) * 2) if self.shift_size else None
+        self.register_buffer("attn_mask", mask)
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        shortcut, x = x, self.norm1(x).view(B, H, W, C)
+        s, ws = self.shift_size, (self.window_size,) * 2
+        if s:
+            x = torch.roll(x, (-s, -s), (1, 2))
+        x = _reverse(self.attn(_partition(x, ws), mask=self.attn_mask), ws, H, W)
+        if s:
+            x = torch.roll(x, (s, s), (1, 2))
+        x = shortcut + self.drop_path(x.reshape(B, H * W, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class TimmBlock(nn.Module):
+    """timm's SwinTransformerBlock: grids (B, H, W, C), tuple window/shift, drop_path1/2."""
+
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.window_size, self.shift_size = window_size, shift_size
+        self.window_area = window_size[0] * window_size[1]
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _RefWindowAttention(dim, window_size, heads)
+        self.drop_path1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim)
+        self.drop_path2 = nn.Identity()
+        mask = _shift_mask(*input_resolution, window_size, shift_size) if any(shift_size) else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _attn(self, x):
+        B, H, W, C = x.shape
+        if any(self.shift_size):
+            x = torch.roll(x, (-self.shift_size[0], -self.shift_size[1]), (1, 2))
+        x = _reverse(self.attn(_partition(x, self.window_size), mask=self.attn_mask), self.window_size, H, W)
+        if any(self.shift_size):
+            x = torch.roll(x, self.shift_size, (1, 2))
+        return x
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+@pytest.mark.parametrize("kind", ["swin_unet", "timm"])
+def test_patch_swin_unet_and_timm_blocks(kind):
+    from fastmed.patch import FusedSwinBlock
+
+    torch.manual_seed(6)
+    if kind == "swin_unet":
+        ref = nn.Sequential(SwinUnetBlock(16, (8, 8), 2, 4, 0), SwinUnetBlock(16, (8, 8), 2, 4, 2),
+                            SwinUnetBlock(16, (8, 8), 2, 8, 4))  # the last: window = grid, no shift
+        x = torch.randn(2, 64, 16)
+    else:
+        ref = nn.Sequential(TimmBlock(16, (8, 12), 2, (4, 4), (0, 0)), TimmBlock(16, (8, 12), 2, (4, 4), (2, 2)))
+        x = torch.randn(2, 8, 12, 16)
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    assert [n for n, _ in report.replaced] == [str(i) for i in range(len(ref))]
+    assert all(isinstance(b, FusedSwinBlock) for b in model)
+    _check_same(ref, model, x, atol=1e-4)
