@@ -152,11 +152,20 @@ class _Progress:
             sys.stderr.flush()
 
 
-def _backends_line(device: torch.device) -> str:
+_DEMO_OPS = ("conv_block", "norm_act", "losses")  # the fastmed ops a UNet + DiceCELoss training step runs
+
+
+def _backends_lines(device: torch.device) -> list[str]:
+    """Per op the demo runs: the backend chosen on ``device`` and why the preferred ones were not."""
     from fastmed import _backend
 
-    rows = _backend.explain(device)
-    return ", ".join(f"{name}={picked}" for name, picked, _ in rows)
+    lines = []
+    for name, picked, reasons in _backend.explain(device):
+        if name not in _DEMO_OPS:
+            continue
+        why = "; ".join(f"{b}: {r}" for b, r in reasons.items() if r is not None and b != picked)
+        lines.append(f"  {name:<11} -> {picked}" + (f"   ({why})" if why else ""))
+    return lines
 
 
 def _save_png(path: str, losses: list, dices: list, class_names: list, image, label, pred) -> None:
@@ -205,7 +214,9 @@ def train(images, labels, class_names, *, epochs: int, batch_size: int, features
     say(f"fastmed demo: {len(x_tr)} training / {len(x_va)} validation volumes of {tuple(images.shape[1:])}, "
         f"{num_classes} classes, UNet features {tuple(features)} "
         f"({sum(p.numel() for p in model.parameters()) / 1e3:.1f}k parameters), device {device}")
-    say(f"backends: {_backends_line(device)}")
+    say("backends (fastmed ops this training step runs):")
+    for line in _backends_lines(device):
+        say(line)
     losses, dices = [], []
     t0 = time.perf_counter()
     g = torch.Generator().manual_seed(seed)

@@ -24,7 +24,8 @@ def test_demo_tiny_end_to_end(tmp_path, capsys):
     assert main(["demo", "--tiny", "--epochs", "3", "--out", str(tmp_path), "--seed", "0"]) == 0
     assert torch.get_num_threads() == threads  # the demo restores the thread count
     out = capsys.readouterr().out
-    assert "backends: " in out and "conv_block=" in out and "losses=" in out
+    assert "backends (fastmed ops" in out
+    assert "conv_block  -> reference" in out and "losses      -> reference" in out and "norm_act    -> " in out
     assert out.count("val Dice") == 3
     png = tmp_path / "fastmed_demo.png"
     assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
