@@ -13,12 +13,16 @@ from fastmed.models import SwinUNet, UNet, ViT
 
 # ------------------------------------------------------------------------------------ nnU-Net PlainConvUNet
 class _ConvDropoutNormReLU(nn.Module):
-    def __init__(self, cin, cout, k, stride):
+    def __init__(self, cin, cout, k, stride, bias=True, nonlin=True):
         super().__init__()
-        self.conv = nn.Conv3d(cin, cout, k, stride, [(i - 1) // 2 for i in k], bias=True)
+        k = (k,) * 3 if isinstance(k, int) else k
+        self.conv = nn.Conv3d(cin, cout, k, stride, [(i - 1) // 2 for i in k], bias=bias)
         self.norm = nn.InstanceNorm3d(cout, eps=1e-5, affine=True)
-        self.nonlin = nn.LeakyReLU(0.01, inplace=True)
-        self.all_modules = nn.Sequential(self.conv, self.norm, self.nonlin)
+        ops = [self.conv, self.norm]
+        if nonlin:
+            self.nonlin = nn.LeakyReLU(0.01, inplace=True)
+            ops.append(self.nonlin)
+        self.all_modules = nn.Sequential(*ops)
 
     def forward(self, x):
         return self.all_modules(x)
@@ -34,15 +38,48 @@ class _Stacked(nn.Module):
         return self.convs(x)
 
 
-class _PlainConvUNet(nn.Module):
-    """dynamic_network_architectures.architectures.unet.PlainConvUNet, layout and forward, written out."""
+class _BasicBlockD(nn.Module):
+    """dynamic_network_architectures' BasicBlockD (no stochastic depth, no squeeze-excitation)."""
 
-    def __init__(self, cin, features, strides, kernels, ncls):
+    def __init__(self, cin, cout, k, stride):
+        super().__init__()
+        self.conv1 = _ConvDropoutNormReLU(cin, cout, k, stride)
+        self.conv2 = _ConvDropoutNormReLU(cout, cout, k, 1, nonlin=False)
+        self.nonlin2 = nn.LeakyReLU(0.01, inplace=True)
+        ops = [nn.AvgPool3d(stride, stride)] if any(v != 1 for v in stride) else []
+        if cin != cout:
+            ops.append(_ConvDropoutNormReLU(cin, cout, 1, 1, bias=False, nonlin=False))
+        self.skip = nn.Sequential(*ops) if ops else nn.Identity()
+
+    def forward(self, x):
+        out = self.conv2(self.conv1(x))
+        out += self.skip(x)
+        return self.nonlin2(out)
+
+
+class _StackedResidual(nn.Module):
+    def __init__(self, n, cin, cout, k, stride):
+        super().__init__()
+        self.blocks = nn.Sequential(_BasicBlockD(cin, cout, k, stride),
+                                    *[_BasicBlockD(cout, cout, k, (1, 1, 1)) for _ in range(n - 1)])
+
+    def forward(self, x):
+        return self.blocks(x)
+
+
+class _PlainConvUNet(nn.Module):
+    """dynamic_network_architectures' PlainConvUNet (or, residual=True, ResidualEncoderUNet with 1 decoder conv
+    per stage), layout and forward, written out."""
+
+    def __init__(self, cin, features, strides, kernels, ncls, residual=False, blocks=(1, 2, 2)):
         super().__init__()
         enc = nn.Module()
         stages, c = [], cin
-        for f, s, k in zip(features, strides, kernels):
-            stages.append(nn.Sequential(_Stacked(2, c, f, k, s)))
+        if residual:
+            enc.stem = _Stacked(1, cin, features[0], kernels[0], 1)
+            c = features[0]
+        for i, (f, s, k) in enumerate(zip(features, strides, kernels)):
+            stages.append(_StackedResidual(blocks[i], c, f, k, s) if residual else nn.Sequential(_Stacked(2, c, f, k, s)))
             c = f
         enc.stages = nn.Sequential(*stages)
         self.encoder = enc
@@ -51,13 +88,15 @@ class _PlainConvUNet(nn.Module):
         n = len(features)
         dec.transpconvs = nn.ModuleList(nn.ConvTranspose3d(features[-s], features[-(s + 1)], strides[-s], strides[-s])
                                         for s in range(1, n))
-        dec.stages = nn.ModuleList(_Stacked(2, 2 * features[-(s + 1)], features[-(s + 1)], kernels[-(s + 1)], 1)
-                                   for s in range(1, n))
+        dec.stages = nn.ModuleList(_Stacked(1 if residual else 2, 2 * features[-(s + 1)], features[-(s + 1)],
+                                            kernels[-(s + 1)], 1) for s in range(1, n))
         dec.seg_layers = nn.ModuleList(nn.Conv3d(features[-(s + 1)], ncls, 1, 1, 0, bias=True) for s in range(1, n))
         self.decoder = dec
 
     def forward(self, x):
         skips = []
+        if hasattr(self.encoder, "stem"):
+            x = self.encoder.stem(x)
         for st in self.encoder.stages:
             x = st(x)
             skips.append(x)
@@ -90,6 +129,19 @@ def test_from_nnunet_plain_conv_unet(deep_supervision):
             torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     else:
         torch.testing.assert_close(got, want[0], atol=1e-5, rtol=1e-5)
+
+
+def test_from_nnunet_residual_encoder_unet():
+    torch.manual_seed(1)
+    plan = dict(features=(4, 8, 16), strides=((1, 1, 1), (2, 2, 2), (1, 2, 2)), kernel_sizes=(3, 3, 3))
+    ref = _PlainConvUNet(1, plan["features"], plan["strides"], [(3, 3, 3)] * 3, 2, residual=True)
+    model = UNet(3, 1, 2, residual=True, blocks_per_stage=(1, 2, 2), decoder_convs_per_stage=1,
+                 deep_supervision=True, **plan)
+    model.load_state_dict(convert.from_nnunet(ref.state_dict()))
+    x = torch.randn(2, 1, 8, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(model(x), ref(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_from_nnunet_errors():

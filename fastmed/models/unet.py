@@ -91,7 +91,8 @@ class UNet(nn.Module):
         in_channels, out_channels: input channels and classes.
         features: channels per resolution stage, e.g. ``(32, 64, 128, 256, 320)``.
         strides: downsampling stride per stage (int or per-axis ints); the first is usually 1.
-        kernel_sizes: one kernel (int or per-axis) for all stages, or one per stage.
+        kernel_sizes: one kernel for all stages (an int, or ``spatial_dims`` ints), or one kernel per stage
+            (a sequence of ``len(features)`` ints or per-axis tuples).
         convs_per_stage: ConvNormAct blocks per encoder stage (plain encoder).
         decoder_convs_per_stage: ConvNormAct blocks per decoder stage (default: ``convs_per_stage``).
         norm, norm_kwargs, act, act_kwargs, bias, dropout: as in :class:`fastmed.nn.ConvNormAct`
@@ -130,8 +131,8 @@ class UNet(nn.Module):
             raise ValueError(f"strides must have one entry per stage (len(features) = {n}), got {strides!r}")
         strides = [L.per_axis(s, f"strides[{i}]", sd) for i, s in enumerate(strides)]
         if isinstance(kernel_sizes, int) or (isinstance(kernel_sizes, Sequence) and len(kernel_sizes) == sd
-                                             and all(isinstance(k, int) for k in kernel_sizes) and n != sd):
-            kernel_sizes = [kernel_sizes] * n
+                                             and all(isinstance(k, int) for k in kernel_sizes)):
+            kernel_sizes = [kernel_sizes] * n  # one kernel (int, or spatial_dims ints) for every stage
         if len(kernel_sizes) != n:
             raise ValueError(f"kernel_sizes must be one kernel or one per stage ({n}), got {kernel_sizes!r}")
         kernels = [L.per_axis(k, f"kernel_sizes[{i}]", sd) for i, k in enumerate(kernel_sizes)]
