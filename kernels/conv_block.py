@@ -6,10 +6,11 @@ the layout the loads are laid out for (a row of the GEMM's A tile is ``BLOCK_K``
 
 Forward (``conv_block_forward``):
   1. ``_conv_fwd_kernel``: implicit GEMM with M = output voxels of one sample, N = output channels,
-     K = Cin * KD * KH * KW (loop over kernel taps, then channel blocks; the input tile is gathered with the
-     zero-padding mask at load time).  The input may come from two tensors, a decoder's upsampled features
-     and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)`` from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation (tf32 for
-     fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
+     K = Cin * KD * KH * KW (one flat loop over (kernel tap, channel block), so loads pipeline across taps;
+     the input tile is gathered with the zero-padding mask at load time).  The input may come from two
+     tensors, a decoder's upsampled features and its skip (channels ``[0, C1)`` from x, ``[C1, C1 + C2)``
+     from x2): the concatenation is never written.  ``tl.dot`` takes fp16/bf16 tiles with fp32 accumulation
+     (tf32 for fp32 when ``torch.backends.cudnn.allow_tf32``; fp32 under the interpreter).  The epilogue adds the
      bias, stores the output tile and, for each output channel, the tile's mean and sum of squared
      deviations (M2) over its voxels: fp32 partials ``(N, Cout, P)``, one per M tile (a tile never
      straddles two samples).  The partials are combined per statistics row with Chan's update in a fixed
@@ -21,15 +22,15 @@ Backward (``conv_block_backward``):
      norm affine gradients, d residual and the prelu slope gradient, recomputing the normalized activation;
   2. ``_conv_dgrad_kernel``: d x by the gather form of the transposed convolution, an implicit GEMM with
      M = input voxels of one sample, N = Cin, K = Cout * taps; output voxel ``o = (i + p - k d) / s`` per
-     axis, used where the division is exact and ``o`` is in range;
+     axis.  Strided convolutions are decomposed by sub-pixel residue class (programs own voxels with one
+     ``(i + p) mod s``), so each program loops only over the taps whose division is exact;
   3. ``_conv_wgrad_kernel``: d weight as GEMMs (Cout x Cin per tap) over K = N * output voxels, split into
      ``SPLITS`` ranges whose fp32 partials are summed in a fixed order (deterministic);
   4. d bias: a torch sum of d conv_out over (N, spatial) in fp32.
 
-Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  The data gradient of a
-strided convolution gathers with a divisibility mask, so 1 - 1/prod(stride) of its tap iterations load nothing
-useful (a sub-pixel decomposition would remove that).  Tile sizes are fixed heuristics, not autotuned, and no
-timing of these kernels on a GPU exists yet (see fastmed/ops/conv_block_choice.py).
+Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  Tile sizes are fixed
+heuristics, not autotuned, and no timing of these kernels on a GPU exists yet (see
+fastmed/ops/conv_block_choice.py).
 """
 from __future__ import annotations
 
@@ -46,16 +47,31 @@ from .norm_act import norm_act_backward, norm_act_forward
 
 
 @triton.jit
-def _accumulate_taps(
-    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_tap, Cout, co, mco, idd, ihh, iww, valid,
+def _accumulate_input(
+    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_ptr, CinT, Cout, co, mco, od, oh, ow, mm, D, H, W,
+    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """acc += x[n, c, idd, ihh, iww] @ w_tap[c_first + c, co] over the C channels of one input, one tap."""
-    a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                          # [BLOCK_M] pointers
-    for c0 in range(0, C, BLOCK_K):
-        c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
+    """acc += sum over taps and the C channels of one input of x[n, c, o * s - p + k * d] @ w[k, c_first + c, co].
+
+    One flat loop over (tap, channel block), so the compiler pipelines the loads across taps even when the
+    channels fit one block (Cin = 32)."""
+    cblocks = tl.cdiv(C, BLOCK_K)
+    for kk in range(0, KD * KH * KW * cblocks):
+        tap = kk // cblocks
+        c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
+        kd = tap // (KH * KW)
+        kh = (tap // KW) % KH
+        kw = tap % KW
+        idd = od * str_d - pad_d + kd * dil_d
+        ihh = oh * str_h - pad_h + kh * dil_h
+        iww = ow * str_w - pad_w + kw * dil_w
+        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
         mc = c < C
+        a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                      # [BLOCK_M] pointers
         a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        w_tap = w_ptr + tap * (CinT * Cout)
         b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
                     other=0.0)
         if DOT_FP32:
@@ -94,20 +110,13 @@ def _conv_fwd_kernel(
     co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(KD * KH * KW):
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        idd = od * str_d - pad_d + kd * dil_d
-        ihh = oh * str_h - pad_h + kh * dil_h
-        iww = ow * str_w - pad_w + kw * dil_w
-        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
-        w_tap = w_ptr + tap * ((C1 + C2) * Cout)
-        acc = _accumulate_taps(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_tap, Cout, co, mco, idd, ihh,
-                               iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
-        if HAS_X2:
-            acc = _accumulate_taps(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_tap, Cout, co, mco, idd,
-                                   ihh, iww, valid, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    acc = _accumulate_input(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_ptr, C1 + C2, Cout, co, mco,
+                            od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+                            KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    if HAS_X2:
+        acc = _accumulate_input(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_ptr, C1 + C2, Cout, co,
+                                mco, od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d,
+                                dil_h, dil_w, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co, mask=mco, other=0.0).to(tl.float32)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
@@ -130,51 +139,65 @@ def _conv_fwd_kernel(
 def _conv_dgrad_kernel(
     dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw): gradient of the conv output
     w_ptr,      # shape (KD, KH, KW, Cout, Cin), contiguous
+    taps_ptr,   # shape (classes, TAPS) int32: the taps that reach each residue class, padded
+    ntaps_ptr,  # shape (classes,) int32: how many
     dx_ptr,     # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
-    Cin, Cout, D, H, W, Do, Ho, Wo,
+    Cin, Cout, D, H, W, Do, Ho, Wo, QD, QH, QW, blocks_per_class,
     str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
     sdn, sdc, sdd, sdh, sdw, sxn, sxc, sxd, sxh, sxw,
-    KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
+    KH: tl.constexpr, KW: tl.constexpr, TAPS: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Sub-pixel decomposition: input voxels are grouped by their residue class r = (i + p) mod s per axis;
+    # a tap k reaches a class only when k * d = r (mod s) (the launcher lists those taps), so each program
+    # loops over contributing taps only.  Class (rd, rh, rw) holds i = i0 + s * q, i0 = (r - p) mod s,
+    # q < (QD, QH, QW) = ceil(size / s) (masked where i is past the end).
+    pid = tl.program_id(0)
     pid_n = tl.program_id(1)
     n = tl.program_id(2).to(tl.int64)
-    Mi = D * H * W
-    m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    mm = m < Mi
-    iw = m % W
-    ih = (m // W) % H
-    idd = m // (W * H)
+    cls = pid // blocks_per_class
+    rw = cls % str_w
+    rh = (cls // str_w) % str_h
+    rd = cls // (str_w * str_h)
+    i0d = ((rd - pad_d) % str_d + str_d) % str_d
+    i0h = ((rh - pad_h) % str_h + str_h) % str_h
+    i0w = ((rw - pad_w) % str_w + str_w) % str_w
+    q = (pid % blocks_per_class).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    iw = i0w + (q % QW) * str_w
+    ih = i0h + ((q // QW) % QH) * str_h
+    idd = i0d + (q // (QW * QH)) * str_d
+    mm = (q < QD * QH * QW) & (idd < D) & (ih < H) & (iw < W)
     ci = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mci = ci < Cin
     dy_n = dy_ptr + n * sdn
+    n_taps = tl.load(ntaps_ptr + cls)
+    cblocks = tl.cdiv(Cout, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for tap in range(KD * KH * KW):
+    for kk in range(0, n_taps * cblocks):
+        tap = tl.load(taps_ptr + cls * TAPS + kk // cblocks)
+        c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
         kd = tap // (KH * KW)
         kh = (tap // KW) % KH
         kw = tap % KW
+        # i + p - k d is a multiple of s for every voxel of this class, so o = (i + p - k d) / s exactly
+        # (negative numerators are masked; the shift by s * k d keeps the integer division exact anyway).
         td = idd + pad_d - kd * dil_d
         th = ih + pad_h - kh * dil_h
         tw = iw + pad_w - kw * dil_w
-        od = td // str_d
-        oh = th // str_h
-        ow = tw // str_w
-        valid = mm & (td >= 0) & (th >= 0) & (tw >= 0)
-        valid = valid & (td % str_d == 0) & (th % str_h == 0) & (tw % str_w == 0)
-        valid = valid & (od < Do) & (oh < Ho) & (ow < Wo)
+        od = (td + str_d * kd * dil_d) // str_d - kd * dil_d
+        oh = (th + str_h * kh * dil_h) // str_h - kh * dil_h
+        ow = (tw + str_w * kw * dil_w) // str_w - kw * dil_w
+        valid = mm & (td >= 0) & (th >= 0) & (tw >= 0) & (od < Do) & (oh < Ho) & (ow < Wo)
+        mc = c < Cout
         a_row = dy_n + od * sdd + oh * sdh + ow * sdw
+        a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
         w_tap = w_ptr + tap * (Cout * Cin)
-        for c0 in range(0, Cout, BLOCK_K):
-            c = c0 + tl.arange(0, BLOCK_K).to(tl.int64)
-            mc = c < Cout
-            a = tl.load(a_row[:, None] + c[None, :] * sdc, mask=valid[:, None] & mc[None, :], other=0.0)
-            b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
-            if DOT_FP32:
-                a = a.to(tl.float32)
-                b = b.to(tl.float32)
-            acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
+        b = tl.load(w_tap + c[:, None] * Cin + ci[None, :], mask=mc[:, None] & mci[None, :], other=0.0)
+        if DOT_FP32:
+            a = a.to(tl.float32)
+            b = b.to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
     x_off = n * sxn + (idd * sxd + ih * sxh + iw * sxw)[:, None] + ci[None, :] * sxc
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mm[:, None] & mci[None, :])
 
@@ -349,6 +372,24 @@ def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, 
     return y, pmean, pm2, counts
 
 
+def _class_taps(kernel, stride, dilation, device):
+    """For each residue class (rd, rh, rw) of the data gradient (row-major over the strides), the flat taps
+    ``(kd * KH + kh) * KW + kw`` with ``k * d = r (mod s)`` on every axis: (classes, taps) int32 padded, and
+    their counts (classes,) int32."""
+    (KD, KH, KW), (sd, sh, sw), (dd, dh, dw) = kernel, stride, dilation
+    rows = []
+    for rd in range(sd):
+        for rh in range(sh):
+            for rw in range(sw):
+                rows.append([(kd * KH + kh) * KW + kw for kd in range(KD) for kh in range(KH) for kw in range(KW)
+                             if (kd * dd) % sd == rd and (kh * dh) % sh == rh and (kw * dw) % sw == rw])
+    taps = torch.zeros((len(rows), KD * KH * KW), dtype=torch.int32)
+    for i, r in enumerate(rows):
+        taps[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
+    ntaps = torch.tensor([len(r) for r in rows], dtype=torch.int32)
+    return taps.to(device), ntaps.to(device)
+
+
 def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation):
     """d x ``(N, Cin, *s)`` (x's dtype and memory format) from d conv_out ``(N, Cout, *s_out)``."""
     st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
@@ -359,11 +400,15 @@ def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, 
     Cout = weight.shape[0]
     w_t = w5.permute(2, 3, 4, 0, 1).contiguous()  # (KD, KH, KW, Cout, Cin)
     D, H, W = dx5.shape[2:]
-    blocks = _gemm_blocks(x, D * H * W, Cin, Cout)
-    grid = (triton.cdiv(D * H * W, blocks["BLOCK_M"]), triton.cdiv(Cin, blocks["BLOCK_N"]), N)
+    q = [triton.cdiv(size, s) for size, s in zip((D, H, W), st)]  # voxels per residue class, per axis
+    per_class = q[0] * q[1] * q[2]
+    blocks = _gemm_blocks(x, per_class, Cin, Cout)
+    blocks_per_class = triton.cdiv(per_class, blocks["BLOCK_M"])
+    taps, ntaps = _class_taps((KD, KH, KW), st, dl, x.device)
+    grid = (taps.shape[0] * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
     wrap_triton(_conv_dgrad_kernel)[grid](
-        dy5, w_t, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *st, *pd, *dl, *dy5.stride(), *dx5.stride(),
-        KD=KD, KH=KH, KW=KW, **_dot_options(x), **blocks)
+        dy5, w_t, taps, ntaps, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl,
+        *dy5.stride(), *dx5.stride(), KH=KH, KW=KW, TAPS=KD * KH * KW, **_dot_options(x), **blocks)
     return dx
 
 

@@ -15,11 +15,11 @@ Everything works on the token grid ``(B, D, H, W, ...)`` (2D grids have ``D = 1`
 
 Forward: ``_fwd_kernel``, one program per (window, block of BLOCK_M queries, head), keys in tiles of BLOCK_N
 with an online softmax (49 tokens are one 64-tile; 343 tokens are 6 tiles); saves the per-row logsumexp.
-Backward (flash-style, P recomputed from the logsumexp; ``delta = rowsum(dO * O)`` computed first):
+Backward (flash-style, P recomputed from the logsumexp; ``_delta_kernel`` computes ``delta = rowsum(dO * O)``):
   1. ``_bwd_dkdv_kernel``: per (window, key block, head), loop over query blocks -> dK, dV.
-  2. ``_bwd_dq_kernel``: per (query block, head, group of windows), loop over its windows and key blocks
-     -> dQ; with a single key block it also sums dS over its windows into a private ``(N, N)`` partial
-     of the bias-table gradient.
+  2. ``_bwd_dq_kernel``: per (query block, head, window), loop over key blocks -> dQ.  With a single key
+     block (N <= 64) each program takes a group of windows and also sums their dS into a private ``(N, N)``
+     partial of the bias-table gradient.
   3. ``_bwd_dbias_kernel`` (more than one key block only): per (query block x key block, head, group of
      windows) -> the same partials.
   4. ``_dtable_reduce_kernel``: per block of table rows, sum the partials of every (query, key) pair with that
@@ -32,7 +32,7 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-MASK_VALUE = -100.0
+MASK_VALUE = tl.constexpr(-100.0)  # the anchors' constant between shift regions
 
 # --------------------------------------------------------------------------------------------------
 # Device code
@@ -182,6 +182,26 @@ def _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col
     dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(ACC)
     ds = p * (dp - delta[:, None])
     return p, ds
+
+
+@triton.jit
+def _delta_kernel(
+    dout_ptr,   # shape (M, C), contiguous: the token grid flattened
+    out_ptr,    # shape (M, C), contiguous
+    delta_ptr,  # shape (M, heads), contiguous, accumulation dtype: rowsum over head_dim of dO * O
+    M, C, head_dim,
+    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    head = tl.program_id(1).to(tl.int64)
+    heads = tl.num_programs(1)
+    dd = tl.arange(0, BLOCK_D)
+    m = (tok < M)[:, None] & (dd < head_dim)[None, :]
+    off = tok[:, None] * C + head * head_dim + dd[None, :]
+    acc_ty = delta_ptr.dtype.element_ty
+    do = tl.load(dout_ptr + off, mask=m, other=0.0).to(acc_ty)
+    o = tl.load(out_ptr + off, mask=m, other=0.0).to(acc_ty)
+    tl.store(delta_ptr + tok * heads + head, tl.sum(do * o, axis=1), mask=tok < M)
 
 
 @triton.jit
@@ -372,6 +392,8 @@ def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords
     head_dim = C // num_heads
     N = window[0] * window[1] * window[2]
     block = 16 if N <= 16 else (32 if N <= 32 else 64)
+    if qkv.dtype == torch.float64:  # 64-wide float64 tiles overflow the 227 KB of shared memory of an H100
+        block = min(block, 32)
     nwin = (D // window[0]) * (H // window[1]) * (W // window[2])
     interp = qkv.device.type == "cpu"
     return dict(
@@ -436,7 +458,11 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     B, D, H, W, _ = qkv.shape
     C, hd, N = cfg["C"], cfg["head_dim"], cfg["N"]
     acc = lse.dtype
-    delta = (dout.to(acc) * out.to(acc)).view(*out.shape[:-1], num_heads, hd).sum(-1).contiguous()
+    out = out.contiguous()
+    M = out.numel() // C
+    delta = torch.empty(out.shape[:-1] + (num_heads,), dtype=acc, device=out.device)
+    wrap_triton(_delta_kernel)[(triton.cdiv(M, 64), num_heads)](dout, out, delta, M, C, hd, BLOCK_T=64,
+                                                                BLOCK_D=cfg["block_d"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     tab, st0, st1 = _table_args(table, lse)
     blk = cfg["block"]
@@ -448,15 +474,19 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     wrap_triton(_bwd_dkdv_kernel)[(cfg["n_windows"] * n_b, num_heads)](
         qkv, dout, lse, delta, tab, dqkv, st0, st1, *sizes, HAS_BIAS=table is not None, **common, num_warps=4)
 
+    # dQ: one program per (query block, head, window); with a single key block it also sums dS over a group of
+    # windows (the bias-table partial), otherwise _bwd_dbias_kernel does that over its own groups.
     fuse = table is not None and n_b == 1
     elem = torch.finfo(acc).bits // 8
-    if table is not None:
-        G, per_group = _groups(cfg["n_windows"], n_b * n_b * num_heads, num_heads * N * N * elem, qkv.device)
-    else:
-        G, per_group = _groups(cfg["n_windows"], n_b * num_heads, 0, qkv.device)
+    part_bytes = num_heads * N * N * elem
+    if fuse:
+        G, per_group = _groups(cfg["n_windows"], n_b * num_heads, part_bytes, qkv.device)
+    elif table is not None:
+        G, per_group = _groups(cfg["n_windows"], n_b * n_b * num_heads, part_bytes, qkv.device)
     part = torch.empty((G, num_heads, N, N) if table is not None else (0,), dtype=acc, device=qkv.device)
-    wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, G)](
-        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], per_group,
+    dq_groups, dq_per_group = (G, per_group) if fuse else (cfg["n_windows"], 1)
+    wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, dq_groups)](
+        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], dq_per_group,
         HAS_BIAS=table is not None, FUSE_DBIAS=fuse, **common, num_warps=4)
     if table is None:
         return dqkv, None

@@ -490,12 +490,32 @@ def test_triton_implicit_gemm_forward_backward(case):
                      num_groups=groups, channels_last=cl)
 
 
-@given(cfg=block_config(max_spatial=5))
-def test_triton_implicit_gemm_hypothesis(cfg):
+@pytest.mark.parametrize("kernel,stride,dilation,padding", [
+    (1, 2, 1, 0), (3, (2, 1, 3), 1, 1), (3, 2, 2, 2), (5, 3, 1, 2), ((1, 3, 3), (1, 2, 2), 1, (0, 1, 1))])
+def test_triton_strides_dilations(kernel, stride, dilation, padding):
+    """Residue classes of the data gradient: stride 3, anisotropic strides and kernels (nnU-Net's (1, 2, 2)),
+    dilated taps that skip classes, and classes no tap reaches (1x1 kernel, stride 2)."""
+    g = torch.Generator().manual_seed(21)
+    k = (kernel,) * 3 if isinstance(kernel, int) else kernel
+    x = torch.randn(1, 3, 7, 6, 8, generator=g, requires_grad=True)
+    w = (torch.randn((4, 3) + k, generator=g) / 5).requires_grad_()
+    with fastmed.use_backend("triton"):
+        y = conv_norm_act(x, w, stride=stride, padding=padding, dilation=dilation, activation="silu",
+                          implementation="implicit_gemm")
+    xr, wr = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    y_ref = conv_norm_act_reference(xr, wr, stride=stride, padding=padding, dilation=dilation, activation="silu")
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    dy = torch.randn(y.shape, generator=g)
+    for a, e in zip(torch.autograd.grad(y, [x, w], dy), torch.autograd.grad(y_ref, [xr, wr], dy.double())):
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32])
+
+
+@given(cfg=block_config(max_spatial=5), channels_last=st.booleans())
+def test_triton_implicit_gemm_hypothesis(cfg, channels_last):
     if not _norm_defined(cfg) or cfg["norm"] == "none":
         return
     with fastmed.use_backend("triton"):
-        _check_block(12, dtype=torch.float32, implementation="implicit_gemm", **cfg)
+        _check_block(12, dtype=torch.float32, implementation="implicit_gemm", channels_last=channels_last, **cfg)
 
 
 def test_triton_auto_and_cudnn_paths():

@@ -146,7 +146,7 @@ class ConvNormAct(nn.Module):
             if self.norm is None:
                 z = h if residual is None else h + residual
                 return na_ref.apply_activation(z, act, slope.to(z.dtype) if prelu is not None else slope)
-            return self.norm_act(h, residual, act, slope)
+            return self._unfused_norm_act(h, residual, act, slope)
         if self.norm is None:
             return conv_norm_act(x, conv.weight, conv.bias, stride=conv.stride, padding=conv.padding,
                                  dilation=conv.dilation, norm="none", activation=act, negative_slope=slope,
@@ -159,7 +159,8 @@ class ConvNormAct(nn.Module):
                              running_mean=running_mean, running_var=running_var, momentum=momentum,
                              training=training, skip=skip, implementation=self.implementation)
 
-    def norm_act(self, h, residual, act, slope):
+    def _unfused_norm_act(self, h, residual, act, slope):
+        """norm + residual + act of a convolution output computed (and dropped out) separately."""
         nrm = self.norm
         running_mean, running_var, momentum, training = _norm_state(nrm)
         return norm_act(h, nrm.kind, nrm.weight, nrm.bias, num_groups=nrm.num_groups, eps=nrm.eps, activation=act,

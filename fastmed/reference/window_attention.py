@@ -49,7 +49,7 @@ def relative_position_index(window: Sequence[int]) -> Tensor:
 
 
 def bias_index(window: Sequence[int], table_window: Sequence[int], bias_coords: Sequence[int]) -> Tensor:
-    """``(N, N)`` rows of the table (built for ``table_window``) used by a window of shape ``window``."""
+    """``(N, N)`` rows of the table (built for ``table_window``) used by a window of shape ``window`` (CPU)."""
     n = 1
     for w in window:
         n *= w
@@ -92,16 +92,20 @@ def shift_mask(grid: Sequence[int], window: Sequence[int], shift: Sequence[int],
     """
     if not any(shift):
         return None
-    region = torch.zeros(1, *grid, 1, device=device, dtype=dtype)
-    ids = [torch.zeros(s, dtype=torch.long) for s in grid]
-    for a, (s, w, sh) in enumerate(zip(grid, window, shift)):
+    mw = _window_regions(grid, window, shift).to(device)  # (nW, N)
+    differ = mw[:, None, :] != mw[:, :, None]
+    return torch.where(differ, torch.full(differ.shape, MASK_VALUE, dtype=dtype, device=device),
+                       torch.zeros(differ.shape, dtype=dtype, device=device))
+
+
+def _window_regions(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> Tensor:
+    """``(nW, N)`` shift-region id of every token of every window (CPU)."""
+    ids = []
+    for s, w, sh in zip(grid, window, shift):
         y = torch.arange(s)
-        ids[a] = (y >= s - w).long() + (y >= s - sh).long() if sh > 0 else torch.zeros(s, dtype=torch.long)
+        ids.append((y >= s - w).long() + (y >= s - sh).long() if sh > 0 else torch.zeros(s, dtype=torch.long))
     rid = ids[0][:, None, None] * 9 + ids[1][None, :, None] * 3 + ids[2][None, None, :]
-    region[0, ..., 0] = rid.to(device=device, dtype=dtype)
-    mw = window_partition(region, window).squeeze(-1)  # (nW, N)
-    diff = mw[:, None, :] - mw[:, :, None]
-    return torch.where(diff != 0, torch.full_like(diff, MASK_VALUE), torch.zeros_like(diff))
+    return window_partition(rid[None, ..., None], window).squeeze(-1)
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
