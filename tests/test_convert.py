@@ -11,6 +11,15 @@ from fastmed import convert
 from fastmed.models import SwinUNet, UNet, ViT
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI machine these small models run several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 # ------------------------------------------------------------------------------------ nnU-Net PlainConvUNet
 class _ConvDropoutNormReLU(nn.Module):
     def __init__(self, cin, cout, k, stride, bias=True, nonlin=True):

@@ -7,6 +7,15 @@ import torch
 from fastmed.models import AttentionUNet, UNet, plan_nnunet
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI machine these small models run several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _count(model):
     return sum(p.numel() for p in model.parameters())
 
