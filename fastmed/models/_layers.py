@@ -117,14 +117,16 @@ def activation_eager(z: torch.Tensor, name: str, negative_slope: float = 0.01,
 
 
 def conv_block(block: ConvNormAct, x: torch.Tensor, fused: bool, residual: Optional[torch.Tensor] = None,
-               nonlin: Optional[nn.Module] = None) -> torch.Tensor:
+               nonlin: Optional[nn.Module] = None, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``act(norm(dropout(conv(x))) + residual)`` of a :class:`fastmed.nn.ConvNormAct`.
 
-    ``nonlin`` replaces the block's own activation (the residual block's final activation)."""
+    ``nonlin`` replaces the block's own activation (the residual block's final activation); ``skip`` makes the
+    convolution read ``cat([x, skip], 1)`` (the fused path never writes the concatenation where the
+    implementation allows it: a U-Net decoder's upsampled features and skip)."""
     nonlin = block.nonlin if nonlin is None else nonlin
     if fused:
-        return block.run(x, residual, nonlin)
-    h = block.conv(x)
+        return block.run(x, residual, nonlin, skip)
+    h = block.conv(x if skip is None else torch.cat([x, skip], dim=1))
     if block.dropout is not None:
         h = block.dropout(h)
     if block.norm is not None:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from fastmed.models import _layers as L
-from fastmed.models.unet import _cat, _conv_cls
+from fastmed.models.unet import _conv_cls
 from fastmed.nn.conv_block import ConvNormAct
 from fastmed.nn.norm_act import NormAct
 
@@ -128,7 +128,7 @@ class AttentionUNet(nn.Module):
         for i in reversed(range(len(self.down))):
             def level(low, skip, i=i):
                 up = self.up[i](low, fused)
-                return L.conv_block(self.merge[i], _cat(self.gates[i](up, skip, fused), up), fused)
+                return L.conv_block(self.merge[i], self.gates[i](up, skip, fused), fused, skip=up)  # cat([att, up])
 
             x = L.maybe_checkpoint(level, x, skips[i], enabled=ckpt)
         return self.out(x)

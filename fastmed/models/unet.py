@@ -204,8 +204,11 @@ class UNet(nn.Module):
         n_dec = len(dec.stages)
         for s in range(n_dec):
             def step(low, skip, s=s):
-                up = dec.transpconvs[s](low)
-                return _run_stage(dec.stages[s], _cat(up, skip), fused)
+                convs = dec.stages[s].convs
+                h = L.conv_block(convs[0], dec.transpconvs[s](low), fused, skip=skip)  # reads cat([up, skip])
+                for block in convs[1:]:
+                    h = L.conv_block(block, h, fused)
+                return h
 
             x = L.maybe_checkpoint(step, x, skips[-(s + 2)], enabled=ckpt)
             if self.deep_supervision:
@@ -255,15 +258,6 @@ class UNet(nn.Module):
     def resenc(cls, patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, **kwargs) -> "UNet":
         """nnU-Net's residual-encoder U-Net (ResEnc M block counts): ``UNet.nnunet(..., residual=True)``."""
         return cls.nnunet(patch_size, spacing, residual=True, **kwargs)
-
-
-def _cat(up: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
-    """``cat([up, skip], 1)``, channels-last when the skip is (so the next conv sees no layout change)."""
-    fmt = torch.channels_last_3d if up.dim() == 5 else torch.channels_last
-    out = torch.cat([up, skip], dim=1)
-    if skip.is_contiguous(memory_format=fmt) and not skip.is_contiguous():
-        out = out.contiguous(memory_format=fmt)
-    return out
 
 
 def plan_nnunet(patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, min_feature_map: int = 4,
