@@ -250,10 +250,15 @@ def train(images, labels, class_names, *, epochs: int, batch_size: int, features
     seconds = time.perf_counter() - t0
     png = None
     if out:
-        os.makedirs(out, exist_ok=True)
-        png = os.path.join(out, "fastmed_demo.png")
-        _save_png(png, losses, dices, class_names, x_va[0, 0].float().cpu(), y_va[0, 0].cpu(), pred[0].cpu())
-        say(f"wrote {png}")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            say("matplotlib is not installed: no PNG written (pip install 'fastmed[demo]')")
+        else:
+            os.makedirs(out, exist_ok=True)
+            png = os.path.join(out, "fastmed_demo.png")
+            _save_png(png, losses, dices, class_names, x_va[0, 0].float().cpu(), y_va[0, 0].cpu(), pred[0].cpu())
+            say(f"wrote {png}")
     return {"losses": losses, "dices": dices, "seconds": seconds, "png": png}
 
 

@@ -107,11 +107,6 @@ def _norm_args(cfg: dict, params: nn.Module, training_now: bool) -> dict:
                 running_var=params.running_var if track else None, training=training_now or not track)
 
 
-def _act_args(act: Optional[nn.Module]):
-    name, slope, prelu = _activation_of(act)
-    return name, (prelu.weight if prelu is not None else slope)
-
-
 class FusedConvNormAct(nn.Module):
     """A convolution that computes conv -> [dropout] -> norm -> [act] of a patched run in one fastmed op.
 

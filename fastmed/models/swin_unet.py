@@ -17,7 +17,6 @@ composition (``fused=False``), with the same parameters.
 """
 from __future__ import annotations
 
-import math
 from typing import Sequence
 
 import torch
