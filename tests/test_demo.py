@@ -84,3 +84,13 @@ def test_demo_bad_input(tmp_path):
         demo.load_decathlon(str(tmp_path))
     with pytest.raises(SystemExit):
         demo.main(["--epochs", "0"])
+
+
+def test_plain_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # import tqdm now raises ImportError
+    bar = demo._Progress(4, "epoch 1/1")
+    for _ in range(4):
+        bar.update(0.5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "epoch 1/1 [" in err and "4/4 loss 0.500" in err
