@@ -35,6 +35,16 @@ Swin-Unet (Cao et al., ``SwinUnet`` / ``SwinTransformerSys``) and timm-style Swi
       ``*.attn_mask``                                    dropped (fastmed builds the shift mask in the kernel)
       everything else                                    unchanged (see :mod:`fastmed.models.swin_unet`)
 
+timm ``swin_*`` / official Swin Transformer classification weights (``swin_tiny_patch4_window7_224``) ->
+the *encoder* of :class:`fastmed.models.SwinUNet` (and, with ``mirror_decoder=True``, its decoder blocks, as
+Swin-Unet initializes them): :func:`from_timm_swin`
+      ``model.`` wrapper / ``state_dict["model"]``       unwrapped
+      ``*.mlp.fc1.*`` / ``*.mlp.fc2.*``                  ``*.mlp.linear1.*`` / ``*.mlp.linear2.*``
+      ``layers.<i>.downsample.*`` (timm >= 0.9 puts       ``layers.<i-1>.downsample.*`` (merging at the end of
+      the merging at the start of stage i)                stage i-1, as Swin-Unet)
+      ``head.*``, ``*.attn_mask``                        dropped (classifier; masks are built in the kernel)
+      ``layers.<i>.blocks.*`` (mirror_decoder)           also ``layers_up.<n-1-i>.blocks.*``
+
 MONAI ``SwinTransformerBlock`` (SwinUNETR's blocks) -> :class:`fastmed.nn.SwinTransformerBlock`: identical keys
 (``norm1``, ``attn.{qkv,proj,relative_position_bias_table,relative_position_index}``, ``norm2``,
 ``mlp.linear1``, ``mlp.linear2``); :func:`from_monai_swin_block` checks them.
@@ -48,7 +58,8 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["from_nnunet", "from_monai_attention_unet", "from_timm_vit", "from_swin_unet", "from_monai_swin_block"]
+__all__ = ["from_nnunet", "from_monai_attention_unet", "from_timm_vit", "from_swin_unet", "from_timm_swin",
+           "from_monai_swin_block"]
 
 
 def _check_state(state_dict, name: str = "state_dict") -> Mapping[str, torch.Tensor]:
@@ -154,6 +165,44 @@ def from_swin_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
         top = k.split(".", 1)[0]
         if top not in ("patch_embed", "layers", "norm", "layers_up", "concat_back_dim", "norm_up", "up", "output"):
             raise ValueError(f"Swin-Unet key {key!r} has no counterpart in fastmed.models.SwinUNet")
+        out[k] = value
+    return out
+
+
+def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, mirror_decoder: bool = True) -> dict:
+    """Swin Transformer classification weights (timm ``swin_*`` or Microsoft's checkpoints) for the encoder of
+    :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``, ``num_heads``, ``window_size``).
+
+    Load the result with ``model.load_state_dict(..., strict=False)``: the decoder's patch expanding, skip
+    projections, final expanding and output convolution (and, without ``mirror_decoder``, the decoder blocks)
+    are not in a classification checkpoint and keep their initialization, as in Swin-Unet's ``load_from``."""
+    state_dict = _check_state(state_dict)
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    keys = set(state_dict)
+    merging_at_start = "layers.0.downsample.reduction.weight" not in keys and any(
+        k.startswith("layers.1.downsample.") for k in keys)
+    out = {}
+    for key, value in state_dict.items():
+        k = key[len("model."):] if key.startswith("model.") else key
+        if k == "absolute_pos_embed":
+            raise ValueError("absolute position embeddings (ape=True) are not supported by fastmed.models.SwinUNet")
+        if k.startswith("head.") or k.endswith("attn_mask"):
+            continue
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        top = k.split(".", 1)[0]
+        if top not in ("patch_embed", "layers", "norm"):
+            raise ValueError(f"Swin key {key!r} has no counterpart in fastmed.models.SwinUNet's encoder")
+        if top == "layers":
+            _, idx, rest = k.split(".", 2)
+            i = int(idx)
+            if rest.startswith("downsample.") and merging_at_start:
+                i -= 1
+            if not 0 <= i < num_stages:
+                raise ValueError(f"Swin key {key!r} addresses stage {i}, outside the {num_stages} stages")
+            k = f"layers.{i}.{rest}"
+            if mirror_decoder and rest.startswith("blocks.") and i < num_stages - 1:
+                out[f"layers_up.{num_stages - 1 - i}.{rest}"] = value
         out[k] = value
     return out
 

@@ -262,3 +262,33 @@ def test_from_monai_swin_block():
         torch.testing.assert_close(ours(x), ref(x, None), atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="mlp.fc1.weight"):
         convert.from_monai_swin_block({"mlp.fc1.weight": torch.zeros(1)})
+
+
+@pytest.mark.parametrize("merging_at_start", [False, True])
+def test_from_timm_swin_initializes_encoder_and_mirrored_decoder(merging_at_start):
+    """Classification Swin weights (official layout, or timm >= 0.9 with the merging at the start of a stage)."""
+    torch.manual_seed(3)
+    kw = dict(embed_dim=8, depths=(2, 2, 2), num_heads=(2, 2, 4), window_size=4, drop_path_rate=0.0)
+    src = SwinUNet(2, 3, 5, **kw)
+    ckpt = {}
+    for k, v in src.state_dict().items():
+        if not k.startswith(("patch_embed.", "layers.", "norm.")):
+            continue  # decoder: not in a classification checkpoint
+        k = k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2.")
+        if merging_at_start and ".downsample." in k:
+            i = int(k.split(".")[1])
+            k = f"layers.{i + 1}." + k.split(".", 2)[2]
+        ckpt[k] = v
+    ckpt["head.fc.weight"] = torch.zeros(1000, 32)
+    dst = SwinUNet(2, 3, 5, **kw)
+    missing, unexpected = dst.load_state_dict(convert.from_timm_swin({"model": ckpt}, num_stages=3), strict=False)
+    assert unexpected == []
+    assert all(m.startswith(("layers_up.0.", "layers_up.1.upsample", "layers_up.2.upsample", "concat_back_dim",
+                             "norm_up", "up.", "output")) for m in missing), missing
+    for k, v in src.state_dict().items():
+        if k.startswith(("patch_embed.", "layers.", "norm.")):
+            torch.testing.assert_close(dst.state_dict()[k], v, msg=k)
+    enc = src.layers[0].blocks[1].attn.qkv.weight
+    torch.testing.assert_close(dst.layers_up[2].blocks[1].attn.qkv.weight, enc)  # mirrored, as Swin-Unet does
+    with pytest.raises(ValueError, match="absolute position"):
+        convert.from_timm_swin({"absolute_pos_embed": torch.zeros(1)})
