@@ -50,6 +50,14 @@ def test_unet_original_parameter_count():
     assert round(_count(model) / 1e6, 2) == 31.03
 
 
+def test_unet_original_configuration_runs_both_paths():
+    """Ronneberger's configuration (no norm, ReLU, max-pool, transposed conv) with fewer features."""
+    torch.manual_seed(10)
+    model = UNet.original(features=(4, 8, 16), strides=(1, 2, 2))
+    assert isinstance(model.encoder.stages[1][0], torch.nn.MaxPool2d)
+    _agree(model, torch.randn(2, 1, 16, 16))
+
+
 def test_nnunet_plan_rules():
     plan = plan_nnunet((128, 128, 128), (1.0, 1.0, 1.0))
     assert plan["features"] == (32, 64, 128, 256, 320, 320)
