@@ -7,8 +7,8 @@
     print(fastmed.info())                                        # what runs here, and why
 """
 from fastmed._backend import BackendUnavailableError, use_backend
-from fastmed.patch import patch  # noqa: E402,F401  (fastmed.patch(model))
 from fastmed import ops, nn, reference  # noqa: F401  (registers the ops)
+from fastmed.patch import patch  # noqa: F401  (fastmed.patch(model))
 
 __version__ = "0.1.0"
 
