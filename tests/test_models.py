@@ -363,3 +363,32 @@ def test_unetr_fused_matches_reference_and_errors():
         model(torch.randn(1, 1, 24, 32))
     with pytest.raises(ValueError, match="patch_size must be 16"):
         UNETR(3, patch_size=8)
+
+
+@pytest.mark.parametrize("name", ["unet", "swin-unet"])
+def test_models_on_the_triton_backend(name):
+    """The fused path through the Triton kernels (interpreter on CPU) equals the reference backend."""
+    import fastmed
+    from fastmed import _backend
+    from fastmed.models import SwinUNet
+
+    reason = _backend.why_not("norm_act", "triton", torch.device("cpu"), forced=True)
+    if reason is not None:
+        pytest.skip(reason)
+    torch.manual_seed(11)
+    if name == "unet":
+        model, x = UNet(2, 1, 2, features=(4, 8), strides=(1, 2)), torch.randn(1, 1, 8, 8)
+    else:
+        model = SwinUNet(2, 1, 2, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=2, drop_path_rate=0.0)
+        x = torch.randn(1, 1, 16, 16)
+    ref = model(x)
+    ref.square().sum().backward()
+    g_ref = _grads(model)
+    scale = max(g.abs().max().item() for g in g_ref.values())
+    model.zero_grad()
+    with fastmed.use_backend("triton"):
+        y = model(x)
+        y.square().sum().backward()
+    torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-4)
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
