@@ -160,7 +160,7 @@ def main() -> None:
             print("FlexAttention is not available in this torch; skipping it")
     cases = QUICK_CASES if args.quick else FULL_CASES
     if args.quick and device.type == "cpu" and not args.no_compile:
-        print("--quick on CPU: torch.compile baseline skipped (inductor's C++ build alone exceeds the smoke-test budget)")
+        print("--quick on CPU: torch.compile baseline skipped (inductor's C++ build exceeds the smoke-test budget)")
 
     for name, B, grid, C, heads, window, shift in cases:
         for dtype in dtypes:
@@ -205,7 +205,6 @@ def main() -> None:
                     r = bench.ratios(label, base)
                     if r is not None:
                         print(f"    fastmed vs {base}: {r:.2f}x")
-            del case
     bench.save(args.out)
 
 

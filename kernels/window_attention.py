@@ -1,7 +1,9 @@
 """(Shifted-)window attention: Triton kernels and launchers.
 
-Everything works on the token grid ``(B, D, H, W, ...)`` (2D grids have ``D = 1``), contiguous.  A *window*
-``wi`` in ``[0, B * nW)`` and a token ``t`` in ``[0, N)`` of that window (raster order inside the window,
+Everything works on the token grid ``(B, D, H, W, ...)`` (2D grids have ``D = 1``), contiguous.  Windows tile
+the grid padded at the end of each axis up to a multiple of the window (``Dp, Hp, Wp``, MONAI's padding); padding
+tokens are never stored: their q, k, v are read from a pad vector (the qkv Linear's bias) or are zero.  A
+*window* ``wi`` in ``[0, B * nW)`` and a token ``t`` in ``[0, N)`` of that window (raster order inside the window,
 ``N = WD * WH * WW``) address the grid by index arithmetic alone:
 
 * rolled-frame coordinate ``y = window_coord * w + local_coord``; the cyclic shift reads source
@@ -22,8 +24,9 @@ Backward (flash-style, P recomputed from the logsumexp; ``_delta_kernel`` comput
      partial of the bias-table gradient.
   3. ``_bwd_dbias_kernel`` (more than one key block only): per (query block x key block, head, group of
      windows) -> the same partials.
-  4. ``_dtable_reduce_kernel``: per block of table rows, sum the partials of every (query, key) pair with that
-     relative offset over the groups in a fixed order.  Deterministic; no atomics anywhere.
+  4. ``_dtable_reduce_kernel``: per (block of table rows, head), sum the partials of every (query, key) pair
+     with that relative offset over the groups in a fixed order.  Deterministic; no atomics anywhere.
+  Padding keys (MONAI padding) collect dK, dV per program; their sum over programs is d(qkv_pad).
 """
 from __future__ import annotations
 
@@ -40,10 +43,11 @@ MASK_VALUE = tl.constexpr(-100.0)  # the anchors' constant between shift regions
 
 
 @triton.jit
-def _tokens(wi, t, nWd, nWh, nWw, D, H, W, shd, shh, shw,
+def _tokens(wi, t, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
             WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr,
             BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr):
-    """Grid token index (int64), shift-region id and bias coordinates of tokens ``t`` of window ``wi``."""
+    """Tokens ``t`` of window ``wi``: grid index (int64), inside the real grid (not padding), shift-region id
+    and bias coordinates.  Windows tile the padded grid ``(Dp, Hp, Wp)``; the data is the real ``(D, H, W)``."""
     nw = nWd * nWh * nWw
     b = wi // nw
     r = wi % nw
@@ -53,17 +57,18 @@ def _tokens(wi, t, nWd, nWh, nWw, D, H, W, shd, shh, shw,
     yd = wdi * WD + t // (WH * WW)
     yh = whi * WH + (t // WW) % WH
     yw = wwi * WW + t % WW
-    sd = (yd + shd) % D
-    sh = (yh + shh) % H
-    sw = (yw + shw) % W
+    sd = (yd + shd) % Dp
+    sh = (yh + shh) % Hp
+    sw = (yw + shw) % Wp
+    valid = (sd < D) & (sh < H) & (sw < W)
     tok = ((b * D + sd) * H + sh) * W + sw
-    region = (((yd >= D - WD).to(tl.int32) + (yd >= D - shd).to(tl.int32)) * 9
-              + ((yh >= H - WH).to(tl.int32) + (yh >= H - shh).to(tl.int32)) * 3
-              + ((yw >= W - WW).to(tl.int32) + (yw >= W - shw).to(tl.int32)))
+    region = (((yd >= Dp - WD).to(tl.int32) + (yd >= Dp - shd).to(tl.int32)) * 9
+              + ((yh >= Hp - WH).to(tl.int32) + (yh >= Hp - shh).to(tl.int32)) * 3
+              + ((yw >= Wp - WW).to(tl.int32) + (yw >= Wp - shw).to(tl.int32)))
     bd = t // (BH * BW)
     bh = (t // BW) % BH
     bw = t % BW
-    return tok, region, bd, bh, bw
+    return tok, valid, region, bd, bh, bw
 
 
 @triton.jit
@@ -91,10 +96,11 @@ def _fwd_kernel(
     out_ptr,    # shape (B, D, H, W, C), contiguous
     lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
     table_ptr,  # shape (T, heads), strides (st0, st1)
-    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
+    pad_ptr,    # shape (3C,): qkv of a padding token (HAS_PAD)
+    st0, st1, Dp, Hp, Wp, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
     WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_ty = lse_ptr.dtype.element_ty
@@ -104,13 +110,17 @@ def _fwd_kernel(
     n_mb = tl.cdiv(N, BLOCK_M)
     wi = pid // n_mb
     rows = (pid % n_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < N
+    in_win = rows < N
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
-    qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw, WD, WH, WW, BD, BH, BW)
+    qtok, qval, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                              WD, WH, WW, BD, BH, BW)
     ch = head * head_dim + dd
+    row_ok = in_win & qval  # rows stored: real tokens (padding queries are computed, never stored)
     qm = row_ok[:, None] & d_ok[None, :]
     q = tl.load(qkv_ptr + qtok[:, None] * (3 * C) + ch[None, :], mask=qm, other=0.0)
+    if HAS_PAD:
+        q = tl.where(qval[:, None], q, tl.load(pad_ptr + ch, mask=d_ok, other=0.0)[None, :])
     if CAST:
         q = q.to(acc_ty)
     m_i = tl.full([BLOCK_M], float("-inf"), acc_ty)
@@ -119,16 +129,10 @@ def _fwd_kernel(
     for n0 in range(0, N, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         col_ok = cols < N
-        ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                            WD, WH, WW, BD, BH, BW)
-        km = col_ok[:, None] & d_ok[None, :]
-        kbase = qkv_ptr + ktok[:, None] * (3 * C) + ch[None, :]
-        k = tl.load(kbase + C, mask=km, other=0.0)
-        v = tl.load(kbase + 2 * C, mask=km, other=0.0)
-        if CAST:
-            k = k.to(acc_ty)
-            v = v.to(acc_ty)
-        s = _scores(q, k, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg, qbd, qbh, qbw,
+        ktok, kval, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                  WD, WH, WW, BD, BH, BW)
+        k, v = _load_cols(qkv_ptr, pad_ptr, ktok, kval, col_ok, ch, d_ok, C, HAS_PAD, CAST, acc_ty)
+        s = _scores(q, k, scale, head, table_ptr, st0, st1, in_win, col_ok, qreg, kreg, qbd, qbh, qbw,
                     kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC).to(acc_ty)
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -157,12 +161,16 @@ def _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, tok, row_ok, ch, d_ok, hea
 
 
 @triton.jit
-def _load_cols(qkv_ptr, tok, col_ok, ch, d_ok, C, CAST: tl.constexpr, ACC: tl.constexpr):
-    """k and v of a block of key columns."""
-    m = col_ok[:, None] & d_ok[None, :]
+def _load_cols(qkv_ptr, pad_ptr, tok, valid, col_ok, ch, d_ok, C, HAS_PAD: tl.constexpr, CAST: tl.constexpr,
+               ACC: tl.constexpr):
+    """k and v of a block of key columns (padding tokens read the pad vector, or zeros)."""
+    m = (col_ok & valid)[:, None] & d_ok[None, :]
     base = qkv_ptr + tok[:, None] * (3 * C) + ch[None, :]
     k = tl.load(base + C, mask=m, other=0.0)
     v = tl.load(base + 2 * C, mask=m, other=0.0)
+    if HAS_PAD:
+        k = tl.where(valid[:, None], k, tl.load(pad_ptr + C + ch, mask=d_ok, other=0.0)[None, :])
+        v = tl.where(valid[:, None], v, tl.load(pad_ptr + 2 * C + ch, mask=d_ok, other=0.0)[None, :])
     if CAST:
         k = k.to(ACC)
         v = v.to(ACC)
@@ -211,11 +219,13 @@ def _bwd_dkdv_kernel(
     lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
     delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype: rowsum(dO * O)
     table_ptr,  # shape (T, heads), strides (st0, st1)
+    pad_ptr,    # shape (3C,): qkv of a padding token (HAS_PAD)
     dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous: this kernel writes the k and v parts
-    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
+    ppad_ptr,   # shape (programs, heads, 2, head_dim), accumulation dtype: dk, dv summed over padding keys
+    st0, st1, Dp, Hp, Wp, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale,
     WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_ty = lse_ptr.dtype.element_ty
@@ -229,26 +239,32 @@ def _bwd_dkdv_kernel(
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
     ch = head * head_dim + dd
-    ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw, WD, WH, WW, BD, BH, BW)
-    k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+    ktok, kval, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                              WD, WH, WW, BD, BH, BW)
+    k, v = _load_cols(qkv_ptr, pad_ptr, ktok, kval, col_ok, ch, d_ok, C, HAS_PAD, CAST, acc_ty)
     dk = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     for m0 in range(0, N, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        row_ok = rows < N
-        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                            WD, WH, WW, BD, BH, BW)
+        qtok, qval, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                  WD, WH, WW, BD, BH, BW)
+        row_ok = (rows < N) & qval  # padding queries get no gradient (their outputs are cropped)
         q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
                                        C, CAST, acc_ty)
         p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
                       qbd, qbh, qbw, kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(acc_ty)
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(acc_ty)
-    m = col_ok[:, None] & d_ok[None, :]
+    m = (col_ok & kval)[:, None] & d_ok[None, :]
     base = dqkv_ptr + ktok[:, None] * (3 * C) + ch[None, :]
     out_ty = dqkv_ptr.dtype.element_ty
     tl.store(base + C, (dk * scale).to(out_ty), mask=m)
     tl.store(base + 2 * C, dv.to(out_ty), mask=m)
+    if HAS_PAD:
+        is_pad = (col_ok & (kval == 0))[:, None]
+        pbase = ppad_ptr + (pid * heads + head) * 2 * head_dim
+        tl.store(pbase + dd, tl.sum(tl.where(is_pad, dk, 0.0), axis=0) * scale, mask=d_ok)
+        tl.store(pbase + head_dim + dd, tl.sum(tl.where(is_pad, dv, 0.0), axis=0), mask=d_ok)
 
 
 @triton.jit
@@ -258,37 +274,38 @@ def _bwd_dq_kernel(
     lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
     delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype
     table_ptr,  # shape (T, heads), strides (st0, st1)
+    pad_ptr,    # shape (3C,): qkv of a padding token (HAS_PAD)
     dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous: this kernel writes the q part
     part_ptr,   # shape (G, heads, N, N), contiguous, accumulation dtype: dS summed over each group's windows
-    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
+    st0, st1, Dp, Hp, Wp, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
     WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, FUSE_DBIAS: tl.constexpr, CAST: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, FUSE_DBIAS: tl.constexpr,
+    CAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_ty = lse_ptr.dtype.element_ty
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     head = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
     g = tl.program_id(2).to(tl.int64)
-    row_ok = rows < N
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
     ch = head * head_dim + dd
     dbias = tl.zeros([BLOCK_M, BLOCK_N], acc_ty)
     w_end = tl.minimum(g * per_group + per_group, n_windows)
     for wi in range(g * per_group, w_end):
-        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                            WD, WH, WW, BD, BH, BW)
+        qtok, qval, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                  WD, WH, WW, BD, BH, BW)
+        row_ok = (rows < N) & qval
         q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
                                        C, CAST, acc_ty)
         dq = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
         for n0 in range(0, N, BLOCK_N):
             cols = n0 + tl.arange(0, BLOCK_N)
             col_ok = cols < N
-            ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                                WD, WH, WW, BD, BH, BW)
-            k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+            ktok, kval, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                      WD, WH, WW, BD, BH, BW)
+            k, v = _load_cols(qkv_ptr, pad_ptr, ktok, kval, col_ok, ch, d_ok, C, HAS_PAD, CAST, acc_ty)
             p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
                           qbd, qbh, qbw, kbd, kbh, kbw, HAS_BIAS, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
             dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(acc_ty)
@@ -299,7 +316,7 @@ def _bwd_dq_kernel(
     if FUSE_DBIAS:
         cols = tl.arange(0, BLOCK_N)
         base = part_ptr + (g * heads + head) * N * N
-        tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=row_ok[:, None] & (cols < N)[None, :])
+        tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=(rows < N)[:, None] & (cols < N)[None, :])
 
 
 @triton.jit
@@ -309,11 +326,12 @@ def _bwd_dbias_kernel(
     lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
     delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype
     table_ptr,  # shape (T, heads), strides (st0, st1)
+    pad_ptr,    # shape (3C,): qkv of a padding token (HAS_PAD)
     part_ptr,   # shape (G, heads, N, N), contiguous, accumulation dtype: dS summed over each group's windows
-    st0, st1, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
+    st0, st1, Dp, Hp, Wp, D, H, W, C, head_dim, N, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
     WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BD: tl.constexpr, BH: tl.constexpr, BW: tl.constexpr,
     TWD: tl.constexpr, TWH: tl.constexpr, TWW: tl.constexpr,
-    HAS_MASK: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+    HAS_MASK: tl.constexpr, HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     acc_ty = lse_ptr.dtype.element_ty
@@ -324,7 +342,6 @@ def _bwd_dbias_kernel(
     head = tl.program_id(1).to(tl.int64)
     heads = tl.num_programs(1)
     g = tl.program_id(2).to(tl.int64)
-    row_ok = rows < N
     col_ok = cols < N
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
@@ -332,18 +349,19 @@ def _bwd_dbias_kernel(
     dbias = tl.zeros([BLOCK_M, BLOCK_N], acc_ty)
     w_end = tl.minimum(g * per_group + per_group, n_windows)
     for wi in range(g * per_group, w_end):
-        qtok, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                            WD, WH, WW, BD, BH, BW)
-        ktok, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, D, H, W, shd, shh, shw,
-                                            WD, WH, WW, BD, BH, BW)
+        qtok, qval, qreg, qbd, qbh, qbw = _tokens(wi, rows, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                  WD, WH, WW, BD, BH, BW)
+        ktok, kval, kreg, kbd, kbh, kbw = _tokens(wi, cols, nWd, nWh, nWw, Dp, Hp, Wp, D, H, W, shd, shh, shw,
+                                                  WD, WH, WW, BD, BH, BW)
+        row_ok = (rows < N) & qval
         q, do, lse, delta = _load_rows(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, qtok, row_ok, ch, d_ok, head, heads,
                                        C, CAST, acc_ty)
-        k, v = _load_cols(qkv_ptr, ktok, col_ok, ch, d_ok, C, CAST, acc_ty)
+        k, v = _load_cols(qkv_ptr, pad_ptr, ktok, kval, col_ok, ch, d_ok, C, HAS_PAD, CAST, acc_ty)
         p, ds = _p_ds(q, k, v, do, lse, delta, scale, head, table_ptr, st0, st1, row_ok, col_ok, qreg, kreg,
                       qbd, qbh, qbw, kbd, kbh, kbw, True, HAS_MASK, TWD, TWH, TWW, PREC, acc_ty)
         dbias += ds
     base = part_ptr + (g * heads + head) * N * N
-    tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(base + rows[:, None] * N + cols[None, :], dbias, mask=(rows < N)[:, None] & col_ok[None, :])
 
 
 @triton.jit
@@ -356,25 +374,25 @@ def _dtable_reduce_kernel(
     BLOCK_R: tl.constexpr, BLOCK_I: tl.constexpr,
 ):
     r = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    h = tl.program_id(1)
     r_ok = r < T
     # relative offset (query - key) of each table row
     od = r // ((2 * TWH - 1) * (2 * TWW - 1)) - (TWD - 1)
     oh = (r // (2 * TWW - 1)) % (2 * TWH - 1) - (TWH - 1)
     ow = r % (2 * TWW - 1) - (TWW - 1)
-    for h in range(0, heads):
-        acc = tl.zeros([BLOCK_R, BLOCK_I], dtable_ptr.dtype.element_ty)
-        for g in range(0, G):
-            base = part_ptr + (g * heads + h).to(tl.int64) * N * N
-            for i0 in range(0, N, BLOCK_I):
-                i = i0 + tl.arange(0, BLOCK_I)
-                kd = (i // (BH * BW))[None, :] - od[:, None]
-                kh = ((i // BW) % BH)[None, :] - oh[:, None]
-                kw = (i % BW)[None, :] - ow[:, None]
-                j = (kd * BH + kh) * BW + kw
-                ok = (r_ok[:, None] & (i < N)[None, :] & (kd >= 0) & (kd < BD) & (kh >= 0) & (kh < BH)
-                      & (kw >= 0) & (kw < BW) & (j < N))
-                acc += tl.load(base + i[None, :].to(tl.int64) * N + j, mask=ok, other=0.0)
-        tl.store(dtable_ptr + r * heads + h, tl.sum(acc, axis=1), mask=r_ok)
+    acc = tl.zeros([BLOCK_R, BLOCK_I], dtable_ptr.dtype.element_ty)
+    for g in range(0, G):
+        base = part_ptr + (g * heads + h).to(tl.int64) * N * N
+        for i0 in range(0, N, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            kd = (i // (BH * BW))[None, :] - od[:, None]
+            kh = ((i // BW) % BH)[None, :] - oh[:, None]
+            kw = (i % BW)[None, :] - ow[:, None]
+            j = (kd * BH + kh) * BW + kw
+            ok = (r_ok[:, None] & (i < N)[None, :] & (kd >= 0) & (kd < BD) & (kh >= 0) & (kh < BH)
+                  & (kw >= 0) & (kw < BW) & (j < N))
+            acc += tl.load(base + i[None, :].to(tl.int64) * N + j, mask=ok, other=0.0)
+    tl.store(dtable_ptr + r * heads + h, tl.sum(acc, axis=1), mask=r_ok)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -386,7 +404,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords):
-    """Shared launch parameters: sizes, tiles and constexpr flags."""
+    """Shared launch parameters: sizes (the grid padded up to a multiple of the window), tiles, constexpr flags."""
     B, D, H, W, C3 = qkv.shape
     C = C3 // 3
     head_dim = C // num_heads
@@ -394,14 +412,15 @@ def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords
     block = 16 if N <= 16 else (32 if N <= 32 else 64)
     if qkv.dtype == torch.float64:  # 64-wide float64 tiles overflow the 227 KB of shared memory of an H100
         block = min(block, 32)
-    nwin = (D // window[0]) * (H // window[1]) * (W // window[2])
+    nW = (triton.cdiv(D, window[0]), triton.cdiv(H, window[1]), triton.cdiv(W, window[2]))
+    padded = (nW[0] * window[0], nW[1] * window[1], nW[2] * window[2])
     interp = qkv.device.type == "cpu"
     return dict(
-        B=B, C=C, head_dim=head_dim, N=N, nwin=nwin, n_windows=B * nwin, block=block,
+        B=B, C=C, head_dim=head_dim, N=N, n_windows=B * nW[0] * nW[1] * nW[2], block=block,
         cast=interp or qkv.dtype in (torch.float32, torch.float64),
         prec="ieee" if qkv.dtype in (torch.float32, torch.float64) else "tf32",
         block_d=max(16, triton.next_power_of_2(head_dim)),
-        nW=(D // window[0], H // window[1], W // window[2]),
+        nW=nW, grids=padded + (D, H, W), has_pad=padded != (D, H, W),
         consts=dict(WD=window[0], WH=window[1], WW=window[2], BD=bias_coords[0], BH=bias_coords[1],
                     BW=bias_coords[2], TWD=table_window[0], TWH=table_window[1], TWW=table_window[2]),
     )
@@ -413,25 +432,26 @@ def _table_args(table, dummy):
     return table, table.stride(0), table.stride(1)
 
 
-def window_attention_forward(qkv: torch.Tensor, table, num_heads: int, window, shift, scale: float,
+def window_attention_forward(qkv: torch.Tensor, table, qkv_pad, num_heads: int, window, shift, scale: float,
                              table_window, bias_coords) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(out (B, D, H, W, C), lse (B, D, H, W, heads))`` for a divisible ``(B, D, H, W, 3C)`` grid.
+    """``(out (B, D, H, W, C), lse (B, D, H, W, heads))`` for a ``(B, D, H, W, 3C)`` grid.
 
-    ``window``/``shift`` are the effective 3-tuples; ``table`` is ``(T, heads)`` or None.
+    ``window``/``shift`` are the effective 3-tuples; windows tile the grid padded up to a multiple of ``window``
+    with tokens whose qkv is ``qkv_pad`` ``(3C,)`` (zeros when None).  ``table`` is ``(T, heads)`` or None.
     """
     qkv = qkv.contiguous()
     cfg = _config(qkv, num_heads, window, table_window, bias_coords)
-    B, D, H, W, _ = qkv.shape
     out = torch.empty(qkv.shape[:-1] + (cfg["C"],), dtype=qkv.dtype, device=qkv.device)
     lse = torch.empty(qkv.shape[:-1] + (num_heads,), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
     tab, st0, st1 = _table_args(table, lse)
+    has_pad = cfg["has_pad"] and qkv_pad is not None
     blk = cfg["block"]
     grid = (cfg["n_windows"] * triton.cdiv(cfg["N"], blk), num_heads)
     wrap_triton(_fwd_kernel)[grid](
-        qkv, out, lse, tab, st0, st1, D, H, W, cfg["C"], cfg["head_dim"], cfg["N"], *cfg["nW"], *shift,
-        float(scale), **cfg["consts"], HAS_BIAS=table is not None, HAS_MASK=any(s > 0 for s in shift),
-        CAST=cfg["cast"], PREC=cfg["prec"], BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=cfg["block_d"],
-        num_warps=4)
+        qkv, out, lse, tab, qkv_pad.contiguous() if has_pad else lse, st0, st1, *cfg["grids"], cfg["C"],
+        cfg["head_dim"], cfg["N"], *cfg["nW"], *shift, float(scale), **cfg["consts"], HAS_BIAS=table is not None,
+        HAS_MASK=any(s > 0 for s in shift), HAS_PAD=has_pad, CAST=cfg["cast"], PREC=cfg["prec"], BLOCK_M=blk,
+        BLOCK_N=blk, BLOCK_D=cfg["block_d"], num_warps=4)
     return out, lse
 
 
@@ -450,12 +470,11 @@ def _groups(n_windows: int, programs_per_group: int, part_bytes_per_group: int,
 
 
 def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.Tensor, lse: torch.Tensor,
-                              table, num_heads: int, window, shift, scale: float, table_window, bias_coords):
-    """``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None)``; deterministic."""
+                              table, qkv_pad, num_heads: int, window, shift, scale: float, table_window, bias_coords):
+    """``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None, dqkv_pad (3C,) or None)``; deterministic."""
     qkv = qkv.contiguous()
     dout = dout.contiguous()
     cfg = _config(qkv, num_heads, window, table_window, bias_coords)
-    B, D, H, W, _ = qkv.shape
     C, hd, N = cfg["C"], cfg["head_dim"], cfg["N"]
     acc = lse.dtype
     out = out.contiguous()
@@ -465,14 +484,25 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
                                                                 BLOCK_D=cfg["block_d"], num_warps=4)
     dqkv = torch.empty_like(qkv)
     tab, st0, st1 = _table_args(table, lse)
+    has_pad = cfg["has_pad"] and qkv_pad is not None
+    pad = qkv_pad.contiguous() if has_pad else lse
     blk = cfg["block"]
     n_b = triton.cdiv(N, blk)
     has_mask = any(s > 0 for s in shift)
-    common = dict(**cfg["consts"], HAS_MASK=has_mask, CAST=cfg["cast"], PREC=cfg["prec"], BLOCK_M=blk, BLOCK_N=blk,
-                  BLOCK_D=cfg["block_d"])
-    sizes = (D, H, W, C, hd, N, *cfg["nW"], *shift, float(scale))
+    common = dict(**cfg["consts"], HAS_MASK=has_mask, HAS_PAD=has_pad, CAST=cfg["cast"], PREC=cfg["prec"],
+                  BLOCK_M=blk, BLOCK_N=blk, BLOCK_D=cfg["block_d"])
+    sizes = (*cfg["grids"], C, hd, N, *cfg["nW"], *shift, float(scale))
+    ppad = torch.empty((cfg["n_windows"] * n_b, num_heads, 2, hd) if has_pad else (0,), dtype=acc,
+                       device=qkv.device)
     wrap_triton(_bwd_dkdv_kernel)[(cfg["n_windows"] * n_b, num_heads)](
-        qkv, dout, lse, delta, tab, dqkv, st0, st1, *sizes, HAS_BIAS=table is not None, **common, num_warps=4)
+        qkv, dout, lse, delta, tab, pad, dqkv, ppad, st0, st1, *sizes, HAS_BIAS=table is not None, **common,
+        num_warps=4)
+    dpad = None
+    if qkv_pad is not None:  # padding queries get no gradient; padding keys and values collect theirs here
+        dpad = torch.zeros(3, num_heads, hd, dtype=acc, device=qkv.device)
+        if has_pad:
+            dpad[1:] = ppad.sum(0).transpose(0, 1)
+        dpad = dpad.reshape(3 * C).to(qkv_pad.dtype)
 
     # dQ: one program per (query block, head, window); with a single key block it also sums dS over a group of
     # windows (the bias-table partial), otherwise _bwd_dbias_kernel does that over its own groups.
@@ -486,18 +516,18 @@ def window_attention_backward(dout: torch.Tensor, qkv: torch.Tensor, out: torch.
     part = torch.empty((G, num_heads, N, N) if table is not None else (0,), dtype=acc, device=qkv.device)
     dq_groups, dq_per_group = (G, per_group) if fuse else (cfg["n_windows"], 1)
     wrap_triton(_bwd_dq_kernel)[(n_b, num_heads, dq_groups)](
-        qkv, dout, lse, delta, tab, dqkv, part, st0, st1, *sizes, cfg["n_windows"], dq_per_group,
+        qkv, dout, lse, delta, tab, pad, dqkv, part, st0, st1, *sizes, cfg["n_windows"], dq_per_group,
         HAS_BIAS=table is not None, FUSE_DBIAS=fuse, **common, num_warps=4)
     if table is None:
-        return dqkv, None
+        return dqkv, None, dpad
     if not fuse:
         wrap_triton(_bwd_dbias_kernel)[(n_b * n_b, num_heads, G)](
-            qkv, dout, lse, delta, tab, part, st0, st1, *sizes, cfg["n_windows"], per_group, **common, num_warps=4)
+            qkv, dout, lse, delta, tab, pad, part, st0, st1, *sizes, cfg["n_windows"], per_group, **common, num_warps=4)
     T = table.shape[0]
     dtable = torch.empty((T, num_heads), dtype=acc, device=qkv.device)
     c = cfg["consts"]
     block_r = 32
-    wrap_triton(_dtable_reduce_kernel)[(triton.cdiv(T, block_r),)](
+    wrap_triton(_dtable_reduce_kernel)[(triton.cdiv(T, block_r), num_heads)](
         part, dtable, G, num_heads, N, T, BD=c["BD"], BH=c["BH"], BW=c["BW"], TWD=c["TWD"], TWH=c["TWH"],
         TWW=c["TWW"], BLOCK_R=block_r, BLOCK_I=min(64, triton.next_power_of_2(N)), num_warps=4)
-    return dqkv, dtable.to(table.dtype)
+    return dqkv, dtable.to(table.dtype), dpad

@@ -31,45 +31,49 @@ _backend.register_op("attention", ("reference",),
 
 
 @triton_op("fastmed::window_attention_fwd", mutates_args=())
-def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], num_heads: int, window: list[int],
-                          shift: list[int], scale: float, table_window: list[int], bias_coords: list[int],
-                          backend: str) -> tuple[Tensor, Tensor]:
+def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
+                          window: list[int], shift: list[int], scale: float, table_window: list[int],
+                          bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
     if backend == "triton":
-        from fastmed.kernels.window_attention import window_attention_forward
-
-        return window_attention_forward(qkv, table, num_heads, window, shift, scale, table_window, bias_coords)
-    return ref.window_attention_forward(qkv, table, num_heads, window, shift, scale, table_window, bias_coords)
+        from fastmed.kernels.window_attention import window_attention_forward as forward
+    else:
+        forward = ref.window_attention_forward
+    return forward(qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords)
 
 
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
 def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
-                          num_heads: int, window: list[int], shift: list[int], scale: float,
-                          table_window: list[int], bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
+                          qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
+                          scale: float, table_window: list[int], bias_coords: list[int],
+                          backend: str) -> tuple[Tensor, Tensor, Tensor]:
     if backend == "triton":
         from fastmed.kernels.window_attention import window_attention_backward
 
-        dqkv, dtable = window_attention_backward(dout, qkv, out, lse, table, num_heads, window, shift, scale,
-                                                 table_window, bias_coords)
+        dqkv, dtable, dpad = window_attention_backward(dout, qkv, out, lse, table, qkv_pad, num_heads, window,
+                                                       shift, scale, table_window, bias_coords)
     else:
-        dqkv, dtable = ref.window_attention_backward(dout, qkv, table, num_heads, window, shift, scale,
-                                                     table_window, bias_coords)
+        dqkv, dtable, dpad = ref.window_attention_backward(dout, qkv, table, qkv_pad, num_heads, window, shift,
+                                                           scale, table_window, bias_coords)
     # Absent gradients travel as empty tensors (custom ops return no None).
-    return dqkv, dtable if dtable is not None else qkv.new_empty(0)
+    return (dqkv, dtable if dtable is not None else qkv.new_empty(0),
+            dpad if dpad is not None else qkv.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, table, num_heads, window, shift, scale, table_window, bias_coords, backend = inputs
+    qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords, backend = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, table)
+    ctx.save_for_backward(qkv, out, lse, table, qkv_pad)
     ctx.args = (num_heads, window, shift, scale, table_window, bias_coords, backend)
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, out, lse, table = ctx.saved_tensors
+    qkv, out, lse, table, qkv_pad = ctx.saved_tensors
     num_heads, window, shift, scale, table_window, bias_coords, backend = ctx.args
-    dqkv, dtable = torch.ops.fastmed.window_attention_bwd(dout, qkv, out, lse, table, num_heads, window, shift,
-                                                          scale, table_window, bias_coords, backend)
-    return dqkv, dtable if table is not None else None, None, None, None, None, None, None, None
+    dqkv, dtable, dpad = torch.ops.fastmed.window_attention_bwd(dout, qkv, out, lse, table, qkv_pad, num_heads,
+                                                                window, shift, scale, table_window, bias_coords,
+                                                                backend)
+    return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None,
+            None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -94,22 +98,6 @@ def _per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
         raise ValueError(f"{name} must be an integer or a sequence of {nd} integers (one per spatial axis), "
                          f"got {value!r}")
     return tuple(_int(v, f"{name}[{a}]", minimum) for a, v in enumerate(value))
-
-
-def _pad_grid(qkv: Tensor, window: Sequence[int], pad_value: Optional[Tensor]) -> Tensor:
-    """Pad the grid at the end of each spatial axis up to a multiple of ``window`` with ``pad_value`` (3C,)."""
-    for a, w in enumerate(window):
-        axis = a + 1
-        extra = -qkv.shape[axis] % w
-        if extra:
-            shape = list(qkv.shape)
-            shape[axis] = extra
-            if pad_value is None:
-                fill = qkv.new_zeros(shape)
-            else:
-                fill = pad_value.to(qkv.dtype).expand(shape)
-            qkv = torch.cat([qkv, fill], dim=axis)
-    return qkv
 
 
 def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequence[int]],
@@ -145,7 +133,8 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
           with tokens whose qkv is ``qkv_pad``.  This equals MONAI's ``SwinTransformerBlock``, which zero-pads
           the normalized tokens *before* the qkv Linear (so padded tokens take part through the qkv bias) and
           builds the shift mask on the padded grid; the padded rows are cropped from the result.  Pass the qkv
-          Linear's bias as ``qkv_pad`` (its gradient then flows into that bias).
+          Linear's bias as ``qkv_pad`` (its gradient then flows into that bias).  The Triton kernels never
+          materialize the padded grid: padding tokens are read from ``qkv_pad`` by index.
 
     Returns:
         ``(B, H, W, C)`` / ``(B, D, H, W, C)`` in ``qkv``'s dtype.  Differentiable with respect to ``qkv``,
@@ -191,22 +180,17 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
 
     grid = tuple(qkv.shape[1:-1])
     eff_window, eff_shift = ref.effective_window(grid, window, shift)
-    x = _pad_grid(qkv, eff_window, qkv_pad)
     lead = (1,) * (3 - nd)
-    x5 = x if nd == 3 else x.unsqueeze(1)
+    x5 = qkv if nd == 3 else qkv.unsqueeze(1)
     win3 = list(lead + eff_window)
     shift3 = [0] * (3 - nd) + list(eff_shift)
     table_window = list(lead + window)
     bias_coords = win3 if bias_index == "coords" else table_window
 
     backend = _choose("window_attention", str(device))
-    out, _ = torch.ops.fastmed.window_attention_fwd(x5, rel_pos_bias_table, heads, win3, shift3, float(scale),
-                                                    table_window, bias_coords, backend)
-    if nd == 2:
-        out = out.squeeze(1)
-    if out.shape[1:-1] != grid:
-        out = out[(slice(None),) + tuple(slice(0, s) for s in grid)]
-    return out
+    out, _ = torch.ops.fastmed.window_attention_fwd(x5, rel_pos_bias_table, qkv_pad, heads, win3, shift3,
+                                                    float(scale), table_window, bias_coords, backend)
+    return out.squeeze(1) if nd == 2 else out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:

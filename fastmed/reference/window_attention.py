@@ -151,50 +151,78 @@ def _bias(table: Optional[Tensor], window, table_window, bias_coords) -> Optiona
     return table[idx.reshape(-1)].view(n, n, -1).permute(2, 0, 1)
 
 
-def window_attention_forward(qkv: Tensor, table: Optional[Tensor], num_heads: int, window: Sequence[int],
-                             shift: Sequence[int], scale: float, table_window: Sequence[int],
-                             bias_coords: Sequence[int]) -> tuple[Tensor, Tensor]:
-    """Window attention on a divisible ``(B, D, H, W, 3C)`` grid: returns ``(out (B, D, H, W, C), lse)``.
+def pad_grid(qkv: Tensor, window: Sequence[int], pad_value: Optional[Tensor]) -> Tensor:
+    """Pad ``(B, D, H, W, 3C)`` at the end of each spatial axis up to a multiple of ``window`` with tokens equal
+    to ``pad_value`` ``(3C,)`` (zeros when None): MONAI's zero-padding of the tokens before the qkv Linear."""
+    for a, w in enumerate(window):
+        axis = a + 1
+        extra = -qkv.shape[axis] % w
+        if extra:
+            shape = list(qkv.shape)
+            shape[axis] = extra
+            fill = qkv.new_zeros(shape) if pad_value is None else pad_value.to(qkv.dtype).expand(shape)
+            qkv = torch.cat([qkv, fill], dim=axis)
+    return qkv
 
+
+def _crop(x: Tensor, grid: Sequence[int]) -> Tensor:
+    return x[:, :grid[0], :grid[1], :grid[2]]
+
+
+def window_attention_forward(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
+                             window: Sequence[int], shift: Sequence[int], scale: float, table_window: Sequence[int],
+                             bias_coords: Sequence[int]) -> tuple[Tensor, Tensor]:
+    """Window attention on a ``(B, D, H, W, 3C)`` grid: returns ``(out (B, D, H, W, C), lse (B, D, H, W, heads))``.
+
+    The grid is padded up to a multiple of ``window`` with ``qkv_pad`` tokens (:func:`pad_grid`) and cropped back.
     Computes in float32 (float64 for float64 inputs); ``out`` has ``qkv``'s dtype, ``lse`` the compute dtype.
     """
     acc = _acc_dtype(qkv.dtype)
-    B, D, H, W, _ = qkv.shape
-    grid = (D, H, W)
-    q, k, v = _split_qkv(qkv.to(acc), num_heads, window, shift)
+    grid = tuple(qkv.shape[1:4])
+    x = pad_grid(qkv.to(acc), window, qkv_pad)
+    padded = tuple(x.shape[1:4])
+    q, k, v = _split_qkv(x, num_heads, window, shift)
     bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
-    mask = shift_mask(grid, window, shift, qkv.device, acc)
-    s = _scores(q, k, scale, bias, mask, B)
-    lse = torch.logsumexp(s, dim=-1)  # (B*nW, h, N)
-    out = torch.softmax(s, dim=-1) @ v
-    lse_grid = _merge(lse.unsqueeze(-1), window, shift, grid)
-    return _merge(out, window, shift, grid).to(qkv.dtype), lse_grid
+    mask = shift_mask(padded, window, shift, qkv.device, acc)
+    s = _scores(q, k, scale, bias, mask, x.shape[0])
+    lse = _merge(torch.logsumexp(s, dim=-1).unsqueeze(-1), window, shift, padded)
+    out = _merge(torch.softmax(s, dim=-1) @ v, window, shift, padded)
+    return _crop(out, grid).to(qkv.dtype), _crop(lse, grid).contiguous()
 
 
-def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor], num_heads: int,
-                              window: Sequence[int], shift: Sequence[int], scale: float,
-                              table_window: Sequence[int], bias_coords: Sequence[int]) -> tuple[Tensor, Optional[Tensor]]:
-    """Gradients ``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None)`` by the explicit softmax backward."""
+def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor],
+                              num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float,
+                              table_window: Sequence[int], bias_coords: Sequence[int]
+                              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients ``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None, dqkv_pad (3C,) or None)`` by the explicit
+    softmax backward on the padded grid."""
     acc = _acc_dtype(qkv.dtype)
-    B, D, H, W, C3 = qkv.shape
-    grid = (D, H, W)
-    q, k, v = _split_qkv(qkv.to(acc), num_heads, window, shift)
+    grid = tuple(qkv.shape[1:4])
+    x = pad_grid(qkv.to(acc), window, qkv_pad)
+    padded = tuple(x.shape[1:4])
+    q, k, v = _split_qkv(x, num_heads, window, shift)
     bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
-    mask = shift_mask(grid, window, shift, qkv.device, acc)
-    p = torch.softmax(_scores(q, k, scale, bias, mask, B), dim=-1)
-    do = _split_qkv(torch.cat([dout.to(acc)] * 3, dim=-1), num_heads, window, shift)[0]
+    mask = shift_mask(padded, window, shift, qkv.device, acc)
+    p = torch.softmax(_scores(q, k, scale, bias, mask, x.shape[0]), dim=-1)
+    do = pad_grid(torch.cat([dout.to(acc)] * 3, dim=-1), window, None)  # cropped outputs: zero gradient
+    do = _split_qkv(do, num_heads, window, shift)[0]
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = (ds @ k) * scale
     dk = (ds.transpose(-2, -1) @ q) * scale
-    dqkv = torch.cat([_merge(g, window, shift, grid) for g in (dq, dk, dv)], dim=-1)
+    dx = torch.cat([_merge(g, window, shift, padded) for g in (dq, dk, dv)], dim=-1)
+    dpad = None
+    if qkv_pad is not None:
+        real = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
+        real[:grid[0], :grid[1], :grid[2]] = True
+        dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
     dtable = None
     if table is not None:
         idx = bias_index(window, table_window, bias_coords).to(qkv.device).reshape(-1)
         dsum = ds.sum(0).reshape(num_heads, -1).transpose(0, 1)  # (N*N, heads)
         dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add_(0, idx, dsum).to(table.dtype)
-    return dqkv.to(qkv.dtype), dtable
+    return _crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
 def window_attention_eager(qkv: Tensor, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int],
