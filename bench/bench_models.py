@@ -72,7 +72,7 @@ def make_case(name: str, quick: bool, device):
     """(model builder, loss for fastmed, eager loss, optimizer factory, input, labels, batch)."""
     g = torch.Generator(device="cpu").manual_seed(0)
     if name == "nnunet-3d":
-        patch, batch, classes = ((32, 32, 32), 1, 3) if quick else ((128, 128, 128), 2, 3)
+        patch, batch, classes = ((16, 32, 32), 1, 3) if quick else ((128, 128, 128), 2, 3)
 
         def build(fused):
             torch.manual_seed(0)
