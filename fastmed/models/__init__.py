@@ -10,12 +10,8 @@
 Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and ``checkpointing``.
 """
 from fastmed.models.attention_unet import AttentionGate, AttentionUNet
+from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.unet import UNet, plan_nnunet
+from fastmed.models.vit import UNETR, ViT
 
-__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate"]
-from fastmed.models.swin_unet import SwinUNet  # noqa: E402
-
-__all__ += ["SwinUNet"]
-from fastmed.models.vit import UNETR, ViT  # noqa: E402
-
-__all__ += ["ViT", "UNETR"]
+__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "SwinUNet", "ViT", "UNETR"]
