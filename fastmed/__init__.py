@@ -8,6 +8,7 @@
 """
 from fastmed._backend import BackendUnavailableError, use_backend
 from fastmed import ops, nn, reference  # noqa: F401  (registers the ops)
+from fastmed.patch import patch  # noqa: F401  (fastmed.patch(model))
 
 __version__ = "0.1.0"
 

@@ -1,4 +1,4 @@
-"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]``."""
+"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]`` | ``python -m fastmed demo``."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,13 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="run benchmarks from the source checkout's bench/ folder")
     b.add_argument("names", nargs="*", default=["norm_act"], help="benchmark names (default: norm_act)")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
+    sub.add_parser("demo", add_help=False, help="train a small 3D U-Net on synthetic phantoms (see demo --help)")
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv and argv[0] == "demo":
+        from fastmed.demo import main as demo_main
+
+        return demo_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "info":
         import fastmed

@@ -1,0 +1,222 @@
+"""Checkpoint converters: state dicts of nnU-Net, MONAI and timm models -> the matching fastmed model.
+
+Every converter takes a state dict (``model.state_dict()`` or a loaded checkpoint's weights) and returns a new
+dict keyed for the fastmed model; the tensors are shared, not copied.  Keys that have no counterpart raise
+``ValueError`` naming them (nothing is dropped silently, except the documented duplicates).  ``load_*``
+helpers build nothing: call ``model.load_state_dict(convert(...))`` on a model built with the same config.
+
+nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` -> :class:`fastmed.models.UNet` (``UNet.nnunet``)
+    Same module tree (see :mod:`fastmed.models.unet`), keys unchanged except:
+      ``decoder.encoder.*``             dropped (nnU-Net's decoder holds a second reference to the encoder)
+      ``*.all_modules.<i>.*``           dropped (ConvDropoutNormReLU registers its layers twice)
+      ``decoder.seg_layers.<i>.*``      kept when the fastmed model has deep supervision; without it only
+                                        the last head is kept, as ``decoder.seg_layers.0.*``
+
+MONAI ``AttentionUnet(channels=(c0..cn), strides)`` -> :class:`fastmed.models.AttentionUNet`
+    with ``P(i) = "model.1." + "submodule.1." * i`` the prefix of level i (0 = top):
+      ``model.0.conv.<j>.conv.*`` / ``.adn.N.*``        ``head.convs.<j>.conv.*`` / ``.norm.*``
+      ``P(i)submodule.0.conv.<j>...`` (bottom level:     ``down.<i>.convs.<j>.conv.*`` / ``.norm.*``
+      ``P(i)submodule.conv.<j>...``)
+      ``P(i)upconv.up.conv.*`` / ``.adn.N.*``           ``up.<i>.conv.*`` / ``up.<i>.norm.*``
+      ``P(i)attention.W_g.0.conv.*`` / ``W_g.1.*``      ``gates.<i>.W_g.conv.*`` / ``gates.<i>.W_g.norm.*``
+      (likewise ``W_x`` and ``psi``)
+      ``P(i)merge.conv.*`` / ``merge.adn.A.weight``     ``merge.<i>.conv.*`` / ``merge.<i>.nonlin.weight``
+      ``model.2.conv.*``                                ``out.*``
+
+timm ``vit_*`` (``VisionTransformer``, class token, no register tokens / layer scale / qk-norm) ->
+:class:`fastmed.models.ViT`: identical keys (``cls_token``, ``pos_embed``, ``patch_embed.proj.*``,
+``blocks.<i>.{norm1,attn.qkv,attn.proj,norm2,mlp.fc1,mlp.fc2}.*``, ``norm.*``, ``head.*``); keys of timm
+features fastmed's ViT does not have (``reg_token``, ``ls1.gamma``, ``attn.q_norm``, ``fc_norm`` with
+parameters, ...) raise ``ValueError``.
+
+Swin-Unet (Cao et al., ``SwinUnet`` / ``SwinTransformerSys``) and timm-style Swin keys -> :class:`fastmed.models.SwinUNet`:
+      ``swin_unet.`` prefix                              stripped (the ``SwinUnet`` wrapper)
+      ``*.mlp.fc1.*`` / ``*.mlp.fc2.*``                  ``*.mlp.linear1.*`` / ``*.mlp.linear2.*``
+      ``*.attn_mask``                                    dropped (fastmed builds the shift mask in the kernel)
+      everything else                                    unchanged (see :mod:`fastmed.models.swin_unet`)
+
+timm ``swin_*`` / official Swin Transformer classification weights (``swin_tiny_patch4_window7_224``) ->
+the *encoder* of :class:`fastmed.models.SwinUNet` (and, with ``mirror_decoder=True``, its decoder blocks, as
+Swin-Unet initializes them): :func:`from_timm_swin`
+      ``model.`` wrapper / ``state_dict["model"]``       unwrapped
+      ``*.mlp.fc1.*`` / ``*.mlp.fc2.*``                  ``*.mlp.linear1.*`` / ``*.mlp.linear2.*``
+      ``layers.<i>.downsample.*`` (timm >= 0.9 puts       ``layers.<i-1>.downsample.*`` (merging at the end of
+      the merging at the start of stage i)                stage i-1, as Swin-Unet)
+      ``head.*``, ``*.attn_mask``                        dropped (classifier; masks are built in the kernel)
+      ``layers.<i>.blocks.*`` (mirror_decoder)           also ``layers_up.<n-1-i>.blocks.*``
+
+MONAI ``SwinTransformerBlock`` (SwinUNETR's blocks) -> :class:`fastmed.nn.SwinTransformerBlock`: identical keys
+(``norm1``, ``attn.{qkv,proj,relative_position_bias_table,relative_position_index}``, ``norm2``,
+``mlp.linear1``, ``mlp.linear2``); :func:`from_monai_swin_block` checks them.
+
+MONAI ``UNet`` / ``BasicUNet`` / ``DynUNet`` have no separate fastmed twin: :func:`fastmed.patch` fuses them in
+place with unchanged keys, so their checkpoints load as they are.
+"""
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+__all__ = ["from_nnunet", "from_monai_attention_unet", "from_timm_vit", "from_swin_unet", "from_timm_swin",
+           "from_monai_swin_block"]
+
+
+def _check_state(state_dict, name: str = "state_dict") -> Mapping[str, torch.Tensor]:
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        raise ValueError(f"{name} looks like a checkpoint wrapper (it has a 'state_dict' entry); pass "
+                         f"checkpoint['state_dict'] (or nnU-Net's checkpoint['network_weights'])")
+    return state_dict
+
+
+def _rename(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]], source: str) -> dict:
+    """Rename by the longest matching prefix; a key no rule matches raises ValueError."""
+    rules = sorted(rules, key=lambda r: -len(r[0]))
+    out = {}
+    for key, value in state_dict.items():
+        for old, new in rules:
+            if key.startswith(old):
+                out[new + key[len(old):]] = value
+                break
+        else:
+            raise ValueError(f"{source} key {key!r} has no fastmed counterpart")
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+def from_nnunet(state_dict: Mapping[str, torch.Tensor], deep_supervision: bool = True) -> dict:
+    """nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` weights (``checkpoint["network_weights"]``) for
+    :class:`fastmed.models.UNet` built by ``UNet.nnunet(...)`` with the plan's configuration.
+
+    ``deep_supervision``: whether the fastmed model has all segmentation heads (True) or only the final one."""
+    state_dict = _check_state(state_dict)
+    heads = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.seg_layers.")})
+    out = {}
+    for key, value in state_dict.items():
+        if key.startswith("decoder.encoder.") or ".all_modules." in key:
+            continue
+        if not (key.startswith("encoder.") or key.startswith("decoder.")):
+            raise ValueError(f"nnU-Net key {key!r} is neither encoder.* nor decoder.*: not a PlainConvUNet / "
+                             f"ResidualEncoderUNet state dict")
+        if key.startswith("decoder.seg_layers.") and not deep_supervision:
+            idx = int(key.split(".")[2])
+            if idx != heads[-1]:
+                continue
+            key = "decoder.seg_layers.0." + key.split(".", 3)[3]
+        out[key] = value
+    return out
+
+
+def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """MONAI ``AttentionUnet`` weights for :class:`fastmed.models.AttentionUNet` (same constructor arguments)."""
+    state_dict = _check_state(state_dict)
+    depth = 0
+    while any(k.startswith("model.1." + "submodule.1." * depth + "attention.") for k in state_dict):
+        depth += 1
+    if depth == 0:
+        raise ValueError("state_dict has no model.1.attention.* keys: not a MONAI AttentionUnet state dict")
+    rules = [("model.2.conv.", "out.")]
+    for j in range(2):
+        rules += [(f"model.0.conv.{j}.conv.", f"head.convs.{j}.conv."), (f"model.0.conv.{j}.adn.N.", f"head.convs.{j}.norm.")]
+    for i in range(depth):
+        p = "model.1." + "submodule.1." * i
+        down = p + ("submodule.0.conv." if i < depth - 1 else "submodule.conv.")
+        for j in range(2):
+            rules += [(f"{down}{j}.conv.", f"down.{i}.convs.{j}.conv."), (f"{down}{j}.adn.N.", f"down.{i}.convs.{j}.norm.")]
+        rules += [(p + "upconv.up.conv.", f"up.{i}.conv."), (p + "upconv.up.adn.N.", f"up.{i}.norm."),
+                  (p + "merge.conv.", f"merge.{i}.conv."), (p + "merge.adn.A.", f"merge.{i}.nonlin.")]
+        for branch in ("W_g", "W_x", "psi"):
+            rules += [(f"{p}attention.{branch}.0.conv.", f"gates.{i}.{branch}.conv."),
+                      (f"{p}attention.{branch}.1.", f"gates.{i}.{branch}.norm.")]
+    return _rename(state_dict, rules, "MONAI AttentionUnet")
+
+
+_VIT_KEY_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")
+
+
+def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """timm ``VisionTransformer`` weights (``vit_base_patch16_224`` ...) for :class:`fastmed.models.ViT` built with
+    the same ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` and ``num_classes``."""
+    state_dict = _check_state(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        if key in ("cls_token", "pos_embed") or key.startswith(("patch_embed.proj.", "norm.", "head.")):
+            out[key] = value
+        elif key.startswith("blocks.") and key.split(".", 2)[2].startswith(_VIT_KEY_PARTS):
+            out[key] = value
+        else:
+            raise ValueError(f"timm ViT key {key!r} has no counterpart in fastmed.models.ViT (supported: class "
+                             f"token, learned position embedding, plain pre-norm blocks, final norm, linear head)")
+    return out
+
+
+def from_swin_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """Swin-Unet (Cao et al.) weights for :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``,
+    ``num_heads``, ``window_size``, classes).  Accepts the ``SwinUnet`` wrapper's ``swin_unet.`` prefix."""
+    state_dict = _check_state(state_dict)
+    out = {}
+    for key, value in state_dict.items():
+        k = key[len("swin_unet."):] if key.startswith("swin_unet.") else key
+        if k.endswith(".attn_mask"):
+            continue
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        top = k.split(".", 1)[0]
+        if top not in ("patch_embed", "layers", "norm", "layers_up", "concat_back_dim", "norm_up", "up", "output"):
+            raise ValueError(f"Swin-Unet key {key!r} has no counterpart in fastmed.models.SwinUNet")
+        out[k] = value
+    return out
+
+
+def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, mirror_decoder: bool = True) -> dict:
+    """Swin Transformer classification weights (timm ``swin_*`` or Microsoft's checkpoints) for the encoder of
+    :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``, ``num_heads``, ``window_size``).
+
+    Load the result with ``model.load_state_dict(..., strict=False)``: the decoder's patch expanding, skip
+    projections, final expanding and output convolution (and, without ``mirror_decoder``, the decoder blocks)
+    are not in a classification checkpoint and keep their initialization, as in Swin-Unet's ``load_from``."""
+    state_dict = _check_state(state_dict)
+    if "model" in state_dict and isinstance(state_dict["model"], Mapping):
+        state_dict = state_dict["model"]
+    keys = set(state_dict)
+    merging_at_start = "layers.0.downsample.reduction.weight" not in keys and any(
+        k.startswith("layers.1.downsample.") for k in keys)
+    out = {}
+    for key, value in state_dict.items():
+        k = key[len("model."):] if key.startswith("model.") else key
+        if k == "absolute_pos_embed":
+            raise ValueError("absolute position embeddings (ape=True) are not supported by fastmed.models.SwinUNet")
+        if k.startswith("head.") or k.endswith("attn_mask"):
+            continue
+        k = k.replace(".mlp.fc1.", ".mlp.linear1.").replace(".mlp.fc2.", ".mlp.linear2.")
+        top = k.split(".", 1)[0]
+        if top not in ("patch_embed", "layers", "norm"):
+            raise ValueError(f"Swin key {key!r} has no counterpart in fastmed.models.SwinUNet's encoder")
+        if top == "layers":
+            _, idx, rest = k.split(".", 2)
+            i = int(idx)
+            if rest.startswith("downsample.") and merging_at_start:
+                i -= 1
+            if not 0 <= i < num_stages:
+                raise ValueError(f"Swin key {key!r} addresses stage {i}, outside the {num_stages} stages")
+            k = f"layers.{i}.{rest}"
+            if mirror_decoder and rest.startswith("blocks.") and i < num_stages - 1:
+                out[f"layers_up.{num_stages - 1 - i}.{rest}"] = value
+        out[k] = value
+    return out
+
+
+_SWIN_BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.relative_position_bias_table", "attn.relative_position_index",
+                    "attn.qkv.weight", "attn.qkv.bias", "attn.proj.weight", "attn.proj.bias", "norm2.weight",
+                    "norm2.bias", "mlp.linear1.weight", "mlp.linear1.bias", "mlp.linear2.weight", "mlp.linear2.bias")
+
+
+def from_monai_swin_block(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """A MONAI ``SwinTransformerBlock`` state dict for :class:`fastmed.nn.SwinTransformerBlock` (same names;
+    ``attn.qkv.bias`` is absent with ``qkv_bias=False``).  Raises ``ValueError`` on any other key."""
+    state_dict = _check_state(state_dict)
+    for key in state_dict:
+        if key not in _SWIN_BLOCK_KEYS:
+            raise ValueError(f"MONAI SwinTransformerBlock key {key!r} has no fastmed counterpart")
+    return dict(state_dict)

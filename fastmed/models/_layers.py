@@ -1,0 +1,159 @@
+"""Shared pieces of the fastmed models: the plain-PyTorch (``fused=False``) path of the conv blocks, argument
+checks and gradient checkpointing.
+
+Every model keeps ONE set of modules and parameters; ``fused`` only selects how a block computes:
+
+* ``fused=True``  the block's own forward (``fastmed.ops.conv_norm_act`` / ``norm_act`` / ``window_attention``).
+* ``fused=False`` the same parameters through ``torch.nn.functional`` (conv, then ``instance_norm`` /
+  ``group_norm`` / ``batch_norm``, then the torch activation module), i.e. what MONAI / nnU-Net run.
+
+So the two paths of one model are directly comparable, and a state dict serves both.
+"""
+from __future__ import annotations
+
+import numbers
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from fastmed.nn.conv_block import ConvNormAct, ResidualBlock
+from fastmed.nn.norm_act import NormAct
+
+
+def check_spatial_dims(spatial_dims) -> int:
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def check_positive_int(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return int(value)
+
+
+def per_axis(value, name: str, nd: int, minimum: int = 1) -> tuple[int, ...]:
+    """An int or ``nd`` ints, each ``>= minimum`` -> tuple of ``nd`` ints."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        vals = (int(value),) * nd
+    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == nd and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
+        vals = tuple(int(v) for v in value)
+    else:
+        raise ValueError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
+    if any(v < minimum for v in vals):
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
+    return vals
+
+
+def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, model: str) -> None:
+    """``x`` must be a floating tensor ``(N, in_channels, *spatial)`` with ``spatial_dims`` spatial axes."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{model}: x must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != spatial_dims + 2:
+        raise ValueError(f"{model}: x must have shape (N, C, {', '.join('DHW'[3 - spatial_dims:])}) for "
+                         f"spatial_dims={spatial_dims}, got a {x.dim()}-D tensor of shape {tuple(x.shape)}")
+    if x.shape[1] != in_channels:
+        raise ValueError(f"{model}: x must have in_channels={in_channels} channels (dim 1), got {x.shape[1]} "
+                         f"(x of shape {tuple(x.shape)})")
+    if not x.is_floating_point():
+        raise TypeError(f"{model}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def maybe_checkpoint(fn: Callable, *args, enabled: bool):
+    """``fn(*args)``, recomputed in the backward pass when ``enabled`` and gradients are needed."""
+    if enabled and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        return checkpoint(fn, *args, use_reentrant=False)
+    return fn(*args)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The plain-PyTorch path of fastmed's conv blocks
+# ----------------------------------------------------------------------------------------------------------------
+
+def norm_eager(nrm: NormAct, h: torch.Tensor) -> torch.Tensor:
+    """``nrm`` (a :class:`fastmed.nn.NormAct`, activation ignored) through ``torch.nn.functional``."""
+    if nrm.kind == "instance":
+        return F.instance_norm(h, weight=nrm.weight, bias=nrm.bias, eps=nrm.eps)
+    if nrm.kind == "group":
+        return F.group_norm(h, nrm.num_groups, nrm.weight, nrm.bias, nrm.eps)
+    training = nrm.training or not nrm.track_running_stats
+    momentum = 0.0 if nrm.momentum is None else nrm.momentum
+    if nrm.training and nrm.track_running_stats:
+        nrm.num_batches_tracked.add_(1)
+        if nrm.momentum is None:
+            momentum = 1.0 / float(nrm.num_batches_tracked)
+    return F.batch_norm(h, nrm.running_mean, nrm.running_var, nrm.weight, nrm.bias, training, momentum, nrm.eps)
+
+
+def norm_act_eager(nrm: NormAct, h: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """A NormAct (norm + its own activation) in plain PyTorch."""
+    z = norm_eager(nrm, h)
+    if residual is not None:
+        z = z + residual
+    return activation_eager(z, nrm.activation, nrm.negative_slope, nrm.act_weight)
+
+
+def activation_eager(z: torch.Tensor, name: str, negative_slope: float = 0.01,
+                     prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+    if name == "identity":
+        return z
+    if name == "relu":
+        return F.relu(z)
+    if name == "leaky_relu":
+        return F.leaky_relu(z, negative_slope)
+    if name == "prelu":
+        return F.prelu(z, prelu_weight)
+    if name == "gelu":
+        return F.gelu(z)
+    if name == "gelu_tanh":
+        return F.gelu(z, approximate="tanh")
+    if name == "silu":
+        return F.silu(z)
+    raise ValueError(f"unknown activation {name!r}")
+
+
+def conv_block(block: ConvNormAct, x: torch.Tensor, fused: bool, residual: Optional[torch.Tensor] = None,
+               nonlin: Optional[nn.Module] = None, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(norm(dropout(conv(x))) + residual)`` of a :class:`fastmed.nn.ConvNormAct`.
+
+    ``nonlin`` replaces the block's own activation (the residual block's final activation); ``skip`` makes the
+    convolution read ``cat([x, skip], 1)`` (the fused path never writes the concatenation where the
+    implementation allows it: a U-Net decoder's upsampled features and skip)."""
+    nonlin = block.nonlin if nonlin is None else nonlin
+    if fused:
+        return block.run(x, residual, nonlin, skip)
+    h = block.conv(x if skip is None else torch.cat([x, skip], dim=1))
+    if block.dropout is not None:
+        h = block.dropout(h)
+    if block.norm is not None:
+        h = norm_eager(block.norm, h)
+    if residual is not None:
+        h = h + residual
+    return nonlin(h)
+
+
+def residual_block(block: ResidualBlock, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """nnU-Net's BasicBlockD (:class:`fastmed.nn.ResidualBlock`)."""
+    if fused:
+        return block(x)
+    skip = run(block.skip, x, fused=False)
+    return conv_block(block.conv2, conv_block(block.conv1, x, False), False, residual=skip, nonlin=block.nonlin2)
+
+
+def run(module: nn.Module, x: torch.Tensor, fused: bool) -> torch.Tensor:
+    """Run ``module`` (a conv block, residual block, or a Sequential of those and plain modules)."""
+    if isinstance(module, ConvNormAct):
+        return conv_block(module, x, fused)
+    if isinstance(module, ResidualBlock):
+        return residual_block(module, x, fused)
+    if isinstance(module, NormAct):
+        return module(x) if fused else norm_act_eager(module, x)
+    if isinstance(module, nn.Sequential):
+        for m in module:
+            x = run(m, x, fused)
+        return x
+    return module(x)

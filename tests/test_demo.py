@@ -1,0 +1,96 @@
+"""``python -m fastmed demo``: the tiny configuration end to end, the Decathlon loader, errors."""
+import importlib.util
+import json
+import os
+
+import pytest
+import torch
+
+from fastmed import demo
+
+
+def test_phantoms_have_three_classes():
+    images, labels = demo.make_phantoms(3, size=16, seed=1)
+    assert images.shape == (3, 1, 16, 16, 16) and labels.shape == (3, 1, 16, 16, 16)
+    assert set(labels.unique().tolist()) == {0, 1, 2}
+    # the classes are separable by intensity on average (what the network has to learn)
+    means = [images[labels == c].mean().item() for c in range(3)]
+    assert means[0] < means[1] < means[2]
+
+
+def test_demo_tiny_end_to_end(tmp_path, capsys):
+    from fastmed.__main__ import main
+
+    threads = torch.get_num_threads()
+    assert main(["demo", "--tiny", "--epochs", "3", "--out", str(tmp_path), "--seed", "0"]) == 0
+    assert torch.get_num_threads() == threads  # the demo restores the thread count
+    out = capsys.readouterr().out
+    assert "backends (fastmed ops" in out
+    assert "conv_block  -> reference" in out and "losses      -> reference" in out and "norm_act    -> " in out
+    assert out.count("val Dice") == 3
+    png = tmp_path / "fastmed_demo.png"
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert png.exists() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    else:
+        assert not png.exists() and "matplotlib is not installed" in out
+
+
+def test_demo_training_raises_dice():
+    images, labels = demo.make_phantoms(12, size=16, seed=0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a busy 2-core CI machine runs one thread many times faster than two
+    try:
+        res = demo.train(images, labels, ["background", "organ", "lesion"], epochs=8, batch_size=3,
+                         features=(8, 16), lr=3e-3, device=torch.device("cpu"), seed=0, out=None, quiet=True)
+    finally:
+        torch.set_num_threads(threads)
+    assert res["losses"][-1] < 0.8 * res["losses"][0]
+    first, last = sum(res["dices"][0]) / 2, sum(res["dices"][-1]) / 2
+    assert last > first + 0.2, res["dices"]
+
+
+def _write_decathlon(root, n=4, size=12, modalities=1):
+    nib = pytest.importorskip("nibabel")
+    import numpy as np
+
+    os.makedirs(root / "imagesTr")
+    os.makedirs(root / "labelsTr")
+    images, labels = demo.make_phantoms(n, size=size, seed=3)
+    training = []
+    for i in range(n):
+        img = images[i, 0].numpy()
+        if modalities > 1:
+            img = np.stack([img * (m + 1) for m in range(modalities)], axis=-1)
+        nib.save(nib.Nifti1Image(img, np.eye(4)), str(root / "imagesTr" / f"case_{i}.nii.gz"))
+        nib.save(nib.Nifti1Image(labels[i, 0].numpy().astype("uint8"), np.eye(4)),
+                 str(root / "labelsTr" / f"case_{i}.nii.gz"))
+        training.append({"image": f"./imagesTr/case_{i}.nii.gz", "label": f"./labelsTr/case_{i}.nii.gz"})
+    meta = {"name": "phantoms", "labels": {"0": "background", "1": "organ", "2": "lesion"}, "training": training}
+    (root / "dataset.json").write_text(json.dumps(meta))
+
+
+def test_demo_on_decathlon_folder(tmp_path, capsys):
+    data = tmp_path / "Task00_Phantom"
+    _write_decathlon(data, modalities=2)
+    images, labels, names = demo.load_decathlon(str(data), size=8)
+    assert images.shape == (4, 2, 8, 8, 8) and labels.shape == (4, 1, 8, 8, 8) and names[2] == "lesion"
+    assert demo.main(["--data", str(data), "--tiny", "--epochs", "1", "--out", str(tmp_path / "out")]) == 0
+    assert "val Dice: organ" in capsys.readouterr().out
+    assert (tmp_path / "out" / "fastmed_demo.png").exists() == (importlib.util.find_spec("matplotlib") is not None)
+
+
+def test_demo_bad_input(tmp_path):
+    with pytest.raises(ValueError, match="dataset.json"):
+        demo.load_decathlon(str(tmp_path))
+    with pytest.raises(SystemExit):
+        demo.main(["--epochs", "0"])
+
+
+def test_plain_progress_bar_without_tqdm(monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "tqdm", None)  # import tqdm now raises ImportError
+    bar = demo._Progress(4, "epoch 1/1")
+    for _ in range(4):
+        bar.update(0.5)
+    bar.close()
+    err = capsys.readouterr().err
+    assert "epoch 1/1 [" in err and "4/4 loss 0.500" in err

@@ -1,0 +1,320 @@
+"""fastmed.patch: replaces Conv/Norm/Act runs and MONAI Swin blocks, keeps state-dict keys, outputs, gradients."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import fastmed
+from fastmed.patch import Absorbed, FusedConvNormAct, FusedNormAct, patch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared 2-core CI machine these small models run several times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _check_same(ref, model, x, atol=1e-5):
+    """Same outputs and gradients (train mode), same outputs in eval mode, same state-dict keys."""
+    assert list(model.state_dict()) == list(ref.state_dict())
+    y_ref, y = ref(x), model(x)
+    torch.testing.assert_close(y, y_ref, atol=atol, rtol=1e-4)
+    w = torch.randn_like(y_ref)
+    (y_ref * w).sum().backward()
+    (y * w).sum().backward()
+    g_ref = dict(ref.named_parameters())
+    scale = max(p.grad.abs().max().item() for p in g_ref.values())
+    for name, p in model.named_parameters():
+        # conv biases in front of an instance norm have a zero gradient up to rounding: compare on the model scale
+        torch.testing.assert_close(p.grad, g_ref[name].grad, atol=2e-5 * scale, rtol=1e-3, msg=name)
+    ref.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=atol, rtol=1e-4)
+
+
+class ConvDropoutNormReLU(nn.Module):
+    """dynamic-network-architectures' block, written out: its layers are attributes AND in all_modules."""
+
+    def __init__(self, cin, cout, stride=1, norm=nn.InstanceNorm3d, dropout=None):
+        super().__init__()
+        self.conv = nn.Conv3d(cin, cout, 3, stride, 1, bias=True)
+        ops = [self.conv]
+        if dropout is not None:
+            self.dropout = nn.Dropout3d(dropout)
+            ops.append(self.dropout)
+        self.norm = norm(cout, eps=1e-5, affine=True)
+        self.nonlin = nn.LeakyReLU(0.01, inplace=True)
+        self.all_modules = nn.Sequential(*ops, self.norm, self.nonlin)
+
+    def forward(self, x):
+        return self.all_modules(x)
+
+
+class CustomOrder(nn.Module):
+    """A block whose order patch cannot read off a Sequential: must be reported and left alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv3d(4, 4, 3, padding=1)
+        self.norm = nn.InstanceNorm3d(4, affine=True)
+
+    def forward(self, x):
+        return torch.relu(self.norm(self.conv(x)))
+
+
+def test_patch_nnunet_style_blocks():
+    torch.manual_seed(0)
+    ref = nn.Sequential(ConvDropoutNormReLU(1, 4), ConvDropoutNormReLU(4, 4, stride=2, norm=nn.BatchNorm3d),
+                        CustomOrder())
+    model = copy.deepcopy(ref)
+    report = fastmed.patch(model)
+    assert [name for name, _ in report.replaced] == ["0.conv", "1.conv"]
+    assert report.skipped == [("2.conv", pytest.approx(report.skipped[0][1]))]
+    assert "custom forward order" in report.skipped[0][1]
+    # the duplicate references (attribute and all_modules entry) point at the same replacement
+    assert model[0].conv is model[0].all_modules[0] and isinstance(model[0].conv, FusedConvNormAct)
+    assert isinstance(model[0].norm, Absorbed) and model[0].norm is model[0].all_modules[1]
+    assert isinstance(model[2].conv, nn.Conv3d)
+    _check_same(ref, model, torch.randn(2, 1, 8, 8, 8))
+    # batch-norm running statistics were updated identically in the training pass
+    torch.testing.assert_close(model[1].norm.running_mean, ref[1].norm.running_mean)
+    assert int(model[1].norm.num_batches_tracked) == int(ref[1].norm.num_batches_tracked) == 1
+    # checkpoints load into the patched model
+    model.load_state_dict(ref.state_dict())
+
+
+def test_patch_with_active_dropout_matches_under_the_same_seed():
+    torch.manual_seed(1)
+    ref = ConvDropoutNormReLU(2, 4, dropout=0.3)
+    model = copy.deepcopy(ref)
+    patch(model)
+    x = torch.randn(2, 2, 6, 6, 6)
+    torch.manual_seed(5)
+    y_ref = ref(x)
+    torch.manual_seed(5)
+    torch.testing.assert_close(model(x), y_ref, atol=1e-5, rtol=1e-4)
+
+
+def test_patch_norm_act_without_conv_and_plain_sequential():
+    torch.manual_seed(2)
+    ref = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.GroupNorm(2, 8), nn.PReLU(), nn.Dropout(0.0),
+                        nn.BatchNorm2d(8), nn.GELU(), nn.Conv2d(8, 2, 1, groups=2))
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    kinds = [what for _, what in report.replaced]
+    assert kinds == ["Conv2d -> GroupNorm -> PReLU -> FusedConvNormAct", "BatchNorm2d -> GELU -> FusedNormAct"]
+    assert isinstance(model[4], FusedNormAct)
+    assert report.skipped == [("6", "grouped convolution (groups=2) is not fused")]
+    _check_same(ref, model, torch.randn(2, 3, 8, 8))
+
+
+@pytest.mark.parametrize("which", ["unet", "basic_unet"])
+def test_patch_monai_unets(which):
+    nets = pytest.importorskip("monai.networks.nets")
+    torch.manual_seed(3)
+    if which == "unet":
+        ref = nets.UNet(3, 1, 2, channels=(4, 8, 16), strides=(2, 2), num_res_units=2)
+        x = torch.randn(2, 1, 16, 16, 16)
+    else:
+        ref = nets.BasicUNet(2, 1, 2, features=(4, 4, 8, 8, 16, 4))
+        x = torch.randn(2, 1, 32, 32)
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    assert len(report.replaced) >= 7
+    assert all(what.endswith(("FusedConvNormAct", "FusedNormAct")) for _, what in report.replaced)
+    if which == "unet":  # the up path's transposed convolutions keep torch; their norm + PReLU are fused
+        assert any(what == "InstanceNorm3d -> PReLU -> FusedNormAct" for _, what in report.replaced)
+    # what was left alone is reported with a reason (residual 1x1 convs, the conv-only output layer)
+    assert report.skipped and all(reason for _, reason in report.skipped)
+    _check_same(ref, model, x)
+
+
+class _MonaiSwinStage(nn.Module):
+    """Two MONAI Swin blocks (plain, shifted) driven like MONAI's BasicLayer, on (B, D, H, W, C) grids."""
+
+    def __init__(self, swin_unetr, dim=12, heads=3, window=(4, 4, 4)):
+        super().__init__()
+        self.window, self.shift = window, tuple(w // 2 for w in window)
+        self.compute_mask = swin_unetr.compute_mask
+        self.blocks = nn.ModuleList([
+            swin_unetr.SwinTransformerBlock(dim, heads, window, (0, 0, 0)),
+            swin_unetr.SwinTransformerBlock(dim, heads, window, self.shift)])
+
+    def forward(self, x):
+        mask = self.compute_mask(list(x.shape[1:4]), self.window, self.shift, x.device)
+        for blk in self.blocks:
+            x = blk(x, mask)
+        return x
+
+
+def test_patch_monai_swin_blocks():
+    swin_unetr = pytest.importorskip("monai.networks.nets.swin_unetr")
+    from fastmed.nn import SwinTransformerBlock
+
+    torch.manual_seed(4)
+    ref = _MonaiSwinStage(swin_unetr)
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    assert [n for n, _ in report.replaced] == ["blocks.0", "blocks.1"]
+    assert all(isinstance(b, SwinTransformerBlock) for b in model.blocks)
+    _check_same(ref, model, torch.randn(2, 8, 8, 8, 12), atol=1e-4)
+
+
+def test_patch_report_and_bad_input():
+    report = patch(nn.Sequential(nn.Linear(3, 3)))
+    assert report.replaced == [] and report.skipped == []
+    assert "replaced 0" in str(report)
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        patch("not a model")
+
+
+# ------------------------------------------------------- Swin-Unet and timm Swin blocks (their code, written out)
+def _partition(x, ws):
+    B, H, W, C = x.shape
+    return x.view(B, H // ws[0], ws[0], W // ws[1], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(-1, ws[0] * ws[1], C)
+
+
+def _reverse(w, ws, H, W):
+    C = w.shape[-1]
+    return w.view(-1, H // ws[0], W // ws[1], ws[0], ws[1], C).permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
+
+
+class _RefWindowAttention(nn.Module):
+    """Swin-Unet's / timm's WindowAttention (windows in, additive 0/-100 mask)."""
+
+    def __init__(self, dim, ws, heads):
+        super().__init__()
+        self.num_heads, self.scale, self.ws = heads, (dim // heads) ** -0.5, ws
+        self.relative_position_bias_table = nn.Parameter(0.5 * torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads))
+        coords = torch.stack(torch.meshgrid(torch.arange(ws[0]), torch.arange(ws[1]), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
+        rel[:, :, 0] += ws[0] - 1
+        rel[:, :, 1] += ws[1] - 1
+        rel[:, :, 0] *= 2 * ws[1] - 1
+        self.register_buffer("relative_position_index", rel.sum(-1))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.attn_drop = nn.Dropout(0.0)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(0.0)
+
+    def forward(self, x, mask=None):
+        B_, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B_, N, 3, self.num_heads, C // self.num_heads).permute(2, 0, 3, 1, 4)
+        attn = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.relative_position_bias_table[self.relative_position_index.view(-1)].view(N, N, -1)
+        attn = attn + bias.permute(2, 0, 1).unsqueeze(0)
+        if mask is not None:
+            nW = mask.shape[0]
+            attn = (attn.view(B_ // nW, nW, self.num_heads, N, N) + mask.unsqueeze(1).unsqueeze(0)).view(-1, self.num_heads, N, N)
+        x = (self.attn_drop(attn.softmax(-1)) @ v).transpose(1, 2).reshape(B_, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+def _shift_mask(H, W, ws, ss):
+    img = torch.zeros(1, H, W, 1)
+    cnt = 0
+    for h in (slice(0, -ws[0]), slice(-ws[0], -ss[0]), slice(-ss[0], None)):
+        for w in (slice(0, -ws[1]), slice(-ws[1], -ss[1]), slice(-ss[1], None)):
+            img[:, h, w, :] = cnt
+            cnt += 1
+    mw = _partition(img, ws)[..., 0]
+    m = mw.unsqueeze(1) - mw.unsqueeze(2)
+    return m.masked_fill(m != 0, -100.0).masked_fill(m == 0, 0.0)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, dim):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.drop = nn.Linear(dim, 2 * dim), nn.GELU(), nn.Linear(2 * dim, dim), nn.Dropout(0.0)
+
+    def forward(self, x):
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class SwinUnetBlock(nn.Module):
+    """Swin-Unet's SwinTransformerBlock: tokens (B, H*W, C), int window/shift, attn_mask buffer."""
+
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+        super().__init__()
+        self.input_resolution, self.window_size, self.shift_size = input_resolution, window_size, shift_size
+        if min(input_resolution) <= window_size:
+            self.shift_size, self.window_size = 0, min(input_resolution)
+        ws = (self.window_size,) * 2
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _RefWindowAttention(dim, ws, heads)
+        self.drop_path = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim)
+        mask = _shift_mask(*input_resolution, ws, (self.shift_size,) * 2) if self.shift_size else None
+        self.register_buffer("attn_mask", mask)
+
+    def forward(self, x):
+        H, W = self.input_resolution
+        B, L, C = x.shape
+        shortcut, x = x, self.norm1(x).view(B, H, W, C)
+        s, ws = self.shift_size, (self.window_size,) * 2
+        if s:
+            x = torch.roll(x, (-s, -s), (1, 2))
+        x = _reverse(self.attn(_partition(x, ws), mask=self.attn_mask), ws, H, W)
+        if s:
+            x = torch.roll(x, (s, s), (1, 2))
+        x = shortcut + self.drop_path(x.reshape(B, H * W, C))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class TimmBlock(nn.Module):
+    """timm's SwinTransformerBlock: grids (B, H, W, C), tuple window/shift, drop_path1/2."""
+
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+        super().__init__()
+        self.input_resolution = input_resolution
+        self.window_size, self.shift_size = window_size, shift_size
+        self.window_area = window_size[0] * window_size[1]
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = _RefWindowAttention(dim, window_size, heads)
+        self.drop_path1 = nn.Identity()
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = _Mlp(dim)
+        self.drop_path2 = nn.Identity()
+        mask = _shift_mask(*input_resolution, window_size, shift_size) if any(shift_size) else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def _attn(self, x):
+        B, H, W, C = x.shape
+        if any(self.shift_size):
+            x = torch.roll(x, (-self.shift_size[0], -self.shift_size[1]), (1, 2))
+        x = _reverse(self.attn(_partition(x, self.window_size), mask=self.attn_mask), self.window_size, H, W)
+        if any(self.shift_size):
+            x = torch.roll(x, self.shift_size, (1, 2))
+        return x
+
+    def forward(self, x):
+        B, H, W, C = x.shape
+        x = x + self.drop_path1(self._attn(self.norm1(x)))
+        x = x.reshape(B, -1, C)
+        x = x + self.drop_path2(self.mlp(self.norm2(x)))
+        return x.reshape(B, H, W, C)
+
+
+@pytest.mark.parametrize("kind", ["swin_unet", "timm"])
+def test_patch_swin_unet_and_timm_blocks(kind):
+    from fastmed.patch import FusedSwinBlock
+
+    torch.manual_seed(6)
+    if kind == "swin_unet":
+        ref = nn.Sequential(SwinUnetBlock(16, (8, 8), 2, 4, 0), SwinUnetBlock(16, (8, 8), 2, 4, 2),
+                            SwinUnetBlock(16, (8, 8), 2, 8, 4))  # the last: window = grid, no shift
+        x = torch.randn(2, 64, 16)
+    else:
+        ref = nn.Sequential(TimmBlock(16, (8, 12), 2, (4, 4), (0, 0)), TimmBlock(16, (8, 12), 2, (4, 4), (2, 2)))
+        x = torch.randn(2, 8, 12, 16)
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    assert [n for n, _ in report.replaced] == [str(i) for i in range(len(ref))]
+    assert all(isinstance(b, FusedSwinBlock) for b in model)
+    _check_same(ref, model, x, atol=1e-4)
