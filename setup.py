@@ -116,7 +116,8 @@ setup(
     install_requires=["torch>=2.6", "numpy"],
     extras_require={
         "triton": ["triton>=3.6"],
-        "test": ["pytest>=7", "hypothesis>=6", "scipy>=1.10", "monai>=1.4", "edt>=2.4", "triton>=3.8", "pybind11"],
+        "test": ["pytest>=7", "hypothesis>=6", "scipy>=1.10", "monai>=1.4", "edt>=2.4", "triton>=3.8", "pybind11",
+                 "tqdm", "matplotlib", "nibabel"],
         "demo": ["tqdm", "matplotlib", "nibabel"],
     },
     entry_points={"console_scripts": ["fastmed=fastmed.__main__:main"]},

@@ -2,17 +2,21 @@
 
     import fastmed
     y = fastmed.ops.norm_act(x, "instance", weight, bias)      # Triton on CUDA, reference on CPU
+    model = fastmed.models.UNet.nnunet((128, 128, 128), (1.0, 1.0, 1.0), in_channels=1, out_channels=3)
+    report = fastmed.patch(monai_model)                          # fuse someone else's model in place
     with fastmed.use_backend("reference"):                       # force a backend
         ...
     print(fastmed.info())                                        # what runs here, and why
 """
 from fastmed._backend import BackendUnavailableError, use_backend
 from fastmed import ops, nn, reference  # noqa: F401  (registers the ops)
+from fastmed import convert, metrics, models  # noqa: F401
 from fastmed.patch import patch  # noqa: F401  (fastmed.patch(model))
 
 __version__ = "0.1.0"
 
-__all__ = ["ops", "nn", "reference", "use_backend", "BackendUnavailableError", "info", "__version__"]
+__all__ = ["ops", "nn", "models", "metrics", "convert", "reference", "patch", "use_backend",
+           "BackendUnavailableError", "info", "__version__"]
 
 
 def info() -> str:
