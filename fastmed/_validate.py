@@ -1,7 +1,8 @@
 """Input checks shared by every op: errors name the argument, what was expected and what came."""
 from __future__ import annotations
 
-from typing import Iterable, Optional
+import numbers
+from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -64,3 +65,17 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
         return x.view(n, c, s)
     except RuntimeError:
         return x.contiguous().view(n, c, s)
+
+
+def check_per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
+    """An int or a sequence of ``nd`` ints, each >= ``minimum`` -> a tuple of ``nd`` ints (one per spatial axis)."""
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        vals = (int(value),) * nd
+    elif (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == nd
+          and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value)):
+        vals = tuple(int(v) for v in value)
+    else:
+        raise ValueError(f"{name} must be an int or a sequence of {nd} ints (one per spatial axis), got {value!r}")
+    if any(v < minimum for v in vals):
+        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
+    return vals

@@ -69,3 +69,13 @@ TOL = {
     torch.float16: dict(atol=2e-2, rtol=2e-2),
     torch.bfloat16: dict(atol=6e-2, rtol=6e-2),
 }
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (small models run several times faster on a busy 2-core machine);
+    use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

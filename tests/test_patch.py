@@ -9,13 +9,7 @@ import fastmed
 from fastmed.patch import Absorbed, FusedConvNormAct, FusedNormAct, patch
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared 2-core CI machine these small models run several times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _check_same(ref, model, x, atol=1e-5):

@@ -12,7 +12,7 @@ So the two paths of one model are directly comparable, and a state dict serves b
 from __future__ import annotations
 
 import numbers
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -21,6 +21,7 @@ from torch.utils.checkpoint import checkpoint
 
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock
 from fastmed.nn.norm_act import NormAct
+from fastmed.reference.norm_act import apply_activation
 
 
 def check_spatial_dims(spatial_dims) -> int:
@@ -33,20 +34,6 @@ def check_positive_int(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
     return int(value)
-
-
-def per_axis(value, name: str, nd: int, minimum: int = 1) -> tuple[int, ...]:
-    """An int or ``nd`` ints, each ``>= minimum`` -> tuple of ``nd`` ints."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        vals = (int(value),) * nd
-    elif isinstance(value, Sequence) and not isinstance(value, str) and len(value) == nd and all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in value):
-        vals = tuple(int(v) for v in value)
-    else:
-        raise ValueError(f"{name} must be an int or a sequence of {nd} ints, got {value!r}")
-    if any(v < minimum for v in vals):
-        raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
-    return vals
 
 
 def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, model: str) -> None:
@@ -94,26 +81,7 @@ def norm_act_eager(nrm: NormAct, h: torch.Tensor, residual: Optional[torch.Tenso
     z = norm_eager(nrm, h)
     if residual is not None:
         z = z + residual
-    return activation_eager(z, nrm.activation, nrm.negative_slope, nrm.act_weight)
-
-
-def activation_eager(z: torch.Tensor, name: str, negative_slope: float = 0.01,
-                     prelu_weight: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if name == "identity":
-        return z
-    if name == "relu":
-        return F.relu(z)
-    if name == "leaky_relu":
-        return F.leaky_relu(z, negative_slope)
-    if name == "prelu":
-        return F.prelu(z, prelu_weight)
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "silu":
-        return F.silu(z)
-    raise ValueError(f"unknown activation {name!r}")
+    return apply_activation(z, nrm.activation, nrm.act_weight if nrm.activation == "prelu" else nrm.negative_slope)
 
 
 def conv_block(block: ConvNormAct, x: torch.Tensor, fused: bool, residual: Optional[torch.Tensor] = None,

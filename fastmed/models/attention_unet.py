@@ -15,6 +15,7 @@ from typing import Sequence, Union
 import torch
 from torch import nn
 
+from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
 from fastmed.models.unet import _conv_cls
 from fastmed.nn.conv_block import ConvNormAct
@@ -38,8 +39,8 @@ class _UpConv(nn.Module):
 
     def __init__(self, sd, cin, cout, kernel, stride, factory):
         super().__init__()
-        k = L.per_axis(kernel, "up_kernel_size", sd)
-        s = L.per_axis(stride, "strides[i]", sd)
+        k = check_per_axis(kernel, "up_kernel_size", sd, 1)
+        s = check_per_axis(stride, "strides[i]", sd, 1)
         self.conv = _conv_cls(sd, transposed=True)(cin, cout, k, s, padding=tuple((v - 1) // 2 for v in k),
                                                    output_padding=tuple(v - 1 for v in s), **factory)
         self.norm = NormAct("batch", cout, activation="relu", **factory)
@@ -96,7 +97,8 @@ class AttentionUNet(nn.Module):
                              f"got {channels!r}")
         if len(strides) < len(channels) - 1:
             raise ValueError(f"strides needs len(channels) - 1 = {len(channels) - 1} entries, got {strides!r}")
-        self.strides = tuple(L.per_axis(s, f"strides[{i}]", sd) for i, s in enumerate(strides[:len(channels) - 1]))
+        self.strides = tuple(check_per_axis(s, f"strides[{i}]", sd, 1)
+                             for i, s in enumerate(strides[:len(channels) - 1]))
         self.total_stride = tuple(math.prod(s[a] for s in self.strides) for a in range(sd))
         self.fused, self.checkpointing = fused, checkpointing
         factory = dict(device=device, dtype=dtype)

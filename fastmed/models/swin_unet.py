@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.swin import FinalPatchExpandX4, PatchExpand, PatchMerging, SwinTransformerBlock, WindowAttention
 
@@ -117,7 +118,7 @@ class SwinUNet(nn.Module):
         for i, h in enumerate(num_heads):
             if (embed_dim * 2 ** i) % h:
                 raise ValueError(f"num_heads[{i}]={h} must divide the stage's channels {embed_dim * 2 ** i}")
-        window = L.per_axis(window_size, "window_size", sd)
+        window = check_per_axis(window_size, "window_size", sd, 1)
         self.window_size = window
         self.multiple = patch_size * 2 ** (n - 1)
         self.pad, self.checkpointing = pad, checkpointing

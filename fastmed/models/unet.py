@@ -22,6 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
+from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock
 
@@ -129,13 +130,13 @@ class UNet(nn.Module):
             raise ValueError(f"features must list at least 2 stages, got {features!r}")
         if len(strides) != n:
             raise ValueError(f"strides must have one entry per stage (len(features) = {n}), got {strides!r}")
-        strides = [L.per_axis(s, f"strides[{i}]", sd) for i, s in enumerate(strides)]
+        strides = [check_per_axis(s, f"strides[{i}]", sd, 1) for i, s in enumerate(strides)]
         if isinstance(kernel_sizes, int) or (isinstance(kernel_sizes, Sequence) and len(kernel_sizes) == sd
                                              and all(isinstance(k, int) for k in kernel_sizes)):
             kernel_sizes = [kernel_sizes] * n  # one kernel (int, or spatial_dims ints) for every stage
         if len(kernel_sizes) != n:
             raise ValueError(f"kernel_sizes must be one kernel or one per stage ({n}), got {kernel_sizes!r}")
-        kernels = [L.per_axis(k, f"kernel_sizes[{i}]", sd) for i, k in enumerate(kernel_sizes)]
+        kernels = [check_per_axis(k, f"kernel_sizes[{i}]", sd, 1) for i, k in enumerate(kernel_sizes)]
         convs_per_stage = L.check_positive_int(convs_per_stage, "convs_per_stage")
         dec_convs = L.check_positive_int(decoder_convs_per_stage or convs_per_stage, "decoder_convs_per_stage")
         if downsample not in ("conv", "maxpool"):

@@ -49,7 +49,8 @@ import torch
 from torch import nn
 
 from fastmed.nn.norm_act import NormAct, _activation_of
-from fastmed.ops.conv_block import IMPLEMENTATIONS, _per_axis, conv_norm_act, same_padding
+from fastmed._validate import check_per_axis
+from fastmed.ops.conv_block import IMPLEMENTATIONS, conv_norm_act, same_padding
 from fastmed.ops.norm_act import _normalize_activation, norm_act
 from fastmed.reference import norm_act as na_ref
 
@@ -111,9 +112,9 @@ class ConvNormAct(nn.Module):
                  implementation: str = "auto", device=None, dtype=None):
         super().__init__()
         conv_cls = _conv_cls(spatial_dims)
-        kernel = _per_axis(kernel_size, "kernel_size", spatial_dims, 1)
-        dil = _per_axis(dilation, "dilation", spatial_dims, 1)
-        pad = same_padding(kernel, dil) if padding is None else _per_axis(padding, "padding", spatial_dims, 0)
+        kernel = check_per_axis(kernel_size, "kernel_size", spatial_dims, 1)
+        dil = check_per_axis(dilation, "dilation", spatial_dims, 1)
+        pad = same_padding(kernel, dil) if padding is None else check_per_axis(padding, "padding", spatial_dims, 0)
         if implementation not in IMPLEMENTATIONS:
             raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
         if not 0.0 <= float(dropout) < 1.0:
@@ -209,7 +210,7 @@ class ResidualBlock(nn.Module):
         self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, bias=bias,
                                  act="identity", **common)
         self.nonlin2 = _make_act(act, act_kwargs)
-        stride_t = _per_axis(stride, "stride", spatial_dims, 1)
+        stride_t = check_per_axis(stride, "stride", spatial_dims, 1)
         ops = []
         if any(s != 1 for s in stride_t):
             pool = nn.AvgPool3d if spatial_dims == 3 else nn.AvgPool2d
@@ -246,7 +247,7 @@ class UpBlock(nn.Module):
         if not isinstance(num_convs, int) or num_convs < 1:
             raise ValueError(f"num_convs must be a positive integer, got {num_convs!r}")
         up_channels = skip_channels if up_channels is None else up_channels
-        up = _per_axis(upsample_stride, "upsample_stride", spatial_dims, 1)
+        up = check_per_axis(upsample_stride, "upsample_stride", spatial_dims, 1)
         self.transpconv = _conv_cls(spatial_dims, transposed=True)(in_channels, up_channels, up, up, bias=bias,
                                                                    device=device, dtype=dtype)
         common = dict(kernel_size=kernel_size, bias=bias, norm=norm, norm_kwargs=norm_kwargs, act=act,

@@ -22,7 +22,6 @@ constant in a ``torch.compile`` graph.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -31,7 +30,7 @@ from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _eager
-from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
+from fastmed._validate import check_choice, check_per_axis, check_per_channel, check_same_device, check_tensor
 from fastmed.ops import conv_block_choice
 from fastmed.ops.norm_act import _normalize_activation, check_norm_args, norm_act_call, update_running_stats
 from fastmed.reference import conv_block as ref
@@ -122,22 +121,6 @@ _ConvBlockEager = _eager.eager_function("_ConvBlockEager", _conv_block_fwd, _set
 # Argument handling
 # --------------------------------------------------------------------------------------------------
 
-def _per_axis(value, name: str, sd: int, minimum: int) -> tuple[int, ...]:
-    """An int or a sequence of ``sd`` ints, each >= minimum -> tuple of sd ints."""
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        vals = (int(value),) * sd
-    elif isinstance(value, Sequence) and not isinstance(value, str):
-        vals = tuple(value)
-        if len(vals) != sd or not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) for v in vals):
-            raise ValueError(f"{name} must be an int or a sequence of {sd} ints for {sd}D input, got {value!r}")
-        vals = tuple(int(v) for v in vals)
-    else:
-        raise TypeError(f"{name} must be an int or a sequence of {sd} ints, got {type(value).__name__}")
-    if any(v < minimum for v in vals):
-        raise ValueError(f"{name} must be >= {minimum} along every axis, got {value!r}")
-    return vals
-
-
 def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, ...]:
     """``(k - 1) // 2 * d`` per axis: the 'same' padding for odd kernels at stride 1 (nnU-Net's padding)."""
     return tuple((k - 1) // 2 * d for k, d in zip(kernel, dilation))
@@ -217,9 +200,9 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     check_per_channel(norm_weight, "norm_weight", cout)
     check_per_channel(norm_bias, "norm_bias", cout)
     kernel = tuple(weight.shape[2:])
-    stride_t = _per_axis(stride, "stride", sd, 1)
-    dilation_t = _per_axis(dilation, "dilation", sd, 1)
-    padding_t = same_padding(kernel, dilation_t) if padding is None else _per_axis(padding, "padding", sd, 0)
+    stride_t = check_per_axis(stride, "stride", sd, 1)
+    dilation_t = check_per_axis(dilation, "dilation", sd, 1)
+    padding_t = same_padding(kernel, dilation_t) if padding is None else check_per_axis(padding, "padding", sd, 0)
     for ax, (i, k, p, d) in enumerate(zip(x.shape[2:], kernel, padding_t, dilation_t)):
         if d * (k - 1) + 1 > i + 2 * p:
             raise ValueError(f"the kernel (size {k}, dilation {d}: extent {d * (k - 1) + 1}) is larger than the "

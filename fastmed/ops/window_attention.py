@@ -18,7 +18,7 @@ from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _eager
-from fastmed._validate import check_choice, check_same_device, check_tensor
+from fastmed._validate import check_choice, check_per_axis, check_same_device, check_tensor
 from fastmed.reference import window_attention as ref
 
 __all__ = ["window_attention", "attention", "BIAS_INDEX"]
@@ -87,15 +87,6 @@ def _int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
-        value = (value,) * nd
-    if not isinstance(value, Sequence) or len(value) != nd:
-        raise ValueError(f"{name} must be an integer or a sequence of {nd} integers (one per spatial axis), "
-                         f"got {value!r}")
-    return tuple(_int(v, f"{name}[{a}]", minimum) for a, v in enumerate(value))
-
-
 def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequence[int]],
                      shift_size: Union[int, Sequence[int]] = 0, rel_pos_bias_table: Optional[Tensor] = None,
                      scale: Optional[float] = None, *, qkv_pad: Optional[Tensor] = None,
@@ -146,8 +137,8 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     if C % heads != 0:
         raise ValueError(f"num_heads must divide the C={C} channels (qkv's last dimension {qkv.shape[-1]} = 3 * C), "
                          f"got num_heads={heads}")
-    window = _per_axis(window_size, "window_size", nd, 1)
-    shift = _per_axis(shift_size, "shift_size", nd, 0)
+    window = check_per_axis(window_size, "window_size", nd, 1)
+    shift = check_per_axis(shift_size, "shift_size", nd, 0)
     for a, (w, s) in enumerate(zip(window, shift)):
         if s >= w:
             raise ValueError(f"shift_size must be smaller than window_size on every axis, got shift_size={shift} "
