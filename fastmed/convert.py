@@ -49,8 +49,12 @@ MONAI ``SwinTransformerBlock`` (SwinUNETR's blocks) -> :class:`fastmed.nn.SwinTr
 (``norm1``, ``attn.{qkv,proj,relative_position_bias_table,relative_position_index}``, ``norm2``,
 ``mlp.linear1``, ``mlp.linear2``); :func:`from_monai_swin_block` checks them.
 
-MONAI ``UNet`` / ``BasicUNet`` / ``DynUNet`` have no separate fastmed twin: :func:`fastmed.patch` fuses them in
-place with unchanged keys, so their checkpoints load as they are.
+MONAI U-Net blocks -> :class:`fastmed.nn.ConvNormAct`: :func:`from_monai_unet_block` (``Convolution``: ``conv.*``
+stays, ``adn.N.*`` -> ``norm.*``, ``adn.A.*`` -> ``nonlin.*``; ``UnetBasicBlock``: ``conv1.conv``/``norm1`` -> ``0.conv``/``0.norm``,
+``conv2.conv``/``norm2`` -> ``1.conv``/``1.norm``; the full table is in :mod:`fastmed.nn.conv_block`).
+
+Whole MONAI ``UNet`` / ``BasicUNet`` / ``DynUNet`` models have no separate fastmed twin: :func:`fastmed.patch` fuses
+them in place with unchanged keys, so their checkpoints load as they are (tested on ``UNet`` and ``BasicUNet``).
 """
 from __future__ import annotations
 
@@ -58,8 +62,10 @@ from typing import Iterable, Mapping
 
 import torch
 
-__all__ = ["from_nnunet", "from_monai_attention_unet", "from_timm_vit", "from_swin_unet", "from_timm_swin",
-           "from_monai_swin_block"]
+from fastmed.nn.conv_block import convert_monai_state_dict as from_monai_unet_block  # noqa: E402  (re-export)
+
+__all__ = ["from_nnunet", "from_monai_attention_unet", "from_monai_unet_block", "from_timm_vit", "from_swin_unet",
+           "from_timm_swin", "from_monai_swin_block"]
 
 
 def _check_state(state_dict, name: str = "state_dict") -> Mapping[str, torch.Tensor]:

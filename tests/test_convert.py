@@ -286,3 +286,18 @@ def test_from_timm_swin_initializes_encoder_and_mirrored_decoder(merging_at_star
     torch.testing.assert_close(dst.layers_up[2].blocks[1].attn.qkv.weight, enc)  # mirrored, as Swin-Unet does
     with pytest.raises(ValueError, match="absolute position"):
         convert.from_timm_swin({"absolute_pos_embed": torch.zeros(1)})
+
+
+def test_monai_unet_block_converter_is_exposed_in_convert():
+    """fastmed.convert.from_monai_unet_block loads MONAI's UnetBasicBlock into ConvNormAct blocks, equal outputs."""
+    from monai.networks.blocks import UnetBasicBlock
+
+    from fastmed.nn import ConvNormAct
+
+    torch.manual_seed(0)
+    blk = UnetBasicBlock(3, 2, 4, kernel_size=3, stride=2, norm_name=("instance", {"affine": True}),
+                         act_name=("leakyrelu", {"negative_slope": 0.01})).eval()
+    ours = nn.Sequential(ConvNormAct(3, 2, 4, stride=2, bias=False), ConvNormAct(3, 4, 4, bias=False)).eval()
+    ours.load_state_dict(convert.from_monai_unet_block(blk.state_dict(), "unet_basic_block"))
+    x = torch.randn(1, 2, 8, 9, 10)
+    torch.testing.assert_close(ours(x), blk(x), atol=1e-5, rtol=1e-5)
