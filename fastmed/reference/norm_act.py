@@ -61,6 +61,18 @@ def apply_activation(z: torch.Tensor, act: str, negative_slope=0.01) -> torch.Te
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
+def apply_activation_(z: torch.Tensor, act: str, negative_slope=0.01) -> torch.Tensor:
+    """act(z) written into z where torch has an in-place kernel (z must be a tensor the caller owns and no
+    autograd graph needs): one allocation fewer than ``apply_activation``."""
+    if act == "relu":
+        return torch.relu_(z)
+    if act == "leaky_relu":
+        return F.leaky_relu_(z, float(negative_slope))
+    if act == "silu":
+        return F.silu(z, inplace=True)
+    return apply_activation(z, act, negative_slope)
+
+
 def activation_grad(z: torch.Tensor, act: str, negative_slope=0.01) -> torch.Tensor:
     """d act(z) / dz, elementwise, written out (the Triton kernels use the same formulas)."""
     if act == "identity":
@@ -155,7 +167,7 @@ def norm_act_forward(x, kind, weight=None, bias=None, *, num_groups=None, eps=1e
     if residual is not None:
         z = z.add_(residual.to(acc))  # z is a fresh tensor here
     slope = negative_slope.to(acc) if activation_name == "prelu" else negative_slope
-    y = apply_activation(z, activation_name, slope).to(orig)
+    y = apply_activation_(z, activation_name, slope).to(orig)
     return y, mean, rstd
 
 
