@@ -11,7 +11,7 @@ a bf16 matmul rate measured in the same run, peak memory, and speed-ups of fastm
 
     python bench/bench_conv_block.py                  # GPU, nnU-Net stage shapes
     python bench/bench_conv_block.py --quick          # tiny shapes, CPU smoke test
-    python bench/bench_conv_block.py --write-choice   # also rewrite fastmed/ops/conv_block_choice.py (GPU only)
+    python bench/bench_conv_block.py --write-choice   # also rewrite fastmed/ops/_conv_block_choice.py (GPU only)
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ QUICK_CASES = [
     ("quick-3d-concat", 1, 4, 4, (8, 8, 8), 1, 4),
 ]
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CHOICE_FILE = os.path.join(REPO_ROOT, "fastmed", "ops", "conv_block_choice.py")
+CHOICE_FILE = os.path.join(REPO_ROOT, "fastmed", "ops", "_conv_block_choice.py")
 IMPLS = ("cudnn", "implicit_gemm")
 
 
@@ -121,7 +121,7 @@ def main(argv=None):
     add_common_args(parser)
     parser.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     parser.add_argument("--write-choice", action="store_true",
-                        help="rewrite fastmed/ops/conv_block_choice.py from this run's forward+backward timings")
+                        help="rewrite fastmed/ops/_conv_block_choice.py from this run's forward+backward timings")
     args = parser.parse_args(argv)
     bench = Bench("conv_block", quick=args.quick, device=args.device)
     on_gpu = bench.device.type == "cuda"
@@ -182,7 +182,7 @@ def main(argv=None):
 
 
 def write_choice(rows, source: str, env: dict) -> None:
-    """Fastest implementation of forward+backward per (case, dtype, layout) -> fastmed/ops/conv_block_choice.py."""
+    """Fastest implementation of forward+backward per (case, dtype, layout) -> fastmed/ops/_conv_block_choice.py."""
     best: dict = {}
     for r in rows:
         impl = r["impl"].replace("fastmed-", "")

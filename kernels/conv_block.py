@@ -30,7 +30,7 @@ Backward (``conv_block_backward``):
 
 Limits: groups = 1; float16/bfloat16/float32 (fp64 runs on the cuDNN implementation).  Tile sizes are fixed
 heuristics, not autotuned, and no timing of these kernels on a GPU exists yet (see
-fastmed/ops/conv_block_choice.py).
+fastmed/ops/_conv_block_choice.py).
 """
 from __future__ import annotations
 

@@ -679,7 +679,7 @@ def test_bench_write_choice_table_round_trip(tmp_path, monkeypatch):
     choice = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(choice)
     assert choice.MEASURED and len(choice.TABLE) == 2
-    monkeypatch.setattr(ops_cb, "conv_block_choice", choice)
+    monkeypatch.setattr(ops_cb, "_conv_block_choice", choice)
     x = torch.randn(1, 3, 6, 5, 4).contiguous(memory_format=torch.channels_last_3d)
     assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (2, 2, 2)) == "implicit_gemm"
     assert ops_cb.choose_implementation(torch.randn(1, 3, 7, 6), torch.randn(4, 3, 3, 3), (2, 2)) == "cudnn"
