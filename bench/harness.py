@@ -79,6 +79,7 @@ class Bench:
         self.rows: list[dict] = []
         self.env = environment(self.device)
         self._copy_gbs: Optional[float] = None
+        self._path: Optional[str] = None
 
     # ------------------------------------------------------------------ timing
     def sync(self) -> None:
@@ -139,6 +140,7 @@ class Bench:
         except Exception as exc:  # a baseline that cannot run (e.g. torch.compile without a compiler)
             row.update(error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
             self.rows.append({**row, **self.env, **(extra or {})})
+            self._checkpoint()
             print(f"  {case:<40} {name:<22} FAILED: {row['error']}")
             self.sync()
             return None
@@ -155,6 +157,7 @@ class Bench:
         row.update(extra or {})
         row.update(self.env)
         self.rows.append(row)
+        self._checkpoint()
         mem = "" if peak is None else f"  peak {row['peak_mem_mb']:.1f} MB"
         bw = f"  {row['GB/s']:.0f} GB/s" if "GB/s" in row else ""
         print(f"  {case:<40} {name:<22} {med:9.3f} ms [{q20:.3f}, {q80:.3f}]{bw}{mem}")
@@ -167,11 +170,20 @@ class Bench:
             return t[baseline] / t[against]
         return None
 
-    def save(self, path: Optional[str] = None) -> str:
-        os.makedirs(RESULTS_DIR, exist_ok=True)
-        stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        dev = "cuda" if self.device.type == "cuda" else "cpu"
-        path = path or os.path.join(os.environ.get("FASTMED_RESULTS_DIR", RESULTS_DIR), f"{self.op}-{dev}-{stamp}.json")
+    def _default_path(self) -> str:
+        if self._path is None:
+            stamp = _dt.datetime.now(_dt.timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+            dev = "cuda" if self.device.type == "cuda" else "cpu"
+            self._path = os.path.join(os.environ.get("FASTMED_RESULTS_DIR", RESULTS_DIR), f"{self.op}-{dev}-{stamp}.json")
+        return self._path
+
+    def _checkpoint(self) -> None:
+        """Under FASTMED_RESULTS_DIR (the device script sets it) rows are written after every run, so a benchmark
+        stopped by a time limit keeps what it measured."""
+        if os.environ.get("FASTMED_RESULTS_DIR"):
+            self._write(self._default_path())
+
+    def _write(self, path: str) -> None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         with open(path, "w") as fh:
             json.dump({"op": self.op, "env": self.env, "copy_GB/s": self._copy_gbs, "rows": self.rows}, fh, indent=1)
@@ -182,6 +194,11 @@ class Bench:
             w = csv.DictWriter(fh, fieldnames=keys)
             w.writeheader()
             w.writerows(self.rows)
+
+    def save(self, path: Optional[str] = None) -> str:
+        """Write the rows (JSON + CSV beside it) and say where."""
+        path = path or self._default_path()
+        self._write(path)
         print(f"results: {path}")
         return path
 
