@@ -53,18 +53,31 @@ MONAI U-Net blocks -> :class:`fastmed.nn.ConvNormAct`: :func:`from_monai_unet_bl
 stays, ``adn.N.*`` -> ``norm.*``, ``adn.A.*`` -> ``nonlin.*``; ``UnetBasicBlock``: ``conv1.conv``/``norm1`` -> ``0.conv``/``0.norm``,
 ``conv2.conv``/``norm2`` -> ``1.conv``/``1.norm``; the full table is in :mod:`fastmed.nn.conv_block`).
 
-Whole MONAI ``UNet`` / ``BasicUNet`` / ``DynUNet`` models have no separate fastmed twin: :func:`fastmed.patch` fuses
-them in place with unchanged keys, so their checkpoints load as they are (tested on ``UNet`` and ``BasicUNet``).
+MONAI ``UNet`` (``monai.networks.nets.UNet``) -> :class:`fastmed.models.MonaiUNet` (same constructor arguments):
+identical keys, since MonaiUNet has MONAI's module tree (see :mod:`fastmed.models.monai_unet`); with
+``P(i) = "model." + "1.submodule." * i``:
+      ``P(i)0.<block>``                                 down layer of level i          (same key)
+      ``P(n-1).<block>``                                bottom layer                   (same key)
+      ``P(i)2.<block>`` / ``P(i)2.0.<block>``,          up layer (transposed conv,     (same key)
+      ``P(i)2.1.<block>``                               then residual unit)
+    where ``<block>`` is ``conv.*``, ``adn.N.*``, ``adn.A.weight`` (a ``Convolution``) or ``conv.unit<k>.``
+    + those, ``residual.*`` (a ``ResidualUnit``).  :func:`from_monai_unet` checks the keys against this layout.
+
+Whole MONAI ``BasicUNet`` / ``DynUNet`` models have no separate fastmed twin: :func:`fastmed.patch` fuses them
+(and ``UNet``) in place with unchanged keys, so their checkpoints load as they are (tested on ``UNet`` and
+``BasicUNet``).
 """
 from __future__ import annotations
 
 from typing import Iterable, Mapping
 
+import re
+
 import torch
 
 from fastmed.nn.conv_block import convert_monai_state_dict as from_monai_unet_block  # noqa: E402  (re-export)
 
-__all__ = ["from_nnunet", "from_monai_attention_unet", "from_monai_unet_block", "from_timm_vit", "from_swin_unet",
+__all__ = ["from_nnunet", "from_monai_attention_unet", "from_monai_unet", "from_monai_unet_block", "from_timm_vit", "from_swin_unet",
            "from_timm_swin", "from_monai_swin_block"]
 
 
@@ -137,6 +150,24 @@ def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
             rules += [(f"{p}attention.{branch}.0.conv.", f"gates.{i}.{branch}.conv."),
                       (f"{p}attention.{branch}.1.", f"gates.{i}.{branch}.norm.")]
     return _rename(state_dict, rules, "MONAI AttentionUnet")
+
+
+_MONAI_UNET_KEY = re.compile(r"model\.(1\.submodule\.)*(0\.|2\.([01]\.)?)?(conv\.unit\d+\.)?"
+                             r"(conv|residual|adn\.N|adn\.A)\.(weight|bias|running_mean|running_var|num_batches_tracked)")
+
+
+def from_monai_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
+    """MONAI ``UNet`` weights for :class:`fastmed.models.MonaiUNet` (same constructor arguments): the keys are
+    the same; each is checked against MONAI's ``model.<...>`` layout and anything else raises ``ValueError``
+    (e.g. a ``module.`` prefix from DataParallel, or ``CheckpointUNet``'s wrapped blocks)."""
+    state_dict = _check_state(state_dict)
+    if not state_dict:
+        raise ValueError("state_dict is empty: not a MONAI UNet state dict")
+    for key in state_dict:
+        if not _MONAI_UNET_KEY.fullmatch(key):
+            raise ValueError(f"MONAI UNet key {key!r} does not fit the layout of monai.networks.nets.UNet "
+                             f"(model.[1.submodule.]*[0.|2.[0.|1.]]<conv|adn.N|adn.A|conv.unit<k>.*|residual>.*)")
+    return dict(state_dict)
 
 
 _VIT_KEY_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "mlp.fc2.")

@@ -3,15 +3,18 @@
 ``UNet``           2D/3D U-Net; presets ``UNet.original()`` (Ronneberger, 31.03M), ``UNet.nnunet(patch, spacing)``
                    (nnU-Net's PlainConvUNet, deep supervision) and ``UNet.resenc(...)`` (ResidualEncoderUNet)
 ``AttentionUNet``  MONAI's AttentionUnet (loads its weights: fastmed.convert.from_monai_attention_unet)
+``MonaiUNet``      MONAI's UNet, same module tree and parameter names (fastmed.convert.from_monai_unet)
 ``SwinUNet``       Swin-Unet (Cao et al., 27.17M with 9 classes), any input size, 2D or 3D
 ``ViT``            timm-compatible Vision Transformer (``ViT.b16()``: 86.57M), 2D or 3D patches
 ``UNETR``          UNETR-style model on ``ViT``
 
-Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and ``checkpointing``.
+Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and, except ``MonaiUNet``,
+``checkpointing``.
 """
 from fastmed.models.attention_unet import AttentionGate, AttentionUNet
+from fastmed.models.monai_unet import MonaiUNet
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.unet import UNet, plan_nnunet
 from fastmed.models.vit import UNETR, ViT
 
-__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "SwinUNet", "ViT", "UNETR"]
+__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "ViT", "UNETR"]
