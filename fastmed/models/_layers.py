@@ -36,6 +36,18 @@ def check_positive_int(value, name: str) -> int:
     return int(value)
 
 
+def check_unet_args(model: nn.Module, spatial_dims, in_channels, out_channels, channels) -> tuple[int, list[int]]:
+    """The arguments MONAI-style U-Nets share: sets ``model.spatial_dims/in_channels/out_channels`` and returns
+    (spatial dims, the per-level channels, at least 2 levels)."""
+    model.spatial_dims = sd = check_spatial_dims(spatial_dims)
+    model.in_channels = check_positive_int(in_channels, "in_channels")
+    model.out_channels = check_positive_int(out_channels, "out_channels")
+    channels = [check_positive_int(c, "channels[i]") for c in channels]
+    if len(channels) < 2:
+        raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
+    return sd, channels
+
+
 def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, model: str) -> None:
     """``x`` must be a floating tensor ``(N, in_channels, *spatial)`` with ``spatial_dims`` spatial axes."""
     if not isinstance(x, torch.Tensor):

@@ -85,13 +85,7 @@ class AttentionUNet(nn.Module):
                  up_kernel_size: Union[int, Sequence[int]] = 3, dropout: float = 0.0, fused: bool = True,
                  checkpointing: bool = False, device=None, dtype=None):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = L.check_positive_int(in_channels, "in_channels")
-        self.out_channels = L.check_positive_int(out_channels, "out_channels")
-        channels = [L.check_positive_int(c, "channels[i]") for c in channels]
-        if len(channels) < 2:
-            raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
+        sd, channels = L.check_unet_args(self, spatial_dims, in_channels, out_channels, channels)
         if any(c < 2 for c in channels[:-1]):
             raise ValueError(f"channels of every level but the last must be >= 2 (the attention gate halves them), "
                              f"got {channels!r}")

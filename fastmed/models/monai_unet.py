@@ -204,13 +204,7 @@ class MonaiUNet(nn.Module):
                  act: Union[str, tuple] = "PRELU", norm: Union[str, tuple] = "INSTANCE", dropout: float = 0.0,
                  bias: bool = True, adn_ordering: str = "NDA", fused: bool = True):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = L.check_positive_int(in_channels, "in_channels")
-        self.out_channels = L.check_positive_int(out_channels, "out_channels")
-        channels = [L.check_positive_int(c, "channels[i]") for c in channels]
-        if len(channels) < 2:
-            raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
+        sd, channels = L.check_unet_args(self, spatial_dims, in_channels, out_channels, channels)
         if len(strides) != len(channels) - 1:
             raise ValueError(f"strides needs len(channels) - 1 = {len(channels) - 1} entries (one per "
                              f"downsampling), got {len(strides)}: {strides!r}")

@@ -266,6 +266,20 @@ def _as_weight(weight: Weight, name: str = "weight") -> Optional[Tensor]:
 # MONAI losses
 # ------------------------------------------------------------------------------------------------------------
 
+def _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch, to_onehot_y, ignore_index,
+                  include_background):
+    """The checks and target preparation shared by the Dice-family losses: (reduction, activation code, target)."""
+    _check_input(input)
+    reduction = _check_reduction(reduction)
+    _check_acts(sigmoid, softmax, other_act)
+    _check_ddp(ddp_sync, batch)
+    C = input.shape[1]
+    act = _dice_act(C, sigmoid, softmax)
+    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
+    _warn_background(C, include_background)
+    return reduction, act, tgt
+
+
 def dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
               sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
               squared_pred: bool = False, jaccard: bool = False, reduction: str = "mean", smooth_nr: float = 1e-5,
@@ -283,14 +297,8 @@ def dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True,
         ``"mean"``/``"sum"``: a scalar; ``"none"``: ``(B, C', 1, ...)`` (``(C', 1, ...)`` with ``batch``), C' the
         classes kept.  float32 (float64 for float64 logits).
     """
-    _check_input(input)
-    reduction = _check_reduction(reduction)
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
-    C = input.shape[1]
-    act = _dice_act(C, sigmoid, softmax)
-    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
-    _warn_background(C, include_background)
+    reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
+                                        to_onehot_y, ignore_index, include_background)
     pow_mode = _pow_mode(squared_pred, soft_label)
     stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
     return ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
@@ -307,14 +315,8 @@ def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
 
     Returns a scalar, or with ``reduction="none"`` MONAI's ``(B, C')`` (``(C',)`` with ``batch``).
     """
-    _check_input(input)
-    reduction = _check_reduction(reduction)
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
-    C = input.shape[1]
-    act = _dice_act(C, sigmoid, softmax)
-    tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
-    _warn_background(C, include_background)
+    reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
+                                        to_onehot_y, ignore_index, include_background)
     pow_mode = ref.POW_ABS if soft_label else ref.POW_LINEAR
     stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
     return ref.tversky_from_stats(stats, pow_mode=pow_mode, include_background=include_background,
