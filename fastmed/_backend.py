@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib
 import importlib.util
 import os
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -179,6 +180,52 @@ def register_op(name: str, backends: Sequence[str], doc: str = "",
 
 def registered_ops() -> dict[str, OpInfo]:
     return dict(_OPS)
+
+
+Body = Union[Callable, str]
+
+
+class Implementations(Mapping[str, Callable]):
+    """The bodies of one registered op, one per backend its op family lists in :func:`register_op`.
+
+    ``Implementations("norm_act", "fastmed::norm_act_fwd", triton="fastmed.kernels.norm_act:norm_act_forward",
+    reference=_reference_forward)`` maps each backend name to a callable, or to a ``"module:attribute"`` string
+    imported on first use (Triton kernels are imported only when they run).  The keys must be exactly the
+    backends registered for the op family, so a backend registered without a body fails at import time, and
+    looking up any other name raises :class:`BackendUnavailableError`: nothing silently falls back to the
+    reference.
+    """
+
+    def __init__(self, op: str, what: str, **bodies: Body):
+        if op not in _OPS:
+            raise ValueError(f"Implementations({op!r}): register_op({op!r}, ...) must come first")
+        registered = tuple(_OPS[op].backends)
+        if set(bodies) != set(registered):
+            missing = [b for b in registered if b not in bodies]
+            extra = [b for b in bodies if b not in registered]
+            raise ValueError(f"{what}: the implementations must be exactly the backends registered for {op!r} "
+                             f"({', '.join(registered)}); missing {missing or 'none'}, not registered "
+                             f"{extra or 'none'}")
+        self.op = op
+        self.what = what
+        self._bodies: dict[str, Body] = {b: bodies[b] for b in registered}
+
+    def __getitem__(self, backend: str) -> Callable:
+        body = self._bodies.get(backend) if isinstance(backend, str) else None
+        if body is None:
+            raise BackendUnavailableError(f"{self.what} has no {backend!r} implementation "
+                                          f"(it has: {', '.join(self._bodies)})")
+        if isinstance(body, str):
+            module, _, attr = body.partition(":")
+            body = getattr(importlib.import_module(module), attr)
+            self._bodies[backend] = body
+        return body
+
+    def __iter__(self):
+        return iter(self._bodies)
+
+    def __len__(self) -> int:
+        return len(self._bodies)
 
 
 def why_not(op: str, backend: str, device: torch.device, forced: bool = False) -> Optional[str]:

@@ -38,7 +38,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmed.nn.norm_act import NormAct, _activation_of
+from fastmed.nn.norm_act import NormAct, activation_of
 from fastmed.ops.conv_block import conv_norm_act
 from fastmed.ops.norm_act import norm_act
 
@@ -125,7 +125,7 @@ class FusedConvNormAct(nn.Module):
         self.dropout_fn = {nn.Dropout2d: torch.nn.functional.dropout2d,
                            nn.Dropout3d: torch.nn.functional.dropout3d}.get(type(dropout),
                                                                              torch.nn.functional.dropout)
-        self.activation, self.negative_slope, _ = _activation_of(act_module)
+        self.activation, self.negative_slope, _ = activation_of(act_module)
         # references, not submodules: the placeholders are registered where the original modules were
         object.__setattr__(self, "_norm", norm)
         object.__setattr__(self, "_act", act)
@@ -163,7 +163,7 @@ class FusedNormAct(nn.Module):
         self._buffers = norm._buffers
         self._non_persistent_buffers_set = norm._non_persistent_buffers_set
         self.training = norm.training
-        self.activation, self.negative_slope, _ = _activation_of(act_module)
+        self.activation, self.negative_slope, _ = activation_of(act_module)
         object.__setattr__(self, "_act", act)
         self.desc = f"{type(norm).__name__}{' -> ' + type(act_module).__name__ if act_module is not None else ''}"
 
@@ -402,7 +402,7 @@ def patch(model: nn.Module, *, conv: bool = True, attention: bool = True) -> Pat
             done |= members
             try:
                 cfg = _norm_config(norm)
-                _activation_of(act)
+                activation_of(act)
             except TypeError as exc:
                 report.skipped.append((canonical.get(id(cv if cv is not None else norm)), str(exc)))
                 fused_convs.discard(id(cv))

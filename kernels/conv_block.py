@@ -38,6 +38,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from fastmed._tensors import memory_format, target_programs
 
 from .norm_act import finalize_stats, norm_act_backward, norm_act_forward
 
@@ -271,12 +272,6 @@ def _params_3d(stride, padding, dilation, nd: int):
     return tuple(stride), tuple(padding), tuple(dilation)
 
 
-def _memory_format(t: torch.Tensor) -> torch.memory_format:
-    fmt = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
-    if t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
-        return fmt
-    return torch.contiguous_format
-
 
 def _interpreting(t: torch.Tensor) -> bool:
     return t.device.type != "cuda"
@@ -318,7 +313,7 @@ def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, 
     Cout = weight.shape[0]
     out_sp = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
                    for i, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
-    y = torch.empty((N, Cout) + out_sp, device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    y = torch.empty((N, Cout) + out_sp, device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     x5, y5 = _as_3d(x), _as_3d(y)
     x25 = _as_3d(x2) if x2 is not None else x5
     w5 = _as_3d(weight)
@@ -362,7 +357,7 @@ def _class_taps(kernel, stride, dilation, device):
 def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation):
     """d x ``(N, Cin, *s)`` (x's dtype and memory format) from d conv_out ``(N, Cout, *s_out)``."""
     st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
-    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=_memory_format(x))
+    dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     dy5, dx5, w5 = _as_3d(dconv), _as_3d(dx), _as_3d(weight)
     KD, KH, KW = w5.shape[2:]
     N, Cin = x.shape[:2]
@@ -400,7 +395,7 @@ def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         blocks = dict(BLOCK_M=max(16, min(128, triton.next_power_of_2(Cout))),
                       BLOCK_N=max(16, min(128, triton.next_power_of_2(Cin))),
                       BLOCK_K=64 if x.element_size() <= 2 else 32, num_warps=8, num_stages=3)
-        target = 4 * torch.cuda.get_device_properties(x.device).multi_processor_count
+        target = target_programs(x.device, cpu=4)
     tiles = triton.cdiv(Cout, blocks["BLOCK_M"]) * triton.cdiv(Cin, blocks["BLOCK_N"])
     splits = max(1, min(triton.cdiv(target, tiles * taps), triton.cdiv(k_total, blocks["BLOCK_K"])))
     k_per = triton.cdiv(triton.cdiv(k_total, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
@@ -410,7 +405,7 @@ def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
         dy5, x5, pw, Cin, Cout, *x5.shape[2:], Do, Ho, Wo, k_total, k_per, *st, *pd, *dl,
         *dy5.stride(), *x5.stride(), KH=KH, KW=KW, TAPS=taps, **_dot_options(x), **blocks)
     dw = pw.sum(0).reshape((KD, KH, KW, Cout, Cin)).permute(3, 4, 0, 1, 2)
-    return dw.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=_memory_format(weight))
+    return dw.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=memory_format(weight))
 
 
 def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,

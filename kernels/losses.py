@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from fastmed._tensors import accumulation_dtype, target_programs
 
 K_STATS = 10  # fastmed.reference.losses.K
 
@@ -354,12 +355,9 @@ def loss_stats_forward(logits, target, mask, act, label_mode, has_ignore, ignore
     z = _flat(logits, C)
     S = z.shape[2]
     t, ts, m, ms, label_float = _target_views(target, mask, label_mode, C)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     c_pad, block, num_warps = _tile(C, S, logits.device)
-    if logits.device.type == "cuda":
-        want = 4 * torch.cuda.get_device_properties(logits.device).multi_processor_count
-    else:
-        want = 1
+    want = target_programs(logits.device, cpu=1)
     nsplit = max(1, min(triton.cdiv(S, block), triton.cdiv(want, B)))
     s_per = triton.cdiv(triton.cdiv(S, nsplit), block) * block
     nsplit = triton.cdiv(S, s_per)
@@ -379,7 +377,7 @@ def loss_stats_backward(gstats, logits, target, mask, act, label_mode, has_ignor
     z = _flat(logits, C)
     S = z.shape[2]
     t, ts, m, ms, label_float = _target_views(target, mask, label_mode, C)
-    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(logits.dtype)
     gs = gstats.to(acc).contiguous()
     dlogits = torch.empty_like(logits)
     dz = _flat(dlogits, C)

@@ -21,6 +21,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from fastmed._tensors import accumulation_dtype, target_programs
 
 from ._common import ACT_CODES, act_grad, apply_act
 
@@ -330,16 +331,10 @@ def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
     return block_c, block_s, num_warps
 
 
-def _num_programs_target(device: torch.device) -> int:
-    if device.type == "cuda":
-        return 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: few, large programs run fastest
-
-
 def _splits(n: int, cblocks: int, S: int, block_s: int, device: torch.device) -> tuple[int, int]:
     """(P, s_per_split): how many programs share one (n, channel-block) row of S."""
     max_p = triton.cdiv(S, block_s)
-    want = triton.cdiv(_num_programs_target(device), n * cblocks)
+    want = triton.cdiv(target_programs(device, cpu=4), n * cblocks)
     p = max(1, min(max_p, want))
     s_per = triton.cdiv(triton.cdiv(S, p), block_s) * block_s
     return triton.cdiv(S, s_per), s_per
@@ -368,10 +363,6 @@ def _finalize_block(E: int) -> int:
     return min(max(triton.next_power_of_2(E), 16), 1024)
 
 
-def _stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _opt(t, dummy):
     """An absent optional tensor is passed as a dummy pointer that the kernel never reads."""
     return t if t is not None else dummy
@@ -382,7 +373,7 @@ def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple
     x = _dense_like(x)
     x3 = _flat(x)
     N, C, S = x3.shape
-    acc = _stats_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     block_c, block_s, num_warps = _blocks(x3, C)
     cblocks = triton.cdiv(C, block_c)
     P, s_per = _splits(N, cblocks, S, block_s, x.device)

@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+from fastmed._tensors import accumulation_dtype, target_programs
 
 MASK_VALUE = tl.constexpr(-100.0)  # the anchors' constant between shift regions
 
@@ -399,10 +400,6 @@ def _dtable_reduce_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _config(qkv: torch.Tensor, num_heads: int, window, table_window, bias_coords):
     """Shared launch parameters: sizes (the grid padded up to a multiple of the window), tiles, constexpr flags."""
     B, D, H, W, C3 = qkv.shape
@@ -442,7 +439,7 @@ def window_attention_forward(qkv: torch.Tensor, table, qkv_pad, num_heads: int, 
     qkv = qkv.contiguous()
     cfg = _config(qkv, num_heads, window, table_window, bias_coords)
     out = torch.empty(qkv.shape[:-1] + (cfg["C"],), dtype=qkv.dtype, device=qkv.device)
-    lse = torch.empty(qkv.shape[:-1] + (num_heads,), dtype=_acc_dtype(qkv.dtype), device=qkv.device)
+    lse = torch.empty(qkv.shape[:-1] + (num_heads,), dtype=accumulation_dtype(qkv.dtype), device=qkv.device)
     tab, st0, st1 = _table_args(table, lse)
     has_pad = cfg["has_pad"] and qkv_pad is not None
     blk = cfg["block"]
@@ -458,10 +455,7 @@ def window_attention_forward(qkv: torch.Tensor, table, qkv_pad, num_heads: int, 
 def _groups(n_windows: int, programs_per_group: int, part_bytes_per_group: int,
             device: torch.device) -> tuple[int, int]:
     """(groups, windows per group) for the dQ / bias kernels; each group writes one partial."""
-    if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
-    else:
-        target = 4
+    target = target_programs(device, cpu=4)
     groups = max(1, min(n_windows, triton.cdiv(target, programs_per_group)))
     budget = 256 << 20  # at most this many bytes of partials
     groups = max(1, min(groups, budget // max(1, part_bytes_per_group)))

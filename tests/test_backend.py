@@ -91,3 +91,31 @@ def test_cuda_part_of_extension_runs():
         pytest.fail("fastmed._C was built without its CUDA part on a CUDA machine: " + str(info))
     out = _ext.load().cuda_selftest(1000)
     assert out.is_cuda and torch.equal(out.cpu(), torch.arange(1000, dtype=torch.int32))
+
+
+def test_implementation_tables_cover_exactly_the_registered_backends():
+    """Every op body dispatches through a table whose keys are the registered backends: a backend registered
+    without a body cannot silently run the reference, and an unknown name is an error."""
+    _backend.register_op("_test_op", ("triton", "reference"))
+    try:
+        with pytest.raises(ValueError, match=r"missing \['triton'\]"):
+            _backend.Implementations("_test_op", "fastmed::_test_op", reference=lambda: "ref")
+        with pytest.raises(ValueError, match=r"not registered \['cpp'\]"):
+            _backend.Implementations("_test_op", "fastmed::_test_op", triton=lambda: 1, reference=lambda: 2,
+                                     cpp=lambda: 3)
+        table = _backend.Implementations("_test_op", "fastmed::_test_op", triton="math:sqrt",
+                                         reference=lambda x: -x)
+        assert table["triton"](4.0) == 2.0 and table["reference"](4.0) == -4.0
+        assert list(table) == ["triton", "reference"]
+        with pytest.raises(fastmed.BackendUnavailableError, match="fastmed::_test_op has no 'cuda' implementation"):
+            table["cuda"]
+    finally:
+        _backend._OPS.pop("_test_op")
+    import importlib
+
+    for name in ("conv_block", "distance_transform", "losses", "norm_act", "window_attention"):
+        module = importlib.import_module(f"fastmed.ops.{name}")
+        tables = [v for v in vars(module).values() if isinstance(v, _backend.Implementations)]
+        assert tables, module.__name__
+        for table in tables:
+            assert tuple(table) == tuple(_backend.registered_ops()[table.op].backends)

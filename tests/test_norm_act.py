@@ -381,7 +381,7 @@ def test_kernels_compile_for_sm90():
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_eager_fast_path_equals_registered_op(backend):
+def test_direct_path_equals_registered_op(backend):
     """Outside torch.compile the op bodies run through a plain autograd.Function (no torch.library dispatch
     cost); through the registered op they must give bit-identical values and gradients."""
     device = triton_device() if backend == "triton" else "cpu"

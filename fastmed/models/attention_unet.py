@@ -17,7 +17,7 @@ from torch import nn
 
 from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
-from fastmed.models.unet import _conv_cls
+from fastmed.nn.conv_block import conv_class
 from fastmed.nn.conv_block import ConvNormAct
 from fastmed.nn.norm_act import NormAct
 
@@ -41,7 +41,7 @@ class _UpConv(nn.Module):
         super().__init__()
         k = check_per_axis(kernel, "up_kernel_size", sd, 1)
         s = check_per_axis(stride, "strides[i]", sd, 1)
-        self.conv = _conv_cls(sd, transposed=True)(cin, cout, k, s, padding=tuple((v - 1) // 2 for v in k),
+        self.conv = conv_class(sd, transposed=True)(cin, cout, k, s, padding=tuple((v - 1) // 2 for v in k),
                                                    output_padding=tuple(v - 1 for v in s), **factory)
         self.norm = NormAct("batch", cout, activation="relu", **factory)
 
@@ -107,7 +107,7 @@ class AttentionUNet(nn.Module):
         self.merge = nn.ModuleList(
             ConvNormAct(sd, 2 * channels[i], channels[i], kernel_size, dropout=dropout, norm="instance",
                         norm_kwargs={"affine": False}, act="prelu", **factory) for i in range(n - 1))
-        self.out = _conv_cls(sd)(channels[0], out_channels, 1, **factory)
+        self.out = conv_class(sd)(channels[0], out_channels, 1, **factory)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L.check_input(x, self.spatial_dims, self.in_channels, "AttentionUNet")

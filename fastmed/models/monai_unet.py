@@ -35,7 +35,7 @@ from torch import nn
 
 from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
-from fastmed.nn.conv_block import _conv_cls
+from fastmed.nn.conv_block import conv_class
 from fastmed.ops.conv_block import conv_norm_act
 from fastmed.ops.norm_act import norm_act
 
@@ -100,10 +100,10 @@ class _Convolution(nn.Sequential):
         super().__init__()
         pad = tuple((k - 1) // 2 for k in kernel)
         if transposed:
-            conv = _conv_cls(sd, True)(cin, cout, kernel, stride, pad, output_padding=tuple(s - 1 for s in stride),
+            conv = conv_class(sd, True)(cin, cout, kernel, stride, pad, output_padding=tuple(s - 1 for s in stride),
                                        bias=bias)
         else:
-            conv = _conv_cls(sd)(cin, cout, kernel, stride, pad, bias=bias)
+            conv = conv_class(sd)(cin, cout, kernel, stride, pad, bias=bias)
         self.add_module("conv", conv)
         if not conv_only:
             self.add_module("adn", _ADN(norm(cout), act(), dropout))
@@ -136,9 +136,9 @@ class _ResidualUnit(nn.Module):
             c, s = cout, (1,) * sd
         self.residual = nn.Identity()
         if math.prod(stride) != 1:
-            self.residual = _conv_cls(sd)(cin, cout, kernel, stride, tuple((k - 1) // 2 for k in kernel), bias=bias)
+            self.residual = conv_class(sd)(cin, cout, kernel, stride, tuple((k - 1) // 2 for k in kernel), bias=bias)
         elif cin != cout:
-            self.residual = _conv_cls(sd)(cin, cout, 1, stride, 0, bias=bias)
+            self.residual = conv_class(sd)(cin, cout, 1, stride, 0, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.run(x, fused=False)

@@ -24,17 +24,11 @@ from torch import nn
 
 from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
-from fastmed.nn.conv_block import ConvNormAct, ResidualBlock
+from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, conv_class
 
 __all__ = ["UNet", "plan_nnunet"]
 
 IntOrSeq = Union[int, Sequence[int]]
-
-
-def _conv_cls(spatial_dims: int, transposed: bool = False):
-    if transposed:
-        return nn.ConvTranspose3d if spatial_dims == 3 else nn.ConvTranspose2d
-    return nn.Conv3d if spatial_dims == 3 else nn.Conv2d
 
 
 class _StackedConvs(nn.Module):
@@ -175,14 +169,14 @@ class UNet(nn.Module):
             cin = features[s]
         self.encoder = _Encoder(stem, stages)
 
-        tconv = _conv_cls(sd, transposed=True)
+        tconv = conv_class(sd, transposed=True)
         transpconvs, dec_stages, heads = [], [], []
         for s in range(1, n):
             below, skip = features[-s], features[-(s + 1)]
             transpconvs.append(tconv(below, skip, strides[-s], strides[-s], bias=bias, **factory))
             dec_stages.append(_StackedConvs(dec_convs, sd, 2 * skip, skip, kernels[-(s + 1)], 1, **block))
             if deep_supervision or s == n - 1:
-                heads.append(_conv_cls(sd)(skip, out_channels, 1, 1, 0, bias=True, **factory))
+                heads.append(conv_class(sd)(skip, out_channels, 1, 1, 0, bias=True, **factory))
         self.decoder = _Decoder(transpconvs, dec_stages, heads)
 
     # ------------------------------------------------------------------------------------------------------------

@@ -48,13 +48,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastmed.nn.norm_act import NormAct, _activation_of
+from fastmed.nn.norm_act import NormAct, activation_of
 from fastmed._validate import check_per_axis
 from fastmed.ops.conv_block import IMPLEMENTATIONS, conv_norm_act, same_padding
-from fastmed.ops.norm_act import _normalize_activation, norm_act
+from fastmed.ops.norm_act import canonical_activation, norm_act
 from fastmed.reference import norm_act as na_ref
 
-__all__ = ["ConvNormAct", "ResidualBlock", "UpBlock", "convert_monai_state_dict"]
+__all__ = ["ConvNormAct", "ResidualBlock", "UpBlock", "convert_monai_state_dict", "conv_class"]
 
 _ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU,
                 "gelu": nn.GELU, "silu": nn.SiLU}
@@ -62,7 +62,7 @@ _ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.Leaky
 
 def _make_act(act: Optional[str], act_kwargs: Optional[dict]) -> nn.Module:
     """A torch activation module (what nnU-Net stores as ``nonlin``) from a name and its kwargs."""
-    name = _normalize_activation(act)
+    name = canonical_activation(act)
     kwargs = dict(act_kwargs or {})
     if name == "gelu_tanh":
         return nn.GELU(approximate="tanh")
@@ -73,7 +73,8 @@ def _make_act(act: Optional[str], act_kwargs: Optional[dict]) -> nn.Module:
     return _ACT_MODULES[name](**kwargs)
 
 
-def _conv_cls(spatial_dims: int, transposed: bool = False):
+def conv_class(spatial_dims: int, transposed: bool = False):
+    """``nn.Conv2d``/``nn.Conv3d`` (or the transposed ones) for ``spatial_dims`` 2 or 3."""
     if spatial_dims not in (2, 3):
         raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
     if transposed:
@@ -111,7 +112,7 @@ class ConvNormAct(nn.Module):
                  act: Optional[str] = "leaky_relu", act_kwargs: Optional[dict] = None, dropout: float = 0.0,
                  implementation: str = "auto", device=None, dtype=None):
         super().__init__()
-        conv_cls = _conv_cls(spatial_dims)
+        conv_cls = conv_class(spatial_dims)
         kernel = check_per_axis(kernel_size, "kernel_size", spatial_dims, 1)
         dil = check_per_axis(dilation, "dilation", spatial_dims, 1)
         pad = same_padding(kernel, dil) if padding is None else check_per_axis(padding, "padding", spatial_dims, 0)
@@ -138,7 +139,7 @@ class ConvNormAct(nn.Module):
     def run(self, x: torch.Tensor, residual: Optional[torch.Tensor], nonlin: nn.Module,
             skip: Optional[torch.Tensor] = None) -> torch.Tensor:
         """The block with the activation of ``nonlin`` (``ResidualBlock`` passes its final activation)."""
-        act, slope, prelu = _activation_of(nonlin)
+        act, slope, prelu = activation_of(nonlin)
         if prelu is not None:
             slope = prelu.weight
         conv = self.conv
@@ -248,7 +249,7 @@ class UpBlock(nn.Module):
             raise ValueError(f"num_convs must be a positive integer, got {num_convs!r}")
         up_channels = skip_channels if up_channels is None else up_channels
         up = check_per_axis(upsample_stride, "upsample_stride", spatial_dims, 1)
-        self.transpconv = _conv_cls(spatial_dims, transposed=True)(in_channels, up_channels, up, up, bias=bias,
+        self.transpconv = conv_class(spatial_dims, transposed=True)(in_channels, up_channels, up, up, bias=bias,
                                                                    device=device, dtype=dtype)
         common = dict(kernel_size=kernel_size, bias=bias, norm=norm, norm_kwargs=norm_kwargs, act=act,
                       act_kwargs=act_kwargs, dropout=dropout, implementation=implementation, device=device,

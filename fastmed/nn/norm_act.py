@@ -11,9 +11,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmed.ops.norm_act import _normalize_activation, norm_act
+from fastmed.ops.norm_act import canonical_activation, norm_act
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "activation_of"]
 
 
 class NormAct(nn.Module):
@@ -46,7 +46,7 @@ class NormAct(nn.Module):
         self.eps = eps
         self.momentum = momentum
         self.affine = affine
-        self.activation = _normalize_activation(activation)
+        self.activation = canonical_activation(activation)
         self.negative_slope = negative_slope
         if affine:
             self.weight = nn.Parameter(torch.ones(num_channels, **factory))
@@ -112,7 +112,7 @@ class NormAct(nn.Module):
             kind, channels, groups, track = "batch", norm.num_features, None, norm.track_running_stats
         else:
             raise TypeError(f"norm must be an InstanceNorm, GroupNorm or BatchNorm module, got {type(norm).__name__}")
-        activation, slope, prelu = _activation_of(act)
+        activation, slope, prelu = activation_of(act)
         out = cls(kind, channels, num_groups=groups, eps=norm.eps, momentum=getattr(norm, "momentum", 0.1),
                   affine=norm.weight is not None, track_running_stats=track, activation=activation,
                   negative_slope=slope, device=None)
@@ -125,7 +125,7 @@ class NormAct(nn.Module):
         return out
 
 
-def _activation_of(act: Optional[nn.Module]):
+def activation_of(act: Optional[nn.Module]):
     """(activation name, negative_slope, prelu module or None) for a torch activation module."""
     if act is None or isinstance(act, nn.Identity):
         return "identity", 0.01, None

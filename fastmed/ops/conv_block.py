@@ -29,12 +29,13 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
-from fastmed.ops import _eager
+from fastmed.ops import _direct
 from fastmed._validate import check_choice, check_per_axis, check_per_channel, check_same_device, check_tensor
 from fastmed.ops import _conv_block_choice
-from fastmed.ops.norm_act import _normalize_activation, check_norm_args, norm_act_call, update_running_stats
+from fastmed.ops.norm_act import canonical_activation, check_norm_args, norm_act_call, update_running_stats
 from fastmed.reference import conv_block as ref
 from fastmed.reference import norm_act as na_ref
+from fastmed._tensors import memory_format
 
 __all__ = ["conv_norm_act", "IMPLEMENTATIONS", "NORM_KINDS", "choose_implementation"]
 
@@ -51,22 +52,23 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+_FORWARD = _backend.Implementations("conv_block", "fastmed::conv_block_fwd",
+                                    triton="fastmed.kernels.conv_block:conv_block_forward",
+                                    reference=ref.conv_block_forward)
+_BACKWARD = _backend.Implementations("conv_block", "fastmed::conv_block_bwd",
+                                     triton="fastmed.kernels.conv_block:conv_block_backward",
+                                     reference=ref.conv_block_backward)
+
+
 @triton_op("fastmed::conv_block_fwd", mutates_args=())
 def _conv_block_fwd(x: Tensor, x2: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                     norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], residual: Optional[Tensor], slope: Optional[Tensor],
                     mean_in: Optional[Tensor], rstd_in: Optional[Tensor], stride: list[int], padding: list[int],
                     dilation: list[int], kind: str, num_groups: int, eps: float, activation: str,
                     negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.conv_block import conv_block_forward
-
-        y, conv_out, mean, rstd = conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope,
-                                                     mean_in, rstd_in, stride, padding, dilation, kind,
-                                                     num_groups, eps, activation, negative_slope)
-    else:
-        y, conv_out, mean, rstd = ref.conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual,
-                                                         slope, mean_in, rstd_in, stride, padding, dilation, kind,
-                                                         num_groups, eps, activation, negative_slope)
+    y, conv_out, mean, rstd = _FORWARD[backend](x, x2, weight, bias, norm_weight, norm_bias, residual, slope,
+                                                mean_in, rstd_in, stride, padding, dilation, kind, num_groups, eps,
+                                                activation, negative_slope)
     if mean_in is not None:  # outputs of a custom op may not alias its inputs
         mean, rstd = mean.clone(), rstd.clone()
     return y, conv_out, mean, rstd
@@ -78,16 +80,9 @@ def _conv_block_bwd(dy: Tensor, x: Tensor, x2: Optional[Tensor], weight: Tensor,
                     rstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], kind: str,
                     num_groups: int, activation: str, negative_slope: float, input_stats: bool, has_bias: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.conv_block import conv_block_backward
-
-        grads = conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd,
-                                    stride, padding, dilation, kind, num_groups, activation, negative_slope,
-                                    input_stats, has_bias)
-    else:
-        grads = ref.conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean,
-                                        rstd, stride, padding, dilation, kind, num_groups, activation,
-                                        negative_slope, input_stats, has_bias)
+    grads = _BACKWARD[backend](dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd,
+                               stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats,
+                               has_bias)
     return tuple(g if g is not None else _empty(x) for g in grads)
 
 
@@ -105,7 +100,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
     x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd = ctx.saved_tensors
     stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias, backend = ctx.args
-    dx, dx2, dw, db, dnw, dnb, dres, dslope = _eager.backward_op(ctx, _conv_block_bwd)(
+    dx, dx2, dw, db, dnw, dnb, dres, dslope = _direct.backward_op(ctx, _conv_block_bwd)(
         dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding, dilation,
         kind, num_groups, activation, negative_slope, input_stats, has_bias, backend)
     return (dx, dx2 if x2 is not None else None, dw, db if has_bias else None, dnw if norm_weight is not None else None,
@@ -114,7 +109,7 @@ def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
 
 
 _conv_block_fwd.register_autograd(_backward, setup_context=_setup_context)
-_ConvBlockEager = _eager.eager_function("_ConvBlockEager", _conv_block_fwd, _setup_context, _backward)
+_ConvBlockDirect = _direct.autograd_function("_ConvBlockDirect", _conv_block_fwd, _setup_context, _backward)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -129,7 +124,7 @@ def same_padding(kernel: Sequence[int], dilation: Sequence[int]) -> tuple[int, .
 def choose_implementation(x: Tensor, weight: Tensor, stride: Sequence[int]) -> str:
     """The ``auto`` choice for a CUDA/Triton run: the checked-in table entry, else its default."""
     key = (x.dim() - 2, str(x.dtype).replace("torch.", ""), x.shape[1], weight.shape[0], tuple(x.shape[2:]),
-           tuple(stride), tuple(weight.shape[2:]), ref.memory_format(x) != torch.contiguous_format)
+           tuple(stride), tuple(weight.shape[2:]), memory_format(x) != torch.contiguous_format)
     return _conv_block_choice.TABLE.get(key, _conv_block_choice.DEFAULT)
 
 
@@ -243,8 +238,8 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         y, mean, rstd = norm_act_call(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, norm,
                                       groups, float(eps), activation, slope_f, _backend.choose("norm_act", device))
     else:
-        y, _conv_out, mean, rstd = _eager.call(
-            _conv_block_fwd, _ConvBlockEager, x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
+        y, _conv_out, mean, rstd = _direct.call(
+            _conv_block_fwd, _ConvBlockDirect, x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
             list(padding_t), list(dilation_t), norm, groups, float(eps), activation, slope_f, backend)
     if norm == "batch" and training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)
@@ -267,7 +262,7 @@ def _autocast(x, weight, bias, skip):
 
 def _conv_act(x, weight, bias, stride, padding, dilation, activation, negative_slope, residual):
     """norm='none': the convolution, the residual and the activation in plain (autograd) torch."""
-    activation = _normalize_activation(activation)
+    activation = canonical_activation(activation)
     if activation == "prelu" and not isinstance(negative_slope, Tensor):
         raise TypeError("negative_slope must be the learned prelu slope tensor for activation='prelu', got "
                         f"{type(negative_slope).__name__}")

@@ -39,15 +39,32 @@ def _check_binary(x: Tensor, name: str) -> None:
                          f"mask); got a value {bad}. Threshold it first (e.g. {name} > 0.5).")
 
 
+def _reference_transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
+                         float64: bool) -> Tensor:
+    return ref.distance_transform(mask, spacing, spatial_dims=spatial_dims, squared=squared,
+                                  dtype=torch.float64 if float64 else torch.float32)
+
+
+def _extension_transform(entry: str):
+    def transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
+                  float64: bool) -> Tensor:
+        m = mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
+        return getattr(_ext.load(), entry)(m, spatial_dims, [] if spacing is None else list(spacing), squared,
+                                           float64)
+
+    return transform
+
+
+_TRANSFORM = _backend.Implementations("distance_transform", "fastmed::distance_transform",
+                                      cuda=_extension_transform("distance_transform_cuda"),
+                                      cpp=_extension_transform("distance_transform_cpu"),
+                                      reference=_reference_transform)
+
+
 def _transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool, float64: bool,
                backend: str) -> Tensor:
     """Distance transform of a bool/integer/binary-float mask on the given backend."""
-    if backend == "reference":
-        return ref.distance_transform(mask, spacing, spatial_dims=spatial_dims, squared=squared,
-                                      dtype=torch.float64 if float64 else torch.float32)
-    m = mask if mask.dtype in (torch.bool, torch.uint8) else mask != 0
-    fn = _ext.load().distance_transform_cuda if backend == "cuda" else _ext.load().distance_transform_cpu
-    return fn(m, spatial_dims, [] if spacing is None else list(spacing), squared, float64)
+    return _TRANSFORM[backend](mask, spacing, spatial_dims, squared, float64)
 
 
 @torch.library.custom_op("fastmed::distance_transform", mutates_args=())
@@ -63,16 +80,29 @@ def _(mask, spacing, spatial_dims, squared, float64):
     return mask.new_empty(mask.shape, dtype=torch.float64 if float64 else torch.float32)
 
 
+def _reference_signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool) -> Tensor:
+    return ref.signed_distance(onehot, spacing, dtype=torch.float64 if float64 else torch.float32)
+
+
+def _extension_signed(backend: str):
+    def signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool) -> Tensor:
+        spatial_dims = onehot.dim() - 2
+        d = _TRANSFORM[backend](torch.stack([~onehot, onehot]), spacing, spatial_dims, False, float64)
+        phi = torch.where(onehot, 1 - d[1], d[0])
+        flat = onehot.flatten(2)
+        has_boundary = (flat.any(-1) & ~flat.all(-1)).reshape(flat.shape[:2] + (1,) * spatial_dims)
+        return torch.where(has_boundary, phi, torch.zeros((), dtype=phi.dtype, device=phi.device))
+
+    return signed
+
+
+_SIGNED = _backend.Implementations("distance_transform", "fastmed::signed_distance", cuda=_extension_signed("cuda"),
+                                   cpp=_extension_signed("cpp"), reference=_reference_signed)
+
+
 def _signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool, backend: str) -> Tensor:
     """Kervadec maps of a bool (N, K, *spatial) one-hot tensor (see ref.signed_distance)."""
-    if backend == "reference":
-        return ref.signed_distance(onehot, spacing, dtype=torch.float64 if float64 else torch.float32)
-    spatial_dims = onehot.dim() - 2
-    d = _transform(torch.stack([~onehot, onehot]), spacing, spatial_dims, False, float64, backend)
-    phi = torch.where(onehot, 1 - d[1], d[0])
-    flat = onehot.flatten(2)
-    has_boundary = (flat.any(-1) & ~flat.all(-1)).reshape(flat.shape[:2] + (1,) * spatial_dims)
-    return torch.where(has_boundary, phi, torch.zeros((), dtype=phi.dtype, device=phi.device))
+    return _SIGNED[backend](onehot, spacing, float64)
 
 
 @torch.library.custom_op("fastmed::signed_distance", mutates_args=())

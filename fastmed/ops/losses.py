@@ -38,7 +38,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
-from fastmed.ops import _eager
+from fastmed.ops import _direct
 from fastmed._validate import check_choice, check_same_device, check_tensor
 from fastmed.reference import losses as ref
 
@@ -58,31 +58,32 @@ Weight = Union[Sequence[float], float, int, Tensor, None]
 # The fused op
 # ------------------------------------------------------------------------------------------------------------
 
+def _reference_stats(*args):
+    with torch.no_grad():
+        return ref.loss_stats(*args)
+
+
+_FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
+                                    triton="fastmed.kernels.losses:loss_stats_forward", reference=_reference_stats)
+_BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
+                                     triton="fastmed.kernels.losses:loss_stats_backward",
+                                     reference=ref.loss_stats_backward)
+
+
 @triton_op("fastmed::loss_stats", mutates_args=())
 def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int, label_mode: bool,
                    has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int, focal_mode: int,
                    focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
-    args = (logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode, focal_mode,
-            focal_c0, gamma, focal_pos)
-    if backend == "triton":
-        from fastmed.kernels.losses import loss_stats_forward
-
-        return loss_stats_forward(*args)
-    with torch.no_grad():
-        return ref.loss_stats(*args)
+    return _FORWARD[backend](logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
+                             focal_mode, focal_c0, gamma, focal_pos)
 
 
 @triton_op("fastmed::loss_stats_bwd", mutates_args=())
 def _loss_stats_bwd_op(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int,
                        label_mode: bool, has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int,
                        focal_mode: int, focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
-    args = (gstats, logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
-            focal_mode, focal_c0, gamma, focal_pos)
-    if backend == "triton":
-        from fastmed.kernels.losses import loss_stats_backward
-
-        return loss_stats_backward(*args)
-    return ref.loss_stats_backward(*args)
+    return _BACKWARD[backend](gstats, logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode,
+                              ce_mode, focal_mode, focal_c0, gamma, focal_pos)
 
 
 def _setup_context(ctx, inputs, output):
@@ -93,12 +94,12 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, gstats):
     logits, target, mask = ctx.saved_tensors
-    dlogits = _eager.backward_op(ctx, _loss_stats_bwd_op)(gstats, logits, target, mask, *ctx.args)
+    dlogits = _direct.backward_op(ctx, _loss_stats_bwd_op)(gstats, logits, target, mask, *ctx.args)
     return (dlogits,) + (None,) * 13
 
 
 _loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
-_LossStatsEager = _eager.eager_function("_LossStatsEager", _loss_stats_op, _setup_context, _backward)
+_LossStatsDirect = _direct.autograd_function("_LossStatsDirect", _loss_stats_op, _setup_context, _backward)
 
 
 class _Target(NamedTuple):
@@ -126,7 +127,7 @@ def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
     if tgt.target.requires_grad:
         return ref.loss_stats(logits, *args)
     backend = _backend.choose("losses", logits.device)
-    return _eager.call(_loss_stats_op, _LossStatsEager, logits, *args, backend)
+    return _direct.call(_loss_stats_op, _LossStatsDirect, logits, *args, backend)
 
 
 def _check_labels(stats: Tensor, tgt: _Target, C: int) -> None:

@@ -14,11 +14,12 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
-from fastmed.ops import _eager
+from fastmed.ops import _direct
+from fastmed._tensors import accumulation_dtype
 from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
 from fastmed.reference import norm_act as ref
 
-__all__ = ["norm_act", "check_norm_args", "update_running_stats", "KINDS", "ACTIVATIONS"]
+__all__ = ["norm_act", "canonical_activation", "check_norm_args", "update_running_stats", "KINDS", "ACTIVATIONS"]
 
 KINDS = ref.KINDS
 ACTIVATIONS = ref.ACTIVATIONS
@@ -33,21 +34,41 @@ def _empty(like: Tensor) -> Tensor:
     return like.new_empty(0)
 
 
+def _reference_forward(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+                       negative_slope):
+    return ref.norm_act_forward(x, kind, weight, bias, num_groups=num_groups, eps=eps, activation_name=activation,
+                                negative_slope=slope if activation == "prelu" else negative_slope,
+                                residual=residual, mean=mean_in, rstd=rstd_in)
+
+
+def _reference_backward(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
+                        negative_slope, input_stats):
+    return ref.norm_act_backward(dy, x, kind, weight, bias, residual, slope, mean, rstd, num_groups=num_groups,
+                                 activation_name=activation, negative_slope=negative_slope,
+                                 input_stats=input_stats, y=y)
+
+
+def _triton_backward(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
+                     negative_slope, input_stats):
+    from fastmed.kernels.norm_act import norm_act_backward  # recomputes from x: y is not needed
+
+    return norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
+                             negative_slope, input_stats)
+
+
+_FORWARD = _backend.Implementations("norm_act", "fastmed::norm_act_fwd",
+                                    triton="fastmed.kernels.norm_act:norm_act_forward", reference=_reference_forward)
+_BACKWARD = _backend.Implementations("norm_act", "fastmed::norm_act_bwd", triton=_triton_backward,
+                                     reference=_reference_backward)
+
+
 @triton_op("fastmed::norm_act_fwd", mutates_args=())
 def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                   slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float,
                   backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.norm_act import norm_act_forward
-
-        y, mean, rstd = norm_act_forward(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups,
-                                         eps, activation, negative_slope)
-    else:
-        y, mean, rstd = ref.norm_act_forward(x, kind, weight, bias, num_groups=num_groups, eps=eps,
-                                             activation_name=activation,
-                                             negative_slope=slope if activation == "prelu" else negative_slope,
-                                             residual=residual, mean=mean_in, rstd=rstd_in)
+    y, mean, rstd = _FORWARD[backend](x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps,
+                                      activation, negative_slope)
     if mean_in is not None:  # outputs of a custom op may not alias its inputs
         mean, rstd = mean.clone(), rstd.clone()
     return y, mean, rstd
@@ -58,15 +79,8 @@ def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[T
                   residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
                   num_groups: int, activation: str, negative_slope: float, input_stats: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.norm_act import norm_act_backward
-
-        grads = norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                                  negative_slope, input_stats)
-    else:
-        grads = ref.norm_act_backward(dy, x, kind, weight, bias, residual, slope, mean, rstd, num_groups=num_groups,
-                                      activation_name=activation, negative_slope=negative_slope,
-                                      input_stats=input_stats, y=y)
+    grads = _BACKWARD[backend](dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
+                               negative_slope, input_stats)
     # Absent gradients travel as empty tensors (custom ops return no None).
     return tuple(g if g is not None else _empty(x) for g in grads)
 
@@ -85,7 +99,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dy, _dmean, _drstd):
     x, y, weight, bias, residual, slope, mean, rstd = ctx.saved_tensors
     kind, num_groups, activation, negative_slope, input_stats, backend = ctx.args
-    dx, dw, db, dres, dslope = _eager.backward_op(ctx, _norm_act_bwd)(
+    dx, dw, db, dres, dslope = _direct.backward_op(ctx, _norm_act_bwd)(
         dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
         input_stats, backend)
     return (dx, dw if weight is not None else None, db if bias is not None else None,
@@ -94,15 +108,16 @@ def _backward(ctx, dy, _dmean, _drstd):
 
 
 _norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
-_NormActEager = _eager.eager_function("_NormActEager", _norm_act_fwd, _setup_context, _backward)
+_NormActDirect = _direct.autograd_function("_NormActDirect", _norm_act_fwd, _setup_context, _backward)
 
 
 def norm_act_call(*op_args) -> tuple[Tensor, Tensor, Tensor]:
-    """``fastmed::norm_act_fwd(*op_args)`` with its autograd, through the eager fast path outside torch.compile."""
-    return _eager.call(_norm_act_fwd, _NormActEager, *op_args)
+    """``fastmed::norm_act_fwd(*op_args)`` with its autograd, through the direct path outside torch.compile."""
+    return _direct.call(_norm_act_fwd, _NormActDirect, *op_args)
 
 
-def _normalize_activation(activation) -> str:
+def canonical_activation(activation) -> str:
+    """The canonical activation name (one of ``ACTIVATIONS``) for a name or MONAI-style alias; None -> identity."""
     if activation is None:
         return "identity"
     if not isinstance(activation, str):
@@ -127,7 +142,7 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
                     running_mean, running_var, training, kind_arg: str = "kind", what: str = "x") -> NormArgs:
     """Checks the normalization arguments for an ``(N, C, *spatial)`` tensor ``what`` of ``shape``; shared by
     :func:`norm_act` and the convolution blocks (``kind_arg="norm"``, ``what="the convolution output"``)."""
-    activation = _normalize_activation(activation)
+    activation = canonical_activation(activation)
     C = shape[1]
     if kind == "group":
         if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
@@ -166,7 +181,7 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     if kind == "batch" and not training:
         if running_mean is None:
             raise ValueError(f"{kind_arg}='batch' with training=False needs running_mean and running_var")
-        mean_in = running_mean.detach().to(ref.stats_dtype(dtype))
+        mean_in = running_mean.detach().to(accumulation_dtype(dtype))
         rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
     count = math.prod(shape) // C
     if kind == "batch" and training and count <= 1:

@@ -17,7 +17,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
-from fastmed.ops import _eager
+from fastmed.ops import _direct
 from fastmed._validate import check_choice, check_per_axis, check_same_device, check_tensor
 from fastmed.reference import window_attention as ref
 
@@ -31,15 +31,28 @@ _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
 
 
+def _reference_backward(dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale, table_window,
+                        bias_coords):
+    # The reference recomputes the attention from qkv: out and lse are not needed.
+    return ref.window_attention_backward(dout, qkv, table, qkv_pad, num_heads, window, shift, scale, table_window,
+                                         bias_coords)
+
+
+_ATTENTION = _backend.Implementations("attention", "fastmed.ops.attention",
+                                      reference=F.scaled_dot_product_attention)
+_FORWARD = _backend.Implementations("window_attention", "fastmed::window_attention_fwd",
+                                    triton="fastmed.kernels.window_attention:window_attention_forward",
+                                    reference=ref.window_attention_forward)
+_BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attention_bwd",
+                                     triton="fastmed.kernels.window_attention:window_attention_backward",
+                                     reference=_reference_backward)
+
+
 @triton_op("fastmed::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
                           window: list[int], shift: list[int], scale: float, table_window: list[int],
                           bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.window_attention import window_attention_forward as forward
-    else:
-        forward = ref.window_attention_forward
-    return forward(qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords)
+    return _FORWARD[backend](qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords)
 
 
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
@@ -47,14 +60,8 @@ def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, t
                           qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
                           scale: float, table_window: list[int], bias_coords: list[int],
                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    if backend == "triton":
-        from fastmed.kernels.window_attention import window_attention_backward
-
-        dqkv, dtable, dpad = window_attention_backward(dout, qkv, out, lse, table, qkv_pad, num_heads, window,
-                                                       shift, scale, table_window, bias_coords)
-    else:
-        dqkv, dtable, dpad = ref.window_attention_backward(dout, qkv, table, qkv_pad, num_heads, window, shift,
-                                                           scale, table_window, bias_coords)
+    dqkv, dtable, dpad = _BACKWARD[backend](dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale,
+                                            table_window, bias_coords)
     # Absent gradients travel as empty tensors (custom ops return no None).
     return (dqkv, dtable if dtable is not None else qkv.new_empty(0),
             dpad if dpad is not None else qkv.new_empty(0))
@@ -70,14 +77,14 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, table, qkv_pad = ctx.saved_tensors
     num_heads, window, shift, scale, table_window, bias_coords, backend = ctx.args
-    dqkv, dtable, dpad = _eager.backward_op(ctx, _window_attention_bwd)(
+    dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
         dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords, backend)
     return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None,
             None, None, None, None, None, None, None)
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
-_WindowAttentionEager = _eager.eager_function("_WindowAttentionEager", _window_attention_fwd, _setup_context,
+_WindowAttentionDirect = _direct.autograd_function("_WindowAttentionDirect", _window_attention_fwd, _setup_context,
                                               _backward)
 
 
@@ -175,7 +182,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     bias_coords = win3 if bias_index == "coords" else table_window
 
     backend = _backend.choose("window_attention", device)
-    out, _ = _eager.call(_window_attention_fwd, _WindowAttentionEager, x5, rel_pos_bias_table, qkv_pad, heads,
+    out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, x5, rel_pos_bias_table, qkv_pad, heads,
                          win3, shift3, float(scale), table_window, bias_coords, backend)
     return out.squeeze(1) if nd == 2 else out
 
@@ -214,5 +221,5 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
     if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
         raise ValueError(f"scale must be a number or None, got {scale!r}")
     device = check_same_device(q=q, k=k, v=v, bias=bias)
-    _backend.choose("attention", device)  # raises if a forced backend cannot run attention
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)
+    backend = _backend.choose("attention", device)  # raises if a forced backend cannot run attention
+    return _ATTENTION[backend](q, k, v, attn_mask=bias, scale=scale)

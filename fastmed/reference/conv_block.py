@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmed.reference import norm_act as na
+from fastmed._tensors import accumulation_dtype, memory_format
 
 NORM_KINDS = ("instance", "group", "batch", "none")
 
@@ -51,13 +52,6 @@ def conv_input_grad(x_shape, weight: torch.Tensor, dout: torch.Tensor, stride, p
     return fn(x_shape, weight, dout, tuple(stride), tuple(padding), tuple(dilation))
 
 
-def memory_format(t: torch.Tensor) -> torch.memory_format:
-    """channels_last(_3d) when t is stored channels-last (and not also plain contiguous), else contiguous."""
-    fmt = torch.channels_last_3d if t.dim() == 5 else torch.channels_last
-    if t.dim() in (4, 5) and t.is_contiguous(memory_format=fmt) and not t.is_contiguous():
-        return fmt
-    return torch.contiguous_format
-
 
 def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
                        padding, dilation, kind, num_groups, eps, activation, negative_slope):
@@ -87,7 +81,7 @@ def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, res
     dconv, dnw, dnb, dres, dslope = na.norm_act_backward(
         dy, conv_out, kind, norm_weight, norm_bias, residual, slope, mean, rstd, num_groups=num_groups,
         activation_name=activation, negative_slope=negative_slope, input_stats=input_stats)
-    acc = na.stats_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     xin = x if x2 is None else torch.cat([x, x2], 1)
     dxin = conv_input_grad(xin.shape, weight, dconv, stride, padding, dilation).to(x.dtype)
     if x2 is None:
@@ -116,7 +110,7 @@ def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=No
     expand = (lambda v: (v,) * sd if isinstance(v, int) else tuple(v))
     conv_out = conv_nd(x, weight, bias, expand(stride), expand(padding), expand(dilation))
     if norm == "none":
-        acc = na.stats_dtype(x.dtype)
+        acc = accumulation_dtype(x.dtype)
         z = conv_out.to(acc)
         if residual is not None:
             z = z + residual.to(acc)

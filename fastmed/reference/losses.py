@@ -37,6 +37,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from fastmed._tensors import accumulation_dtype
 
 SLOTS = ("intersect", "pred", "ground", "diff", "nll", "logsum", "focal", "focal_pos", "count", "bad")
 K = len(SLOTS)
@@ -47,10 +48,6 @@ POW_OFF, POW_LINEAR, POW_SQUARE, POW_ABS = 0, 1, 2, 3
 CE_OFF, CE_SOFTMAX, CE_SOFTMAX_SMOOTH, CE_BCE = 0, 1, 2, 3
 FOCAL_OFF, FOCAL_SIGMOID, FOCAL_SOFTMAX = 0, 1, 2
 FPOS_OFF, FPOS_LINEAR, FPOS_HARD = 0, 1, 2
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -105,7 +102,7 @@ def loss_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int,
     ignore mask of a dense target.  Differentiable with respect to ``logits`` (and a dense ``target``).
     """
     B, C = logits.shape[:2]
-    acc = stats_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     z = logits.reshape(B, C, -1).to(acc)
     S = z.shape[2]
     g, m, bad = _targets(target, mask, B, C, S, acc, label_mode, has_ignore, ignore_index)
@@ -153,7 +150,7 @@ def loss_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Op
     Returns a tensor shaped like ``logits``, in its dtype and memory format.
     """
     B, C = logits.shape[:2]
-    acc = stats_dtype(logits.dtype)
+    acc = accumulation_dtype(logits.dtype)
     z = logits.reshape(B, C, -1).to(acc)
     S = z.shape[2]
     g, m, _ = _targets(target, mask, B, C, S, acc, label_mode, has_ignore, ignore_index)

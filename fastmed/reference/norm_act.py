@@ -15,6 +15,7 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from fastmed._tensors import accumulation_dtype, memory_format
 
 KINDS = ("instance", "group", "batch")
 ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "prelu")
@@ -22,11 +23,6 @@ ACTIVATIONS = ("identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "p
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2 = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
-
-
-def stats_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Statistics and accumulation dtype for an input dtype: float64 stays, the rest use float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def num_stat_groups(kind: str, channels: int, num_groups: Optional[int]) -> int:
@@ -100,7 +96,7 @@ def activation_grad(z: torch.Tensor, act: str, negative_slope=0.01) -> torch.Ten
 
 def compute_stats(x: torch.Tensor, kind: str, num_groups: Optional[int], eps: float):
     """Biased mean and 1/sqrt(var + eps) in the stats dtype: (N*G,) or (C,) for batch norm."""
-    acc = stats_dtype(x.dtype)
+    acc = accumulation_dtype(x.dtype)
     n, c = x.shape[:2]
     xf = x.to(acc)
     if kind == "batch":
@@ -152,7 +148,7 @@ def norm_act_forward(x, kind, weight=None, bias=None, *, num_groups=None, eps=1e
     (batch norm in eval mode) are used instead of input statistics.
     """
     orig = x.dtype
-    acc = stats_dtype(orig)
+    acc = accumulation_dtype(orig)
     xf = x.to(acc)
     w = weight.to(acc) if weight is not None else None
     b = bias.to(acc) if bias is not None else None
@@ -170,16 +166,6 @@ def norm_act_forward(x, kind, weight=None, bias=None, *, num_groups=None, eps=1e
     y = apply_activation_(z, activation_name, slope).to(orig)
     return y, mean, rstd
 
-
-def memory_format_of(x: torch.Tensor) -> torch.memory_format:
-    """The memory format torch's kernels would pick for x (channels-last when x is laid out so)."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
 
 
 def keeps_sign(activation_name: str, negative_slope) -> bool:
@@ -219,7 +205,7 @@ def norm_act_backward(dy, x, kind, weight, bias, residual, prelu_weight, mean, r
         dprelu = (neg.sum(red) if prelu_weight.numel() > 1 else neg.sum().reshape(1)).to(prelu_weight.dtype)
     mask = [True, weight is not None, bias is not None]
     # torch's native backward kernels assume dY and X share one memory format (autograd arranges that).
-    fmt = memory_format_of(x)
+    fmt = memory_format(x)
     g, xf = g.contiguous(memory_format=fmt), xf.contiguous(memory_format=fmt)
     if kind == "batch":
         # training: the saved batch statistics; eval (input_stats=False): constant statistics, which the
@@ -245,7 +231,7 @@ def norm_act_reference(x, kind, weight=None, bias=None, *, num_groups=None, eps=
     Mutates running_mean/running_var exactly like ``F.batch_norm`` for ``kind="batch"``.
     """
     orig = x.dtype
-    acc = stats_dtype(orig)
+    acc = accumulation_dtype(orig)
     xf = x.to(acc)
     w = weight.to(acc) if weight is not None else None
     b = bias.to(acc) if bias is not None else None

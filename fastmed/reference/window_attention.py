@@ -23,6 +23,7 @@ from typing import Optional, Sequence
 
 import torch
 from torch import Tensor
+from fastmed._tensors import accumulation_dtype
 
 MASK_VALUE = -100.0  # the constant timm / Swin-Unet / MONAI add between tokens of different shift regions
 
@@ -108,10 +109,6 @@ def _window_regions(grid: Sequence[int], window: Sequence[int], shift: Sequence[
     return window_partition(rid[None, ..., None], window).squeeze(-1)
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _scores(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], mask: Optional[Tensor], batch: int) -> Tensor:
     """q, k: (B*nW, h, N, d) -> scores (B*nW, h, N, N) with bias (h, N, N) and mask (nW, N, N)."""
     s = (q * scale) @ k.transpose(-2, -1)
@@ -177,7 +174,7 @@ def window_attention_forward(qkv: Tensor, table: Optional[Tensor], qkv_pad: Opti
     The grid is padded up to a multiple of ``window`` with ``qkv_pad`` tokens (:func:`pad_grid`) and cropped back.
     Computes in float32 (float64 for float64 inputs); ``out`` has ``qkv``'s dtype, ``lse`` the compute dtype.
     """
-    acc = _acc_dtype(qkv.dtype)
+    acc = accumulation_dtype(qkv.dtype)
     grid = tuple(qkv.shape[1:4])
     x = pad_grid(qkv.to(acc), window, qkv_pad)
     padded = tuple(x.shape[1:4])
@@ -196,7 +193,7 @@ def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor]
                               ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None, dqkv_pad (3C,) or None)`` by the explicit
     softmax backward on the padded grid."""
-    acc = _acc_dtype(qkv.dtype)
+    acc = accumulation_dtype(qkv.dtype)
     grid = tuple(qkv.shape[1:4])
     x = pad_grid(qkv.to(acc), window, qkv_pad)
     padded = tuple(x.shape[1:4])
@@ -266,7 +263,7 @@ def window_attention_eager(qkv: Tensor, num_heads: int, window_size: Sequence[in
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None,
                         scale: Optional[float] = None) -> Tensor:
     """Global attention ``softmax(q k^T * scale + bias) v`` written out: q ``(B, h, Lq, d)``, k/v ``(B, h, Lk, d)``."""
-    acc = _acc_dtype(q.dtype)
+    acc = accumulation_dtype(q.dtype)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     s = (q.to(acc) * scale) @ k.to(acc).transpose(-2, -1)
     if bias is not None:

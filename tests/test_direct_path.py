@@ -1,4 +1,4 @@
-"""The eager fast path (fastmed/ops/_eager.py) against the registered torch.library ops.
+"""The direct path (fastmed/ops/_direct.py) against the registered torch.library ops.
 
 Outside torch.compile every fused op runs its registered body through a plain autograd.Function; forcing the route
 through the registered op (what torch.compile traces) must give bit-identical values and gradients, for every op and
@@ -9,11 +9,11 @@ import torch
 
 import fastmed
 from conftest import triton_device
-from fastmed.ops import _eager
+from fastmed.ops import _direct
 
 
 def _through_registered_ops(monkeypatch):
-    monkeypatch.setattr(_eager, "call", lambda op, eager_fn, *inputs: op(*inputs))
+    monkeypatch.setattr(_direct, "call", lambda op, function, *inputs: op(*inputs))
 
 
 def _norm_act(device, dtype):
@@ -54,10 +54,10 @@ CASES = {"norm_act": _norm_act, "conv_cudnn": _conv("cudnn"), "conv_implicit_gem
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_eager_path_equals_registered_op(name, backend, monkeypatch):
+def test_direct_path_equals_registered_op(name, backend, monkeypatch):
     device = triton_device() if backend == "triton" else "cpu"
     results = []
-    for route in ("eager", "op"):
+    for route in ("direct", "op"):
         if route == "op":
             _through_registered_ops(monkeypatch)
         leaves, fn = CASES[name](device, torch.float32)
