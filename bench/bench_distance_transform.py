@@ -1,7 +1,7 @@
 """Benchmark: fastmed.ops.distance_transform vs scipy vs the `edt` package (CPU), vs cupy looped (GPU).
 
     python bench/bench_distance_transform.py --quick          # CPU smoke test (64^3)
-    python bench/bench_distance_transform.py --device cpu     # 128^3 blobs (~13% foreground), 2x14 batch; 1 and 2 threads
+    python bench/bench_distance_transform.py --device cpu     # 128^3 blobs (~13% fg), 2x14 batch; 1 and 2 threads
     python bench/bench_distance_transform.py                  # GPU: (2, 14, 128^3) and (24, 9, 224^2) vs cupy looped
 
 There is no eager / torch.compile composition of an exact EDT in torch to compare with; the peers are scipy
@@ -44,13 +44,15 @@ def cpu_cases(bench, n, batch):
             t = torch.from_numpy(m)
             flat = m.reshape((-1,) + m.shape[-3:])
             common = dict(case=label, dtype=torch.float32, shape=m.shape, extra={"threads": threads})
-            bench.run(name="fastmed", fn=lambda: distance_transform(t), **common)
+            bench.run(name="fastmed", fn=lambda t=t: distance_transform(t), **common)
             if threads == 1:
-                bench.run(name="scipy", fn=lambda: [ndi.distance_transform_edt(x) for x in flat], **common)
+                bench.run(name="scipy", fn=lambda flat=flat: [ndi.distance_transform_edt(x) for x in flat],
+                          **common)
             if has_edt:
                 import edt
 
-                bench.run(name="edt", fn=lambda: [edt.edt(x, parallel=threads) for x in flat], **common)
+                bench.run(name="edt", fn=lambda flat=flat, threads=threads: [edt.edt(x, parallel=threads)
+                                                                             for x in flat], **common)
             for peer in ("scipy", "edt"):  # scipy is single-threaded: timed once, at t=1
                 r = bench.ratios(label, peer)
                 if r:
@@ -67,12 +69,13 @@ def gpu_cases(bench):
         m = torch.from_numpy(np.stack([blobs(shape[-sd:], s) for s in range(shape[0] * shape[1])]).reshape(shape))
         mc = m.cuda()
         case = "x".join(map(str, shape))
-        bench.run(name="fastmed", fn=lambda: distance_transform(mc, spatial_dims=sd), case=case,
+        bench.run(name="fastmed", fn=lambda mc=mc, sd=sd: distance_transform(mc, spatial_dims=sd), case=case,
                   dtype=torch.float32, shape=shape)
         if cupy is not None:
             flat = cupy.asarray(m.reshape((-1,) + shape[-sd:]).numpy())
-            bench.run(name="cupy-looped", fn=lambda: [cndi.distance_transform_edt(x, float64_distances=False)
-                                                      for x in flat], case=case, dtype=torch.float32, shape=shape)
+            bench.run(name="cupy-looped", fn=lambda flat=flat: [cndi.distance_transform_edt(x, float64_distances=False)
+                                                                for x in flat],
+                      case=case, dtype=torch.float32, shape=shape)
             r = bench.ratios(case, "cupy-looped")
             if r:
                 print(f"    fastmed vs cupy looped: {r:.2f}x")

@@ -1,9 +1,8 @@
 // A tiny CUDA kernel that proves the CUDA part of fastmed._C was built and can launch.
 //
-// Convention for csrc/*.cu: plain CUDA (kernels + a launcher taking raw pointers and a cudaStream_t), no torch
-// headers.  The torch glue (device guard, current stream, TORCH_CHECK) lives in the .cpp files under
-// FASTMED_WITH_CUDA.  This keeps every .cu compilable by nvcc alone, which CI checks for sm_90 on machines whose
-// torch is a CPU build (CPU wheels lack the generated c10/cuda headers).
+// Plain CUDA (a kernel and a launcher taking a raw pointer and a cudaStream_t), no torch headers; its torch glue
+// (device guard, current stream, TORCH_CHECK) is cuda_selftest() in fastmed_ext.cpp.  Other .cu files may use torch
+// and c10/cuda headers (not ATen/cuda/*): see "Compiled extension" in ARCHITECTURE.md.
 #include <cuda_runtime.h>
 
 #include <cstdint>

@@ -1,9 +1,12 @@
-// Per-line steps of the CUDA distance transform (csrc/distance_transform.cu), one call per thread.
+// Per-line steps of the CUDA distance transform (csrc/distance_transform_cuda.cu), one call per thread, and the
+// plan that bounds its scratch memory.
 //
-// They are __host__ __device__ and depend on nothing but the C++ standard library, so the CPU test suite compiles
-// them with nvcc into a host program and checks them against scipy (tests/test_distance_transform.py) without a GPU.
+// They depend on nothing but the C++ standard library, so the CPU test suite compiles them with nvcc into a host
+// program that replays the kernels' index mapping and chunking, and checks it against scipy
+// (tests/test_distance_transform.py) without a GPU.
 #pragma once
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -14,6 +17,17 @@
 #endif
 
 namespace fastmed {
+
+// Scratch budget of an envelope pass, in entries (an entry is an int32 root and its W value): one launch covers
+// at most this many entries' worth of lines, so the scratch is at most 64 Mi * 12 bytes = 768 MiB whatever the
+// size of the batch (it used to be one entry per voxel: 8-12 bytes a voxel).
+constexpr int64_t kDtScratchEntries = int64_t(1) << 26;
+
+// Lines of length n handled by one envelope launch when `lines` lines are to be done within `budget` entries of
+// scratch (n entries a line): at least one line, at most all of them.
+inline int64_t dt_lines_per_launch(int64_t lines, int64_t n, int64_t budget) {
+  return std::max<int64_t>(1, std::min<int64_t>(lines, budget / std::max<int64_t>(n, 1)));
+}
 
 template <typename O>
 FASTMED_HD O dt_finish(double d2, bool take_sqrt) {

@@ -1,7 +1,8 @@
 // fastmed._C: the optional compiled extension (pybind11 through torch's extension tooling).
 //
-// Each op family adds its own csrc/<op>.cpp (CPU) and csrc/<op>.cu (CUDA) and registers its
-// functions from the init hooks declared in csrc/fastmed_ext.h.  This file owns the module.
+// This file owns the module: build_info(), num_threads(), and the bindings of every op family.  An op family adds
+// csrc/<op>_cpu.cpp (CPU) and csrc/<op>_cuda.cu (CUDA, compiled only with FASTMED_WITH_CUDA), declares its entry
+// points in csrc/fastmed_ext.h, and binds them in PYBIND11_MODULE below.
 #include <torch/extension.h>
 
 #include "fastmed_ext.h"

@@ -12,7 +12,7 @@
 
 namespace fastmed {
 
-// csrc/distance_transform.cpp: exact Euclidean distance transform of the last `spatial_dims` dims of a uint8/bool
+// csrc/distance_transform_cpu.cpp: exact Euclidean distance transform of the last `spatial_dims` dims of a uint8/bool
 // mask (nonzero = foreground); spacing empty (unit) or one entry per spatial dim; float32 or float64 result.
 torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims, std::vector<double> spacing,
                                      bool squared, bool float64);
@@ -21,7 +21,7 @@ torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)
 cudaError_t launch_iota(int32_t* out, int64_t n, cudaStream_t stream);
 int cuda_runtime_version_number();
-// csrc/distance_transform.cu: the same transform for CUDA tensors, one launch per axis for the whole batch.
+// csrc/distance_transform_cuda.cu: the same transform for CUDA tensors, one launch per axis for the whole batch.
 torch::Tensor distance_transform_cuda(const torch::Tensor& mask, int64_t spatial_dims, std::vector<double> spacing,
                                       bool squared, bool float64);
 #endif

@@ -8,12 +8,10 @@
         ...
     print(fastmed.info())                                        # what runs here, and why
 """
+from fastmed import convert, metrics, models, nn, ops, reference  # noqa: F401  (ops registers the ops)
 from fastmed._backend import BackendUnavailableError, use_backend
-from fastmed import ops, nn, reference  # noqa: F401  (registers the ops)
-from fastmed import convert, metrics, models  # noqa: F401
+from fastmed._version import __version__
 from fastmed.patch import patch  # noqa: F401  (fastmed.patch(model))
-
-__version__ = "0.1.0"
 
 __all__ = ["ops", "nn", "models", "metrics", "convert", "reference", "patch", "use_backend",
            "BackendUnavailableError", "info", "__version__"]

@@ -25,10 +25,11 @@ class _MissingExtension:
                            f"({self._error}); {BUILD_HINT}")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load() -> tuple[Any, str | None]:
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
+
         from fastmed import _C  # type: ignore[attr-defined]
     except Exception as exc:
         return _MissingExtension(str(exc)), f"{type(exc).__name__}: {exc}"

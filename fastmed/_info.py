@@ -6,12 +6,13 @@ import platform
 import torch
 
 from fastmed import _backend, _ext
+from fastmed._version import __version__
 
 
 def versions() -> dict:
     cudnn = torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None
     out = {
-        "fastmed": __import__("fastmed").__version__,
+        "fastmed": __version__,
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": _backend.triton_version() or f"unavailable ({_backend.triton_import_error()})",

@@ -4,6 +4,9 @@
   a GPU machine the Triton kernels run natively) or the caller set it.  Under the interpreter the
   Triton backend runs on CPU tensors when forced (``fastmed.use_backend("triton")``).
 * ``gpu`` marks tests that need CUDA; they are skipped here with that reason.
+* ``ext`` marks tests (or parameters, e.g. the ``cpp`` backend) that need the compiled extension ``fastmed._C``.
+  Without it they are skipped, unless ``FASTMED_REQUIRE_EXT=1`` (CI sets it where a C++ compiler is present):
+  then they fail, so a build that silently lost the extension cannot pass.
 * hypothesis: a ``ci`` profile (no deadline, few examples, derandomized) is the default.
 """
 import os
@@ -34,6 +37,7 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+REQUIRE_EXT = os.environ.get("FASTMED_REQUIRE_EXT", "0") not in ("", "0")
 
 
 def pytest_configure(config):
@@ -41,6 +45,8 @@ def pytest_configure(config):
     # third-party import-time noise (libcst via hypothesis' plugins)
     config.addinivalue_line("filterwarnings", "ignore::DeprecationWarning:libcst.*")
     config.addinivalue_line("markers", "slow: long-running test")
+    config.addinivalue_line("markers", "ext: needs the compiled extension fastmed._C (fails instead of skipping "
+                                       "under FASTMED_REQUIRE_EXT=1)")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -50,6 +56,20 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("ext") is None:
+        return
+    from fastmed import _ext
+
+    info = _ext.extension_info()
+    if info["built"]:
+        return
+    reason = f"needs the compiled extension fastmed._C, which is not built ({info['error']})"
+    if REQUIRE_EXT:
+        pytest.fail(f"{reason}; FASTMED_REQUIRE_EXT=1 says it must be", pytrace=False)
+    pytest.skip(reason)
 
 
 def triton_device() -> str:
@@ -62,7 +82,7 @@ def tdevice() -> str:
     return triton_device()
 
 
-# Tolerances per dtype (STYLE.md): compare against the reference upcast.
+# Tolerances per dtype ("Numerics" in ARCHITECTURE.md): compare against the reference upcast.
 TOL = {
     torch.float64: dict(atol=1e-9, rtol=1e-7),
     torch.float32: dict(atol=1e-4, rtol=1e-4),
@@ -79,3 +99,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def assert_within_ulps(got, want, ulps: int = 1, scale=None) -> None:
+    """``got`` equals ``want`` to within ``ulps`` units in the last place of their floating-point dtype, elementwise
+    (numpy arrays or CPU tensors of the same float dtype; infinities and NaNs must match exactly).  ``scale``
+    (default ``want``): the values whose ulp is the unit, for results derived from a rounded value of another
+    magnitude (``1 - d`` inherits the ulp of ``d``).
+
+    For results of vectorized math (torch's float64 ``sqrt`` is not correctly rounded on AVX-512): bit-equality with
+    an oracle would pass on one CPU and fail on the next."""
+    import numpy as np
+
+    got, want = np.asarray(got), np.asarray(want)
+    assert got.dtype == want.dtype and got.dtype.kind == "f", (got.dtype, want.dtype)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    special = ~np.isfinite(want)
+    np.testing.assert_array_equal(got[special], want[special])
+    finite = ~special
+    scale = want if scale is None else np.broadcast_to(np.asarray(scale, dtype=want.dtype), want.shape)
+    err = np.abs(got[finite].astype(np.float64) - want[finite].astype(np.float64))
+    tol = ulps * np.spacing(np.abs(scale[finite])).astype(np.float64)
+    bad = err > tol
+    assert not bad.any(), (f"{int(bad.sum())} of {bad.size} values differ by more than {ulps} ulp; first: got "
+                           f"{got[finite][bad][0]!r}, want {want[finite][bad][0]!r}")

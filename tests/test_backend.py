@@ -9,6 +9,8 @@ import torch
 import fastmed
 from fastmed import _backend, _ext
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def test_auto_picks_reference_on_cpu():
     assert _backend.choose("norm_act", torch.device("cpu")) == "reference"
@@ -79,9 +81,9 @@ def test_extension_info_is_consistent():
 def test_missing_extension_stub_says_how_to_build():
     stub = _ext._MissingExtension("ImportError: no module named fastmed._C")
     with pytest.raises(RuntimeError, match="pip install --no-build-isolation"):
-        stub.edt_cpu
+        _ = stub.edt_cpu
     with pytest.raises(AttributeError):
-        stub.__wrapped__
+        _ = stub.__wrapped__
 
 
 @pytest.mark.gpu
@@ -91,6 +93,45 @@ def test_cuda_part_of_extension_runs():
         pytest.fail("fastmed._C was built without its CUDA part on a CUDA machine: " + str(info))
     out = _ext.load().cuda_selftest(1000)
     assert out.is_cuda and torch.equal(out.cpu(), torch.arange(1000, dtype=torch.int32))
+
+
+@pytest.mark.ext
+def test_auto_runs_the_compiled_distance_transform_on_cpu():
+    """With fastmed._C built, auto picks it for CPU tensors (under FASTMED_REQUIRE_EXT=1 a missing build fails)."""
+    assert _ext.extension_info()["built"]
+    assert _backend.choose("distance_transform", torch.device("cpu")) == "cpp"
+
+
+def test_extension_sources_have_distinct_stems():
+    """csrc/x.cpp and csrc/x.cu both compile to x.o: ninja refused ('multiple rules generate .../x.o'), plain
+    setuptools overwrote one object with the other (setup.py refuses such a tree too)."""
+    csrc = os.path.join(ROOT, "csrc")
+    stems = [os.path.splitext(f)[0] for f in os.listdir(csrc) if f.endswith((".cpp", ".cu"))]
+    assert stems and len(stems) == len(set(stems)), sorted(stems)
+
+
+def test_one_source_for_the_version():
+    tomllib = pytest.importorskip("tomllib")
+    from importlib import metadata
+
+    from fastmed import _version
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as fh:
+        project = tomllib.load(fh)
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "fastmed._version.__version__"}
+    assert fastmed.__version__ == _version.__version__
+    assert metadata.version("fastmed") == fastmed.__version__  # what the installed metadata says
+
+
+def test_ci_runs_the_readme_test_command_verbatim():
+    with open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8") as fh:
+        ci = fh.read()
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as fh:
+        readme = fh.read()
+    begin, end = "# --- begin README test command (keep identical to README.md) ---\n", "# --- end README test command"
+    command = ci[ci.index(begin) + len(begin):ci.index(end)].strip()
+    assert command.endswith("python -m pytest tests -q") and f"```bash\n{command}\n```" in readme, command
 
 
 def test_implementation_tables_cover_exactly_the_registered_backends():

@@ -45,6 +45,52 @@ def test_against_monai(shape, spacing, include_background):
                                        equal_nan=True)
 
 
+@pytest.mark.parametrize("shape,spacing", CASES)
+@pytest.mark.parametrize("include_background", [True, False])
+def test_single_channel_against_monai(shape, spacing, include_background):
+    """(B, 1, *spatial) binary masks (one structure, the common HD95 case): MONAI keeps the only channel even with
+    include_background=False (fastmed dropped it: HD95 raised, the others returned (B, 0))."""
+    g = torch.Generator().manual_seed(11)
+    p = (torch.rand((4, 1) + shape, generator=g) > 0.5).float()
+    y = (torch.rand((4, 1) + shape, generator=g) > 0.4).float()
+    p[0], y[1], p[2], y[2] = 0, 0, 0, 0  # empty prediction, empty target, both empty
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = dice(p, y, include_background)
+        assert got.shape == (4, 1)
+        torch.testing.assert_close(got, compute_dice(p, y, include_background), equal_nan=True)
+        for percentile in (None, 95):
+            got = hausdorff_distance(p, y, include_background, percentile, spacing=spacing)
+            want = compute_hausdorff_distance(p, y, include_background, percentile=percentile, spacing=spacing)
+            assert got.shape == (4, 1)
+            torch.testing.assert_close(got, want, equal_nan=True, rtol=1e-5, atol=1e-5)
+        got = surface_dice(p, y, 1.5, include_background, spacing)
+        assert got.shape == (4, 1)
+        torch.testing.assert_close(got, compute_surface_dice(p, y, [1.5], include_background, spacing=spacing),
+                                   equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(9, 11), (5, 6, 7)])
+def test_per_item_spacing_against_monai(shape):
+    """spacing with one entry per batch item (MONAI accepts it): each item's distances use its own spacing."""
+    p, y = _pairs(shape, seed=7)
+    nd = len(shape)
+    per_item = [[1.0] * nd, [2.0, 0.5, 1.25][:nd], [1.0] * nd, [0.3, 3.0, 0.9][:nd]]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for percentile in (None, 95):
+            want = compute_hausdorff_distance(p, y, percentile=percentile, spacing=per_item)
+            for spacing in (per_item, torch.tensor(per_item)):
+                torch.testing.assert_close(hausdorff_distance(p, y, percentile=percentile, spacing=spacing), want,
+                                           equal_nan=True, rtol=1e-5, atol=1e-5)
+        want = compute_surface_dice(p, y, [1.0, 2.0], spacing=per_item)
+        torch.testing.assert_close(surface_dice(p, y, [1.0, 2.0], spacing=per_item), want, equal_nan=True)
+    with pytest.raises(ValueError, match="needs 4 entries"):
+        hausdorff_distance(p, y, spacing=per_item[:3])
+    with pytest.raises(ValueError, match=f"spacing must be one number or {nd} numbers"):
+        hausdorff_distance(p, y, spacing=[0.7, 1.3, 2.0, 0.5])  # 4 numbers: neither one per dim nor per item
+
+
 def test_errors():
     p = torch.zeros(1, 2, 4, 4)
     with pytest.raises(ValueError, match="same shape"):

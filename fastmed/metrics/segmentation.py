@@ -5,19 +5,25 @@ no subvoxels) on the same inputs, including empty predictions and targets, but e
 in one call: the surface distances come from :func:`fastmed.ops.distance_transform` of all edge maps at once.
 
 Edges follow MONAI: a voxel of the mask with a face neighbour outside it (voxels outside the image count as
-outside), i.e. ``mask ^ binary_erosion(mask)``.
+outside), i.e. ``mask ^ binary_erosion(mask)``.  ``include_background=False`` drops channel 0 only when there is
+more than one channel (MONAI's ``ignore_background``): a single-channel ``(B, 1, *spatial)`` mask keeps its channel.
+``spacing`` is one number, one number per spatial dim, or (MONAI) one such entry per batch item.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+import numbers
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fastmed.ops.distance_transform import distance_transform
+from fastmed.ops.distance_transform import distance_transform, normalize_spacing
 
 __all__ = ["dice", "hausdorff_distance", "surface_dice"]
+
+Spacing = Union[None, float, Sequence[float], Sequence[Union[float, Sequence[float]]], Tensor]
 
 
 def _pair(y_pred: Tensor, y: Tensor, include_background: bool) -> tuple[Tensor, Tensor]:
@@ -28,7 +34,7 @@ def _pair(y_pred: Tensor, y: Tensor, include_background: bool) -> tuple[Tensor, 
             raise ValueError(f"{name} must be one-hot (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
     if y_pred.shape != y.shape:
         raise ValueError(f"y_pred and y must have the same shape, got {tuple(y_pred.shape)} and {tuple(y.shape)}")
-    if not include_background:
+    if not include_background and y_pred.shape[1] > 1:  # MONAI's ignore_background keeps a single channel
         y_pred, y = y_pred[:, 1:], y[:, 1:]
     return y_pred != 0, y != 0
 
@@ -61,19 +67,41 @@ def _edges(m: Tensor) -> Tensor:
     return m & ~interior
 
 
-def _spacing(spacing, nd: int) -> Optional[list[float]]:
-    if spacing is None:
-        return None
-    if isinstance(spacing, (int, float)):
-        return [float(spacing)] * nd
-    return [float(s) for s in spacing]
+def _spacing_per_item(spacing: Spacing, batch: int, nd: int) -> list[Optional[list[float]]]:
+    """One normalized spacing per batch item (MONAI ``prepare_spacing``): None or a number for all, ``nd`` numbers
+    for all, or a sequence of ``batch`` entries (each a number or ``nd`` numbers), one per item."""
+    items = spacing.tolist() if hasattr(spacing, "tolist") else spacing  # tensors and numpy arrays
+    if items is None or isinstance(items, numbers.Real):
+        return [normalize_spacing(items, nd)] * batch
+    if isinstance(items, (str, bytes)) or not isinstance(items, Sequence):
+        raise TypeError(f"spacing must be None, a number, {nd} numbers or one entry per batch item, got "
+                        f"{type(spacing).__name__}")
+    if items and all(isinstance(s, numbers.Real) for s in items):
+        return [normalize_spacing(items, nd)] * batch
+    if len(items) != batch:
+        raise ValueError(f"spacing with one entry per batch item needs {batch} entries (the batch size), got "
+                         f"{len(items)}: {spacing}")
+    return [normalize_spacing(s, nd) for s in items]
 
 
-def _surface_distances(p: Tensor, g: Tensor, spacing) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Edges of p and g and, on them, the distance to the other mask's edges (+inf where it has none)."""
+def _surface_distances(p: Tensor, g: Tensor, spacing: Spacing) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Edges of p and g and, on them, the distance to the other mask's edges (+inf where it has none).
+
+    Batch items that share a spacing go through one distance-transform call."""
     ep, eg = _edges(p), _edges(g)
     nd = p.dim() - 2
-    d = distance_transform(torch.stack([~eg, ~ep]), _spacing(spacing, nd), spatial_dims=nd)
+    per_item = _spacing_per_item(spacing, p.shape[0], nd)
+    groups: dict[Optional[tuple[float, ...]], list[int]] = {}
+    for b, sp in enumerate(per_item):
+        groups.setdefault(None if sp is None else tuple(sp), []).append(b)
+    if len(groups) <= 1:
+        d = distance_transform(torch.stack([~eg, ~ep]), per_item[0] if per_item else None, spatial_dims=nd)
+    else:
+        d = torch.empty((2,) + tuple(p.shape), dtype=torch.float32, device=p.device)
+        for sp, items in groups.items():
+            i = torch.tensor(items, device=p.device)
+            d[:, i] = distance_transform(torch.stack([~eg[i], ~ep[i]]), None if sp is None else list(sp),
+                                         spatial_dims=nd)
     return ep, eg, d[0], d[1]
 
 
@@ -88,7 +116,7 @@ def _reduce(values: Tensor, where: Tensor, percentile: Optional[float]) -> Tenso
 
 def hausdorff_distance(y_pred: Tensor, y: Tensor, include_background: bool = False,
                        percentile: Optional[float] = None, directed: bool = False,
-                       spacing: Union[None, float, Sequence[float]] = None) -> Tensor:
+                       spacing: Spacing = None) -> Tensor:
     """Hausdorff distance between the edges of ``y_pred`` and ``y`` per ``(b, c)``: ``(B, C')`` float32.
 
     ``percentile`` (e.g. 95 for HD95) takes that percentile of each directed set of surface distances instead of
@@ -110,8 +138,7 @@ def hausdorff_distance(y_pred: Tensor, y: Tensor, include_background: bool = Fal
 
 
 def surface_dice(y_pred: Tensor, y: Tensor, tolerance: Union[float, Sequence[float]],
-                 include_background: bool = False,
-                 spacing: Union[None, float, Sequence[float]] = None) -> Tensor:
+                 include_background: bool = False, spacing: Spacing = None) -> Tensor:
     """Normalized surface Dice per ``(b, c)``: ``(B, C')`` float32.
 
     The fraction of edge voxels of both masks lying within ``tolerance`` (one number, or one per class kept) of

@@ -10,7 +10,8 @@ Distance maps carry no gradient: gradients flow to the logits only.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -50,7 +51,8 @@ class BoundaryLoss(nn.Module):
     """Kervadec's boundary loss ``mean(probs[:, classes] * phi[:, classes])`` (can be negative).
 
     Args:
-        include_background: use class 0 too (the paper uses the foreground classes only).
+        include_background: use class 0 too (the paper uses the foreground classes only).  Ignored, as in MONAI,
+            when ``input`` has a single channel: that channel is the foreground and ``target`` its binary mask.
         softmax: apply softmax over channels to ``input`` (default; logits in).  ``sigmoid=True`` applies a
             sigmoid instead; with both False ``input`` holds probabilities.
         sigmoid: see ``softmax``.
@@ -80,13 +82,18 @@ class BoundaryLoss(nn.Module):
         if (target is None) == (dist_maps is None):
             raise ValueError("pass exactly one of target (labels or one-hot) and dist_maps (precomputed maps)")
         probs = _activate(input, self.sigmoid, self.softmax)
-        first = 0 if self.include_background else 1
+        single = input.shape[1] == 1  # one channel: kept whatever include_background (MONAI)
+        first = 0 if self.include_background or single else 1
         if dist_maps is None:
-            dist_maps = signed_distance(target.detach(), input.shape[1], self.spacing, self.include_background)
+            if single:  # target is the channel's binary mask: labels {0, 1} (class 1 = the channel) or one-hot
+                labels = isinstance(target, Tensor) and not (target.is_floating_point() or target.dtype == torch.bool)
+                dist_maps = signed_distance(target, 2 if labels else 1, self.spacing, include_background=not labels)
+            else:
+                dist_maps = signed_distance(target, input.shape[1], self.spacing, self.include_background)
         expected = (input.shape[0], input.shape[1] - first) + tuple(input.shape[2:])
         if tuple(dist_maps.shape) != expected:
             raise ValueError(f"dist_maps must have shape {expected} (the classes of input"
-                             f"{'' if self.include_background else ' without the background'}), got "
+                             f"{'' if first == 0 else ' without the background'}), got "
                              f"{tuple(dist_maps.shape)}")
         loss = probs[:, first:] * dist_maps.detach().to(device=probs.device, dtype=probs.dtype)
         if self.reduction == "mean":

@@ -1,10 +1,11 @@
 """``fastmed.ops.distance_transform`` and ``fastmed.ops.signed_distance``: exact Euclidean distance maps of whole
 batches in one call, on the device that holds the mask.
 
-Backends, in order: ``cuda`` (csrc/distance_transform.cu, one thread per line, one launch per axis for the whole
-batch), ``cpp`` (csrc/distance_transform.cpp, threads over blocks of lines), ``reference``
-(fastmed/reference/distance_transform.py).  Distance maps carry no gradient, so the ops are plain torch.library
-custom ops (``fastmed::distance_transform``, ``fastmed::signed_distance``) with fake implementations:
+Backends, in order: ``cuda`` (csrc/distance_transform_cuda.cu, one thread per line, one launch per axis for the whole
+batch), ``cpp`` (csrc/distance_transform_cpu.cpp, threads over blocks of lines), ``reference``
+(fastmed/reference/distance_transform.py).  Distance maps carry no gradient (they are piecewise constant in the
+mask): the public functions detach their input, so a result never requires grad, and the ops are plain
+torch.library custom ops (``fastmed::distance_transform``, ``fastmed::signed_distance``) with fake implementations:
 ``torch.compile(fullgraph=True)`` keeps them as single opaque nodes.  The backend is chosen inside the op body, at
 run time (``use_backend`` blocks and ``FASTMED_BACKEND`` apply to compiled code too).  Checks that need the mask's
 values (a float mask must hold only 0 and 1, labels must lie in ``[0, num_classes)``) run there as well.
@@ -13,7 +14,8 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -128,7 +130,9 @@ def _(target, labels, num_classes, first_class, spacing, float64):
     return target.new_empty(shape, dtype=torch.float64 if float64 else torch.float32)
 
 
-def _check_spacing(spacing: Spacing, spatial_dims: int) -> Optional[list[float]]:
+def normalize_spacing(spacing: Spacing, spatial_dims: int) -> Optional[list[float]]:
+    """``spacing`` (None, one number, or ``spatial_dims`` numbers) as None or a list of ``spatial_dims`` floats;
+    ValueError/TypeError naming ``spacing`` otherwise."""
     if spacing is None:
         return None
     if isinstance(spacing, numbers.Real) and not isinstance(spacing, bool):
@@ -172,10 +176,14 @@ def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool =
         ``dtype`` tensor shaped like ``mask``: 0 at zero voxels, the distance to the nearest zero voxel of the
         same map elsewhere.  A map with no zero voxel has no finite distance and is ``+inf`` everywhere (scipy
         measures to a virtual zero outside the array there).  For unit spacing the squared distances are exact
-        and the distances equal scipy's (rounded to ``dtype``); with spacing the envelope arithmetic is float64.
+        integers and the distances are their square roots (within one float64 ulp of scipy's on the reference
+        backend, whose vectorized sqrt need not be correctly rounded; the C++ and CUDA backends round correctly);
+        with spacing the envelope arithmetic is float64.  The result never requires grad: a mask that requires
+        grad is detached (a distance map is piecewise constant in the mask and has no gradient).
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    mask = mask.detach()
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"mask must be a bool, integer or floating-point tensor, got dtype {mask.dtype}")
     if spatial_dims is None:
@@ -185,7 +193,7 @@ def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool =
     if mask.dim() < spatial_dims:
         raise ValueError(f"mask must have at least spatial_dims={spatial_dims} dimensions, got shape "
                          f"{tuple(mask.shape)}")
-    sp = _check_spacing(spacing, spatial_dims)
+    sp = normalize_spacing(spacing, spatial_dims)
     float64 = _check_dtype(dtype)
     if mask.numel() == 0:
         return mask.new_empty(mask.shape, dtype=dtype)
@@ -201,8 +209,10 @@ def signed_distance(target: Tensor, num_classes: Optional[int] = None, spacing: 
     ``BoundaryLoss`` does the same).
 
     Args:
-        target: ``(N, 1, *spatial)`` integer class labels (any integer dtype; ``num_classes`` required), or a
-            ``(N, C, *spatial)`` one-hot tensor (bool, or floating point holding 0 and 1).  1 to 3 spatial dims.
+        target: ``(N, 1, *spatial)`` integer class labels (any integer dtype; ``num_classes`` required; an integer
+            target must have the channel dim of size 1), or a ``(N, C, *spatial)`` one-hot tensor (bool, or
+            floating point holding 0 and 1).  1 to 3 spatial dims.  Empty batches and empty spatial dims give an
+            empty result.  A target that requires grad is detached (the maps carry no gradient).
         num_classes: number of classes; for a one-hot target it must equal C when given.
         spacing: voxel size per spatial dim, one number for all, or None.
         include_background: keep class 0 (else the result starts at class 1).
@@ -218,7 +228,12 @@ def signed_distance(target: Tensor, num_classes: Optional[int] = None, spacing: 
     if not 3 <= target.dim() <= 5:
         raise ValueError(f"target must be (N, 1, *spatial) labels or (N, C, *spatial) one-hot with 1 to 3 spatial "
                          f"dims, got shape {tuple(target.shape)}")
-    labels = not target.is_floating_point() and target.dtype != torch.bool and target.shape[1] == 1
+    target = target.detach()
+    labels = not target.is_floating_point() and target.dtype != torch.bool
+    if labels and target.shape[1] != 1:
+        raise ValueError(f"target holds integer class labels, which must be shaped (N, 1, *spatial); got shape "
+                         f"{tuple(target.shape)}. Add the channel dim (target.unsqueeze(1)) to (N, *spatial) labels, "
+                         "or pass a one-hot target as bool or float.")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
@@ -233,6 +248,8 @@ def signed_distance(target: Tensor, num_classes: Optional[int] = None, spacing: 
     first = 0 if include_background else 1
     if num_classes - first < 1:
         raise ValueError(f"no class left: num_classes={num_classes} with include_background=False")
-    sp = _check_spacing(spacing, target.dim() - 2)
+    sp = normalize_spacing(spacing, target.dim() - 2)
     float64 = _check_dtype(dtype)
+    if target.numel() == 0:
+        return target.new_zeros((target.shape[0], num_classes - first) + tuple(target.shape[2:]), dtype=dtype)
     return torch.ops.fastmed.signed_distance(target, labels, int(num_classes), first, sp, float64)

@@ -12,13 +12,16 @@ Algorithm (separable and exact, vectorized over all lines of all maps at once):
 * each further axis: the min-plus convolution ``g(q) = min_p w (q - p)^2 + f(p)`` with ``w = spacing^2``,
   one vectorized step per position p (O(n) steps per axis, each over the whole volume).
 
-The squared distances are computed in float64, so for unit spacing they are exact integers and ``sqrt`` of them
-equals scipy's float64 result bit for bit.  This module is the test oracle and the fallback of
+The squared distances are computed in float64, so for unit spacing they are exact integers.  The distances are
+``torch.sqrt`` of them, which on some CPUs (AVX-512) is vectorized without correct rounding: they are within one
+float64 ulp of scipy's, not always bit-equal (tests compare squared distances exactly, distances within 1 ulp).
+This module is the test oracle and the fallback of
 :func:`fastmed.ops.distance_transform` (the C++/CUDA envelope passes are linear per line; this one is not).
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor

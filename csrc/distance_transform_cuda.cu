@@ -1,19 +1,25 @@
-// Exact Euclidean distance transform on CUDA tensors: the algorithm of csrc/distance_transform.cpp with one thread
-// per line and one launch per axis for every map of the batch.
+// Exact Euclidean distance transform on CUDA tensors: the algorithm of csrc/distance_transform_cpu.cpp with one
+// thread per line.
 //
 // Pass 1 (last axis): each thread sweeps its line twice and writes squared distances to the nearest zero.
 // Passes 2.. (the other axes, from the second-last to the first): each thread builds the lower envelope of the
 // parabolas w (q - p)^2 + f(p) of its line (Felzenszwalb & Huttenlocher), keeping the envelope's roots v and their
-// values f(v) in global scratch laid out [position][line] (neighbouring threads touch neighbouring addresses), and
-// recomputing the breakpoints z from them when needed instead of storing them.  Lines of strided axes are read
-// coalesced: neighbouring threads own neighbouring inner offsets.  Envelope arithmetic is float64, as on the CPU,
-// so unit-spacing squared distances are exact.  A map with no zero voxel gets +inf everywhere.
+// values f(v) in global scratch laid out [position][line of the launch] (neighbouring threads touch neighbouring
+// addresses), and recomputing the breakpoints z from them when needed instead of storing them.  Lines of strided
+// axes are read coalesced: neighbouring threads own neighbouring inner offsets.  Envelope arithmetic is float64,
+// as on the CPU, so unit-spacing squared distances are exact.  A map with no zero voxel gets +inf everywhere.
+//
+// Memory: besides the output, scratch is bounded whatever the batch.  An envelope pass runs as launches of at most
+// dt_lines_per_launch(...) lines, each with kDtScratchEntries entries of (root, value) scratch at most (768 MiB);
+// float32 results that need a float64 work buffer (spacing given, or huge maps) go through it kWorkVoxels voxels
+// (whole maps) at a time.  Lines and maps are independent, so the chunking does not change any result.
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <vector>
@@ -26,6 +32,12 @@ namespace fastmed {
 namespace {
 
 constexpr int kThreads = 128;
+// float64 work buffer of float32 results: whole maps, at most this many voxels at a time (one map if larger).
+constexpr int64_t kWorkVoxels = int64_t(1) << 27;  // 1 GiB
+
+inline unsigned int blocks_for(int64_t lines) {
+  return static_cast<unsigned int>((lines + kThreads - 1) / kThreads);
+}
 
 // One thread per line of the last axis: `lines` contiguous lines of length n.
 template <typename O>
@@ -35,21 +47,30 @@ __global__ void line_pass_kernel(const uint8_t* __restrict__ mask, O* __restrict
   if (l < lines) dt_line_pass(mask + l * n, out + l * n, n, s, take_sqrt);
 }
 
-// One thread per line of an axis of length n and stride `inner`; lines = outer * inner.  May run in place.
-// vbuf, fbuf: scratch of n * lines entries each, entry k of line l at k * lines + l.
+// One thread per line of an axis of length n and stride `inner`: lines [first, first + count) of the pass (line l
+// starts at (l / inner) * n * inner + l % inner).  May run in place.
+// vbuf, fbuf: scratch of n * count entries each, entry k of the launch's line t at k * count + t.
 template <typename W, typename O>
 __global__ void envelope_kernel(const W* src, O* dst, int32_t* __restrict__ vbuf, W* __restrict__ fbuf,
-                                int64_t outer, int64_t n, int64_t inner, double w, bool take_sqrt) {
-  const int64_t lines = outer * inner;
-  const int64_t l = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (l >= lines) return;
+                                int64_t first, int64_t count, int64_t n, int64_t inner, double w, bool take_sqrt) {
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (t >= count) return;
+  const int64_t l = first + t;
   const int64_t base = (l / inner) * n * inner + (l % inner);
-  dt_envelope_line(src + base, dst + base, inner, n, vbuf + l, fbuf + l, lines, w, take_sqrt,
+  dt_envelope_line(src + base, dst + base, inner, n, vbuf + t, fbuf + t, count, w, take_sqrt,
                    static_cast<const void*>(src) == static_cast<const void*>(dst));
 }
 
-inline unsigned int blocks_for(int64_t lines) {
-  return static_cast<unsigned int>((lines + kThreads - 1) / kThreads);
+// One envelope pass (axis of length n, stride inner, `lines` lines) in launches of at most `per_launch` lines.
+template <typename W, typename O>
+void envelope_pass(const W* src, O* dst, int32_t* vbuf, W* fbuf, int64_t lines, int64_t per_launch, int64_t n,
+                   int64_t inner, double w, bool take_sqrt, cudaStream_t stream) {
+  for (int64_t first = 0; first < lines; first += per_launch) {
+    const int64_t count = std::min(per_launch, lines - first);
+    envelope_kernel<W, O><<<blocks_for(count), kThreads, 0, stream>>>(src, dst, vbuf, fbuf, first, count, n, inner,
+                                                                       w, take_sqrt);
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 template <typename W, typename O>
@@ -70,23 +91,24 @@ void run_passes(const uint8_t* mask, W* work, O* out, int64_t batch, const std::
   line_pass_kernel<W><<<blocks_for(last_lines), kThreads, 0, stream>>>(mask, work, last_lines, last,
                                                                          spacing[nd - 1], false);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  // Envelope scratch, n * lines = total entries for every axis.
-  auto vbuf = torch::empty({total}, opts.dtype(at::kInt));
-  auto fbuf = torch::empty({total}, opts.dtype(c10::CppTypeToScalarType<W>::value));
+  // Envelope scratch: enough for the largest launch of any axis, at most kDtScratchEntries entries (or one line).
+  int64_t entries = 0;
+  for (int64_t d = 0; d < nd - 1; ++d)
+    entries = std::max(entries, dt_lines_per_launch(total / sizes[d], sizes[d], kDtScratchEntries) * sizes[d]);
+  auto vbuf = torch::empty({entries}, opts.dtype(at::kInt));
+  auto fbuf = torch::empty({entries}, opts.dtype(c10::CppTypeToScalarType<W>::value));
   int64_t inner = last;
   for (int64_t d = nd - 2; d >= 0; --d) {
     const int64_t n = sizes[d];
-    const int64_t outer = total / (n * inner);
+    const int64_t lines = total / n;
+    const int64_t per_launch = dt_lines_per_launch(lines, n, kDtScratchEntries);
     const double w = spacing[d] * spacing[d];
-    const unsigned int blocks = blocks_for(outer * inner);
-    if (d == 0) {
-      envelope_kernel<W, O><<<blocks, kThreads, 0, stream>>>(work, out, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(),
-                                                             outer, n, inner, w, !squared);
-    } else {
-      envelope_kernel<W, W><<<blocks, kThreads, 0, stream>>>(work, work, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(),
-                                                             outer, n, inner, w, false);
-    }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if (d == 0)
+      envelope_pass<W, O>(work, out, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(), lines, per_launch, n, inner, w,
+                          !squared, stream);
+    else
+      envelope_pass<W, W>(work, work, vbuf.data_ptr<int32_t>(), fbuf.data_ptr<W>(), lines, per_launch, n, inner, w,
+                          false, stream);
     inner *= n;
   }
 }
@@ -133,10 +155,15 @@ torch::Tensor distance_transform_cuda(const torch::Tensor& mask, int64_t spatial
   } else if (isotropic && max_d2 < 16777216.0) {  // integer squared distances are exact in float32
     float* o = out.data_ptr<float>();
     run_passes<float, float>(mp, o, o, batch, sizes, spacing, squared, opts, stream);
-  } else {
-    auto work = torch::empty(m.sizes(), opts.dtype(at::kDouble));
-    run_passes<double, float>(mp, work.data_ptr<double>(), out.data_ptr<float>(), batch, sizes, spacing, squared,
-                              opts, stream);
+  } else {  // float32 results through a float64 work buffer, a group of whole maps at a time
+    const int64_t maps_per_chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kWorkVoxels / map_size));
+    auto work = torch::empty({maps_per_chunk * map_size}, opts.dtype(at::kDouble));
+    float* o = out.data_ptr<float>();
+    for (int64_t first = 0; first < batch; first += maps_per_chunk) {
+      const int64_t maps = std::min(maps_per_chunk, batch - first);
+      run_passes<double, float>(mp + first * map_size, work.data_ptr<double>(), o + first * map_size, maps, sizes,
+                                spacing, squared, opts, stream);
+    }
   }
   return out;
 }

@@ -10,8 +10,11 @@
 //
 // Numerics: the envelope arithmetic is float64.  Without spacing every squared distance is an integer; it is
 // stored in float32 when the sum of squared sizes stays below 2^24 (then exact), else in float64, so squared
-// distances are exact and sqrt(d2) equals scipy's value bit for bit.  With spacing the work buffer is float64.
-// A map with no zero voxel has no finite distance: every voxel gets +inf.
+// distances are exact and sqrt(d2) (std::sqrt, correctly rounded) equals scipy's value.  With spacing the work
+// buffer is float64.  A map with no zero voxel has no finite distance: every voxel gets +inf.
+//
+// Memory: besides the output, each thread holds O(kBlock * n) scratch; float32 results that need a float64 work
+// buffer go through it kWorkVoxels voxels (whole maps) at a time, so it stays bounded whatever the batch.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
@@ -31,6 +34,8 @@ namespace {
 
 constexpr double kInf = std::numeric_limits<double>::infinity();
 constexpr int64_t kBlock = 16;  // lines per gathered block: 16 float32 = one 64-byte cache line per row read
+// float64 work buffer of float32 results: whole maps, at most this many voxels at a time (one map if larger).
+constexpr int64_t kWorkVoxels = int64_t(1) << 22;  // 32 MiB (tests/test_distance_transform.py relies on it)
 
 // Runs body(task) for task in [0, tasks), dealing tasks to threads round-robin.
 template <typename F>
@@ -227,9 +232,16 @@ torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_
   } else if (isotropic && max_d2 < 16777216.0) {  // integer squared distances are exact in float32
     float* o = out.data_ptr<float>();
     run_passes<float, float>(mp, o, o, batch, sizes, spacing, squared);
-  } else {
-    auto work = torch::empty(m.sizes(), m.options().dtype(at::kDouble));
-    run_passes<double, float>(mp, work.data_ptr<double>(), out.data_ptr<float>(), batch, sizes, spacing, squared);
+  } else {  // float32 results through a float64 work buffer, a group of whole maps at a time
+    const int64_t map_size = m.numel() / batch;
+    const int64_t maps_per_chunk = std::max<int64_t>(1, std::min<int64_t>(batch, kWorkVoxels / map_size));
+    std::vector<double> work(static_cast<size_t>(maps_per_chunk * map_size));
+    float* o = out.data_ptr<float>();
+    for (int64_t first = 0; first < batch; first += maps_per_chunk) {
+      const int64_t maps = std::min(maps_per_chunk, batch - first);
+      run_passes<double, float>(mp + first * map_size, work.data(), o + first * map_size, maps, sizes, spacing,
+                                squared);
+    }
   }
   return out;
 }
