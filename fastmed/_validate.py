@@ -79,3 +79,49 @@ def check_per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
     if any(v < minimum for v in vals):
         raise ValueError(f"{name} must be >= {minimum} on every axis, got {value!r}")
     return vals
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    """An integer (not a bool) ``>= minimum`` -> int."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_finite_number(value, name: str) -> float:
+    """A finite real number (not a bool; NaN and ±inf are refused) -> float."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    return float(value)
+
+
+def check_spatial_dims(spatial_dims) -> int:
+    """2 or 3 spatial dimensions -> int."""
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def check_state_dict(state_dict, name: str = "state_dict"):
+    """A mapping of parameter names to tensors, not a checkpoint that wraps one (``{"state_dict": {...}}``)."""
+    from collections.abc import Mapping
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        raise ValueError(f"{name} looks like a checkpoint wrapper (it has a 'state_dict' entry); pass "
+                         f"checkpoint['state_dict'] (or nnU-Net's checkpoint['network_weights'])")
+    return state_dict
+
+
+def check_token_grid(x, name: str, spatial_dims: int, channels: int) -> torch.Tensor:
+    """A channels-last token grid ``(B, *S, channels)`` with ``spatial_dims`` spatial axes (Swin modules)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != spatial_dims + 2 or x.shape[-1] != channels:
+        axes = ", ".join("DHW"[3 - spatial_dims:])
+        raise ValueError(f"{name} must be a {spatial_dims}D token grid (B, {axes}, {channels}), got shape "
+                         f"{tuple(x.shape)}")
+    return x
