@@ -86,25 +86,29 @@ def check_per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------------------
 
 def check_number(value, name: str, *, minimum: Optional[float] = None, maximum: Optional[float] = None) -> float:
-    """A finite real number (not a bool) in ``[minimum, maximum]`` -> float."""
+    """A finite real number (not a bool; NaN and ±inf are refused) in ``[minimum, maximum]`` -> float."""
     ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and -float("inf") < value < float("inf")
           and (minimum is None or value >= minimum) and (maximum is None or value <= maximum))
     if not ok:
+        if minimum is None and maximum is None:
+            raise ValueError(f"{name} must be a finite number, got {value!r}")
         lo = "-inf" if minimum is None else minimum
         hi = "inf" if maximum is None else maximum
         raise ValueError(f"{name} must be a finite real number in [{lo}, {hi}], got {value!r}")
     return float(value)
 
 
-def check_int(value, name: str, *, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
-    """An int (not a bool; ``None`` too with ``allow_none``), at least ``minimum`` -> int or None."""
+def check_int(value, name: str, minimum: Optional[int] = None, *, allow_none: bool = False) -> Optional[int]:
+    """An int (not a bool; ``None`` too with ``allow_none``), at least ``minimum`` -> int or None.
+
+    A value of another type raises TypeError, an int below ``minimum`` ValueError."""
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         expect = "an int or None" if allow_none else "an int"
         raise TypeError(f"{name} must be {expect}, got {type(value).__name__} {value!r}")
     if minimum is not None and value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value}")
     return int(value)
 
 
@@ -155,3 +159,33 @@ def check_number_sequence(values, name: str, *, minimum: Optional[float] = None)
     if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
         raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
     return [check_number(v, f"{name}[{i}]", minimum=minimum) for i, v in enumerate(values)]
+
+
+def check_spatial_dims(spatial_dims) -> int:
+    """2 or 3 spatial dimensions -> int."""
+    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral) or spatial_dims not in (2, 3):
+        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
+    return int(spatial_dims)
+
+
+def check_state_dict(state_dict, name: str = "state_dict"):
+    """A mapping of parameter names to tensors, not a checkpoint that wraps one (``{"state_dict": {...}}``)."""
+    from collections.abc import Mapping
+
+    if not isinstance(state_dict, Mapping):
+        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
+    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
+        raise ValueError(f"{name} looks like a checkpoint wrapper (it has a 'state_dict' entry); pass "
+                         f"checkpoint['state_dict'] (or nnU-Net's checkpoint['network_weights'])")
+    return state_dict
+
+
+def check_token_grid(x, name: str, spatial_dims: int, channels: int) -> torch.Tensor:
+    """A channels-last token grid ``(B, *S, channels)`` with ``spatial_dims`` spatial axes (Swin modules)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() != spatial_dims + 2 or x.shape[-1] != channels:
+        axes = ", ".join("DHW"[3 - spatial_dims:])
+        raise ValueError(f"{name} must be a {spatial_dims}D token grid (B, {axes}, {channels}), got shape "
+                         f"{tuple(x.shape)}")
+    return x

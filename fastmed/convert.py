@@ -5,7 +5,8 @@ dict keyed for the fastmed model; the tensors are shared, not copied.  Keys that
 ``ValueError`` naming them (nothing is dropped silently, except the documented duplicates).  ``load_*``
 helpers build nothing: call ``model.load_state_dict(convert(...))`` on a model built with the same config.
 
-nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` -> :class:`fastmed.models.UNet` (``UNet.nnunet``)
+nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` -> :class:`fastmed.models.UNet` (``UNet.nnunet``); the
+input is ``checkpoint["network_weights"]`` or the whole nnU-Net checkpoint
     Same module tree (see :mod:`fastmed.models.unet`), keys unchanged except:
       ``decoder.encoder.*``             dropped (nnU-Net's decoder holds a second reference to the encoder)
       ``*.all_modules.<i>.*``           dropped (ConvDropoutNormReLU registers its layers twice)
@@ -75,19 +76,11 @@ import re
 
 import torch
 
+from fastmed._validate import check_state_dict
 from fastmed.nn.conv_block import convert_monai_state_dict as from_monai_unet_block  # noqa: E402  (re-export)
 
 __all__ = ["from_nnunet", "from_monai_attention_unet", "from_monai_unet", "from_monai_unet_block", "from_timm_vit", "from_swin_unet",
            "from_timm_swin", "from_monai_swin_block"]
-
-
-def _check_state(state_dict, name: str = "state_dict") -> Mapping[str, torch.Tensor]:
-    if not isinstance(state_dict, Mapping):
-        raise TypeError(f"{name} must be a mapping of parameter names to tensors, got {type(state_dict).__name__}")
-    if "state_dict" in state_dict and isinstance(state_dict["state_dict"], Mapping):
-        raise ValueError(f"{name} looks like a checkpoint wrapper (it has a 'state_dict' entry); pass "
-                         f"checkpoint['state_dict'] (or nnU-Net's checkpoint['network_weights'])")
-    return state_dict
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]], source: str) -> dict:
@@ -105,32 +98,48 @@ def _rename(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, s
 
 
 # ----------------------------------------------------------------------------------------------------------------
-def from_nnunet(state_dict: Mapping[str, torch.Tensor], deep_supervision: bool = True) -> dict:
-    """nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` weights (``checkpoint["network_weights"]``) for
-    :class:`fastmed.models.UNet` built by ``UNet.nnunet(...)`` with the plan's configuration.
+_NNUNET_SEG_LAYER = re.compile(r"decoder\.seg_layers\.(\d+)\.(.+)")
 
+
+def from_nnunet(state_dict: Mapping[str, torch.Tensor], deep_supervision: bool = True) -> dict:
+    """nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` weights for :class:`fastmed.models.UNet` built by
+    ``UNet.nnunet(...)`` with the plan's configuration.
+
+    ``state_dict``: ``checkpoint["network_weights"]``, or the whole nnU-Net checkpoint (``torch.load`` of
+    ``checkpoint_final.pth``), whose ``network_weights`` entry is used.
     ``deep_supervision``: whether the fastmed model has all segmentation heads (True) or only the final one."""
-    state_dict = _check_state(state_dict)
-    heads = sorted({int(k.split(".")[2]) for k in state_dict if k.startswith("decoder.seg_layers.")})
+    state_dict = check_state_dict(state_dict)
+    if "network_weights" in state_dict:  # a whole nnU-Net checkpoint
+        state_dict = check_state_dict(state_dict["network_weights"], "checkpoint['network_weights']")
+    heads = {}
+    for key in state_dict:
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be strings (parameter names), got {key!r}")
+        if key.startswith("decoder.seg_layers."):
+            match = _NNUNET_SEG_LAYER.fullmatch(key)
+            if match is None:
+                raise ValueError(f"nnU-Net key {key!r} is not decoder.seg_layers.<i>.<parameter> with an integer "
+                                 f"head index <i>: not a PlainConvUNet / ResidualEncoderUNet state dict")
+            heads[key] = int(match.group(1))
+    last = max(heads.values(), default=None)
     out = {}
     for key, value in state_dict.items():
         if key.startswith("decoder.encoder.") or ".all_modules." in key:
             continue
         if not (key.startswith("encoder.") or key.startswith("decoder.")):
             raise ValueError(f"nnU-Net key {key!r} is neither encoder.* nor decoder.*: not a PlainConvUNet / "
-                             f"ResidualEncoderUNet state dict")
-        if key.startswith("decoder.seg_layers.") and not deep_supervision:
-            idx = int(key.split(".")[2])
-            if idx != heads[-1]:
+                             f"ResidualEncoderUNet state dict (a whole checkpoint holds it as 'network_weights')")
+        if key in heads and not deep_supervision:
+            if heads[key] != last:
                 continue
-            key = "decoder.seg_layers.0." + key.split(".", 3)[3]
+            key = "decoder.seg_layers.0." + _NNUNET_SEG_LAYER.fullmatch(key).group(2)
         out[key] = value
     return out
 
 
 def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """MONAI ``AttentionUnet`` weights for :class:`fastmed.models.AttentionUNet` (same constructor arguments)."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     depth = 0
     while any(k.startswith("model.1." + "submodule.1." * depth + "attention.") for k in state_dict):
         depth += 1
@@ -160,7 +169,7 @@ def from_monai_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """MONAI ``UNet`` weights for :class:`fastmed.models.MonaiUNet` (same constructor arguments): the keys are
     the same; each is checked against MONAI's ``model.<...>`` layout and anything else raises ``ValueError``
     (e.g. a ``module.`` prefix from DataParallel, or ``CheckpointUNet``'s wrapped blocks)."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     if not state_dict:
         raise ValueError("state_dict is empty: not a MONAI UNet state dict")
     for key in state_dict:
@@ -176,7 +185,7 @@ _VIT_KEY_PARTS = ("norm1.", "attn.qkv.", "attn.proj.", "norm2.", "mlp.fc1.", "ml
 def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """timm ``VisionTransformer`` weights (``vit_base_patch16_224`` ...) for :class:`fastmed.models.ViT` built with
     the same ``img_size``, ``patch_size``, ``embed_dim``, ``depth``, ``num_heads`` and ``num_classes``."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         if key in ("cls_token", "pos_embed") or key.startswith(("patch_embed.proj.", "norm.", "head.")):
@@ -192,7 +201,7 @@ def from_timm_vit(state_dict: Mapping[str, torch.Tensor]) -> dict:
 def from_swin_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """Swin-Unet (Cao et al.) weights for :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``,
     ``num_heads``, ``window_size``, classes).  Accepts the ``SwinUnet`` wrapper's ``swin_unet.`` prefix."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     out = {}
     for key, value in state_dict.items():
         k = key[len("swin_unet."):] if key.startswith("swin_unet.") else key
@@ -213,7 +222,7 @@ def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, 
     Load the result with ``model.load_state_dict(..., strict=False)``: the decoder's patch expanding, skip
     projections, final expanding and output convolution (and, without ``mirror_decoder``, the decoder blocks)
     are not in a classification checkpoint and keep their initialization, as in Swin-Unet's ``load_from``."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
     keys = set(state_dict)
@@ -252,7 +261,7 @@ _SWIN_BLOCK_KEYS = ("norm1.weight", "norm1.bias", "attn.relative_position_bias_t
 def from_monai_swin_block(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """A MONAI ``SwinTransformerBlock`` state dict for :class:`fastmed.nn.SwinTransformerBlock` (same names;
     ``attn.qkv.bias`` is absent with ``qkv_bias=False``).  Raises ``ValueError`` on any other key."""
-    state_dict = _check_state(state_dict)
+    state_dict = check_state_dict(state_dict)
     for key in state_dict:
         if key not in _SWIN_BLOCK_KEYS:
             raise ValueError(f"MONAI SwinTransformerBlock key {key!r} has no fastmed counterpart")

@@ -19,9 +19,12 @@ checkpoints load before or after patching):
 * **MONAI ``SwinTransformerBlock``** (SwinUNETR): replaced by :class:`fastmed.nn.SwinTransformerBlock` sharing
   its norms, qkv / proj / relative-position table and MLP (:func:`fastmed.ops.window_attention`).
 * **Swin-Unet / timm ``SwinTransformerBlock``s** (recognized by their attributes: ``attn.qkv``, ``attn.proj``,
-  ``attn.relative_position_bias_table``, ``norm1``, ``norm2``, ``mlp``, ``window_size``, ``shift_size`` and
-  ``input_resolution`` (Swin-Unet) or ``drop_path1``/``drop_path2`` (timm)): replaced by a
-  :class:`FusedSwinBlock` holding the same children.
+  ``attn.relative_position_bias_table``, ``attn.attn_drop`` (an ``nn.Dropout``), ``norm1``, ``norm2``, ``mlp``,
+  ``window_size``, ``shift_size`` and ``input_resolution`` (Swin-Unet) or ``drop_path1``/``drop_path2``
+  (timm)): replaced by a :class:`FusedSwinBlock` holding the same children.
+* Swin blocks with attention dropout are replaced in either mode and keep the original's behaviour in both: in
+  training (also after ``.train()`` on a model patched in eval mode) their attention runs unfused, with the
+  dropout; in eval mode it is fused.
 
 Supported pieces: ``Conv2d``/``Conv3d`` (groups 1, zero padding given as ints), ``InstanceNorm*d`` (without
 running statistics), ``GroupNorm``, ``BatchNorm*d``, activations ``ReLU``, ``LeakyReLU``, ``PReLU``, ``GELU``,
@@ -278,8 +281,10 @@ class FusedSwinBlock(nn.Module):
     ``relative_position_bias_table``/``relative_position_index``, ``norm2``, ``mlp``, ``drop_path`` or
     ``drop_path1``/``drop_path2``) and the ``attn_mask`` buffer, so state dicts are unchanged.
     Swin-Unet layout: ``forward(x (B, H*W, C))`` with ``input_resolution = (H, W)``; timm layout:
-    ``forward(x (B, H, W, C))``.  A timm grid not divisible by the window runs the original block (timm pads
-    after the shift there, which the fused op does not reproduce)."""
+    ``forward(x (B, H, W, C))``.  The original block's own forward runs (on the same children) where the fused op
+    would compute something else: in training with attention dropout (the fused op has none; whatever the mode
+    at patching time, so ``.train()`` after patching keeps the dropout), and on a timm grid not divisible by the
+    window (timm pads after the shift there, which the fused op does not reproduce)."""
 
     def __init__(self, block: nn.Module, layout: str):
         super().__init__()
@@ -303,7 +308,16 @@ class FusedSwinBlock(nn.Module):
                                attn.relative_position_bias_table, float(attn.scale), qkv_pad=attn.qkv.bias)
         return attn.proj_drop(attn.proj(out))
 
+    def _run_original(self, x: torch.Tensor) -> torch.Tensor:
+        """The original block's forward, with this module's mask buffer (moved by ``.to()``) and mode."""
+        original = self._original
+        original.attn_mask = self.attn_mask
+        original.training = self.training
+        return type(original).forward(original, x)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.attn.attn_drop.p > 0:
+            return self._run_original(x)
         if self.layout == "swin_unet":
             H, W = self.input_resolution
             B, L, C = x.shape
@@ -314,8 +328,7 @@ class FusedSwinBlock(nn.Module):
             return x + self.drop_path(self.mlp(self.norm2(x)))
         B, H, W, C = x.shape
         if H % self.window[0] or W % self.window[1]:
-            self._original.attn_mask = self.attn_mask
-            return type(self._original).forward(self._original, x)
+            return self._run_original(x)
         x = x + self.drop_path1(self._window_attention(self.norm1(x)))
         return x + self.drop_path2(self.mlp(self.norm2(x)))
 
@@ -328,11 +341,16 @@ def _swin_layout(blk: nn.Module) -> Optional[str]:
     if attn is None or not all(hasattr(attn, a) for a in needed) or not all(
             hasattr(blk, a) for a in ("norm1", "norm2", "mlp", "window_size", "shift_size")):
         return None
+    if not isinstance(getattr(attn, "attn_drop", None), nn.Dropout):  # read in training, where dropout is kept
+        return None
     if hasattr(blk, "input_resolution") and isinstance(blk.window_size, int) and hasattr(blk, "drop_path"):
         return "swin_unet"
     if hasattr(blk, "drop_path1") and hasattr(blk, "drop_path2") and not isinstance(blk.window_size, int):
         return "timm"
     return None
+
+
+_DROPOUT_NOTE = "; in training, with attention dropout, the unfused composition"
 
 
 def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> None:
@@ -346,17 +364,13 @@ def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> 
         if type(blk) is not MonaiBlock:
             layout = _swin_layout(blk)
             if layout is not None:
-                if blk.attn.attn_drop.p > 0 and blk.training:
-                    report.skipped.append((name, "attention dropout > 0 is not fused"))
-                    continue
                 mapping[id(blk)] = FusedSwinBlock(blk, layout)
                 report.replaced.append((name, f"{'Swin-Unet' if layout == 'swin_unet' else 'timm'} "
-                                              f"SwinTransformerBlock -> FusedSwinBlock (fused window attention)"))
+                                              f"SwinTransformerBlock -> FusedSwinBlock (fused window attention"
+                                              f"{_DROPOUT_NOTE if blk.attn.attn_drop.p > 0 else ''})"))
             continue
         attn = blk.attn
-        if attn.attn_drop.p > 0 and blk.training:
-            report.skipped.append((name, "attention dropout > 0 is not fused"))
-            continue
+        # fastmed's block runs MONAI's composition in training when attention dropout is on (any mode now)
         with torch.device("meta"):
             new = SwinTransformerBlock(blk.dim, blk.num_heads, tuple(blk.window_size), tuple(blk.shift_size),
                                        mlp_ratio=blk.mlp_ratio, qkv_bias=attn.qkv.bias is not None,
@@ -369,7 +383,7 @@ def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> 
         new.train(blk.training)
         mapping[id(blk)] = new
         report.replaced.append((name, "MONAI SwinTransformerBlock -> fastmed.nn.SwinTransformerBlock "
-                                      "(fused window attention)"))
+                                      f"(fused window attention{_DROPOUT_NOTE if attn.attn_drop.p > 0 else ''})"))
 
 
 def patch(model: nn.Module, *, conv: bool = True, attention: bool = True) -> PatchReport:

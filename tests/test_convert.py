@@ -154,6 +154,27 @@ def test_from_nnunet_errors():
         convert.from_nnunet({"stem.weight": torch.zeros(1)})
     with pytest.raises(TypeError, match="mapping"):
         convert.from_nnunet([1, 2])
+    # malformed seg_layers keys are named (they used to fail in int() / with an IndexError)
+    for bad in ("decoder.seg_layers.last.weight", "decoder.seg_layers.weight", "decoder.seg_layers.1"):
+        with pytest.raises(ValueError, match=f"nnU-Net key '{bad}' is not decoder.seg_layers.<i>.<parameter>"):
+            convert.from_nnunet({"encoder.stages.0.0.convs.0.conv.weight": torch.zeros(1), bad: torch.zeros(1)},
+                                deep_supervision=False)
+    with pytest.raises(TypeError, match="checkpoint\\['network_weights'\\] must be a mapping"):
+        convert.from_nnunet({"network_weights": [1, 2]})
+
+
+@pytest.mark.parametrize("deep_supervision", [True, False])
+def test_from_nnunet_accepts_the_whole_checkpoint(deep_supervision):
+    """``torch.load("checkpoint_final.pth")`` as it is: the weights are its ``network_weights`` entry."""
+    torch.manual_seed(2)
+    ref = _PlainConvUNet(1, (4, 8), ((1, 1, 1), (2, 2, 2)), ((3, 3, 3), (3, 3, 3)), 2)
+    weights = ref.state_dict()
+    checkpoint = {"network_weights": weights, "optimizer_state": {"state": {}, "param_groups": []},
+                  "grad_scaler_state": None, "logging": {}, "_best_ema": 0.5, "current_epoch": 10,
+                  "init_args": {}, "trainer_name": "nnUNetTrainer", "inference_allowed_architectures": None}
+    got = convert.from_nnunet(checkpoint, deep_supervision=deep_supervision)
+    want = convert.from_nnunet(weights, deep_supervision=deep_supervision)
+    assert list(got) == list(want) and all(got[k] is want[k] for k in want)
 
 
 def test_from_monai_attention_unet_rejects_other_keys():

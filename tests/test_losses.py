@@ -596,7 +596,7 @@ def test_deep_supervision_errors():
     for n in (2.5, True, "3"):
         with pytest.raises(TypeError, match="n \\(the number of deep-supervision outputs\\) must be an int"):
             ops.deep_supervision_weights(n)
-    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+    with pytest.raises(ValueError, match="must be an integer >= 1, got 0"):
         ops.deep_supervision_weights(0)
     weights = torch.tensor([0.75, 0.25])  # a tensor of weights is fine
     torch.testing.assert_close(ops.deep_supervision_loss(base, outs, y, weights=weights),

@@ -131,13 +131,13 @@ def test_patch_monai_unets(which):
 class _MonaiSwinStage(nn.Module):
     """Two MONAI Swin blocks (plain, shifted) driven like MONAI's BasicLayer, on (B, D, H, W, C) grids."""
 
-    def __init__(self, swin_unetr, dim=12, heads=3, window=(4, 4, 4)):
+    def __init__(self, swin_unetr, dim=12, heads=3, window=(4, 4, 4), attn_drop=0.0):
         super().__init__()
         self.window, self.shift = window, tuple(w // 2 for w in window)
         self.compute_mask = swin_unetr.compute_mask
         self.blocks = nn.ModuleList([
-            swin_unetr.SwinTransformerBlock(dim, heads, window, (0, 0, 0)),
-            swin_unetr.SwinTransformerBlock(dim, heads, window, self.shift)])
+            swin_unetr.SwinTransformerBlock(dim, heads, window, (0, 0, 0), attn_drop=attn_drop),
+            swin_unetr.SwinTransformerBlock(dim, heads, window, self.shift, attn_drop=attn_drop)])
 
     def forward(self, x):
         mask = self.compute_mask(list(x.shape[1:4]), self.window, self.shift, x.device)
@@ -181,7 +181,7 @@ def _reverse(w, ws, H, W):
 class _RefWindowAttention(nn.Module):
     """Swin-Unet's / timm's WindowAttention (windows in, additive 0/-100 mask)."""
 
-    def __init__(self, dim, ws, heads):
+    def __init__(self, dim, ws, heads, attn_drop=0.0):
         super().__init__()
         self.num_heads, self.scale, self.ws = heads, (dim // heads) ** -0.5, ws
         self.relative_position_bias_table = nn.Parameter(0.5 * torch.randn((2 * ws[0] - 1) * (2 * ws[1] - 1), heads))
@@ -192,7 +192,7 @@ class _RefWindowAttention(nn.Module):
         rel[:, :, 0] *= 2 * ws[1] - 1
         self.register_buffer("relative_position_index", rel.sum(-1))
         self.qkv = nn.Linear(dim, 3 * dim)
-        self.attn_drop = nn.Dropout(0.0)
+        self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(0.0)
 
@@ -233,14 +233,14 @@ class _Mlp(nn.Module):
 class SwinUnetBlock(nn.Module):
     """Swin-Unet's SwinTransformerBlock: tokens (B, H*W, C), int window/shift, attn_mask buffer."""
 
-    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size, attn_drop=0.0):
         super().__init__()
         self.input_resolution, self.window_size, self.shift_size = input_resolution, window_size, shift_size
         if min(input_resolution) <= window_size:
             self.shift_size, self.window_size = 0, min(input_resolution)
         ws = (self.window_size,) * 2
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _RefWindowAttention(dim, ws, heads)
+        self.attn = _RefWindowAttention(dim, ws, heads, attn_drop)
         self.drop_path = nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _Mlp(dim)
@@ -264,13 +264,13 @@ class SwinUnetBlock(nn.Module):
 class TimmBlock(nn.Module):
     """timm's SwinTransformerBlock: grids (B, H, W, C), tuple window/shift, drop_path1/2."""
 
-    def __init__(self, dim, input_resolution, heads, window_size, shift_size):
+    def __init__(self, dim, input_resolution, heads, window_size, shift_size, attn_drop=0.0):
         super().__init__()
         self.input_resolution = input_resolution
         self.window_size, self.shift_size = window_size, shift_size
         self.window_area = window_size[0] * window_size[1]
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = _RefWindowAttention(dim, window_size, heads)
+        self.attn = _RefWindowAttention(dim, window_size, heads, attn_drop)
         self.drop_path1 = nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = _Mlp(dim)
@@ -312,3 +312,42 @@ def test_patch_swin_unet_and_timm_blocks(kind):
     assert [n for n, _ in report.replaced] == [str(i) for i in range(len(ref))]
     assert all(isinstance(b, FusedSwinBlock) for b in model)
     _check_same(ref, model, x, atol=1e-4)
+
+
+def _swin_stage(kind, attn_drop):
+    """Two Swin blocks (plain, shifted) of one kind and an input for them."""
+    if kind == "monai":
+        return _MonaiSwinStage(pytest.importorskip("monai.networks.nets.swin_unetr"), attn_drop=attn_drop), \
+            torch.randn(2, 8, 8, 8, 12)
+    if kind == "swin_unet":
+        return nn.Sequential(SwinUnetBlock(16, (8, 8), 2, 4, 0, attn_drop),
+                             SwinUnetBlock(16, (8, 8), 2, 4, 2, attn_drop)), torch.randn(2, 64, 16)
+    return nn.Sequential(TimmBlock(16, (8, 12), 2, (4, 4), (0, 0), attn_drop),
+                         TimmBlock(16, (8, 12), 2, (4, 4), (2, 2), attn_drop)), torch.randn(2, 8, 12, 16)
+
+
+@pytest.mark.parametrize("mode_at_patching", ["eval", "train"])
+@pytest.mark.parametrize("kind", ["swin_unet", "timm", "monai"])
+def test_patched_swin_blocks_keep_attention_dropout(kind, mode_at_patching):
+    """A Swin block with attention dropout behaves as the original in both modes, whichever mode it was patched
+    in: patching an eval-mode model used to drop the dropout silently after ``.train()``."""
+    torch.manual_seed(8)
+    ref, x = _swin_stage(kind, attn_drop=0.5)
+    model = copy.deepcopy(ref)
+    model.train(mode_at_patching == "train")
+    report = patch(model)
+    ref.train()
+    model.train()
+    outs = []
+    for seed in (11, 12):
+        torch.manual_seed(seed)
+        y_ref = ref(x)
+        torch.manual_seed(seed)
+        outs.append(model(x))
+        torch.testing.assert_close(outs[-1], y_ref, atol=1e-5, rtol=1e-4)
+    assert (outs[0] - outs[1]).abs().max() > 1e-3  # the dropout is active
+    ref.eval()
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-4)
+    assert len(report.replaced) == 2 and all("attention dropout" in what for _, what in report.replaced)

@@ -127,19 +127,24 @@ def test_patch_merging_2d_equals_monai_and_swin(grid):
         torch.testing.assert_close(y, ours.reduction(ours.norm(cat)))
 
 
+def _rearranged(e, p):
+    """Swin-Unet's rearrange(e, 'b h w (p1 p2 c) -> b (h p1) (w p2) c', p1=p, p2=p) written with loops."""
+    B, H, W, C = e.shape
+    c = C // (p * p)
+    want = torch.empty(B, H * p, W * p, c, dtype=e.dtype)
+    for p1 in range(p):
+        for p2 in range(p):
+            want[:, p1::p, p2::p] = e[..., (p1 * p + p2) * c:(p1 * p + p2 + 1) * c]
+    return want
+
+
 def test_patch_expand_as_swin_unet():
     torch.manual_seed(0)
     m = PatchExpand(8).double()
     x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
     y = m(x)
     assert y.shape == (2, 6, 10, 4)
-    # Swin-Unet: rearrange(x, 'b h w (p1 p2 c) -> b (h p1) (w p2) c', p1=2, p2=2, c=C // 4) written with loops
-    e = m.expand(x)
-    want = torch.empty(2, 6, 10, 4, dtype=torch.float64)
-    for p1 in range(2):
-        for p2 in range(2):
-            want[:, p1::2, p2::2] = e[..., (p1 * 2 + p2) * 4:(p1 * 2 + p2 + 1) * 4]
-    torch.testing.assert_close(y, m.norm(want))
+    torch.testing.assert_close(y, m.norm(_rearranged(m.expand(x), 2)))
     assert m.expand.bias is None and m.expand.weight.shape == (16, 8)
 
 
@@ -149,12 +154,7 @@ def test_final_patch_expand_x4_as_swin_unet():
     x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
     y = m(x)
     assert y.shape == (1, 8, 12, 4)
-    e = m.expand(x)
-    want = torch.empty(1, 8, 12, 4, dtype=torch.float64)
-    for p1 in range(4):
-        for p2 in range(4):
-            want[:, p1::4, p2::4] = e[..., (p1 * 4 + p2) * 4:(p1 * 4 + p2 + 1) * 4]
-    torch.testing.assert_close(y, m.norm(want))
+    torch.testing.assert_close(y, m.norm(_rearranged(m.expand(x), 4)))
 
 
 def test_module_errors():
@@ -168,3 +168,11 @@ def test_module_errors():
         PatchMerging(4, spatial_dims=1)
     with pytest.raises(ValueError, match="dim must be even"):
         PatchExpand(5)
+    with pytest.raises(ValueError, match="window_size must be 2 or 3 integers"):
+        WindowAttention(12, 3, 7)
+    with pytest.raises(ValueError, match="shift_size must be >= 0"):
+        SwinTransformerBlock(12, 3, (7, 7, 7), (-1, 0, 0))
+    with pytest.raises(ValueError, match="mode must be one of 'merging', 'mergingv2'"):
+        PatchMerging(4, mode="v3")
+    with pytest.raises(ValueError, match="bias_index must be one of"):
+        WindowAttention(12, 3, (7, 7), bias_index="timm")

@@ -95,6 +95,27 @@ def test_reference_gradcheck():
         assert torch.autograd.gradcheck(lambda q, t, p: window_attention(q, 1, 2, 1, t, qkv_pad=p), leaves)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_double_backward_gradgradcheck(backend):
+    """Second-order gradients (create_graph=True, e.g. a gradient penalty) on every backend: the first-order
+    gradient carries a graph, and gradgradcheck agrees with finite differences of it (float64)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    qkv, table, qkv_pad, _ = _inputs(1, (3, 2), 1, 2, 2, True, True, torch.float64, device)  # 3 rows: padded
+
+    def f(q, t, p):
+        return window_attention(q, 1, 2, 1, t, qkv_pad=p)
+
+    leaves = [t.requires_grad_() for t in (qkv, table, qkv_pad)]
+    with fastmed.use_backend(backend):
+        out = f(*leaves)
+        first = torch.autograd.grad(out, leaves, torch.ones_like(out), create_graph=True)
+        assert all(g.requires_grad for g in first)  # the Triton backend used to return gradients with no graph
+        plain = torch.autograd.grad(f(*leaves), leaves, torch.ones_like(out))  # the backend's own backward
+        for a, b in zip(first, plain):
+            torch.testing.assert_close(a, b, **TOL[torch.float64])
+        assert torch.autograd.gradgradcheck(f, leaves)
+
+
 def test_window_shrinks_on_small_axes():
     # grid 5x12 with window 7: axis 0 shrinks to 5 with shift 0; axis 1 keeps window 7 (padded to 14) and shift 3
     _check(1, (5, 12), 2, 16, 7, 3, True, True, torch.float64, "reference")
@@ -185,6 +206,49 @@ def test_triton_backward_is_deterministic():
         assert torch.equal(a, b)
 
 
+def test_launch_grids_stay_within_cuda_limits():
+    """Every grid the launchers compute stays within CUDA's limits (axis 0: 2^31 - 1, axes 1 and 2: 65,535), here
+    for 66 volumes of 64^3 tokens with 7^3 windows: 66,000 windows, more than axes 1 and 2 can hold."""
+    from fastmed.kernels import window_attention as K
+
+    cases = [((66, 64, 64, 64, 3 * 96), ref.WindowSpec(3, (7, 7, 7), (3, 3, 3), 0.2, (7, 7, 7), (7, 7, 7))),
+             ((3000, 1, 56, 56, 3 * 96), ref.WindowSpec(3, (1, 7, 7), (0, 3, 3), 0.2, (1, 7, 7), (1, 7, 7)))]
+    for shape, spec in cases:
+        for dtype in (torch.bfloat16, torch.float32, torch.float64):
+            for has_table in (True, False):
+                plan = K.launch_plan(shape, dtype, spec, has_table=has_table, programs=4 * 132, interpreted=False)
+                assert plan.n_windows > 65535
+                assert {"fwd", "delta", "dkdv", "dq"} <= set(plan.grids)
+                for name, grid in plan.grids.items():
+                    assert 1 <= len(grid) <= 3, (name, grid)
+                    assert all(1 <= n <= limit for n, limit in zip(grid, (2 ** 31 - 1, 65535, 65535))), (name, grid)
+    # a launch no GPU could take is refused with a clear error (here: 70,000 heads on grid axis 1)
+    with pytest.raises(ValueError, match="exceeds CUDA's grid limits"):
+        K.launch_plan((1, 1, 7, 7, 3 * 70000), torch.float32, ref.WindowSpec(70000, (1, 7, 7), (0, 0, 0), 1.0,
+                                                                              (1, 7, 7), (1, 7, 7)),
+                      has_table=False, programs=4, interpreted=False)
+
+
+def test_every_launch_is_device_guarded():
+    """Every Triton launch in kernels/window_attention.py runs inside ``with device_guard(...)`` (inputs on
+    cuda:1 while the current device is 0 must run on GPU 1); read from the source, since a CPU cannot show it."""
+    import ast
+    import inspect
+
+    from fastmed.kernels import window_attention as K
+
+    tree = ast.parse(inspect.getsource(K))
+    guarded, launches = set(), set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(isinstance(i.context_expr, ast.Call)
+                                              and getattr(i.context_expr.func, "id", "") == "device_guard"
+                                              for i in node.items):
+            guarded |= {id(n) for n in ast.walk(node)}
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "wrap_triton":
+            launches.add(id(node))
+    assert len(launches) == 6 and launches <= guarded
+
+
 # ----------------------------------------------------------------------------------------------- errors
 
 def test_errors():
@@ -212,6 +276,10 @@ def test_errors():
         window_attention(qkv, 2, 7, qkv_pad=torch.zeros(8))
     with pytest.raises(ValueError, match="bias_index must be one of"):
         window_attention(qkv, 2, 7, bias_index="timm")
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        window_attention(qkv, 2, 7, scale=float("nan"))
+    with pytest.raises(ValueError, match="num_heads must be an integer >= 1"):
+        window_attention(qkv, 0, 7)
     with pytest.raises(fastmed.BackendUnavailableError):
         with fastmed.use_backend("cuda"):
             window_attention(qkv, 2, 7)
@@ -248,6 +316,9 @@ def test_attention_errors():
         attention(q, q, q, torch.randn(3, 4, 4))
     with pytest.raises(TypeError, match="share a dtype"):
         attention(q, q.double(), q)
+    for bad in (float("nan"), float("inf"), -float("inf")):  # used to give all-NaN / all-zero attention
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            attention(q, q, q, scale=bad)
 
 
 # ----------------------------------------------------------------------------------------------- GPU

@@ -1,5 +1,5 @@
-"""Shared pieces of the fastmed models: the plain-PyTorch (``fused=False``) path of the conv blocks, argument
-checks and gradient checkpointing.
+"""Shared pieces of the fastmed models: the plain-PyTorch (``fused=False``) path of the conv blocks, the
+models' shared argument checks (built on :mod:`fastmed._validate`) and gradient checkpointing.
 
 Every model keeps ONE set of modules and parameters; ``fused`` only selects how a block computes:
 
@@ -11,7 +11,6 @@ So the two paths of one model are directly comparable, and a state dict serves b
 """
 from __future__ import annotations
 
-import numbers
 from typing import Callable, Optional
 
 import torch
@@ -19,30 +18,19 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from fastmed._validate import check_int, check_spatial_dims
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock
 from fastmed.nn.norm_act import NormAct
 from fastmed.reference.norm_act import apply_activation
-
-
-def check_spatial_dims(spatial_dims) -> int:
-    if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, numbers.Integral) or spatial_dims not in (2, 3):
-        raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims!r}")
-    return int(spatial_dims)
-
-
-def check_positive_int(value, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
 
 
 def check_unet_args(model: nn.Module, spatial_dims, in_channels, out_channels, channels) -> tuple[int, list[int]]:
     """The arguments MONAI-style U-Nets share: sets ``model.spatial_dims/in_channels/out_channels`` and returns
     (spatial dims, the per-level channels, at least 2 levels)."""
     model.spatial_dims = sd = check_spatial_dims(spatial_dims)
-    model.in_channels = check_positive_int(in_channels, "in_channels")
-    model.out_channels = check_positive_int(out_channels, "out_channels")
-    channels = [check_positive_int(c, "channels[i]") for c in channels]
+    model.in_channels = check_int(in_channels, "in_channels", 1)
+    model.out_channels = check_int(out_channels, "out_channels", 1)
+    channels = [check_int(c, "channels[i]", 1) for c in channels]
     if len(channels) < 2:
         raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
     return sd, channels

@@ -27,13 +27,12 @@ transposed convolution's norm -> activation (PReLU included) as one :func:`fastm
 from __future__ import annotations
 
 import math
-import numbers
 from typing import Sequence, Union
 
 import torch
 from torch import nn
 
-from fastmed._validate import check_per_axis
+from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import conv_class
 from fastmed.ops.conv_block import conv_norm_act
@@ -214,8 +213,7 @@ class MonaiUNet(nn.Module):
         for name, k in (("kernel_size", kernel), ("up_kernel_size", up_kernel)):
             if any(v % 2 == 0 for v in k):
                 raise ValueError(f"{name} must be odd (MONAI's 'same' padding), got {k}")
-        if isinstance(num_res_units, bool) or not isinstance(num_res_units, numbers.Integral) or num_res_units < 0:
-            raise ValueError(f"num_res_units must be a non-negative integer, got {num_res_units!r}")
+        num_res_units = check_int(num_res_units, "num_res_units", 0)
         act_name, act_kwargs = _split_args(act, "act", _ACTS)
         norm_name, norm_kwargs = _split_args(norm, "norm", _NORMS)
         if norm_name == "INSTANCE" and norm_kwargs.get("track_running_stats", False):

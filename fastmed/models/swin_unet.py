@@ -23,8 +23,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmed._validate import check_per_axis
+from fastmed._validate import check_int, check_per_axis, check_spatial_dims
 from fastmed.models import _layers as L
+from fastmed.nn.conv_block import conv_class
 from fastmed.nn.swin import FinalPatchExpandX4, PatchExpand, PatchMerging, SwinTransformerBlock, WindowAttention
 
 __all__ = ["SwinUNet"]
@@ -33,8 +34,7 @@ __all__ = ["SwinUNet"]
 class _PatchEmbed(nn.Module):
     def __init__(self, sd, in_chans, embed_dim, patch):
         super().__init__()
-        conv = nn.Conv3d if sd == 3 else nn.Conv2d
-        self.proj = conv(in_chans, embed_dim, patch, patch)
+        self.proj = conv_class(sd)(in_chans, embed_dim, patch, patch)
         self.norm = nn.LayerNorm(embed_dim)
 
     def forward(self, x):
@@ -105,12 +105,12 @@ class SwinUNet(nn.Module):
                  window_size=7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, pad: bool = True,
                  fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
+        sd = check_spatial_dims(spatial_dims)
         self.spatial_dims = sd
-        self.in_channels = L.check_positive_int(in_channels, "in_channels")
-        self.out_channels = L.check_positive_int(out_channels, "out_channels")
-        self.patch_size = L.check_positive_int(patch_size, "patch_size")
-        embed_dim = L.check_positive_int(embed_dim, "embed_dim")
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        self.out_channels = check_int(out_channels, "out_channels", 1)
+        self.patch_size = check_int(patch_size, "patch_size", 1)
+        embed_dim = check_int(embed_dim, "embed_dim", 1)
         if len(depths) != len(num_heads) or len(depths) < 2:
             raise ValueError(f"depths and num_heads must have the same length, at least 2 stages, got {depths!r} "
                              f"and {num_heads!r}")
@@ -154,8 +154,7 @@ class SwinUNet(nn.Module):
         self.norm_up = nn.LayerNorm(embed_dim)
         self.up = FinalPatchExpandX4(embed_dim) if sd == 2 and patch_size == 4 else _final_expand(
             sd, embed_dim, patch_size)
-        conv = nn.Conv3d if sd == 3 else nn.Conv2d
-        self.output = conv(embed_dim, out_channels, 1, bias=False)
+        self.output = conv_class(sd)(embed_dim, out_channels, 1, bias=False)
         self.apply(_init_weights)
 
     @property

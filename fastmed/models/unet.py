@@ -22,7 +22,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastmed._validate import check_per_axis
+from fastmed._validate import check_int, check_per_axis, check_spatial_dims
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, conv_class
 
@@ -115,10 +115,10 @@ class UNet(nn.Module):
                  deep_supervision: bool = False, fused: bool = True, checkpointing: bool = False,
                  device=None, dtype=None):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
-        in_channels = L.check_positive_int(in_channels, "in_channels")
-        out_channels = L.check_positive_int(out_channels, "out_channels")
-        features = [L.check_positive_int(f, "features[i]") for f in features]
+        sd = check_spatial_dims(spatial_dims)
+        in_channels = check_int(in_channels, "in_channels", 1)
+        out_channels = check_int(out_channels, "out_channels", 1)
+        features = [check_int(f, "features[i]", 1) for f in features]
         n = len(features)
         if n < 2:
             raise ValueError(f"features must list at least 2 stages, got {features!r}")
@@ -131,8 +131,8 @@ class UNet(nn.Module):
         if len(kernel_sizes) != n:
             raise ValueError(f"kernel_sizes must be one kernel or one per stage ({n}), got {kernel_sizes!r}")
         kernels = [check_per_axis(k, f"kernel_sizes[{i}]", sd, 1) for i, k in enumerate(kernel_sizes)]
-        convs_per_stage = L.check_positive_int(convs_per_stage, "convs_per_stage")
-        dec_convs = L.check_positive_int(decoder_convs_per_stage or convs_per_stage, "decoder_convs_per_stage")
+        convs_per_stage = check_int(convs_per_stage, "convs_per_stage", 1)
+        dec_convs = check_int(decoder_convs_per_stage or convs_per_stage, "decoder_convs_per_stage", 1)
         if downsample not in ("conv", "maxpool"):
             raise ValueError(f"downsample must be 'conv' or 'maxpool', got {downsample!r}")
         if blocks_per_stage is None:
@@ -275,7 +275,7 @@ def plan_nnunet(patch_size: Sequence[int], spacing: Optional[Sequence[float]] = 
     nd = len(patch_size)
     if nd not in (2, 3):
         raise ValueError(f"patch_size must have 2 or 3 entries (the spatial_dims), got {patch_size!r}")
-    size = [L.check_positive_int(p, "patch_size[i]") for p in patch_size]
+    size = [check_int(p, "patch_size[i]", 1) for p in patch_size]
     sp = [1.0] * nd if spacing is None else [float(s) for s in spacing]
     if len(sp) != nd or any(not math.isfinite(s) or s <= 0 for s in sp):
         raise ValueError(f"spacing must be {nd} positive numbers, got {spacing!r}")

@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastmed._validate import check_int, check_spatial_dims
 from fastmed.models import _layers as L
+from fastmed.nn.conv_block import ResidualBlock, conv_class
 from fastmed.ops.window_attention import attention
 
 __all__ = ["ViT", "UNETR"]
@@ -27,7 +29,7 @@ __all__ = ["ViT", "UNETR"]
 class _PatchEmbed(nn.Module):
     def __init__(self, sd, in_chans, dim, patch):
         super().__init__()
-        self.proj = (nn.Conv3d if sd == 3 else nn.Conv2d)(in_chans, dim, patch, patch)
+        self.proj = conv_class(sd)(in_chans, dim, patch, patch)
 
     def forward(self, x):
         return self.proj(x).flatten(2).transpose(1, 2)  # (B, N, C)
@@ -96,14 +98,13 @@ class ViT(nn.Module):
                  num_classes: int = 1000, embed_dim: int = 768, depth: int = 12, num_heads: int = 12,
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
+        sd = check_spatial_dims(spatial_dims)
         self.spatial_dims = sd
-        self.img_size = L.check_positive_int(img_size, "img_size")
-        self.patch_size = L.check_positive_int(patch_size, "patch_size")
-        self.in_channels = L.check_positive_int(in_channels, "in_channels")
-        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-            raise ValueError(f"num_classes must be an integer >= 0 (0: no head), got {num_classes!r}")
-        embed_dim = L.check_positive_int(embed_dim, "embed_dim")
+        self.img_size = check_int(img_size, "img_size", 1)
+        self.patch_size = check_int(patch_size, "patch_size", 1)
+        self.in_channels = check_int(in_channels, "in_channels", 1)
+        num_classes = check_int(num_classes, "num_classes", 0)  # 0: no head
+        embed_dim = check_int(embed_dim, "embed_dim", 1)
         if embed_dim % num_heads:
             raise ValueError(f"num_heads={num_heads} must divide embed_dim={embed_dim}")
         if img_size % patch_size:
@@ -215,19 +216,18 @@ class UNETR(nn.Module):
                  num_heads: int = 12, mlp_ratio: float = 4.0, norm: str = "instance", act: str = "leaky_relu",
                  fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = L.check_spatial_dims(spatial_dims)
+        sd = check_spatial_dims(spatial_dims)
         if patch_size != 16:
             raise ValueError(f"UNETR's decoder upsamples 16x (four 2x steps): patch_size must be 16, got {patch_size!r}")
         if depth < 4 or depth % 4:
             raise ValueError(f"depth must be a positive multiple of 4 (skips after blocks depth/4, depth/2, "
                              f"3*depth/4), got {depth!r}")
-        f = L.check_positive_int(feature_size, "feature_size")
+        f = check_int(feature_size, "feature_size", 1)
         self.spatial_dims, self.in_channels, self.out_channels = sd, in_channels, out_channels
         self.skip_layers = (depth // 4 - 1, depth // 2 - 1, 3 * depth // 4 - 1)
         self.vit = ViT(sd, img_size, patch_size, in_channels, num_classes=0, embed_dim=embed_dim, depth=depth,
                        num_heads=num_heads, mlp_ratio=mlp_ratio, fused=fused)
         blk = dict(norm=norm, act=act, bias=False)
-        from fastmed.nn.conv_block import ResidualBlock
 
         def res(cin, cout):
             return ResidualBlock(sd, cin, cout, 3, 1, **blk)
@@ -247,7 +247,7 @@ class UNETR(nn.Module):
         self.decoder4 = nn.ModuleDict({"up": up(8 * f, 4 * f), "res": res(8 * f, 4 * f)})
         self.decoder3 = nn.ModuleDict({"up": up(4 * f, 2 * f), "res": res(4 * f, 2 * f)})
         self.decoder2 = nn.ModuleDict({"up": up(2 * f, f), "res": res(2 * f, f)})
-        self.out = (nn.Conv3d if sd == 3 else nn.Conv2d)(f, out_channels, 1)
+        self.out = conv_class(sd)(f, out_channels, 1)
         self.fused, self.checkpointing = fused, checkpointing
 
     @property

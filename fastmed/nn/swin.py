@@ -22,20 +22,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fastmed._validate import check_choice, check_int, check_per_axis, check_spatial_dims, check_token_grid
 from fastmed.ops.window_attention import BIAS_INDEX, window_attention
 from fastmed.reference import window_attention as ref
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "Mlp", "DropPath", "PatchMerging", "PatchExpand",
            "FinalPatchExpandX4"]
-
-
-def _tuple(value: Union[int, Sequence[int]], nd: int, name: str) -> tuple[int, ...]:
-    if isinstance(value, int):
-        return (value,) * nd
-    value = tuple(int(v) for v in value)
-    if len(value) != nd:
-        raise ValueError(f"{name} must have {nd} entries (one per spatial axis), got {value}")
-    return value
 
 
 class WindowAttention(nn.Module):
@@ -61,13 +53,13 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], qkv_bias: bool = True,
                  attn_drop: float = 0.0, proj_drop: float = 0.0, fused: bool = True, bias_index: str = "monai"):
         super().__init__()
-        if num_heads < 1 or dim % num_heads != 0:
+        dim, num_heads = check_int(dim, "dim", 1), check_int(num_heads, "num_heads", 1)
+        if dim % num_heads != 0:
             raise ValueError(f"num_heads must divide dim={dim}, got num_heads={num_heads}")
-        if bias_index not in BIAS_INDEX:
-            raise ValueError(f"bias_index must be one of {BIAS_INDEX}, got {bias_index!r}")
-        self.window_size = tuple(int(w) for w in window_size)
-        if len(self.window_size) not in (2, 3) or min(self.window_size) < 1:
-            raise ValueError(f"window_size must be 2 or 3 integers >= 1, got {window_size}")
+        check_choice(bias_index, "bias_index", BIAS_INDEX)
+        if not isinstance(window_size, Sequence) or isinstance(window_size, str) or len(window_size) not in (2, 3):
+            raise ValueError(f"window_size must be 2 or 3 integers >= 1 (one per spatial axis), got {window_size!r}")
+        self.window_size = check_per_axis(window_size, "window_size", len(window_size), 1)
         self.dim, self.num_heads = dim, num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.fused, self.bias_index = fused, bias_index
@@ -82,9 +74,8 @@ class WindowAttention(nn.Module):
 
     def forward(self, x: Tensor, shift_size: Union[int, Sequence[int]] = 0) -> Tensor:
         nd = len(self.window_size)
-        if x.dim() != nd + 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be a {nd}D token grid (B, *S, {self.dim}), got shape {tuple(x.shape)}")
-        shift = _tuple(shift_size, nd, "shift_size")
+        check_token_grid(x, "x", nd, self.dim)
+        shift = check_per_axis(shift_size, "shift_size", nd, 0)
         if self.fused and not (self.training and self.attn_drop.p > 0):
             out = window_attention(self.qkv(x), self.num_heads, self.window_size, shift,
                                    self.relative_position_bias_table, self.scale, qkv_pad=self.qkv.bias,
@@ -185,7 +176,7 @@ class SwinTransformerBlock(nn.Module):
                  bias_index: str = "monai"):
         super().__init__()
         self.window_size = tuple(int(w) for w in window_size)
-        self.shift_size = _tuple(shift_size, len(self.window_size), "shift_size")
+        self.shift_size = check_per_axis(shift_size, "shift_size", len(self.window_size), 0)
         for w, s in zip(self.window_size, self.shift_size):
             if not 0 <= s < w:
                 raise ValueError(f"shift_size must satisfy 0 <= shift < window on every axis, got "
@@ -214,19 +205,15 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int, norm_layer: type[nn.Module] = nn.LayerNorm, spatial_dims: int = 3,
                  mode: str = "merging"):
         super().__init__()
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if mode not in ("merging", "mergingv2"):
-            raise ValueError(f"mode must be 'merging' or 'mergingv2', got {mode!r}")
-        self.dim, self.spatial_dims, self.mode = dim, spatial_dims, mode
+        spatial_dims = check_spatial_dims(spatial_dims)
+        self.dim, self.spatial_dims, self.mode = dim, spatial_dims, check_choice(mode, "mode", ("merging", "mergingv2"))
         k = 2 ** spatial_dims
         self.reduction = nn.Linear(k * dim, 2 * dim, bias=False)
         self.norm = norm_layer(k * dim)
 
     def forward(self, x: Tensor) -> Tensor:
         nd = self.spatial_dims
-        if x.dim() != nd + 2 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be a {nd}D token grid (B, *S, {self.dim}), got shape {tuple(x.shape)}")
+        check_token_grid(x, "x", nd, self.dim)
         pads = []
         for s in reversed(x.shape[1:-1]):
             pads += [0, s % 2]
@@ -264,8 +251,7 @@ class PatchExpand(nn.Module):
         self.norm = norm_layer(dim // 2)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be a 2D token grid (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        check_token_grid(x, "x", 2, self.dim)
         return self.norm(_pixel_shuffle(self.expand(x), 2))
 
 
@@ -283,6 +269,5 @@ class FinalPatchExpandX4(nn.Module):
         self.norm = norm_layer(dim)
 
     def forward(self, x: Tensor) -> Tensor:
-        if x.dim() != 4 or x.shape[-1] != self.dim:
-            raise ValueError(f"x must be a 2D token grid (B, H, W, {self.dim}), got shape {tuple(x.shape)}")
+        check_token_grid(x, "x", 2, self.dim)
         return self.norm(_pixel_shuffle(self.expand(x), 4))

@@ -7,8 +7,6 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
 
-import math
-import numbers
 from typing import Optional, Sequence, Union
 
 import torch
@@ -18,7 +16,8 @@ from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _direct
-from fastmed._validate import check_choice, check_per_axis, check_same_device, check_tensor
+from fastmed._validate import (check_choice, check_number, check_int, check_per_axis, check_same_device,
+                               check_tensor)
 from fastmed.reference import window_attention as ref
 
 __all__ = ["window_attention", "attention", "BIAS_INDEX"]
@@ -31,11 +30,9 @@ _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
 
 
-def _reference_backward(dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale, table_window,
-                        bias_coords):
+def _reference_backward(dout, qkv, out, lse, table, qkv_pad, spec: ref.WindowSpec):
     # The reference recomputes the attention from qkv: out and lse are not needed.
-    return ref.window_attention_backward(dout, qkv, table, qkv_pad, num_heads, window, shift, scale, table_window,
-                                         bias_coords)
+    return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
 
 
 _ATTENTION = _backend.Implementations("attention", "fastmed.ops.attention",
@@ -47,12 +44,16 @@ _BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attent
                                      triton="fastmed.kernels.window_attention:window_attention_backward",
                                      reference=_reference_backward)
 
+# The torch.library ops take the tensors, then the WindowSpec's fields flat (its field order), then the backend.
+_NON_TENSOR_GRADS = (None,) * (len(ref.WindowSpec._fields) + 1)  # the spec's fields and the backend name
+
 
 @triton_op("fastmed::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
                           window: list[int], shift: list[int], scale: float, table_window: list[int],
                           bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
-    return _FORWARD[backend](qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords)
+    spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
+    return _FORWARD[backend](qkv, table, qkv_pad, spec)
 
 
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
@@ -60,38 +61,38 @@ def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, t
                           qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
                           scale: float, table_window: list[int], bias_coords: list[int],
                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    dqkv, dtable, dpad = _BACKWARD[backend](dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale,
-                                            table_window, bias_coords)
+    spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
+    dqkv, dtable, dpad = _BACKWARD[backend](dout, qkv, out, lse, table, qkv_pad, spec)
     # Absent gradients travel as empty tensors (custom ops return no None).
     return (dqkv, dtable if dtable is not None else qkv.new_empty(0),
             dpad if dpad is not None else qkv.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords, backend = inputs
+    qkv, table, qkv_pad, *spec_fields, backend = inputs
     out, lse = output
     ctx.save_for_backward(qkv, out, lse, table, qkv_pad)
-    ctx.args = (num_heads, window, shift, scale, table_window, bias_coords, backend)
+    ctx.spec = ref.WindowSpec.from_flat(*spec_fields)
+    ctx.backend = backend
 
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, table, qkv_pad = ctx.saved_tensors
-    num_heads, window, shift, scale, table_window, bias_coords, backend = ctx.args
-    dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
-        dout, qkv, out, lse, table, qkv_pad, num_heads, window, shift, scale, table_window, bias_coords, backend)
-    return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None,
-            None, None, None, None, None, None, None)
+    spec = ctx.spec
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dout, qkv, table, qkv_pad)):
+        # Double backward (create_graph=True): the first-order gradient must itself be differentiable, so it is
+        # computed by the reference's plain torch composition, which autograd differentiates again, on every
+        # backend (the kernels' gradients would carry no graph).
+        dqkv, dtable, dpad = ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
+    else:
+        dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
+            dout, qkv, out, lse, table, qkv_pad, *spec.flat(), ctx.backend)
+    return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None) + _NON_TENSOR_GRADS
 
 
 _window_attention_fwd.register_autograd(_backward, setup_context=_setup_context)
 _WindowAttentionDirect = _direct.autograd_function("_WindowAttentionDirect", _window_attention_fwd, _setup_context,
-                                              _backward)
-
-
-def _int(value, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    return int(value)
+                                                   _backward)
 
 
 def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequence[int]],
@@ -113,7 +114,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
         window_size: window per spatial axis (int or one per axis), each >= 1.
         shift_size: cyclic shift per axis, ``0 <= shift < window`` (``window // 2`` for SW-MSA blocks).
         rel_pos_bias_table: ``(prod(2 * window - 1), num_heads)`` relative position bias table, or None.
-        scale: score scale, default ``head_dim ** -0.5``.
+        scale: score scale (finite), default ``head_dim ** -0.5``.
         qkv_pad: ``(3C,)``: the qkv of a padding token (the qkv Linear's bias; None means zeros).  Used only
             when the grid is not divisible by the (shrunk) window.
         bias_index: which table row a pair uses when a window shrinks (see below): ``"coords"`` (default)
@@ -132,11 +133,13 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
 
     Returns:
         ``(B, H, W, C)`` / ``(B, D, H, W, C)`` in ``qkv``'s dtype.  Differentiable with respect to ``qkv``,
-        ``rel_pos_bias_table`` and ``qkv_pad``; the backward is deterministic.
+        ``rel_pos_bias_table`` and ``qkv_pad``; the backward is deterministic.  Twice differentiable on every
+        backend: when the backward itself must be differentiated (``create_graph=True``, e.g. a gradient
+        penalty), the first-order gradient comes from the reference's plain PyTorch composition.
     """
     check_tensor(qkv, "qkv", min_ndim=4, max_ndim=5)
     nd = qkv.dim() - 2
-    heads = _int(num_heads, "num_heads", 1)
+    heads = check_int(num_heads, "num_heads", 1)
     if qkv.shape[-1] % 3 != 0:
         raise ValueError(f"qkv's last dimension must be 3 * C (q, k and v of C channels each), got "
                          f"{qkv.shape[-1]}, which is not divisible by 3")
@@ -163,10 +166,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
         if tuple(qkv_pad.shape) != (3 * C,):
             raise ValueError(f"qkv_pad must have shape ({3 * C},) (the qkv of one padding token), "
                              f"got {tuple(qkv_pad.shape)}")
-    if scale is None:
-        scale = (C // heads) ** -0.5
-    elif isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
-        raise ValueError(f"scale must be a finite number or None, got {scale!r}")
+    scale = (C // heads) ** -0.5 if scale is None else check_number(scale, "scale")
     if not isinstance(bias_index, str):
         raise TypeError(f"bias_index must be a string ('coords' or 'monai'), got {type(bias_index).__name__}")
     check_choice(bias_index, "bias_index", BIAS_INDEX)
@@ -176,14 +176,14 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     eff_window, eff_shift = ref.effective_window(grid, window, shift)
     lead = (1,) * (3 - nd)
     x5 = qkv if nd == 3 else qkv.unsqueeze(1)
-    win3 = list(lead + eff_window)
-    shift3 = [0] * (3 - nd) + list(eff_shift)
-    table_window = list(lead + window)
-    bias_coords = win3 if bias_index == "coords" else table_window
+    win3 = lead + eff_window
+    table_window = lead + window
+    spec = ref.WindowSpec(heads, win3, (0,) * (3 - nd) + eff_shift, float(scale), table_window,
+                          win3 if bias_index == "coords" else table_window)
 
     backend = _backend.choose("window_attention", device)
-    out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, x5, rel_pos_bias_table, qkv_pad, heads,
-                         win3, shift3, float(scale), table_window, bias_coords, backend)
+    out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, x5, rel_pos_bias_table, qkv_pad,
+                          *spec.flat(), backend)
     return out.squeeze(1) if nd == 2 else out
 
 
@@ -196,7 +196,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
     Args:
         q: ``(B, heads, Lq, head_dim)``; k, v: ``(B, heads, Lk, head_dim)``, same dtype and device.
         bias: additive float bias broadcastable to ``(B, heads, Lq, Lk)``, or None.
-        scale: default ``head_dim ** -0.5``.
+        scale: finite, default ``head_dim ** -0.5``.
 
     Returns:
         ``(B, heads, Lq, head_dim)``; differentiable with respect to ``q``, ``k``, ``v`` and ``bias``.
@@ -218,8 +218,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, sc
         except RuntimeError:
             raise ValueError(f"bias must broadcast to (B, heads, Lq, Lk) = {target}, got {tuple(bias.shape)}") from None
         bias = bias.to(q.dtype)
-    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, numbers.Real)):
-        raise ValueError(f"scale must be a number or None, got {scale!r}")
+    if scale is not None:  # NaN / inf would give all-NaN or all-zero attention
+        scale = check_number(scale, "scale")
     device = check_same_device(q=q, k=k, v=v, bias=bias)
     backend = _backend.choose("attention", device)  # raises if a forced backend cannot run attention
     return _ATTENTION[backend](q, k, v, attn_mask=bias, scale=scale)

@@ -8,24 +8,59 @@ Layout conventions (shared with the Triton kernels):
 
 * ``qkv``: the qkv projection on the token grid, ``(B, D, H, W, 3C)`` (2D inputs are seen as ``D = 1``),
   channels ordered like timm/MONAI's ``qkv`` Linear: ``reshape(..., 3, heads, head_dim)``.
-* ``window`` / ``shift``: 3-tuples, already *effective* (shrunk on axes where the grid is not larger
-  than the window, see :func:`effective_window`); the grid must be divisible by ``window``.
-* ``table_window``: the window the relative position bias table was built for, ``prod(2 w - 1)`` rows.
-* ``bias_coords``: the window dims used to turn a token's index inside its window into the coordinates
-  that address the table.  ``window`` gives the geometric bias (the bias of a pair depends on their
-  displacement); ``table_window`` reproduces MONAI, which slices ``relative_position_index[:n, :n]`` of
-  the full window when the window shrinks.
+* :class:`WindowSpec`: everything a call computes apart from its tensors (heads, window, shift, scale, bias
+  layout).  The ops build it; the reference and the Triton launchers take it; the torch.library ops carry its
+  fields flat (:meth:`WindowSpec.flat`), in its field order.
 * ``lse``: per token and head, the logsumexp of its (scaled, biased, masked) scores, ``(B, D, H, W, heads)``.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 from fastmed._tensors import accumulation_dtype
 
 MASK_VALUE = -100.0  # the constant timm / Swin-Unet / MONAI add between tokens of different shift regions
+
+
+class WindowSpec(NamedTuple):
+    """The non-tensor arguments of one window-attention call (3-tuples are ``(D, H, W)``; 2D calls have ``D = 1``).
+
+    * ``window`` / ``shift``: already *effective* (shrunk on axes where the grid is not larger than the window,
+      see :func:`effective_window`); windows tile the grid padded up to a multiple of ``window``.
+    * ``table_window``: the window the relative position bias table was built for (``prod(2 w - 1)`` rows).
+    * ``bias_coords``: the window dims used to turn a token's index inside its window into the coordinates that
+      address the table.  ``window`` gives the geometric bias (the bias of a pair depends on their
+      displacement); ``table_window`` reproduces MONAI, which slices ``relative_position_index[:n, :n]`` of the
+      full window when the window shrinks.
+    """
+    num_heads: int
+    window: tuple[int, int, int]
+    shift: tuple[int, int, int]
+    scale: float
+    table_window: tuple[int, int, int]
+    bias_coords: tuple[int, int, int]
+
+    @classmethod
+    def from_flat(cls, num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float,
+                  table_window: Sequence[int], bias_coords: Sequence[int]) -> "WindowSpec":
+        """The spec from the torch.library ops' flat arguments (lists arrive from the dispatcher)."""
+        return cls(int(num_heads), tuple(window), tuple(shift), float(scale), tuple(table_window),
+                   tuple(bias_coords))
+
+    def flat(self) -> tuple:
+        """The fields as the torch.library ops take them (``int[]`` as lists), in field order."""
+        return tuple(list(f) if isinstance(f, tuple) else f for f in self)
+
+    @property
+    def tokens(self) -> int:
+        """``N``: tokens per window."""
+        return self.window[0] * self.window[1] * self.window[2]
+
+    @property
+    def shifted(self) -> bool:
+        return any(s > 0 for s in self.shift)
 
 
 def effective_window(grid: Sequence[int], window: Sequence[int], shift: Sequence[int]) -> tuple[tuple, tuple]:
@@ -166,48 +201,52 @@ def _crop(x: Tensor, grid: Sequence[int]) -> Tensor:
     return x[:, :grid[0], :grid[1], :grid[2]]
 
 
-def window_attention_forward(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
-                             window: Sequence[int], shift: Sequence[int], scale: float, table_window: Sequence[int],
-                             bias_coords: Sequence[int]) -> tuple[Tensor, Tensor]:
+def _padded_scores(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], spec: WindowSpec):
+    """The padded grid's q, k, v ``(B*nW, heads, N, head_dim)`` and scores ``(B*nW, heads, N, N)`` in the
+    accumulation dtype, and the padded grid's spatial shape."""
+    acc = accumulation_dtype(qkv.dtype)
+    x = pad_grid(qkv.to(acc), spec.window, qkv_pad)
+    padded = tuple(x.shape[1:4])
+    q, k, v = _split_qkv(x, spec.num_heads, spec.window, spec.shift)
+    bias = _bias(None if table is None else table.to(acc), spec.window, spec.table_window, spec.bias_coords)
+    mask = shift_mask(padded, spec.window, spec.shift, qkv.device, acc)
+    return q, k, v, _scores(q, k, spec.scale, bias, mask, x.shape[0]), padded
+
+
+def window_attention_forward(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor],
+                             spec: WindowSpec) -> tuple[Tensor, Tensor]:
     """Window attention on a ``(B, D, H, W, 3C)`` grid: returns ``(out (B, D, H, W, C), lse (B, D, H, W, heads))``.
 
-    The grid is padded up to a multiple of ``window`` with ``qkv_pad`` tokens (:func:`pad_grid`) and cropped back.
-    Computes in float32 (float64 for float64 inputs); ``out`` has ``qkv``'s dtype, ``lse`` the compute dtype.
+    The grid is padded up to a multiple of ``spec.window`` with ``qkv_pad`` ``(3C,)`` tokens (zeros when None,
+    :func:`pad_grid`) and cropped back; ``table`` is ``(T, heads)`` or None.  Computes in float32 (float64 for
+    float64 inputs); ``out`` has ``qkv``'s dtype, ``lse`` the compute dtype.
     """
-    acc = accumulation_dtype(qkv.dtype)
     grid = tuple(qkv.shape[1:4])
-    x = pad_grid(qkv.to(acc), window, qkv_pad)
-    padded = tuple(x.shape[1:4])
-    q, k, v = _split_qkv(x, num_heads, window, shift)
-    bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
-    mask = shift_mask(padded, window, shift, qkv.device, acc)
-    s = _scores(q, k, scale, bias, mask, x.shape[0])
-    lse = _merge(torch.logsumexp(s, dim=-1).unsqueeze(-1), window, shift, padded)
-    out = _merge(torch.softmax(s, dim=-1) @ v, window, shift, padded)
+    _, _, v, s, padded = _padded_scores(qkv, table, qkv_pad, spec)
+    lse = _merge(torch.logsumexp(s, dim=-1).unsqueeze(-1), spec.window, spec.shift, padded)
+    out = _merge(torch.softmax(s, dim=-1) @ v, spec.window, spec.shift, padded)
     return _crop(out, grid).to(qkv.dtype), _crop(lse, grid).contiguous()
 
 
 def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor],
-                              num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float,
-                              table_window: Sequence[int], bias_coords: Sequence[int]
-                              ) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
+                              spec: WindowSpec) -> tuple[Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients ``(dqkv (B, D, H, W, 3C), dtable (T, heads) or None, dqkv_pad (3C,) or None)`` by the explicit
-    softmax backward on the padded grid."""
+    softmax backward on the padded grid.
+
+    Written with differentiable torch ops only, so autograd can differentiate it again: the ops run it for the
+    first-order gradient when that gradient needs a graph (double backward, ``create_graph=True``)."""
     acc = accumulation_dtype(qkv.dtype)
     grid = tuple(qkv.shape[1:4])
-    x = pad_grid(qkv.to(acc), window, qkv_pad)
-    padded = tuple(x.shape[1:4])
-    q, k, v = _split_qkv(x, num_heads, window, shift)
-    bias = _bias(None if table is None else table.to(acc), window, table_window, bias_coords)
-    mask = shift_mask(padded, window, shift, qkv.device, acc)
-    p = torch.softmax(_scores(q, k, scale, bias, mask, x.shape[0]), dim=-1)
+    window, shift = spec.window, spec.shift
+    q, k, v, s, padded = _padded_scores(qkv, table, qkv_pad, spec)
+    p = torch.softmax(s, dim=-1)
     do = pad_grid(torch.cat([dout.to(acc)] * 3, dim=-1), window, None)  # cropped outputs: zero gradient
-    do = _split_qkv(do, num_heads, window, shift)[0]
+    do = _split_qkv(do, spec.num_heads, window, shift)[0]
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = (ds @ k) * scale
-    dk = (ds.transpose(-2, -1) @ q) * scale
+    dq = (ds @ k) * spec.scale
+    dk = (ds.transpose(-2, -1) @ q) * spec.scale
     dx = torch.cat([_merge(g, window, shift, padded) for g in (dq, dk, dv)], dim=-1)
     dpad = None
     if qkv_pad is not None:
@@ -216,9 +255,9 @@ def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor]
         dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
     dtable = None
     if table is not None:
-        idx = bias_index(window, table_window, bias_coords).to(qkv.device).reshape(-1)
-        dsum = ds.sum(0).reshape(num_heads, -1).transpose(0, 1)  # (N*N, heads)
-        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add_(0, idx, dsum).to(table.dtype)
+        idx = bias_index(window, spec.table_window, spec.bias_coords).to(qkv.device).reshape(-1)
+        dsum = ds.sum(0).reshape(spec.num_heads, -1).transpose(0, 1)  # (N*N, heads)
+        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add(0, idx, dsum).to(table.dtype)
     return _crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
