@@ -81,6 +81,86 @@ def check_per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
     return vals
 
 
+# --------------------------------------------------------------------------------------------
+# Numbers, and the arguments of the segmentation losses (fastmed.ops.losses, fastmed.nn.losses)
+# --------------------------------------------------------------------------------------------
+
+def check_number(value, name: str, *, minimum: Optional[float] = None, maximum: Optional[float] = None) -> float:
+    """A finite real number (not a bool) in ``[minimum, maximum]`` -> float."""
+    ok = (isinstance(value, numbers.Real) and not isinstance(value, bool) and -float("inf") < value < float("inf")
+          and (minimum is None or value >= minimum) and (maximum is None or value <= maximum))
+    if not ok:
+        lo = "-inf" if minimum is None else minimum
+        hi = "inf" if maximum is None else maximum
+        raise ValueError(f"{name} must be a finite real number in [{lo}, {hi}], got {value!r}")
+    return float(value)
+
+
+def check_int(value, name: str, *, minimum: Optional[int] = None, allow_none: bool = False) -> Optional[int]:
+    """An int (not a bool; ``None`` too with ``allow_none``), at least ``minimum`` -> int or None."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        expect = "an int or None" if allow_none else "an int"
+        raise TypeError(f"{name} must be {expect}, got {type(value).__name__} {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_reduction(reduction, choices: Sequence[str] = ("mean", "sum", "none")) -> str:
+    """A loss's ``reduction``: one of ``choices``, given as a string or a MONAI ``LossReduction`` enum."""
+    return check_choice(getattr(reduction, "value", reduction), "reduction", choices)
+
+
+def check_loss_activation(sigmoid: bool, softmax: bool, other_act) -> None:
+    """MONAI's activation arguments of a loss: ``other_act`` None or callable, at most one of the three set."""
+    if other_act is not None and not callable(other_act):
+        raise TypeError(f"other_act must be None or callable but is {type(other_act).__name__}.")
+    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
+        raise ValueError("Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None].")
+
+
+def check_ddp_sync(ddp_sync: bool, batch: bool) -> None:
+    """``ddp_sync=True`` sums batch statistics over ranks, so it needs batch statistics (``batch=True``)."""
+    if ddp_sync and not batch:
+        raise ValueError("ddp_sync=True sums the batch Dice statistics over ranks and needs batch=True "
+                         "(batch_dice=True for nnU-Net)")
+
+
+def check_class_weight(weight, name: str, channels: int) -> Optional[torch.Tensor]:
+    """A per-class loss weight: None, a number, or one non-negative value per class kept (``channels``, without
+    the background class 0 when ``include_background=False``) -> None or a tensor (0-d for a number)."""
+    if weight is None:
+        return None
+    expect = f"{name} must be a number, a sequence of numbers or a tensor, got {type(weight).__name__}"
+    if isinstance(weight, (bool, str, bytes)) or not isinstance(weight, (numbers.Real, Sequence, torch.Tensor)):
+        raise TypeError(expect)
+    try:
+        w = torch.as_tensor(weight)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise TypeError(f"{expect} ({exc})") from None
+    if w.ndim > 1 or w.ndim == 1 and w.shape[0] != channels:
+        raise ValueError(f"{name} must be a number or have one value per class ({channels} classes, without the "
+                         f"background class 0 when include_background=False), got shape {tuple(w.shape)}")
+    if bool((w < 0).any()):
+        raise ValueError(f"{name} values must be no less than 0, got {w.tolist()}")
+    return w
+
+
+def check_number_sequence(values, name: str, *, minimum: Optional[float] = None) -> list[float]:
+    """A sequence (or 1-D tensor) of finite real numbers, each at least ``minimum`` -> a list of floats."""
+    if isinstance(values, torch.Tensor):
+        values = values.tolist() if values.dim() == 1 else values
+    if isinstance(values, (str, bytes, torch.Tensor)) or not isinstance(values, Sequence):
+        raise TypeError(f"{name} must be a sequence of numbers, got {type(values).__name__}")
+    return [check_number(v, f"{name}[{i}]", minimum=minimum) for i, v in enumerate(values)]
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, dtypes and modes (norm_act, conv_norm_act and their modules)
+# --------------------------------------------------------------------------------------------
+
 def check_mode(value, name: str, choices: Iterable[str]) -> str:
     """A mode name, case-insensitive -> its lower-case form, one of ``choices`` (TypeError for a non-string)."""
     choices = tuple(choices)
@@ -99,20 +179,6 @@ def check_same_dtype(t: torch.Tensor, name: str, dtype: torch.dtype, what: str) 
     """``t`` must have ``dtype`` (the dtype of ``what``)."""
     if t.dtype != dtype:
         raise TypeError(f"{name} must have the dtype of {what} ({dtype}), got {t.dtype}")
-
-
-def check_positive_int(value, name: str) -> int:
-    """An int >= 1 (bool refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
-
-def check_non_negative(value, name: str) -> float:
-    """A real number >= 0 (NaN and bool refused)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= 0:
-        raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-    return float(value)
 
 
 def check_batch_and_spatial(t: torch.Tensor, name: str, like: torch.Tensor, what: str) -> None:

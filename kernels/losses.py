@@ -2,7 +2,9 @@
 
 ``logits (B, C, *spatial)`` is seen as a strided ``(B, C, S)`` view (a view for contiguous and channels-last
 layouts); label targets as ``(B, S)``; dense targets as ``(B, C, S)`` (``(B, 1, S)`` when C = 1); a dense target's
-ignore mask as ``(B, S)``.  The statistics and their meaning are documented in :mod:`fastmed.reference.losses`.
+ignore mask as ``(B, S)``.  What a pass computes is a :class:`~fastmed.reference.loss_spec.StatsSpec`; its string
+modes become string constexprs (``ACTIVATION``, ``POW_MODE``, ``CE_MODE``, ``FOCAL_MODE``, ``FOCAL_POS_MODE``) and
+the statistics slots are the named constants of :mod:`fastmed.reference.loss_spec`, which documents them.
 
 Forward (one pass over logits and targets): grid ``(NSPLIT, B)``.  Each program walks its slice of S in
 ``[C_PAD, BLOCK]`` tiles, computes the activation (softmax over the C rows of the tile, or sigmoid) in registers,
@@ -12,18 +14,36 @@ splits in a fixed order: the same inputs give bit-identical statistics run to ru
 
 Backward (one pass): grid ``(cdiv(S, BLOCK), B)``.  Each program reloads its tile, recomputes the activation and
 writes ``d logits`` from the per-(b, k, c) coefficients ``d loss / d stats`` in closed form (see
-``fastmed.reference.losses.loss_stats_backward``, which these kernels mirror line by line).  Nothing is saved
-between the passes but the logits, the targets and the ``(B, K, C)`` statistics.
+``fastmed.reference.losses.loss_stats_backward``: the same closed form).  Nothing is saved
+between the passes but the logits, the targets and the ``(B, NUM_SLOTS, C)`` statistics.
+
+Every launch runs inside ``device_guard(logits)`` (the logits' GPU, not the current device).
 """
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from fastmed._tensors import accumulation_dtype, target_programs
+from fastmed._tensors import accumulation_dtype, device_guard, target_programs
+from fastmed._validate import flat_view
+from fastmed.reference import loss_spec
+from fastmed.reference.loss_spec import StatsSpec, check_spec
 
-K_STATS = 10  # fastmed.reference.losses.K
+# The statistics slots of fastmed.reference.loss_spec, as constexprs the kernels can read.
+INTERSECT = tl.constexpr(loss_spec.INTERSECT)
+PRED = tl.constexpr(loss_spec.PRED)
+GROUND = tl.constexpr(loss_spec.GROUND)
+DIFF = tl.constexpr(loss_spec.DIFF)
+NLL = tl.constexpr(loss_spec.NLL)
+LOGSUM = tl.constexpr(loss_spec.LOGSUM)
+FOCAL = tl.constexpr(loss_spec.FOCAL)
+FOCAL_POS = tl.constexpr(loss_spec.FOCAL_POS)
+COUNT = tl.constexpr(loss_spec.COUNT)
+BAD = tl.constexpr(loss_spec.BAD)
+NUM_SLOTS = tl.constexpr(loss_spec.NUM_SLOTS)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -33,13 +53,38 @@ K_STATS = 10  # fastmed.reference.losses.K
 
 @triton.jit
 def _softplus(x):
-    # log(1 + exp(x)), stable for large |x|
+    # log(1 + exp(x)), stable for large |x|, +inf at +inf and 0 at -inf
     return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@triton.jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
 
 
 @triton.jit
 def _sign(x):
     return tl.where(x > 0, 1.0, tl.where(x < 0, -1.0, 0.0))
+
+
+@triton.jit
+def _weigh(w, v):
+    """w * v, except that a zero weight times an infinite v is 0 (fastmed.reference.losses.weigh); NaN stays NaN."""
+    return w * tl.where((w == 0.0) & (tl.abs(v) == float("inf")), 0.0, v)
+
+
+@triton.jit
+def _bce_with_logits(z, t):
+    """(1 - t) softplus(z) + t softplus(-z), finite at z = +-inf where the target agrees with the logit."""
+    return _weigh(1.0 - t, _softplus(z)) + _weigh(t, _softplus(-z))
+
+
+@triton.jit
+def _sigmoid_focal_terms(zz, tt, gamma):
+    """(BCE, modulator (1 - p_t) ** gamma, 2 t - 1) of MONAI's sigmoid focal term on masked logits and targets."""
+    sg = tt * 2.0 - 1.0
+    mod = tl.exp(-_weigh(gamma, _softplus(_weigh(sg, zz))))
+    return _bce_with_logits(zz, tt), mod, sg
 
 
 @triton.jit
@@ -55,24 +100,41 @@ def _softmax_rows(z, rows):
 
 
 @triton.jit
+def _classes(C, C_PAD: tl.constexpr):
+    """(sample b as int64, class indices c [C_PAD] as int64, class mask [C_PAD]) of this program."""
+    b = tl.program_id(1).to(tl.int64)
+    c = tl.arange(0, C_PAD).to(tl.int64)
+    return b, c, c < C
+
+
+@triton.jit
 def _load_tile(
     z_ptr, t_ptr, m_ptr, b, c, cm, s, sm, C, ignore_index,
     szb, szc, szs, stb, stc, sts, smb, sms,
-    LABEL: tl.constexpr, LABEL_FLOAT: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_MASK: tl.constexpr,
-    ACC: tl.constexpr,
+    LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_MASK: tl.constexpr, ACC: tl.constexpr,
 ):
     """Loads one tile: logits z [C_PAD, BLOCK], targets g [C_PAD, BLOCK], mask m [BLOCK], bad-label flags [BLOCK]."""
     mask2 = cm[:, None] & sm[None, :]
     z = tl.load(z_ptr + b * szb + c[:, None] * szc + s[None, :] * szs, mask=mask2, other=0.0).to(ACC)
-    if LABEL:
-        raw = tl.load(t_ptr + b * stb + s * sts, mask=sm, other=0)
-        if LABEL_FLOAT:
-            lf = raw.to(ACC)
-            integral = (lf == tl.floor(lf)) & (tl.abs(lf) < 2147483648.0)
-            lab = tl.where(integral, lf, 0.0).to(tl.int64)
+    if LABELS == "dense":
+        g = tl.load(t_ptr + b * stb + c[:, None] * stc + s[None, :] * sts, mask=mask2, other=0).to(ACC)
+        if HAS_MASK:
+            m = tl.load(m_ptr + b * smb + s * sms, mask=sm, other=0).to(ACC)
         else:
+            m = sm.to(ACC)
+        bad = tl.zeros(m.shape, ACC)
+    else:
+        raw = tl.load(t_ptr + b * stb + s * sts, mask=sm, other=0)
+        if LABELS == "integer":
             lab = raw.to(tl.int64)
             integral = sm
+        else:
+            if LABELS == "float64":
+                lf = raw.to(tl.float64)
+            else:
+                lf = raw.to(tl.float32)
+            integral = (lf == tl.floor(lf)) & (tl.abs(lf) < 2147483648.0)
+            lab = tl.where(integral, lf, 0.0).to(tl.int64)
         if HAS_IGNORE:
             valid = sm & ~(integral & (lab == ignore_index))
         else:
@@ -81,22 +143,15 @@ def _load_tile(
         bad = (valid & ~inrange).to(ACC)
         m = valid.to(ACC)
         g = ((c[:, None] == lab[None, :]) & inrange[None, :]).to(ACC)
-    else:
-        g = tl.load(t_ptr + b * stb + c[:, None] * stc + s[None, :] * sts, mask=mask2, other=0).to(ACC)
-        if HAS_MASK:
-            m = tl.load(m_ptr + b * smb + s * sms, mask=sm, other=0).to(ACC)
-        else:
-            m = sm.to(ACC)
-        bad = tl.zeros(m.shape, ACC)
     return z, g, m, bad
 
 
 @triton.jit
-def _activate(z, cm, ACT: tl.constexpr):
-    if ACT == 2:
+def _activate(z, cm, ACTIVATION: tl.constexpr):
+    if ACTIVATION == "softmax":
         p, _ = _softmax_rows(z, cm[:, None])
-    elif ACT == 1:
-        p = 1.0 / (1.0 + tl.exp(-z))
+    elif ACTIVATION == "sigmoid":
+        p = _sigmoid(z)
     else:
         p = z
     return tl.where(cm[:, None], p, 0.0)
@@ -118,18 +173,16 @@ def _loss_stats_fwd_kernel(
     z_ptr,     # shape (B, C, S), strides (szb, szc, szs): logits
     t_ptr,     # shape (B, S) labels, strides (stb, -, sts); or (B, C, S) dense targets, strides (stb, stc, sts)
     m_ptr,     # shape (B, S), strides (smb, sms): dense-target ignore mask, unused unless HAS_MASK
-    part_ptr,  # shape (B, NSPLIT, K, C), contiguous, accumulation dtype
+    part_ptr,  # shape (B, NSPLIT, NUM_SLOTS, C), contiguous, accumulation dtype
     C, S, NSPLIT, s_per_split, ignore_index, gamma,
     szb, szc, szs, stb, stc, sts, smb, sms,
-    ACT: tl.constexpr, LABEL: tl.constexpr, LABEL_FLOAT: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    HAS_MASK: tl.constexpr, POW: tl.constexpr, CE: tl.constexpr, FOCAL: tl.constexpr, FOCAL_C0: tl.constexpr,
-    FPOS: tl.constexpr, K: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_MASK: tl.constexpr,
+    POW_MODE: tl.constexpr, CE_MODE: tl.constexpr, FOCAL_MODE: tl.constexpr, FOCAL_C0: tl.constexpr,
+    FOCAL_POS_MODE: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b, c, cm = _classes(C, C_PAD)
     ACC: tl.constexpr = part_ptr.dtype.element_ty
-    c = tl.arange(0, C_PAD).to(tl.int64)
-    cm = c < C
     s_start = pid.to(tl.int64) * s_per_split
     s_end = tl.minimum(s_start + s_per_split, S)
     acc_i = tl.zeros([C_PAD, BLOCK], ACC)
@@ -146,155 +199,144 @@ def _loss_stats_fwd_kernel(
         s = s0 + tl.arange(0, BLOCK)
         sm = s < s_end
         z, g, m, bad = _load_tile(z_ptr, t_ptr, m_ptr, b, c, cm, s, sm, C, ignore_index,
-                                  szb, szc, szs, stb, stc, sts, smb, sms,
-                                  LABEL, LABEL_FLOAT, HAS_IGNORE, HAS_MASK, ACC)
+                                  szb, szc, szs, stb, stc, sts, smb, sms, LABELS, HAS_IGNORE, HAS_MASK, ACC)
         acc_cnt += m
         acc_bad += bad
         mm = m[None, :]
-        if POW != 0:
-            pm = _activate(z, cm, ACT) * mm
+        if POW_MODE != "off":
+            pm = _weigh(mm, _activate(z, cm, ACTIVATION))
             gm = g * mm
-            acc_i += pm * gm
-            if POW == 1:
+            acc_i += _weigh(gm, pm)
+            if POW_MODE == "linear":
                 acc_p += pm
                 acc_g += gm
-            elif POW == 2:
+            elif POW_MODE == "square":
                 acc_p += pm * pm
                 acc_g += gm * gm
             else:
                 acc_p += tl.abs(pm)
                 acc_g += tl.abs(gm)
                 acc_d += tl.abs(pm - gm)
-        if CE == 1 or CE == 2:
+        if CE_MODE == "softmax" or CE_MODE == "softmax_smooth":
             _, lq = _softmax_rows(z, cm[:, None])
-            nlq = -lq * mm
-            acc_n += nlq * g
-            if CE == 2:
-                acc_l += nlq
-        elif CE == 3:
-            sp = _softplus(-z)
-            acc_n += tl.where(cm[:, None], ((1.0 - g) * z + sp) * mm, 0.0)
-            acc_l += tl.where(cm[:, None], g * sp * mm, 0.0)
-        if FOCAL == 1:
-            zz = z * mm
+            acc_n -= _weigh(g * mm, lq)
+            if CE_MODE == "softmax_smooth":
+                acc_l -= _weigh(mm, lq)
+        elif CE_MODE == "bce":
+            acc_n += tl.where(cm[:, None], _weigh(mm, _bce_with_logits(z, g)), 0.0)
+            acc_l += tl.where(cm[:, None], _weigh(g * mm, _softplus(-z)), 0.0)
+        if FOCAL_MODE == "sigmoid":
+            zz = _weigh(mm, z)
             tt = g * mm
-            bce = zz - zz * tt + _softplus(-zz)
-            mod = tl.exp(-gamma * _softplus(zz * (tt * 2.0 - 1.0)))
-            lf = tl.where(cm[:, None], bce * mod * mm, 0.0)
+            bce, mod, _ = _sigmoid_focal_terms(zz, tt, gamma)
+            lf = tl.where(cm[:, None], _weigh(mm, _weigh(mod, bce)), 0.0)
             acc_f += lf
-            if FPOS == 1:
-                acc_fp += lf * tt
-            elif FPOS == 2:
+            if FOCAL_POS_MODE == "linear":
+                acc_fp += _weigh(tt, lf)
+            elif FOCAL_POS_MODE == "hard":
                 acc_fp += tl.where(tt == 1.0, lf, 0.0)
-        elif FOCAL == 2:
-            zz = z * mm
+        elif FOCAL_MODE == "softmax":
+            zz = _weigh(mm, z)
             tt = g * mm
             rows = cm[:, None] & (c >= FOCAL_C0)[:, None]
             q, lq = _softmax_rows(zz, rows)
             powg, _ = _focal_pow(1.0 - q, gamma)
-            acc_f += tl.where(rows, -powg * lq * tt * mm, 0.0)
-    row = part_ptr + ((b * NSPLIT + pid) * K) * C + c
-    if POW != 0:
-        tl.store(row + 0 * C, tl.sum(acc_i, axis=1), mask=cm)
-        tl.store(row + 1 * C, tl.sum(acc_p, axis=1), mask=cm)
-        tl.store(row + 2 * C, tl.sum(acc_g, axis=1), mask=cm)
-        if POW == 3:
-            tl.store(row + 3 * C, tl.sum(acc_d, axis=1), mask=cm)
-    if CE != 0:
-        tl.store(row + 4 * C, tl.sum(acc_n, axis=1), mask=cm)
-        if CE != 1:
-            tl.store(row + 5 * C, tl.sum(acc_l, axis=1), mask=cm)
-    if FOCAL != 0:
-        tl.store(row + 6 * C, tl.sum(acc_f, axis=1), mask=cm)
-        if FPOS != 0:
-            tl.store(row + 7 * C, tl.sum(acc_fp, axis=1), mask=cm)
+            acc_f -= tl.where(rows, _weigh(tt * mm * powg, lq), 0.0)
+    row = part_ptr + ((b * NSPLIT + pid) * NUM_SLOTS) * C + c
+    if POW_MODE != "off":
+        tl.store(row + INTERSECT * C, tl.sum(acc_i, axis=1), mask=cm)
+        tl.store(row + PRED * C, tl.sum(acc_p, axis=1), mask=cm)
+        tl.store(row + GROUND * C, tl.sum(acc_g, axis=1), mask=cm)
+        if POW_MODE == "abs":
+            tl.store(row + DIFF * C, tl.sum(acc_d, axis=1), mask=cm)
+    if CE_MODE != "off":
+        tl.store(row + NLL * C, tl.sum(acc_n, axis=1), mask=cm)
+        if CE_MODE != "softmax":
+            tl.store(row + LOGSUM * C, tl.sum(acc_l, axis=1), mask=cm)
+    if FOCAL_MODE != "off":
+        tl.store(row + FOCAL * C, tl.sum(acc_f, axis=1), mask=cm)
+        if FOCAL_POS_MODE != "off":
+            tl.store(row + FOCAL_POS * C, tl.sum(acc_fp, axis=1), mask=cm)
     zc = tl.zeros([C_PAD], ACC)
-    tl.store(row + 8 * C, zc + tl.sum(acc_cnt, axis=0), mask=cm)
-    tl.store(row + 9 * C, zc + tl.sum(acc_bad, axis=0), mask=cm)
+    tl.store(row + COUNT * C, zc + tl.sum(acc_cnt, axis=0), mask=cm)
+    tl.store(row + BAD * C, zc + tl.sum(acc_bad, axis=0), mask=cm)
 
 
 @triton.jit
 def _loss_stats_bwd_kernel(
-    gs_ptr,    # shape (B, K, C), contiguous, accumulation dtype: d loss / d stats
+    gs_ptr,    # shape (B, NUM_SLOTS, C), contiguous, accumulation dtype: d loss / d stats
     z_ptr,     # shape (B, C, S), strides (szb, szc, szs)
     t_ptr,     # as in the forward kernel
     m_ptr,     # shape (B, S), strides (smb, sms), unused unless HAS_MASK
     dz_ptr,    # shape (B, C, S), strides (sdb, sdc, sds): d logits, logits dtype
     C, S, ignore_index, gamma,
     szb, szc, szs, stb, stc, sts, smb, sms, sdb, sdc, sds,
-    ACT: tl.constexpr, LABEL: tl.constexpr, LABEL_FLOAT: tl.constexpr, HAS_IGNORE: tl.constexpr,
-    HAS_MASK: tl.constexpr, POW: tl.constexpr, CE: tl.constexpr, FOCAL: tl.constexpr, FOCAL_C0: tl.constexpr,
-    FPOS: tl.constexpr, K: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr,
+    ACTIVATION: tl.constexpr, LABELS: tl.constexpr, HAS_IGNORE: tl.constexpr, HAS_MASK: tl.constexpr,
+    POW_MODE: tl.constexpr, CE_MODE: tl.constexpr, FOCAL_MODE: tl.constexpr, FOCAL_C0: tl.constexpr,
+    FOCAL_POS_MODE: tl.constexpr, C_PAD: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    b, c, cm = _classes(C, C_PAD)
     ACC: tl.constexpr = gs_ptr.dtype.element_ty
-    c = tl.arange(0, C_PAD).to(tl.int64)
-    cm = c < C
-    s = pid.to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    s = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     sm = s < S
     z, g, m, _ = _load_tile(z_ptr, t_ptr, m_ptr, b, c, cm, s, sm, C, ignore_index,
-                            szb, szc, szs, stb, stc, sts, smb, sms,
-                            LABEL, LABEL_FLOAT, HAS_IGNORE, HAS_MASK, ACC)
+                            szb, szc, szs, stb, stc, sts, smb, sms, LABELS, HAS_IGNORE, HAS_MASK, ACC)
     mm = m[None, :]
-    gsb = gs_ptr + b * K * C + c
+    gsb = gs_ptr + b * NUM_SLOTS * C + c
     dz = tl.zeros([C_PAD, BLOCK], ACC)
-    if POW != 0:
-        p = _activate(z, cm, ACT)
-        pm = p * mm
+    if POW_MODE != "off":
+        p = _activate(z, cm, ACTIVATION)
+        pm = _weigh(mm, p)
         gm = g * mm
-        c_i = tl.load(gsb + 0 * C, mask=cm, other=0.0)[:, None]
-        c_p = tl.load(gsb + 1 * C, mask=cm, other=0.0)[:, None]
+        c_i = tl.load(gsb + INTERSECT * C, mask=cm, other=0.0)[:, None]
+        c_p = tl.load(gsb + PRED * C, mask=cm, other=0.0)[:, None]
         u = c_i * gm
-        if POW == 1:
+        if POW_MODE == "linear":
             u += c_p
-        elif POW == 2:
+        elif POW_MODE == "square":
             u += c_p * 2.0 * pm
         else:
-            c_d = tl.load(gsb + 3 * C, mask=cm, other=0.0)[:, None]
+            c_d = tl.load(gsb + DIFF * C, mask=cm, other=0.0)[:, None]
             u += c_p * _sign(pm) + c_d * _sign(pm - gm)
         u = tl.where(cm[:, None], u * mm, 0.0)
-        if ACT == 2:
+        if ACTIVATION == "softmax":
             dz += p * (u - tl.sum(p * u, axis=0)[None, :])
-        elif ACT == 1:
+        elif ACTIVATION == "sigmoid":
             dz += u * p * (1.0 - p)
         else:
             dz += u
-    if CE == 1 or CE == 2:
+    if CE_MODE == "softmax" or CE_MODE == "softmax_smooth":
         q, _ = _softmax_rows(z, cm[:, None])
-        w = tl.load(gsb + 4 * C, mask=cm, other=0.0)[:, None] * g * mm
-        if CE == 2:
-            w += tl.load(gsb + 5 * C, mask=cm, other=0.0)[:, None] * mm
+        w = tl.load(gsb + NLL * C, mask=cm, other=0.0)[:, None] * g * mm
+        if CE_MODE == "softmax_smooth":
+            w += tl.load(gsb + LOGSUM * C, mask=cm, other=0.0)[:, None] * mm
         w = tl.where(cm[:, None], w, 0.0)
         dz += q * tl.sum(w, axis=0)[None, :] - w
-    elif CE == 3:
-        sneg = 1.0 / (1.0 + tl.exp(z))
-        c_n = tl.load(gsb + 4 * C, mask=cm, other=0.0)[:, None]
-        c_l = tl.load(gsb + 5 * C, mask=cm, other=0.0)[:, None]
+    elif CE_MODE == "bce":
+        sneg = _sigmoid(-z)
+        c_n = tl.load(gsb + NLL * C, mask=cm, other=0.0)[:, None]
+        c_l = tl.load(gsb + LOGSUM * C, mask=cm, other=0.0)[:, None]
         dz += (c_n * ((1.0 - g) - sneg) - c_l * g * sneg) * mm
-    if FOCAL == 1:
-        zz = z * mm
+    if FOCAL_MODE == "sigmoid":
+        zz = _weigh(mm, z)
         tt = g * mm
-        sg = tt * 2.0 - 1.0
-        bce = zz - zz * tt + _softplus(-zz)
-        mod = tl.exp(-gamma * _softplus(zz * sg))
-        sig_zs = 1.0 / (1.0 + tl.exp(-zz * sg))
-        dl = (1.0 / (1.0 + tl.exp(-zz)) - tt) * mod - bce * gamma * mod * sig_zs * sg
-        coef = tl.load(gsb + 6 * C, mask=cm, other=0.0)[:, None]
-        if FPOS == 1:
-            coef = coef + tl.load(gsb + 7 * C, mask=cm, other=0.0)[:, None] * tt
-        elif FPOS == 2:
-            coef = coef + tl.load(gsb + 7 * C, mask=cm, other=0.0)[:, None] * tl.where(tt == 1.0, 1.0, 0.0)
+        bce, mod, sg = _sigmoid_focal_terms(zz, tt, gamma)
+        dl = (_sigmoid(zz) - tt) * mod - _weigh(gamma * mod * _sigmoid(_weigh(sg, zz)) * sg, bce)
+        coef = tl.load(gsb + FOCAL * C, mask=cm, other=0.0)[:, None]
+        if FOCAL_POS_MODE == "linear":
+            coef = coef + tl.load(gsb + FOCAL_POS * C, mask=cm, other=0.0)[:, None] * tt
+        elif FOCAL_POS_MODE == "hard":
+            coef = coef + tl.load(gsb + FOCAL_POS * C, mask=cm, other=0.0)[:, None] * tl.where(tt == 1.0, 1.0, 0.0)
         dz += tl.where(cm[:, None], coef * dl * mm * mm, 0.0)
-    elif FOCAL == 2:
-        zz = z * mm
+    elif FOCAL_MODE == "softmax":
+        zz = _weigh(mm, z)
         tt = g * mm
         rows = cm[:, None] & (c >= FOCAL_C0)[:, None]
         q, lq = _softmax_rows(zz, rows)
         q = tl.where(rows, q, 0.0)
         powg, dpow = _focal_pow(1.0 - q, gamma)
-        coef = tl.load(gsb + 6 * C, mask=cm, other=0.0)[:, None]
-        v = tl.where(rows, coef * (-tt * mm * (powg - lq * dpow * q)), 0.0)
+        coef = tl.load(gsb + FOCAL * C, mask=cm, other=0.0)[:, None]
+        v = tl.where(rows, coef * (-tt * mm * (powg - _weigh(_weigh(q, lq), dpow))), 0.0)
         dz += (v - q * tl.sum(v, axis=0)[None, :]) * mm
     tl.store(dz_ptr + b * sdb + c[:, None] * sdc + s[None, :] * sds, dz.to(dz_ptr.dtype.element_ty),
              mask=cm[:, None] & sm[None, :])
@@ -305,31 +347,33 @@ def _loss_stats_bwd_kernel(
 # --------------------------------------------------------------------------------------------------
 
 
-def _flat(t: torch.Tensor, channels: int) -> torch.Tensor:
-    """(B, ch, *spatial) -> (B, ch, S): a view for contiguous and channels-last layouts, else a contiguous copy."""
-    B = t.shape[0]
-    try:
-        return t.view(B, channels, -1)
-    except RuntimeError:
-        return t.contiguous().view(B, channels, -1)
+def _label_kind(spec: StatsSpec, target: torch.Tensor) -> str:
+    """The ``LABELS`` constexpr, how the kernels read ``target``: ``"dense"``, or one label per voxel held as
+    ``"integer"``, or as floats checked for integrality in ``"float32"`` (float16/bfloat16/float32 labels, exact
+    there) or in ``"float64"`` (float64 labels: ``1 + 1e-9`` is not an integer), never below their own precision."""
+    if not spec.label_mode:
+        return "dense"
+    if not target.is_floating_point():
+        return "integer"
+    return "float64" if target.dtype == torch.float64 else "float32"
 
 
-def _target_views(target: torch.Tensor, mask, label_mode: bool, C: int):
-    """(target view, its strides (b, c, s), mask view, mask strides (b, s), label is float)."""
+def _target_views(target: torch.Tensor, mask: Optional[torch.Tensor], spec: StatsSpec):
+    """(target view, its strides (b, c, s), mask view, mask strides (b, s))."""
     if target.dtype == torch.bool:
         target = target.view(torch.uint8)
-    if label_mode:
-        t = _flat(target, 1)[:, 0]
+    if spec.label_mode:
+        t = flat_view(target)[:, 0]
         t_strides = (t.stride(0), 0, t.stride(1))
     else:
-        t = _flat(target, target.shape[1])
+        t = flat_view(target)
         t_strides = t.stride()
     if mask is not None:
-        m = _flat(mask, 1)[:, 0]
+        m = flat_view(mask)[:, 0]
         m_strides = m.stride()
     else:
         m, m_strides = t, (0, 0)
-    return t, t_strides, m, m_strides, target.is_floating_point()
+    return t, t_strides, m, m_strides
 
 
 def _tile(C: int, S: int, device: torch.device) -> tuple[int, int, int]:
@@ -341,52 +385,56 @@ def _tile(C: int, S: int, device: torch.device) -> tuple[int, int, int]:
     return c_pad, block, num_warps
 
 
-def _flags(act, label_mode, label_float, has_ignore, has_mask, pow_mode, ce_mode, focal_mode, focal_c0, focal_pos,
-           c_pad, block, num_warps):
-    return dict(ACT=act, LABEL=label_mode, LABEL_FLOAT=label_float, HAS_IGNORE=has_ignore, HAS_MASK=has_mask,
-                POW=pow_mode, CE=ce_mode, FOCAL=focal_mode, FOCAL_C0=focal_c0, FPOS=focal_pos, K=K_STATS,
-                C_PAD=c_pad, BLOCK=block, num_warps=num_warps)
+def _flags(spec: StatsSpec, target: torch.Tensor, has_mask: bool, C: int, S: int, device: torch.device) -> dict:
+    """The constexprs and launch options shared by the forward and backward kernels."""
+    c_pad, block, num_warps = _tile(C, S, device)
+    return dict(ACTIVATION=spec.act, LABELS=_label_kind(spec, target), HAS_IGNORE=spec.has_ignore,
+                HAS_MASK=has_mask, POW_MODE=spec.pow_mode, CE_MODE=spec.ce_mode, FOCAL_MODE=spec.focal_mode,
+                FOCAL_C0=spec.focal_c0, FOCAL_POS_MODE=spec.focal_pos, C_PAD=c_pad, BLOCK=block,
+                num_warps=num_warps)
 
 
-def loss_stats_forward(logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
-                       focal_mode, focal_c0, gamma, focal_pos) -> torch.Tensor:
-    """Statistics ``(B, K, C)`` (see fastmed.reference.losses.loss_stats) in one pass over logits and targets."""
+def loss_stats_forward(logits: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor],
+                       spec: StatsSpec) -> torch.Tensor:
+    """Statistics ``(B, NUM_SLOTS, C)`` (see fastmed.reference.losses.loss_stats) in one pass over logits and
+    targets; ``logits (B, C, *spatial)``, ``target`` and ``mask`` as there."""
+    check_spec(spec)
     B, C = logits.shape[:2]
-    z = _flat(logits, C)
+    z = flat_view(logits)
     S = z.shape[2]
-    t, ts, m, ms, label_float = _target_views(target, mask, label_mode, C)
-    acc = accumulation_dtype(logits.dtype)
-    c_pad, block, num_warps = _tile(C, S, logits.device)
+    t, ts, m, ms = _target_views(target, mask, spec)
+    flags = _flags(spec, target, mask is not None, C, S, logits.device)
+    block = flags["BLOCK"]
     want = target_programs(logits.device, cpu=1)
     nsplit = max(1, min(triton.cdiv(S, block), triton.cdiv(want, B)))
     s_per = triton.cdiv(triton.cdiv(S, nsplit), block) * block
     nsplit = triton.cdiv(S, s_per)
-    part = torch.zeros((B, nsplit, K_STATS, C), device=logits.device, dtype=acc)
-    wrap_triton(_loss_stats_fwd_kernel)[(nsplit, B)](
-        z, t, m, part, C, S, nsplit, s_per, int(ignore_index), float(gamma),
-        *z.stride(), *ts, *ms,
-        **_flags(act, label_mode, label_float, has_ignore, mask is not None, pow_mode, ce_mode, focal_mode,
-                 focal_c0, focal_pos, c_pad, block, num_warps))
+    part = torch.zeros((B, nsplit, loss_spec.NUM_SLOTS, C), device=logits.device,
+                       dtype=accumulation_dtype(logits.dtype))
+    with device_guard(logits):
+        wrap_triton(_loss_stats_fwd_kernel)[(nsplit, B)](
+            z, t, m, part, C, S, nsplit, s_per, int(spec.ignore_index), float(spec.gamma),
+            *z.stride(), *ts, *ms, **flags)
     return part.sum(1)
 
 
-def loss_stats_backward(gstats, logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
-                        focal_mode, focal_c0, gamma, focal_pos) -> torch.Tensor:
-    """d logits (shaped, typed and laid out like ``logits``) from d loss / d stats, in one pass."""
+def loss_stats_backward(gstats: torch.Tensor, logits: torch.Tensor, target: torch.Tensor,
+                        mask: Optional[torch.Tensor], spec: StatsSpec) -> torch.Tensor:
+    """d logits (shaped, typed and laid out like ``logits``) from ``gstats`` = d loss / d stats
+    ``(B, NUM_SLOTS, C)``, in one pass."""
+    check_spec(spec)
     B, C = logits.shape[:2]
-    z = _flat(logits, C)
+    z = flat_view(logits)
     S = z.shape[2]
-    t, ts, m, ms, label_float = _target_views(target, mask, label_mode, C)
-    acc = accumulation_dtype(logits.dtype)
-    gs = gstats.to(acc).contiguous()
+    t, ts, m, ms = _target_views(target, mask, spec)
+    gs = gstats.to(accumulation_dtype(logits.dtype)).contiguous()
     dlogits = torch.empty_like(logits)
-    dz = _flat(dlogits, C)
-    c_pad, block, num_warps = _tile(C, S, logits.device)
-    wrap_triton(_loss_stats_bwd_kernel)[(triton.cdiv(S, block), B)](
-        gs, z, t, m, dz, C, S, int(ignore_index), float(gamma),
-        *z.stride(), *ts, *ms, *dz.stride(),
-        **_flags(act, label_mode, label_float, has_ignore, mask is not None, pow_mode, ce_mode, focal_mode,
-                 focal_c0, focal_pos, c_pad, block, num_warps))
+    dz = flat_view(dlogits)
+    flags = _flags(spec, target, mask is not None, C, S, logits.device)
+    with device_guard(logits):
+        wrap_triton(_loss_stats_bwd_kernel)[(triton.cdiv(S, flags["BLOCK"]), B)](
+            gs, z, t, m, dz, C, S, int(spec.ignore_index), float(spec.gamma),
+            *z.stride(), *ts, *ms, *dz.stride(), **flags)
     if dz.data_ptr() != dlogits.data_ptr():  # empty_like kept a layout whose spatial dims do not collapse
         dlogits.copy_(dz.view(dlogits.shape))
     return dlogits

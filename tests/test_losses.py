@@ -1,4 +1,5 @@
 """Fused segmentation losses: equivalence with MONAI 1.6 and nnU-Net, numerics, determinism, errors."""
+import contextlib
 import warnings
 
 import pytest
@@ -8,7 +9,7 @@ from hypothesis import given, strategies as st
 import fastmed
 import fastmed.nn as FN
 from fastmed import ops
-from fastmed.reference import losses as ref
+from fastmed.reference.loss_spec import COUNT, StatsSpec
 
 from conftest import TOL, triton_device
 
@@ -119,7 +120,7 @@ def _compare(name, kw, B, C, spatial, target, backend, dtype, channels_last=Fals
     (gf,) = torch.autograd.grad(got.sum(), xf)
     assert gf.dtype == x.dtype and gf.shape == x.shape
     tol = TOL[dtype]
-    if name == "FocalLoss" or (name == "DiceFocalLoss" and kw.get("reduction") == "none"):
+    if name in ("FocalLoss", "DiceFocalLoss"):
         tol = TOL[torch.float32] if dtype == torch.float64 else tol  # MONAI's focal runs in float32
     torch.testing.assert_close(got.double().cpu(), expected.double(), **tol, msg=lambda m: f"{name} {kw}: {m}")
     torch.testing.assert_close(gf.double().cpu(), gm, **tol, msg=lambda m: f"{name} {kw} grad: {m}")
@@ -281,6 +282,153 @@ def test_nan_propagates(backend):
                                             to_onehot_y=True))
 
 
+# -inf logits mask classes.  Oracle: MONAI with each -inf replaced by -1e30, where every product with a zero
+# weight is an exact 0 (MONAI's own composition gives NaN from 0 * -inf on most of these paths).
+NEG_INF_CASES = [
+    ("DiceCELoss", dict(softmax=True, to_onehot_y=True), "labels"),
+    ("DiceCELoss", dict(softmax=True), "onehot"),
+    ("DiceCELoss", dict(sigmoid=True, to_onehot_y=True, weight=torch.tensor([1.0, 2.0, 0.5, 1.0], dtype=torch.float64)),
+     "labels"),
+    ("FocalLoss", dict(to_onehot_y=True, alpha=0.25), "labels"),
+    ("FocalLoss", dict(alpha=[0.1, 0.2, 0.3, 0.4], gamma=0.0, ignore_index=0), "onehot"),
+    ("FocalLoss", dict(use_softmax=True, to_onehot_y=True, include_background=False), "labels"),
+    ("FocalLoss", dict(use_softmax=True, to_onehot_y=True, reduction="none"), "labels"),
+    ("DiceFocalLoss", dict(sigmoid=True, to_onehot_y=True), "labels"),
+    ("DiceFocalLoss", dict(softmax=True, to_onehot_y=True, reduction="none"), "labels"),
+    ("DiceLoss", dict(softmax=True, to_onehot_y=True, ignore_index=2), "labels"),
+    ("TverskyLoss", dict(sigmoid=True), "onehot"),
+]
+
+
+def _neg_inf_inputs(seed=5):
+    """Logits (2, 4, 5, 6) with about 30% of the classes no voxel's target holds set to -inf, labels, one-hot."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(2, 4, 5, 6, generator=gen, dtype=torch.float64)
+    lab = torch.randint(0, 4, (2, 1, 5, 6), generator=gen)
+    onehot = torch.nn.functional.one_hot(lab[:, 0], 4).movedim(-1, 1).double()
+    masked = (torch.rand(x.shape, generator=gen) < 0.3) & (onehot == 0)
+    return x.masked_fill(masked, float("-inf")), lab, onehot
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kw,target", NEG_INF_CASES, ids=[f"{c[0]}-{i}" for i, c in enumerate(NEG_INF_CASES)])
+def test_neg_inf_logits_mask_classes(backend, name, kw, target):
+    x, lab, onehot = _neg_inf_inputs()
+    t = lab if target == "labels" else onehot
+    xf = x.clone().to(_device(backend)).requires_grad_()
+    xm = x.masked_fill(torch.isinf(x), -1e30).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with fastmed.use_backend(backend):
+            got = getattr(FN, name)(**kw)(xf, t.to(xf.device))
+        expected = getattr(monai_losses, name)(**kw)(xm, t)
+    (gf,) = torch.autograd.grad(got.sum(), xf)
+    (gm,) = torch.autograd.grad(expected.sum(), xm)
+    assert torch.isfinite(got).all() and torch.isfinite(gf).all()
+    tol = TOL[torch.float32] if "Focal" in name else TOL[torch.float64]  # MONAI's focal term runs in float32
+    torch.testing.assert_close(got.double().cpu(), expected.double(), **tol)
+    torch.testing.assert_close(gf.cpu(), gm, **tol)
+    assert (gf[torch.isinf(x)] == 0).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_neg_inf_logits_cross_entropy(backend):
+    # F.cross_entropy with class indices handles -inf on the other classes (the issue: 1.408 where fastmed gave
+    # NaN); with label smoothing the -inf classes enter every voxel's loss: +inf, as in torch.
+    x, lab, _ = _neg_inf_inputs(seed=6)
+    device = _device(backend)
+    for smoothing in (0.0, 0.1):
+        xf, xt = x.clone().to(device).requires_grad_(), x.clone().requires_grad_()
+        with fastmed.use_backend(backend):
+            got = ops.dice_ce_loss(xf, lab.to(device), softmax=True, to_onehot_y=True, lambda_dice=0.0,
+                                   label_smoothing=smoothing)
+        expected = torch.nn.functional.cross_entropy(xt, lab[:, 0], label_smoothing=smoothing)
+        torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float64])
+        if smoothing == 0.0:
+            (gf,), (gt,) = torch.autograd.grad(got, xf), torch.autograd.grad(expected, xt)
+            torch.testing.assert_close(gf.cpu(), gt, **TOL[torch.float64])
+    # nnU-Net DC+CE, written out from its source with F.cross_entropy, -inf on ignored voxels too
+    y = torch.where(torch.rand(lab.shape, generator=torch.Generator().manual_seed(7)) < 0.2, 4, lab)
+    ignored = (y == 4).expand_as(x) & (torch.rand(x.shape, generator=torch.Generator().manual_seed(8)) < 0.5)
+    ignored[:, 0] = False  # a voxel with every logit -inf has no softmax: NaN, as in torch
+    x = x.masked_fill(ignored, float("-inf"))
+    xm, xf = x.clone().requires_grad_(), x.clone().to(device).requires_grad_()
+    expected = _nnunet_dc_and_ce(xm, y, False, False, 1e-5, 4)
+    with fastmed.use_backend(backend):
+        got = FN.NNUNetDiceCELoss(ignore_label=4)(xf, y.to(device))
+    assert torch.isfinite(got)
+    torch.testing.assert_close(got.cpu(), expected, **TOL[torch.float64])
+    (gf,), (gm,) = torch.autograd.grad(got, xf), torch.autograd.grad(expected, xm)
+    torch.testing.assert_close(gf.cpu(), torch.nan_to_num(gm), **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_infinite_logits_bce_and_softmax_focal_limits(backend):
+    # BCE with logits at z = -inf / +inf agreeing with the target is 0 (torch's composition gives NaN); the softmax
+    # focal term with gamma < 1 has a finite gradient where a voxel's other classes are all -inf (q = 1).
+    device = _device(backend)
+    x = torch.tensor([[[[-float("inf"), float("inf"), 0.5, -2.0]]]], dtype=torch.float64)
+    t = torch.tensor([[[[0.0, 1.0, 1.0, 0.0]]]], dtype=torch.float64)
+    xf = x.clone().to(device).requires_grad_()
+    with fastmed.use_backend(backend):
+        got = ops.dice_ce_loss(xf, t.to(device), sigmoid=True, lambda_dice=0.0)
+    finite = torch.nn.functional.binary_cross_entropy_with_logits(x[..., 2:], t[..., 2:], reduction="sum") / 4
+    torch.testing.assert_close(got.cpu(), finite, **TOL[torch.float64])
+    (g,) = torch.autograd.grad(got, xf)
+    assert torch.equal(g[..., :2].cpu(), torch.zeros(1, 1, 1, 2, dtype=torch.float64))
+    z = torch.tensor([[[[0.3, 1.0]], [[-float("inf"), 0.2]], [[-float("inf"), -1.0]]]], dtype=torch.float64)
+    lab = torch.tensor([[[[0, 1]]]])
+    zf = z.clone().to(device).requires_grad_()
+    with fastmed.use_backend(backend):
+        loss = ops.focal_loss(zf, lab.to(device), to_onehot_y=True, use_softmax=True, gamma=0.5)
+    (g,) = torch.autograd.grad(loss, zf)
+    assert torch.isfinite(loss) and torch.isfinite(g).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kw,target", [
+    ("DiceCELoss", dict(sigmoid=True), "binary"),
+    ("DiceFocalLoss", dict(sigmoid=True, to_onehot_y=True), "labels"),
+    ("FocalLoss", dict(use_softmax=True, to_onehot_y=True), "labels"),
+    ("FocalLoss", dict(ignore_index=0), "onehot"),
+    ("NNUNetDiceCELoss", dict(ignore_label=0), "labels"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_nan_propagates_every_path(backend, name, kw, target):
+    # One NaN logit, on voxel (0, 0): a voxel that the ignore mask drops where there is one. NaN in, NaN out.
+    gen = torch.Generator().manual_seed(8)
+    C = 1 if target == "binary" else 3
+    x = torch.randn(1, C, 4, 4, generator=gen, dtype=torch.float64)
+    x[0, C - 1, 0, 0] = float("nan")
+    if target == "binary":
+        t = torch.randint(0, 2, (1, 1, 4, 4), generator=gen).double()
+    else:
+        t = torch.randint(0, C, (1, 1, 4, 4), generator=gen)
+        t[0, 0, 0, 0] = 0
+        if target == "onehot":
+            t = torch.nn.functional.one_hot(t[:, 0], C).movedim(-1, 1).double()
+    with fastmed.use_backend(backend):
+        loss = getattr(FN, name)(**kw)(x.to(_device(backend)), t.to(_device(backend)))
+    assert torch.isnan(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_float_labels_checked_in_their_precision(backend):
+    # 1 + 1e-9 is not an integer in float64; the Triton kernel used to round it to 1.0 in float32 and accept it.
+    device = _device(backend)
+    x = torch.randn(1, 3, 4, 4).to(device)
+    for logits_dtype in (torch.float32, torch.float64):
+        y = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+        with fastmed.use_backend(backend):
+            ops.dice_ce_loss(x.to(logits_dtype), y.to(device), softmax=True, to_onehot_y=True)  # integral: fine
+            y[0, 0, 1, 2] = 1 + 1e-9
+            with pytest.raises(ValueError, match="target.*1 voxels hold other values"):
+                ops.dice_ce_loss(x.to(logits_dtype), y.to(device), softmax=True, to_onehot_y=True)
+    y = torch.ones(1, 1, 4, 4, dtype=torch.float16)
+    y[0, 0, 0, 0] = 2.5
+    with fastmed.use_backend(backend), pytest.raises(ValueError, match="target.*not integers"):
+        ops.nnunet_dice_ce_loss(x, y.to(device))
+
+
 def test_inputs_not_modified():
     x = torch.randn(1, 3, 4, 4)
     y = torch.randint(0, 3, (1, 1, 4, 4))
@@ -297,6 +445,81 @@ def test_soft_target_requires_grad():
     ops.dice_loss(x, t, softmax=True).backward()
     monai_losses.DiceLoss(softmax=True)(x, tm).backward()
     torch.testing.assert_close(t.grad, tm.grad)
+
+
+# ----------------------------------------------------------------------------------------------- double backward
+
+def _tiny(seed=9, C=3):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(1, C, 3, 4, generator=gen, dtype=torch.float64)
+    lab = torch.randint(0, C, (1, 1, 3, 4), generator=gen)
+    return x, lab, gen
+
+
+DOUBLE_BACKWARD_CASES = {
+    "dice_ce": lambda x, y, t: ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True, label_smoothing=0.1),
+    "dice_focal": lambda x, y, t: ops.dice_focal_loss(x, y, sigmoid=True, to_onehot_y=True, alpha=0.25,
+                                                      squared_pred=True),
+    "nnunet": lambda x, y, t: ops.nnunet_dice_ce_loss(x, y, batch_dice=True, ignore_label=2),
+    "dice_soft": lambda x, y, t: ops.dice_loss(x, t, sigmoid=True, soft_label=True, ignore_index=0),
+    "tversky": lambda x, y, t: ops.tversky_loss(x, y, to_onehot_y=True, softmax=True, alpha=0.3, beta=0.7),
+}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", list(DOUBLE_BACKWARD_CASES))
+def test_double_backward(backend, name):
+    # create_graph=True (a gradient penalty): second-order terms must be there on every backend (the Triton
+    # backward used to return a gradient without a graph, so they silently vanished).
+    x, lab, gen = _tiny()
+    t = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    device = _device(backend)
+    x, lab, t = x.to(device).requires_grad_(), lab.to(device), t.to(device)
+    fn = DOUBLE_BACKWARD_CASES[name]
+    with fastmed.use_backend(backend):
+        torch.autograd.gradgradcheck(lambda x: fn(x, lab, t), (x,), fast_mode=True)
+        (g_graph,) = torch.autograd.grad(fn(x, lab, t), x, create_graph=True)
+        (g_fused,) = torch.autograd.grad(fn(x, lab, t), x)
+    torch.testing.assert_close(g_graph.detach(), g_fused, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_focal(backend):
+    # FocalLoss returns float32 (MONAI's rule), too coarse for gradgradcheck: the gradient penalty's gradient is
+    # checked against MONAI's own composition instead, for the sigmoid (per-class alpha) and softmax terms.
+    x, lab, _ = _tiny(seed=10)
+    for kw in (dict(alpha=[0.2, 0.5, 0.7], ignore_index=1), dict(use_softmax=True, include_background=False,
+                                                                 gamma=1.5)):
+        xf = x.clone().to(_device(backend)).requires_grad_()
+        xm = x.clone().requires_grad_()
+        with fastmed.use_backend(backend):
+            loss = FN.FocalLoss(to_onehot_y=True, **kw)(xf, lab.to(xf.device))
+        expected = monai_losses.FocalLoss(to_onehot_y=True, **kw)(xm, lab)
+        penalties = []
+        for value, leaf in ((loss, xf), (expected, xm)):
+            (g,) = torch.autograd.grad(value, leaf, create_graph=True)
+            (gg,) = torch.autograd.grad(g.square().sum(), leaf)
+            penalties.append(gg.double().cpu())
+        assert penalties[0].abs().max() > 0
+        torch.testing.assert_close(penalties[0], penalties[1], **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_double_backward_stats_op(backend):
+    # The op itself, in the modes no float64 loss reaches: softmax focal without background, hard focal split.
+    x, lab, gen = _tiny(seed=11)
+    m = (torch.rand(1, 1, 3, 4, generator=gen) > 0.3).double()
+    t = torch.rand(x.shape, generator=gen, dtype=torch.float64)
+    device = _device(backend)
+    x = x.to(device).requires_grad_()
+    cases = [(lab, None, StatsSpec(act="softmax", pow_mode="square", focal_mode="softmax", focal_c0=1, gamma=0.5,
+                                   label_mode=True, has_ignore=True, ignore_index=2)),
+             (t, m, StatsSpec(act="sigmoid", pow_mode="abs", focal_mode="sigmoid", focal_pos="hard", gamma=2.0))]
+    for target, mask, spec in cases:
+        mask = None if mask is None else mask.to(device)
+        torch.autograd.gradgradcheck(
+            lambda x: torch.ops.fastmed.loss_stats(*_op_args(x, target.to(device), mask, spec, backend))[:, :COUNT],
+            (x,), fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -339,6 +562,116 @@ def test_errors():
         ops.generalized_dice_loss(x, y, to_onehot_y=True, w_type="cubic")
 
 
+def test_argument_errors_name_the_argument():
+    x = torch.randn(2, 3, 4, 4)
+    y = torch.randint(0, 3, (2, 1, 4, 4))
+    with pytest.raises(TypeError, match="ignore_index must be an int or None"):
+        ops.dice_loss(x, y, to_onehot_y=True, ignore_index=1.5)
+    with pytest.raises(TypeError, match="ignore_label must be an int or None"):
+        ops.nnunet_dice_ce_loss(x, y, ignore_label="255")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ops.dice_ce_loss(x, y, to_onehot_y=True, label_smoothing=1.5)
+    with pytest.raises(ValueError, match="lambda_dice"):
+        ops.dice_focal_loss(x, y, to_onehot_y=True, lambda_dice=float("nan"))
+    with pytest.raises(ValueError, match="weight values must be no less than 0"):
+        ops.dice_loss(x, y, to_onehot_y=True, weight=[1.0, -1.0, 1.0])
+    with pytest.raises(ValueError, match="weight must be a number or have one value per class \\(2 classes"):
+        ops.focal_loss(x, y, to_onehot_y=True, include_background=False, weight=[1.0, 2.0, 3.0])
+    with pytest.raises(TypeError, match="weight must be a number"):
+        ops.dice_loss(x, y, to_onehot_y=True, weight="heavy")
+    with pytest.raises(ValueError, match="reduction"):
+        FN.TverskyLoss(reduction="max")
+
+
+def test_deep_supervision_errors():
+    outs = [torch.randn(1, 3, 4, 4), torch.randn(1, 3, 2, 2)]
+    y = torch.randint(0, 3, (1, 1, 4, 4))
+    base = FN.NNUNetDiceCELoss()
+    with pytest.raises(ValueError, match="weights\\[1\\] must be a finite real number in \\[0.0, inf\\]"):
+        ops.deep_supervision_loss(base, outs, y, weights=[1.0, -0.5])
+    with pytest.raises(ValueError, match="weights\\[0\\]"):
+        FN.DeepSupervisionLoss(base, weights=[float("nan"), 1.0])
+    with pytest.raises(TypeError, match="weights must be a sequence of numbers"):
+        ops.deep_supervision_loss(base, outs, y, weights=0.5)
+    for n in (2.5, True, "3"):
+        with pytest.raises(TypeError, match="n \\(the number of deep-supervision outputs\\) must be an int"):
+            ops.deep_supervision_weights(n)
+    with pytest.raises(ValueError, match="must be >= 1, got 0"):
+        ops.deep_supervision_weights(0)
+    weights = torch.tensor([0.75, 0.25])  # a tensor of weights is fine
+    torch.testing.assert_close(ops.deep_supervision_loss(base, outs, y, weights=weights),
+                               0.75 * base(outs[0], y) + 0.25 * base(outs[1], y[:, :, 1::2, 1::2]))
+
+
+def test_stats_spec_modes_are_checked():
+    x = torch.randn(1, 3, 4, 4)
+    y = torch.randint(0, 3, (1, 1, 4, 4))
+    from fastmed.kernels.losses import loss_stats_forward
+    from fastmed.reference.losses import loss_stats
+
+    for fn in (loss_stats, loss_stats_forward):
+        with pytest.raises(ValueError, match="StatsSpec.act must be one of 'none', 'sigmoid', 'softmax'; got 'relu'"):
+            fn(x, y, None, StatsSpec(act="relu", pow_mode="linear", label_mode=True))
+        with pytest.raises(ValueError, match="StatsSpec.ce_mode"):
+            fn(x, y, None, StatsSpec(ce_mode="softmax_smoothed", label_mode=True))
+
+
+@pytest.mark.parametrize("name,kw,target", [
+    ("dice_ce_loss", dict(softmax=True, to_onehot_y=True), "labels"),
+    ("dice_loss", dict(sigmoid=True, reduction="none", ignore_index=1), "onehot"),
+    ("focal_loss", dict(to_onehot_y=True, reduction="none"), "labels"),
+    ("dice_focal_loss", dict(softmax=True, to_onehot_y=True), "labels"),
+    ("nnunet_dice_ce_loss", dict(ignore_label=2, batch_dice=True), "labels"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_meta_tensors_infer_shapes(name, kw, target):
+    # Meta tensors: the loss and its gradient get their shapes (the label check, which reads a count back from the
+    # device, is skipped); forcing Triton says it cannot run on meta tensors.
+    x = torch.empty(2, 3, 4, 5, device="meta", requires_grad=True)
+    t = (torch.empty(2, 1, 4, 5, dtype=torch.int64, device="meta") if target == "labels"
+         else torch.empty(2, 3, 4, 5, device="meta"))
+    cpu = getattr(ops, name)(torch.zeros(2, 3, 4, 5), torch.zeros(t.shape, dtype=t.dtype), **kw)
+    loss = getattr(ops, name)(x, t, **kw)
+    assert loss.device.type == "meta" and loss.shape == cpu.shape and loss.dtype == cpu.dtype
+    (g,) = torch.autograd.grad(loss.sum(), x)
+    assert g.device.type == "meta" and g.shape == x.shape
+    if kw.get("reduction") == "none" and name == "focal_loss":
+        return  # the per-voxel focal loss is the plain composition on every backend (nothing to fuse)
+    with fastmed.use_backend("triton"), pytest.raises(fastmed.BackendUnavailableError, match="meta tensors"):
+        getattr(ops, name)(x, t, **kw)
+
+
+def test_every_launch_is_device_guarded(monkeypatch):
+    # Triton launches go to the current CUDA device; each one must run inside device_guard(<its tensors>).
+    kl = pytest.importorskip("fastmed.kernels.losses")
+    guarded, launches = [], []
+
+    @contextlib.contextmanager
+    def guard(t):
+        guarded.append(t.device)
+        yield
+        guarded.pop()
+
+    real_wrap = kl.wrap_triton
+
+    def wrap(kernel):
+        def grid_of(grid):
+            def launch(*args, **kwargs):
+                tensors = [a for a in args if isinstance(a, torch.Tensor)]
+                assert guarded and all(t.device == guarded[-1] for t in tensors), kernel
+                launches.append(kernel)
+                return real_wrap(kernel)[grid](*args, **kwargs)
+            return launch
+        return type("Launcher", (), {"__getitem__": lambda self, grid: grid_of(grid)})()
+
+    monkeypatch.setattr(kl, "device_guard", guard)
+    monkeypatch.setattr(kl, "wrap_triton", wrap)
+    x = torch.randn(1, 3, 4, 5, device=triton_device(), requires_grad=True)
+    y = torch.randint(0, 3, (1, 1, 4, 5), device=x.device)
+    with fastmed.use_backend("triton"):
+        ops.dice_focal_loss(x, y, softmax=True, to_onehot_y=True).backward()
+    assert launches == [kl._loss_stats_fwd_kernel, kl._loss_stats_bwd_kernel]
+
+
 def test_single_channel_warnings_match_monai():
     x = torch.randn(2, 1, 4, 4)
     t = torch.randint(0, 2, (2, 1, 4, 4)).float()
@@ -353,27 +686,31 @@ def test_single_channel_warnings_match_monai():
 
 # ----------------------------------------------------------------------------------------------- torch.library / compile
 
+def _op_args(x, target, mask, spec, backend="reference"):
+    """The flat arguments of torch.ops.fastmed.loss_stats: tensors, the StatsSpec fields, the backend."""
+    return (x, target, mask, *spec, backend)
+
+
 def test_opcheck_reference():
     x = torch.randn(2, 3, 4, 5, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (2, 1, 4, 5))
-    args = (x, y, None, ref.ACT_SOFTMAX, True, True, 2, ref.POW_LINEAR, ref.CE_SOFTMAX_SMOOTH, ref.FOCAL_OFF, 0,
-            2.0, ref.FPOS_OFF, "reference")
-    torch.library.opcheck(torch.ops.fastmed.loss_stats.default, args)
+    spec = StatsSpec(act="softmax", pow_mode="linear", ce_mode="softmax_smooth", gamma=2.0, label_mode=True,
+                     has_ignore=True, ignore_index=2)
+    torch.library.opcheck(torch.ops.fastmed.loss_stats.default, _op_args(x, y, None, spec))
     t = torch.rand(2, 3, 4, 5, dtype=torch.float64)
     m = (torch.rand(2, 1, 4, 5) > 0.3).double()
-    args = (x, t, m, ref.ACT_SIGMOID, False, False, 0, ref.POW_ABS, ref.CE_OFF, ref.FOCAL_SIGMOID, 0, 2.0,
-            ref.FPOS_LINEAR, "reference")
-    torch.library.opcheck(torch.ops.fastmed.loss_stats.default, args)
+    spec = StatsSpec(act="sigmoid", pow_mode="abs", focal_mode="sigmoid", gamma=2.0, focal_pos="linear")
+    torch.library.opcheck(torch.ops.fastmed.loss_stats.default, _op_args(x, t, m, spec))
 
 
 def test_gradcheck_reference_stats():
     x = torch.randn(1, 3, 3, 4, dtype=torch.float64, requires_grad=True)
     y = torch.randint(0, 3, (1, 1, 3, 4))
+    spec = StatsSpec(act="softmax", pow_mode="square", ce_mode="softmax_smooth", focal_mode="softmax", focal_c0=1,
+                     gamma=1.5, label_mode=True)
 
     def f(x):
-        return torch.ops.fastmed.loss_stats(x, y, None, ref.ACT_SOFTMAX, True, False, 0, ref.POW_SQUARE,
-                                            ref.CE_SOFTMAX_SMOOTH, ref.FOCAL_SOFTMAX, 1, 1.5, ref.FPOS_OFF,
-                                            "reference")[:, :8]
+        return torch.ops.fastmed.loss_stats(*_op_args(x, y, None, spec))[:, :COUNT]
 
     torch.autograd.gradcheck(f, (x,))
 
@@ -417,19 +754,22 @@ def test_kernels_compile_for_sm90():
     """The fused loss kernels compile for an H100 in the main option families (the interpreter is lenient)."""
     from sm90 import compile_for_sm90
 
-    from fastmed.kernels.losses import K_STATS
-
     m = "fastmed.kernels.losses"
-    base = dict(LABEL_FLOAT=False, HAS_MASK=False, FOCAL_C0=0, K=K_STATS)
+    base = dict(LABELS="integer", HAS_MASK=False, FOCAL_C0=0)
     families = [
         # softmax + integer labels + CE + Dice sums, ignore_index (DiceCE, nnU-Net)
-        ("*bf16", "*i64", dict(ACT=2, LABEL=True, HAS_IGNORE=True, POW=1, CE=1, FOCAL=0, FPOS=0, C_PAD=16, BLOCK=64)),
+        ("*bf16", "*i64", dict(ACTIVATION="softmax", HAS_IGNORE=True, POW_MODE="linear", CE_MODE="softmax",
+                               FOCAL_MODE="off", FOCAL_POS_MODE="off", C_PAD=16, BLOCK=64)),
         # sigmoid + dense soft targets with an ignore mask + BCE + focal, squared predictions
-        ("*fp16", "*fp16", dict(ACT=1, LABEL=False, HAS_IGNORE=False, POW=2, CE=3, FOCAL=1, FPOS=1, C_PAD=2,
-                                BLOCK=512, LABEL_FLOAT=True, HAS_MASK=True)),
+        ("*fp16", "*fp16", dict(ACTIVATION="sigmoid", LABELS="dense", HAS_IGNORE=False, POW_MODE="square",
+                                CE_MODE="bce", FOCAL_MODE="sigmoid", FOCAL_POS_MODE="linear", C_PAD=2, BLOCK=512,
+                                HAS_MASK=True)),
         # softmax focal without background, label smoothing, uint8 labels, float32 logits
-        ("*fp32", "*u8", dict(ACT=2, LABEL=True, HAS_IGNORE=False, POW=1, CE=2, FOCAL=2, FPOS=2, C_PAD=4, BLOCK=256,
-                              FOCAL_C0=1)),
+        ("*fp32", "*u8", dict(ACTIVATION="softmax", HAS_IGNORE=False, POW_MODE="linear", CE_MODE="softmax_smooth",
+                              FOCAL_MODE="softmax", FOCAL_POS_MODE="hard", C_PAD=4, BLOCK=256, FOCAL_C0=1)),
+        # float64 labels checked in float64, soft-label Dice sums, hard focal split
+        ("*fp32", "*fp64", dict(ACTIVATION="none", LABELS="float64", HAS_IGNORE=True, POW_MODE="abs",
+                                CE_MODE="off", FOCAL_MODE="sigmoid", FOCAL_POS_MODE="hard", C_PAD=8, BLOCK=128)),
     ]
     specs = []
     for zdt, tdt, flags in families:

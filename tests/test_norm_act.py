@@ -508,7 +508,7 @@ def test_activation_vocabulary_is_shared():
      "only used with kind='batch'"),
     (lambda x: norm_act(x, "batch", running_mean=torch.zeros(4)), ValueError, "must be given together"),
     (lambda x: norm_act(x[:1, :, :1, :1], "batch"), ValueError, "more than one value per channel"),
-    (lambda x: norm_act(x, "instance", eps=-1.0), ValueError, "eps must be a non-negative number"),
+    (lambda x: norm_act(x, "instance", eps=-1.0), ValueError, "eps must be a finite real number in \\[0.0, inf\\]"),
     (lambda x: norm_act(x[:, :, :1, :1], "instance"), ValueError, "more than one value per normalized group"),
     (lambda x: norm_act(x.numpy(), "instance"), TypeError, "x must be a torch.Tensor"),
 ])

@@ -48,7 +48,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastmed._validate import check_batch_and_spatial, check_choice, check_per_axis, check_positive_int
+from fastmed._validate import check_batch_and_spatial, check_choice, check_int, check_per_axis
 from fastmed.nn.norm_act import NormAct, activation_module, activation_of
 from fastmed.ops.conv_block import IMPLEMENTATIONS, conv_norm_act, same_padding
 from fastmed.ops.norm_act import norm_act
@@ -213,7 +213,7 @@ class UpBlock(nn.Module):
                  norm_kwargs: Optional[dict] = None, act: str = "leaky_relu", act_kwargs: Optional[dict] = None,
                  dropout: float = 0.0, implementation: str = "auto", device=None, dtype=None):
         super().__init__()
-        check_positive_int(num_convs, "num_convs")
+        check_int(num_convs, "num_convs", minimum=1)
         up_channels = skip_channels if up_channels is None else up_channels
         up = check_per_axis(upsample_stride, "upsample_stride", spatial_dims, 1)
         self.transpconv = conv_class(spatial_dims, transposed=True)(in_channels, up_channels, up, up, bias=bias,

@@ -12,14 +12,12 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from fastmed._validate import (check_ddp_sync, check_loss_activation, check_number, check_number_sequence,
+                               check_reduction)
 from fastmed.ops import losses as F
 
 __all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss",
            "NNUNetDiceCELoss", "DeepSupervisionLoss"]
-
-
-def _reduction(reduction, choices=("mean", "sum", "none")) -> str:
-    return F._check_reduction(reduction, choices)
 
 
 class DiceLoss(nn.Module):
@@ -31,9 +29,9 @@ class DiceLoss(nn.Module):
                  batch: bool = False, weight=None, soft_label: bool = False, ignore_index: Optional[int] = None,
                  ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_acts(sigmoid, softmax, other_act)
-        F._check_ddp(ddp_sync, batch)
-        self.reduction = _reduction(reduction)
+        check_loss_activation(sigmoid, softmax, other_act)
+        check_ddp_sync(ddp_sync, batch)
+        self.reduction = check_reduction(reduction)
         self.include_background, self.to_onehot_y = include_background, to_onehot_y
         self.sigmoid, self.softmax, self.other_act = sigmoid, softmax, other_act
         self.squared_pred, self.jaccard, self.batch = squared_pred, jaccard, batch
@@ -58,9 +56,9 @@ class GeneralizedDiceLoss(nn.Module):
                  reduction: str = "mean", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
                  soft_label: bool = False, ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_acts(sigmoid, softmax, other_act)
-        F._check_ddp(ddp_sync, batch)
-        self.reduction = _reduction(reduction)
+        check_loss_activation(sigmoid, softmax, other_act)
+        check_ddp_sync(ddp_sync, batch)
+        self.reduction = check_reduction(reduction)
         self.kwargs = dict(include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
                            softmax=softmax, other_act=other_act, w_type=getattr(w_type, "value", w_type),
                            smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
@@ -78,9 +76,9 @@ class TverskyLoss(nn.Module):
                  reduction: str = "mean", smooth_nr: float = 1e-5, smooth_dr: float = 1e-5, batch: bool = False,
                  soft_label: bool = False, ignore_index: Optional[int] = None, ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_acts(sigmoid, softmax, other_act)
-        F._check_ddp(ddp_sync, batch)
-        self.reduction = _reduction(reduction)
+        check_loss_activation(sigmoid, softmax, other_act)
+        check_ddp_sync(ddp_sync, batch)
+        self.reduction = check_reduction(reduction)
         self.alpha, self.beta = alpha, beta
         self.kwargs = dict(include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
                            softmax=softmax, other_act=other_act, smooth_nr=float(smooth_nr),
@@ -99,7 +97,7 @@ class FocalLoss(nn.Module):
                  alpha=None, weight=None, reduction: str = "mean", use_softmax: bool = False,
                  ignore_index: Optional[int] = None) -> None:
         super().__init__()
-        self.reduction = _reduction(reduction)
+        self.reduction = check_reduction(reduction)
         self.include_background, self.to_onehot_y = include_background, to_onehot_y
         self.gamma, self.alpha, self.use_softmax, self.ignore_index = gamma, alpha, use_softmax, ignore_index
         self.register_buffer("class_weight", torch.as_tensor(weight) if weight is not None else None)
@@ -120,11 +118,11 @@ class DiceCELoss(nn.Module):
                  batch: bool = False, weight: Optional[Tensor] = None, lambda_dice: float = 1.0,
                  lambda_ce: float = 1.0, label_smoothing: float = 0.0, ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_acts(sigmoid, softmax, other_act)
-        F._check_ddp(ddp_sync, batch)
-        self.reduction = _reduction(reduction, ("mean", "sum"))
-        self.lambda_dice = F._check_lambda(lambda_dice, "lambda_dice")
-        self.lambda_ce = F._check_lambda(lambda_ce, "lambda_ce")
+        check_loss_activation(sigmoid, softmax, other_act)
+        check_ddp_sync(ddp_sync, batch)
+        self.reduction = check_reduction(reduction, ("mean", "sum"))
+        self.lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+        self.lambda_ce = check_number(lambda_ce, "lambda_ce", minimum=0.0)
         self.register_buffer("weight", torch.as_tensor(weight) if weight is not None else None)
         self.kwargs = dict(include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
                            softmax=softmax, other_act=other_act, squared_pred=squared_pred, jaccard=jaccard,
@@ -145,11 +143,11 @@ class DiceFocalLoss(nn.Module):
                  batch: bool = False, gamma: float = 2.0, weight=None, lambda_dice: float = 1.0,
                  lambda_focal: float = 1.0, alpha: Optional[float] = None, ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_acts(sigmoid, softmax, other_act)
-        F._check_ddp(ddp_sync, batch)
-        self.reduction = _reduction(reduction)
-        self.lambda_dice = F._check_lambda(lambda_dice, "lambda_dice")
-        self.lambda_focal = F._check_lambda(lambda_focal, "lambda_focal")
+        check_loss_activation(sigmoid, softmax, other_act)
+        check_ddp_sync(ddp_sync, batch)
+        self.reduction = check_reduction(reduction)
+        self.lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+        self.lambda_focal = check_number(lambda_focal, "lambda_focal", minimum=0.0)
         self.kwargs = dict(include_background=include_background, to_onehot_y=to_onehot_y, sigmoid=sigmoid,
                            softmax=softmax, other_act=other_act, squared_pred=squared_pred, jaccard=jaccard,
                            smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch, gamma=gamma,
@@ -167,7 +165,7 @@ class NNUNetDiceCELoss(nn.Module):
     def __init__(self, batch_dice: bool = False, do_bg: bool = False, smooth: float = 1e-5, weight_ce: float = 1.0,
                  weight_dice: float = 1.0, ignore_label: Optional[int] = None, ddp_sync: bool = False) -> None:
         super().__init__()
-        F._check_ddp(ddp_sync, batch_dice)
+        check_ddp_sync(ddp_sync, batch_dice)
         self.batch_dice, self.do_bg, self.smooth = batch_dice, do_bg, float(smooth)
         self.weight_ce, self.weight_dice, self.ignore_label, self.ddp_sync = weight_ce, weight_dice, ignore_label, ddp_sync
 
@@ -189,7 +187,7 @@ class DeepSupervisionLoss(nn.Module):
                  target_mode: str = "nearest-exact") -> None:
         super().__init__()
         self.loss = loss
-        self.weights = None if weights is None else [float(w) for w in weights]
+        self.weights = None if weights is None else check_number_sequence(weights, "weights", minimum=0.0)
         self.target_mode = target_mode
 
     def forward(self, outputs: Sequence[Tensor], target) -> Tensor:

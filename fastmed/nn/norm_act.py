@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from fastmed._validate import check_mode, check_positive_int
+from fastmed._validate import check_int, check_mode
 from fastmed.ops.norm_act import KINDS, canonical_activation, check_groups, norm_act
 
 __all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "activation_of", "activation_module",
@@ -40,7 +40,7 @@ class NormAct(nn.Module):
                  activation: Optional[str] = "leaky_relu", negative_slope: float = 0.01, prelu_init: float = 0.25,
                  prelu_per_channel: bool = True, device=None, dtype=None):
         super().__init__()
-        num_channels = check_positive_int(num_channels, "num_channels")
+        num_channels = check_int(num_channels, "num_channels", minimum=1)
         kind = check_mode(kind, "kind", KINDS)
         check_groups(kind, num_groups, num_channels, what="the module")
         factory = {"device": device, "dtype": dtype}

@@ -21,14 +21,21 @@ Fallback rule (what the fused op does not do, and what runs instead, whatever th
     ``fastmed.reference.losses.loss_stats`` (the fused op gives gradients to the logits only).
   * ``ddp_sync=True`` all-reduces the batch-summed statistics over the default process group
     (``torch.distributed.nn.functional.all_reduce``: differentiable, gradient = nnU-Net's ``AllGatherGrad``).
+  * double backward (``create_graph=True``, e.g. a gradient penalty): the first-order gradient is the same closed
+    form run as plain differentiable PyTorch (``fastmed.reference.losses.loss_stats_backward``) on every backend,
+    so torch differentiates it again; without ``create_graph`` the fused backward runs.
+
+A ``-inf`` logit on a class the target does not hold (how classes are masked) contributes nothing, as in
+``F.cross_entropy`` with class indices; where MONAI's and torch's compositions compute ``0 * inf`` (probability
+targets, BCE, focal terms) fastmed gives the limit instead of NaN.  NaN in the logits gives NaN.
 
 Labels are checked by the fused pass itself (a count of voxels whose label is neither an integer in [0, C) nor
-``ignore_index``); a non-zero count raises ``ValueError`` naming ``target`` (this reads one number back from the
-device; the check is skipped while ``torch.compile`` traces).
+``ignore_index``; float labels are checked in their own precision on every backend); a non-zero count raises
+``ValueError`` naming ``target`` (this reads one number back from the device; the check is skipped while
+``torch.compile`` traces, and for meta tensors, on which the losses only infer shapes).
 """
 from __future__ import annotations
 
-import numbers
 import warnings
 from typing import Callable, NamedTuple, Optional, Sequence, Union
 
@@ -39,8 +46,11 @@ from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _direct
-from fastmed._validate import check_choice, check_same_device, check_tensor
+from fastmed._validate import (check_choice, check_class_weight, check_ddp_sync, check_int, check_loss_activation,
+                               check_number, check_number_sequence, check_reduction, check_same_device,
+                               check_tensor)
 from fastmed.reference import losses as ref
+from fastmed.reference.loss_spec import BAD, COUNT, NLL, StatsSpec
 
 __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "dice_ce_loss", "dice_focal_loss",
            "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights"]
@@ -50,7 +60,6 @@ _backend.register_op(
     doc="segmentation-loss statistics (Dice/Tversky/GDL/CE/focal sums) in one pass, backward in one pass; "
         "other_act, per-voxel focal outputs and differentiable targets use the plain PyTorch composition")
 
-_REDUCTIONS = ("mean", "sum", "none")
 Weight = Union[Sequence[float], float, int, Tensor, None]
 
 
@@ -58,9 +67,9 @@ Weight = Union[Sequence[float], float, int, Tensor, None]
 # The fused op
 # ------------------------------------------------------------------------------------------------------------
 
-def _reference_stats(*args):
+def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
     with torch.no_grad():
-        return ref.loss_stats(*args)
+        return ref.loss_stats(logits, target, mask, spec)
 
 
 _FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
@@ -70,32 +79,53 @@ _BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
                                      reference=ref.loss_stats_backward)
 
 
+# The torch.library signature is flat (what torch.library needs): the tensors, then the fields of a StatsSpec in
+# its order, then the backend.  Python code passes a StatsSpec; _op_inputs / _split_inputs convert.
+
 @triton_op("fastmed::loss_stats", mutates_args=())
-def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int, label_mode: bool,
-                   has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int, focal_mode: int,
-                   focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
-    return _FORWARD[backend](logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode, ce_mode,
-                             focal_mode, focal_c0, gamma, focal_pos)
+def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: str, pow_mode: str, ce_mode: str,
+                   focal_mode: str, focal_c0: int, gamma: float, focal_pos: str, label_mode: bool,
+                   has_ignore: bool, ignore_index: int, backend: str) -> Tensor:
+    spec = StatsSpec(act, pow_mode, ce_mode, focal_mode, focal_c0, gamma, focal_pos, label_mode, has_ignore,
+                     ignore_index)
+    return _FORWARD[backend](logits, target, mask, spec)
 
 
 @triton_op("fastmed::loss_stats_bwd", mutates_args=())
-def _loss_stats_bwd_op(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int,
-                       label_mode: bool, has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int,
-                       focal_mode: int, focal_c0: int, gamma: float, focal_pos: int, backend: str) -> Tensor:
-    return _BACKWARD[backend](gstats, logits, target, mask, act, label_mode, has_ignore, ignore_index, pow_mode,
-                              ce_mode, focal_mode, focal_c0, gamma, focal_pos)
+def _loss_stats_bwd_op(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: str,
+                       pow_mode: str, ce_mode: str, focal_mode: str, focal_c0: int, gamma: float, focal_pos: str,
+                       label_mode: bool, has_ignore: bool, ignore_index: int, backend: str) -> Tensor:
+    spec = StatsSpec(act, pow_mode, ce_mode, focal_mode, focal_c0, gamma, focal_pos, label_mode, has_ignore,
+                     ignore_index)
+    return _BACKWARD[backend](gstats, logits, target, mask, spec)
+
+
+def _op_inputs(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec, backend: str) -> tuple:
+    """The flat arguments of ``fastmed::loss_stats``."""
+    return (logits, target, mask, *spec, backend)
+
+
+def _split_inputs(inputs: tuple) -> tuple[tuple, StatsSpec, str]:
+    """``_op_inputs``'s inverse: ((logits, target, mask), spec, backend)."""
+    return tuple(inputs[:3]), StatsSpec(*inputs[3:-1]), inputs[-1]
 
 
 def _setup_context(ctx, inputs, output):
-    logits, target, mask = inputs[:3]
-    ctx.save_for_backward(logits, target, mask)
-    ctx.args = inputs[3:]
+    tensors, ctx.spec, ctx.backend = _split_inputs(inputs)
+    ctx.save_for_backward(*tensors)
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, gstats):
     logits, target, mask = ctx.saved_tensors
-    dlogits = _direct.backward_op(ctx, _loss_stats_bwd_op)(gstats, logits, target, mask, *ctx.args)
-    return (dlogits,) + (None,) * 13
+    if torch.is_grad_enabled():
+        # create_graph=True (double backward): the same closed form as plain differentiable torch, whatever the
+        # backend, so that torch can differentiate the gradient again (the kernels' output would have no graph).
+        dlogits = ref.loss_stats_backward(gstats, logits, target, mask, ctx.spec)
+    else:
+        bwd = _direct.backward_op(ctx, _loss_stats_bwd_op)
+        dlogits = bwd(gstats, *_op_inputs(logits, target, mask, ctx.spec, ctx.backend))
+    return (dlogits,) + (None,) * (ctx.num_inputs - 1)  # only the logits get a gradient from the fused op
 
 
 _loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
@@ -111,45 +141,40 @@ class _Target(NamedTuple):
     ignore_index: int
 
 
-class _Spec(NamedTuple):
-    act: int = ref.ACT_NONE
-    pow_mode: int = ref.POW_OFF
-    ce_mode: int = ref.CE_OFF
-    focal_mode: int = ref.FOCAL_OFF
-    focal_c0: int = 0
-    gamma: float = 0.0
-    focal_pos: int = ref.FPOS_OFF
-
-
-def _run_stats(logits: Tensor, tgt: _Target, spec: _Spec) -> Tensor:
-    args = (tgt.target, tgt.mask, spec.act, tgt.label_mode, tgt.has_ignore, tgt.ignore_index, spec.pow_mode,
-            spec.ce_mode, spec.focal_mode, spec.focal_c0, float(spec.gamma), spec.focal_pos)
+def _run_stats(logits: Tensor, tgt: _Target, spec: StatsSpec) -> Tensor:
+    spec = spec._replace(gamma=float(spec.gamma), label_mode=tgt.label_mode, has_ignore=tgt.has_ignore,
+                         ignore_index=tgt.ignore_index)
     if tgt.target.requires_grad:
-        return ref.loss_stats(logits, *args)
+        return ref.loss_stats(logits, tgt.target, tgt.mask, spec)
     backend = _backend.choose("losses", logits.device)
-    return _direct.call(_loss_stats_op, _LossStatsDirect, logits, *args, backend)
+    return _direct.call(_loss_stats_op, _LossStatsDirect, *_op_inputs(logits, tgt.target, tgt.mask, spec, backend))
+
+
+def _values_readable(t: Tensor) -> bool:
+    """Whether a value of ``t`` can be read back on the host: not while torch.compile traces, not for meta tensors
+    (shape inference), where the checks that need one are skipped."""
+    return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
 def _check_labels(stats: Tensor, tgt: _Target, C: int) -> None:
-    if not tgt.label_mode or torch.compiler.is_compiling():
+    if not tgt.label_mode or not _values_readable(stats):
         return
-    bad = int(stats[:, ref.BAD, 0].sum().item())
+    bad = int(stats[:, BAD, 0].sum().item())
     if bad:
         extra = f" or ignore_index={tgt.ignore_index}" if tgt.has_ignore else ""
         raise ValueError(f"target must hold integer labels in [0, {C}){extra} for logits with {C} channels; "
                          f"{bad} voxels hold other values (negative, >= {C}, or not integers)")
 
 
-def loss_stats(logits: Tensor, tgt: _Target, spec: _Spec, other_act: Optional[Callable] = None) -> Tensor:
-    """Statistics ``(B, K, C)``; with ``other_act`` the Dice slots come from ``other_act(logits)``."""
-    if other_act is not None and spec.pow_mode != ref.POW_OFF:
-        dice = _run_stats(other_act(logits), tgt, spec._replace(act=ref.ACT_NONE, ce_mode=ref.CE_OFF,
-                                                                focal_mode=ref.FOCAL_OFF))
-        if spec.ce_mode == ref.CE_OFF and spec.focal_mode == ref.FOCAL_OFF:
+def loss_stats(logits: Tensor, tgt: _Target, spec: StatsSpec, other_act: Optional[Callable] = None) -> Tensor:
+    """Statistics ``(B, NUM_SLOTS, C)``; with ``other_act`` the Dice slots come from ``other_act(logits)``."""
+    if other_act is not None and spec.pow_mode != "off":
+        dice = _run_stats(other_act(logits), tgt, spec._replace(act="none", ce_mode="off", focal_mode="off"))
+        if spec.ce_mode == "off" and spec.focal_mode == "off":
             stats = dice
         else:
-            rest = _run_stats(logits, tgt, spec._replace(pow_mode=ref.POW_OFF))
-            stats = torch.cat([dice[:, :ref.NLL], rest[:, ref.NLL:ref.COUNT], dice[:, ref.COUNT:]], 1)
+            rest = _run_stats(logits, tgt, spec._replace(pow_mode="off"))
+            stats = torch.cat([dice[:, :NLL], rest[:, NLL:COUNT], dice[:, COUNT:]], 1)
     else:
         stats = _run_stats(logits, tgt, spec)
     _check_labels(stats, tgt, logits.shape[1])
@@ -164,39 +189,21 @@ def _check_input(input) -> None:
     check_tensor(input, "input", min_ndim=3, max_ndim=5)
 
 
-def _check_reduction(reduction, choices=_REDUCTIONS) -> str:
-    reduction = getattr(reduction, "value", reduction)
-    return check_choice(reduction, "reduction", choices)
-
-
-def _check_acts(sigmoid: bool, softmax: bool, other_act) -> None:
-    if other_act is not None and not callable(other_act):
-        raise TypeError(f"other_act must be None or callable but is {type(other_act).__name__}.")
-    if int(bool(sigmoid)) + int(bool(softmax)) + int(other_act is not None) > 1:
-        raise ValueError("Incompatible values: more than 1 of [sigmoid=True, softmax=True, other_act is not None].")
-
-
-def _check_lambda(value, name: str) -> float:
-    if not isinstance(value, numbers.Real) or value < 0:
-        raise ValueError(f"{name} should be no less than 0.0, got {value!r}")
-    return float(value)
-
-
-def _dice_act(C: int, sigmoid: bool, softmax: bool) -> int:
+def _dice_act(C: int, sigmoid: bool, softmax: bool) -> str:
     if sigmoid:
-        return ref.ACT_SIGMOID
+        return "sigmoid"
     if softmax:
         if C == 1:
             ref.warn_single_channel("softmax=True")
-            return ref.ACT_NONE
-        return ref.ACT_SOFTMAX
-    return ref.ACT_NONE
+            return "none"
+        return "softmax"
+    return "none"
 
 
-def _pow_mode(squared_pred: bool, soft_label: bool) -> int:
+def _pow_mode(squared_pred: bool, soft_label: bool) -> str:
     if squared_pred:
-        return ref.POW_SQUARE
-    return ref.POW_ABS if soft_label else ref.POW_LINEAR
+        return "square"
+    return "abs" if soft_label else "linear"
 
 
 def _ignore_mask(target: Tensor, ignore_index: int) -> Tensor:
@@ -209,14 +216,12 @@ def _ignore_mask(target: Tensor, ignore_index: int) -> Tensor:
 
 
 def _prepare_target(input: Tensor, target, to_onehot_y: bool, ignore_index: Optional[int], *,
-                    warn_onehot: bool = True) -> _Target:
+                    warn_onehot: bool = True, ignore_name: str = "ignore_index") -> _Target:
     """Validates ``target`` against ``input (B, C, *sp)``; labels (B, *sp) become (B, 1, *sp)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_tensor(target, "target", floating=False, allow_empty=True)
     if target.is_complex():
         raise TypeError(f"target must be a real tensor, got dtype {target.dtype}")
-    if ignore_index is not None and (isinstance(ignore_index, bool) or not isinstance(ignore_index, numbers.Integral)):
-        raise TypeError(f"ignore_index must be an int or None, got {type(ignore_index).__name__}")
+    ignore_index = check_int(ignore_index, ignore_name, allow_none=True)
     B, C = input.shape[:2]
     spatial = tuple(input.shape[2:])
     if target.dim() == input.dim() - 1 and tuple(target.shape) == (B,) + spatial:
@@ -232,14 +237,14 @@ def _prepare_target(input: Tensor, target, to_onehot_y: bool, ignore_index: Opti
                              "to_onehot_y=False)")
         if target.requires_grad:
             raise ValueError("target holds labels (to_onehot_y=True) and cannot require grad")
-        ii = 0 if ignore_index is None else int(ignore_index)
+        ii = 0 if ignore_index is None else ignore_index
         return _Target(target, True, None, ignore_index is not None, ii)
     if to_onehot_y and warn_onehot:
         ref.warn_single_channel("to_onehot_y=True")
     if target.shape[1] != C:
         raise ValueError(f"target must have the {C} channels of input (one-hot or soft targets), or hold labels "
                          f"with to_onehot_y=True; got shape {tuple(target.shape)} for input {tuple(input.shape)}")
-    mask = _ignore_mask(target, int(ignore_index)) if ignore_index is not None else None
+    mask = _ignore_mask(target, ignore_index) if ignore_index is not None else None
     return _Target(target, False, mask, False, 0)
 
 
@@ -255,12 +260,9 @@ def _warn_background(C: int, include_background: bool) -> None:
         ref.warn_single_channel("include_background=False")
 
 
-def _as_weight(weight: Weight, name: str = "weight") -> Optional[Tensor]:
-    if weight is None:
-        return None
-    if isinstance(weight, bool) or not isinstance(weight, (numbers.Real, Sequence, Tensor)):
-        raise TypeError(f"{name} must be a number, a sequence of numbers or a tensor, got {type(weight).__name__}")
-    return torch.as_tensor(weight)
+def _kept(C: int, include_background: bool) -> int:
+    """The number of classes a loss keeps: C, or C - 1 without the background (never fewer than 1)."""
+    return C if include_background or C == 1 else C - 1
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -271,9 +273,9 @@ def _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_syn
                   include_background):
     """The checks and target preparation shared by the Dice-family losses: (reduction, activation code, target)."""
     _check_input(input)
-    reduction = _check_reduction(reduction)
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
+    reduction = check_reduction(reduction)
+    check_loss_activation(sigmoid, softmax, other_act)
+    check_ddp_sync(ddp_sync, batch)
     C = input.shape[1]
     act = _dice_act(C, sigmoid, softmax)
     tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
@@ -300,11 +302,13 @@ def dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True,
     """
     reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
                                         to_onehot_y, ignore_index, include_background)
+    kept = _kept(input.shape[1], include_background)
+    weight = check_class_weight(weight, "weight", kept) if kept > 1 else None  # MONAI ignores it for one class
     pow_mode = _pow_mode(squared_pred, soft_label)
-    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
     return ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
                                jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
-                               smooth_dr=float(smooth_dr), batch=batch, weight=_as_weight(weight), ddp_sync=ddp_sync)
+                               smooth_dr=float(smooth_dr), batch=batch, weight=weight, ddp_sync=ddp_sync)
 
 
 def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
@@ -318,8 +322,8 @@ def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
     """
     reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
                                         to_onehot_y, ignore_index, include_background)
-    pow_mode = ref.POW_ABS if soft_label else ref.POW_LINEAR
-    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    pow_mode = _pow_mode(False, soft_label)
+    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
     return ref.tversky_from_stats(stats, pow_mode=pow_mode, include_background=include_background,
                                   alpha=float(alpha), beta=float(beta), reduction=reduction,
                                   smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
@@ -336,16 +340,16 @@ def generalized_dice_loss(input: Tensor, target: Tensor, *, include_background: 
     Returns a scalar, or with ``reduction="none"`` ``(B, 1, 1, ...)`` (``(1, 1, ...)`` with ``batch``).
     """
     _check_input(input)
-    reduction = _check_reduction(reduction)
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
+    reduction = check_reduction(reduction)
+    check_loss_activation(sigmoid, softmax, other_act)
+    check_ddp_sync(ddp_sync, batch)
     w_type = check_choice(getattr(w_type, "value", w_type), "w_type", ("square", "simple", "uniform"))
     C = input.shape[1]
     act = _dice_act(C, sigmoid, softmax)
     tgt = _prepare_target(input, target, to_onehot_y, None)
     _warn_background(C, include_background)
-    pow_mode = ref.POW_ABS if soft_label else ref.POW_LINEAR
-    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+    pow_mode = _pow_mode(False, soft_label)
+    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
     return ref.generalized_dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode,
                                            include_background=include_background, w_type=w_type,
                                            reduction=reduction, smooth_nr=float(smooth_nr),
@@ -370,26 +374,19 @@ def _focal_alpha(alpha, channels: int, use_softmax: bool, include_background: bo
 
 
 def _focal_weight(weight, channels: int) -> Optional[Tensor]:
-    w = _as_weight(weight)
-    if w is None:
-        return None
-    if w.ndim > 0:
-        if channels == 1:
-            raise ValueError("Per-class class_weight is not supported for single-channel outputs.")
-        if w.numel() != channels:
-            raise ValueError(f"The number of class_weight ({w.numel()}) must match the number of "
-                             f"output channels ({channels}).")
-    if bool((w < 0).any()):
-        raise ValueError("class_weight values must be non-negative.")
+    """MONAI FocalLoss's weight: a number, or one value per class kept (not for a single channel)."""
+    w = check_class_weight(weight, "weight", channels)
+    if w is not None and w.ndim > 0 and channels == 1:
+        raise ValueError("weight: a per-class weight is not supported for single-channel outputs; pass a number")
     return w
 
 
-def _focal_spec(C: int, use_softmax: bool, include_background: bool, gamma: float, alpha) -> _Spec:
+def _focal_spec(C: int, use_softmax: bool, include_background: bool, gamma: float, alpha) -> StatsSpec:
     if use_softmax:
-        c0 = 1 if not include_background and C > 1 else 0
-        return _Spec(focal_mode=ref.FOCAL_SOFTMAX, focal_c0=c0, gamma=float(gamma))
-    fpos = ref.FPOS_OFF if alpha is None else (ref.FPOS_LINEAR if isinstance(alpha, float) else ref.FPOS_HARD)
-    return _Spec(focal_mode=ref.FOCAL_SIGMOID, gamma=float(gamma), focal_pos=fpos)
+        first = C - _kept(C, include_background)  # 1 when the background class is dropped
+        return StatsSpec(focal_mode="softmax", focal_c0=first, gamma=float(gamma))
+    focal_pos = "off" if alpha is None else ("linear" if isinstance(alpha, float) else "hard")
+    return StatsSpec(focal_mode="sigmoid", gamma=float(gamma), focal_pos=focal_pos)
 
 
 def _dense(input: Tensor, tgt: _Target) -> tuple[Tensor, Optional[Tensor]]:
@@ -402,6 +399,8 @@ def _dense(input: Tensor, tgt: _Target) -> tuple[Tensor, Optional[Tensor]]:
         mask = (lab != tgt.ignore_index).float()
         if not 0 <= tgt.ignore_index < C:
             lab = torch.where(lab == tgt.ignore_index, torch.zeros_like(lab), lab)
+    if not _values_readable(lab):
+        return ref.one_hot(lab, C), mask
     if lab.is_floating_point() and not bool((lab == lab.floor()).all()):
         raise ValueError("target must hold integer labels when to_onehot_y=True, got non-integer values")
     if bool(((lab < 0) | (lab >= C)).any()):
@@ -418,11 +417,11 @@ def focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True
     composition, see the module docstring).
     """
     _check_input(input)
-    reduction = _check_reduction(reduction)
+    reduction = check_reduction(reduction)
     C = input.shape[1]
     tgt = _prepare_target(input, target, to_onehot_y, ignore_index)
     _warn_background(C, include_background)
-    channels = C if include_background or C == 1 else C - 1
+    channels = _kept(C, include_background)
     alpha_v = _focal_alpha(alpha, channels, use_softmax, include_background, C)
     weight_v = _focal_weight(weight, channels)
     if reduction == "none":
@@ -438,8 +437,7 @@ def focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True
 
 def _check_combo_target(input: Tensor, target) -> None:
     """DiceCELoss / DiceFocalLoss shape checks (labels (B, *sp) are accepted too)."""
-    if not isinstance(target, Tensor):
-        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    check_tensor(target, "target", floating=False, allow_empty=True)
     if target.dim() == input.dim() - 1:
         return
     if input.dim() != target.dim():
@@ -462,15 +460,15 @@ def dice_ce_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
     background entry when ``include_background=False``).  Returns a scalar (``reduction`` "mean" or "sum").
     """
     _check_input(input)
-    reduction = _check_reduction(reduction, ("mean", "sum"))
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
-    lambda_dice, lambda_ce = _check_lambda(lambda_dice, "lambda_dice"), _check_lambda(lambda_ce, "lambda_ce")
-    if not isinstance(label_smoothing, numbers.Real) or not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    reduction = check_reduction(reduction, ("mean", "sum"))
+    check_loss_activation(sigmoid, softmax, other_act)
+    check_ddp_sync(ddp_sync, batch)
+    lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+    lambda_ce = check_number(lambda_ce, "lambda_ce", minimum=0.0)
+    label_smoothing = check_number(label_smoothing, "label_smoothing", minimum=0.0, maximum=1.0)
     _check_combo_target(input, target)
     C = input.shape[1]
-    w = _as_weight(weight)
+    w = check_class_weight(weight, "weight", C)
     if w is not None and w.ndim != 1:
         raise ValueError(f"weight must be a 1-D tensor with one value per class ({C}), got shape {tuple(w.shape)}")
     act = _dice_act(C, sigmoid, softmax)
@@ -478,10 +476,10 @@ def dice_ce_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
     _warn_background(C, include_background)
     pow_mode = _pow_mode(squared_pred, soft_label=False)
     if C == 1:
-        ce_mode = ref.CE_BCE
+        ce_mode = "bce"
     else:
-        ce_mode = ref.CE_SOFTMAX_SMOOTH if label_smoothing > 0 else ref.CE_SOFTMAX
-    stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode, ce_mode=ce_mode), other_act)
+        ce_mode = "softmax_smooth" if label_smoothing > 0 else "softmax"
+    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode, ce_mode=ce_mode), other_act)
     dice_w = w[1:] if w is not None and not include_background else w
     dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
                                jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
@@ -491,7 +489,7 @@ def dice_ce_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
         ce = ref.bce_from_stats(stats, pos_weight=w, reduction=reduction, num_voxels=nvox)
     else:
         ce = ref.ce_from_stats(stats, label_targets=tgt.label_mode, weight=w, reduction=reduction,
-                               label_smoothing=float(label_smoothing), num_voxels=nvox)
+                               label_smoothing=label_smoothing, num_voxels=nvox)
     return lambda_dice * dice + lambda_ce * ce
 
 
@@ -506,23 +504,23 @@ def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool =
     Returns a scalar; ``reduction="none"`` returns MONAI's broadcast sum ``(B, C', *spatial)``.
     """
     _check_input(input)
-    reduction = _check_reduction(reduction)
-    _check_acts(sigmoid, softmax, other_act)
-    _check_ddp(ddp_sync, batch)
-    lambda_dice = _check_lambda(lambda_dice, "lambda_dice")
-    lambda_focal = _check_lambda(lambda_focal, "lambda_focal")
+    reduction = check_reduction(reduction)
+    check_loss_activation(sigmoid, softmax, other_act)
+    check_ddp_sync(ddp_sync, batch)
+    lambda_dice = check_number(lambda_dice, "lambda_dice", minimum=0.0)
+    lambda_focal = check_number(lambda_focal, "lambda_focal", minimum=0.0)
     _check_combo_target(input, target)
     C = input.shape[1]
     tgt = _prepare_target(input, target, to_onehot_y, None)
     act = _dice_act(C, sigmoid, softmax)
     _warn_background(C, include_background)
-    channels = C if include_background or C == 1 else C - 1
+    channels = _kept(C, include_background)
     alpha_v = _focal_alpha(alpha, channels, False, include_background, C)
     weight_v = _focal_weight(weight, channels)
     pow_mode = _pow_mode(squared_pred, soft_label=False)
     focal_spec = _focal_spec(C, False, include_background, gamma, alpha_v)
     if reduction == "none":
-        stats = loss_stats(input, tgt, _Spec(act=act, pow_mode=pow_mode), other_act)
+        stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
         dense, _ = _dense(input, tgt)
         focal = ref.focal_loss_voxels(input, dense, None, include_background=include_background, use_softmax=False,
                                       gamma=float(gamma), alpha=alpha_v, weight=weight_v)
@@ -533,15 +531,9 @@ def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool =
                                      num_voxels=_num_voxels(input), masked=False)
     dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
                                jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
-                               smooth_dr=float(smooth_dr), batch=batch, weight=_as_weight(weight),
+                               smooth_dr=float(smooth_dr), batch=batch, weight=weight_v if channels > 1 else None,
                                ddp_sync=ddp_sync)
     return lambda_dice * dice + lambda_focal * focal
-
-
-def _check_ddp(ddp_sync: bool, batch: bool) -> None:
-    if ddp_sync and not batch:
-        raise ValueError("ddp_sync=True sums the batch Dice statistics over ranks and needs batch=True "
-                         "(batch_dice=True for nnU-Net)")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -563,25 +555,24 @@ def nnunet_dice_ce_loss(input: Tensor, target: Tensor, *, batch_dice: bool = Fal
         target: labels ``(B, 1, *spatial)`` or ``(B, *spatial)``.
     """
     _check_input(input)
-    _check_ddp(ddp_sync, batch_dice)
+    check_ddp_sync(ddp_sync, batch_dice)
     C = input.shape[1]
     if C < 2:
         raise ValueError(f"input must have at least 2 channels (softmax over classes), got {C}")
     if isinstance(target, Tensor) and target.dim() == input.dim() and target.shape[1] != 1:
         raise ValueError(f"target must hold labels, shape (B, 1, *spatial) or (B, *spatial), got "
                          f"{tuple(target.shape)}")
-    tgt = _prepare_target(input, target, True, ignore_label)
-    stats = loss_stats(input, tgt, _Spec(act=ref.ACT_SOFTMAX, pow_mode=ref.POW_LINEAR, ce_mode=ref.CE_SOFTMAX))
+    tgt = _prepare_target(input, target, True, ignore_label, ignore_name="ignore_label")
+    stats = loss_stats(input, tgt, StatsSpec(act="softmax", pow_mode="linear", ce_mode="softmax"))
     dc = ref.nnunet_dice_from_stats(stats, do_bg=do_bg, batch_dice=batch_dice, smooth=float(smooth),
                                     ddp_sync=ddp_sync)
-    ce = stats[:, ref.NLL].sum() / stats[:, ref.COUNT, 0].sum().clamp(min=1)
+    ce = stats[:, NLL].sum() / stats[:, COUNT, 0].sum().clamp(min=1)
     return float(weight_ce) * ce + float(weight_dice) * dc
 
 
 def deep_supervision_weights(n: int) -> list[float]:
     """nnU-Net's deep-supervision weights: 1 / 2^i, the lowest resolution set to 0, normalized to sum 1."""
-    if n < 1:
-        raise ValueError(f"deep supervision needs at least one output, got {n}")
+    n = check_int(n, "n (the number of deep-supervision outputs)", minimum=1)
     if n == 1:
         return [1.0]
     w = [1.0 / 2 ** i for i in range(n)]
@@ -606,12 +597,15 @@ def deep_supervision_loss(loss_fn: Callable[[Tensor, Tensor], Tensor], outputs: 
         target: a list of targets (one per output), or one target ``(B, 1|C, *spatial)`` at full resolution that
             is downsampled to each output's size with ``F.interpolate(mode=target_mode)`` (nnU-Net v2 uses
             ``"nearest-exact"``; ``"nearest"`` is torch's legacy nearest neighbour).
-        weights: defaults to :func:`deep_supervision_weights`.
+        weights: one finite non-negative number per output; defaults to :func:`deep_supervision_weights`.
     """
     if isinstance(outputs, Tensor) or not isinstance(outputs, Sequence) or len(outputs) == 0:
         raise TypeError("outputs must be a non-empty list or tuple of logits tensors, highest resolution first")
     n = len(outputs)
-    weights = deep_supervision_weights(n) if weights is None else [float(w) for w in weights]
+    if weights is None:
+        weights = deep_supervision_weights(n)
+    else:
+        weights = check_number_sequence(weights, "weights", minimum=0.0)
     if len(weights) != n:
         raise ValueError(f"weights must have one value per output ({n}), got {len(weights)}")
     check_choice(target_mode, "target_mode", ("nearest-exact", "nearest"))

@@ -24,7 +24,7 @@ from torch.library import triton_op
 from fastmed import _backend
 from fastmed.ops import _direct
 from fastmed._tensors import accumulation_dtype
-from fastmed._validate import (check_choice, check_mode, check_non_negative, check_per_channel, check_same_device,
+from fastmed._validate import (check_choice, check_mode, check_number, check_per_channel, check_same_device,
                                check_shape, check_tensor)
 from fastmed.reference import norm_act as ref
 from fastmed.reference.norm_act import NormSpec, NormTensors
@@ -198,7 +198,7 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     activation = canonical_activation(activation)
     C = shape[1]
     groups = check_groups(kind, num_groups, C, kind_arg=kind_arg, what=what)
-    eps = check_non_negative(eps, "eps")
+    eps = check_number(eps, "eps", minimum=0.0)
     slope_t: Optional[Tensor] = None
     if activation == "prelu":
         if not isinstance(negative_slope, Tensor):

@@ -4,83 +4,138 @@ Every loss in :mod:`fastmed.ops.losses` (Dice, Jaccard, Tversky, generalized Dic
 MONAI combinations and nnU-Net's ``DC_and_CE_loss``) is a function of a small tensor of per-(sample, class)
 sums, the *statistics*.  A loss is computed in two steps:
 
-1. ``loss_stats``: one pass over ``logits (B, C, *spatial)`` and the target computes ``stats (B, K, C)`` (K = 10
-   slots, see ``SLOTS``) in float32 (float64 for float64 logits).  This is the step the Triton kernels fuse;
-   ``loss_stats_backward`` is its closed-form backward (d logits from d stats), mirrored by the Triton backward.
+1. ``loss_stats``: one pass over ``logits (B, C, *spatial)`` and the target computes ``stats (B, NUM_SLOTS, C)``
+   in float32 (float64 for float64 logits); what it computes is a :class:`~fastmed.reference.loss_spec.StatsSpec`
+   and the slots are named in :mod:`fastmed.reference.loss_spec`.  This is the step the Triton kernels fuse;
+   ``loss_stats_backward`` is its closed-form backward (d logits from d stats), mirrored by the Triton backward,
+   and a differentiable torch composition itself (double backward runs through it).
 2. ``*_from_stats``: plain differentiable torch on the tiny stats tensor reproduces MONAI's (or nnU-Net's) formulas,
    reductions and output shapes exactly; autograd through it gives the per-(sample, class) coefficients that the
    backward pass of step 1 consumes.
 
-Per voxel, with ``m`` the ignore mask (1 where the voxel counts), ``p`` the Dice activation of the logits ``z``
-(none / sigmoid / softmax over C), ``g`` the one-hot (label targets) or dense target, ``p' = m p``, ``g' = m g``:
-
-====  ==========  ==================================================================================
-slot  name        sum over the voxels of ...
-====  ==========  ==================================================================================
-0     intersect   ``p' g'``
-1     pred        ``p'`` (pow_mode 1), ``p'^2`` (2), ``|p'|`` (3)
-2     ground      the same of ``g'``
-3     diff        ``|p' - g'|`` (pow_mode 3 only: MONAI's soft-label formulation)
-4     nll         softmax CE: ``-m g log q`` (q = softmax(z)); BCE: ``m ((1 - g) z + softplus(-z))``
-5     logsum      softmax CE: ``-m log q`` (label smoothing); BCE: ``m g softplus(-z)`` (pos_weight)
-6     focal       focal term ``l`` of MONAI's sigmoid / softmax focal loss on (m z, m g), times m
-7     focal_pos   ``l g'`` (focal_pos 1, scalar alpha) or ``l [g' == 1]`` (focal_pos 2, per-class alpha)
-8     count       ``m`` (same value in every class column)
-9     bad         label targets: voxels whose label is neither an integer in [0, C) nor ignore_index
-====  ==========  ==================================================================================
+Products with a zero weight are zero even when the other factor is infinite (:func:`weigh`): a ``-inf`` logit on a
+class the target does not hold, or on an ignored voxel, adds nothing (where MONAI's and torch's compositions give
+NaN from ``0 * inf``); NaN stays NaN.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Optional
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from fastmed._tensors import accumulation_dtype
-
-SLOTS = ("intersect", "pred", "ground", "diff", "nll", "logsum", "focal", "focal_pos", "count", "bad")
-K = len(SLOTS)
-I, P, G, D, NLL, LOGSUM, FOCAL, FOCAL_POS, COUNT, BAD = range(K)
-
-ACT_NONE, ACT_SIGMOID, ACT_SOFTMAX = 0, 1, 2
-POW_OFF, POW_LINEAR, POW_SQUARE, POW_ABS = 0, 1, 2, 3
-CE_OFF, CE_SOFTMAX, CE_SOFTMAX_SMOOTH, CE_BCE = 0, 1, 2, 3
-FOCAL_OFF, FOCAL_SIGMOID, FOCAL_SOFTMAX = 0, 1, 2
-FPOS_OFF, FPOS_LINEAR, FPOS_HARD = 0, 1, 2
+from fastmed.reference.loss_spec import (BAD, COUNT, DIFF, FOCAL, FOCAL_POS, GROUND, INTERSECT, LOGSUM, NLL,
+                                         NUM_SLOTS, PRED, StatsSpec, check_spec)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Step 1: the statistics pass (what the Triton kernels fuse) and its closed-form backward
 # ------------------------------------------------------------------------------------------------------------
 
-def _targets(target: Tensor, mask: Optional[Tensor], B: int, C: int, S: int, acc: torch.dtype, label_mode: bool,
-             has_ignore: bool, ignore_index: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(g (B, C, S) or (B, 1, S), m (B, 1, S), bad (B,)) in the accumulation dtype."""
-    if label_mode:
-        lab = target.reshape(B, S)
-        if lab.is_floating_point():
-            integral = (lab == lab.floor()) & (lab.abs() < 2.0 ** 31)  # NaN and inf fail, as in the kernel
-            labi = torch.where(integral, lab, torch.zeros_like(lab)).long()
-        else:
-            integral = torch.ones_like(lab, dtype=torch.bool)
-            labi = lab.long()
-        valid = ~(integral & (labi == ignore_index)) if has_ignore else torch.ones_like(integral)
-        inrange = integral & (labi >= 0) & (labi < C)
-        bad = (valid & ~inrange).sum(1).to(acc)
-        classes = torch.arange(C, device=target.device).view(1, C, 1)
-        g = ((labi.unsqueeze(1) == classes) & inrange.unsqueeze(1)).to(acc)
-        m = valid.unsqueeze(1).to(acc)
-        return g, m, bad
-    g = target.reshape(B, target.shape[1], S).to(acc)
-    m = mask.reshape(B, 1, S).to(acc) if mask is not None else torch.ones(B, 1, S, dtype=acc, device=target.device)
-    return g, m, torch.zeros(B, dtype=acc, device=target.device)
+def weigh(w: Union[Tensor, float], v: Tensor) -> Tensor:
+    """``w * v`` (``w`` a tensor broadcast with ``v``, or a number), except that a zero weight times an infinite
+    ``v`` is 0, not NaN; NaN stays NaN.
+
+    The gradient with respect to ``w`` there is 0 (``v`` elsewhere), so no NaN leaks into the backward either as
+    long as every factor that can be infinite is in ``v`` and ``w`` is finite.
+    """
+    return w * torch.where((w == 0) & torch.isinf(v), 0.0, v)
 
 
-def _activate(z: Tensor, act: int) -> Tensor:
-    if act == ACT_SIGMOID:
+def softplus(z: Tensor) -> Tensor:
+    """``log(1 + exp(z))`` for every z (+inf at +inf, 0 at -inf).  torch's softplus returns z past its threshold;
+    40 is past the point (about 34) where ``log1p(exp(-z))`` falls below half an ulp of z in float64 (the default
+    threshold 20 drops up to 2e-9)."""
+    return F.softplus(z, threshold=40.0)
+
+
+def bce_with_logits(z: Tensor, t: Tensor) -> Tensor:
+    """Binary cross entropy of the logits ``z`` and the targets ``t``: ``(1 - t) softplus(z) + t softplus(-z)``
+    (``nn.BCEWithLogitsLoss`` per voxel), finite at ``z = +-inf`` where the target agrees with the logit."""
+    return weigh(1 - t, softplus(z)) + weigh(t, softplus(-z))
+
+
+def sigmoid_focal_terms(z: Tensor, t: Tensor, gamma: float, hard: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The parts of MONAI's sigmoid focal term ``bce * mod`` on logits ``z`` and targets ``t``: (bce, mod =
+    ``exp(gamma * logsigmoid(-s z))`` = ``(1 - p_t) ** gamma``, s = ``2 t - 1``, ``s z``).
+
+    ``hard``: every target is 0 or 1, so s = +-1 and ``bce = softplus(-s z)``; ``bce * mod`` is then safe at
+    ``z = +-inf`` (elsewhere use ``weigh(mod, bce)``).
+    """
+    s = t * 2 - 1
+    if hard:
+        sz = s * z
+        bce = softplus(-sz)
+    else:
+        sz = weigh(s, z)
+        bce = bce_with_logits(z, t)
+    mod = torch.exp(-gamma * softplus(sz)) if gamma != 0 else torch.ones_like(sz)
+    return bce, mod, s, sz
+
+
+class _Operands(NamedTuple):
+    """The per-voxel operands of a statistics pass, in the accumulation dtype."""
+    z: Tensor                 # (B, C, S) logits
+    g: Tensor                 # (B, C, S) one-hot or dense target ((B, 1, S): dense, C = 1)
+    m: Optional[Tensor]       # (B, 1, S) 1 where the voxel counts; None when every voxel counts
+    bad: Tensor               # (B,) voxels whose label is neither a class nor ignore_index
+    label: Optional[Tensor]   # (B, 1, S) int64 label of each voxel, 0 where it is none (label targets only)
+    hit: Optional[Tensor]     # (B, 1, S) 1 where the voxel counts and its label is a class (label targets only)
+
+
+def _operands(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> _Operands:
+    """The operands of ``loss_stats`` for ``spec`` (checked).  Float labels are checked in their own precision
+    (``1 + 1e-9`` in float64 is not an integer)."""
+    check_spec(spec)
+    B, C = logits.shape[:2]
+    acc = accumulation_dtype(logits.dtype)
+    z = logits.reshape(B, C, -1).to(acc)
+    S = z.shape[2]
+    if not spec.label_mode:
+        g = target.reshape(B, target.shape[1], S).to(acc)
+        m = mask.reshape(B, 1, S).to(acc) if mask is not None else None
+        return _Operands(z, g, m, z.new_zeros(B), None, None)
+    lab = target.reshape(B, 1, S)
+    if lab.is_floating_point():
+        integral = (lab == lab.floor()) & (lab.abs() < 2.0 ** 31)  # NaN and inf fail, as in the kernel
+        labi = torch.where(integral, lab, torch.zeros_like(lab)).long()
+    else:
+        integral = torch.ones_like(lab, dtype=torch.bool)
+        labi = lab.long()
+    inrange = integral & (labi >= 0) & (labi < C)
+    if spec.has_ignore:
+        valid = ~(integral & (labi == spec.ignore_index))
+        bad = (valid & ~inrange).sum((1, 2)).to(acc)
+        m, hit = valid.to(acc), (valid & inrange).to(acc)
+    else:
+        bad = (~inrange).sum((1, 2)).to(acc)
+        m, hit = None, inrange.to(acc)
+    classes = torch.arange(C, device=target.device).view(1, C, 1)
+    g = ((labi == classes) & inrange).to(acc)
+    return _Operands(z, g, m, bad, torch.where(inrange, labi, 0), hit)
+
+
+def _counted(v: Tensor, m: Optional[Tensor], finite: bool = False) -> Tensor:
+    """``v`` on the voxels that count (``m``; None: all of them), 0 on the others even where ``v`` is infinite.
+    ``finite``: ``v`` has no infinities (a probability, a target), so a plain product does."""
+    if m is None:
+        return v
+    return v * m if finite else weigh(m, v)
+
+
+def _label_sums(v: Tensor, o: _Operands) -> Tensor:
+    """``sum_s g[b, c, s] v[b, c, s]`` (B, C) for label targets, from ``v`` at each voxel's label only: a -inf of
+    ``v`` on another class never meets a zero weight."""
+    picked = weigh(o.hit, v.gather(1, o.label))
+    return torch.zeros_like(v[:, :, 0]).scatter_add(1, o.label[:, 0], picked[:, 0])
+
+
+def _activate(z: Tensor, act: str) -> Tensor:
+    if act == "sigmoid":
         return torch.sigmoid(z)
-    if act == ACT_SOFTMAX:
+    if act == "softmax":
         return torch.softmax(z, 1)
     return z
 
@@ -92,114 +147,114 @@ def _pow_and_grad(base: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
     return powg, dpow
 
 
-def loss_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int, label_mode: bool,
-               has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int, focal_mode: int, focal_c0: int,
-               gamma: float, focal_pos: int) -> Tensor:
-    """Per-(sample, class) statistics ``(B, K, C)`` of ``logits (B, C, *spatial)`` (see the module docstring).
+def _focal_pos_weight(tt: Tensor, focal_pos: str) -> Tensor:
+    """The FOCAL_POS weight of a voxel's focal term: the target (scalar alpha) or [target == 1] (per-class)."""
+    return tt if focal_pos == "linear" else (tt == 1).to(tt.dtype)
 
-    ``target`` is ``(B, 1, *spatial)`` labels (``label_mode``; any integer dtype, or integral floats) or a dense
-    ``(B, C, *spatial)`` target (``(B, 1, *spatial)`` when C = 1); ``mask`` ``(B, 1, *spatial)`` or None is the
-    ignore mask of a dense target.  Differentiable with respect to ``logits`` (and a dense ``target``).
+
+def loss_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
+    """Per-(sample, class) statistics ``(B, NUM_SLOTS, C)`` of ``logits (B, C, *spatial)`` (see loss_spec).
+
+    ``target`` is ``(B, 1, *spatial)`` labels (``spec.label_mode``; any integer dtype, or integral floats) or a
+    dense ``(B, C, *spatial)`` target (``(B, 1, *spatial)`` when C = 1); ``mask`` ``(B, 1, *spatial)`` or None is
+    the ignore mask of a dense target.  Differentiable with respect to ``logits`` (and a dense ``target``).
     """
-    B, C = logits.shape[:2]
-    acc = accumulation_dtype(logits.dtype)
-    z = logits.reshape(B, C, -1).to(acc)
-    S = z.shape[2]
-    g, m, bad = _targets(target, mask, B, C, S, acc, label_mode, has_ignore, ignore_index)
+    o = _operands(logits, target, mask, spec)
+    z, m = o.z, o.m
+    B, C, S = z.shape
+    gm = _counted(o.g, m, finite=True)
     zero = z.new_zeros(B, C)
-    cols = [zero] * K
-    if pow_mode != POW_OFF:
-        pm, gm = _activate(z, act) * m, g * m
-        cols[I] = (pm * gm).sum(2)
-        if pow_mode == POW_LINEAR:
-            cols[P], cols[G] = pm.sum(2), gm.sum(2)
-        elif pow_mode == POW_SQUARE:
-            cols[P], cols[G] = pm.square().sum(2), gm.square().sum(2)
+    cols = [zero] * NUM_SLOTS
+    if spec.pow_mode != "off":
+        bounded = spec.act != "none"  # a probability: no infinity to guard
+        pm = _counted(_activate(z, spec.act), m, finite=bounded)
+        cols[INTERSECT] = (pm * gm if bounded else weigh(gm, pm)).sum(2)
+        if spec.pow_mode == "linear":
+            cols[PRED], cols[GROUND] = pm.sum(2), gm.sum(2)
+        elif spec.pow_mode == "square":
+            cols[PRED], cols[GROUND] = pm.square().sum(2), gm.square().sum(2)
         else:
-            cols[P], cols[G], cols[D] = pm.abs().sum(2), gm.abs().sum(2), (pm - gm).abs().sum(2)
-    if ce_mode in (CE_SOFTMAX, CE_SOFTMAX_SMOOTH):
-        nlq = -torch.log_softmax(z, 1) * m
-        cols[NLL] = (nlq * g).sum(2)
-        if ce_mode == CE_SOFTMAX_SMOOTH:
-            cols[LOGSUM] = nlq.sum(2)
-    elif ce_mode == CE_BCE:
-        sp = F.softplus(-z)
-        cols[NLL] = (((1 - g) * z + sp) * m).sum(2)
-        cols[LOGSUM] = (g * sp * m).sum(2)
-    if focal_mode == FOCAL_SIGMOID:
-        zz, tt = z * m, g * m
-        loss = (zz - zz * tt - F.logsigmoid(zz)) * torch.exp(gamma * F.logsigmoid(-zz * (tt * 2 - 1))) * m
+            cols[PRED], cols[GROUND], cols[DIFF] = pm.abs().sum(2), gm.abs().sum(2), (pm - gm).abs().sum(2)
+    if spec.ce_mode in ("softmax", "softmax_smooth"):
+        lq = torch.log_softmax(z, 1)
+        cols[NLL] = -(_label_sums(lq, o) if spec.label_mode else weigh(gm, lq).sum(2))
+        if spec.ce_mode == "softmax_smooth":
+            cols[LOGSUM] = -_counted(lq, m).sum(2)
+    elif spec.ce_mode == "bce":
+        cols[NLL] = _counted(bce_with_logits(z, o.g), m).sum(2)
+        cols[LOGSUM] = weigh(gm, softplus(-z)).sum(2)
+    if spec.focal_mode == "sigmoid":
+        bce, mod, _, _ = sigmoid_focal_terms(_counted(z, m), gm, spec.gamma, spec.label_mode)
+        loss = _counted(mod * bce if spec.label_mode else weigh(mod, bce), m)
         cols[FOCAL] = loss.sum(2)
-        if focal_pos != FPOS_OFF:
-            cols[FOCAL_POS] = (loss * (tt if focal_pos == FPOS_LINEAR else (tt == 1).to(acc))).sum(2)
-    elif focal_mode == FOCAL_SOFTMAX:
-        zz, tt = (z * m)[:, focal_c0:], (g * m)[:, focal_c0:]
+        if spec.focal_pos != "off":
+            cols[FOCAL_POS] = weigh(_focal_pos_weight(gm, spec.focal_pos), loss).sum(2)
+    elif spec.focal_mode == "softmax":
+        c0 = spec.focal_c0
+        zz, tt = _counted(z, m)[:, c0:], gm[:, c0:]
         lq = torch.log_softmax(zz, 1)
-        loss = -(1 - lq.exp()).pow(gamma) * lq * tt * m
-        cols[FOCAL] = torch.cat([zero[:, :focal_c0], loss.sum(2)], 1)
-    cols[COUNT] = m.sum(2).expand(B, C)
-    cols[BAD] = bad.unsqueeze(1).expand(B, C)
+        loss = -weigh(_counted(tt * (1 - lq.exp()).pow(spec.gamma), m, finite=True), lq)
+        cols[FOCAL] = torch.cat([zero[:, :c0], loss.sum(2)], 1)
+    cols[COUNT] = (m.sum(2) if m is not None else z.new_full((B, 1), S)).expand(B, C)
+    cols[BAD] = o.bad.unsqueeze(1).expand(B, C)
     return torch.stack(cols, 1)
 
 
-def loss_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: int,
-                        label_mode: bool, has_ignore: bool, ignore_index: int, pow_mode: int, ce_mode: int,
-                        focal_mode: int, focal_c0: int, gamma: float, focal_pos: int) -> Tensor:
-    """d logits from ``gstats`` = d loss / d stats ``(B, K, C)``, in closed form (the Triton backward's formulas).
+def loss_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                        spec: StatsSpec) -> Tensor:
+    """d logits from ``gstats`` = d loss / d stats ``(B, NUM_SLOTS, C)``, in closed form (the Triton backward's
+    formulas).  Plain differentiable torch: with grad mode on, torch differentiates it again (double backward).
 
     Returns a tensor shaped like ``logits``, in its dtype and memory format.
     """
-    B, C = logits.shape[:2]
-    acc = accumulation_dtype(logits.dtype)
-    z = logits.reshape(B, C, -1).to(acc)
-    S = z.shape[2]
-    g, m, _ = _targets(target, mask, B, C, S, acc, label_mode, has_ignore, ignore_index)
-    gs = gstats.to(acc).unsqueeze(3)  # (B, K, C, 1)
+    o = _operands(logits, target, mask, spec)
+    z, g, m = o.z, o.g, o.m
+    gm = _counted(g, m, finite=True)
+    gs = gstats.to(z.dtype).unsqueeze(3)  # (B, NUM_SLOTS, C, 1)
     dz = torch.zeros_like(z)
-    if pow_mode != POW_OFF:
-        p = _activate(z, act)
-        pm, gm = p * m, g * m
-        u = gs[:, I] * gm
-        if pow_mode == POW_LINEAR:
-            u = u + gs[:, P]
-        elif pow_mode == POW_SQUARE:
-            u = u + gs[:, P] * 2 * pm
+    if spec.pow_mode != "off":
+        p = _activate(z, spec.act)
+        pm = _counted(p, m, finite=spec.act != "none")
+        u = gs[:, INTERSECT] * gm
+        if spec.pow_mode == "linear":
+            u = u + gs[:, PRED]
+        elif spec.pow_mode == "square":
+            u = u + gs[:, PRED] * 2 * pm
         else:
-            u = u + gs[:, P] * torch.sign(pm) + gs[:, D] * torch.sign(pm - gm)
-        u = u * m
-        if act == ACT_SOFTMAX:
+            u = u + gs[:, PRED] * torch.sign(pm) + gs[:, DIFF] * torch.sign(pm - gm)
+        u = _counted(u, m, finite=True)
+        if spec.act == "softmax":
             dz = dz + p * (u - (p * u).sum(1, keepdim=True))
-        elif act == ACT_SIGMOID:
+        elif spec.act == "sigmoid":
             dz = dz + u * p * (1 - p)
         else:
             dz = dz + u
-    if ce_mode in (CE_SOFTMAX, CE_SOFTMAX_SMOOTH):
+    if spec.ce_mode in ("softmax", "softmax_smooth"):
         q = torch.softmax(z, 1)
-        w = gs[:, NLL] * g * m
-        if ce_mode == CE_SOFTMAX_SMOOTH:
-            w = w + gs[:, LOGSUM] * m
+        w = gs[:, NLL] * gm
+        if spec.ce_mode == "softmax_smooth":
+            w = w + _counted(gs[:, LOGSUM], m, finite=True)
         dz = dz + q * w.sum(1, keepdim=True) - w
-    elif ce_mode == CE_BCE:
+    elif spec.ce_mode == "bce":
         sneg = torch.sigmoid(-z)
-        dz = dz + (gs[:, NLL] * ((1 - g) - sneg) - gs[:, LOGSUM] * g * sneg) * m
-    if focal_mode == FOCAL_SIGMOID:
-        zz, tt = z * m, g * m
-        s = tt * 2 - 1
-        bce = zz - zz * tt - F.logsigmoid(zz)
-        mod = torch.exp(gamma * F.logsigmoid(-zz * s))
-        dl = (torch.sigmoid(zz) - tt) * mod - bce * gamma * mod * torch.sigmoid(zz * s) * s
+        dz = dz + _counted(gs[:, NLL] * ((1 - g) - sneg) - gs[:, LOGSUM] * g * sneg, m, finite=True)
+    if spec.focal_mode == "sigmoid":
+        zz = _counted(z, m)
+        bce, mod, s, sz = sigmoid_focal_terms(zz, gm, spec.gamma, spec.label_mode)
+        dl = (torch.sigmoid(zz) - gm) * mod - weigh(spec.gamma * mod * torch.sigmoid(sz) * s, bce)
         coef = gs[:, FOCAL]
-        if focal_pos != FPOS_OFF:
-            coef = coef + gs[:, FOCAL_POS] * (tt if focal_pos == FPOS_LINEAR else (tt == 1).to(acc))
-        dz = dz + coef * dl * m * m
-    elif focal_mode == FOCAL_SOFTMAX:
-        zz, tt = (z * m)[:, focal_c0:], (g * m)[:, focal_c0:]
+        if spec.focal_pos != "off":
+            coef = coef + gs[:, FOCAL_POS] * _focal_pos_weight(gm, spec.focal_pos)
+        dz = dz + (coef * dl if m is None else coef * dl * m * m)  # the loss and zz are both masked
+    elif spec.focal_mode == "softmax":
+        c0 = spec.focal_c0
+        zz, tt = _counted(z, m)[:, c0:], gm[:, c0:]
         lq = torch.log_softmax(zz, 1)
         q = lq.exp()
-        powg, dpow = _pow_and_grad(1 - q, gamma)
-        v = gs[:, FOCAL, focal_c0:] * (-tt * m * (powg - lq * dpow * q))
-        dzz = (v - q * v.sum(1, keepdim=True)) * m
-        dz = dz + torch.cat([torch.zeros_like(z[:, :focal_c0]), dzz], 1)
+        powg, dpow = _pow_and_grad(1 - q, spec.gamma)
+        v = _counted(gs[:, FOCAL, c0:] * (-tt * (powg - weigh(weigh(q, lq), dpow))), m, finite=True)
+        dzz = _counted(v - q * v.sum(1, keepdim=True), m, finite=True)
+        dz = dz + torch.cat([torch.zeros_like(z[:, :c0]), dzz], 1)
     out = torch.empty_like(logits)
     out.copy_(dz.reshape(logits.shape))
     return out
@@ -237,34 +292,28 @@ def _drop_background(x: Tensor, include_background: bool) -> Tensor:
 
 
 def _class_weight(weight: Optional[Tensor], num_classes: int, like: Tensor) -> Optional[Tensor]:
-    """MONAI DiceLoss's class weight: a scalar is repeated; a vector must have one value per class."""
+    """MONAI DiceLoss's class weight (checked by the caller: a number or one value per class): a number is
+    repeated; no weight for a single class."""
     if weight is None or num_classes == 1:
         return None
     w = torch.as_tensor(weight)
-    if w.ndim == 0:
-        w = w.repeat(num_classes)
-    elif w.shape[0] != num_classes:
-        raise ValueError(f"weight must have one value per class ({num_classes} classes), got {w.shape[0]} values. "
-                         "If include_background=False, the weight should not include the background class 0.")
-    if bool((w < 0).any()):
-        raise ValueError(f"weight values must be no less than 0, got {w.tolist()}")
-    return w.to(like)
+    return (w.repeat(num_classes) if w.ndim == 0 else w).to(like)
 
 
-def tp_fp_fn(stats: Tensor, pow_mode: int, include_background: bool, batch: bool, ddp_sync: bool):
+def tp_fp_fn(stats: Tensor, pow_mode: str, include_background: bool, batch: bool, ddp_sync: bool):
     """MONAI ``compute_tp_fp_fn`` from the stats: (tp, fp, fn), each (B, C') or (C',) with batch."""
-    cols = [_drop_background(stats[:, k], include_background) for k in (I, P, G, D)]
+    cols = [_drop_background(stats[:, k], include_background) for k in (INTERSECT, PRED, GROUND, DIFF)]
     if batch:
         cols = list(_sum_batch(torch.stack(cols, 1), ddp_sync).unbind(0))
     inter, pred, ground, diff = cols
-    if pow_mode == POW_ABS:
+    if pow_mode == "abs":
         tp = (pred + ground - diff) / 2
     else:
         tp = inter
     return tp, pred - tp, ground - tp
 
 
-def dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: int, include_background: bool, jaccard: bool,
+def dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: str, include_background: bool, jaccard: bool,
                     reduction: str, smooth_nr: float, smooth_dr: float, batch: bool, weight: Optional[Tensor],
                     ddp_sync: bool = False) -> Tensor:
     """MONAI ``DiceLoss.forward`` after ``compute_tp_fp_fn``."""
@@ -279,7 +328,7 @@ def dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: int, include_backgrou
     return _reduce(f, reduction, ndim)
 
 
-def tversky_from_stats(stats: Tensor, *, pow_mode: int, include_background: bool, alpha: float, beta: float,
+def tversky_from_stats(stats: Tensor, *, pow_mode: str, include_background: bool, alpha: float, beta: float,
                        reduction: str, smooth_nr: float, smooth_dr: float, batch: bool,
                        ddp_sync: bool = False) -> Tensor:
     """MONAI ``TverskyLoss.forward``; reduction ``"none"`` returns (B, C) (or (C,) with batch) like MONAI."""
@@ -288,13 +337,13 @@ def tversky_from_stats(stats: Tensor, *, pow_mode: int, include_background: bool
     return _reduce(score, reduction, 0, broadcast_none=False)
 
 
-def generalized_dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: int, include_background: bool,
+def generalized_dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: str, include_background: bool,
                                 w_type: str, reduction: str, smooth_nr: float, smooth_dr: float, batch: bool,
                                 ddp_sync: bool = False) -> Tensor:
     """MONAI ``GeneralizedDiceLoss.forward`` (infinite class weights replaced by the largest finite one)."""
     tp, fp, fn = tp_fp_fn(stats, pow_mode, include_background, batch, ddp_sync)
     denominator = 2 * (tp + fp * 0.5 + fn * 0.5)
-    ground = _drop_background(stats[:, G], include_background)
+    ground = _drop_background(stats[:, GROUND], include_background)
     ground = _sum_batch(ground, ddp_sync) if batch else ground
     ground = ground.detach().float()
     if w_type == "simple":
@@ -357,7 +406,7 @@ def ce_from_stats(stats: Tensor, *, label_targets: bool, weight: Optional[Tensor
         nll_sum = (nll * w).sum()
         smooth_sum = (lsum * w).sum() if eps > 0 else nll_sum * 0
         if reduction == "mean":
-            denom = (stats[:, G] * w).sum() if weight is not None else B * num_voxels
+            denom = (stats[:, GROUND] * w).sum() if weight is not None else B * num_voxels
             nll_sum, smooth_sum = nll_sum / denom, smooth_sum / denom
         return (1 - eps) * nll_sum + eps / C * smooth_sum if eps > 0 else nll_sum
     total = ((1 - eps) * nll * w).sum()
@@ -377,7 +426,7 @@ def bce_from_stats(stats: Tensor, *, pos_weight: Optional[Tensor], reduction: st
 def nnunet_dice_from_stats(stats: Tensor, *, do_bg: bool, batch_dice: bool, smooth: float,
                            ddp_sync: bool = False) -> Tensor:
     """nnU-Net ``MemoryEfficientSoftDiceLoss``: -mean((2 I + smooth) / clip(G + P + smooth, 1e-8))."""
-    inter, pred, ground = (_drop_background(stats[:, k], do_bg) for k in (I, P, G))
+    inter, pred, ground = (_drop_background(stats[:, k], do_bg) for k in (INTERSECT, PRED, GROUND))
     if batch_dice:
         inter, pred, ground = _sum_batch(torch.stack([inter, pred, ground], 1), ddp_sync).unbind(0)
     dc = (2 * inter + smooth) / torch.clip(ground + pred + smooth, 1e-8)
@@ -395,16 +444,17 @@ def focal_loss_voxels(logits: Tensor, target: Tensor, mask: Optional[Tensor], *,
     if not include_background and x.shape[1] > 1:
         x, t = x[:, 1:], t[:, 1:]
     if mask is not None:
-        x, t = x * mask, t * mask
+        x, t = weigh(mask, x), t * mask
     x, t = x.float(), t.float()
     if use_softmax:
         ls = x.log_softmax(1)
-        loss = -(1 - ls.exp()).pow(gamma) * ls * t
+        loss = -weigh(t * (1 - ls.exp()).pow(gamma), ls)
         if alpha is not None:
             fac = torch.tensor([1 - alpha] + [alpha] * (t.shape[1] - 1)) if isinstance(alpha, float) else alpha
             loss = fac.to(loss).view([-1] + [1] * (t.dim() - 2)) * loss
     else:
-        loss = (x - x * t - F.logsigmoid(x)) * torch.exp(gamma * F.logsigmoid(-x * (t * 2 - 1)))
+        bce, mod, _, _ = sigmoid_focal_terms(x, t, gamma, hard=False)
+        loss = weigh(mod, bce)
         if alpha is not None:
             if isinstance(alpha, float):
                 loss = (t * alpha + (1 - t) * (1 - alpha)) * loss
@@ -412,7 +462,7 @@ def focal_loss_voxels(logits: Tensor, target: Tensor, mask: Optional[Tensor], *,
                 a = alpha.to(loss).view([-1] + [1] * (t.dim() - 2))
                 loss = torch.where(t == 1, a, torch.ones_like(a)) * loss
     if mask is not None:
-        loss = loss * mask
+        loss = weigh(mask, loss)
     if weight is not None:
         w = torch.as_tensor(weight).to(loss)
         loss = loss * (w if w.ndim == 0 else w.view([1, -1] + [1] * (loss.dim() - 2)))
