@@ -23,7 +23,8 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from fastmed._tensors import accumulation_dtype, device_guard, target_programs
+from fastmed._tensors import accumulation_dtype, device_guard, memory_format, target_programs
+from fastmed._validate import flat_view
 from fastmed.reference.norm_act import NormSpec, NormTensors
 
 from ._common import act_grad, apply_act
@@ -313,20 +314,6 @@ def _norm_act_bwd_apply_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    n, c = x.shape[:2]
-    return x.view(n, c, -1)
-
-
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its (N, C, *spatial) dims collapse to an (N, C, S) view, else a contiguous copy."""
-    try:
-        _flat(t)
-        return t
-    except RuntimeError:
-        return t.contiguous()
-
-
 def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps) for a tile of t3 = (N, C, S): channels fastest when C has stride 1."""
     if t3.stride(1) == 1 and t3.shape[2] > 1:  # channels-last
@@ -383,8 +370,7 @@ def _param(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor
 
 def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased mean and rstd per row, (R,) in the stats dtype; two deterministic stages."""
-    x = _dense_like(x)
-    x3 = _flat(x)
+    x3 = flat_view(x)
     N, C, S = x3.shape
     acc = accumulation_dtype(x.dtype)
     block_c, block_s, num_warps = _blocks(x3, C)
@@ -435,14 +421,14 @@ def norm_act_forward(x: torch.Tensor, tensors: NormTensors, spec: NormSpec, mean
     x: (N, C, *spatial), any dense layout; tensors: weight, bias, slope (C,) or None (slope (1,) allowed), any
     strides; residual like x or None; mean/rstd: (R,) to use given statistics (batch norm eval) or None.
     """
-    x = _dense_like(x)
     if mean is None:
         mean, rstd = norm_stats(x, spec.kind, spec.num_groups, spec.eps)
     mean, rstd = mean.contiguous(), rstd.contiguous()
-    y = torch.empty_like(x)
-    x3, y3 = _flat(x), _flat(y)
+    x3 = flat_view(x)
+    y = torch.empty_like(x, memory_format=memory_format(x))  # contiguous or channels-last: flattens to a view
+    y3 = flat_view(y)
     N, C, S = x3.shape
-    r3 = _flat(_dense_like(tensors.residual)) if tensors.residual is not None else x3
+    r3 = flat_view(tensors.residual) if tensors.residual is not None else x3
     params, scalars, flags = _launch_common(x3, tensors, spec, mean)
     grid = (triton.cdiv(S, flags["BLOCK_S"]), triton.cdiv(C, flags["BLOCK_C"]), N)
     with device_guard(x):
@@ -455,12 +441,10 @@ def norm_act_backward(dy: torch.Tensor, x: torch.Tensor, saved, tensors: NormTen
                       mean: torch.Tensor, rstd: torch.Tensor, input_stats: bool):
     """Returns (dx, NormTensors(dweight, dbias, dresidual, dslope)), None for absent inputs.  ``saved`` is unused
     (everything is recomputed from x, mean and rstd)."""
-    x = _dense_like(x)
-    dy = _dense_like(dy)
-    x3, dy3 = _flat(x), _flat(dy)
+    x3, dy3 = flat_view(x), flat_view(dy)
     N, C, S = x3.shape
     weight, bias, residual, slope = tensors
-    r3 = _flat(_dense_like(residual)) if residual is not None else x3
+    r3 = flat_view(residual) if residual is not None else x3
     acc = mean.dtype
     params, scalars, flags = _launch_common(x3, tensors, spec, mean)
     cblocks = triton.cdiv(C, flags["BLOCK_C"])
@@ -474,9 +458,9 @@ def norm_act_backward(dy: torch.Tensor, x: torch.Tensor, saved, tensors: NormTen
     sg_c, sgx_c, sa_c = (torch.empty(C, device=x.device, dtype=acc) for _ in range(3))  # sum g, g*xhat, prelu
     m1 = torch.empty(R, device=x.device, dtype=acc)
     m2 = torch.empty(R, device=x.device, dtype=acc)
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x, dtype=residual.dtype) if residual is not None else dx
-    dx3, dres3 = _flat(dx), _flat(dres)
+    dx = torch.empty_like(x, memory_format=memory_format(x))
+    dres = torch.empty_like(dx, dtype=residual.dtype) if residual is not None else dx
+    dx3, dres3 = flat_view(dx), flat_view(dres)
     with device_guard(x):
         wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
             dy3, x3, r3, mean, rstd, *params, psg, psgx, psa, C, S, P, s_per, *scalars,

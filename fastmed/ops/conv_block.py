@@ -117,10 +117,14 @@ def _setup_context(ctx, inputs, output):
     # Saved: the block input, the convolution output (pre-normalization) and the statistics; the
     # normalized activation is recomputed in the backward, never stored (and y may be modified in place).
     ctx.save_for_backward(x, conv_out, mean, rstd, *conv, *norm)
+    ctx.mark_non_differentiable(conv_out, mean, rstd)  # no gradient flows back through them,
+    ctx.set_materialize_grads(False)  # and none is filled with zeros for them
     ctx.specs, ctx.input_stats, ctx.backend = (cspec, nspec), mean_in is None, backend
 
 
 def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
+    if dy is None:  # no gradient reached y (grads are not materialized): nothing flows back
+        return op_inputs(None, ConvTensors(None, None, None), NormTensors(), None, None, *_NO_SPECS, None)
     x, conv_out, mean, rstd, *rest = ctx.saved_tensors
     ct = len(ConvTensors._fields)
     conv, norm = ConvTensors(*rest[:ct]), NormTensors(*rest[ct:])

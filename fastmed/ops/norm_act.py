@@ -120,10 +120,14 @@ def _setup_context(ctx, inputs, output):
     # The output y is not saved (the caller may modify it in place, as with torch's own norms): the Triton
     # backward recomputes everything from x, mean and rstd, the reference reads act'(z) off its saved z.
     ctx.save_for_backward(x, saved, mean, rstd, *tensors)
+    ctx.mark_non_differentiable(mean, rstd, saved)  # no gradient flows back through them,
+    ctx.set_materialize_grads(False)  # and none is filled with zeros for them
     ctx.spec, ctx.input_stats, ctx.backend = spec, mean_in is None, backend
 
 
 def _backward(ctx, dy, _dmean, _drstd, _dsaved):
+    if dy is None:  # no gradient reached y (grads are not materialized): nothing flows back
+        return op_inputs(None, NormTensors(), None, None, _NO_SPEC, None)
     x, saved, mean, rstd, *rest = ctx.saved_tensors
     tensors, spec = NormTensors(*rest), ctx.spec
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable

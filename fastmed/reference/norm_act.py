@@ -93,6 +93,19 @@ def apply_activation(z: Tensor, act: str, negative_slope: Union[float, Tensor] =
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
+def apply_activation_into(z: Tensor, act: str, negative_slope: Union[float, Tensor], out: Tensor) -> Tensor:
+    """act(z) written into ``out`` (a tensor like z) where torch has an out= kernel, else a new tensor."""
+    if act == "relu":
+        return torch.clamp_min(z, 0.0, out=out)  # NaN stays NaN
+    if act == "leaky_relu":
+        return torch.ops.aten.leaky_relu.out(z, float(negative_slope), out=out)
+    if act in ("gelu", "gelu_tanh"):
+        return torch.ops.aten.gelu.out(z, approximate="tanh" if act == "gelu_tanh" else "none", out=out)
+    if act == "silu":
+        return torch.ops.aten.silu.out(z, out=out)
+    return apply_activation(z, act, negative_slope)
+
+
 def activation_grad(z: Tensor, act: str, negative_slope: Union[float, Tensor] = 0.01) -> Tensor:
     """d act(z) / dz, elementwise, written out (the Triton kernels use the same formulas)."""
     if act == "identity":
@@ -118,16 +131,18 @@ def activation_grad(z: Tensor, act: str, negative_slope: Union[float, Tensor] = 
     raise ValueError(f"activation must be one of {ACTIVATIONS}, got {act!r}")
 
 
-def compute_stats(x: Tensor, kind: str, num_groups: Optional[int], eps: float) -> tuple[Tensor, Tensor]:
-    """Biased mean and 1/sqrt(var + eps) of x (already in the stats dtype): (N*G,), or (C,) for batch norm.
+def _combine(per_channel: Tensor, spec: NormSpec) -> Tensor:
+    """Means over the (n, c) pairs of each statistics row of per-(n, c) means (N, C) (each counts the same S values):
+    (N*G,), or (C,) for batch norm."""
+    if spec.kind == "batch":
+        return per_channel.mean(0)
+    return per_channel.view(per_channel.shape[0], spec.num_groups, -1).mean(2).reshape(-1)
 
-    ``torch.var_mean`` (Welford: no cancellation when |mean| >> std) over the view (N, G, C // G, S) of x (a view
-    for contiguous and channels-last layouts alike, so no copy)."""
-    c = x.shape[1]
-    g = c if kind == "batch" else num_stat_groups(kind, c, num_groups)
-    v = x.flatten(2).unflatten(1, (g, c // g))
-    var, mean = torch.var_mean(v, dim=(0, 2, 3) if kind == "batch" else (2, 3), unbiased=False)
-    return mean.reshape(-1), torch.rsqrt(var + eps).reshape(-1)
+
+def _row_means(t: Tensor, spec: NormSpec) -> Tensor:
+    """The mean of t (N, C, *spatial) over each statistics row: per-(n, c) means over the spatial dims (one fast
+    reduction in either layout), then :func:`_combine`."""
+    return _combine(t.flatten(2).mean(2), spec)
 
 
 def _expand_stats(stat: Tensor, x: Tensor, kind: str, num_groups: Optional[int]) -> Tensor:
@@ -140,17 +155,58 @@ def _expand_stats(stat: Tensor, x: Tensor, kind: str, num_groups: Optional[int])
     return stat.reshape(n, g, 1).expand(n, g, c // g).reshape((n, c) + shape)
 
 
+def _centered(x: Tensor, mean: Tensor, spec: NormSpec) -> Tensor:
+    """x - mean as a new tensor in x's layout: exact when |mean| >> std (the two are close)."""
+    return torch.sub(x, _expand_stats(mean, x, spec.kind, spec.num_groups), out=torch.empty_like(x))
+
+
+def _scale(rstd: Tensor, x: Tensor, spec: NormSpec, weight: Optional[Tensor]) -> Tensor:
+    scale = _expand_stats(rstd, x, spec.kind, spec.num_groups)
+    return scale * _bcast(weight, x.dim()) if weight is not None else scale
+
+
 def normalize_affine(x: Tensor, mean: Tensor, rstd: Tensor, spec: NormSpec, weight: Optional[Tensor],
                      bias: Optional[Tensor]) -> Tensor:
-    """(x - mean) * (rstd * weight) + bias in x's dtype and layout (a new tensor), in two passes: x - mean first,
-    which is exact when |mean| >> std, so the result is as exact as torch's own normalization kernels."""
-    scale = _expand_stats(rstd, x, spec.kind, spec.num_groups)
-    if weight is not None:
-        scale = scale * _bcast(weight, x.dim())
-    z = torch.sub(x, _expand_stats(mean, x, spec.kind, spec.num_groups), out=torch.empty_like(x))
-    if bias is None:
-        return z.mul_(scale)
-    return torch.addcmul(_bcast(bias, x.dim()), z, scale, out=z)
+    """(x - mean) * (rstd * weight) + bias with given statistics, in x's dtype and layout (a new tensor)."""
+    z = _centered(x, mean, spec).mul_(_scale(rstd, x, spec, weight))
+    return z.add_(_bcast(bias, x.dim())) if bias is not None else z
+
+
+def _native_normalize(x: Tensor, spec: NormSpec, weight: Optional[Tensor],
+                      bias: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor]:
+    """torch's own normalization kernel (batch norm or group norm): (z, mean, rstd), statistics flat."""
+    if spec.kind == "batch":
+        return torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, 0.0, spec.eps)
+    n, c = x.shape[:2]
+    z, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), spec.num_groups,
+                                                     spec.eps)
+    return z, mean.reshape(-1), rstd.reshape(-1)
+
+
+def normalize_with_stats(x: Tensor, spec: NormSpec, weight: Optional[Tensor], bias: Optional[Tensor],
+                         scratch: Optional[Tensor] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """(z, mean, rstd): x normalized with its own statistics, as exact as torch's instance norm in any layout.
+
+    torch's CPU kernels for channels-last input sum x and x^2 (wrong when |mean| >> std), and its group-norm
+    kernel applies ``x * scale + shift`` to a large x.  Here x is first centered on a per-row mean m0 (one fast
+    reduction; x - m0 is exact when the two are close), then the deviation d and the variance come from
+    xc = x - m0, which holds no large common value, and z = (xc - d) * rstd * weight + bias is computed in the
+    buffer of xc: one new tensor, as for torch's own kernel.  ``scratch``: a tensor like x that may be
+    overwritten (channels-last inputs square xc into it; a new one is allocated when None)."""
+    m0 = _row_means(x, spec)
+    z = _centered(x, m0, spec)
+    d = _row_means(z, spec)
+    flat = z.flatten(2)
+    if flat.is_contiguous():  # the sum of squares without a temporary
+        squares = torch.linalg.vector_norm(flat, dim=2).square_().div_(flat.shape[2])
+    else:
+        squares = torch.mul(z, z, out=torch.empty_like(z) if scratch is None else scratch).flatten(2).mean(2)
+    rstd = torch.rsqrt(_combine(squares, spec) - d * d + spec.eps)
+    scale = _scale(rstd, x, spec, weight)
+    shift = -_expand_stats(d, x, spec.kind, spec.num_groups) * scale
+    if bias is not None:
+        shift = shift + _bcast(bias, x.dim())
+    return z.mul_(scale).add_(shift), m0 + d, rstd
 
 
 def pre_activation(x, mean, rstd, spec: NormSpec, weight, bias, residual) -> Tensor:
@@ -167,9 +223,26 @@ def pre_activation(x, mean, rstd, spec: NormSpec, weight, bias, residual) -> Ten
     return z
 
 
-def _flat_rows(t: Tensor) -> Tensor:
-    """Contiguous (N, C, *spatial) -> the view (1, N * C, S): instance norm is batch norm over these rows."""
-    return t.view(1, t.shape[0] * t.shape[1], -1)
+def _backward_centered(g: Tensor, xc: Tensor, rstd: Tensor, w: Optional[Tensor], spec: NormSpec):
+    """(dx, dweight, dbias) of instance/group norm from g = dL/dz and the centered input xc = x - mean, in any
+    layout: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per statistics group, xhat = xc * rstd.  Every
+    sum is over g or g * xc, so nothing cancels when |mean| >> std.  dx is written into the buffer of xc."""
+    n, c = g.shape[:2]
+    cg = c // spec.num_groups
+    count = cg * g[0, 0].numel()
+    dims = tuple(range(2, g.dim()))
+    sg = g.sum(dims)                       # (N, C): sum of g
+    sgx = (g * xc).sum(dims)               # (N, C): sum of g * xc
+    wv = w if w is not None else torch.ones_like(sg[0])
+    r = rstd.view(n, -1)                   # (N, G)
+
+    def per_channel(t: Tensor) -> Tensor:  # (N, G) -> (N, C, 1, ...)
+        return t.repeat_interleave(cg, 1).reshape((n, c) + (1,) * len(dims))
+
+    m1 = (sg * wv).view(n, -1, cg).sum(2) * (r / count)               # rstd * mean of g*w
+    m2 = (sgx * wv).view(n, -1, cg).sum(2) * (r * r * r / count)      # rstd^3 * mean of g*w*xc
+    dx = xc.mul_(-per_channel(m2)).addcmul_(g, per_channel(r) * _bcast(wv, g.dim())).sub_(per_channel(m1))
+    return dx, (sgx * per_channel(r).view(n, c)).sum(0), sg.sum(0)
 
 
 def norm_act_forward(x: Tensor, tensors: NormTensors, spec: NormSpec, mean: Optional[Tensor] = None,
@@ -178,30 +251,29 @@ def norm_act_forward(x: Tensor, tensors: NormTensors, spec: NormSpec, mean: Opti
 
     ``z`` is the pre-activation the backward needs (a tensor of its own, so that the caller may modify ``y`` in
     place), None for the identity.  ``mean``/``rstd`` given (batch norm in eval mode) are used instead of input
-    statistics.  Contiguous inputs run torch's own normalization kernels (so the CPU fallback costs what the torch
-    composition costs); channels-last inputs take exact statistics from ``torch.var_mean`` and one fused apply
-    pass, because torch's channels-last CPU kernels sum x and x^2 (wrong when |mean| >> std).  Low-precision
-    inputs are computed in float32.
+    statistics.  Contiguous group and batch norm run torch's own kernels (so the CPU fallback costs what the torch
+    composition costs, at torch's precision); instance norm (which torch computes as a slow batch norm over
+    (N * C) rows) and channels-last inputs (whose torch CPU kernels sum x and x^2: wrong when |mean| >> std) run
+    :func:`normalize_with_stats`, as exact as torch's instance norm.  Low-precision inputs are computed in
+    float32.
     """
     orig = x.dtype
     acc = accumulation_dtype(orig)
-    xf = x.to(acc)
+    fmt = memory_format(x)
+    xf = x.to(acc).contiguous(memory_format=fmt)  # torch's kernels take contiguous or channels-last tensors only
     w, b = _to(tensors.weight, acc), _to(tensors.bias, acc)
-    if mean is None and memory_format(x) != torch.contiguous_format:
-        mean, rstd = compute_stats(xf, spec.kind, spec.num_groups, spec.eps)
+    y = torch.empty_like(xf) if spec.activation != "identity" else None  # the output, until then a scratch buffer
     if mean is not None:
         z = normalize_affine(xf, mean, rstd, spec, w, b)
-    elif spec.kind == "batch":
-        z, mean, rstd = torch.ops.aten._native_batch_norm_legit.no_stats(xf, w, b, True, 0.0, spec.eps)
+    elif fmt == torch.contiguous_format and spec.kind != "instance":
+        z, mean, rstd = _native_normalize(xf, spec, w, b)
     else:
-        n, c = x.shape[:2]
-        z, mean, rstd = torch.ops.aten.native_group_norm(xf, w, b, n, c, x[0, 0].numel(), spec.num_groups, spec.eps)
-        mean, rstd = mean.reshape(-1), rstd.reshape(-1)
+        z, mean, rstd = normalize_with_stats(xf, spec, w, b, scratch=y)
     if tensors.residual is not None:
         z = z.add_(tensors.residual.to(acc))  # z is a fresh tensor here
-    if spec.activation == "identity":
+    if y is None:
         return z.to(orig), mean, rstd, None
-    y = apply_activation(z, spec.activation, activation_slope(spec.activation, tensors, spec, acc))
+    y = apply_activation_into(z, spec.activation, activation_slope(spec.activation, tensors, spec, acc), y)
     return y.to(orig), mean, rstd, z
 
 
@@ -211,15 +283,18 @@ def norm_act_backward(dy: Tensor, x: Tensor, z: Optional[Tensor], tensors: NormT
     where absent.
 
     ``z``: the pre-activation saved by :func:`norm_act_forward` (None: recomputed from x, mean and rstd).
-    g = dy * act'(z), then the normalization backward: torch's batch-norm backward (exact: it reduces
-    g * (x - mean)) for batch norm and for instance norm (batch norm over the (N * C) rows, as torch's instance
-    norm does), torch's group-norm backward for group norm; channels-last inputs go through contiguous copies,
-    as in torch's instance norm, because torch's channels-last group-norm backward is inexact.
-    ``input_stats=False`` treats mean/rstd as constants (batch norm in eval mode).
+    g = dy * act'(z), then the normalization backward, as exact as torch's instance norm (whose batch-norm backward
+    reduces g * (x - mean)): torch's batch-norm backward for batch norm; torch's group-norm backward on the
+    centered input x - mean for contiguous instance norm (torch's group-norm backward reduces g * x and subtracts:
+    inexact when |mean| >> std); torch's group-norm backward itself for contiguous group norm (as exact as torch's
+    group norm); :func:`_backward_centered` for channels-last instance and group norm (torch's channels-last
+    group-norm backward is slow and inexact).  ``input_stats=False`` treats mean/rstd as constants (batch norm in
+    eval mode).
     """
     acc = mean.dtype
     act = spec.activation
-    xf, dyf = x.to(acc), dy.to(acc)
+    fmt = memory_format(x)
+    xf, dyf = x.to(acc).contiguous(memory_format=fmt), dy.to(acc)
     w = _to(tensors.weight, acc)
     if z is None and act != "identity":
         z = pre_activation(xf, mean, rstd, spec, w, tensors.bias, tensors.residual)
@@ -240,23 +315,18 @@ def norm_act_backward(dy: Tensor, x: Tensor, z: Optional[Tensor], tensors: NormT
         # torch's native backward kernels assume dY and X share one memory format (autograd arranges that).
         # training: the saved batch statistics; eval (input_stats=False): constant statistics, which the
         # native backward reads as invstd = 1 / sqrt(running_var + eps) with running_var = rstd^-2, eps = 0.
-        fmt = memory_format(x)
         dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            g.contiguous(memory_format=fmt), xf.contiguous(memory_format=fmt), w,
+            g.contiguous(memory_format=fmt), xf, w,
             None if input_stats else mean, None if input_stats else rstd.pow(-2),
             mean if input_stats else None, rstd if input_stats else None, input_stats, 0.0, mask)
-    elif spec.kind == "instance":
-        gc, xc = g.contiguous(), xf.contiguous()
-        dx, dw, db = torch.ops.aten.native_batch_norm_backward(
-            _flat_rows(gc), _flat_rows(xc), w.repeat(n) if w is not None else None, None, None, mean, rstd, True,
-            0.0, mask)
-        dx = dx.view(x.shape)
-        dw = dw.view(n, c).sum(0) if dw is not None else None
-        db = db.view(n, c).sum(0) if db is not None else None
+    elif fmt != torch.contiguous_format:
+        dx, dw, db = _backward_centered(g, _centered(xf, mean, spec), rstd, w, spec)
     else:
+        centered = spec.kind == "instance"
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
-            g.contiguous(), xf.contiguous(), mean.reshape(n, -1), rstd.reshape(n, -1), w, n, c, x[0, 0].numel(),
-            spec.num_groups, mask)
+            g.contiguous(), _centered(xf, mean, spec) if centered else xf,
+            torch.zeros_like(mean).view(n, -1) if centered else mean.view(n, -1), rstd.view(n, -1), w, n, c,
+            x[0, 0].numel(), spec.num_groups, mask)
     grads = NormTensors(weight=_to(dw, tensors.weight.dtype) if tensors.weight is not None else None,
                         bias=_to(db, tensors.bias.dtype) if tensors.bias is not None else None,
                         residual=g.to(tensors.residual.dtype) if tensors.residual is not None else None,
