@@ -503,6 +503,25 @@ def test_failed_call_leaves_the_module_unchanged(momentum):
     assert int(m.num_batches_tracked) == 2
 
 
+@pytest.mark.parametrize("module", ["fastmed.kernels.norm_act", "fastmed.kernels.conv_block"])
+def test_every_launch_is_device_guarded(module):
+    """Every Triton launch of the norm-act and conv-block launchers runs inside ``with device_guard(...)`` (issue 10
+    5: Triton launches on the current device, so inputs on cuda:1 would run on GPU 0)."""
+    import ast
+    import importlib
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(isinstance(item.context_expr, ast.Call)
+                                              and getattr(item.context_expr.func, "id", None) == "device_guard"
+                                              for item in node.items):
+            guarded.update(id(n) for n in ast.walk(node))
+    launches = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "wrap_triton"]
+    assert launches and all(id(n) in guarded for n in launches)
+
+
 def test_activation_vocabulary_is_shared():
     """One list of activation names: the modules' table covers it and maps each name back to itself."""
     from fastmed.nn.norm_act import ACTIVATION_MODULES, activation_module, activation_of

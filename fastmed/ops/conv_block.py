@@ -19,6 +19,12 @@ Both implementations also take a second input ``skip`` (a decoder's skip connect
 ``cat([x, skip], 1)``; the implicit GEMM never writes that concatenation.  The backend (``triton`` on CUDA,
 ``reference`` on CPU, or forced by ``fastmed.use_backend``) is resolved before the op is called and is a
 constant in a ``torch.compile`` graph.
+
+Between the Python layers the arguments travel as specs: :class:`~fastmed.reference.conv_block.ConvTensors` /
+:class:`~fastmed.reference.conv_block.ConvSpec` for the convolution and the norm_act specs for the rest; the ops take
+them flattened in the order :func:`op_inputs` gives.  A differentiated backward (``create_graph=True``) computes the
+first-order gradient by torch's autograd of :func:`fastmed.reference.conv_block.conv_norm_act_reference`, so
+second-order gradients are exact on every backend; the output may be modified in place.
 """
 from __future__ import annotations
 
@@ -201,7 +207,7 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
 
     Returns:
         ``(N, Cout, *spatial_out)`` with ``spatial_out = (in + 2 p - d (k - 1) - 1) // s + 1``, in x's dtype.
-        Differentiable with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
+        Differentiable (twice) with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
     """
     check_tensor(x, "x")
     if x.dim() not in (4, 5):
