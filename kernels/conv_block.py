@@ -53,9 +53,18 @@ from .norm_act import finalize_stats, norm_act_backward, norm_act_forward
 
 
 @triton.jit
+def _tap_coords(tap, KH: tl.constexpr, KW: tl.constexpr):
+    """Flat kernel tap (kd * KH + kh) * KW + kw -> (kd, kh, kw)."""
+    return tap // (KH * KW), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
 def _accumulate_input(
-    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_ptr, CinT, Cout, co, mco, od, oh, ow, mm, D, H, W,
-    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    acc, x_n, C, c_first, w_ptr, CinT, Cout, co, mco, mm,
+    x_strides,  # (sxc, sxd, sxh, sxw) of this input
+    out_pos,    # (od, oh, ow): the [BLOCK_M] output voxels
+    in_size,    # (D, H, W)
+    stride, pad, dil,  # (d, h, w) each
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -67,16 +76,15 @@ def _accumulate_input(
     for kk in range(0, KD * KH * KW * cblocks):
         tap = kk // cblocks
         c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        idd = od * str_d - pad_d + kd * dil_d
-        ihh = oh * str_h - pad_h + kh * dil_h
-        iww = ow * str_w - pad_w + kw * dil_w
-        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
+        kd, kh, kw = _tap_coords(tap, KH, KW)
+        idd = out_pos[0] * stride[0] - pad[0] + kd * dil[0]
+        ihh = out_pos[1] * stride[1] - pad[1] + kh * dil[1]
+        iww = out_pos[2] * stride[2] - pad[2] + kw * dil[2]
+        valid = (mm & (idd >= 0) & (idd < in_size[0]) & (ihh >= 0) & (ihh < in_size[1]) & (iww >= 0)
+                 & (iww < in_size[2]))
         mc = c < C
-        a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                      # [BLOCK_M] pointers
-        a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        a_row = x_n + idd * x_strides[1] + ihh * x_strides[2] + iww * x_strides[3]  # [BLOCK_M] pointers
+        a = tl.load(a_row[:, None] + c[None, :] * x_strides[0], mask=valid[:, None] & mc[None, :], other=0.0)
         w_tap = w_ptr + tap * (CinT * Cout)
         b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
                     other=0.0)
@@ -116,13 +124,14 @@ def _conv_fwd_kernel(
     co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _accumulate_input(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_ptr, C1 + C2, Cout, co, mco,
-                            od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-                            KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    out_pos, in_size = (od, oh, ow), (D, H, W)
+    stride, pad, dil = (str_d, str_h, str_w), (pad_d, pad_h, pad_w), (dil_d, dil_h, dil_w)
+    acc = _accumulate_input(acc, x_ptr + n * sxn, C1, 0, w_ptr, C1 + C2, Cout, co, mco, mm, (sxc, sxd, sxh, sxw),
+                            out_pos, in_size, stride, pad, dil, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_X2:
-        acc = _accumulate_input(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_ptr, C1 + C2, Cout, co,
-                                mco, od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d,
-                                dil_h, dil_w, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = _accumulate_input(acc, x2_ptr + n * s2n, C2, C1, w_ptr, C1 + C2, Cout, co, mco, mm,
+                                (s2c, s2d, s2h, s2w), out_pos, in_size, stride, pad, dil, KD, KH, KW, DOT_FP32,
+                                INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
         acc += tl.load(b_ptr + co * sb, mask=mco, other=0.0).to(tl.float32)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
@@ -183,9 +192,7 @@ def _conv_dgrad_kernel(
     for kk in range(0, n_taps * cblocks):
         tap = tl.load(taps_ptr + cls * TAPS + kk // cblocks)
         c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
+        kd, kh, kw = _tap_coords(tap, KH, KW)
         # i + p - k d is a multiple of s for every voxel of this class, so o = (i + p - k d) / s exactly
         # (negative numerators are masked; the shift by s * k d keeps the integer division exact anyway).
         td = idd + pad_d - kd * dil_d
@@ -228,9 +235,7 @@ def _conv_wgrad_kernel(
     ci = (pid_mn % n_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     mci = ci < Cin
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
+    kd, kh, kw = _tap_coords(tap, KH, KW)
     Mo = Do * Ho * Wo
     k_start = split.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_total)
