@@ -178,7 +178,7 @@ def _native_normalize(x: Tensor, spec: NormSpec, weight: Optional[Tensor],
     if spec.kind == "batch":
         return torch.ops.aten._native_batch_norm_legit.no_stats(x, weight, bias, True, 0.0, spec.eps)
     n, c = x.shape[:2]
-    z, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, x[0, 0].numel(), spec.num_groups,
+    z, mean, rstd = torch.ops.aten.native_group_norm(x, weight, bias, n, c, math.prod(x.shape[2:]), spec.num_groups,
                                                      spec.eps)
     return z, mean.reshape(-1), rstd.reshape(-1)
 
@@ -229,7 +229,7 @@ def _backward_centered(g: Tensor, xc: Tensor, rstd: Tensor, w: Optional[Tensor],
     sum is over g or g * xc, so nothing cancels when |mean| >> std.  dx is written into the buffer of xc."""
     n, c = g.shape[:2]
     cg = c // spec.num_groups
-    count = cg * g[0, 0].numel()
+    count = cg * math.prod(g.shape[2:])
     dims = tuple(range(2, g.dim()))
     sg = g.sum(dims)                       # (N, C): sum of g
     sgx = (g * xc).sum(dims)               # (N, C): sum of g * xc
@@ -326,7 +326,7 @@ def norm_act_backward(dy: Tensor, x: Tensor, z: Optional[Tensor], tensors: NormT
         dx, dw, db = torch.ops.aten.native_group_norm_backward(
             g.contiguous(), _centered(xf, mean, spec) if centered else xf,
             torch.zeros_like(mean).view(n, -1) if centered else mean.view(n, -1), rstd.view(n, -1), w, n, c,
-            x[0, 0].numel(), spec.num_groups, mask)
+            math.prod(x.shape[2:]), spec.num_groups, mask)
     grads = NormTensors(weight=_to(dw, tensors.weight.dtype) if tensors.weight is not None else None,
                         bias=_to(db, tensors.bias.dtype) if tensors.bias is not None else None,
                         residual=g.to(tensors.residual.dtype) if tensors.residual is not None else None,
