@@ -6,8 +6,9 @@ torch.compile of that composition, forward and forward+backward, at nnU-Net stag
     python bench/bench_norm_act.py                 # full grid on the GPU
     python bench/bench_norm_act.py --quick         # small shapes, few repeats (CPU or GPU smoke run)
 
-On the CPU the fastmed row runs the reference backend (what `auto` picks for CPU tensors): the ratio to the
-eager row is the dispatch overhead of the CPU fallback.  CPU timings are wall-clock CPU timings.
+On the CPU the fastmed row runs the reference backend (what `auto` picks for CPU tensors).  CPU timings are
+wall-clock CPU timings; on a shared machine `--threads 1` gives steadier numbers.  At small CPU shapes fresh
+allocations dominate (each first touch of a page faults), so results move with the C allocator's trimming.
 """
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def main(argv=None) -> int:
     add_common_args(p)
     p.add_argument("--kinds", default="instance,group")
     p.add_argument("--modes", default="fwd,fwdbwd")
-    p.add_argument("--layouts", default=None, help="cf,cl (default: both on GPU, cf on CPU)")
+    p.add_argument("--layouts", default="cf,cl", help="cf (contiguous), cl (channels-last) or both (default)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shapes", default=None, help="e.g. 2x32x128x128x128;24x64x224x224")
     args = p.parse_args(argv)
 
@@ -66,7 +68,9 @@ def main(argv=None) -> int:
         shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
     dtypes = [getattr(torch, args.dtype)] if args.dtype else (
         [torch.bfloat16, torch.float32] if dev.type == "cuda" else [torch.float32])
-    layouts = (args.layouts or ("cf,cl" if dev.type == "cuda" else "cf")).split(",")
+    layouts = args.layouts.split(",")
+    if args.threads:
+        torch.set_num_threads(args.threads)
     kinds = args.kinds.split(",")
     modes = args.modes.split(",")
     copy = bench.copy_bandwidth()

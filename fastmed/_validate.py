@@ -189,3 +189,35 @@ def check_token_grid(x, name: str, spatial_dims: int, channels: int) -> torch.Te
         raise ValueError(f"{name} must be a {spatial_dims}D token grid (B, {axes}, {channels}), got shape "
                          f"{tuple(x.shape)}")
     return x
+
+
+# --------------------------------------------------------------------------------------------
+# Shapes, dtypes and modes (norm_act, conv_norm_act and their modules)
+# --------------------------------------------------------------------------------------------
+
+def check_mode(value, name: str, choices: Iterable[str]) -> str:
+    """A mode name, case-insensitive -> its lower-case form, one of ``choices`` (TypeError for a non-string)."""
+    choices = tuple(choices)
+    if not isinstance(value, str):
+        raise TypeError(f"{name} must be a string (one of {', '.join(choices)}), got {type(value).__name__}")
+    return check_choice(value.lower(), name, choices)
+
+
+def check_shape(t: torch.Tensor, name: str, shape: Sequence[int], what: str) -> None:
+    """``t`` must have ``shape`` (the shape of ``what``)."""
+    if tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have the shape of {what} {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def check_same_dtype(t: torch.Tensor, name: str, dtype: torch.dtype, what: str) -> None:
+    """``t`` must have ``dtype`` (the dtype of ``what``)."""
+    if t.dtype != dtype:
+        raise TypeError(f"{name} must have the dtype of {what} ({dtype}), got {t.dtype}")
+
+
+def check_batch_and_spatial(t: torch.Tensor, name: str, like: torch.Tensor, what: str) -> None:
+    """``t`` ``(N, C', *spatial)`` must have the batch and spatial size of ``like`` (``what``)."""
+    if t.dim() != like.dim() or t.shape[0] != like.shape[0] or t.shape[2:] != like.shape[2:]:
+        expect = (like.shape[0],) + tuple(like.shape[2:])
+        raise ValueError(f"{name} must have the batch and spatial size of {what} {expect}, got {name} of shape "
+                         f"{tuple(t.shape)}")

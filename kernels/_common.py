@@ -1,15 +1,14 @@
-"""Device helpers shared by the fastmed Triton kernels."""
-import math
-
+"""Device helpers shared by the fastmed Triton kernels: the activations of
+:data:`fastmed.reference.norm_act.ACTIVATIONS`, chosen by name (``ACT: tl.constexpr`` is one of those strings)."""
 import triton
 import triton.language as tl
 
-# Activation codes (tl.constexpr) shared by every kernel that fuses an activation.
-ACT_CODES = {"identity": 0, "relu": 1, "leaky_relu": 2, "gelu": 3, "gelu_tanh": 4, "silu": 5, "prelu": 6}
+from fastmed.reference.norm_act import GELU_TANH_CUBIC, INV_SQRT_2, INV_SQRT_2PI, SQRT_2_OVER_PI
 
-SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-INV_SQRT_2 = 1.0 / math.sqrt(2.0)
-INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_SQRT_2_OVER_PI = tl.constexpr(SQRT_2_OVER_PI)
+_INV_SQRT_2 = tl.constexpr(INV_SQRT_2)
+_INV_SQRT_2PI = tl.constexpr(INV_SQRT_2PI)
+_GELU_TANH_CUBIC = tl.constexpr(GELU_TANH_CUBIC)
 
 
 @triton.jit
@@ -22,41 +21,43 @@ def _tanh(u):
 
 @triton.jit
 def apply_act(z, slope, ACT: tl.constexpr):
-    """act(z) for the activation code ACT; slope is the leaky/prelu slope (scalar or broadcastable)."""
-    if ACT == 0:
+    """act(z) for the activation named ACT; slope is the leaky_relu/prelu slope (scalar or broadcastable)."""
+    if ACT == "identity":
         out = z
-    elif ACT == 1:
+    elif ACT == "relu":
         out = tl.where(z < 0, 0.0, z)  # NaN stays NaN
-    elif ACT == 2 or ACT == 6:
+    elif ACT == "leaky_relu" or ACT == "prelu":
         out = tl.where(z > 0, z, z * slope)
-    elif ACT == 3:
-        out = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
-    elif ACT == 4:
-        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    elif ACT == "gelu":
+        out = 0.5 * z * (1.0 + tl.erf(z * _INV_SQRT_2))
+    elif ACT == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_CUBIC * z * z * z)
         out = 0.5 * z * (1.0 + _tanh(u))
     else:
+        tl.static_assert(ACT == "silu", "ACT must be a name of fastmed.reference.norm_act.ACTIVATIONS")
         out = z / (1.0 + tl.exp(-z))
     return out
 
 
 @triton.jit
 def act_grad(z, slope, ACT: tl.constexpr):
-    """d act(z) / dz for the activation code ACT."""
-    if ACT == 0:
+    """d act(z) / dz for the activation named ACT."""
+    if ACT == "identity":
         out = tl.full(z.shape, 1.0, z.dtype)
-    elif ACT == 1:
+    elif ACT == "relu":
         out = tl.where(z > 0, 1.0, 0.0)
-    elif ACT == 2 or ACT == 6:
+    elif ACT == "leaky_relu" or ACT == "prelu":
         out = tl.where(z > 0, 1.0, slope + 0.0 * z)
-    elif ACT == 3:
-        cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
-        out = cdf + z * tl.exp(-0.5 * z * z) * 0.3989422804014327
-    elif ACT == 4:
-        u = 0.7978845608028654 * (z + 0.044715 * z * z * z)
+    elif ACT == "gelu":
+        cdf = 0.5 * (1.0 + tl.erf(z * _INV_SQRT_2))
+        out = cdf + z * tl.exp(-0.5 * z * z) * _INV_SQRT_2PI
+    elif ACT == "gelu_tanh":
+        u = _SQRT_2_OVER_PI * (z + _GELU_TANH_CUBIC * z * z * z)
         t = _tanh(u)
-        du = 0.7978845608028654 * (1.0 + 3.0 * 0.044715 * z * z)
+        du = _SQRT_2_OVER_PI * (1.0 + 3.0 * _GELU_TANH_CUBIC * z * z)
         out = 0.5 * (1.0 + t) + 0.5 * z * (1.0 - t * t) * du
     else:
+        tl.static_assert(ACT == "silu", "ACT must be a name of fastmed.reference.norm_act.ACTIVATIONS")
         s = 1.0 / (1.0 + tl.exp(-z))
         out = s * (1.0 + z * (1.0 - s))
     return out.to(z.dtype)

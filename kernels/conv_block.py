@@ -34,11 +34,16 @@ fastmed/ops/_conv_block_choice.py).
 """
 from __future__ import annotations
 
+import functools
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from fastmed._tensors import memory_format, target_programs
+from fastmed._tensors import device_guard, memory_format, target_programs
+from fastmed.reference.conv_block import ConvSpec, ConvTensors
+from fastmed.reference.norm_act import NormSpec, NormTensors
 
 from .norm_act import finalize_stats, norm_act_backward, norm_act_forward
 
@@ -48,9 +53,18 @@ from .norm_act import finalize_stats, norm_act_backward, norm_act_forward
 
 
 @triton.jit
+def _tap_coords(tap, KH: tl.constexpr, KW: tl.constexpr):
+    """Flat kernel tap (kd * KH + kh) * KW + kw -> (kd, kh, kw)."""
+    return tap // (KH * KW), (tap // KW) % KH, tap % KW
+
+
+@triton.jit
 def _accumulate_input(
-    acc, x_n, sxc, sxd, sxh, sxw, C, c_first, w_ptr, CinT, Cout, co, mco, od, oh, ow, mm, D, H, W,
-    str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
+    acc, x_n, C, c_first, w_ptr, CinT, Cout, co, mco, mm,
+    x_strides,  # (sxc, sxd, sxh, sxw) of this input
+    out_pos,    # (od, oh, ow): the [BLOCK_M] output voxels
+    in_size,    # (D, H, W)
+    stride, pad, dil,  # (d, h, w) each
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr,
     DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -62,16 +76,15 @@ def _accumulate_input(
     for kk in range(0, KD * KH * KW * cblocks):
         tap = kk // cblocks
         c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
-        idd = od * str_d - pad_d + kd * dil_d
-        ihh = oh * str_h - pad_h + kh * dil_h
-        iww = ow * str_w - pad_w + kw * dil_w
-        valid = mm & (idd >= 0) & (idd < D) & (ihh >= 0) & (ihh < H) & (iww >= 0) & (iww < W)
+        kd, kh, kw = _tap_coords(tap, KH, KW)
+        idd = out_pos[0] * stride[0] - pad[0] + kd * dil[0]
+        ihh = out_pos[1] * stride[1] - pad[1] + kh * dil[1]
+        iww = out_pos[2] * stride[2] - pad[2] + kw * dil[2]
+        valid = (mm & (idd >= 0) & (idd < in_size[0]) & (ihh >= 0) & (ihh < in_size[1]) & (iww >= 0)
+                 & (iww < in_size[2]))
         mc = c < C
-        a_row = x_n + idd * sxd + ihh * sxh + iww * sxw                      # [BLOCK_M] pointers
-        a = tl.load(a_row[:, None] + c[None, :] * sxc, mask=valid[:, None] & mc[None, :], other=0.0)
+        a_row = x_n + idd * x_strides[1] + ihh * x_strides[2] + iww * x_strides[3]  # [BLOCK_M] pointers
+        a = tl.load(a_row[:, None] + c[None, :] * x_strides[0], mask=valid[:, None] & mc[None, :], other=0.0)
         w_tap = w_ptr + tap * (CinT * Cout)
         b = tl.load(w_tap + (c_first + c)[:, None] * Cout + co[None, :], mask=mc[:, None] & mco[None, :],
                     other=0.0)
@@ -88,13 +101,13 @@ def _conv_fwd_kernel(
     x2_ptr,     # shape (N, C2, D, H, W), strides (s2n, s2c, s2d, s2h, s2w): the second input (channels
                 #   C1..C1+C2 of the convolution input, a decoder's skip); unused unless HAS_X2
     w_ptr,      # shape (KD, KH, KW, C1 + C2, Cout), contiguous
-    b_ptr,      # shape (Cout,), unused unless HAS_BIAS
+    b_ptr,      # shape (Cout,), stride sb; unused unless HAS_BIAS
     y_ptr,      # shape (N, Cout, Do, Ho, Wo), strides (syn, syc, syd, syh, syw)
     pmean_ptr,  # shape (N, Cout, P) fp32 contiguous: per M-tile mean of y; unused unless STATS
     pm2_ptr,    # shape (N, Cout, P) fp32 contiguous: per M-tile sum of squared deviations; unused unless STATS
     C1, C2, Cout, D, H, W, Do, Ho, Wo, P,
     str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-    sxn, sxc, sxd, sxh, sxw, s2n, s2c, s2d, s2h, s2w, syn, syc, syd, syh, syw,
+    sxn, sxc, sxd, sxh, sxw, s2n, s2c, s2d, s2h, s2w, syn, syc, syd, syh, syw, sb,
     KD: tl.constexpr, KH: tl.constexpr, KW: tl.constexpr, HAS_X2: tl.constexpr,
     HAS_BIAS: tl.constexpr, STATS: tl.constexpr, DOT_FP32: tl.constexpr, INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -111,15 +124,16 @@ def _conv_fwd_kernel(
     co = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    acc = _accumulate_input(acc, x_ptr + n * sxn, sxc, sxd, sxh, sxw, C1, 0, w_ptr, C1 + C2, Cout, co, mco,
-                            od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d, dil_h, dil_w,
-                            KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+    out_pos, in_size = (od, oh, ow), (D, H, W)
+    stride, pad, dil = (str_d, str_h, str_w), (pad_d, pad_h, pad_w), (dil_d, dil_h, dil_w)
+    acc = _accumulate_input(acc, x_ptr + n * sxn, C1, 0, w_ptr, C1 + C2, Cout, co, mco, mm, (sxc, sxd, sxh, sxw),
+                            out_pos, in_size, stride, pad, dil, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
     if HAS_X2:
-        acc = _accumulate_input(acc, x2_ptr + n * s2n, s2c, s2d, s2h, s2w, C2, C1, w_ptr, C1 + C2, Cout, co,
-                                mco, od, oh, ow, mm, D, H, W, str_d, str_h, str_w, pad_d, pad_h, pad_w, dil_d,
-                                dil_h, dil_w, KD, KH, KW, DOT_FP32, INPUT_PRECISION, BLOCK_K)
+        acc = _accumulate_input(acc, x2_ptr + n * s2n, C2, C1, w_ptr, C1 + C2, Cout, co, mco, mm,
+                                (s2c, s2d, s2h, s2w), out_pos, in_size, stride, pad, dil, KD, KH, KW, DOT_FP32,
+                                INPUT_PRECISION, BLOCK_K)
     if HAS_BIAS:
-        acc += tl.load(b_ptr + co, mask=mco, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(b_ptr + co * sb, mask=mco, other=0.0).to(tl.float32)[None, :]
     out = acc.to(y_ptr.dtype.element_ty)
     mask = mm[:, None] & mco[None, :]
     y_off = n * syn + (od * syd + oh * syh + ow * syw)[:, None] + co[None, :] * syc
@@ -178,9 +192,7 @@ def _conv_dgrad_kernel(
     for kk in range(0, n_taps * cblocks):
         tap = tl.load(taps_ptr + cls * TAPS + kk // cblocks)
         c = (kk % cblocks) * BLOCK_K + tl.arange(0, BLOCK_K).to(tl.int64)
-        kd = tap // (KH * KW)
-        kh = (tap // KW) % KH
-        kw = tap % KW
+        kd, kh, kw = _tap_coords(tap, KH, KW)
         # i + p - k d is a multiple of s for every voxel of this class, so o = (i + p - k d) / s exactly
         # (negative numerators are masked; the shift by s * k d keeps the integer division exact anyway).
         td = idd + pad_d - kd * dil_d
@@ -223,9 +235,7 @@ def _conv_wgrad_kernel(
     ci = (pid_mn % n_blocks).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     mco = co < Cout
     mci = ci < Cin
-    kd = tap // (KH * KW)
-    kh = (tap // KW) % KH
-    kw = tap % KW
+    kd, kh, kw = _tap_coords(tap, KH, KW)
     Mo = Do * Ho * Wo
     k_start = split.to(tl.int64) * k_per_split
     k_end = tl.minimum(k_start + k_per_split, k_total)
@@ -299,20 +309,22 @@ def _gemm_blocks(t: torch.Tensor, m: int, n_cols: int, k_cols: int) -> dict:
                 num_stages=3)
 
 
-def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, padding, dilation, stats: bool):
+def conv_forward_stats(x: torch.Tensor, conv: ConvTensors, cspec: ConvSpec, stats: bool):
     """Convolution (groups = 1) of ``cat([x, x2], 1)`` (x2 may be None; the concatenation is never
     materialized) and, with ``stats``, its per-(n, c, M tile) partial (mean, M2).
 
-    x ``(N, C1, *s)``, x2 ``(N, C2, *s)``, weight ``(Cout, C1 + C2, *k)`` -> conv_out ``(N, Cout, *s_out)`` in
-    x's memory format, pmean/pm2 ``(N, Cout, P)`` fp32 and the tile sizes ``(P,)`` (None without ``stats``).
+    x ``(N, C1, *s)``, x2 ``(N, C2, *s)``, weight ``(Cout, C1 + C2, *k)``, bias ``(Cout,)`` (any strides) ->
+    conv_out ``(N, Cout, *s_out)`` in x's memory format, pmean/pm2 ``(N, Cout, P)`` fp32 and the M tile size
+    (None without ``stats``).
     """
+    x2, weight, bias = conv
     nd = x.dim()
-    st, pd, dl = _params_3d(stride, padding, dilation, nd)
+    st, pd, dl = _params_3d(*cspec, nd)
     N, C1 = x.shape[:2]
     C2 = x2.shape[1] if x2 is not None else 0
     Cout = weight.shape[0]
     out_sp = tuple((i + 2 * p - d * (k - 1) - 1) // s + 1
-                   for i, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation))
+                   for i, k, s, p, d in zip(x.shape[2:], weight.shape[2:], *cspec))
     y = torch.empty((N, Cout) + out_sp, device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     x5, y5 = _as_3d(x), _as_3d(y)
     x25 = _as_3d(x2) if x2 is not None else x5
@@ -326,20 +338,22 @@ def conv_forward_stats(x: torch.Tensor, x2, weight: torch.Tensor, bias, stride, 
     pmean = torch.empty((N, Cout, P) if stats else (1,), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
     grid = (P, triton.cdiv(Cout, blocks["BLOCK_N"]), N)
-    wrap_triton(_conv_fwd_kernel)[grid](
-        x5, x25, w_t, bias if bias is not None else w_t, y5, pmean, pm2,
-        C1, C2, Cout, *x5.shape[2:], Do, Ho, Wo, P, *st, *pd, *dl, *x5.stride(), *x25.stride(), *y5.stride(),
-        KD=KD, KH=KH, KW=KW, HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats, **_dot_options(x),
-        **blocks)
+    with device_guard(x):
+        wrap_triton(_conv_fwd_kernel)[grid](
+            x5, x25, w_t, bias if bias is not None else w_t, y5, pmean, pm2,
+            C1, C2, Cout, *x5.shape[2:], Do, Ho, Wo, P, *st, *pd, *dl, *x5.stride(), *x25.stride(), *y5.stride(),
+            bias.stride(0) if bias is not None else 0,
+            KD=KD, KH=KH, KW=KW, HAS_X2=x2 is not None, HAS_BIAS=bias is not None, STATS=stats,
+            **_dot_options(x), **blocks)
     if not stats:
         return y, None, None, None
     return y, pmean, pm2, blocks["BLOCK_M"]
 
 
-def _class_taps(kernel, stride, dilation, device):
+def _class_taps_host(kernel, stride, dilation) -> tuple[torch.Tensor, torch.Tensor]:
     """For each residue class (rd, rh, rw) of the data gradient (row-major over the strides), the flat taps
     ``(kd * KH + kh) * KW + kw`` with ``k * d = r (mod s)`` on every axis: (classes, taps) int32 padded, and
-    their counts (classes,) int32."""
+    their counts (classes,) int32, on the host."""
     (KD, KH, KW), (sd, sh, sw), (dd, dh, dw) = kernel, stride, dilation
     rows = []
     for rd in range(sd):
@@ -350,13 +364,25 @@ def _class_taps(kernel, stride, dilation, device):
     taps = torch.zeros((len(rows), KD * KH * KW), dtype=torch.int32)
     for i, r in enumerate(rows):
         taps[i, :len(r)] = torch.tensor(r, dtype=torch.int32)
-    ntaps = torch.tensor([len(r) for r in rows], dtype=torch.int32)
-    return taps.to(device), ntaps.to(device)
+    return taps, torch.tensor([len(r) for r in rows], dtype=torch.int32)
 
 
-def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, stride, padding, dilation):
+@functools.lru_cache(maxsize=256)
+def _class_taps_cached(kernel, stride, dilation, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(t.to(device) for t in _class_taps_host(kernel, stride, dilation))
+
+
+def class_taps(kernel, stride, dilation, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_class_taps_host` on ``device``, copied there once per (device, configuration) and cached (the
+    kernels only read them); built afresh while torch.compile traces (a graph may not capture a real tensor)."""
+    if torch.compiler.is_compiling():
+        return tuple(t.to(device) for t in _class_taps_host(kernel, stride, dilation))
+    return _class_taps_cached(tuple(kernel), tuple(stride), tuple(dilation), torch.device(device))
+
+
+def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, cspec: ConvSpec):
     """d x ``(N, Cin, *s)`` (x's dtype and memory format) from d conv_out ``(N, Cout, *s_out)``."""
-    st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
+    st, pd, dl = _params_3d(*cspec, x.dim())
     dx = torch.empty(x.shape, device=x.device, dtype=x.dtype, memory_format=memory_format(x))
     dy5, dx5, w5 = _as_3d(dconv), _as_3d(dx), _as_3d(weight)
     KD, KH, KW = w5.shape[2:]
@@ -368,17 +394,18 @@ def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, 
     per_class = q[0] * q[1] * q[2]
     blocks = _gemm_blocks(x, per_class, Cin, Cout)
     blocks_per_class = triton.cdiv(per_class, blocks["BLOCK_M"])
-    taps, ntaps = _class_taps((KD, KH, KW), st, dl, x.device)
+    taps, ntaps = class_taps((KD, KH, KW), st, dl, x.device)
     grid = (taps.shape[0] * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
-    wrap_triton(_conv_dgrad_kernel)[grid](
-        dy5, w_t, taps, ntaps, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl,
-        *dy5.stride(), *dx5.stride(), KH=KH, KW=KW, TAPS=KD * KH * KW, **_dot_options(x), **blocks)
+    with device_guard(x):
+        wrap_triton(_conv_dgrad_kernel)[grid](
+            dy5, w_t, taps, ntaps, dx5, Cin, Cout, D, H, W, *dy5.shape[2:], *q, blocks_per_class, *st, *pd, *dl,
+            *dy5.stride(), *dx5.stride(), KH=KH, KW=KW, TAPS=KD * KH * KW, **_dot_options(x), **blocks)
     return dx
 
 
-def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, stride, padding, dilation):
+def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cspec: ConvSpec):
     """d weight ``(Cout, Cin, *k)`` in weight's dtype: per-split fp32 partials summed in a fixed order."""
-    st, pd, dl = _params_3d(stride, padding, dilation, x.dim())
+    st, pd, dl = _params_3d(*cspec, x.dim())
     dy5, x5, w5 = _as_3d(dconv), _as_3d(x), _as_3d(weight)
     KD, KH, KW = w5.shape[2:]
     taps = KD * KH * KW
@@ -401,54 +428,53 @@ def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     k_per = triton.cdiv(triton.cdiv(k_total, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]
     splits = triton.cdiv(k_total, k_per)
     pw = torch.empty((splits, taps, Cout, Cin), device=x.device, dtype=torch.float32)
-    wrap_triton(_conv_wgrad_kernel)[(tiles, taps, splits)](
-        dy5, x5, pw, Cin, Cout, *x5.shape[2:], Do, Ho, Wo, k_total, k_per, *st, *pd, *dl,
-        *dy5.stride(), *x5.stride(), KH=KH, KW=KW, TAPS=taps, **_dot_options(x), **blocks)
+    with device_guard(x):
+        wrap_triton(_conv_wgrad_kernel)[(tiles, taps, splits)](
+            dy5, x5, pw, Cin, Cout, *x5.shape[2:], Do, Ho, Wo, k_total, k_per, *st, *pd, *dl,
+            *dy5.stride(), *x5.stride(), KH=KH, KW=KW, TAPS=taps, **_dot_options(x), **blocks)
     dw = pw.sum(0).reshape((KD, KH, KW, Cout, Cin)).permute(3, 4, 0, 1, 2)
     return dw.reshape(weight.shape).to(weight.dtype).contiguous(memory_format=memory_format(weight))
 
 
-def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
-                       padding, dilation, kind: str, num_groups: int, eps: float, activation: str,
-                       negative_slope: float):
+def conv_block_forward(x: torch.Tensor, conv: ConvTensors, norm: NormTensors, cspec: ConvSpec, nspec: NormSpec,
+                       mean_in: Optional[torch.Tensor], rstd_in: Optional[torch.Tensor]):
     """y = act(norm(conv(cat([x, x2], 1))) * norm_weight + norm_bias + residual); returns (y, conv_out, mean, rstd).
 
-    x ``(N, C1, *s)`` float16/bfloat16/float32, any strides; x2 ``(N, C2, *s)`` or None; weight
-    ``(Cout, C1 + C2, *k)``; bias, norm_weight,
-    norm_bias ``(Cout,)`` or None; residual like conv_out or None; slope: prelu ``(Cout,)``/``(1,)`` or None;
-    mean_in/rstd_in: given statistics (batch norm in eval mode) or None.  Statistics are fp32.
+    x ``(N, C1, *s)`` float16/bfloat16/float32, any strides; conv: x2 ``(N, C2, *s)`` or None, weight
+    ``(Cout, C1 + C2, *k)``, bias ``(Cout,)`` or None; norm: weight, bias ``(Cout,)`` or None, residual like conv_out
+    or None, slope: prelu ``(Cout,)``/``(1,)`` or None (any strides); mean_in/rstd_in: given statistics (batch norm
+    in eval mode) or None.  Statistics are fp32.
     """
     stats = mean_in is None
-    conv_out, pmean, pm2, tile = conv_forward_stats(x, x2, weight, bias, stride, padding, dilation, stats)
+    conv_out, pmean, pm2, tile = conv_forward_stats(x, conv, cspec, stats)
     if stats:
-        mean, rstd = finalize_stats(pmean, pm2, conv_out[0, 0].numel(), tile, kind, num_groups, eps)
+        mean, rstd = finalize_stats(pmean, pm2, conv_out[0, 0].numel(), tile, nspec.kind, nspec.num_groups,
+                                    nspec.eps)
     else:
         mean, rstd = mean_in, rstd_in
-    y, mean, rstd = norm_act_forward(conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, kind,
-                                     num_groups, eps, activation, negative_slope)
+    y, mean, rstd, _ = norm_act_forward(conv_out, norm, nspec, mean, rstd)
     return y, conv_out, mean, rstd
 
 
-def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
-                        padding, dilation, kind: str, num_groups: int, activation: str, negative_slope: float,
-                        input_stats: bool, has_bias: bool):
-    """Returns (dx, dx2, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope), None where absent.
-
-    With a second input the data and weight gradients run once per input on its slice of the weight."""
-    dconv, dnw, dnb, dres, dslope = norm_act_backward(dy, conv_out, norm_weight, norm_bias, residual, slope, mean,
-                                                      rstd, kind, num_groups, activation, negative_slope,
-                                                      input_stats)
+def conv_block_backward(dy: torch.Tensor, x: torch.Tensor, conv_out: torch.Tensor, conv: ConvTensors,
+                        norm: NormTensors, cspec: ConvSpec, nspec: NormSpec, mean: torch.Tensor, rstd: torch.Tensor,
+                        input_stats: bool):
+    """Returns (dx, ConvTensors(dx2, dweight, dbias), NormTensors(dnorm_weight, dnorm_bias, dresidual, dslope)),
+    None where absent.  With a second input the data and weight gradients run once per input on its slice of
+    the weight."""
+    dconv, norm_grads = norm_act_backward(dy, conv_out, None, norm, nspec, mean, rstd, input_stats)
+    x2, weight, bias = conv
     c1 = x.shape[1]
     w1 = weight[:, :c1] if x2 is not None else weight
-    dx = conv_input_grad(dconv, w1, x, stride, padding, dilation)
-    dw = conv_weight_grad(dconv, x, w1, stride, padding, dilation)
+    dx = conv_input_grad(dconv, w1, x, cspec)
+    dw = conv_weight_grad(dconv, x, w1, cspec)
     dx2 = None
     if x2 is not None:
         w2 = weight[:, c1:]
-        dx2 = conv_input_grad(dconv, w2, x2, stride, padding, dilation)
-        dw = torch.cat([dw, conv_weight_grad(dconv, x2, w2, stride, padding, dilation)], 1)
+        dx2 = conv_input_grad(dconv, w2, x2, cspec)
+        dw = torch.cat([dw, conv_weight_grad(dconv, x2, w2, cspec)], 1)
     db = None
-    if has_bias:
+    if bias is not None:
         red = [0] + list(range(2, dconv.dim()))
-        db = dconv.sum(red, dtype=torch.float32).to(weight.dtype)
-    return dx, dx2, dw, db, dnw, dnb, dres, dslope
+        db = dconv.sum(red, dtype=torch.float32).to(bias.dtype)
+    return dx, ConvTensors(dx2, dw, db), norm_grads

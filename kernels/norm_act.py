@@ -17,17 +17,31 @@ Backward (2 passes over x and dy + 1 write), recomputing xhat from x, mean and r
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
-from fastmed._tensors import accumulation_dtype, target_programs
+from fastmed._tensors import accumulation_dtype, device_guard, memory_format, target_programs
+from fastmed._validate import flat_view
+from fastmed.reference.norm_act import NormSpec, NormTensors
 
-from ._common import ACT_CODES, act_grad, apply_act
+from ._common import act_grad, apply_act
 
 # --------------------------------------------------------------------------------------------------
 # Device code
 # --------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _split_tile(C, S, s_per_split, BLOCK_C: tl.constexpr):
+    """The channels and the slice of S of a reduce program on the grid (P splits, C blocks, N):
+    (n, c, mc, s_start, s_end)."""
+    n = tl.program_id(2).to(tl.int64)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    s_start = tl.program_id(0).to(tl.int64) * s_per_split
+    return n, c, c < C, s_start, tl.minimum(s_start + s_per_split, S)
 
 
 @triton.jit
@@ -39,14 +53,8 @@ def _norm_stats_kernel(
     sxn, sxc, sxs,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    n, c, mc, s_start, s_end = _split_tile(C, S, s_per_split, BLOCK_C)
     acc_ty = pmean_ptr.dtype.element_ty
-    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    s_start = pid_p.to(tl.int64) * s_per_split
-    s_end = tl.minimum(s_start + s_per_split, S)
     base = x_ptr + n * sxn + c[:, None] * sxc
     count = tl.zeros([BLOCK_C], acc_ty)
     mean = tl.zeros([BLOCK_C], acc_ty)
@@ -65,7 +73,7 @@ def _norm_stats_kernel(
         mean = mean + delta * (nb / new_count)
         m2 = m2 + tm2 + delta * delta * (count * nb / new_count)
         count = new_count
-    out = (n * C + c) * P + pid_p
+    out = (n * C + c) * P + tl.program_id(0)
     tl.store(pmean_ptr + out, mean, mask=mc)
     tl.store(pm2_ptr + out, m2, mask=mc)
 
@@ -80,6 +88,16 @@ def _partial_offsets(r, e, C, P, outer, row_cg):
     """
     nc = (e // P) * outer + r * row_cg
     return nc * P + e % P, nc % C
+
+
+@triton.jit
+def _load_row_partials(a_ptr, b_ptr, r, e0, E, C, P, outer, row_cg, BLOCK: tl.constexpr):
+    """Elements e0 .. e0 + BLOCK - 1 of statistics row r of two (N, C, P) partial tensors:
+    (a, b, element index, mask, channel)."""
+    e = e0 + tl.arange(0, BLOCK).to(tl.int64)
+    m = e < E
+    off, c = _partial_offsets(r, e, C, P, outer, row_cg)
+    return tl.load(a_ptr + off, mask=m, other=0.0), tl.load(b_ptr + off, mask=m, other=0.0), e, m, c
 
 
 @triton.jit
@@ -98,12 +116,8 @@ def _norm_finalize_kernel(
     mean = tl.zeros([BLOCK], acc_ty)
     m2 = tl.zeros([BLOCK], acc_ty)
     for e0 in range(0, E, BLOCK):
-        e = e0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = e < E
-        off, _c = _partial_offsets(r, e, C, P, outer, row_cg)
+        mu_e, m2_e, e, m, _c = _load_row_partials(pmean_ptr, pm2_ptr, r, e0, E, C, P, outer, row_cg, BLOCK)
         c_e = tl.where(m, tl.minimum(s_per_split, S - (e % P) * s_per_split), 0).to(acc_ty)
-        mu_e = tl.load(pmean_ptr + off, mask=m, other=0.0)
-        m2_e = tl.load(pm2_ptr + off, mask=m, other=0.0)
         new = cnt + c_e
         safe = tl.where(new > 0, new, 1.0)
         delta = mu_e - mean
@@ -122,10 +136,10 @@ def _norm_finalize_kernel(
 def _row_sums_kernel(
     a_ptr,      # shape (N, C, P)
     b_ptr,      # shape (N, C, P)
-    w_ptr,      # shape (C,)  per-channel factor, unused unless HAS_W
+    w_ptr,      # shape (C,), stride sw: per-channel factor, unused unless HAS_W
     out_a_ptr,  # shape (R,)  sum over the row of w_c * a, divided by `divisor`
     out_b_ptr,  # shape (R,)  sum over the row of w_c * b, divided by `divisor`
-    C, P, E, outer, row_cg, divisor,
+    C, P, E, outer, row_cg, divisor, sw,
     HAS_W: tl.constexpr, BLOCK: tl.constexpr,
 ):
     r = tl.program_id(0).to(tl.int64)
@@ -133,13 +147,9 @@ def _row_sums_kernel(
     sa = tl.zeros([BLOCK], acc_ty)
     sb = tl.zeros([BLOCK], acc_ty)
     for e0 in range(0, E, BLOCK):
-        e = e0 + tl.arange(0, BLOCK).to(tl.int64)
-        m = e < E
-        off, c = _partial_offsets(r, e, C, P, outer, row_cg)
-        a = tl.load(a_ptr + off, mask=m, other=0.0)
-        b = tl.load(b_ptr + off, mask=m, other=0.0)
+        a, b, _e, m, c = _load_row_partials(a_ptr, b_ptr, r, e0, E, C, P, outer, row_cg, BLOCK)
         if HAS_W:
-            w = tl.load(w_ptr + c, mask=m, other=0.0).to(acc_ty)
+            w = tl.load(w_ptr + c * sw, mask=m, other=0.0).to(acc_ty)
             a = a * w
             b = b * w
         sa += a
@@ -149,39 +159,58 @@ def _row_sums_kernel(
 
 
 @triton.jit
+def _offsets(n, c, s, strides):
+    """Offsets of the [BLOCK_C, BLOCK_S] tile (n, c, s) of an (N, C, S) tensor with strides (sn, sc, ss)."""
+    return n * strides[0] + c[:, None] * strides[1] + s[None, :] * strides[2]
+
+
+@triton.jit
 def _load_pre_activation(
     x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr,
-    n, c, s, mc, mask, rows_per_n, cg,
-    sxn, sxc, sxs, srn, src, srs,
+    n, c, s, mc, mask,
+    rows,           # (rows_per_n, cg): statistics row of (n, c) = n * rows_per_n + c // cg
+    x_strides,      # (sxn, sxc, sxs)
+    res_strides,    # (srn, src, srs)
+    param_strides,  # (sw, sb): strides of weight and bias
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr,
 ):
     """Loads a [BLOCK_C, BLOCK_S] tile and returns (xhat, z, rstd, w) in the stats dtype."""
-    row = n * rows_per_n + c // cg
+    row = n * rows[0] + c // rows[1]
     mean = tl.load(mean_ptr + row, mask=mc, other=0.0)
     rstd = tl.load(rstd_ptr + row, mask=mc, other=0.0)
     acc_ty = mean.dtype
-    x = tl.load(x_ptr + n * sxn + c[:, None] * sxc + s[None, :] * sxs, mask=mask, other=0.0).to(acc_ty)
+    x = tl.load(x_ptr + _offsets(n, c, s, x_strides), mask=mask, other=0.0).to(acc_ty)
     xhat = (x - mean[:, None]) * rstd[:, None]
     if HAS_W:
-        w = tl.load(w_ptr + c, mask=mc, other=0.0).to(acc_ty)
+        w = tl.load(w_ptr + c * param_strides[0], mask=mc, other=0.0).to(acc_ty)
         z = xhat * w[:, None]
     else:
         w = tl.full([c.shape[0]], 1.0, acc_ty)
         z = xhat
     if HAS_B:
-        z = z + tl.load(b_ptr + c, mask=mc, other=0.0).to(acc_ty)[:, None]
+        z = z + tl.load(b_ptr + c * param_strides[1], mask=mc, other=0.0).to(acc_ty)[:, None]
     if HAS_RES:
-        z = z + tl.load(res_ptr + n * srn + c[:, None] * src + s[None, :] * srs, mask=mask, other=0.0).to(acc_ty)
+        z = z + tl.load(res_ptr + _offsets(n, c, s, res_strides), mask=mask, other=0.0).to(acc_ty)
     return xhat, z, rstd, w
 
 
 @triton.jit
 def _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, acc_ty, ACT: tl.constexpr):
-    if ACT == 6:
+    if ACT == "prelu":
         slope = tl.load(slope_ptr + c * slope_stride, mask=mc, other=0.0).to(acc_ty)[:, None]
     else:
         slope = negative_slope
     return slope
+
+
+@triton.jit
+def _apply_tile(C, S, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The [BLOCK_C, BLOCK_S] tile of an apply program on the grid (S blocks, C blocks, N): (n, c, s, mc, mask)."""
+    n = tl.program_id(2).to(tl.int64)
+    s = tl.program_id(0).to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
+    c = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mc = c < C
+    return n, c, s, mc, mc[:, None] & (s < S)[None, :]
 
 
 @triton.jit
@@ -191,26 +220,21 @@ def _norm_act_fwd_kernel(
     res_ptr,    # shape (N, C, S), strides (srn, src, srs); unused unless HAS_RES
     mean_ptr,   # shape (R,) stats dtype, R = rows
     rstd_ptr,   # shape (R,)
-    w_ptr,      # shape (C,)  unused unless HAS_W
-    b_ptr,      # shape (C,)  unused unless HAS_B
-    slope_ptr,  # shape (C,) or (1,)  prelu slope, unused unless ACT == 6
-    C, S, rows_per_n, cg, slope_stride, negative_slope,
+    w_ptr,      # shape (C,), stride sw; unused unless HAS_W
+    b_ptr,      # shape (C,), stride sb; unused unless HAS_B
+    slope_ptr,  # shape (C,) or (1,), stride slope_stride (0 for (1,)); prelu slope, unused unless ACT == "prelu"
+    C, S, rows_per_n, cg, sw, sb, slope_stride, negative_slope,
     sxn, sxc, sxs, syn, syc, sys, srn, src, srs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    mask = mc[:, None] & (s < S)[None, :]
+    n, c, s, mc, mask = _apply_tile(C, S, BLOCK_C, BLOCK_S)
     xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc, mask,
-                                            rows_per_n, cg, sxn, sxc, sxs, srn, src, srs, HAS_W, HAS_B, HAS_RES)
+                                            (rows_per_n, cg), (sxn, sxc, sxs), (srn, src, srs), (sw, sb),
+                                            HAS_W, HAS_B, HAS_RES)
     slope = _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, z.dtype, ACT)
     y = apply_act(z, slope, ACT)
-    tl.store(y_ptr + n * syn + c[:, None] * syc + s[None, :] * sys, y.to(y_ptr.dtype.element_ty), mask=mask)
+    tl.store(y_ptr + _offsets(n, c, s, (syn, syc, sys)), y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -219,23 +243,17 @@ def _norm_act_bwd_reduce_kernel(
     x_ptr,      # shape (N, C, S), strides (sxn, sxc, sxs)
     res_ptr,    # shape (N, C, S), strides (srn, src, srs); unused unless HAS_RES
     mean_ptr, rstd_ptr,  # shape (R,)
-    w_ptr, b_ptr, slope_ptr,
+    w_ptr, b_ptr, slope_ptr,  # as in _norm_act_fwd_kernel
     psg_ptr,    # shape (N, C, P): sum of g = dy * act'(z)
     psgx_ptr,   # shape (N, C, P): sum of g * xhat
-    psa_ptr,    # shape (N, C, P): sum of dy * z where z <= 0 (prelu slope gradient), unused unless ACT == 6
-    C, S, P, s_per_split, rows_per_n, cg, slope_stride, negative_slope,
+    psa_ptr,    # shape (N, C, P): sum of dy * z where z <= 0 (prelu slope gradient), unused unless ACT == "prelu"
+    C, S, P, s_per_split, rows_per_n, cg, sw, sb, slope_stride, negative_slope,
     sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_p = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
+    n, c, mc, s_start, s_end = _split_tile(C, S, s_per_split, BLOCK_C)
     acc_ty = psg_ptr.dtype.element_ty
-    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    s_start = pid_p.to(tl.int64) * s_per_split
-    s_end = tl.minimum(s_start + s_per_split, S)
     sg = tl.zeros([BLOCK_C], acc_ty)
     sgx = tl.zeros([BLOCK_C], acc_ty)
     sa = tl.zeros([BLOCK_C], acc_ty)
@@ -244,44 +262,39 @@ def _norm_act_bwd_reduce_kernel(
         s = s0 + tl.arange(0, BLOCK_S)
         mask = mc[:, None] & (s < s_end)[None, :]
         xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc,
-                                                mask, rows_per_n, cg, sxn, sxc, sxs, srn, src, srs,
+                                                mask, (rows_per_n, cg), (sxn, sxc, sxs), (srn, src, srs), (sw, sb),
                                                 HAS_W, HAS_B, HAS_RES)
-        dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(acc_ty)
+        dy = tl.load(dy_ptr + _offsets(n, c, s, (sdn, sdc, sds)), mask=mask, other=0.0).to(acc_ty)
         g = dy * act_grad(z, slope, ACT)
         sg += tl.sum(g, axis=1)
         sgx += tl.sum(g * xhat, axis=1)
-        if ACT == 6:
+        if ACT == "prelu":
             sa += tl.sum(tl.where(z > 0, 0.0, dy * z), axis=1)
-    out = (n * C + c) * P + pid_p
+    out = (n * C + c) * P + tl.program_id(0)
     tl.store(psg_ptr + out, sg, mask=mc)
     tl.store(psgx_ptr + out, sgx, mask=mc)
-    if ACT == 6:
+    if ACT == "prelu":
         tl.store(psa_ptr + out, sa, mask=mc)
 
 
 @triton.jit
 def _norm_act_bwd_apply_kernel(
-    dy_ptr, x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, slope_ptr,
+    dy_ptr, x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, slope_ptr,  # as in _norm_act_bwd_reduce_kernel
     m1_ptr,     # shape (R,): mean over the row of g * w
     m2_ptr,     # shape (R,): mean over the row of g * w * xhat
-    dx_ptr,     # shape (N, C, S), strides (sxn_o, sxc_o, sxs_o)
+    dx_ptr,     # shape (N, C, S), strides (son, soc, sos)
     dres_ptr,   # shape (N, C, S), same strides as dx; unused unless HAS_RES
-    C, S, rows_per_n, cg, slope_stride, negative_slope,
+    C, S, rows_per_n, cg, sw, sb, slope_stride, negative_slope,
     sdn, sdc, sds, sxn, sxc, sxs, srn, src, srs, son, soc, sos,
     HAS_W: tl.constexpr, HAS_B: tl.constexpr, HAS_RES: tl.constexpr, ACT: tl.constexpr,
     INPUT_STATS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    pid_s = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    n = tl.program_id(2).to(tl.int64)
-    s = pid_s.to(tl.int64) * BLOCK_S + tl.arange(0, BLOCK_S)
-    c = pid_c.to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
-    mc = c < C
-    mask = mc[:, None] & (s < S)[None, :]
+    n, c, s, mc, mask = _apply_tile(C, S, BLOCK_C, BLOCK_S)
     xhat, z, rstd, w = _load_pre_activation(x_ptr, res_ptr, mean_ptr, rstd_ptr, w_ptr, b_ptr, n, c, s, mc, mask,
-                                            rows_per_n, cg, sxn, sxc, sxs, srn, src, srs, HAS_W, HAS_B, HAS_RES)
+                                            (rows_per_n, cg), (sxn, sxc, sxs), (srn, src, srs), (sw, sb),
+                                            HAS_W, HAS_B, HAS_RES)
     slope = _load_slope(slope_ptr, c, mc, slope_stride, negative_slope, z.dtype, ACT)
-    dy = tl.load(dy_ptr + n * sdn + c[:, None] * sdc + s[None, :] * sds, mask=mask, other=0.0).to(z.dtype)
+    dy = tl.load(dy_ptr + _offsets(n, c, s, (sdn, sdc, sds)), mask=mask, other=0.0).to(z.dtype)
     g = dy * act_grad(z, slope, ACT)
     dxhat = g * w[:, None]
     if INPUT_STATS:
@@ -291,7 +304,7 @@ def _norm_act_bwd_apply_kernel(
         dx = rstd[:, None] * (dxhat - m1[:, None] - xhat * m2[:, None])
     else:
         dx = rstd[:, None] * dxhat
-    out = n * son + c[:, None] * soc + s[None, :] * sos
+    out = _offsets(n, c, s, (son, soc, sos))
     tl.store(dx_ptr + out, dx.to(dx_ptr.dtype.element_ty), mask=mask)
     if HAS_RES:
         tl.store(dres_ptr + out, g.to(dres_ptr.dtype.element_ty), mask=mask)
@@ -300,23 +313,6 @@ def _norm_act_bwd_apply_kernel(
 # --------------------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------------------
-
-KIND_ROWS = ("instance", "group", "batch")
-
-
-def _flat(x: torch.Tensor) -> torch.Tensor:
-    n, c = x.shape[:2]
-    return x.view(n, c, -1)
-
-
-def _dense_like(t: torch.Tensor) -> torch.Tensor:
-    """t itself when its (N, C, *spatial) dims collapse to an (N, C, S) view, else a contiguous copy."""
-    try:
-        _flat(t)
-        return t
-    except RuntimeError:
-        return t.contiguous()
-
 
 def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps) for a tile of t3 = (N, C, S): channels fastest when C has stride 1."""
@@ -363,15 +359,18 @@ def _finalize_block(E: int) -> int:
     return min(max(triton.next_power_of_2(E), 16), 1024)
 
 
-def _opt(t, dummy):
-    """An absent optional tensor is passed as a dummy pointer that the kernel never reads."""
-    return t if t is not None else dummy
+def _param(t: Optional[torch.Tensor], dummy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(pointer, stride) of an optional per-channel tensor ``(C,)`` or ``(1,)``, with its own stride (a strided,
+    expanded or offset parameter is read where it lies); an absent one is a dummy pointer the kernel never reads,
+    and a ``(1,)`` tensor has stride 0 (one value for every channel)."""
+    if t is None:
+        return dummy, 0
+    return t, (0 if t.numel() == 1 else t.stride(0))
 
 
 def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Biased mean and rstd per row, (R,) in the stats dtype; two deterministic stages."""
-    x = _dense_like(x)
-    x3 = _flat(x)
+    x3 = flat_view(x)
     N, C, S = x3.shape
     acc = accumulation_dtype(x.dtype)
     block_c, block_s, num_warps = _blocks(x3, C)
@@ -379,9 +378,10 @@ def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple
     P, s_per = _splits(N, cblocks, S, block_s, x.device)
     pmean = torch.empty((N, C, P), device=x.device, dtype=acc)
     pm2 = torch.empty((N, C, P), device=x.device, dtype=acc)
-    wrap_triton(_norm_stats_kernel)[(P, cblocks, N)](
-        x3, pmean, pm2, C, S, P, s_per, *x3.stride(),
-        BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
+    with device_guard(x):
+        wrap_triton(_norm_stats_kernel)[(P, cblocks, N)](
+            x3, pmean, pm2, C, S, P, s_per, *x3.stride(),
+            BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
     return finalize_stats(pmean, pm2, S, s_per, kind, num_groups, eps)
 
 
@@ -394,92 +394,96 @@ def finalize_stats(pmean: torch.Tensor, pm2: torch.Tensor, S: int, s_per_split: 
     R, E, outer, row_cg = _row_geometry(kind, N, C, P, num_groups)
     mean = torch.empty(R, device=pmean.device, dtype=pmean.dtype)
     rstd = torch.empty(R, device=pmean.device, dtype=pmean.dtype)
-    wrap_triton(_norm_finalize_kernel)[(R,)](
-        pmean, pm2, mean, rstd, C, S, P, s_per_split, E, outer, row_cg, float(eps), BLOCK=_finalize_block(E))
+    with device_guard(pmean):
+        wrap_triton(_norm_finalize_kernel)[(R,)](
+            pmean, pm2, mean, rstd, C, S, P, s_per_split, E, outer, row_cg, float(eps), BLOCK=_finalize_block(E))
     return mean, rstd
 
 
-def norm_act_forward(x, weight, bias, residual, slope, mean, rstd, kind: str, num_groups: int, eps: float,
-                     activation: str, negative_slope: float):
-    """y = act(norm(x) * weight + bias + residual); returns (y, mean, rstd).
+def _launch_common(x3: torch.Tensor, tensors: NormTensors, spec: NormSpec, dummy: torch.Tensor) -> tuple[list, dict]:
+    """The arguments every norm-act apply/reduce kernel takes after its pointers: (per-channel pointers, the
+    scalars from ``rows_per_n`` to ``negative_slope``) and the constexpr flags."""
+    N, C, S = x3.shape
+    rows_per_n, cg = _row_layout(spec.kind, C, spec.num_groups)
+    (w, sw), (b, sb), (sl, ssl) = (_param(t, dummy) for t in (tensors.weight, tensors.bias, tensors.slope))
+    block_c, block_s, num_warps = _blocks(x3, C)
+    flags = dict(HAS_W=tensors.weight is not None, HAS_B=tensors.bias is not None,
+                 HAS_RES=tensors.residual is not None, ACT=spec.activation, BLOCK_C=block_c, BLOCK_S=block_s,
+                 num_warps=num_warps)
+    return [w, b, sl], [rows_per_n, cg, sw, sb, ssl, float(spec.negative_slope)], flags
 
-    x: (N, C, *spatial), any dense layout; weight, bias, slope: (C,) or None (slope (1,) allowed);
-    residual: like x or None; mean/rstd: (R,) to use given statistics (batch norm eval) or None.
+
+def norm_act_forward(x: torch.Tensor, tensors: NormTensors, spec: NormSpec, mean: Optional[torch.Tensor] = None,
+                     rstd: Optional[torch.Tensor] = None):
+    """y = act(norm(x) * weight + bias + residual); returns (y, mean, rstd, None) (the backward needs nothing but
+    the inputs and the statistics).
+
+    x: (N, C, *spatial), any dense layout; tensors: weight, bias, slope (C,) or None (slope (1,) allowed), any
+    strides; residual like x or None; mean/rstd: (R,) to use given statistics (batch norm eval) or None.
     """
-    x = _dense_like(x)
     if mean is None:
-        mean, rstd = norm_stats(x, kind, num_groups, eps)
-    y = torch.empty_like(x)
-    x3, y3 = _flat(x), _flat(y)
+        mean, rstd = norm_stats(x, spec.kind, spec.num_groups, spec.eps)
+    mean, rstd = mean.contiguous(), rstd.contiguous()
+    x3 = flat_view(x)
+    y = torch.empty_like(x, memory_format=memory_format(x))  # contiguous or channels-last: flattens to a view
+    y3 = flat_view(y)
     N, C, S = x3.shape
-    r3 = _flat(_dense_like(residual)) if residual is not None else x3
-    block_c, block_s, num_warps = _blocks(x3, C)
-    rows_per_n, cg = _row_layout(kind, C, num_groups)
-    grid = (triton.cdiv(S, block_s), triton.cdiv(C, block_c), N)
-    wrap_triton(_norm_act_fwd_kernel)[grid](
-        x3, y3, r3, mean, rstd, _opt(weight, mean), _opt(bias, mean), _opt(slope, mean),
-        C, S, rows_per_n, cg, 0 if slope is None or slope.numel() == 1 else 1, float(negative_slope),
-        *x3.stride(), *y3.stride(), *r3.stride(),
-        HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-        ACT=ACT_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
-    return y, mean, rstd
+    r3 = flat_view(tensors.residual) if tensors.residual is not None else x3
+    params, scalars, flags = _launch_common(x3, tensors, spec, mean)
+    grid = (triton.cdiv(S, flags["BLOCK_S"]), triton.cdiv(C, flags["BLOCK_C"]), N)
+    with device_guard(x):
+        wrap_triton(_norm_act_fwd_kernel)[grid](
+            x3, y3, r3, mean, rstd, *params, C, S, *scalars, *x3.stride(), *y3.stride(), *r3.stride(), **flags)
+    return y, mean, rstd, None
 
 
-def norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind: str, num_groups: int,
-                      activation: str, negative_slope: float, input_stats: bool):
-    """Returns (dx, dweight, dbias, dresidual, dslope), None for absent inputs."""
-    x = _dense_like(x)
-    dy = _dense_like(dy)
-    x3, dy3 = _flat(x), _flat(dy)
+def norm_act_backward(dy: torch.Tensor, x: torch.Tensor, saved, tensors: NormTensors, spec: NormSpec,
+                      mean: torch.Tensor, rstd: torch.Tensor, input_stats: bool):
+    """Returns (dx, NormTensors(dweight, dbias, dresidual, dslope)), None for absent inputs.  ``saved`` is unused
+    (everything is recomputed from x, mean and rstd)."""
+    x3, dy3 = flat_view(x), flat_view(dy)
     N, C, S = x3.shape
-    r3 = _flat(_dense_like(residual)) if residual is not None else x3
+    weight, bias, residual, slope = tensors
+    r3 = flat_view(residual) if residual is not None else x3
     acc = mean.dtype
-    block_c, block_s, num_warps = _blocks(x3, C)
-    cblocks = triton.cdiv(C, block_c)
-    rows_per_n, cg = _row_layout(kind, C, num_groups)
-    w_, b_, sl_ = _opt(weight, mean), _opt(bias, mean), _opt(slope, mean)
-    slope_stride = 0 if slope is None or slope.numel() == 1 else 1
-    flags = dict(HAS_W=weight is not None, HAS_B=bias is not None, HAS_RES=residual is not None,
-                 ACT=ACT_CODES[activation], BLOCK_C=block_c, BLOCK_S=block_s, num_warps=num_warps)
-    P, s_per = _splits(N, cblocks, S, block_s, x.device)
+    params, scalars, flags = _launch_common(x3, tensors, spec, mean)
+    cblocks = triton.cdiv(C, flags["BLOCK_C"])
+    P, s_per = _splits(N, cblocks, S, flags["BLOCK_S"], x.device)
     psg = torch.empty((N, C, P), device=x.device, dtype=acc)
     psgx = torch.empty_like(psg)
-    psa = torch.empty_like(psg) if activation == "prelu" else psg  # a dummy pointer unless prelu
-    wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
-        dy3, x3, r3, mean, rstd, w_, b_, sl_, psg, psgx, psa,
-        C, S, P, s_per, rows_per_n, cg, slope_stride, float(negative_slope),
-        *dy3.stride(), *x3.stride(), *r3.stride(), **flags)
+    psa = torch.empty_like(psg) if spec.activation == "prelu" else psg  # a dummy pointer unless prelu
     # per-channel sums over the batch (batch-style rows): dbias = sum g, dweight = sum g * xhat, dslope
-    _, E_c, outer_c, cg_c = _row_geometry("batch", N, C, P, num_groups)
-    dweight = dbias = dslope = None
-    if weight is not None or bias is not None:
-        sg_c = torch.empty(C, device=x.device, dtype=acc)
-        sgx_c = torch.empty(C, device=x.device, dtype=acc)
-        wrap_triton(_row_sums_kernel)[(C,)](psg, psgx, mean, sg_c, sgx_c, C, P, E_c, outer_c, cg_c, 1,
-                                            HAS_W=False, BLOCK=_finalize_block(E_c))
-        dweight = sgx_c.to(weight.dtype) if weight is not None else None
-        dbias = sg_c.to(bias.dtype) if bias is not None else None
-    if activation == "prelu":
-        sa_c = torch.empty(C, device=x.device, dtype=acc)
-        # one array to sum: it goes in as both a and b, and both results land in sa_c
-        wrap_triton(_row_sums_kernel)[(C,)](psa, psa, mean, sa_c, sa_c, C, P, E_c, outer_c, cg_c, 1,
-                                            HAS_W=False, BLOCK=_finalize_block(E_c))
-        dslope = (sa_c if slope.numel() > 1 else sa_c.sum().reshape(1)).to(slope.dtype)
-    if input_stats:
-        # per statistics row: m1 = mean of g * w, m2 = mean of g * w * xhat
-        R, E, outer, row_cg = _row_geometry(kind, N, C, P, num_groups)
-        m1 = torch.empty(R, device=x.device, dtype=acc)
-        m2 = torch.empty(R, device=x.device, dtype=acc)
-        wrap_triton(_row_sums_kernel)[(R,)](psg, psgx, w_, m1, m2, C, P, E, outer, row_cg, (E // P) * S,
-                                            HAS_W=weight is not None, BLOCK=_finalize_block(E))
-    else:
-        m1 = m2 = mean
-    dx = torch.empty_like(x)
-    dres = torch.empty_like(x, dtype=residual.dtype) if residual is not None else dx
-    dx3, dres3 = _flat(dx), _flat(dres)
-    grid = (triton.cdiv(S, block_s), cblocks, N)
-    wrap_triton(_norm_act_bwd_apply_kernel)[grid](
-        dy3, x3, r3, mean, rstd, w_, b_, sl_, m1, m2, dx3, dres3,
-        C, S, rows_per_n, cg, slope_stride, float(negative_slope),
-        *dy3.stride(), *x3.stride(), *r3.stride(), *dx3.stride(), INPUT_STATS=input_stats, **flags)
-    return dx, dweight, dbias, (dres if residual is not None else None), dslope
+    _, E_c, outer_c, cg_c = _row_geometry("batch", N, C, P, spec.num_groups)
+    R, E, outer, row_cg = _row_geometry(spec.kind, N, C, P, spec.num_groups)
+    sg_c, sgx_c, sa_c = (torch.empty(C, device=x.device, dtype=acc) for _ in range(3))  # sum g, g*xhat, prelu
+    m1 = torch.empty(R, device=x.device, dtype=acc)
+    m2 = torch.empty(R, device=x.device, dtype=acc)
+    dx = torch.empty_like(x, memory_format=memory_format(x))
+    dres = torch.empty_like(dx, dtype=residual.dtype) if residual is not None else dx
+    dx3, dres3 = flat_view(dx), flat_view(dres)
+    with device_guard(x):
+        wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
+            dy3, x3, r3, mean, rstd, *params, psg, psgx, psa, C, S, P, s_per, *scalars,
+            *dy3.stride(), *x3.stride(), *r3.stride(), **flags)
+        if weight is not None or bias is not None:
+            wrap_triton(_row_sums_kernel)[(C,)](psg, psgx, mean, sg_c, sgx_c, C, P, E_c, outer_c, cg_c, 1, 0,
+                                                HAS_W=False, BLOCK=_finalize_block(E_c))
+        if spec.activation == "prelu":
+            # one array to sum: it goes in as both a and b, and both results land in sa_c
+            wrap_triton(_row_sums_kernel)[(C,)](psa, psa, mean, sa_c, sa_c, C, P, E_c, outer_c, cg_c, 1, 0,
+                                                HAS_W=False, BLOCK=_finalize_block(E_c))
+        if input_stats:
+            # per statistics row: m1 = mean of g * w, m2 = mean of g * w * xhat
+            wrap_triton(_row_sums_kernel)[(R,)](psg, psgx, params[0], m1, m2, C, P, E, outer, row_cg,
+                                                (E // P) * S, scalars[2], HAS_W=weight is not None,
+                                                BLOCK=_finalize_block(E))
+        grid = (triton.cdiv(S, flags["BLOCK_S"]), cblocks, N)
+        wrap_triton(_norm_act_bwd_apply_kernel)[grid](
+            dy3, x3, r3, mean, rstd, *params, m1, m2, dx3, dres3, C, S, *scalars,
+            *dy3.stride(), *x3.stride(), *r3.stride(), *dx3.stride(), INPUT_STATS=input_stats, **flags)
+    grads = NormTensors(weight=sgx_c.to(weight.dtype) if weight is not None else None,
+                        bias=sg_c.to(bias.dtype) if bias is not None else None,
+                        residual=dres if residual is not None else None,
+                        slope=(sa_c if slope.numel() > 1 else sa_c.sum().reshape(1)).to(slope.dtype)
+                        if slope is not None else None)
+    return dx, grads

@@ -15,11 +15,13 @@ from torch import nn
 import fastmed
 from fastmed.nn import ConvNormAct, ResidualBlock, UpBlock, convert_monai_state_dict
 from fastmed.ops import conv_norm_act
-from fastmed.reference.conv_block import conv_norm_act_reference
+from fastmed.ops.conv_block import op_inputs
+from fastmed.reference.conv_block import ConvSpec, ConvTensors, conv_norm_act_reference
+from fastmed.reference.norm_act import ACTIVATIONS, NormSpec, NormTensors
 
 from conftest import TOL
 
-ACTS = ("leaky_relu", "relu", "prelu", "gelu", "silu", "identity")
+ACTS = ACTIVATIONS
 
 
 def _inputs(seed, n, cin, cout, spatial, kernel, dtype, *, bias=True, affine=True, residual_shape=None,
@@ -208,13 +210,22 @@ def test_does_not_modify_inputs_and_nan_propagates():
 
 def test_opcheck_reference():
     x, w, b, nw, nb, r, _ = _inputs(7, 1, 2, 3, (4, 5, 3), 3, torch.float32, residual_shape=(1, 3, 4, 5, 3))
-    args = (x.requires_grad_(), None, w.requires_grad_(), b, nw, nb, r, None, None, None, [1, 1, 1], [1, 1, 1],
-            [1, 1, 1], "instance", 3, 1e-5, "leaky_relu", 0.01, "reference")
+    cspec, nspec = ConvSpec([1, 1, 1], [1, 1, 1], [1, 1, 1]), NormSpec("instance", 3, 1e-5, "leaky_relu", 0.01)
+    conv, norm = ConvTensors(None, w.requires_grad_(), b), NormTensors(nw, nb, r, None)
+    args = op_inputs(x.requires_grad_(), conv, norm, None, None, cspec, nspec, "reference")
     torch.library.opcheck(torch.ops.fastmed.conv_block_fwd.default, args)
     y, conv_out, mean, rstd = (t.detach() for t in torch.ops.fastmed.conv_block_fwd(*args))
-    bwd_args = (torch.randn_like(y), x.detach(), None, w.detach(), conv_out, nw, nb, r, None, mean, rstd,
-                [1, 1, 1], [1, 1, 1], [1, 1, 1], "instance", 3, "leaky_relu", 0.01, True, True, "reference")
+    bwd_args = (torch.randn_like(y), x.detach(), conv_out, None, w.detach(), b, nw, nb, r, None, mean, rstd, *cspec,
+                *nspec, True, "reference")
     torch.library.opcheck(torch.ops.fastmed.conv_block_bwd.default, bwd_args)
+
+
+def test_op_schema_follows_the_specs():
+    """The flat torch.library signature takes the spec fields in the order op_inputs lays them out."""
+    names = [a.name for a in torch.ops.fastmed.conv_block_fwd.default._schema.arguments]
+    norm_names = [("norm_" + f if f in ("weight", "bias") else f) for f in NormTensors._fields]
+    assert names == ["x", *ConvTensors._fields, *norm_names, "mean_in", "rstd_in", *ConvSpec._fields,
+                     *NormSpec._fields, "backend"]
 
 
 @pytest.mark.parametrize("implementation", ["cudnn", "implicit_gemm"])
@@ -443,7 +454,7 @@ def test_up_block_matches_torch():
         c = blk.conv
         h = F.leaky_relu(F.instance_norm(c(h), weight=blk.norm.weight, bias=blk.norm.bias, eps=1e-5), 0.01)
     torch.testing.assert_close(y, h, **TOL[torch.float32])
-    with pytest.raises(ValueError, match="skip must have batch and spatial size"):
+    with pytest.raises(ValueError, match="skip must have the batch and spatial size of the upsampled x"):
         up(x, torch.randn(2, 4, 6, 8, 5))
 
 
@@ -558,7 +569,8 @@ def test_epilogue_statistics_match_two_pass():
     x = torch.randn(2, 3, 6, 7, 5, generator=g)
     w = torch.randn(5, 3, 3, 3, 3, generator=g) / 9
     b = torch.full((5,), 1000.0)
-    y, pmean, pm2, tile = conv_forward_stats(x, None, w, b, (1, 1, 1), (1, 1, 1), (1, 1, 1), True)
+    y, pmean, pm2, tile = conv_forward_stats(x, ConvTensors(None, w, b), ConvSpec((1, 1, 1), (1, 1, 1), (1, 1, 1)),
+                                             True)
     assert pmean.shape[2] > 1
     torch.testing.assert_close(y, F.conv3d(x, w, b, padding=1), rtol=1e-5, atol=1e-3)
     for kind, groups in (("instance", 5), ("batch", 1)):
@@ -608,6 +620,123 @@ def test_up_block_implicit_gemm_triton():
     with fastmed.use_backend("triton"):
         y = up_ig(x, skip)
     torch.testing.assert_close(y, up(x, skip), **TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------
+# Parameter layouts, double backward, in-place use of the output, meta tensors, module state (issue 10)
+# ------------------------------------------------------------------------------------------------
+
+BACKEND_IMPLS = [("reference", "cudnn"), ("reference", "implicit_gemm"), ("triton", "cudnn"),
+                 ("triton", "implicit_gemm")]
+
+
+@pytest.mark.parametrize("backend,implementation", BACKEND_IMPLS)
+def test_strided_expanded_offset_parameters(backend, implementation):
+    """The convolution bias, norm weight/bias and prelu slope are read with their own strides (issue 10 3.1:
+    the Triton kernels read them as if contiguous; an expanded bias read past its storage)."""
+    g = torch.Generator().manual_seed(40)
+    x = torch.randn(1, 2, 4, 5, 6, generator=g)
+    w = torch.randn(3, 2, 3, 3, 3, generator=g) / 7
+    views = [torch.randn(9, generator=g)[1::3],                  # conv bias: offset 1, stride 3
+             (torch.rand(6, generator=g) + 0.5)[::2],            # norm weight: stride 2
+             torch.tensor([0.5]).expand(3),                      # norm bias: stride 0
+             (torch.rand(5, generator=g) * 0.5)[2:]]             # prelu slope: offset 2
+    leaves = [t.clone().requires_grad_() for t in (x, w)] + [t.requires_grad_() for t in views]
+    copies = [t.detach().double().contiguous().requires_grad_() for t in leaves]
+
+    def call(fn, ts, **kw):
+        return fn(ts[0], ts[1], ts[2], ts[3], ts[4], activation="prelu", negative_slope=ts[5], padding=1, **kw)
+
+    with fastmed.use_backend(backend):
+        y = call(conv_norm_act, leaves, implementation=implementation)
+    y_ref = call(conv_norm_act_reference, copies)
+    torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
+    for a, e in zip(_grads(y, leaves, 40), _grads(y_ref, copies, 40)):
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,implementation", BACKEND_IMPLS)
+def test_gradgradcheck(backend, implementation):
+    """Second-order gradients of the block (issue 10 3.3).  The Triton implicit GEMM runs float16/32 only, so it is
+    checked against the float64 reference's second-order gradients instead of by finite differences."""
+    g = torch.Generator().manual_seed(41)
+    dtype = torch.float32 if (backend, implementation) == ("triton", "implicit_gemm") else torch.float64
+    ts = [torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64), torch.randn(2, 2, 3, 3, generator=g,
+          dtype=torch.float64) / 4, torch.randn(2, generator=g, dtype=torch.float64),
+          torch.rand(2, generator=g, dtype=torch.float64) + 0.5, torch.randn(2, generator=g, dtype=torch.float64),
+          torch.randn(1, 2, 4, 3, generator=g, dtype=torch.float64)]
+
+    def block(x, w, b, nw, nb, r):
+        return conv_norm_act(x, w, b, nw, nb, residual=r, activation="silu", implementation=implementation)
+
+    with fastmed.use_backend(backend):
+        if dtype == torch.float64:
+            assert torch.autograd.gradgradcheck(block, [t.requires_grad_() for t in ts], fast_mode=True)
+            return
+        leaves = [t.to(dtype).requires_grad_() for t in ts]
+        (gx,) = torch.autograd.grad(block(*leaves).pow(2).sum(), leaves[0], create_graph=True)
+        second = torch.autograd.grad(gx.pow(2).sum(), leaves[1:])
+    ref_leaves = [t.detach().requires_grad_() for t in ts]
+    (gx_ref,) = torch.autograd.grad(
+        conv_norm_act_reference(*ref_leaves[:5], residual=ref_leaves[5], activation="silu", padding=1).pow(2).sum(),
+        ref_leaves[0], create_graph=True)
+    for a, e in zip(second, torch.autograd.grad(gx_ref.pow(2).sum(), ref_leaves[1:])):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32])
+
+
+@pytest.mark.parametrize("backend,implementation", BACKEND_IMPLS)
+@pytest.mark.parametrize("act", ["leaky_relu", "relu", "gelu", "prelu", "identity"])
+def test_output_may_be_modified_in_place(backend, implementation, act):
+    """nnU-Net's residual block does ``out += residual`` on the block's output (issue 10 3.7)."""
+    x, w, b, nw, nb, _, slope = _inputs(42, 1, 2, 3, (4, 5), 3, torch.float32, prelu=True)
+    leaves = [t.requires_grad_() for t in (x, w, b, nw, nb, slope)]
+    grads = []
+    for in_place in (False, True):
+        with fastmed.use_backend(backend):
+            y = conv_norm_act(*leaves[:5], activation=act, negative_slope=slope if act == "prelu" else 0.01,
+                              implementation=implementation)
+        if in_place:
+            y += 1
+            y.mul_(2)
+        else:
+            y = (y + 1) * 2
+        grads.append(torch.autograd.grad(y.sum(), leaves[:5] + (leaves[5:] if act == "prelu" else [])))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "cudnn", "implicit_gemm"])
+def test_meta_tensors_infer_the_shape(implementation):
+    """Meta tensors run the shape inference (issue 10 4: an autocast device error)."""
+    x = torch.empty(2, 3, 6, 7, 5, device="meta")
+    w = torch.empty(4, 3, 3, 3, 3, device="meta")
+    y = conv_norm_act(x, w, stride=2, implementation=implementation)
+    assert y.shape == (2, 4, 3, 4, 3) and y.device.type == "meta"
+
+
+def test_failed_call_leaves_the_module_unchanged():
+    """A ConvNormAct with batch norm validates before it counts a batch (issue 10 4)."""
+    m = ConvNormAct(2, 3, 4, norm="batch", norm_kwargs={"momentum": None})
+    m(torch.randn(2, 3, 5, 5))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(ValueError, match="residual must have the shape"):
+        m(torch.randn(2, 3, 5, 5), residual=torch.randn(2, 4, 4, 4))
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_data_gradient_tap_tables_are_cached():
+    """The residue-class tap tables of the data gradient are built and copied to the device once per
+    configuration (issue 11 4), not on every call."""
+    from fastmed.kernels.conv_block import class_taps
+
+    first = class_taps((3, 3, 3), (2, 1, 2), (1, 1, 1), torch.device("cpu"))
+    again = class_taps((3, 3, 3), (2, 1, 2), (1, 1, 1), torch.device("cpu"))
+    assert all(a is b for a, b in zip(first, again))
+    taps, ntaps = first
+    # per strided axis taps {0, 2} reach residue 0 and {1} residue 1; all 3 taps of the unstrided axis count
+    assert ntaps.tolist() == [2 * 3 * 2, 2 * 3 * 1, 1 * 3 * 2, 1 * 3 * 1] and taps.shape == (4, 27)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -13,11 +13,12 @@ from hypothesis import strategies as st
 
 import fastmed
 from conftest import TOL, triton_device
+from fastmed._validate import flat_view
 from fastmed.ops import norm_act
-from fastmed.reference.norm_act import norm_act_reference
+from fastmed.ops.norm_act import norm_act_call, op_inputs
+from fastmed.reference.norm_act import ACTIVATIONS, KINDS, NormSpec, NormTensors, norm_act_reference
 
-ACTS = ["identity", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "prelu"]
-KINDS = ["instance", "group", "batch"]
+ACTS = list(ACTIVATIONS)
 
 
 def make_case(seed, kind, act, ndim, dtype, affine, residual, channels_last, device, n=2, c=4, sizes=None,
@@ -152,17 +153,24 @@ def test_gradcheck_triton_fp64():
 def test_opcheck_reference(kind, act):
     x, w, b, r, slope, ng = make_case(4, kind, act, 3, torch.float32, True, True, False, "cpu", c=4)
     slope_t = slope if act == "prelu" else None
-    sl = 0.0 if act == "prelu" else 0.01
-    torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default,
-                          (x, w, b, r, slope_t, None, None, kind, ng or (4 if kind == "instance" else 1), 1e-5, act,
-                           sl, "reference"))
-    y, mean, rstd = torch.ops.fastmed.norm_act_fwd(x, w, b, r, slope_t, None, None, kind,
-                                                   ng or (4 if kind == "instance" else 1), 1e-5, act, sl, "reference")
+    spec = NormSpec(kind, ng or (4 if kind == "instance" else 1), 1e-5, act, 0.0 if act == "prelu" else 0.01)
+    args = op_inputs(x, NormTensors(w, b, r, slope_t), None, None, spec, "reference")
+    torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default, args)
+    y, mean, rstd, saved = torch.ops.fastmed.norm_act_fwd(*args)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastmed.norm_act_bwd.default,
-                          (dy, x.detach(), None, w.detach(), b.detach(), r.detach(),
-                           None if slope_t is None else slope_t.detach(), mean.detach(), rstd.detach(), kind,
-                           ng or (4 if kind == "instance" else 1), act, sl, True, "reference"))
+                          (dy, x.detach(), saved.detach(), w.detach(), b.detach(), r.detach(),
+                           None if slope_t is None else slope_t.detach(), mean.detach(), rstd.detach(), *spec, True,
+                           "reference"))
+
+
+def test_op_schema_follows_the_specs():
+    """The flat torch.library signatures take the spec fields in the order op_inputs lays them out."""
+    names = [a.name for a in torch.ops.fastmed.norm_act_fwd.default._schema.arguments]
+    assert names == ["x", *NormTensors._fields, "mean_in", "rstd_in", *NormSpec._fields, "backend"]
+    names = [a.name for a in torch.ops.fastmed.norm_act_bwd.default._schema.arguments]
+    assert names == ["dy", "x", "saved", *NormTensors._fields, "mean", "rstd", *NormSpec._fields, "input_stats",
+                     "backend"]
 
 
 def test_torch_compile_fullgraph_block():
@@ -258,10 +266,7 @@ def test_channels_last_without_copies(backend):
     with fastmed.use_backend(backend):
         y = norm_act(x, "instance")
     assert y.is_contiguous(memory_format=torch.channels_last_3d)
-    if backend == "triton":
-        from fastmed.kernels.norm_act import _dense_like, _flat
-
-        assert _dense_like(x) is x and _flat(x).data_ptr() == x.data_ptr()
+    assert flat_view(x).data_ptr() == x.data_ptr()  # the (N, C, S) view the kernels read: no copy
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -289,6 +294,243 @@ def test_expanded_gradient(backend):
     torch.testing.assert_close(g, gr, atol=1e-8, rtol=1e-6)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_permuted_and_sliced_input(backend, kind):
+    """Inputs that are neither contiguous nor channels-last (a batch-transposed, a sliced, a spatially permuted
+    view): values and gradients as for their contiguous copies."""
+    device = triton_device() if backend == "triton" else "cpu"
+    base = torch.randn(4, 2, 5, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(37)).to(device)
+    ng = 2 if kind == "group" else None
+    for view in (lambda t: t.transpose(0, 1), lambda t: t.transpose(0, 1)[:, :, ::2],
+                 lambda t: t.transpose(0, 1).permute(0, 1, 3, 2)):
+        x = base.clone().requires_grad_()
+        with fastmed.use_backend(backend):
+            y = norm_act(view(x), kind, num_groups=ng, activation="gelu")
+        xr = base.clone().requires_grad_()
+        y_ref = norm_act_reference(view(xr).contiguous(), kind, num_groups=ng, activation="gelu")
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+        gy = torch.randn_like(y_ref)
+        torch.testing.assert_close(torch.autograd.grad(y, x, gy)[0], torch.autograd.grad(y_ref, xr, gy)[0],
+                                   **TOL[torch.float64])
+
+
+def _layouts_of_parameters(c, dtype):
+    """Per-channel parameters of c channels that are strided, expanded (stride 0) and offset views."""
+    g = torch.Generator().manual_seed(30)
+    weight = (torch.rand(2 * c, generator=g, dtype=dtype) + 0.5)[::2]               # stride 2
+    bias = torch.tensor([2.0], dtype=dtype).expand(c)                               # stride 0
+    slope = (torch.rand(c + 3, generator=g, dtype=dtype) * 0.5)[3:]                 # storage offset 3
+    slope_one = torch.tensor([0.1, 0.3], dtype=dtype)[1:]                           # (1,), offset
+    return weight, bias, slope, slope_one
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind", KINDS)
+def test_strided_expanded_offset_parameters(backend, kind):
+    """weight, bias and prelu slope are read with their own strides: a strided, an expanded and an offset view act
+    like their contiguous copies (issue 10 3.1: the Triton kernels read them as if contiguous)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    x = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(31), dtype=torch.float64).to(device)
+    ng = 3 if kind == "group" else None
+    for slope_view in _layouts_of_parameters(3, torch.float64)[2:]:
+        views = [t.to(device) for t in _layouts_of_parameters(3, torch.float64)[:2]] + [slope_view.to(device)]
+        assert not all(t.is_contiguous() and t.storage_offset() == 0 for t in views)
+        leaves = [x.clone().requires_grad_()] + [t.requires_grad_() for t in views]
+        copies = [t.detach().clone().requires_grad_() for t in leaves]
+        with fastmed.use_backend(backend):
+            y = norm_act(leaves[0], kind, leaves[1], leaves[2], num_groups=ng, activation="prelu",
+                         negative_slope=leaves[3])
+        y_ref = norm_act_reference(copies[0], kind, copies[1], copies[2], num_groups=ng, activation="prelu",
+                                   negative_slope=copies[3])
+        torch.testing.assert_close(y, y_ref, **TOL[torch.float64])
+        gy = torch.randn_like(y)
+        for a, e in zip(torch.autograd.grad(y, leaves, gy), torch.autograd.grad(y_ref, copies, gy)):
+            torch.testing.assert_close(a, e, **TOL[torch.float64])
+    # batch norm in eval mode: strided running statistics
+    rm = torch.randn(6, dtype=torch.float64).to(device)[::2]
+    rv = (torch.rand(6, dtype=torch.float64) + 0.5).to(device)[1::2]
+    with fastmed.use_backend(backend):
+        y = norm_act(x, "batch", running_mean=rm, running_var=rv, training=False, activation="identity")
+    torch.testing.assert_close(y, F.batch_norm(x, rm.contiguous(), rv.contiguous(), training=False),
+                               **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("channels_last", [True, False])
+@pytest.mark.parametrize("shape", [(2, 4, 8, 8, 8), (2, 4, 9, 7)])
+def test_large_mean_is_exact_on_every_layout(kind, channels_last, shape):
+    """The default CPU path with |mean| >> std is as exact as torch's own norm (F.instance_norm, F.group_norm,
+    F.batch_norm) on the contiguous input, forward and backward, within 2x the error of torch plus a floor of a few
+    float32 ulps of the output (issue 10 3.2: on channels_last(_3d) input it erred by 1e3, where torch's instance
+    norm errs by 3e-5)."""
+    g = torch.Generator().manual_seed(32)
+    x = torch.randn(shape, generator=g) + 1000.0
+    w, b = torch.rand(shape[1], generator=g) + 0.5, torch.randn(shape[1], generator=g)
+    gy = torch.randn(shape, generator=g)
+    ng = 2 if kind == "group" else None
+    fmt = (torch.channels_last_3d if len(shape) == 5 else torch.channels_last) if channels_last else \
+        torch.contiguous_format
+
+    def torch_norm(t):
+        wt, bt = w.to(t.dtype), b.to(t.dtype)
+        if kind == "batch":
+            return F.batch_norm(t, None, None, wt, bt, training=True)
+        if kind == "instance":
+            return F.instance_norm(t, weight=wt, bias=bt)
+        return F.group_norm(t, ng, wt, bt)
+
+    def value_and_grad(fn, t):
+        t = t.detach().clone().requires_grad_()
+        y = fn(t)
+        return y, torch.autograd.grad(y, t, gy.to(t.dtype))[0]
+
+    y64, dx64 = value_and_grad(torch_norm, x.double())
+    y_t, dx_t = value_and_grad(torch_norm, x)  # torch, float32, contiguous
+    y_f, dx_f = value_and_grad(lambda t: norm_act(t, kind, w, b, num_groups=ng, activation="identity"),
+                               x.contiguous(memory_format=fmt))
+    assert y_f.is_contiguous(memory_format=fmt)
+    for name, fast, theirs, exact in (("y", y_f, y_t, y64), ("dx", dx_f, dx_t, dx64)):
+        err = (fast.double() - exact).abs().max().item()
+        err_torch = (theirs.double() - exact).abs().max().item()
+        floor = 4 * torch.finfo(torch.float32).eps * exact.abs().max().item()
+        assert err <= 2 * err_torch + floor, (name, err, err_torch)
+
+
+def _tiny(seed, device, shape=(1, 2, 3, 3), dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    c = shape[1]
+    x = (torch.randn(shape, generator=g, dtype=dtype) * 2 + 0.5).to(device).requires_grad_()
+    w = (torch.rand(c, generator=g, dtype=dtype) + 0.5).to(device).requires_grad_()
+    b = torch.randn(c, generator=g, dtype=dtype).to(device).requires_grad_()
+    r = torch.randn(shape, generator=g, dtype=dtype).to(device).requires_grad_()
+    s = (torch.rand(c, generator=g, dtype=dtype) * 0.5).to(device).requires_grad_()
+    return x, w, b, r, s
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kind,act", [("instance", "silu"), ("group", "prelu"), ("batch", "gelu_tanh")])
+def test_gradgradcheck_fp64(backend, kind, act):
+    """Second-order gradients (issue 10 3.3: the Triton backward returned a gradient without a graph)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    x, w, b, r, s = _tiny(33, device)
+    ng = 2 if kind == "group" else None
+    with fastmed.use_backend(backend):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b, r, s: norm_act(x, kind, w, b, num_groups=ng, residual=r, activation=act,
+                                           negative_slope=s if act == "prelu" else 0.01), (x, w, b, r, s),
+            fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradgradcheck_batch_eval_fp64(backend):
+    device = triton_device() if backend == "triton" else "cpu"
+    x, w, b, _, _ = _tiny(34, device)
+    rm, rv = torch.randn(2, dtype=torch.float64, device=device), torch.rand(2, dtype=torch.float64, device=device) + .5
+    with fastmed.use_backend(backend):
+        assert torch.autograd.gradgradcheck(
+            lambda x, w, b: norm_act(x, "batch", w, b, running_mean=rm, running_var=rv, training=False,
+                                     activation="gelu"), (x, w, b), fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gradient_penalty_matches_torch_modules(backend):
+    """A gradient penalty (create_graph=True) through fastmed's module equals the one through torch's modules."""
+    device = triton_device() if backend == "triton" else "cpu"
+    torch.manual_seed(35)
+    inorm = torch.nn.InstanceNorm2d(3, affine=True).double().to(device)
+    inorm.weight.data.uniform_(0.5, 1.5)
+    inorm.bias.data.normal_()
+    act = torch.nn.SiLU()
+    fused = fastmed.nn.NormAct.from_modules(inorm, act)
+    x = torch.randn(2, 3, 4, 5, dtype=torch.float64, device=device)
+
+    def penalty(module):
+        xi = x.clone().requires_grad_()
+        (gx,) = torch.autograd.grad(module(xi).pow(2).sum(), xi, create_graph=True)
+        return gx.pow(2).sum(), torch.autograd.grad(gx.pow(2).sum(), [inorm.weight, inorm.bias])
+
+    with fastmed.use_backend(backend):
+        p_fused, g_fused = penalty(fused)
+    p_torch, g_torch = penalty(lambda t: act(inorm(t)))
+    torch.testing.assert_close(p_fused, p_torch, **TOL[torch.float64])
+    for a, e in zip(g_fused, g_torch):
+        assert e.abs().max() > 0
+        torch.testing.assert_close(a, e, **TOL[torch.float64])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("act", ACTS)
+def test_output_may_be_modified_in_place(backend, act):
+    """``y = norm_act(x); y += 1; y.sum().backward()`` as with torch's own norms (issue 10 3.7: the reference saved
+    y for the backward, so autograd refused)."""
+    device = triton_device() if backend == "triton" else "cpu"
+    x, w, b, r, s = _tiny(36, device, shape=(2, 2, 3, 4))
+    slope = s if act == "prelu" else 0.1
+    grads = []
+    for in_place in (False, True):
+        with fastmed.use_backend(backend):
+            y = norm_act(x, "instance", w, b, residual=r, activation=act, negative_slope=slope)
+        if in_place:
+            y += 1
+            y.mul_(2)
+        else:
+            y = (y + 1) * 2
+        grads.append(torch.autograd.grad(y.sum(), inputs_of(x, w, b, r, slope)))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_meta_tensors_infer_the_shape():
+    x = torch.empty(2, 3, 4, 5, device="meta")
+    w = torch.empty(3, device="meta")
+    y = norm_act(x.to(memory_format=torch.channels_last), "group", w, w, num_groups=3, activation="silu")
+    assert y.shape == x.shape and y.device.type == "meta"
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+def test_failed_call_leaves_the_module_unchanged(momentum):
+    """BatchNormAct validates before it counts a batch (issue 10 4): a bad call changes no buffer."""
+    m = fastmed.nn.BatchNormAct(4, momentum=momentum)
+    m(torch.randn(3, 4, 5))
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    for bad in (torch.randn(3, 5, 5), torch.randn(1, 4, 1), torch.randn(3, 4, 5).long()):
+        with pytest.raises((ValueError, TypeError)):
+            m(bad)
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    m(torch.randn(3, 4, 5))
+    assert int(m.num_batches_tracked) == 2
+
+
+@pytest.mark.parametrize("module", ["fastmed.kernels.norm_act", "fastmed.kernels.conv_block"])
+def test_every_launch_is_device_guarded(module):
+    """Every Triton launch of the norm-act and conv-block launchers runs inside ``with device_guard(...)`` (issue 10
+    5: Triton launches on the current device, so inputs on cuda:1 would run on GPU 0)."""
+    import ast
+    import importlib
+    import inspect
+
+    tree = ast.parse(inspect.getsource(importlib.import_module(module)))
+    guarded = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.With) and any(isinstance(item.context_expr, ast.Call)
+                                              and getattr(item.context_expr.func, "id", None) == "device_guard"
+                                              for item in node.items):
+            guarded.update(id(n) for n in ast.walk(node))
+    launches = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and getattr(n.func, "id", None) == "wrap_triton"]
+    assert launches and all(id(n) in guarded for n in launches)
+
+
+def test_activation_vocabulary_is_shared():
+    """One list of activation names: the modules' table covers it and maps each name back to itself."""
+    from fastmed.nn.norm_act import ACTIVATION_MODULES, activation_module, activation_of
+
+    assert set(ACTIVATION_MODULES) == set(ACTIVATIONS)
+    for name in ACTIVATIONS:
+        assert activation_of(activation_module(name))[0] == name
+
+
 # ----------------------------------------------------------------------------------------- bad input
 
 @pytest.mark.parametrize("call,exc,match", [
@@ -310,7 +552,7 @@ def test_expanded_gradient(backend):
      "only used with kind='batch'"),
     (lambda x: norm_act(x, "batch", running_mean=torch.zeros(4)), ValueError, "must be given together"),
     (lambda x: norm_act(x[:1, :, :1, :1], "batch"), ValueError, "more than one value per channel"),
-    (lambda x: norm_act(x, "instance", eps=-1.0), ValueError, "eps must be a non-negative number"),
+    (lambda x: norm_act(x, "instance", eps=-1.0), ValueError, "eps must be a finite real number in \\[0.0, inf\\]"),
     (lambda x: norm_act(x[:, :, :1, :1], "instance"), ValueError, "more than one value per normalized group"),
     (lambda x: norm_act(x.numpy(), "instance"), TypeError, "x must be a torch.Tensor"),
 ])
@@ -356,20 +598,20 @@ def test_kernels_compile_for_sm90():
                               ("*fp32", dict(BLOCK_C=1, BLOCK_S=16), 4)):
         specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr=dt, pointers=acc, constexprs=blocks,
                           num_warps=warps))
-        for act in range(7):
+        for act in ACTIVATIONS:
             specs.append(dict(module=m, kernel="_norm_act_fwd_kernel", ptr=dt, pointers=acc, floats=floats,
                               constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
-        for act in (2, 3, 6):
+        for act in ("leaky_relu", "gelu", "prelu"):
             specs.append(dict(module=m, kernel="_norm_act_bwd_reduce_kernel", ptr=dt, pointers=acc, floats=floats,
                               constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
             specs.append(dict(module=m, kernel="_norm_act_bwd_apply_kernel", ptr=dt, pointers=acc, floats=floats,
-                              constexprs=dict(ACT=act, INPUT_STATS=act != 6, **flags, **blocks), num_warps=warps))
+                              constexprs=dict(ACT=act, INPUT_STATS=act != "prelu", **flags, **blocks), num_warps=warps))
     # float64 inputs accumulate in float64; contiguous strides arrive as the constant 1; no affine, no residual
     f64 = {k: "*fp64" for k in acc}
     specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr="*fp64", pointers=f64,
                       constexprs=dict(BLOCK_C=2, BLOCK_S=1024, sxs=1)))
     specs.append(dict(module=m, kernel="_norm_act_fwd_kernel", ptr="*fp64", pointers=f64, floats=floats,
-                      constexprs=dict(ACT=3, HAS_W=False, HAS_B=False, HAS_RES=False, BLOCK_C=2, BLOCK_S=1024,
+                      constexprs=dict(ACT="gelu", HAS_W=False, HAS_B=False, HAS_RES=False, BLOCK_C=2, BLOCK_S=1024,
                                       sxs=1, sys=1)))
     for dt_acc in ("*fp32", "*fp64"):
         specs.append(dict(module=m, kernel="_norm_finalize_kernel", ptr=dt_acc, floats=floats,
@@ -386,11 +628,9 @@ def test_direct_path_equals_registered_op(backend):
     cost); through the registered op they must give bit-identical values and gradients."""
     device = triton_device() if backend == "triton" else "cpu"
     x, w, b, r, slope, ng = make_case(9, "group", "prelu", 2, torch.float32, True, True, False, device, c=4)
-    args = (x, w, b, r, slope, None, None, "group", ng, 1e-5, "prelu", 0.0, backend)
-    from fastmed.ops.norm_act import norm_act_call
-
-    y_fast = norm_act_call(*args)[0]
-    y_op = torch.ops.fastmed.norm_act_fwd(*args)[0]
+    spec, tensors = NormSpec("group", ng, 1e-5, "prelu", 0.0), NormTensors(w, b, r, slope)
+    y_fast = norm_act_call(x, tensors, spec, None, None, backend)[0]
+    y_op = torch.ops.fastmed.norm_act_fwd(*op_inputs(x, tensors, None, None, spec, backend))[0]
     gy = torch.randn_like(y_op)
     g_fast = torch.autograd.grad(y_fast, (x, w, b, r, slope), gy)
     g_op = torch.autograd.grad(y_op, (x, w, b, r, slope), gy)

@@ -48,30 +48,13 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import nn
 
-from fastmed.nn.norm_act import NormAct, activation_of
-from fastmed._validate import check_per_axis
+from fastmed._validate import check_batch_and_spatial, check_choice, check_int, check_per_axis
+from fastmed.nn.norm_act import NormAct, activation_module, activation_of
 from fastmed.ops.conv_block import IMPLEMENTATIONS, conv_norm_act, same_padding
-from fastmed.ops.norm_act import canonical_activation, norm_act
+from fastmed.ops.norm_act import norm_act
 from fastmed.reference import norm_act as na_ref
 
 __all__ = ["ConvNormAct", "ResidualBlock", "UpBlock", "convert_monai_state_dict", "conv_class"]
-
-_ACT_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "prelu": nn.PReLU,
-                "gelu": nn.GELU, "silu": nn.SiLU}
-
-
-def _make_act(act: Optional[str], act_kwargs: Optional[dict]) -> nn.Module:
-    """A torch activation module (what nnU-Net stores as ``nonlin``) from a name and its kwargs."""
-    name = canonical_activation(act)
-    kwargs = dict(act_kwargs or {})
-    if name == "gelu_tanh":
-        return nn.GELU(approximate="tanh")
-    if name not in _ACT_MODULES:
-        raise ValueError(f"act must be one of {', '.join(_ACT_MODULES)}, got {act!r}")
-    if name in ("identity", "prelu", "gelu"):
-        kwargs.pop("inplace", None)
-    return _ACT_MODULES[name](**kwargs)
-
 
 def conv_class(spatial_dims: int, transposed: bool = False):
     """``nn.Conv2d``/``nn.Conv3d`` (or the transposed ones) for ``spatial_dims`` 2 or 3."""
@@ -116,8 +99,7 @@ class ConvNormAct(nn.Module):
         kernel = check_per_axis(kernel_size, "kernel_size", spatial_dims, 1)
         dil = check_per_axis(dilation, "dilation", spatial_dims, 1)
         pad = same_padding(kernel, dil) if padding is None else check_per_axis(padding, "padding", spatial_dims, 0)
-        if implementation not in IMPLEMENTATIONS:
-            raise ValueError(f"implementation must be one of {IMPLEMENTATIONS}, got {implementation!r}")
+        check_choice(implementation, "implementation", IMPLEMENTATIONS)
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         factory = {"device": device, "dtype": dtype}
@@ -129,7 +111,7 @@ class ConvNormAct(nn.Module):
             self.norm = None
         else:
             self.norm = NormAct(kind, out_channels, activation="identity", **(norm_kwargs or {}), **factory)
-        self.nonlin = _make_act(act, act_kwargs)
+        self.nonlin = activation_module(act, act_kwargs)
         self._register_load_state_dict_pre_hook(_drop_nnunet_duplicates, with_module=True)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None,
@@ -154,33 +136,19 @@ class ConvNormAct(nn.Module):
                                  dilation=conv.dilation, norm="none", activation=act, negative_slope=slope,
                                  residual=residual, skip=skip, implementation=self.implementation)
         nrm = self.norm
-        running_mean, running_var, momentum, training = _norm_state(nrm)
-        return conv_norm_act(x, conv.weight, conv.bias, nrm.weight, nrm.bias, stride=conv.stride,
-                             padding=conv.padding, dilation=conv.dilation, norm=nrm.kind, num_groups=nrm.num_groups,
-                             eps=nrm.eps, activation=act, negative_slope=slope, residual=residual,
-                             running_mean=running_mean, running_var=running_var, momentum=momentum,
-                             training=training, skip=skip, implementation=self.implementation)
+        y = conv_norm_act(x, conv.weight, conv.bias, nrm.weight, nrm.bias, stride=conv.stride, padding=conv.padding,
+                          dilation=conv.dilation, norm=nrm.kind, activation=act, negative_slope=slope,
+                          residual=residual, skip=skip, implementation=self.implementation, **nrm.call_kwargs())
+        nrm.count_batch()
+        return y
 
     def _unfused_norm_act(self, h, residual, act, slope):
         """norm + residual + act of a convolution output computed (and dropped out) separately."""
         nrm = self.norm
-        running_mean, running_var, momentum, training = _norm_state(nrm)
-        return norm_act(h, nrm.kind, nrm.weight, nrm.bias, num_groups=nrm.num_groups, eps=nrm.eps, activation=act,
-                        negative_slope=slope, residual=residual, running_mean=running_mean,
-                        running_var=running_var, momentum=momentum, training=training)
-
-
-def _norm_state(nrm: NormAct):
-    """(running_mean, running_var, momentum, training) for one call, updating num_batches_tracked like torch."""
-    training = nrm.training or not nrm.track_running_stats
-    momentum = 0.0 if nrm.momentum is None else nrm.momentum
-    if nrm.kind == "batch" and nrm.training and nrm.track_running_stats:
-        nrm.num_batches_tracked.add_(1)
-        if nrm.momentum is None:
-            momentum = 1.0 / float(nrm.num_batches_tracked)
-    if not nrm.track_running_stats:
-        return None, None, momentum, training
-    return nrm.running_mean, nrm.running_var, momentum, training
+        y = norm_act(h, nrm.kind, nrm.weight, nrm.bias, activation=act, negative_slope=slope, residual=residual,
+                     **nrm.call_kwargs())
+        nrm.count_batch()
+        return y
 
 
 def _drop_nnunet_duplicates(module, state_dict, prefix, *args):
@@ -210,7 +178,7 @@ class ResidualBlock(nn.Module):
                                  act_kwargs=act_kwargs, dropout=dropout, **common)
         self.conv2 = ConvNormAct(spatial_dims, out_channels, out_channels, kernel_size, 1, bias=bias,
                                  act="identity", **common)
-        self.nonlin2 = _make_act(act, act_kwargs)
+        self.nonlin2 = activation_module(act, act_kwargs)
         stride_t = check_per_axis(stride, "stride", spatial_dims, 1)
         ops = []
         if any(s != 1 for s in stride_t):
@@ -245,8 +213,7 @@ class UpBlock(nn.Module):
                  norm_kwargs: Optional[dict] = None, act: str = "leaky_relu", act_kwargs: Optional[dict] = None,
                  dropout: float = 0.0, implementation: str = "auto", device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_convs, int) or num_convs < 1:
-            raise ValueError(f"num_convs must be a positive integer, got {num_convs!r}")
+        check_int(num_convs, "num_convs", minimum=1)
         up_channels = skip_channels if up_channels is None else up_channels
         up = check_per_axis(upsample_stride, "upsample_stride", spatial_dims, 1)
         self.transpconv = conv_class(spatial_dims, transposed=True)(in_channels, up_channels, up, up, bias=bias,
@@ -260,9 +227,7 @@ class UpBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
         up = self.transpconv(x)
-        if up.shape[2:] != skip.shape[2:] or up.shape[0] != skip.shape[0]:
-            raise ValueError(f"skip must have batch and spatial size {(up.shape[0],) + tuple(up.shape[2:])} "
-                             f"(the upsampled x), got skip of shape {tuple(skip.shape)}")
+        check_batch_and_spatial(skip, "skip", up, "the upsampled x")
         h = self.convs[0](up, skip=skip)
         for block in self.convs[1:]:
             h = block(h)

@@ -6,14 +6,17 @@ Parameter names follow torch's norm modules (``weight``, ``bias``, ``running_mea
 """
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
 from torch import nn
 
-from fastmed.ops.norm_act import canonical_activation, norm_act
+from fastmed._validate import check_int, check_mode
+from fastmed.ops.norm_act import KINDS, canonical_activation, check_groups, norm_act
 
-__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "activation_of"]
+__all__ = ["NormAct", "InstanceNormAct", "GroupNormAct", "BatchNormAct", "activation_of", "activation_module",
+           "ACTIVATION_MODULES"]
 
 
 class NormAct(nn.Module):
@@ -37,8 +40,9 @@ class NormAct(nn.Module):
                  activation: Optional[str] = "leaky_relu", negative_slope: float = 0.01, prelu_init: float = 0.25,
                  prelu_per_channel: bool = True, device=None, dtype=None):
         super().__init__()
-        if not isinstance(num_channels, int) or num_channels < 1:
-            raise ValueError(f"num_channels must be a positive integer, got {num_channels!r}")
+        num_channels = check_int(num_channels, "num_channels", minimum=1)
+        kind = check_mode(kind, "kind", KINDS)
+        check_groups(kind, num_groups, num_channels, what="the module")
         factory = {"device": device, "dtype": dtype}
         self.kind = kind
         self.num_channels = num_channels
@@ -68,25 +72,35 @@ class NormAct(nn.Module):
             self.act_weight = nn.Parameter(torch.full((n,), float(prelu_init), **factory))
         else:
             self.register_parameter("act_weight", None)
-        # Validate the configuration once, at construction, with a tiny probe of the argument checks.
-        if kind not in ("instance", "group", "batch"):
-            raise ValueError(f"kind must be one of 'instance', 'group', 'batch'; got {kind!r}")
-        if kind == "group" and (num_groups is None or num_groups < 1 or num_channels % num_groups):
-            raise ValueError(f"num_groups must divide num_channels={num_channels}, got {num_groups!r}")
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        training = self.training or not self.track_running_stats
-        momentum = 0.0 if self.momentum is None else self.momentum
-        if self.kind == "batch" and self.training and self.track_running_stats:
-            self.num_batches_tracked.add_(1)
-            if self.momentum is None:
-                momentum = 1.0 / float(self.num_batches_tracked)
         slope = self.act_weight if self.activation == "prelu" else self.negative_slope
-        return norm_act(x, self.kind, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps,
-                        activation=self.activation, negative_slope=slope, residual=residual,
-                        running_mean=self.running_mean if self.track_running_stats else None,
-                        running_var=self.running_var if self.track_running_stats else None,
-                        momentum=momentum, training=training)
+        y = norm_act(x, self.kind, self.weight, self.bias, activation=self.activation, negative_slope=slope,
+                     residual=residual, **self.call_kwargs())
+        self.count_batch()
+        return y
+
+    def counts_batches(self) -> bool:
+        """True when a call counts in ``num_batches_tracked`` (batch norm, training, tracking statistics)."""
+        return self.kind == "batch" and self.training and self.track_running_stats
+
+    def call_kwargs(self) -> dict:
+        """Keyword arguments of :func:`fastmed.ops.norm_act` / :func:`fastmed.ops.conv_norm_act` for one call
+        (``num_groups``, ``eps``, ``running_mean``/``running_var``, ``momentum``, ``training``), like torch's norm
+        modules; changes nothing: a call that fails leaves every buffer as it was.  After a successful call,
+        :meth:`count_batch`."""
+        momentum = 0.0 if self.momentum is None else self.momentum
+        if self.counts_batches() and self.momentum is None:  # cumulative average over the batches so far
+            momentum = 1.0 / float(self.num_batches_tracked + 1)
+        track = self.track_running_stats
+        return dict(num_groups=self.num_groups, eps=self.eps, momentum=momentum,
+                    running_mean=self.running_mean if track else None, running_var=self.running_var if track else None,
+                    training=self.training or not track)
+
+    def count_batch(self) -> None:
+        """``num_batches_tracked += 1`` after a successful training call, as torch's batch norm counts."""
+        if self.counts_batches():
+            self.num_batches_tracked.add_(1)
 
     def extra_repr(self) -> str:
         s = f"{self.kind}, {self.num_channels}"
@@ -125,8 +139,24 @@ class NormAct(nn.Module):
         return out
 
 
+# The torch module of each name in fastmed.reference.norm_act.ACTIVATIONS (what nnU-Net stores as ``nonlin``).
+ACTIVATION_MODULES = {"identity": nn.Identity, "relu": nn.ReLU, "leaky_relu": nn.LeakyReLU, "gelu": nn.GELU,
+                      "gelu_tanh": functools.partial(nn.GELU, approximate="tanh"), "silu": nn.SiLU,
+                      "prelu": nn.PReLU}
+
+
+def activation_module(act: Optional[str], act_kwargs: Optional[dict] = None) -> nn.Module:
+    """A torch activation module from an activation name (or alias) and its keyword arguments (``inplace`` is
+    dropped for the modules that have none)."""
+    name = canonical_activation(act)
+    kwargs = dict(act_kwargs or {})
+    if name in ("identity", "prelu", "gelu", "gelu_tanh"):
+        kwargs.pop("inplace", None)
+    return ACTIVATION_MODULES[name](**kwargs)
+
+
 def activation_of(act: Optional[nn.Module]):
-    """(activation name, negative_slope, prelu module or None) for a torch activation module."""
+    """(activation name, negative_slope, prelu module or None) for a torch activation module (None: identity)."""
     if act is None or isinstance(act, nn.Identity):
         return "identity", 0.01, None
     if isinstance(act, nn.ReLU):

@@ -19,6 +19,12 @@ Both implementations also take a second input ``skip`` (a decoder's skip connect
 ``cat([x, skip], 1)``; the implicit GEMM never writes that concatenation.  The backend (``triton`` on CUDA,
 ``reference`` on CPU, or forced by ``fastmed.use_backend``) is resolved before the op is called and is a
 constant in a ``torch.compile`` graph.
+
+Between the Python layers the arguments travel as specs: :class:`~fastmed.reference.conv_block.ConvTensors` /
+:class:`~fastmed.reference.conv_block.ConvSpec` for the convolution and the norm_act specs for the rest; the ops take
+them flattened in the order :func:`op_inputs` gives.  A differentiated backward (``create_graph=True``) computes the
+first-order gradient by torch's autograd of :func:`fastmed.reference.conv_block.conv_norm_act_reference`, so
+second-order gradients are exact on every backend; the output may be modified in place.
 """
 from __future__ import annotations
 
@@ -30,12 +36,16 @@ from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _direct
-from fastmed._validate import check_choice, check_per_axis, check_per_channel, check_same_device, check_tensor
+from fastmed._tensors import memory_format
+from fastmed._validate import (check_batch_and_spatial, check_choice, check_mode, check_per_axis, check_per_channel,
+                               check_same_device, check_same_dtype, check_shape, check_tensor)
 from fastmed.ops import _conv_block_choice
-from fastmed.ops.norm_act import canonical_activation, check_norm_args, norm_act_call, update_running_stats
+from fastmed.ops.norm_act import (canonical_activation, check_norm_args, double_backward, norm_act_call, optional,
+                                  present, update_running_stats)
 from fastmed.reference import conv_block as ref
 from fastmed.reference import norm_act as na_ref
-from fastmed._tensors import memory_format
+from fastmed.reference.conv_block import ConvSpec, ConvTensors
+from fastmed.reference.norm_act import NormSpec, NormTensors
 
 __all__ = ["conv_norm_act", "IMPLEMENTATIONS", "NORM_KINDS", "choose_implementation"]
 
@@ -48,10 +58,9 @@ _backend.register_op("conv_block", ("triton", "reference"),
                          "with statistics in the epilogue), forward and backward")
 
 
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
+# Bodies: forward(x, ConvTensors, NormTensors, ConvSpec, NormSpec, mean_in, rstd_in) -> (y, conv_out, mean, rstd);
+# backward(dy, x, conv_out, ConvTensors, NormTensors, ConvSpec, NormSpec, mean, rstd, input_stats)
+#   -> (dx, ConvTensors of gradients, NormTensors of gradients).
 _FORWARD = _backend.Implementations("conv_block", "fastmed::conv_block_fwd",
                                     triton="fastmed.kernels.conv_block:conv_block_forward",
                                     reference=ref.conv_block_forward)
@@ -60,52 +69,89 @@ _BACKWARD = _backend.Implementations("conv_block", "fastmed::conv_block_bwd",
                                      reference=ref.conv_block_backward)
 
 
+def op_inputs(x, conv: ConvTensors, norm: NormTensors, mean_in, rstd_in, cspec: ConvSpec, nspec: NormSpec,
+              backend) -> tuple:
+    """The flat argument list of ``fastmed::conv_block_fwd``; with gradients in place of the tensors (and None
+    for the rest) it is also the gradient tuple its autograd returns."""
+    return (x, *conv, *norm, mean_in, rstd_in, *cspec, *nspec, backend)
+
+
+def _split_inputs(inputs):
+    """The inverse of :func:`op_inputs`: (x, ConvTensors, NormTensors, mean_in, rstd_in, ConvSpec, NormSpec,
+    backend)."""
+    ct, nt, cs = len(ConvTensors._fields), len(NormTensors._fields), len(ConvSpec._fields)
+    i = 1 + ct + nt
+    return (inputs[0], ConvTensors(*inputs[1:1 + ct]), NormTensors(*inputs[1 + ct:i]), inputs[i], inputs[i + 1],
+            ConvSpec(*inputs[i + 2:i + 2 + cs]), NormSpec(*inputs[i + 2 + cs:-1]), inputs[-1])
+
+
+_NO_SPECS = (ConvSpec(*(None,) * len(ConvSpec._fields)), NormSpec(*(None,) * len(NormSpec._fields)))
+
+
 @triton_op("fastmed::conv_block_fwd", mutates_args=())
 def _conv_block_fwd(x: Tensor, x2: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
-                    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], residual: Optional[Tensor], slope: Optional[Tensor],
-                    mean_in: Optional[Tensor], rstd_in: Optional[Tensor], stride: list[int], padding: list[int],
-                    dilation: list[int], kind: str, num_groups: int, eps: float, activation: str,
-                    negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    y, conv_out, mean, rstd = _FORWARD[backend](x, x2, weight, bias, norm_weight, norm_bias, residual, slope,
-                                                mean_in, rstd_in, stride, padding, dilation, kind, num_groups, eps,
-                                                activation, negative_slope)
+                    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], residual: Optional[Tensor],
+                    slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], stride: list[int],
+                    padding: list[int], dilation: list[int], kind: str, num_groups: int, eps: float,
+                    activation: str, negative_slope: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    y, conv_out, mean, rstd = _FORWARD[backend](
+        x, ConvTensors(x2, weight, bias), NormTensors(norm_weight, norm_bias, residual, slope),
+        ConvSpec(stride, padding, dilation), NormSpec(kind, num_groups, eps, activation, negative_slope), mean_in,
+        rstd_in)
     if mean_in is not None:  # outputs of a custom op may not alias its inputs
         mean, rstd = mean.clone(), rstd.clone()
     return y, conv_out, mean, rstd
 
 
 @triton_op("fastmed::conv_block_bwd", mutates_args=())
-def _conv_block_bwd(dy: Tensor, x: Tensor, x2: Optional[Tensor], weight: Tensor, conv_out: Tensor,
-                    norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor,
-                    rstd: Tensor, stride: list[int], padding: list[int], dilation: list[int], kind: str,
-                    num_groups: int, activation: str, negative_slope: float, input_stats: bool, has_bias: bool,
+def _conv_block_bwd(dy: Tensor, x: Tensor, conv_out: Tensor, x2: Optional[Tensor], weight: Tensor,
+                    bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
+                    residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor,
+                    stride: list[int], padding: list[int], dilation: list[int], kind: str, num_groups: int,
+                    eps: float, activation: str, negative_slope: float, input_stats: bool,
                     backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _BACKWARD[backend](dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd,
-                               stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats,
-                               has_bias)
-    return tuple(g if g is not None else _empty(x) for g in grads)
+    dx, conv_grads, norm_grads = _BACKWARD[backend](
+        dy, x, conv_out, ConvTensors(x2, weight, bias), NormTensors(norm_weight, norm_bias, residual, slope),
+        ConvSpec(stride, padding, dilation), NormSpec(kind, num_groups, eps, activation, negative_slope), mean,
+        rstd, input_stats)
+    return (dx, *(present(g, x) for g in (*conv_grads, *norm_grads)))
 
 
 def _setup_context(ctx, inputs, output):
-    (x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, _rstd_in, stride, padding, dilation,
-     kind, num_groups, _eps, activation, negative_slope, backend) = inputs
+    x, conv, norm, mean_in, _rstd_in, cspec, nspec, backend = _split_inputs(inputs)
     _y, conv_out, mean, rstd = output
     # Saved: the block input, the convolution output (pre-normalization) and the statistics; the
-    # normalized activation is recomputed in the backward, never stored.
-    ctx.save_for_backward(x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd)
-    ctx.args = (stride, padding, dilation, kind, num_groups, activation, negative_slope, mean_in is None,
-                bias is not None, backend)
+    # normalized activation is recomputed in the backward, never stored (and y may be modified in place).
+    ctx.save_for_backward(x, conv_out, mean, rstd, *conv, *norm)
+    ctx.mark_non_differentiable(conv_out, mean, rstd)  # no gradient flows back through them,
+    ctx.set_materialize_grads(False)  # and none is filled with zeros for them
+    ctx.specs, ctx.input_stats, ctx.backend = (cspec, nspec), mean_in is None, backend
 
 
 def _backward(ctx, dy, _dconv_out, _dmean, _drstd):
-    x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd = ctx.saved_tensors
-    stride, padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias, backend = ctx.args
-    dx, dx2, dw, db, dnw, dnb, dres, dslope = _direct.backward_op(ctx, _conv_block_bwd)(
-        dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride, padding, dilation,
-        kind, num_groups, activation, negative_slope, input_stats, has_bias, backend)
-    return (dx, dx2 if x2 is not None else None, dw, db if has_bias else None, dnw if norm_weight is not None else None,
-            dnb if norm_bias is not None else None, dres if residual is not None else None,
-            dslope if slope is not None else None) + (None,) * 11
+    if dy is None:  # no gradient reached y (grads are not materialized): nothing flows back
+        return op_inputs(None, ConvTensors(None, None, None), NormTensors(), None, None, *_NO_SPECS, None)
+    x, conv_out, mean, rstd, *rest = ctx.saved_tensors
+    ct = len(ConvTensors._fields)
+    conv, norm = ConvTensors(*rest[:ct]), NormTensors(*rest[ct:])
+    cspec, nspec = ctx.specs
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        stats = (None, None) if ctx.input_stats else (mean.detach(), rstd.detach())
+
+        def compose(x, *tensors):
+            c, n = ConvTensors(*tensors[:ct]), NormTensors(*tensors[ct:])
+            return ref.conv_norm_act_reference(x, c.weight, c.bias, n.weight, n.bias, skip=c.x2, stride=cspec.stride,
+                                               padding=cspec.padding, dilation=cspec.dilation, norm=nspec.kind,
+                                               **na_ref.composition_arguments(n, nspec, *stats))
+
+        dx, *grads = double_backward(compose, (x, *conv, *norm), dy)
+        conv_grads, norm_grads = ConvTensors(*grads[:ct]), NormTensors(*grads[ct:])
+    else:
+        dx, *grads = _direct.backward_op(ctx, _conv_block_bwd)(dy, x, conv_out, *conv, *norm, mean, rstd, *cspec,
+                                                               *nspec, ctx.input_stats, ctx.backend)
+        grads = [optional(g) if t is not None else None for g, t in zip(grads, (*conv, *norm))]
+        conv_grads, norm_grads = ConvTensors(*grads[:ct]), NormTensors(*grads[ct:])
+    return op_inputs(dx, conv_grads, norm_grads, None, None, *_NO_SPECS, None)
 
 
 _conv_block_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -161,7 +207,7 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
 
     Returns:
         ``(N, Cout, *spatial_out)`` with ``spatial_out = (in + 2 p - d (k - 1) - 1) // s + 1``, in x's dtype.
-        Differentiable with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
+        Differentiable (twice) with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
     """
     check_tensor(x, "x")
     if x.dim() not in (4, 5):
@@ -177,19 +223,15 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
     x, weight, bias, skip = _autocast(x, weight, bias, skip)
     cin = x.shape[1]
     if skip is not None:
-        if skip.dim() != x.dim() or skip.shape[0] != x.shape[0] or skip.shape[2:] != x.shape[2:]:
-            raise ValueError(f"skip must have the batch and spatial size of x {(x.shape[0],) + tuple(x.shape[2:])}, "
-                             f"got skip of shape {tuple(skip.shape)}")
-        if skip.dtype != x.dtype:
-            raise TypeError(f"skip must have the dtype of x ({x.dtype}), got {skip.dtype}")
+        check_batch_and_spatial(skip, "skip", x, "x")
+        check_same_dtype(skip, "skip", x.dtype, "x")
         cin += skip.shape[1]
     if weight.shape[1] != cin:
         what = f"x has {x.shape[1]} channels (x shape {tuple(x.shape)})" if skip is None else \
             f"x and skip have {x.shape[1]} + {skip.shape[1]} = {cin} channels"
         raise ValueError(f"weight expects {weight.shape[1]} input channels (weight shape {tuple(weight.shape)}) "
                          f"but {what}")
-    if weight.dtype != x.dtype:
-        raise TypeError(f"weight must have the dtype of x ({x.dtype}), got {weight.dtype}")
+    check_same_dtype(weight, "weight", x.dtype, "x")
     cout = weight.shape[0]
     check_per_channel(bias, "bias", cout)
     check_per_channel(norm_weight, "norm_weight", cout)
@@ -202,17 +244,13 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         if d * (k - 1) + 1 > i + 2 * p:
             raise ValueError(f"the kernel (size {k}, dilation {d}: extent {d * (k - 1) + 1}) is larger than the "
                              f"padded input along spatial axis {ax} (size {i} + 2 * padding {p} = {i + 2 * p})")
-    out_spatial = ref.output_size(x.shape[2:], kernel, stride_t, padding_t, dilation_t)
-    out_shape = (x.shape[0], cout) + out_spatial
-    if not isinstance(norm, str):
-        raise TypeError(f"norm must be a string (one of {', '.join(NORM_KINDS)}), got {type(norm).__name__}")
-    norm = check_choice(norm.lower(), "norm", NORM_KINDS)
+    cspec = ConvSpec(list(stride_t), list(padding_t), list(dilation_t))
+    out_shape = (x.shape[0], cout) + ref.output_size(x.shape[2:], kernel, *cspec)
+    norm = check_mode(norm, "norm", NORM_KINDS)
     implementation = check_choice(implementation, "implementation", IMPLEMENTATIONS)
     if residual is not None:
         check_tensor(residual, "residual")
-        if tuple(residual.shape) != out_shape:
-            raise ValueError(f"residual must have the shape of the convolution output {out_shape}, got "
-                             f"{tuple(residual.shape)}")
+        check_shape(residual, "residual", out_shape, "the convolution output")
     device = check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
                                residual=residual, skip=skip)
     backend = _backend.choose("conv_block", device)
@@ -221,36 +259,38 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         if norm_weight is not None or norm_bias is not None or running_mean is not None:
             raise ValueError("norm='none' takes no norm_weight, norm_bias or running statistics")
         xin = x if skip is None else torch.cat([x, skip], 1)
-        return _conv_act(xin, weight, bias, stride_t, padding_t, dilation_t, activation, negative_slope, residual)
+        return _conv_act(xin, weight, bias, cspec, activation, negative_slope, residual)
 
     if implementation == "auto":
         implementation = "cudnn" if backend == "reference" else choose_implementation(x, weight, stride_t)
     if backend == "triton" and implementation == "implicit_gemm" and x.dtype not in _IGEMM_DTYPES:
         raise TypeError(f"implementation='implicit_gemm' runs float16, bfloat16 and float32 inputs on the Triton "
                         f"backend, got {x.dtype}; use implementation='cudnn'")
-    groups, activation, slope_t, slope_f, mean_in, rstd_in, count = check_norm_args(
-        norm, tuple(out_shape), x.dtype, num_groups=num_groups, eps=eps, activation=activation,
-        negative_slope=negative_slope, running_mean=running_mean, running_var=running_var, training=training,
-        kind_arg="norm", what="the convolution output")
+    args = check_norm_args(norm, out_shape, x.dtype, num_groups=num_groups, eps=eps, activation=activation,
+                           negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
+                           training=training, kind_arg="norm", what="the convolution output")
+    norm_tensors = NormTensors(norm_weight, norm_bias, residual, args.slope)
     if implementation == "cudnn":
         xin = x if skip is None else torch.cat([x, skip], 1)
-        conv_out = ref.conv_nd(xin, weight, bias, stride_t, padding_t, dilation_t)
-        y, mean, rstd = norm_act_call(conv_out, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, norm,
-                                      groups, float(eps), activation, slope_f, _backend.choose("norm_act", device))
+        conv_out = ref.conv_nd(xin, weight, bias, *cspec)
+        y, mean, rstd = norm_act_call(conv_out, norm_tensors, args.spec, args.mean_in, args.rstd_in,
+                                      _backend.choose("norm_act", device))
     else:
         y, _conv_out, mean, rstd = _direct.call(
-            _conv_block_fwd, _ConvBlockDirect, x, skip, weight, bias, norm_weight, norm_bias, residual, slope_t, mean_in, rstd_in, list(stride_t),
-            list(padding_t), list(dilation_t), norm, groups, float(eps), activation, slope_f, backend)
+            _conv_block_fwd, _ConvBlockDirect,
+            *op_inputs(x, ConvTensors(skip, weight, bias), norm_tensors, args.mean_in, args.rstd_in, cspec,
+                       args.spec, backend))
     if norm == "batch" and training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)
+        update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
     return y
 
 
 def _autocast(x, weight, bias, skip):
     """Inside ``torch.autocast`` the convolution inputs are cast to the autocast dtype, as autocast does for
-    ``F.conv3d`` (float64 is left alone); the normalization still accumulates in float32."""
+    ``F.conv3d`` (float64 is left alone); the normalization still accumulates in float32.  Devices without
+    autocast (meta tensors: shape inference) are left alone."""
     device_type = x.device.type
-    if not torch.is_autocast_enabled(device_type):
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return x, weight, bias, skip
     dtype = torch.get_autocast_dtype(device_type)
 
@@ -260,13 +300,13 @@ def _autocast(x, weight, bias, skip):
     return cast(x), cast(weight), cast(bias), cast(skip)
 
 
-def _conv_act(x, weight, bias, stride, padding, dilation, activation, negative_slope, residual):
+def _conv_act(x, weight, bias, cspec: ConvSpec, activation, negative_slope, residual):
     """norm='none': the convolution, the residual and the activation in plain (autograd) torch."""
     activation = canonical_activation(activation)
     if activation == "prelu" and not isinstance(negative_slope, Tensor):
         raise TypeError("negative_slope must be the learned prelu slope tensor for activation='prelu', got "
                         f"{type(negative_slope).__name__}")
-    z = ref.conv_nd(x, weight, bias, stride, padding, dilation)
+    z = ref.conv_nd(x, weight, bias, *cspec)
     if residual is not None:
         z = z + residual
     slope = negative_slope.to(z.dtype) if activation == "prelu" else float(negative_slope)

@@ -1,13 +1,21 @@
 """``fastmed.ops.norm_act``: fused normalization + activation (instance, group, batch norm).
 
 Registered as the torch.library ops ``fastmed::norm_act_fwd`` / ``fastmed::norm_act_bwd`` (``triton_op``,
-so ``torch.compile(fullgraph=True)`` traces through them) with ``register_autograd``.
+so ``torch.compile(fullgraph=True)`` traces through them) with ``register_autograd``.  Between the Python layers
+the arguments travel as the specs :class:`~fastmed.reference.norm_act.NormTensors` (the optional tensors) and
+:class:`~fastmed.reference.norm_act.NormSpec` (the configuration); the ops take them flattened, in the order
+:func:`op_inputs` gives.
+
+Backward: the backend's fused backward.  When the backward itself is differentiated (``create_graph=True``,
+e.g. a gradient penalty), the first-order gradient is computed instead by torch's autograd of the op's torch
+composition (:func:`fastmed.reference.norm_act.norm_act_reference`), so second-order gradients are exact on
+every backend.
 """
 from __future__ import annotations
 
 import math
 import numbers
-from typing import NamedTuple, Optional, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -16,10 +24,13 @@ from torch.library import triton_op
 from fastmed import _backend
 from fastmed.ops import _direct
 from fastmed._tensors import accumulation_dtype
-from fastmed._validate import check_choice, check_per_channel, check_same_device, check_tensor
+from fastmed._validate import (check_choice, check_mode, check_number, check_per_channel, check_same_device,
+                               check_shape, check_tensor)
 from fastmed.reference import norm_act as ref
+from fastmed.reference.norm_act import NormSpec, NormTensors
 
-__all__ = ["norm_act", "canonical_activation", "check_norm_args", "update_running_stats", "KINDS", "ACTIVATIONS"]
+__all__ = ["norm_act", "canonical_activation", "check_groups", "check_norm_args", "update_running_stats",
+           "double_backward", "present", "optional", "KINDS", "ACTIVATIONS"]
 
 KINDS = ref.KINDS
 ACTIVATIONS = ref.ACTIVATIONS
@@ -29,91 +40,124 @@ _ALIASES = {"leakyrelu": "leaky_relu", "lrelu": "leaky_relu", "swish": "silu", "
 _backend.register_op("norm_act", ("triton", "reference"),
                      doc="normalization (instance/group/batch) + residual + activation, forward and backward")
 
-
-def _empty(like: Tensor) -> Tensor:
-    return like.new_empty(0)
-
-
-def _reference_forward(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
-                       negative_slope):
-    return ref.norm_act_forward(x, kind, weight, bias, num_groups=num_groups, eps=eps, activation_name=activation,
-                                negative_slope=slope if activation == "prelu" else negative_slope,
-                                residual=residual, mean=mean_in, rstd=rstd_in)
-
-
-def _reference_backward(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                        negative_slope, input_stats):
-    return ref.norm_act_backward(dy, x, kind, weight, bias, residual, slope, mean, rstd, num_groups=num_groups,
-                                 activation_name=activation, negative_slope=negative_slope,
-                                 input_stats=input_stats, y=y)
-
-
-def _triton_backward(dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                     negative_slope, input_stats):
-    from fastmed.kernels.norm_act import norm_act_backward  # recomputes from x: y is not needed
-
-    return norm_act_backward(dy, x, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                             negative_slope, input_stats)
-
-
+# Bodies: forward(x, NormTensors, NormSpec, mean_in, rstd_in) -> (y, mean, rstd, saved or None);
+# backward(dy, x, saved, NormTensors, NormSpec, mean, rstd, input_stats) -> (dx, NormTensors of gradients).
 _FORWARD = _backend.Implementations("norm_act", "fastmed::norm_act_fwd",
-                                    triton="fastmed.kernels.norm_act:norm_act_forward", reference=_reference_forward)
-_BACKWARD = _backend.Implementations("norm_act", "fastmed::norm_act_bwd", triton=_triton_backward,
-                                     reference=_reference_backward)
+                                    triton="fastmed.kernels.norm_act:norm_act_forward",
+                                    reference=ref.norm_act_forward)
+_BACKWARD = _backend.Implementations("norm_act", "fastmed::norm_act_bwd",
+                                     triton="fastmed.kernels.norm_act:norm_act_backward",
+                                     reference=ref.norm_act_backward)
+
+
+def present(t: Optional[Tensor], like: Tensor) -> Tensor:
+    """``t``, or an empty tensor in its place: the outputs of a custom op are tensors, never None."""
+    return t if t is not None else like.new_empty(0)
+
+
+def optional(t: Tensor) -> Optional[Tensor]:
+    """The inverse of :func:`present`: None for an empty placeholder."""
+    return t if t.numel() > 0 else None
+
+
+def op_inputs(x, tensors: NormTensors, mean_in, rstd_in, spec: NormSpec, backend) -> tuple:
+    """The flat argument list of ``fastmed::norm_act_fwd``; with gradients in place of the tensors (and None for
+    the rest) it is also the gradient tuple its autograd returns."""
+    return (x, *tensors, mean_in, rstd_in, *spec, backend)
+
+
+def _split_inputs(inputs: Sequence):
+    """The inverse of :func:`op_inputs`: (x, NormTensors, mean_in, rstd_in, NormSpec, backend)."""
+    nt = len(NormTensors._fields)
+    return (inputs[0], NormTensors(*inputs[1:1 + nt]), inputs[1 + nt], inputs[2 + nt],
+            NormSpec(*inputs[3 + nt:-1]), inputs[-1])
+
+
+_NO_SPEC = NormSpec(*(None,) * len(NormSpec._fields))
 
 
 @triton_op("fastmed::norm_act_fwd", mutates_args=())
 def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                   slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float,
-                  backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    y, mean, rstd = _FORWARD[backend](x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps,
-                                      activation, negative_slope)
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (y, mean, rstd, saved): ``saved`` is what the backend's backward needs besides the inputs (the
+    reference's pre-activation), empty when nothing."""
+    tensors = NormTensors(weight, bias, residual, slope)
+    spec = NormSpec(kind, num_groups, eps, activation, negative_slope)
+    y, mean, rstd, saved = _FORWARD[backend](x, tensors, spec, mean_in, rstd_in)
     if mean_in is not None:  # outputs of a custom op may not alias its inputs
         mean, rstd = mean.clone(), rstd.clone()
-    return y, mean, rstd
+    return y, mean, rstd, present(saved, mean)
 
 
 @triton_op("fastmed::norm_act_bwd", mutates_args=())
-def _norm_act_bwd(dy: Tensor, x: Tensor, y: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
+def _norm_act_bwd(dy: Tensor, x: Tensor, saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
-                  num_groups: int, activation: str, negative_slope: float, input_stats: bool,
+                  num_groups: int, eps: float, activation: str, negative_slope: float, input_stats: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    grads = _BACKWARD[backend](dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation,
-                               negative_slope, input_stats)
-    # Absent gradients travel as empty tensors (custom ops return no None).
-    return tuple(g if g is not None else _empty(x) for g in grads)
+    tensors = NormTensors(weight, bias, residual, slope)
+    spec = NormSpec(kind, num_groups, eps, activation, negative_slope)
+    dx, grads = _BACKWARD[backend](dy, x, optional(saved), tensors, spec, mean, rstd, input_stats)
+    return (dx, *(present(g, x) for g in grads))
+
+
+def double_backward(compose: Callable[..., Tensor], inputs: Sequence[Optional[Tensor]], dy: Tensor) -> list:
+    """Gradients of ``compose(*inputs)`` (the op as a twice-differentiable torch composition) against ``dy``, with
+    their graph, for the inputs that require a gradient (None for the others): the first-order gradient when the
+    backward is itself differentiated (``create_graph=True``)."""
+    needed = [t is not None and t.requires_grad for t in inputs]
+    with torch.enable_grad():
+        y = compose(*inputs)
+        grads = iter(torch.autograd.grad(y, [t for t, need in zip(inputs, needed) if need], dy,
+                                         create_graph=True, allow_unused=True))
+    return [next(grads) if need else None for need in needed]
 
 
 def _setup_context(ctx, inputs, output):
-    (x, weight, bias, residual, slope, mean_in, _rstd_in, kind, num_groups, _eps, activation, negative_slope,
-     backend) = inputs
-    y, mean, rstd = output
-    # The Triton backward recomputes everything from x, mean and rstd.  The reference backward reads
-    # act'(z) off y when the activation keeps the sign, as torch's own leaky_relu does.
-    keep_y = backend == "reference" and ref.keeps_sign(activation, negative_slope)
-    ctx.save_for_backward(x, y if keep_y else None, weight, bias, residual, slope, mean, rstd)
-    ctx.args = (kind, num_groups, activation, negative_slope, mean_in is None, backend)
+    x, tensors, mean_in, _rstd_in, spec, backend = _split_inputs(inputs)
+    _y, mean, rstd, saved = output
+    # The output y is not saved (the caller may modify it in place, as with torch's own norms): the Triton
+    # backward recomputes everything from x, mean and rstd, the reference reads act'(z) off its saved z.
+    ctx.save_for_backward(x, saved, mean, rstd, *tensors)
+    ctx.mark_non_differentiable(mean, rstd, saved)  # no gradient flows back through them,
+    ctx.set_materialize_grads(False)  # and none is filled with zeros for them
+    ctx.spec, ctx.input_stats, ctx.backend = spec, mean_in is None, backend
 
 
-def _backward(ctx, dy, _dmean, _drstd):
-    x, y, weight, bias, residual, slope, mean, rstd = ctx.saved_tensors
-    kind, num_groups, activation, negative_slope, input_stats, backend = ctx.args
-    dx, dw, db, dres, dslope = _direct.backward_op(ctx, _norm_act_bwd)(
-        dy, x, y, weight, bias, residual, slope, mean, rstd, kind, num_groups, activation, negative_slope,
-        input_stats, backend)
-    return (dx, dw if weight is not None else None, db if bias is not None else None,
-            dres if residual is not None else None, dslope if slope is not None else None,
-            None, None, None, None, None, None, None, None)
+def _backward(ctx, dy, _dmean, _drstd, _dsaved):
+    if dy is None:  # no gradient reached y (grads are not materialized): nothing flows back
+        return op_inputs(None, NormTensors(), None, None, _NO_SPEC, None)
+    x, saved, mean, rstd, *rest = ctx.saved_tensors
+    tensors, spec = NormTensors(*rest), ctx.spec
+    if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
+        stats = (None, None) if ctx.input_stats else (mean.detach(), rstd.detach())
+
+        def compose(x, *rest):
+            t = NormTensors(*rest)
+            return ref.norm_act_reference(x, spec.kind, t.weight, t.bias,
+                                          **ref.composition_arguments(t, spec, *stats))
+
+        dx, *grads = double_backward(compose, (x, *tensors), dy)
+        grads = NormTensors(*grads)
+    else:
+        dx, *grads = _direct.backward_op(ctx, _norm_act_bwd)(dy, x, saved, *tensors, mean, rstd, *spec,
+                                                              ctx.input_stats, ctx.backend)
+        grads = NormTensors(*(optional(g) if t is not None else None for g, t in zip(grads, tensors)))
+    return op_inputs(dx, grads, None, None, _NO_SPEC, None)
 
 
 _norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
 _NormActDirect = _direct.autograd_function("_NormActDirect", _norm_act_fwd, _setup_context, _backward)
 
 
-def norm_act_call(*op_args) -> tuple[Tensor, Tensor, Tensor]:
-    """``fastmed::norm_act_fwd(*op_args)`` with its autograd, through the direct path outside torch.compile."""
-    return _direct.call(_norm_act_fwd, _NormActDirect, *op_args)
+def norm_act_call(x: Tensor, tensors: NormTensors, spec: NormSpec, mean_in: Optional[Tensor],
+                  rstd_in: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``fastmed::norm_act_fwd`` with its autograd (through the direct path outside torch.compile):
+    (y, mean, rstd)."""
+    y, mean, rstd, _saved = _direct.call(_norm_act_fwd, _NormActDirect,
+                                         *op_inputs(x, tensors, mean_in, rstd_in, spec, backend))
+    return y, mean, rstd
 
 
 def canonical_activation(activation) -> str:
@@ -127,13 +171,26 @@ def canonical_activation(activation) -> str:
     return check_choice(_ALIASES.get(name, name), "activation", ACTIVATIONS)
 
 
+def check_groups(kind: str, num_groups, channels: int, *, kind_arg: str = "kind", what: str = "x") -> int:
+    """The statistics groups per sample for ``kind``: C (instance), ``num_groups`` (group: a positive integer
+    dividing C), 1 (batch); ``num_groups`` must be None unless ``kind == "group"``."""
+    if kind == "group":
+        if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
+            raise ValueError(f"num_groups must be a positive integer for {kind_arg}='group', got {num_groups!r}")
+        if num_groups < 1 or channels % num_groups != 0:
+            raise ValueError(f"num_groups must divide the {channels} channels of {what}, got num_groups={num_groups}")
+        return int(num_groups)
+    if num_groups is not None:
+        raise ValueError(f"num_groups is only used with {kind_arg}='group', got num_groups={num_groups!r} "
+                         f"with {kind_arg}={kind!r}")
+    return channels if kind == "instance" else 1
+
+
 class NormArgs(NamedTuple):
-    """Validated normalization arguments, as the ``fastmed::norm_act_fwd`` op takes them."""
-    groups: int                  # statistics groups per sample (C for instance, 1 for batch)
-    activation: str              # canonical activation name
-    slope_t: Optional[Tensor]    # prelu slope tensor, else None
-    slope_f: float               # leaky_relu slope (0.0 for prelu)
-    mean_in: Optional[Tensor]    # running statistics for batch norm in eval mode, else None
+    """Validated normalization arguments."""
+    spec: NormSpec
+    slope: Optional[Tensor]      # prelu slope tensor, else None
+    mean_in: Optional[Tensor]    # statistics from the running buffers (batch norm in eval mode), else None
     rstd_in: Optional[Tensor]
     count: int                   # values per channel over the batch (for the unbiased running variance)
 
@@ -144,19 +201,8 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     :func:`norm_act` and the convolution blocks (``kind_arg="norm"``, ``what="the convolution output"``)."""
     activation = canonical_activation(activation)
     C = shape[1]
-    if kind == "group":
-        if num_groups is None or isinstance(num_groups, bool) or not isinstance(num_groups, numbers.Integral):
-            raise ValueError(f"num_groups must be a positive integer for {kind_arg}='group', got {num_groups!r}")
-        if num_groups < 1 or C % num_groups != 0:
-            raise ValueError(f"num_groups must divide the {C} channels of {what}, got num_groups={num_groups}")
-        groups = int(num_groups)
-    else:
-        if num_groups is not None:
-            raise ValueError(f"num_groups is only used with {kind_arg}='group', got num_groups={num_groups!r} "
-                             f"with {kind_arg}={kind!r}")
-        groups = C if kind == "instance" else 1
-    if not isinstance(eps, numbers.Real) or not eps >= 0:
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
+    groups = check_groups(kind, num_groups, C, kind_arg=kind_arg, what=what)
+    eps = check_number(eps, "eps", minimum=0.0)
     slope_t: Optional[Tensor] = None
     if activation == "prelu":
         if not isinstance(negative_slope, Tensor):
@@ -181,7 +227,7 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     if kind == "batch" and not training:
         if running_mean is None:
             raise ValueError(f"{kind_arg}='batch' with training=False needs running_mean and running_var")
-        mean_in = running_mean.detach().to(accumulation_dtype(dtype))
+        mean_in = running_mean.detach().to(accumulation_dtype(dtype)).contiguous()
         rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
     count = math.prod(shape) // C
     if kind == "batch" and training and count <= 1:
@@ -190,7 +236,7 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     if kind != "batch" and count // shape[0] * (C // groups) <= 1:
         raise ValueError(f"{kind} norm needs more than one value per normalized group (as torch requires), "
                          f"got {what} of shape {tuple(shape)}")
-    return NormArgs(groups, activation, slope_t, slope_f, mean_in, rstd_in, count)
+    return NormArgs(NormSpec(kind, groups, eps, activation, slope_f), slope_t, mean_in, rstd_in, count)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, count: int,
@@ -216,7 +262,7 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
             (float64 for float64 inputs).
         kind: ``"instance"`` (per sample and channel), ``"group"`` (per sample and group of
             ``C // num_groups`` channels) or ``"batch"`` (per channel over the batch).
-        weight, bias: ``(C,)`` affine parameters, or None.
+        weight, bias: ``(C,)`` affine parameters, or None (any strides).
         num_groups: number of groups, required for ``kind="group"`` and must divide C.
         eps: added to the biased variance.
         activation: ``identity``, ``relu``, ``leaky_relu``, ``gelu`` (erf), ``gelu_tanh``, ``silu`` or
@@ -230,28 +276,25 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
         training: batch norm only: batch statistics (True) or running statistics (False).
 
     Returns:
-        Tensor shaped like ``x``, in ``x``'s dtype and memory format.  Differentiable with respect to
-        ``x``, ``weight``, ``bias``, ``residual`` and the prelu slope.
+        Tensor shaped like ``x``, in ``x``'s dtype and memory format.  Differentiable (twice) with respect to
+        ``x``, ``weight``, ``bias``, ``residual`` and the prelu slope; the output may be modified in place.
     """
     check_tensor(x, "x", min_ndim=3, max_ndim=5)
-    if not isinstance(kind, str):
-        raise TypeError(f"kind must be a string (one of {', '.join(KINDS)}), got {type(kind).__name__}")
-    kind = check_choice(kind.lower(), "kind", KINDS)
+    kind = check_mode(kind, "kind", KINDS)
     C = x.shape[1]
     check_per_channel(weight, "weight", C)
     check_per_channel(bias, "bias", C)
     if residual is not None:
         check_tensor(residual, "residual")
-        if residual.shape != x.shape:
-            raise ValueError(f"residual must have the shape of x {tuple(x.shape)}, got {tuple(residual.shape)}")
+        check_shape(residual, "residual", x.shape, "x")
     args = check_norm_args(kind, tuple(x.shape), x.dtype, num_groups=num_groups, eps=eps, activation=activation,
                            negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
                            training=training)
-    device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=args.slope_t,
+    device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=args.slope,
                                running_mean=running_mean, running_var=running_var)
     backend = _backend.choose("norm_act", device)
-    y, mean, rstd = norm_act_call(x, weight, bias, residual, args.slope_t, args.mean_in, args.rstd_in, kind,
-                                  args.groups, float(eps), args.activation, args.slope_f, backend)
+    y, mean, rstd = norm_act_call(x, NormTensors(weight, bias, residual, args.slope), args.spec, args.mean_in,
+                                  args.rstd_in, backend)
     if kind == "batch" and training and running_mean is not None:
         update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
     return y

@@ -15,7 +15,7 @@ Shapes (``sd`` = 2 or 3 spatial dims):
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import NamedTuple, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from fastmed.reference import norm_act as na
 from fastmed._tensors import accumulation_dtype, memory_format
 
-NORM_KINDS = ("instance", "group", "batch", "none")
+NORM_KINDS = na.KINDS + ("none",)
 
 
 def conv_nd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], stride: Sequence[int],
@@ -53,46 +53,53 @@ def conv_input_grad(x_shape, weight: torch.Tensor, dout: torch.Tensor, stride, p
 
 
 
-def conv_block_forward(x, x2, weight, bias, norm_weight, norm_bias, residual, slope, mean_in, rstd_in, stride,
-                       padding, dilation, kind, num_groups, eps, activation, negative_slope):
+class ConvSpec(NamedTuple):
+    """The convolution's geometry, one int per spatial axis (lists, as torch.library ops take them)."""
+    stride: list
+    padding: list
+    dilation: list
+
+
+class ConvTensors(NamedTuple):
+    """The convolution's tensors beside ``x``; also the layout of their gradients."""
+    x2: Optional[torch.Tensor]      # (N, C2, *spatial_in) or None: channels C1.. of the convolution input (skip)
+    weight: torch.Tensor            # (Cout, C1 + C2, *kernel)
+    bias: Optional[torch.Tensor]    # (Cout,) or None
+
+
+def conv_block_forward(x: torch.Tensor, conv: ConvTensors, norm: na.NormTensors, cspec: ConvSpec,
+                       nspec: na.NormSpec, mean_in: Optional[torch.Tensor], rstd_in: Optional[torch.Tensor]):
     """Forward on the reference backend: returns ``(y, conv_out, mean, rstd)``.
 
     The convolution input is ``x``, or ``cat([x, x2], 1)`` when a second input ``x2`` (a decoder's skip) is given.
     ``conv_out`` is the convolution output (saved for the backward); ``mean``/``rstd`` the statistics of
     the normalization, ``(N * G,)`` (instance: G = Cout) or ``(Cout,)`` (batch).
     """
-    xin = x if x2 is None else torch.cat([x, x2], 1)
-    conv_out = conv_nd(xin, weight, bias, stride, padding, dilation)
-    y, mean, rstd = na.norm_act_forward(conv_out, kind, norm_weight, norm_bias, num_groups=num_groups, eps=eps,
-                                        activation_name=activation,
-                                        negative_slope=slope if activation == "prelu" else negative_slope,
-                                        residual=residual, mean=mean_in, rstd=rstd_in)
+    xin = x if conv.x2 is None else torch.cat([x, conv.x2], 1)
+    conv_out = conv_nd(xin, conv.weight, conv.bias, *cspec)
+    y, mean, rstd, _z = na.norm_act_forward(conv_out, norm, nspec, mean_in, rstd_in)
     return y, conv_out, mean, rstd
 
 
-def conv_block_backward(dy, x, x2, weight, conv_out, norm_weight, norm_bias, residual, slope, mean, rstd, stride,
-                        padding, dilation, kind, num_groups, activation, negative_slope, input_stats, has_bias):
-    """Backward on the reference backend.
-
-    Returns ``(dx, dx2, dweight, dbias, dnorm_weight, dnorm_bias, dresidual, dslope)``, None where absent.
-    """
-    # torch's CPU native_group_norm_backward is wrong when dy and x differ in memory format: match them.
-    dy = dy.contiguous(memory_format=memory_format(conv_out))
-    dconv, dnw, dnb, dres, dslope = na.norm_act_backward(
-        dy, conv_out, kind, norm_weight, norm_bias, residual, slope, mean, rstd, num_groups=num_groups,
-        activation_name=activation, negative_slope=negative_slope, input_stats=input_stats)
+def conv_block_backward(dy: torch.Tensor, x: torch.Tensor, conv_out: torch.Tensor, conv: ConvTensors,
+                        norm: na.NormTensors, cspec: ConvSpec, nspec: na.NormSpec, mean: torch.Tensor,
+                        rstd: torch.Tensor, input_stats: bool):
+    """Backward on the reference backend: ``(dx, ConvTensors(dx2, dweight, dbias), NormTensors(dnorm_weight,
+    dnorm_bias, dresidual, dslope))``, None where absent."""
+    dconv, norm_grads = na.norm_act_backward(dy, conv_out, None, norm, nspec, mean, rstd, input_stats)
     acc = accumulation_dtype(x.dtype)
+    x2, weight = conv.x2, conv.weight
     xin = x if x2 is None else torch.cat([x, x2], 1)
-    dxin = conv_input_grad(xin.shape, weight, dconv, stride, padding, dilation).to(x.dtype)
+    dxin = conv_input_grad(xin.shape, weight, dconv, *cspec).to(x.dtype)
     if x2 is None:
         dx, dx2 = dxin, None
     else:  # two outputs that may not alias each other: copies in the layouts of x and x2
         dx = dxin[:, :x.shape[1]].clone(memory_format=memory_format(x))
         dx2 = dxin[:, x.shape[1]:].clone(memory_format=memory_format(x2))
-    dw = conv_weight_grad(xin.to(acc), weight.shape, dconv.to(acc), stride, padding, dilation).to(weight.dtype)
+    dw = conv_weight_grad(xin.to(acc), weight.shape, dconv.to(acc), *cspec).to(weight.dtype)
     red = [0] + list(range(2, dconv.dim()))
-    db = dconv.to(acc).sum(red).to(weight.dtype) if has_bias else None
-    return dx, dx2, dw, db, dnw, dnb, dres, dslope
+    db = dconv.to(acc).sum(red).to(conv.bias.dtype) if conv.bias is not None else None
+    return dx, ConvTensors(dx2, dw, db), norm_grads
 
 
 def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=None, *, stride=1, padding=0,
