@@ -9,8 +9,10 @@ Each case is ``<op>-<category>-<variant>-<backend>``; categories:
 ``nonfinite``  NaN and +-inf in inputs and parameters (and a large mean, where cancellation bites)
 ``bad``        wrong shapes, ranks, dtypes and values: a ValueError/TypeError naming the argument
 ``classes``    1, 2, 33, 105 and 200 classes
-``double_backward``, ``no_grad`` / ``inference_mode``, ``meta``, ``inplace_output`` (the output modified in
-place before backward, as torch's own modules allow)
+``config``     option combinations (norm kinds, activations, 1D/3D inputs, strides, padded or shrunk windows...)
+``value``      the default call of a module, model or helper
+``double_backward``, ``grad_mode`` (``no_grad`` / ``inference_mode``), ``meta``, ``inplace_output`` (the output
+modified in place before backward, as torch's own modules allow)
 
 A case passes when fastmed raises a clear error naming the argument, or agrees with an independent oracle (a torch
 composition written here, MONAI, scipy), leaves every input untouched, and gives bit-equal results when run twice
@@ -253,6 +255,7 @@ def norm_act_cases():
     for v, (name, kw) in bad.items():
         T[("bad", v)] = error_case(b, name if isinstance(name, tuple) else (name,), **kw)
     T.update(standard_checks(lambda dev: b(dev, act="gelu", **full), ("x",), inplace=True))
+    T[("inplace_output", "mul_leaky_relu")] = lambda bk: check_inplace_output(b(E.device_of(bk), **full), bk)
     T[("grad_mode", "no_grad_batch_train_stats")] = lambda bk: E.check_grad_mode(
         b(E.device_of(bk), kind="batch", stats="train"), bk, "no_grad")
     tri = {("layout", f"{n}:{L}") for n in ("weight", "bias", "prelu_slope", "running_stats")
@@ -263,7 +266,7 @@ def norm_act_cases():
             ("config", "batch_train_stats_relu"), ("config", "instance_gelu_3d"), ("size", "channel1"),
             ("nonfinite", "x_nan"), ("nonfinite", "weight_nan"), ("nonfinite", "large_mean_channels_last"),
             ("double_backward", "create_graph"), ("grad_mode", "no_grad_batch_train_stats"),
-            ("inplace_output", "mul_")}
+            ("inplace_output", "mul_"), ("inplace_output", "mul_leaky_relu")}
     return _cases_for("norm_act", TRITON, T, tri)
 
 
