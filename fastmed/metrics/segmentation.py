@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmed._validate import check_number, check_number_sequence
 from fastmed.ops.distance_transform import distance_transform, normalize_spacing
 
 __all__ = ["dice", "hausdorff_distance", "surface_dice"]
@@ -146,13 +147,16 @@ def surface_dice(y_pred: Tensor, y: Tensor, tolerance: Union[float, Sequence[flo
     ``compute_surface_dice`` with ``class_thresholds``).
     """
     p, g = _pair(y_pred, y, include_background)
-    tol = torch.as_tensor(tolerance, dtype=torch.float32, device=p.device).reshape(-1)
-    if tol.numel() == 1:
-        tol = tol.expand(p.shape[1])
-    if tol.numel() != p.shape[1]:
-        raise ValueError(f"tolerance must be one number or one per class ({p.shape[1]}), got {tol.numel()}")
-    if not bool(torch.isfinite(tol).all()) or bool((tol < 0).any()):
-        raise ValueError(f"tolerance entries must be finite and >= 0, got {tol.tolist()}")
+    # Checked on the host (tolerances are a few numbers), so no device value is read back.
+    if isinstance(tolerance, numbers.Real) and not isinstance(tolerance, bool):
+        tols = [check_number(tolerance, "tolerance", minimum=0.0)] * p.shape[1]
+    else:
+        tols = check_number_sequence(tolerance, "tolerance", minimum=0.0)
+    if len(tols) == 1:
+        tols = tols * p.shape[1]
+    if len(tols) != p.shape[1]:
+        raise ValueError(f"tolerance must be one number or one per class ({p.shape[1]}), got {len(tols)}")
+    tol = torch.tensor(tols, dtype=torch.float32, device=p.device)
     ep, eg, d_to_g, d_to_p = _surface_distances(p, g, spacing)
     t = tol.reshape((1, -1) + (1,) * (p.dim() - 2))
     correct = ((d_to_g <= t) & ep).flatten(2).sum(-1) + ((d_to_p <= t) & eg).flatten(2).sum(-1)

@@ -48,30 +48,45 @@ _BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attent
 _NON_TENSOR_GRADS = (None,) * (len(ref.WindowSpec._fields) + 1)  # the spec's fields and the backend name
 
 
+def _grid5(t: Tensor) -> Tensor:
+    """A 2D token grid ``(B, H, W, ...)`` as the 3D grid ``(B, 1, H, W, ...)`` the implementations take."""
+    return t.unsqueeze(1) if t.dim() == 4 else t
+
+
 @triton_op("fastmed::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
                           window: list[int], shift: list[int], scale: float, table_window: list[int],
                           bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
+    """``qkv`` ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)`` -> ``(out, lse)``, ``out`` of ``qkv``'s rank (a tensor of its
+    own, not a view, so that callers may modify it in place)."""
     spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
-    return _FORWARD[backend](qkv, table, qkv_pad, spec)
+    out, lse = _FORWARD[backend](_grid5(qkv), table, qkv_pad, spec)
+    # detach(): the squeezed output must not be a view (autograd forbids modifying views of a multi-output node).
+    return (out.squeeze(1).detach() if qkv.dim() == 4 else out), lse
 
 
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
-def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Tensor, lse: Tensor, table: Optional[Tensor],
-                          qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
-                          scale: float, table_window: list[int], bias_coords: list[int],
+def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
+                          table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int, window: list[int],
+                          shift: list[int], scale: float, table_window: list[int], bias_coords: list[int],
                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    """``out``/``lse``: the forward's outputs where the backend's backward reads them (None for the reference,
+    which recomputes the attention from ``qkv``)."""
     spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
-    dqkv, dtable, dpad = _BACKWARD[backend](dout, qkv, out, lse, table, qkv_pad, spec)
+    dqkv, dtable, dpad = _BACKWARD[backend](_grid5(dout), _grid5(qkv), None if out is None else _grid5(out), lse,
+                                            table, qkv_pad, spec)
     # Absent gradients travel as empty tensors (custom ops return no None).
-    return (dqkv, dtable if dtable is not None else qkv.new_empty(0),
+    return (dqkv.squeeze(1).detach() if qkv.dim() == 4 else dqkv, dtable if dtable is not None else qkv.new_empty(0),
             dpad if dpad is not None else qkv.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
     qkv, table, qkv_pad, *spec_fields, backend = inputs
     out, lse = output
-    ctx.save_for_backward(qkv, out, lse, table, qkv_pad)
+    # The reference's backward recomputes the attention from qkv: it saves neither out nor lse, so the caller may
+    # modify the output in place (as with the unfused composition).
+    keep = backend != "reference"
+    ctx.save_for_backward(qkv, out if keep else None, lse if keep else None, table, qkv_pad)
     ctx.spec = ref.WindowSpec.from_flat(*spec_fields)
     ctx.backend = backend
 
@@ -83,7 +98,8 @@ def _backward(ctx, dout, _dlse):
         # Double backward (create_graph=True): the first-order gradient must itself be differentiable, so it is
         # computed by the reference's plain torch composition, which autograd differentiates again, on every
         # backend (the kernels' gradients would carry no graph).
-        dqkv, dtable, dpad = ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
+        dqkv, dtable, dpad = ref.window_attention_backward(_grid5(dout), _grid5(qkv), table, qkv_pad, spec)
+        dqkv = dqkv.squeeze(1) if qkv.dim() == 4 else dqkv
     else:
         dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
             dout, qkv, out, lse, table, qkv_pad, *spec.flat(), ctx.backend)
@@ -175,16 +191,15 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     grid = tuple(qkv.shape[1:-1])
     eff_window, eff_shift = ref.effective_window(grid, window, shift)
     lead = (1,) * (3 - nd)
-    x5 = qkv if nd == 3 else qkv.unsqueeze(1)
     win3 = lead + eff_window
     table_window = lead + window
     spec = ref.WindowSpec(heads, win3, (0,) * (3 - nd) + eff_shift, float(scale), table_window,
                           win3 if bias_index == "coords" else table_window)
 
     backend = _backend.choose("window_attention", device)
-    out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, x5, rel_pos_bias_table, qkv_pad,
+    out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, qkv, rel_pos_bias_table, qkv_pad,
                           *spec.flat(), backend)
-    return out.squeeze(1) if nd == 2 else out
+    return out
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor] = None, scale: Optional[float] = None) -> Tensor:
