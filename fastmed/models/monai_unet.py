@@ -27,7 +27,8 @@ transposed convolution's norm -> activation (PReLU included) as one :func:`fastm
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import nn
