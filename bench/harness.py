@@ -406,6 +406,10 @@ def add_common_args(parser) -> None:
     parser.add_argument("--cpu-compile", action="store_true",
                         help="also time torch.compile baselines on the CPU (off by default: inductor's C++ builds)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds per case, at most (default: 40; "
+                        "--quick 10; fewer when a case would exceed FASTMED_BENCH_CASE_S seconds, never below 5)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per case first (default: 5; "
+                        "--quick 2)")
     parser.add_argument("--out", default=None, help="results file path (.json; a .csv is written beside it)")
 
 
@@ -418,6 +422,7 @@ def setup(args, op: str, **kw) -> Bench:
     """A :class:`Bench` from the common arguments (sets the CPU thread count first)."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    kw.update({k: v for k, v in (("reps", args.reps), ("warmup", args.warmup)) if v is not None})
     bench = Bench(op, quick=args.quick, device=args.device, **kw)
     copy = bench.copy_bandwidth()
     extra = "" if bench.device.type == "cuda" else f", {torch.get_num_threads()} threads"

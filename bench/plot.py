@@ -37,7 +37,9 @@ def _panel(ax, comps, key: str, title: str, xlabel: str) -> None:
     ax.set_ylim(len(comps) - 0.5, -0.5)
     ax.set_title(title)
     ax.set_xlabel(xlabel)
+    ax.xaxis.set_major_locator(mticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     ax.xaxis.set_major_formatter(mticker.FuncFormatter(lambda v, _: f"{v:g}x"))
+    ax.xaxis.set_minor_formatter(mticker.NullFormatter())
     ax.grid(axis="x", which="both", alpha=0.3)
     for y, v in zip(ys, vals):
         ax.annotate(f"{v:.2f}", (v, y), xytext=(3 if v >= 1 else -3, 0), textcoords="offset points",
@@ -66,6 +68,7 @@ def plot_device(device: str, comps: list[dict], out_dir: str) -> str:
     cats = [k for k in COLORS if any(c["category"] == k for c in comps)]
     fig.legend(handles=[Patch(color=COLORS[k], label=LABELS[k]) for k in cats], loc="upper right", ncol=len(cats))
     fig.tight_layout(rect=(0, 0, 1, 1 - 0.6 / height))
+    fig.subplots_adjust(left=max(fig.subplotpars.left, 0.3))  # the case labels are long
     os.makedirs(out_dir, exist_ok=True)
     path = os.path.join(out_dir, f"bench-{slug(device)}.png")
     fig.savefig(path, dpi=110)

@@ -3,7 +3,8 @@
     python bench/summarize.py bench/results/*.json                  # print the table
     python bench/summarize.py FILES... --readme README.md           # replace the table between the README's markers
 
-One row per (device, op, case, dtype): the median time of every implementation, the speed-up of fastmed over each
+One row per (device, op, case, dtype): the median time of every implementation with its 20 % and 80 % quantiles
+(the implementations of a case were timed interleaved in one run), the speed-up of fastmed over each
 baseline (baseline time / fastmed time; > 1 means fastmed is faster), fastmed's peak memory as a fraction of each
 baseline's (< 1 means fastmed uses less), and the share of the copy bandwidth fastmed reached on the bytes the
 operation must move at least.  Which row is "fastmed" and which are baselines: see ``results_io``.
@@ -31,11 +32,14 @@ def table(paths: list[str]) -> str:
     by_case: dict = {}
     for c in comparisons(rows):
         by_case.setdefault((c["device"], c["op"], c["case"], c["dtype"]), []).append(c)
-    lines = ["| op | device | case | dtype | times (ms, median) | fastmed speed-up | fastmed peak memory | "
+    lines = ["| op | device | case | dtype | times (ms: median [20 %, 80 % quantiles]) | fastmed speed-up | "
+             "fastmed peak memory | "
              "fastmed % copy bw |", "|---|---|---|---|---|---|---|---|"]
     for key, impls in cases(rows).items():
         device, op, case, dtype = key
-        times = ", ".join(f"{k} {_fmt(r['ms'])}" for k, r in impls.items())
+        times = ", ".join(f"{k} {_fmt(r['ms'])}" + (f" [{_fmt(r['ms_q20'])}, {_fmt(r['ms_q80'])}]"
+                                                     if r.get("ms_q20") is not None else "")
+                          for k, r in impls.items())
         comps = by_case.get(key, [])
         speed = ", ".join(f"{c['speedup']:.2f}x vs {c['baseline']}" for c in comps) or "n/a"
         mem = ", ".join(f"{c['mem_ratio']:.2f}x of {c['baseline']}" for c in comps if c["mem_ratio"]) or "n/a"
