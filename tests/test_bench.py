@@ -209,3 +209,20 @@ def test_loss_benchmark_rows_count_the_minimum_bytes(tmp_path, monkeypatch):
     assert {r["impl"] for r in tiny} == {"fastmed", "monai"}
     assert all(r["min_bytes"] == 2 * 3 * 64 * 4 + 64 * 8 for r in tiny)  # 2 x fp32 logits + int64 labels
     assert all(r["pct_copy_bw"] > 0 and r["reps"] >= harness.MIN_REPS for r in tiny)
+
+
+def test_device_script_names_existing_files():
+    """The device script parses, and every benchmark and test file it names exists (a rename would otherwise be
+    found on the lent GPU machine; the CI rehearsal runs the script itself)."""
+    import re
+    import subprocess
+
+    script = os.path.join(BENCH, "device_check.sh")
+    subprocess.run(["bash", "-n", script], check=True)
+    text = open(script).read()
+    benches = re.search(r'for name in \$\{BENCHES:-([a-z_ ]+)\}', text).group(1).split()
+    tests = re.search(r"for t in ([a-z_ ]+); do", text).group(1).split()
+    assert benches[:2] == ["losses", "window_attention"] and len(benches) == 6
+    missing = [f"bench/bench_{b}.py" for b in benches if not os.path.exists(os.path.join(BENCH, f"bench_{b}.py"))]
+    missing += [f"tests/test_{t}.py" for t in tests if not os.path.exists(os.path.join(ROOT, "tests", f"test_{t}.py"))]
+    assert not missing and tests[0] == "no_sync", missing
