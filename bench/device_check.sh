@@ -172,7 +172,8 @@ done
 
 step "5. results"
 $PY bench/results_io.py --merge "$OUT/device_check.json" "$TMP" || FAILED+=("merge")
-$PY bench/summarize.py "$OUT/device_check.json" > "$OUT/summary.md" || FAILED+=("summarize")
+$PY bench/summarize.py --targets "$OUT/device_check.json" > "$OUT/summary.md" || FAILED+=("summarize")
+grep -A20 "GPU targets" "$OUT/summary.md"
 head -5 "$OUT/summary.md"
 if $PY -c "import matplotlib" 2>/dev/null; then
   $PY bench/plot.py "$OUT/device_check.json" --out "$OUT/plots" || FAILED+=("plot")

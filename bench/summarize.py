@@ -49,6 +49,48 @@ def table(paths: list[str]) -> str:
     return "\n".join(lines)
 
 
+# Issue 11's GPU targets: (name, op, case, dtype, metric, baseline, bound).  metric: "speedup" (baseline time /
+# fastmed time >= bound), "mem" (fastmed peak memory / baseline's <= bound) or "pct_copy_bw" (fastmed's >= bound).
+TARGETS = [
+    ("norm_act fwd+bwd bf16 2x32x128^3", "norm_act", "instance fwd+bwd cf 2x32x128x128x128", "bfloat16",
+     [("speedup", "eager", 1.5), ("speedup", "torch.compile", 1.2), ("pct_copy_bw", None, 80.0)]),
+    ("DiceCE fwd+bwd (2, 14, 128^3) bf16", "losses", "DiceCELoss 2x14x128x128x128 bfloat16", "bfloat16",
+     [("speedup", "monai", 6.0), ("speedup", "monai-compile", 2.0), ("mem", "monai", 0.3)]),
+    ("Swin-UNet stage-1 window attention fwd+bwd bf16", "window_attention", "swin-unet-56^2 fwd+bwd", "bfloat16",
+     [("speedup", "eager", 4.0), ("speedup", "sdpa", 2.0), ("speedup", "flex", 2.0), ("mem", "eager", 0.5)]),
+]
+
+
+def targets(paths: list[str]) -> str:
+    """Issue 11's GPU targets against the GPU rows of ``paths`` (CUDA-event timings): one line per bound, with the
+    measured value and whether it is met, or 'unmeasured'."""
+    rows = [r for p in paths for r in load_rows(p) if r.get("timer") == "cuda-events" and r.get("ms") is not None]
+    lines = ["| target | bound | measured | met |", "|---|---|---|---|"]
+    for name, op, case, dtype, bounds in TARGETS:
+        impls = {r["impl"]: r for r in rows if r["op"] == op and r["case"] == case and r.get("dtype") == dtype}
+        ours = impls.get("fastmed") or impls.get("fastmed-auto")
+        for metric, baseline, bound in bounds:
+            theirs = impls.get(baseline)
+            value = None
+            if metric == "speedup" and ours and theirs:
+                value = theirs["ms"] / ours["ms"]
+            elif metric == "mem" and ours and theirs and ours.get("peak_mem_mb") and theirs.get("peak_mem_mb"):
+                value = ours["peak_mem_mb"] / theirs["peak_mem_mb"]
+            elif metric == "pct_copy_bw" and ours:
+                value = ours.get("pct_copy_bw")
+            if metric == "speedup":
+                text, ok = f">= {bound}x {baseline}", value is not None and value >= bound
+            elif metric == "mem":
+                text, ok = f"peak memory <= {bound}x {baseline}'s", value is not None and value <= bound
+            else:
+                text, ok = f">= {bound:g}% of the copy bandwidth", value is not None and value >= bound
+            shown = "unmeasured" if value is None else (f"{value:.3g}%" if metric == "pct_copy_bw" else
+                                                        f"{value:.3g}x")
+            met = "n/a" if value is None else ("yes" if ok else "NO")
+            lines.append(f"| {name} | {text} | {shown} | {met} |")
+    return "\n".join(lines)
+
+
 def replace_in_readme(readme: str, text: str) -> None:
     """Put ``text`` between the README's table markers (both must be there, once each)."""
     with open(readme) as fh:
@@ -65,8 +107,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="+", help="results files (.json)")
     parser.add_argument("--readme", default=None, help="rewrite the table in this README instead of printing it")
+    parser.add_argument("--targets", action="store_true", help="also print issue 11's GPU targets, met or not")
     args = parser.parse_args(argv)
     text = table(args.paths)
+    if args.targets and not args.readme:
+        text += "\n\nGPU targets (issue 11):\n\n" + targets(args.paths)
     if args.readme:
         replace_in_readme(args.readme, text)
         print(f"{args.readme}: table of {len(text.splitlines()) - 2} rows from {len(args.paths)} files")

@@ -226,3 +226,21 @@ def test_device_script_names_existing_files():
     missing = [f"bench/bench_{b}.py" for b in benches if not os.path.exists(os.path.join(BENCH, f"bench_{b}.py"))]
     missing += [f"tests/test_{t}.py" for t in tests if not os.path.exists(os.path.join(ROOT, "tests", f"test_{t}.py"))]
     assert not missing and tests[0] == "no_sync", missing
+
+
+def test_targets_met_missed_and_unmeasured(tmp_path):
+    gpu = "NVIDIA H200"
+    case = "DiceCELoss 2x14x128x128x128 bfloat16"
+    rows = [_row("losses", case, "fastmed", 1.0, gpu, mem=100.0, timer="cuda-events"),
+            _row("losses", case, "monai", 8.0, gpu, mem=200.0, timer="cuda-events"),  # 8x: met; memory 0.5x: not
+            _row("losses", case, "monai-compile", 1.5, gpu, timer="cuda-events"),     # 1.5x: not met
+            _row("norm_act", "instance fwd+bwd cf 2x32x128x128x128", "fastmed", 1.0, "cpu", pct=90.0,
+                 timer="cpu-wall-clock")]                                             # a CPU row: not a GPU target
+    path = _write(tmp_path / "r.json", {"runs": [{"op": "losses", "device": gpu}], "rows": rows})
+    lines = summarize.targets([path]).splitlines()
+    dice = [line for line in lines if line.startswith("| DiceCE")]
+    assert dice == ["| DiceCE fwd+bwd (2, 14, 128^3) bf16 | >= 6.0x monai | 8x | yes |",
+                    "| DiceCE fwd+bwd (2, 14, 128^3) bf16 | >= 2.0x monai-compile | 1.5x | NO |",
+                    "| DiceCE fwd+bwd (2, 14, 128^3) bf16 | peak memory <= 0.3x monai's | 0.5x | NO |"]
+    others = [line for line in lines[2:] if not line.startswith("| DiceCE")]
+    assert others and all(line.endswith("| unmeasured | n/a |") for line in others)
