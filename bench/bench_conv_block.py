@@ -171,7 +171,7 @@ def main(argv=None):
         dtypes = [getattr(torch, args.dtype)]
     layouts = (False, True) if on_gpu or args.quick else (False,)
     mm = matmul_tflops(bench)
-    print(f"measured {'bf16' if on_gpu and not args.quick else 'fp32'} matmul {mm:.2f} TFLOP/s")
+    print(f"measured {'bf16' if on_gpu and not args.quick else 'fp32'} matmul {mm:.3g} TFLOP/s")
     warm_kernels(bench.device)
     compile_cache = {}
     for case in cases:

@@ -23,10 +23,14 @@
 #   5. merge every benchmark's rows into $OUT/device_check.json (device, versions, commit, bytes, % of the copy
 #      bandwidth measured in the same run, in every row), $OUT/summary.md (the README table), $OUT/plots/*.png,
 #      and $OUT/_conv_block_choice.py (the conv implementation table measured here).
-# Every step has a time cap and the whole run a deadline (DEADLINE_S, default 510 s); a step that would start with
+# Every step has a time cap and the whole run a deadline (DEADLINE_S, default 480 s, then ~30 s of merging and
+# plotting: about 8.5 minutes in all); a step that would start with
 # less than 10 s left is skipped and says so.
 #
 #   FASTMED_COMMIT=<hash> bash bench/device_check.sh   # on the GPU machine; OUT defaults to bench/results/device
+#       (through the device tool: command "FASTMED_COMMIT=<hash> bash bench/device_check.sh", carry [".whl"],
+#        timeout_s 570; its $OUT comes back: device_check.json, summary.md, device_check.log, gpu_tests.xml,
+#        plots/bench-<gpu>.png, _conv_block_choice.py)
 #   BENCHES="losses norm_act" bash bench/device_check.sh   # a subset (names of bench/bench_<name>.py)
 #   bash bench/device_check.sh --rehearse      # the same script on the CPU: Triton interpreter, tiny shapes, every
 #                                              # step (install as a dry run, GPU tests collected, not run); CI runs it
@@ -54,7 +58,7 @@ if [ "$MODE" = rehearse ]; then
   export FASTMED_BENCH_CASE_S=${FASTMED_BENCH_CASE_S:-1}
 else
   OUT=${OUT:-bench/results/device}
-  DEADLINE_S=${DEADLINE_S:-510}
+  DEADLINE_S=${DEADLINE_S:-480}
   BENCH_ARGS=""
   export FASTMED_BENCH_CASE_S=${FASTMED_BENCH_CASE_S:-2}
 fi
