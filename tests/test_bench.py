@@ -244,3 +244,16 @@ def test_targets_met_missed_and_unmeasured(tmp_path):
                     "| DiceCE fwd+bwd (2, 14, 128^3) bf16 | peak memory <= 0.3x monai's | 0.5x | NO |"]
     others = [line for line in lines[2:] if not line.startswith("| DiceCE")]
     assert others and all(line.endswith("| unmeasured | n/a |") for line in others)
+
+
+def test_loss_benchmark_runs_without_monai(tmp_path, monkeypatch):
+    """The GPU machine has no MONAI unless its wheel is carried: the benchmark must still time fastmed and the
+    written-out nnU-Net peer, leaving the MONAI rows out."""
+    monkeypatch.setenv("FASTMED_BENCH_CASE_S", "0.01")
+    monkeypatch.setitem(sys.modules, "monai", None)
+    monkeypatch.setitem(sys.modules, "monai.losses", None)
+    bench = _module("bench_losses")
+    out = tmp_path / "losses.json"
+    bench.main(["--quick", "--device", "cpu", "--losses", "DiceLoss,nnU-Net", "--out", str(out)])
+    tiny = {(r["loss"], r["impl"]) for r in json.loads(out.read_text())["rows"] if r["shape"] == "1x3x4x4x4"}
+    assert tiny == {("DiceLoss", "fastmed"), ("nnU-Net", "fastmed"), ("nnU-Net", "nnunet")}
