@@ -524,7 +524,8 @@ def _attention_forced_triton(backend):
 # ================================================================================================ distance maps
 # The C++ backend runs where fastmed._C is built (as in test_distance_transform.py).
 DT_BACKENDS = ("reference",) + (("cpp",) if _ext.extension_info()["built"] else ())
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+               torch.uint64) + FLOATS
 
 
 def dt_call(dev, *, shape=(2, 5, 6), spatial_dims=2, mdtype=torch.bool, spacing=None, squared=False, dtype=F32,
