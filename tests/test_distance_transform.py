@@ -194,14 +194,15 @@ def test_boundary_loss_value_and_gradient():
     lab = torch.randint(0, 3, (2, 1, 10, 12), generator=g)
     phi = torch.from_numpy(np.stack([_kervadec(lab[i, 0].numpy(), 3) for i in range(2)]))
     want = (torch.softmax(x, 1)[:, 1:] * phi[:, 1:]).mean()
-    got = BoundaryLoss()(x, lab)
-    pre = BoundaryLoss()(x, dist_maps=signed_distance(lab, 3, dtype=torch.float64))
+    loss = BoundaryLoss(include_background=False, to_onehot_y=True, softmax=True)
+    got = loss(x, lab)
+    pre = loss(x, dist_maps=signed_distance(lab, 3, dtype=torch.float64))
     torch.testing.assert_close(got, want)
     torch.testing.assert_close(pre, want)
     (gw,) = torch.autograd.grad(want, x)
     (gg,) = torch.autograd.grad(got, x)
     torch.testing.assert_close(gg, gw)
-    torch.autograd.gradcheck(lambda t: BoundaryLoss(include_background=True)(t, lab), (x,))
+    torch.autograd.gradcheck(lambda t: BoundaryLoss(to_onehot_y=True, softmax=True)(t, lab), (x,))
 
 
 def test_boundary_loss_matches_monai():
@@ -211,7 +212,7 @@ def test_boundary_loss_matches_monai():
     x = torch.randn(2, 3, 7, 8, 9, generator=g, requires_grad=True)
     lab = torch.randint(0, 3, (2, 1, 7, 8, 9), generator=g)
     for ib in (True, False):
-        a = BoundaryLoss(include_background=ib)(x, lab)
+        a = BoundaryLoss(include_background=ib, softmax=True, to_onehot_y=True)(x, lab)
         b = MonaiBoundaryLoss(include_background=ib, softmax=True, to_onehot_y=True)(x, lab)
         torch.testing.assert_close(a, b)
         torch.testing.assert_close(torch.autograd.grad(a, x)[0], torch.autograd.grad(b, x)[0])
@@ -268,7 +269,7 @@ def test_errors():
     with pytest.raises(ValueError, match="does not match"):
         signed_distance(torch.zeros(1, 2, 4, 4), 3)
     with pytest.raises(ValueError, match="dist_maps must have shape"):
-        BoundaryLoss()(torch.zeros(1, 3, 4, 4), dist_maps=torch.zeros(1, 3, 4, 4))
+        BoundaryLoss(include_background=False)(torch.zeros(1, 3, 4, 4), dist_maps=torch.zeros(1, 3, 4, 4))
     with pytest.raises(ValueError, match=r"integer class labels, which must be shaped \(N, 1, \*spatial\); got shape "
                                          r"\(2, 5, 6, 7\)"):
         signed_distance(torch.randint(0, 3, (2, 5, 6, 7)), 3)  # (N, D, H, W) labels without the channel dim
@@ -318,7 +319,8 @@ def test_single_channel_boundary_loss_matches_monai(backend):
         want = MonaiBoundaryLoss(include_background=False, sigmoid=True)(x, mask.float())
     with fastmed.use_backend(backend):
         for target in (mask, mask.float(), mask.bool()):
-            got = BoundaryLoss(include_background=False, softmax=False, sigmoid=True)(x, target)
+            with pytest.warns(UserWarning, match="single channel prediction, `include_background=False` ignored"):
+                got = BoundaryLoss(include_background=False, sigmoid=True)(x, target)
             torch.testing.assert_close(got, want)
             want_grad = torch.autograd.grad(want, x, retain_graph=True)[0]
             torch.testing.assert_close(torch.autograd.grad(got, x)[0], want_grad)
