@@ -866,7 +866,7 @@ def _check_ds_weights_error(n):
 # ================================================================================================ metrics
 def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_background=False, ignore_empty=True,
                 percentile=None, directed=False, spacing=None, tolerance=1.0, distance_metric="euclidean",
-                ignore_index=None, layouts=None, values=None, over=None, seed=10):
+                ignore_index=None, use_subvoxels=False, layouts=None, values=None, over=None, seed=10):
     g = E.gen(seed)
     lab_p = torch.randint(0, max(C, 2), (B, 1) + spatial, generator=g)
     lab_y = torch.where(torch.rand((B, 1) + spatial, generator=g) < 0.7, lab_p,
@@ -879,7 +879,7 @@ def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_back
     ncls = C if include_background or C == 1 else C - 1
     kw = dict(include_background=include_background, ignore_empty=ignore_empty, percentile=percentile,
               directed=directed, spacing=spacing, tolerance=[tolerance] * ncls, distance_metric=distance_metric,
-              ignore_index=ignore_index)
+              ignore_index=ignore_index, use_subvoxels=use_subvoxels)
     _apply_over(t, kw, over, dev)
 
     def fn(t):
@@ -891,7 +891,8 @@ def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_back
                                               kw["directed"], kw["spacing"], distance_metric=kw["distance_metric"],
                                               ignore_index=kw["ignore_index"])
         return metrics.surface_dice(t["y_pred"], t["y"], kw["tolerance"], kw["include_background"], kw["spacing"],
-                                    distance_metric=kw["distance_metric"], ignore_index=kw["ignore_index"])
+                                    distance_metric=kw["distance_metric"], ignore_index=kw["ignore_index"],
+                                    use_subvoxels=kw["use_subvoxels"])
 
     def oracle(t):
         p, y = t["y_pred"].double(), t["y"].double()
@@ -904,7 +905,7 @@ def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_back
                                                             spacing=kw["spacing"], ignore_index=kw["ignore_index"])
         return monai_metrics.compute_surface_dice(p, y, kw["tolerance"], kw["include_background"],
                                                   kw["distance_metric"], spacing=kw["spacing"],
-                                                  ignore_index=kw["ignore_index"])
+                                                  use_subvoxels=kw["use_subvoxels"], ignore_index=kw["ignore_index"])
 
     return Call(fn, oracle, t, (), F32, tol=dict(atol=1e-5, rtol=1e-5))
 
@@ -943,6 +944,8 @@ def metric_cases():
             T[("config", "ignore_empty_false")] = value_case(b, ignore_empty=False, values=_empty_class(("y",), 1))
         if name == "surface_dice":
             T[("config", "tolerance_0")] = value_case(b, tolerance=0.0)
+            T[("config", "use_subvoxels")] = value_case(b, use_subvoxels=True, spacing=(2.0, 0.5))
+            T[("config", "use_subvoxels_3d")] = value_case(b, use_subvoxels=True, spatial=(4, 5, 6))
         for ii in (1, 255):
             T[("config", f"ignore_index_{ii}")] = value_case(b, ignore_index=ii)
         if name != "dice":

@@ -281,3 +281,28 @@ def test_metric_classes_positional_order_matches_monai():
         for k in ours:
             want = theirs[k].default
             assert ours[k].default == getattr(want, "value", want), (name, k)
+
+
+@pytest.mark.parametrize("shape,spacing", [((9, 11), None), ((9, 11), (1.5, 0.7)), ((5, 6, 7), None),
+                                           ((5, 6, 7), (2.0, 1.0, 0.5))])
+@pytest.mark.parametrize("metric", ["euclidean", "taxicab"])
+def test_surface_dice_subvoxels_against_monai(shape, spacing, metric):
+    """use_subvoxels=True: boundary cells weighted by their contour length (2D) / surface area (3D)."""
+    p, y = _pairs(shape, seed=28)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for include_background in (True, False):
+            nc = 3 if include_background else 2
+            for tol in ([1.0] * nc, [0.0, 2.0, 0.7][:nc]):
+                want = compute_surface_dice(p, y, tol, include_background, metric, spacing, use_subvoxels=True)
+                got = surface_dice(p, y, tol, include_background, spacing, distance_metric=metric,
+                                   use_subvoxels=True)
+                torch.testing.assert_close(got, want, equal_nan=True)
+        # one spacing per item: each item's lengths / areas use its own
+        nd = len(shape)
+        per_item = [[1.0] * nd, [2.0, 0.5, 1.25][:nd], [1.0] * nd, [0.3, 3.0, 0.9][:nd]]
+        want = compute_surface_dice(p, y, [1.0, 2.0], spacing=per_item, use_subvoxels=True)
+        torch.testing.assert_close(surface_dice(p, y, [1.0, 2.0], spacing=per_item, use_subvoxels=True), want,
+                                   equal_nan=True)
+        _run_both(fm.SurfaceDiceMetric([1.0, 1.0], use_subvoxels=True),
+                  mm.SurfaceDiceMetric([1.0, 1.0], use_subvoxels=True), _batches(shape)[:1], spacing=spacing)

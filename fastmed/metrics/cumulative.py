@@ -7,9 +7,8 @@ them to a buffer; ``aggregate(reduction)`` reduces the buffer over its not-NaN v
 MONAI's ``do_metric_reduction``); ``reset()`` empties it.  A call takes a batch-first tensor or a list of
 channel-first tensors (a decollated batch), as MONAI's.
 
-Not supported: ``DiceMetric(per_component=True)`` (raises NotImplementedError), ``use_subvoxels=True`` (raises
-NotImplementedError), and the all-gather across distributed ranks MONAI's ``get_buffer`` performs (each process
-aggregates its own buffer).
+Not supported: ``DiceMetric(per_component=True)`` (raises NotImplementedError), and the all-gather across
+distributed ranks MONAI's ``get_buffer`` performs (each process aggregates its own buffer).
 """
 from __future__ import annotations
 
@@ -196,14 +195,12 @@ class HausdorffDistanceMetric(CumulativeMetric):
 
 class SurfaceDiceMetric(CumulativeMetric):
     """MONAI's ``SurfaceDiceMetric``: per call :func:`fastmed.metrics.surface_dice` of the batch with tolerances
-    ``class_thresholds`` (one per class kept).  Call with ``spacing=`` as MONAI's.  ``use_subvoxels=True`` is not
-    supported (raises NotImplementedError)."""
+    ``class_thresholds`` (one per class kept).  Call with ``spacing=`` as MONAI's."""
 
     def __init__(self, class_thresholds: Sequence[float], include_background: bool = False,
                  distance_metric: str = "euclidean", reduction="mean", get_not_nans: bool = False,
                  use_subvoxels: bool = False, ignore_index: Optional[int] = None):
         super().__init__(reduction, get_not_nans)
-        _check_supported(use_subvoxels, "use_subvoxels")
         self.class_thresholds = class_thresholds
         self.include_background = include_background
         self.distance_metric = check_choice(distance_metric, "distance_metric", DISTANCE_METRICS)
@@ -212,4 +209,5 @@ class SurfaceDiceMetric(CumulativeMetric):
 
     def _compute(self, y_pred: Tensor, y: Tensor, spacing: Spacing = None) -> Tensor:
         return surface_dice(y_pred, y, list(self.class_thresholds), self.include_background, spacing,
-                            distance_metric=self.distance_metric, ignore_index=self.ignore_index)
+                            distance_metric=self.distance_metric, use_subvoxels=self.use_subvoxels,
+                            ignore_index=self.ignore_index)
