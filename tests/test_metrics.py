@@ -306,3 +306,28 @@ def test_surface_dice_subvoxels_against_monai(shape, spacing, metric):
                                    equal_nan=True)
         _run_both(fm.SurfaceDiceMetric([1.0, 1.0], use_subvoxels=True),
                   mm.SurfaceDiceMetric([1.0, 1.0], use_subvoxels=True), _batches(shape)[:1], spacing=spacing)
+
+
+def _messages(fn):
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        fn()
+    return sorted(str(w.message) for w in rec if "is all 0" in str(w.message))
+
+
+@pytest.mark.parametrize("include_background", [True, False])
+@pytest.mark.parametrize("ignore_index", [None, 1, 2])
+def test_empty_class_warnings_match_monai(include_background, ignore_index):
+    """MONAI warns once per (item, class) whose ground truth or prediction is empty (none for ignore_index)."""
+    p, y = _pairs((7, 8), seed=29)
+    nc = 3 if include_background else 2
+    for ours, theirs in (
+            (lambda: hausdorff_distance(p, y, include_background, ignore_index=ignore_index),
+             lambda: compute_hausdorff_distance(p, y, include_background, ignore_index=ignore_index)),
+            (lambda: surface_dice(p, y, 1.0, include_background, ignore_index=ignore_index),
+             lambda: compute_surface_dice(p, y, [1.0] * nc, include_background, ignore_index=ignore_index))):
+        want = _messages(theirs)
+        assert want and _messages(ours) == want
+    single_p, single_y = p[:, 1:2], y[:, 1:2]  # one channel: classes counted from 1 without the background
+    want = _messages(lambda: compute_hausdorff_distance(single_p, single_y, include_background))
+    assert want and _messages(lambda: hausdorff_distance(single_p, single_y, include_background)) == want

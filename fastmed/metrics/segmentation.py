@@ -18,6 +18,7 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import warnings
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -268,6 +269,26 @@ def _reduce(values: Tensor, where: Tensor, percentile: Optional[float]) -> Tenso
     return torch.nanquantile(flat, percentile / 100.0, dim=-1)
 
 
+def _warn_empty(p: Tensor, g: Tensor, include_background: bool, ignore_index: Optional[int]) -> None:
+    """MONAI's warnings for each (b, c) whose ground truth or prediction is empty (classes counted from 1 without
+    the background, even for a single kept channel, as MONAI; none for the class ``ignore_index``).  Reads two
+    (B, C') bool tensors back to the host; nothing on meta tensors."""
+    if p.device.type == "meta":
+        return
+    first = 0 if include_background else 1
+    empty_g, empty_p = (~g.flatten(2).any(-1)).tolist(), (~p.flatten(2).any(-1)).tolist()
+    for row_g, row_p in zip(empty_g, empty_p):
+        for c, (eg, ep) in enumerate(zip(row_g, row_p)):
+            if c + first == ignore_index:
+                continue
+            if eg:
+                warnings.warn(f"the ground truth of class {c + first} is all 0, this may result in nan/inf distance.",
+                              stacklevel=3)
+            if ep:
+                warnings.warn(f"the prediction of class {c + first} is all 0, this may result in nan/inf distance.",
+                              stacklevel=3)
+
+
 def hausdorff_distance(y_pred: Tensor, y: Tensor, include_background: bool = False,
                        percentile: Optional[float] = None, directed: bool = False,
                        spacing: Spacing = None, *, distance_metric: str = "euclidean",
@@ -282,6 +303,7 @@ def hausdorff_distance(y_pred: Tensor, y: Tensor, include_background: bool = Fal
     ``distance_metric``: "euclidean" (with ``spacing``), "chessboard" or "taxicab" (in voxels; ``spacing`` does not
     apply).  ``ignore_index``, as in MONAI's function: the class whose index (counted with the background) equals
     it gets NaN; no voxel is masked (:class:`fastmed.metrics.HausdorffDistanceMetric` masks them, as MONAI's class).
+    An empty ground truth or prediction gives MONAI's warning for its class.
     """
     if percentile is not None and not 0 <= percentile <= 100:
         raise ValueError(f"percentile must be None or in [0, 100], got {percentile}")
@@ -290,6 +312,7 @@ def hausdorff_distance(y_pred: Tensor, y: Tensor, include_background: bool = Fal
         check_int(ignore_index, "ignore_index")
     p, g = _pair(y_pred, y, include_background)
     ep, eg, d_to_g, d_to_p = _surface_distances(p, g, spacing, distance_metric)
+    _warn_empty(p, g, include_background, ignore_index)  # after the checks, as MONAI
     hd = _reduce(d_to_g, ep, percentile)
     if not directed:
         hd = torch.maximum(hd, _reduce(d_to_p, eg, percentile))
@@ -315,7 +338,8 @@ def surface_dice(y_pred: Tensor, y: Tensor, tolerance: Union[float, Sequence[flo
 
     ``use_subvoxels`` (MONAI's): the edges are the boundary cells (2x2 / 2x2x2 voxels) of the masks, each counted
     with the length (2D) or area (3D) of the surface through it for the item's spacing, rather than edge voxels
-    counted once; 3D needs MONAI installed for its surface-area table.
+    counted once; 3D needs MONAI installed for its surface-area table.  An empty ground truth or prediction
+    gives MONAI's warning for its class.
     """
     check_choice(distance_metric, "distance_metric", DISTANCE_METRICS)
     p, g = _pair(y_pred, y, include_background, ignore_mask(y, ignore_index))
@@ -329,6 +353,8 @@ def surface_dice(y_pred: Tensor, y: Tensor, tolerance: Union[float, Sequence[flo
     if len(tols) != p.shape[1]:
         raise ValueError(f"tolerance must be one number or one per class ({p.shape[1]}), got {len(tols)}")
     tol = torch.tensor(tols, dtype=torch.float32, device=p.device)
+    _spacing_per_item(spacing, p.shape[0], p.dim() - 2)  # spacing errors come before the warnings, as in MONAI
+    _warn_empty(p, g, include_background, ignore_index)
     if use_subvoxels:
         return _subvoxel_surface_dice(p, g, tol, spacing, distance_metric)
     ep, eg, d_to_g, d_to_p = _surface_distances(p, g, spacing, distance_metric)
