@@ -283,9 +283,9 @@ def test_metric_classes_positional_order_matches_monai():
             assert ours[k].default == getattr(want, "value", want), (name, k)
 
 
-@pytest.mark.parametrize("shape,spacing", [((9, 11), None), ((9, 11), (1.5, 0.7)), ((5, 6, 7), None),
-                                           ((5, 6, 7), (2.0, 1.0, 0.5))])
-@pytest.mark.parametrize("metric", ["euclidean", "taxicab"])
+@pytest.mark.parametrize("shape,spacing,metric", [((9, 11), None, "euclidean"), ((9, 11), (1.5, 0.7), "euclidean"),
+                                                  ((9, 11), (1.5, 0.7), "taxicab"), ((5, 6, 7), None, "chessboard"),
+                                                  ((5, 6, 7), (2.0, 1.0, 0.5), "euclidean")])
 def test_surface_dice_subvoxels_against_monai(shape, spacing, metric):
     """use_subvoxels=True: boundary cells weighted by their contour length (2D) / surface area (3D)."""
     p, y = _pairs(shape, seed=28)
