@@ -102,12 +102,7 @@ _FEATURES = _backend.Implementations("distance_transform", "fastmed::feature_tra
 def _coordinates(flat: Tensor, sizes: Sequence[int]) -> Tensor:
     """``(len(sizes), *flat.shape)`` int64 coordinates of flat (C-order) indices within maps of ``sizes``; -1
     where ``flat`` is -1."""
-    coords = []
-    rest = flat
-    for size in reversed(sizes):
-        coords.append(rest % size)
-        rest = rest // size
-    out = torch.stack(coords[::-1])
+    out = torch.stack(torch.unravel_index(flat, tuple(sizes)))
     return out.masked_fill_((flat < 0).unsqueeze(0), -1)
 
 
