@@ -7,8 +7,10 @@ them to a buffer; ``aggregate(reduction)`` reduces the buffer over its not-NaN v
 MONAI's ``do_metric_reduction``); ``reset()`` empties it.  A call takes a batch-first tensor or a list of
 channel-first tensors (a decollated batch), as MONAI's.
 
-Not supported: ``DiceMetric(per_component=True)`` (raises NotImplementedError), and the all-gather across
-distributed ranks MONAI's ``get_buffer`` performs (each process aggregates its own buffer).
+Under ``torch.distributed`` (an initialized process group of more than one rank), ``get_buffer`` and so
+``aggregate`` gather the buffers of all ranks first, rank order, as MONAI's do: every rank gets the global result.
+
+Not supported: ``DiceMetric(per_component=True)`` (raises NotImplementedError).
 """
 from __future__ import annotations
 
@@ -16,13 +18,14 @@ from collections.abc import Sequence
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fastmed._validate import check_choice
 from fastmed.metrics.segmentation import DISTANCE_METRICS, Spacing, dice, hausdorff_distance, ignore_mask, surface_dice
 
 __all__ = ["METRIC_REDUCTIONS", "CumulativeMetric", "DiceMetric", "HausdorffDistanceMetric", "SurfaceDiceMetric",
-           "metric_reduction"]
+           "all_gather_rows", "metric_reduction"]
 
 METRIC_REDUCTIONS = ("none", "mean", "sum", "mean_batch", "sum_batch", "mean_channel", "sum_channel")
 
@@ -60,6 +63,26 @@ def metric_reduction(f: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor
     if reduction.startswith("sum"):
         return total, count
     return torch.where(count > 0, total / count, zero), count
+
+
+def all_gather_rows(data: Tensor) -> Tensor:
+    """``data`` ``(n_rank, *rest)`` of every rank concatenated in rank order (MONAI's
+    ``evenly_divisible_all_gather``: rows padded to the longest rank for the collective, then trimmed); ``data``
+    itself outside an initialized process group of more than one rank.  Every rank must call it, with the same
+    ``rest`` shape and dtype.  With the NCCL backend the collective runs on the current CUDA device."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return data
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else torch.device("cpu")
+    local = data.to(device)
+    lengths = [torch.zeros(1, dtype=torch.int64, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(lengths, torch.tensor([local.shape[0]], dtype=torch.int64, device=device))
+    counts = [int(n.item()) for n in lengths]
+    longest = max(counts)
+    if local.shape[0] < longest:
+        local = torch.cat([local, local.new_zeros((longest - local.shape[0],) + tuple(local.shape[1:]))])
+    gathered = [torch.empty_like(local) for _ in counts]
+    dist.all_gather(gathered, local)
+    return torch.cat([g[:n] for g, n in zip(gathered, counts)]).to(data.device)
 
 
 class CumulativeMetric:
@@ -107,8 +130,9 @@ class CumulativeMetric:
         return len(self._buffer)
 
     def get_buffer(self) -> Optional[Tensor]:
-        """Every value since the last reset, ``(total B, C')`` (a copy), or None when empty."""
-        return torch.stack(self._buffer) if self._buffer else None
+        """Every value since the last reset, ``(total B, C')`` (a copy), or None when empty; under
+        ``torch.distributed``, those of every rank (:func:`all_gather_rows`)."""
+        return all_gather_rows(torch.stack(self._buffer)) if self._buffer else None
 
     def aggregate(self, reduction=None):
         """:func:`metric_reduction` of the buffer (``reduction`` defaults to the constructor's); with
