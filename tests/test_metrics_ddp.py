@@ -1,7 +1,6 @@
 """Metric classes under torch.distributed (two CPU processes on gloo): aggregate() sees every rank's values, as
 MONAI's (which all-gather their buffers), including ranks with different numbers of items."""
 import os
-import socket
 import warnings
 
 import pytest
@@ -29,27 +28,21 @@ def _metrics():
             "hd": HausdorffDistanceMetric(percentile=95, reduction="mean")}
 
 
-def _worker(rank, port, out_dir):
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
-    try:
-        p, y = _inputs()
-        lo = sum(SPLIT[:rank])
-        mine = slice(lo, lo + SPLIT[rank])
-        result = {}
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            for name, metric in _metrics().items():
-                metric(p[mine], y[mine])
-                result[name] = (metric.aggregate(), metric.get_buffer())
-        torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _worker(rank, out_dir):
+    """One rank: its share of the items through each metric, then aggregate() and the (gathered) buffer."""
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(out_dir, 'store')}", rank=rank,
+                            world_size=WORLD)
+    p, y = _inputs()
+    lo = sum(SPLIT[:rank])
+    mine = slice(lo, lo + SPLIT[rank])
+    result = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for name, metric in _metrics().items():
+            metric(p[mine], y[mine])
+            result[name] = (metric.aggregate(), metric.get_buffer())
+    dist.destroy_process_group()
+    torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -57,7 +50,7 @@ def test_metric_classes_gather_across_ranks(tmp_path):
     from monai.metrics import DiceMetric as MonaiDiceMetric  # here: the spawned ranks need not import MONAI
     from monai.metrics import HausdorffDistanceMetric as MonaiHD
 
-    mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(str(tmp_path),), nprocs=WORLD, join=True)
     p, y = _inputs()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
