@@ -103,8 +103,10 @@ def test_errors():
         hausdorff_distance(p, p, percentile=101)
     with pytest.raises(ValueError, match="tolerance"):
         surface_dice(p, p, [1.0, 2.0, 3.0])
-    with pytest.raises(ValueError, match="one-hot"):
+    with pytest.raises(ValueError, match=r"y_pred must be \(B, C, \*spatial\)"):
         dice(torch.zeros(4, 4), torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="one-hot"):
+        surface_dice(torch.zeros(4, 4), torch.zeros(4, 4), 1.0)
 
 
 @pytest.mark.parametrize("shape", [(9, 11), (5, 6, 7)])
@@ -331,3 +333,17 @@ def test_empty_class_warnings_match_monai(include_background, ignore_index):
     single_p, single_y = p[:, 1:2], y[:, 1:2]  # one channel: classes counted from 1 without the background
     want = _messages(lambda: compute_hausdorff_distance(single_p, single_y, include_background))
     assert want and _messages(lambda: hausdorff_distance(single_p, single_y, include_background)) == want
+
+
+@pytest.mark.parametrize("shape", [(12,), (3, 4, 5, 6)])
+def test_dice_any_rank_against_monai(shape):
+    """Dice has no spatial-rank limit in MONAI (1D signals, 4D volumes); the surface metrics need 2D or 3D."""
+    p, y = _pairs(shape, seed=30)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.testing.assert_close(dice(p, y), compute_dice(p, y), equal_nan=True)
+        _run_both(fm.DiceMetric(), mm.DiceMetric(), [(p, y)])
+    with pytest.raises(ValueError, match=r"y must be \(B, C, \*spatial\)"):
+        dice(p, y.flatten(1))
+    with pytest.raises(ValueError, match="one-hot"):
+        hausdorff_distance(p, y)

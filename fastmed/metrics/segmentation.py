@@ -37,11 +37,15 @@ DISTANCE_METRICS = ("euclidean",) + CHAMFER_METRICS
 Spacing = Union[None, float, Sequence[float], Sequence[Union[float, Sequence[float]]], Tensor]
 
 
-def _check_pair(y_pred: Tensor, y: Tensor) -> None:
+def _check_pair(y_pred: Tensor, y: Tensor, any_rank: bool = False) -> None:
+    """Tensors of 4 or 5 dims (2D / 3D images); with ``any_rank`` (Dice, as MONAI's) any ``(B, C, *spatial)``."""
     for name, t in (("y_pred", y_pred), ("y", y)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() not in (4, 5):
+        if any_rank and t.dim() < 3:
+            raise ValueError(f"{name} must be (B, C, *spatial) with at least one spatial dim, got shape "
+                             f"{tuple(t.shape)}")
+        if not any_rank and t.dim() not in (4, 5):
             raise ValueError(f"{name} must be one-hot (B, C, H, W) or (B, C, D, H, W), got shape {tuple(t.shape)}")
 
 
@@ -103,8 +107,10 @@ def dice(y_pred: Tensor, y: Tensor, include_background: bool = True, ignore_empt
         num_classes: the number of classes including the background; None means ``y_pred.shape[1]``.  Needed for
             class-index ``y_pred``.
         ignore_index: voxels to leave out of every class's score (:func:`ignore_mask`).
+
+    Any number of spatial dims (as MONAI's), unlike the surface metrics (2D and 3D).
     """
-    _check_pair(y_pred, y)
+    _check_pair(y_pred, y, any_rank=True)
     classes = y_pred.shape[1] if num_classes is None else check_int(num_classes, "num_classes", 1)
     mask = ignore_mask(y, ignore_index)
     p, g = _one_hot(y_pred, classes, "y_pred"), _one_hot(y, classes, "y")
