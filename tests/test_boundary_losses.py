@@ -131,3 +131,11 @@ def test_shape_errors_name_the_argument():
         fn.BoundaryLoss()(x, torch.zeros(2, 1, 5, 6))
     with pytest.raises(ValueError, match=r"target must have shape \(2, 1, 5, 6\)"):
         fn.HausdorffDTLoss(to_onehot_y=True)(x, torch.zeros(2, 3, 5, 6))
+
+
+def test_boundary_loss_nan_target_is_an_error():
+    """The target enters only through the maps, where a threshold would turn NaN into background silently."""
+    x, _, onehot = _data((5, 6), 3, seed=9)
+    onehot[0, 1, 2, 2] = float("nan")
+    with pytest.raises(ValueError, match="target holds NaN"):
+        fn.BoundaryLoss()(x, onehot)

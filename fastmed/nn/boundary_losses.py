@@ -130,6 +130,8 @@ class BoundaryLoss(nn.Module):
                 lab = target if not target.is_floating_point() else target.long()  # MONAI's one_hot casts too
                 dist_maps = signed_distance(lab, n, self.spacing, include_background=first == 0)
             else:
+                if target.is_floating_point() and bool(target.isnan().any()):
+                    raise ValueError("target holds NaN; the boundary maps need a one-hot target (thresholded at 0.5)")
                 mask = target if target.dtype == torch.bool else target > 0.5
                 dist_maps = signed_distance(mask[:, first:], spacing=self.spacing, include_background=True)
         expected = (input.shape[0], n - first) + tuple(input.shape[2:])
