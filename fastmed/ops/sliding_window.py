@@ -8,10 +8,11 @@ inference (:mod:`fastmed.inference` runs the windows), fused.
   :func:`fastmed.reference.sliding_window.window_normalizer`), then ``buffer / norm`` in place or into a result of
   another dtype, or the argmax over channels into ``uint8`` labels; optionally zeroing the rows read.
 
-Registered as the torch.library ops ``fastmed::sliding_window_accumulate`` and ``fastmed::sliding_window_finalize``
-(``triton_op``, mutating their buffers, returning nothing).  Inference only: no autograd.  Backends: ``triton``
-(kernels/sliding_window.py) and ``reference`` (fastmed/reference/sliding_window.py, in-place torch: the CPU
-path, one ``addcmul_`` per window).
+Registered as the torch.library ops ``fastmed::sliding_window_accumulate`` (``triton_op``) and
+``fastmed::sliding_window_finalize`` (``custom_op`` with a fake implementation: its reference body reads the
+window starts as Python ints), mutating their buffers, returning nothing.  Inference only: no autograd.
+Backends: ``triton`` (kernels/sliding_window.py) and ``reference`` (fastmed/reference/sliding_window.py, in-place
+torch: the CPU path, one ``addcmul_`` per window).
 """
 from __future__ import annotations
 
@@ -50,12 +51,20 @@ def _accumulate_op(buffer: Tensor, patches: Tensor, weight: Tensor, origins: lis
     _ACCUMULATE[backend](buffer, patches, weight, origins)
 
 
-@triton_op("fastmed::sliding_window_finalize", mutates_args=("buffer", "result"))
+@torch.library.custom_op("fastmed::sliding_window_finalize", mutates_args=("buffer", "result"))
 def _finalize_op(buffer: Tensor, result: Optional[Tensor], table: Tensor, starts_z: Tensor, starts_y: Tensor,
                  first_z: Tensor, count_z: Tensor, first_y: Tensor, count_y: Tensor, window_z: int, window_y: int,
                  z_lo: int, z_hi: int, output: str, zero_buffer: bool, backend: str) -> None:
     norm = WindowNormalizer(table, starts_z, starts_y, first_z, count_z, first_y, count_y)
     _FINALIZE[backend](buffer, norm, (window_z, window_y), z_lo, z_hi, result, output, zero_buffer)
+
+
+@_finalize_op.register_fake
+def _(buffer, result, table, starts_z, starts_y, first_z, count_z, first_y, count_y, window_z, window_y, z_lo, z_hi,
+      output, zero_buffer, backend) -> None:
+    """Nothing to compute on fake tensors: the op only writes into its arguments.  (A ``custom_op``, opaque to
+    torch.compile, rather than a ``triton_op``: the reference body reads the window starts as Python ints, which
+    traced tensors do not have.)"""
 
 
 def _call(op, *args) -> None:
