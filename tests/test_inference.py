@@ -14,6 +14,7 @@ from fastmed.inference import sliding_window_inference
 
 monai_inferers = pytest.importorskip("monai.inferers")
 monai_swi = monai_inferers.sliding_window_inference
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one thread is faster here
 
 F64 = dict(rtol=1e-12, atol=1e-12)
 F32 = dict(rtol=1e-5, atol=1e-5)

@@ -17,6 +17,7 @@ from fastmed.ops import sliding_window_accumulate, sliding_window_finalize
 from fastmed.reference import sliding_window as ref
 
 BACKENDS = ("reference", "triton")
+pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one thread is faster here
 
 
 def _gen(seed):
