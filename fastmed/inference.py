@@ -698,7 +698,10 @@ def main(argv: Optional[list] = None) -> int:
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda was asked for but CUDA is not available here")
-    model, ckpt = load_checkpoint(args.model)
+    try:
+        model, ckpt = load_checkpoint(args.model)
+    except ValueError as exc:
+        parser.error(f"--model: {exc}")
     model = model.to(device)
     img = nib.load(args.input)
     data = torch.as_tensor(img.get_fdata(dtype="float32"))
