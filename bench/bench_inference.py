@@ -8,9 +8,11 @@ Cases (full shapes; ``--quick`` shrinks them for the CPU):
     swinunetr      MONAI's SwinUNETR (feature_size 48, 14 classes; fastmed.models has no SwinUNETR, so MONAI's
                    network serves both implementations), 96^3 windows, overlap 0.5, Gaussian
 Implementations, one run, same network and inputs:
+    network-only            the network on every window, nothing blended (what blending adds to)
     monai                   monai.inferers.sliding_window_inference
     monai+argmax            the same, then ``argmax(1)`` (what ``output="labels"`` replaces)
     fastmed                 fastmed.inference.sliding_window_inference (MONAI's result, float32)
+    fastmed-fp16-buffer     ``buffer_dtype=torch.float16``: float16 accumulation and result
     fastmed-labels          ``output="labels"``: uint8 argmax taken on the fly
 Reported per row: time (median, 20/80 %), peak memory: on CUDA the harness's peak of the whole call; on every
 device ``tracked_peak_mb``, the largest sum of tensor storages created by the call and alive at once (a dispatch
@@ -37,6 +39,7 @@ from harness import Bench, add_common_args  # noqa: E402
 
 from fastmed.inference import sliding_window_inference  # noqa: E402
 from fastmed.models import UNet  # noqa: E402
+from fastmed.reference.sliding_window import monai_grid  # noqa: E402
 
 
 class TrackedPeak(TorchDispatchMode):
@@ -79,6 +82,14 @@ def tracked_peak(fn) -> int:
     with torch.no_grad(), TrackedPeak() as mode:
         fn()
     return mode.peak
+
+
+def network_only(net, x: torch.Tensor, grid, sw_batch_size: int) -> None:
+    """The predictor on every window of ``grid`` (MONAI's and fastmed's windows), outputs dropped: the time of
+    the network alone, to which the blending of the other rows adds."""
+    for start in range(0, grid.num_windows, sw_batch_size):
+        idx = range(start, min(start + sw_batch_size, grid.num_windows))
+        net(torch.cat([x[(slice(None), slice(None)) + grid.slices(i)] for i in idx]))
 
 
 def _cases(quick: bool, device):
@@ -132,10 +143,14 @@ def main(argv=None) -> int:
         net = build().to(dev).eval()
         x = torch.randn(shape, generator=g).to(dev)
         common = (roi, args.sw_batch_size, net, args.overlap, "gaussian")
+        grid = monai_grid(tuple(shape[2:]), roi, (args.overlap,) * 3)
         impls = {
+            "network-only": lambda x=x, net=net, grid=grid: network_only(net, x, grid, args.sw_batch_size),
             "monai": lambda x=x, common=common: monai_swi(x, *common),
             "monai+argmax": lambda x=x, common=common: monai_swi(x, *common).argmax(1, keepdim=True),
             "fastmed": lambda x=x, common=common: sliding_window_inference(x, *common),
+            "fastmed-fp16-buffer": lambda x=x, common=common: sliding_window_inference(x, *common,
+                                                                                       buffer_dtype=torch.float16),
             "fastmed-labels": lambda x=x, common=common: sliding_window_inference(x, *common, output="labels"),
         }
         with torch.no_grad():
@@ -162,10 +177,14 @@ def main(argv=None) -> int:
             bench.run(name=name, fn=call, case=case, dtype=x.dtype, shape=tuple(x.shape), extra=extra)
             print(f"  {'':<40} {'':<22} tracked peak {peaks[name]:.1f} MB"
                   + (f" ({extra['peak_vs_monai']:.3f}x monai)" if "peak_vs_monai" in extra else ""))
+        t = {r["impl"]: r.get("ms") for r in bench.rows if r["case"] == case}
         for impl in ("fastmed", "fastmed-labels"):
             r = bench.ratios(case, "monai", against=impl)
             if r is not None:
                 print(f"  {case}: {impl} speed-up over monai: {r:.2f}x")
+            if t.get(impl) and t.get("network-only"):
+                share = (t[impl] - t["network-only"]) / t["network-only"]
+                print(f"  {case}: {impl} time beyond the network: {100 * share:.1f}% of the network's")
         del net, x
     bench.save(args.out)
     return 0
