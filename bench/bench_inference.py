@@ -169,7 +169,8 @@ def main(argv=None) -> int:
         for name, fn in impls.items():
             peaks[name] = tracked_peak(fn) / 2**20
             extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
-                                    f"{args.sw_batch_size}", "tracked_peak_mb": round(peaks[name], 2),
+                                    f"{args.sw_batch_size}", "threads": torch.get_num_threads(),
+                     "tracked_peak_mb": round(peaks[name], 2),
                      "max_abs_diff_vs_monai": diff, "labels_agree_pct": round(100 * same_labels, 4)}
             if name != "monai" and peaks.get("monai"):
                 extra["peak_vs_monai"] = round(peaks[name] / peaks["monai"], 3)
