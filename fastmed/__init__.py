@@ -8,7 +8,7 @@
         ...
     print(fastmed.info())                                        # what runs here, and why
 """
-from fastmed import convert, metrics, models, nn, ops, reference  # noqa: F401  (ops registers the ops)
+from fastmed import convert, inference, metrics, models, nn, ops, reference  # noqa: F401  (ops registers the ops)
 from fastmed._backend import BackendUnavailableError, use_backend
 from fastmed._version import __version__
 from fastmed.patch import patch  # noqa: F401  (fastmed.patch(model))

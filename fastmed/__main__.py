@@ -33,12 +33,17 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("names", nargs="*", default=["norm_act"], help="benchmark names (default: norm_act)")
     b.add_argument("--quick", action="store_true", help="small shapes, few repeats")
     sub.add_parser("demo", add_help=False, help="train a small 3D U-Net on synthetic phantoms (see demo --help)")
+    sub.add_parser("predict", add_help=False, help="segment a NIfTI volume with a checkpoint (see predict --help)")
     if argv is None:
         argv = sys.argv[1:]
     if argv and argv[0] == "demo":
         from fastmed.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "predict":
+        from fastmed.inference import main as predict_main
+
+        return predict_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "info":
         import fastmed

@@ -321,8 +321,10 @@ def _save_png(path: str, losses: list, dices: list, class_names: list, image, la
 
 
 def train(images, labels, class_names, *, epochs: int, batch_size: int, features, lr: float, device: torch.device,
-          seed: int, out: Optional[str], quiet: bool = False) -> dict:
-    """Train and validate; returns ``{"losses", "dices", "seconds", "png"}``."""
+          seed: int, out: Optional[str], quiet: bool = False, preprocessing: Optional[dict] = None) -> dict:
+    """Train and validate; returns ``{"losses", "dices", "seconds", "png", "checkpoint"}``.  With ``out``, the model
+    is saved as ``out/fastmed_demo.pt`` (:func:`fastmed.inference.save_checkpoint`; ``preprocessing``: its
+    ``normalize``/``resize`` entries, default none) for ``python -m fastmed predict``."""
     from fastmed.models import UNet
     from fastmed.nn import DiceCELoss
 
@@ -386,7 +388,17 @@ def train(images, labels, class_names, *, epochs: int, batch_size: int, features
             png = os.path.join(out, "fastmed_demo.png")
             _save_png(png, losses, dices, class_names, x_va[0, 0].float().cpu(), y_va[0, 0].cpu(), pred[0].cpu())
             say(f"wrote {png}")
-    return {"losses": losses, "dices": dices, "seconds": seconds, "png": png}
+    ckpt = None
+    if out:
+        from fastmed.inference import save_checkpoint
+
+        os.makedirs(out, exist_ok=True)
+        ckpt = save_checkpoint(os.path.join(out, "fastmed_demo.pt"), model, (3, images.shape[1], num_classes),
+                               dict(features=list(features), strides=list(strides), norm="instance",
+                                    act="leaky_relu"), classes=class_names, roi_size=list(images.shape[2:]),
+                               **(preprocessing or {}))
+        say(f"wrote {ckpt} (python -m fastmed predict --model {ckpt} --input volume.nii.gz --out seg.nii.gz)")
+    return {"losses": losses, "dices": dices, "seconds": seconds, "png": png, "checkpoint": ckpt}
 
 
 def main(argv: Optional[list] = None) -> int:
@@ -431,7 +443,8 @@ def main(argv: Optional[list] = None) -> int:
     torch.set_num_threads(args.threads or max(1, min(4, (os.cpu_count() or 2) // 2)))
     try:
         result = train(images, labels, names, epochs=epochs, batch_size=batch, features=features, lr=3e-3,
-                       device=device, seed=args.seed, out=args.out)
+                       device=device, seed=args.seed, out=args.out,
+                       preprocessing=dict(normalize="zscore", resize=[images.shape[2]] * 3) if args.data else None)
     finally:
         torch.set_num_threads(threads_before)
     mean = [sum(d) / len(d) for d in result["dices"]]

@@ -1421,9 +1421,71 @@ def patch_cases():
     return _cases_for("patch", ("reference",), T)
 
 
+def _sw_check(bk, *, shape=(1, 2, 9, 7), roi=(4, 5), dtype=F64, layout=None, output="values", nan=False,
+              overlap=0.5, mode="gaussian"):
+    """``fastmed.inference.sliding_window_inference`` against MONAI's on float64 (or its argmax), inputs
+    untouched, two runs bit-equal."""
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    from fastmed.inference import sliding_window_inference
+
+    mix = _randn((3, shape[1]), E.gen(41))
+    maps = {}
+
+    def net(w):  # a 1x1 channel mix plus a fixed map of the window's shape: overlapping windows disagree
+        key = tuple(w.shape[2:])
+        maps.setdefault(key, _randn((3,) + key, E.gen(42)))
+        return torch.einsum("kc...,oc->ko...", w, mix.to(w)) + maps[key].to(w)
+
+    x64 = _randn(shape, E.gen(43))
+    if nan:
+        x64.view(-1)[5] = math.nan
+    x = lay(x64.to(E.device_of(bk), dtype), layout)
+    snap = x.clone()
+    with torch.no_grad(), fastmed.use_backend(bk):
+        got = sliding_window_inference(x, roi, 3, net, overlap, mode, output=output)
+        again = sliding_window_inference(x, roi, 3, net, overlap, mode, output=output)
+        want = monai_swi(x64, roi, 3, net, overlap, mode)
+    assert torch.equal(x.isnan(), snap.isnan()) and torch.equal(x.nan_to_num(), snap.nan_to_num()), "input modified"
+    E.assert_bit_equal(got, again, "output")
+    if output == "labels":
+        assert got.dtype == torch.uint8 and torch.equal(got.cpu().long(), want.argmax(1, keepdim=True))
+    else:
+        assert got.dtype == dtype
+        E.assert_close(got, want, E.TOL[dtype], "output")
+
+
+def sliding_window_cases():
+    from fastmed.inference import sliding_window_inference
+
+    def bad(pattern, types=ValueError, **kw):
+        args = dict(inputs=torch.zeros(1, 1, 6, 6), roi_size=(4, 4), sw_batch_size=1, predictor=lambda w: w)
+        args.update(kw)
+        return lambda bk: _check_raises(lambda: sliding_window_inference(*[args.pop(k) for k in (
+            "inputs", "roi_size", "sw_batch_size", "predictor")], **args), types, pattern)
+
+    T = {("value", "monai_2d_gaussian"): (lambda bk: _sw_check(bk), TRITON),
+         ("config", "labels_3d"): (lambda bk: _sw_check(bk, shape=(2, 1, 7, 6, 5), roi=(4, 3, 4),
+                                                         output="labels"), TRITON),
+         ("config", "roi_larger_than_image_constant"): lambda bk: _sw_check(bk, roi=(12, 4), mode="constant"),
+         ("config", "overlap_0_1d"): lambda bk: _sw_check(bk, shape=(1, 1, 17), roi=(5,), overlap=0.0),
+         ("layout", "x_noncontiguous"): lambda bk: _sw_check(bk, layout="noncontiguous"),
+         ("layout", "x_channels_last"): lambda bk: _sw_check(bk, shape=(1, 2, 6, 7, 5), roi=(4, 4, 4),
+                                                             layout="channels_last"),
+         ("dtype", "float32"): lambda bk: _sw_check(bk, dtype=F32),
+         ("dtype", "float16"): lambda bk: _sw_check(bk, dtype=F16),
+         ("size", "size1_axis"): lambda bk: _sw_check(bk, shape=(1, 1, 1, 9), roi=(1, 4)),
+         ("nonfinite", "nan_input"): lambda bk: _sw_check(bk, nan=True),
+         ("bad", "overlap_1"): bad(r"overlap", overlap=1.0),
+         ("bad", "roi_rank"): bad(r"roi_size", roi_size=(4, 4, 4)),
+         ("bad", "int_inputs"): bad(r"inputs", TypeError, inputs=torch.zeros(1, 1, 6, 6, dtype=torch.int32)),
+         ("bad", "labels_one_channel"): bad(r"labels", output="labels")}
+    return _cases_for("sliding_window", ("reference",), T)
+
+
 CASES = (norm_act_cases() + conv_cases() + window_attention_cases() + attention_cases() + distance_transform_cases()
          + signed_distance_cases() + loss_cases() + deep_supervision_cases() + metric_cases() + module_cases()
-         + model_cases() + convert_cases() + patch_cases())
+         + model_cases() + convert_cases() + patch_cases() + sliding_window_cases())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one intra-op thread is several times faster

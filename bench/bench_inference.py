@@ -1,0 +1,199 @@
+"""Whole-volume sliding-window inference: fastmed vs MONAI ``sliding_window_inference`` with the same network.
+
+Cases (full shapes; ``--quick`` shrinks them for the CPU):
+    accumulation   the blending alone: a 1x1x1 convolution as the network (C = 3 and 14 classes), volume
+                   1x1x256x256x192, 96^3 windows, overlap 0.5, Gaussian blending
+    unet           UNet.nnunet((128,)*3) (PlainConvUNet, 3 classes, deep supervision off), same volume, 128^3
+                   windows, overlap 0.5, Gaussian
+    swinunetr      MONAI's SwinUNETR (feature_size 48, 14 classes; fastmed.models has no SwinUNETR, so MONAI's
+                   network serves both implementations), 96^3 windows, overlap 0.5, Gaussian
+Implementations, one run, same network and inputs:
+    network-only            the network on every window, nothing blended (what blending adds to)
+    monai                   monai.inferers.sliding_window_inference
+    monai+argmax            the same, then ``argmax(1)`` (what ``output="labels"`` replaces)
+    fastmed                 fastmed.inference.sliding_window_inference (MONAI's result, float32)
+    fastmed-fp16-buffer     ``buffer_dtype=torch.float16``: float16 accumulation and result
+    fastmed-labels          ``output="labels"``: uint8 argmax taken on the fly
+Reported per row: time (median, 20/80 %), peak memory: on CUDA the harness's peak of the whole call; on every
+device ``tracked_peak_mb``, the largest sum of tensor storages created by the call and alive at once (a dispatch
+mode sees every allocation: buffers, window predictions, network activations), and for the ``accumulation`` case
+the ratio of fastmed's to MONAI's.  The first rows check that fastmed's values equal MONAI's (max abs difference)
+and its labels MONAI's argmax.
+
+    python bench/bench_inference.py            # GPU (or CPU) at full shapes
+    python bench/bench_inference.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import sys
+
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from harness import Bench, add_common_args  # noqa: E402
+
+from fastmed.inference import sliding_window_inference  # noqa: E402
+from fastmed.models import UNet  # noqa: E402
+from fastmed.reference.sliding_window import monai_grid  # noqa: E402
+
+
+class TrackedPeak(TorchDispatchMode):
+    """Peak bytes of the tensor storages that ops inside the block allocate, alive at the same time.
+
+    An op's output counts when its storage is not one of its inputs' (views and in-place results do not
+    allocate); a storage stops counting when it is freed (checked before each op).  Storages made before the
+    block (the inputs) never count; what the block returns counts until the end."""
+
+    def __enter__(self):
+        self.live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = self.peak = 0
+        return super().__enter__()
+
+    def _sweep(self) -> None:
+        for key, (ref, nbytes) in list(self.live.items()):
+            if ref.expired():
+                del self.live[key]
+                self.current -= nbytes
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._sweep()
+        inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):
+            if not isinstance(t, torch.Tensor):
+                continue
+            storage = t.untyped_storage()
+            key = storage.data_ptr()
+            if key in inputs or key in self.live or storage.nbytes() == 0:
+                continue
+            self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+            self.current += storage.nbytes()
+            self.peak = max(self.peak, self.current)
+        return out
+
+
+def tracked_peak(fn) -> int:
+    """Bytes: the peak of :class:`TrackedPeak` over one call of ``fn``."""
+    with torch.no_grad(), TrackedPeak() as mode:
+        fn()
+    return mode.peak
+
+
+def network_only(net, x: torch.Tensor, grid, sw_batch_size: int) -> None:
+    """The predictor on every window of ``grid`` (MONAI's and fastmed's windows), outputs dropped: the time of
+    the network alone, to which the blending of the other rows adds."""
+    for start in range(0, grid.num_windows, sw_batch_size):
+        idx = range(start, min(start + sw_batch_size, grid.num_windows))
+        net(torch.cat([x[(slice(None), slice(None)) + grid.slices(i)] for i in idx]))
+
+
+def _cases(quick: bool, device):
+    """(case, network factory, input shape, roi, classes) per case."""
+    vol = (1, 1, 64, 64, 48) if quick else (1, 1, 256, 256, 192)
+    roi_small = (32,) * 3 if quick else (96,) * 3
+    roi_unet = (32,) * 3 if quick else (128,) * 3
+    out = []
+    for classes in (3, 14):
+        out.append((f"accumulation-c{classes}", lambda c=classes: torch.nn.Conv3d(1, c, 1), vol, roi_small, classes))
+    out.append(("unet", lambda: UNet.nnunet(roi_unet, in_channels=1, out_channels=3, deep_supervision=False,
+                                            **(dict(features=(8, 16, 32, 64)) if quick else {})),
+                vol, roi_unet, 3))
+    try:
+        from monai.networks.nets import SwinUNETR
+    except ImportError:
+        return out
+    if importlib.util.find_spec("einops") is None:  # MONAI's SwinUNETR needs it at forward time
+        print("  swinunetr: skipped (MONAI's SwinUNETR needs einops, which is not installed)")
+        return out
+
+    def swin():
+        return SwinUNETR(in_channels=1, out_channels=14, feature_size=12 if quick else 48, spatial_dims=3)
+
+    out.append(("swinunetr", swin, vol, roi_small, 14))
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    parser.add_argument("--cases", default="accumulation,unet,swinunetr",
+                        help="comma-separated prefixes: accumulation, unet, swinunetr")
+    parser.add_argument("--sw-batch-size", type=int, default=2)
+    parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--reps", type=int, default=None, help="timed runs per row (default 3 quick, 5 full)")
+    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 quick, 2 full)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from monai.inferers import sliding_window_inference as monai_swi
+
+    bench = Bench("inference", quick=args.quick, device=args.device, reps=args.reps or (3 if args.quick else 5),
+                  warmup=args.warmup or (1 if args.quick else 2))
+    dev = bench.device
+    print(f"device: {bench.env['device']}; sw_batch_size {args.sw_batch_size}, overlap {args.overlap}, gaussian")
+    wanted = args.cases.split(",")
+    g = torch.Generator().manual_seed(0)
+    for case, build, shape, roi, classes in _cases(args.quick, dev):
+        if not any(case.startswith(w) for w in wanted):
+            continue
+        torch.manual_seed(0)
+        net = build().to(dev).eval()
+        x = torch.randn(shape, generator=g).to(dev)
+        common = (roi, args.sw_batch_size, net, args.overlap, "gaussian")
+        grid = monai_grid(tuple(shape[2:]), roi, (args.overlap,) * 3)
+        impls = {
+            "network-only": lambda x=x, net=net, grid=grid: network_only(net, x, grid, args.sw_batch_size),
+            "monai": lambda x=x, common=common: monai_swi(x, *common),
+            "monai+argmax": lambda x=x, common=common: monai_swi(x, *common).argmax(1, keepdim=True),
+            "fastmed": lambda x=x, common=common: sliding_window_inference(x, *common),
+            "fastmed-fp16-buffer": lambda x=x, common=common: sliding_window_inference(x, *common,
+                                                                                       buffer_dtype=torch.float16),
+            "fastmed-labels": lambda x=x, common=common: sliding_window_inference(x, *common, output="labels"),
+        }
+        with torch.no_grad():
+            want, got = impls["monai"](), impls["fastmed"]()
+            labels = impls["fastmed-labels"]()
+            same_labels = (labels.long() == want.argmax(1, keepdim=True)).float().mean().item()
+            diff = (got - want).abs().max().item()
+            del want, got, labels
+        print(f"  {case}: max |fastmed - monai| = {diff:.3g}; labels equal to monai's argmax at "
+              f"{100 * same_labels:.4f}% of voxels")
+        peaks = {}
+        for name, fn in impls.items():
+            peaks[name] = tracked_peak(fn) / 2**20
+            extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
+                                    f"{args.sw_batch_size}", "threads": torch.get_num_threads(),
+                     "tracked_peak_mb": round(peaks[name], 2),
+                     "max_abs_diff_vs_monai": diff, "labels_agree_pct": round(100 * same_labels, 4)}
+            if name != "monai" and peaks.get("monai"):
+                extra["peak_vs_monai"] = round(peaks[name] / peaks["monai"], 3)
+
+            def call(fn=fn):
+                with torch.no_grad():
+                    return fn()
+
+            bench.run(name=name, fn=call, case=case, dtype=x.dtype, shape=tuple(x.shape), extra=extra)
+            print(f"  {'':<40} {'':<22} tracked peak {peaks[name]:.1f} MB"
+                  + (f" ({extra['peak_vs_monai']:.3f}x monai)" if "peak_vs_monai" in extra else ""))
+        t = {r["impl"]: r.get("ms") for r in bench.rows if r["case"] == case}
+        for impl in ("fastmed", "fastmed-labels"):
+            r = bench.ratios(case, "monai", against=impl)
+            if r is not None:
+                print(f"  {case}: {impl} speed-up over monai: {r:.2f}x")
+            if t.get(impl) and t.get("network-only"):
+                share = (t[impl] - t["network-only"]) / t["network-only"]
+                print(f"  {case}: {impl} time beyond the network: {100 * share:.1f}% of the network's")
+        del net, x
+    bench.save(args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
