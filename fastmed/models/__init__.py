@@ -5,6 +5,7 @@
 ``AttentionUNet``  MONAI's AttentionUnet (loads its weights: fastmed.convert.from_monai_attention_unet)
 ``MonaiUNet``      MONAI's UNet, same module tree and parameter names (fastmed.convert.from_monai_unet)
 ``SwinUNet``       Swin-Unet (Cao et al., 27.17M with 9 classes), any input size, 2D or 3D
+``SwinUNETR``      MONAI's SwinUNETR (v1 / v2; loads its checkpoints; 62.19M at feature_size 48), any input size
 ``ViT``            timm-compatible Vision Transformer (``ViT.b16()``: 86.57M), 2D or 3D patches
 ``UNETR``          UNETR-style model on ``ViT``
 
@@ -14,7 +15,9 @@ Every model takes ``fused`` (fastmed ops, or the same parameters through plain P
 from fastmed.models.attention_unet import AttentionGate, AttentionUNet
 from fastmed.models.monai_unet import MonaiUNet
 from fastmed.models.swin_unet import SwinUNet
+from fastmed.models.swin_unetr import SwinUNETR
 from fastmed.models.unet import UNet, plan_nnunet
 from fastmed.models.vit import UNETR, ViT
 
-__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "ViT", "UNETR"]
+__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "SwinUNETR", "ViT",
+           "UNETR"]

@@ -1,0 +1,174 @@
+"""fastmed.models.SwinUNETR against MONAI's SwinUNETR (v1 and v2): keys, outputs, gradients; any input size;
+the Triton backend (interpreter) on a tiny case."""
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from monai_shim import use_einops_shim
+
+from fastmed.models import SwinUNETR
+
+monai_swin = pytest.importorskip("monai.networks.nets.swin_unetr")
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+# small but complete: every stage, a shifted block in the stages whose grid exceeds the window
+SMALL = dict(feature_size=12, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+
+
+def _grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _weights(y):
+    return torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
+
+
+def _pair(monkeypatch, seed=0, **kwargs):
+    use_einops_shim(monkeypatch)
+    torch.manual_seed(seed)
+    theirs = monai_swin.SwinUNETR(**kwargs)
+    kwargs = dict(kwargs)
+    ours = SwinUNETR(kwargs.pop("in_channels"), kwargs.pop("out_channels"), **kwargs)
+    ours.load_state_dict(theirs.state_dict(), strict=True)
+    return theirs, ours
+
+
+def test_swin_unetr_parameter_count_and_keys():
+    with torch.device("meta"):
+        model = SwinUNETR(in_channels=1, out_channels=14, feature_size=48)
+    n = sum(p.numel() for p in model.parameters())
+    assert n == 62_187_296 and round(n / 1e6, 2) == 62.19
+    with torch.device("meta"):
+        v2 = SwinUNETR(1, 14, feature_size=48, use_v2=True)
+    keys = set(v2.state_dict())
+    assert "swinViT.layers4c.0.layer.conv2.conv.weight" in keys and "decoder1.conv_block.conv3.conv.weight" in keys
+
+
+@pytest.mark.parametrize("use_v2", [False, True])
+def test_swin_unetr_matches_monai_3d(monkeypatch, use_v2):
+    """MONAI's weights load strictly; fused and plain paths give MONAI's logits and parameter gradients.
+
+    In float32 the plain path is MONAI's computation (tight tolerance); the fused path's gradients carry the
+    rounding of other summation orders, amplified by instance norms over the 2-voxel bottleneck (about 1e-3 of the
+    largest gradient); ``test_swin_unetr_2d_fused_equals_plain_float64`` pins the two paths together in float64."""
+    theirs, ours = _pair(monkeypatch, in_channels=2, out_channels=3, use_v2=use_v2, **SMALL)
+    x = torch.randn(1, 2, 64, 32, 32)  # the bottleneck (2, 1, 1) has > 1 voxel: instance norm trains
+    tol = {True: 5e-3, False: 1e-5}  # of the largest gradient of each tensor
+    ref = theirs(x)
+    (ref * _weights(ref)).sum().backward()
+    g_ref = _grads(theirs)
+    for fused in (True, False):
+        m = copy.deepcopy(ours)
+        m.fused = fused
+        y = m(x)
+        torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
+        (y * _weights(y)).sum().backward()
+        g = _grads(m)
+        assert g.keys() == g_ref.keys()
+        for k in g:
+            torch.testing.assert_close(g[k], g_ref[k], atol=tol[fused] * g_ref[k].abs().max().item(), rtol=0,
+                                       msg=lambda s, k=k, f=fused: f"{k} (fused={f}): {s}")
+
+
+@pytest.mark.parametrize("downsample", ["merging", "mergingv2"])
+def test_swin_unetr_2d_any_size_pads_like_monai(monkeypatch, downsample):
+    """A 2D input of any size = MONAI on the zero-padded (multiple of 32) input, cropped back."""
+    theirs, ours = _pair(monkeypatch, seed=1, in_channels=1, out_channels=2, spatial_dims=2, downsample=downsample,
+                         patch_norm=True, **SMALL)
+    x = torch.randn(2, 1, 40, 50)
+    with torch.no_grad():
+        ref = theirs(F.pad(x, (0, 14, 0, 24)))[:, :, :40, :50]
+        for fused in (True, False):
+            ours.fused = fused
+            torch.testing.assert_close(ours(x), ref, atol=2e-5, rtol=1e-4)
+    ours.pad = False
+    with pytest.raises(ValueError, match="multiple of 32"):
+        ours(x)
+
+
+@pytest.mark.parametrize("use_v2", [False, True])
+def test_swin_unetr_2d_fused_equals_plain_float64(use_v2):
+    torch.manual_seed(4)
+    model = SwinUNETR(2, 3, spatial_dims=2, use_v2=use_v2, **SMALL).double()
+    x = torch.randn(2, 2, 64, 32, dtype=torch.float64)
+    outs = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        m.fused = fused
+        y = m(x)
+        (y * _weights(y)).sum().backward()
+        outs.append((y.detach(), _grads(m)))
+    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)
+    assert outs[0][1].keys() == outs[1][1].keys() and len(outs[0][1]) == len(list(model.parameters()))
+    for k, g in outs[0][1].items():
+        torch.testing.assert_close(g, outs[1][1][k], atol=1e-10 * g.abs().max().item(), rtol=0, msg=k)
+
+
+def test_swin_unetr_checkpointing_and_channels_last():
+    torch.manual_seed(2)
+    model = SwinUNETR(1, 2, spatial_dims=2, **SMALL)
+    x = torch.randn(1, 1, 64, 32)
+    ref = model(x)
+    ref.square().sum().backward()
+    g_ref = _grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    y = model(x.contiguous(memory_format=torch.channels_last))
+    torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
+    y.square().sum().backward()
+    for k, g in _grads(model).items():
+        torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-4, msg=k)
+
+
+def test_swin_unetr_bad_arguments():
+    with pytest.raises(ValueError, match="divisible by 12"):
+        SwinUNETR(1, 2, feature_size=16)
+    with pytest.raises(ValueError, match="patch_size must be 2"):
+        SwinUNETR(1, 2, patch_size=4)
+    with pytest.raises(ValueError, match="4 stages"):
+        SwinUNETR(1, 2, depths=(2, 2, 2))
+    with pytest.raises(ValueError, match="HyenaND"):
+        SwinUNETR(1, 2, use_hyena=True)
+    with pytest.raises(ValueError, match="downsample"):
+        SwinUNETR(1, 2, downsample="pooling")
+    with pytest.raises(ValueError, match="norm_name"):
+        SwinUNETR(1, 2, norm_name="layer")
+    model = SwinUNETR(1, 2, spatial_dims=2, **SMALL)
+    with pytest.raises(ValueError, match="in_channels=1"):
+        model(torch.randn(1, 3, 32, 32))
+
+
+def test_swin_unetr_on_the_triton_backend():
+    """The fused path through the Triton kernels (interpreter on CPU) equals the reference backend: the Swin encoder
+    (window attention, shifted and not, every stage) and a residual decoder block (transposed conv, the skip read
+    as a second input, 1x1 residual projection); the whole model is too slow for the interpreter."""
+    import fastmed
+    from fastmed import _backend
+    from fastmed.models.unetr import UnetrUpBlock
+
+    for op in ("window_attention", "conv_block", "norm_act"):
+        reason = _backend.why_not(op, "triton", torch.device("cpu"), forced=True)
+        if reason is not None:
+            pytest.skip(reason)
+    torch.manual_seed(3)
+    model = SwinUNETR(1, 2, spatial_dims=2, feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                      window_size=4)
+    up = UnetrUpBlock(2, 24, 12, 3, 2, "instance", res_block=True)
+    cases = [(model.swinViT, (torch.randn(1, 1, 32, 32),)), (up, (torch.randn(1, 24, 4, 4), torch.randn(1, 12, 8, 8)))]
+    for module, args in cases:
+        results = []
+        for backend in ("reference", "triton"):
+            module.zero_grad()
+            with fastmed.use_backend(backend):
+                out = module(*args)
+                outs = out if isinstance(out, list) else [out]
+                sum((o * _weights(o)).sum() for o in outs).backward()  # not o**2: LayerNorm-ed outputs
+            results.append(([o.detach() for o in outs], _grads(module)))
+        (ref, g_ref), (got, g) = results
+        for a, b in zip(got, ref):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+        scale = max(t.abs().max().item() for t in g_ref.values())
+        assert g.keys() == g_ref.keys() and g
+        for k in g:
+            torch.testing.assert_close(g[k], g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
