@@ -5,7 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from monai_shim import use_einops_shim
+from monai_support import assert_matches_monai, monai_pair
+from monai_support import grads as _grads
+from monai_support import weights as _weights
 
 from fastmed.models import SwinUNETR
 
@@ -16,22 +18,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 SMALL = dict(feature_size=12, depths=(2, 2, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
 
 
-def _grads(model):
-    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def _weights(y):
-    return torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
-
-
 def _pair(monkeypatch, seed=0, **kwargs):
-    use_einops_shim(monkeypatch)
-    torch.manual_seed(seed)
-    theirs = monai_swin.SwinUNETR(**kwargs)
-    kwargs = dict(kwargs)
-    ours = SwinUNETR(kwargs.pop("in_channels"), kwargs.pop("out_channels"), **kwargs)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
-    return theirs, ours
+    return monai_pair(monkeypatch, monai_swin.SwinUNETR, SwinUNETR, seed, **kwargs)
 
 
 def test_swin_unetr_parameter_count_and_keys():
@@ -54,21 +42,7 @@ def test_swin_unetr_matches_monai_3d(monkeypatch, use_v2):
     largest gradient); ``test_swin_unetr_2d_fused_equals_plain_float64`` pins the two paths together in float64."""
     theirs, ours = _pair(monkeypatch, in_channels=2, out_channels=3, use_v2=use_v2, **SMALL)
     x = torch.randn(1, 2, 64, 32, 32)  # the bottleneck (2, 1, 1) has > 1 voxel: instance norm trains
-    tol = {True: 5e-3, False: 1e-5}  # of the largest gradient of each tensor
-    ref = theirs(x)
-    (ref * _weights(ref)).sum().backward()
-    g_ref = _grads(theirs)
-    for fused in (True, False):
-        m = copy.deepcopy(ours)
-        m.fused = fused
-        y = m(x)
-        torch.testing.assert_close(y, ref, atol=2e-5, rtol=1e-4)
-        (y * _weights(y)).sum().backward()
-        g = _grads(m)
-        assert g.keys() == g_ref.keys()
-        for k in g:
-            torch.testing.assert_close(g[k], g_ref[k], atol=tol[fused] * g_ref[k].abs().max().item(), rtol=0,
-                                       msg=lambda s, k=k, f=fused: f"{k} (fused={f}): {s}")
+    assert_matches_monai(theirs, ours, x, grad_tol={True: 5e-3, False: 1e-5})
 
 
 @pytest.mark.parametrize("downsample", ["merging", "mergingv2"])

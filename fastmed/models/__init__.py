@@ -7,7 +7,8 @@
 ``SwinUNet``       Swin-Unet (Cao et al., 27.17M with 9 classes), any input size, 2D or 3D
 ``SwinUNETR``      MONAI's SwinUNETR (v1 / v2; loads its checkpoints; 62.19M at feature_size 48), any input size
 ``ViT``            timm-compatible Vision Transformer (``ViT.b16()``: 86.57M), 2D or 3D patches
-``UNETR``          UNETR-style model on ``ViT``
+``UNETR``          MONAI's UNETR (same constructor and keys: loads its checkpoints), 2D or 3D
+``ViTUNETR``       UNETR-style model on ``ViT`` (timm keys)
 
 Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and, except ``MonaiUNet``,
 ``checkpointing``.
@@ -17,7 +18,8 @@ from fastmed.models.monai_unet import MonaiUNet
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.swin_unetr import SwinUNETR
 from fastmed.models.unet import UNet, plan_nnunet
-from fastmed.models.vit import UNETR, ViT
+from fastmed.models.unetr import UNETR
+from fastmed.models.vit import ViT, ViTUNETR
 
 __all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "SwinUNETR", "ViT",
-           "UNETR"]
+           "UNETR", "ViTUNETR"]

@@ -354,8 +354,8 @@ class UNETR(FusedModel):
         checkpointing: recompute each transformer block in the backward pass.
 
     ``forward(x (N, in_channels, *sp)) -> (N, out_channels, *sp)`` with every size a multiple of 16; sizes other
-    than ``img_size`` interpolate the position embeddings (MONAI raises for them).  92.79M parameters with the
-    defaults, in 1, out 14, img_size 96 (MONAI's count).
+    than ``img_size`` interpolate the position embeddings (MONAI raises for them).  92,802,478 parameters with the
+    defaults, in 1, out 14, img_size 96 (92.80M, as MONAI).
     """
 
     def __init__(self, in_channels: int, out_channels: int, img_size: Union[Sequence[int], int],
