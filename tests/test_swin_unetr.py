@@ -5,9 +5,9 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from monai_support import assert_matches_monai, monai_pair
-from monai_support import grads as _grads
-from monai_support import weights as _weights
+from model_support import assert_matches_monai, assert_triton_matches_reference, monai_pair
+from model_support import grads as _grads
+from model_support import weights as _weights
 
 from fastmed.models import SwinUNETR
 
@@ -117,32 +117,11 @@ def test_swin_unetr_on_the_triton_backend():
     """The fused path through the Triton kernels (interpreter on CPU) equals the reference backend: the Swin encoder
     (window attention, shifted and not, every stage) and a residual decoder block (transposed conv, the skip read
     as a second input, 1x1 residual projection); the whole model is too slow for the interpreter."""
-    import fastmed
-    from fastmed import _backend
     from fastmed.models.unetr import UnetrUpBlock
 
-    for op in ("window_attention", "conv_block", "norm_act"):
-        reason = _backend.why_not(op, "triton", torch.device("cpu"), forced=True)
-        if reason is not None:
-            pytest.skip(reason)
     torch.manual_seed(3)
     model = SwinUNETR(1, 2, spatial_dims=2, feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 1, 1),
                       window_size=4)
+    assert_triton_matches_reference(model.swinViT, torch.randn(1, 1, 32, 32))
     up = UnetrUpBlock(2, 24, 12, 3, 2, "instance", res_block=True)
-    cases = [(model.swinViT, (torch.randn(1, 1, 32, 32),)), (up, (torch.randn(1, 24, 4, 4), torch.randn(1, 12, 8, 8)))]
-    for module, args in cases:
-        results = []
-        for backend in ("reference", "triton"):
-            module.zero_grad()
-            with fastmed.use_backend(backend):
-                out = module(*args)
-                outs = out if isinstance(out, list) else [out]
-                sum((o * _weights(o)).sum() for o in outs).backward()  # not o**2: LayerNorm-ed outputs
-            results.append(([o.detach() for o in outs], _grads(module)))
-        (ref, g_ref), (got, g) = results
-        for a, b in zip(got, ref):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
-        scale = max(t.abs().max().item() for t in g_ref.values())
-        assert g.keys() == g_ref.keys() and g
-        for k in g:
-            torch.testing.assert_close(g[k], g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
+    assert_triton_matches_reference(up, torch.randn(1, 24, 4, 4), torch.randn(1, 12, 8, 8))

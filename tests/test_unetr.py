@@ -3,9 +3,8 @@ instance and batch norm), other input sizes, the Triton backend (interpreter) on
 
 import pytest
 import torch
-from monai_support import assert_matches_monai, monai_pair
-from monai_support import grads as _grads
-from monai_support import weights as _weights
+from model_support import assert_matches_monai, assert_triton_matches_reference, monai_pair
+from model_support import grads as _grads
 
 from fastmed.models import UNETR
 
@@ -80,28 +79,8 @@ def test_unetr_other_sizes_checkpointing_and_errors():
 
 def test_unetr_on_the_triton_backend():
     """The fused conv blocks through the Triton kernels (interpreter on CPU) equal the reference backend."""
-    import fastmed
-    from fastmed import _backend
-
-    for op in ("conv_block", "norm_act"):
-        reason = _backend.why_not(op, "triton", torch.device("cpu"), forced=True)
-        if reason is not None:
-            pytest.skip(reason)
     torch.manual_seed(6)
     model = UNETR(2, 2, 16, spatial_dims=2, feature_size=2, hidden_size=8, mlp_dim=8, num_heads=2)
     for blk in model.vit.blocks:  # fastmed.ops.attention is scaled_dot_product_attention: no Triton kernel
         blk.attn.fused = False
-    x = torch.randn(1, 2, 16, 16)
-    results = []
-    for backend in ("reference", "triton"):
-        model.zero_grad()
-        with fastmed.use_backend(backend):
-            y = model(x)
-            (y * _weights(y)).sum().backward()
-        results.append((y.detach(), _grads(model)))
-    (ref, g_ref), (got, g) = results
-    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-4)
-    scale = max(t.abs().max().item() for t in g_ref.values())
-    assert g.keys() == g_ref.keys() and g
-    for k in g:
-        torch.testing.assert_close(g[k], g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
+    assert_triton_matches_reference(model, torch.randn(1, 2, 16, 16))

@@ -2,6 +2,7 @@
 
 ``UNet``           2D/3D U-Net; presets ``UNet.original()`` (Ronneberger, 31.03M), ``UNet.nnunet(patch, spacing)``
                    (nnU-Net's PlainConvUNet, deep supervision) and ``UNet.resenc(...)`` (ResidualEncoderUNet)
+``UNetPlusPlus``   U-Net++ (Zhou et al.; nested skips, deep supervision, pruning; 9.05M in 2D), 2D or 3D
 ``AttentionUNet``  MONAI's AttentionUnet (loads its weights: fastmed.convert.from_monai_attention_unet)
 ``MonaiUNet``      MONAI's UNet, same module tree and parameter names (fastmed.convert.from_monai_unet)
 ``SwinUNet``       Swin-Unet (Cao et al., 27.17M with 9 classes), any input size, 2D or 3D
@@ -18,8 +19,9 @@ from fastmed.models.monai_unet import MonaiUNet
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.swin_unetr import SwinUNETR
 from fastmed.models.unet import UNet, plan_nnunet
+from fastmed.models.unet_plusplus import UNetPlusPlus
 from fastmed.models.unetr import UNETR
 from fastmed.models.vit import ViT, ViTUNETR
 
 __all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "SwinUNETR", "ViT",
-           "UNETR", "ViTUNETR"]
+           "UNETR", "ViTUNETR", "UNetPlusPlus"]

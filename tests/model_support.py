@@ -1,4 +1,5 @@
-"""Support for the tests that compare fastmed's models with MONAI's (test_swin_unetr.py, test_unetr.py).
+"""Support for the model tests (test_swin_unetr.py, test_unetr.py, test_unet_plusplus.py): comparisons with MONAI's
+models and of the Triton backend with the reference backend.
 
 MONAI's ViT / UNETR / SwinUNETR need einops (an optional MONAI dependency not installed here): the few
 ``rearrange`` patterns MONAI uses are permutes and reshapes, implemented below.
@@ -106,3 +107,32 @@ def assert_matches_monai(theirs, ours, x, grad_tol: dict, unused: int = 0) -> No
         theirs_buffers = dict(theirs.named_buffers())
         for name, buf in m.named_buffers():
             torch.testing.assert_close(buf, theirs_buffers[name], msg=name)
+
+
+def assert_triton_matches_reference(module, *args) -> None:
+    """``module(*args)`` (a tensor or a list) and its parameter gradients on the Triton backend (the interpreter on
+    CPU) equal those on the reference backend; skips with the reason when Triton cannot run here."""
+    import fastmed
+    from fastmed import _backend
+
+    for op in ("conv_block", "norm_act", "window_attention"):
+        reason = _backend.why_not(op, "triton", torch.device("cpu"), forced=True)
+        if reason is not None:
+            import pytest
+
+            pytest.skip(reason)
+    results = []
+    for backend in ("reference", "triton"):
+        module.zero_grad()
+        with fastmed.use_backend(backend):
+            out = module(*args)
+            outs = out if isinstance(out, list) else [out]
+            sum((o * weights(o)).sum() for o in outs).backward()
+        results.append(([o.detach() for o in outs], grads(module)))
+    (ref, g_ref), (got, g) = results
+    for a, b in zip(got, ref):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    scale = max(t.abs().max().item() for t in g_ref.values())
+    assert g.keys() == g_ref.keys() and g
+    for k in g:
+        torch.testing.assert_close(g[k], g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
