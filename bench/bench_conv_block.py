@@ -6,32 +6,42 @@ Side by side in one run, per case, dtype (bf16, fp32) and layout (channels-first
     fastmed-implicit_gemm   Triton implicit GEMM with statistics in the epilogue
     eager                   F.conv3d + F.instance_norm + F.leaky_relu
     torch.compile           torch.compile of the eager composition
-forward and forward+backward, with TFLOP/s (convolution FLOPs; forward+backward counts 3x) and the percent of
-a bf16 matmul rate measured in the same run, peak memory, and speed-ups of fastmed-auto over eager and compile.
+forward+backward and forward, interleaved, with TFLOP/s (convolution FLOPs; forward+backward counts 3x) and the
+percent of a matmul rate measured in the same run, peak memory, and speed-ups of fastmed-auto over eager and
+compile.  Bytes the block must move at least (``min_bytes``): forward ``x + w + params + y`` (read the input(s),
+weight and the four per-channel vectors, write y); forward+backward ``2*(x + w + params) + 2*y`` (also read dy,
+write dx, dw and the vector gradients).  The Triton kernels are compiled in the warm-up, never in the timed region
+(``fastmed.kernels.conv_block.warm_cache(device)`` runs first where that function exists).
 
     python bench/bench_conv_block.py                  # GPU, nnU-Net stage shapes
-    python bench/bench_conv_block.py --quick          # tiny shapes, CPU smoke test
+    python bench/bench_conv_block.py --device cpu     # CPU case of issue 12: (1, 32, 40^3) vs torch modules
+    python bench/bench_conv_block.py --quick          # tiny shapes (the device script's CPU rehearsal)
     python bench/bench_conv_block.py --write-choice   # also rewrite fastmed/ops/_conv_block_choice.py (GPU only)
+    python bench/bench_conv_block.py --write-choice --from bench/results/device_check-....json
+                                                      # rewrite it from a committed GPU results file, no run
 """
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import pprint
 import sys
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args  # noqa: E402
+from harness import Bench, add_common_args, compiled, nbytes, quantiles, setup, with_compile  # noqa: E402
+from results_io import load_rows  # noqa: E402
 
 from fastmed.ops import conv_norm_act  # noqa: E402
 
 # (name, N, Cin, Cout, spatial, stride[, Cskip]): nnU-Net 3D stages, their strided downsampling convs, a 2D stage,
 # and decoder convolutions whose input is cat([upsampled, skip]) (Cskip given: fastmed reads the two tensors,
 # eager and torch.compile concatenate).
-FULL_CASES = [
+GPU_CASES = [
     ("stage0-128^3", 2, 32, 32, (128, 128, 128), 1),
     ("stage1-64^3", 2, 64, 64, (64, 64, 64), 1),
     ("stage2-32^3", 2, 128, 128, (32, 32, 32), 1),
@@ -45,6 +55,9 @@ FULL_CASES = [
     ("decoder-128^3-concat", 2, 32, 32, (128, 128, 128), 1, 32),
     ("decoder-64^3-concat", 2, 64, 64, (64, 64, 64), 1, 64),
 ]
+CPU_CASES = [
+    ("cpu-40^3", 1, 32, 32, (40, 40, 40), 1),
+]
 QUICK_CASES = [
     ("quick-3d", 1, 4, 8, (10, 10, 10), 1),
     ("quick-3d-s2", 1, 4, 8, (10, 10, 10), 2),
@@ -54,6 +67,8 @@ QUICK_CASES = [
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHOICE_FILE = os.path.join(REPO_ROOT, "fastmed", "ops", "_conv_block_choice.py")
 IMPLS = ("cudnn", "implicit_gemm")
+FORMULAS = {"fwd": "x + w + params + y: read x (and skip), weight, bias, norm weight/bias; write y",
+            "fwd+bwd": "2*(x + w + params) + 2*y: also read dy; write dx, dweight and the vector gradients"}
 
 
 def conv_flops(n, cin, cout, out_spatial, kernel_numel) -> float:
@@ -76,9 +91,7 @@ def matmul_tflops(bench: Bench) -> float:
     size, dtype = (8192, torch.bfloat16) if bench.device.type == "cuda" and not bench.quick else (512, torch.float32)
     a = torch.randn(size, size, device=bench.device, dtype=dtype)
     b = torch.randn(size, size, device=bench.device, dtype=dtype)
-    times, _ = bench.time_fn(lambda: a @ b)
-    times.sort()
-    return 2 * size ** 3 / (times[len(times) // 2] * 1e-3) / 1e12
+    return 2 * size ** 3 / (quantiles(bench.time_fn(lambda: a @ b))[0] * 1e-3) / 1e12
 
 
 def make_inputs(case, dtype, channels_last, device):
@@ -116,25 +129,50 @@ def timed(fn, leaves, backward):
     return run_bwd
 
 
+def warm_kernels(device) -> None:
+    """Compile the conv kernels before anything is timed, where kernels/conv_block.py offers a way to."""
+    try:
+        from fastmed.kernels import conv_block as kernels
+    except ImportError:
+        return
+    warm = getattr(kernels, "warm_cache", None)
+    if callable(warm) and device.type == "cuda":
+        import time
+
+        t0 = time.perf_counter()
+        warm(device)
+        print(f"conv kernels warmed in {time.perf_counter() - t0:.1f} s")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     parser.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     parser.add_argument("--write-choice", action="store_true",
-                        help="rewrite fastmed/ops/_conv_block_choice.py from this run's forward+backward timings")
+                        help="rewrite fastmed/ops/_conv_block_choice.py from the forward+backward timings")
+    parser.add_argument("--from", dest="source", default=None,
+                        help="with --write-choice: take the timings from this results file instead of running")
+    parser.add_argument("--choice-file", default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--any-device", action="store_true", help=argparse.SUPPRESS)  # the device script's rehearsal
     args = parser.parse_args(argv)
-    bench = Bench("conv_block", quick=args.quick, device=args.device)
+    if args.source:
+        if not args.write_choice:
+            parser.error("--from goes with --write-choice")
+        write_choice_from(args.source, args.choice_file, any_device=args.any_device)
+        return
+    bench = setup(args, "conv_block")
     on_gpu = bench.device.type == "cuda"
-    cases = QUICK_CASES if args.quick else FULL_CASES
+    cases = QUICK_CASES if args.quick else (GPU_CASES if on_gpu else CPU_CASES)
     if args.cases:
         wanted = set(args.cases.split(","))
         cases = [c for c in cases if c[0] in wanted]
-    dtypes = [torch.bfloat16, torch.float32] if on_gpu else [torch.float32]
+    dtypes = [torch.bfloat16, torch.float32] if on_gpu and not args.quick else [torch.float32]
     if args.dtype:
         dtypes = [getattr(torch, args.dtype)]
+    layouts = (False, True) if on_gpu or args.quick else (False,)
     mm = matmul_tflops(bench)
-    print(f"device: {bench.env['device']}; measured {'bf16' if on_gpu and not args.quick else 'fp32'} matmul "
-          f"{mm:.1f} TFLOP/s")
+    print(f"measured {'bf16' if on_gpu and not args.quick else 'fp32'} matmul {mm:.3g} TFLOP/s")
+    warm_kernels(bench.device)
     compile_cache = {}
     for case in cases:
         name, n, cin, cout, spatial, stride, *skip_c = case
@@ -142,51 +180,68 @@ def main(argv=None):
         out_sp = tuple((s + 2 - 3) // stride + 1 for s in spatial)
         flops_fwd = conv_flops(n, cin + sum(skip_c), cout, out_sp, 3 ** sd)
         for dtype in dtypes:
-            for channels_last in (False, True):
+            for channels_last in layouts:
                 layout = "channels_last" if channels_last else "channels_first"
-                impls = {"fastmed-auto": "auto", "fastmed-cudnn": "cudnn"}
+                impls = {"fastmed-auto": "auto"}
+                if on_gpu or args.quick:
+                    impls["fastmed-cudnn"] = "cudnn"
                 if on_gpu or os.environ.get("TRITON_INTERPRET") == "1":
                     impls["fastmed-implicit_gemm"] = "implicit_gemm"
-                fns = {k: (lambda *t, _impl=v: conv_norm_act(*t[:5], skip=t[5] if len(t) > 5 else None,
-                                                             stride=stride, implementation=_impl))
+                fns = {k: (lambda *t, _impl=v, _s=stride: conv_norm_act(*t[:5], skip=t[5] if len(t) > 5 else None,
+                                                                      stride=_s, implementation=_impl))
                        for k, v in impls.items()}
-                fns["eager"] = lambda *t: eager_block(*t[:5], stride, *t[5:])
-                if not args.no_compile and (on_gpu or case is cases[0]):
+                fns["eager"] = lambda *t, _s=stride: eager_block(*t[:5], _s, *t[5:])
+                if with_compile(args, bench.device):
                     key = (sd, stride)
                     if key not in compile_cache:
-                        compile_cache[key] = torch.compile(lambda *t, _s=stride: eager_block(*t[:5], _s, *t[5:]))
+                        compile_cache[key] = compiled(lambda *t, _s=stride: eager_block(*t[:5], _s, *t[5:]))
                     fns["torch.compile"] = compile_cache[key]
-                for mode, backward in (("fwd", False), ("fwd+bwd", True)):
+                for mode, backward in (("fwd+bwd", True), ("fwd", False)):
                     label = f"{name} {str(dtype)[6:]} {layout} {mode}"
                     flops = flops_fwd * (3 if backward else 1)
                     extra = dict(case_name=name, layout=layout, mode=mode, stride=stride, N=n, Cin=cin, Cout=cout,
-                                 Cskip=sum(skip_c), spatial="x".join(map(str, spatial)))
-                    for impl_name, fn in fns.items():
-                        leaves = make_inputs(case, dtype, channels_last, bench.device)
-                        row = bench.run(name=impl_name, fn=timed(fn, leaves, backward), case=label, dtype=dtype,
-                                        shape=(n, cin, cout) + spatial, flops=flops, extra=dict(extra))
-                        if row is not None:
-                            row["pct_matmul"] = round(100 * row["TFLOP/s"] / mm, 1)
-                        del leaves
+                                 Cskip=sum(skip_c), spatial="x".join(map(str, spatial)), **{"matmul_TFLOP/s": mm})
+                    leaves = {k: make_inputs(case, dtype, channels_last, bench.device) for k in fns}
+                    x, w, b, nw, nb, *skip = leaves["eager"]
+                    y_bytes = n * cout * math.prod(out_sp) * x.element_size()
+                    ins = nbytes(x, w, b, nw, nb, *skip)
+                    min_bytes = ins + y_bytes if not backward else 2 * ins + 2 * y_bytes
+                    rows = bench.compare(label, {k: timed(fn, leaves[k], backward) for k, fn in fns.items()},
+                                         dtype=dtype, shape=(n, cin, cout) + spatial, flops=flops,
+                                         min_bytes=min_bytes, formula=FORMULAS[mode], extra=extra)
+                    for row in rows.values():
+                        row["pct_matmul"] = round(100 * row["TFLOP/s"] / mm, 2)
+                    del leaves
                     for base in ("eager", "torch.compile"):
                         r = bench.ratios(label, base, against="fastmed-auto")
                         if r is not None:
-                            print(f"  {label:<40} fastmed-auto vs {base}: {r:.2f}x")
-    for row in bench.rows:
-        row["matmul_TFLOP/s"] = round(mm, 1)
+                            print(f"  {label:<44} fastmed-auto vs {base}: {r:.2f}x")
     path = bench.save(args.out)
     if args.write_choice:
         if not on_gpu:
             sys.exit("--write-choice needs a CUDA run: CPU timings say nothing about the GPU choice")
-        write_choice(bench.rows, path, bench.env)
+        write_choice(bench.rows, path, bench.env, args.choice_file)
 
 
-def write_choice(rows, source: str, env: dict) -> None:
-    """Fastest implementation of forward+backward per (case, dtype, layout) -> fastmed/ops/_conv_block_choice.py."""
+def write_choice_from(source: str, choice_file: Optional[str] = None, any_device: bool = False) -> None:
+    """:func:`write_choice` from the conv_block rows of a results file (a benchmark's or a merged one).
+    ``any_device`` takes CPU rows too (the device script's rehearsal; a CPU table says nothing about the GPU)."""
+    rows = [r for r in load_rows(source) if r.get("op") == "conv_block"]
+    gpu = [r for r in rows if r.get("timer") == "cuda-events" or any_device]
+    if not gpu:
+        sys.exit(f"{source}: no conv_block rows measured on a GPU ({len(rows)} conv_block rows in all): "
+                 "CPU timings say nothing about the GPU choice")
+    write_choice(gpu, source, gpu[0], choice_file)
+
+
+def write_choice(rows, source: str, env: dict, choice_file: Optional[str] = None) -> None:
+    """Fastest implementation of forward+backward per (case, dtype, layout) -> ``choice_file`` (default
+    fastmed/ops/_conv_block_choice.py)."""
+    choice_file = choice_file or CHOICE_FILE
     best: dict = {}
     for r in rows:
         impl = r["impl"].replace("fastmed-", "")
-        if r.get("mode") != "fwd+bwd" or impl not in IMPLS or "ms" not in r or r.get("Cskip"):
+        if r.get("mode") != "fwd+bwd" or impl not in IMPLS or r.get("ms") is None or r.get("Cskip"):
             continue
         spatial = tuple(int(s) for s in r["spatial"].split("x"))
         sd = len(spatial)
@@ -208,15 +263,15 @@ cuDNN {env['cudnn']}, commit {env['commit']}).
 """
 
 MEASURED = True
-SOURCE = {os.path.relpath(source, REPO_ROOT)!r}
+SOURCE = {os.path.relpath(os.path.abspath(source), REPO_ROOT)!r}
 DEFAULT = "cudnn"
 # fastest forward+backward time (ms) of the chosen implementation, per key
 MEASUREMENTS = {pprint.pformat(measurements, width=110)}
 TABLE: dict = {pprint.pformat(table, width=110)}
 '''
-    with open(CHOICE_FILE, "w") as fh:
+    with open(choice_file, "w") as fh:
         fh.write(text)
-    print(f"wrote {CHOICE_FILE} ({len(table)} entries, "
+    print(f"wrote {choice_file} ({len(table)} entries, "
           f"{sum(v == 'implicit_gemm' for v in table.values())} choose implicit_gemm)")
 
 

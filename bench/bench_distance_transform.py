@@ -5,7 +5,9 @@
     python bench/bench_distance_transform.py                  # GPU: (2, 14, 128^3) and (24, 9, 224^2) vs cupy looped
 
 There is no eager / torch.compile composition of an exact EDT in torch to compare with; the peers are scipy
-(single-threaded C), `edt` (seung-lab, C++, threads) and cupyx.scipy.ndimage.distance_transform_edt (GPU).
+(single-threaded C), `edt` (seung-lab, C++, threads) and cupyx.scipy.ndimage.distance_transform_edt (GPU), timed
+interleaved with fastmed.  Bytes the transform must move at least (``min_bytes``): read the bool mask, write the
+float32 distances: ``mask + 4*voxels``.
 """
 import argparse
 import os
@@ -16,7 +18,7 @@ import scipy.ndimage as ndi
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args  # noqa: E402
+from harness import Bench, add_common_args, fastmed_backend  # noqa: E402
 
 import fastmed  # noqa: E402
 from fastmed.ops import distance_transform  # noqa: E402
@@ -31,6 +33,9 @@ def blobs(shape, seed, fraction=0.13):
     return z > np.quantile(z, 1 - fraction)
 
 
+FORMULA = "mask + 4*voxels: read the bool mask, write float32 distances"
+
+
 def cpu_cases(bench, n, batch):
     import importlib.util
 
@@ -43,20 +48,16 @@ def cpu_cases(bench, n, batch):
             label = f"{case} t={threads}"
             t = torch.from_numpy(m)
             flat = m.reshape((-1,) + m.shape[-3:])
-            common = dict(case=label, dtype=torch.float32, shape=m.shape, extra={"threads": threads})
-            bench.run(name="fastmed", fn=lambda t=t: distance_transform(t), **common)
-            if threads == 1:
-                bench.run(name="scipy", fn=lambda flat=flat: [ndi.distance_transform_edt(x) for x in flat],
-                          **common)
+            impls = {"fastmed": lambda t=t: distance_transform(t)}
+            if threads == 1:  # scipy is single-threaded: timed once, at t=1
+                impls["scipy"] = lambda flat=flat: [ndi.distance_transform_edt(x) for x in flat]
             if has_edt:
                 import edt
 
-                bench.run(name="edt", fn=lambda flat=flat, threads=threads: [edt.edt(x, parallel=threads)
-                                                                             for x in flat], **common)
-            for peer in ("scipy", "edt"):  # scipy is single-threaded: timed once, at t=1
-                r = bench.ratios(label, peer)
-                if r:
-                    print(f"    fastmed vs {peer}: {r:.2f}x")
+                impls["edt"] = lambda flat=flat, threads=threads: [edt.edt(x, parallel=threads) for x in flat]
+            bench.compare(label, impls, dtype=torch.float32, shape=m.shape, min_bytes=m.size * 5, formula=FORMULA,
+                          impl_extra={"fastmed": {"backend": fastmed_backend("distance_transform", bench.device)}})
+            bench.print_ratios(label)
 
 
 def gpu_cases(bench):
@@ -66,28 +67,28 @@ def gpu_cases(bench):
     except Exception:
         cupy = None
     for shape, sd in (((2, 14, 128, 128, 128), 3), ((24, 9, 224, 224), 2)):
-        m = torch.from_numpy(np.stack([blobs(shape[-sd:], s) for s in range(shape[0] * shape[1])]).reshape(shape))
+        distinct = [blobs(shape[-sd:], s) for s in range(4)]  # a few distinct masks, repeated (setup time)
+        m = torch.from_numpy(np.stack([distinct[s % 4] for s in range(shape[0] * shape[1])]).reshape(shape))
         mc = m.cuda()
         case = "x".join(map(str, shape))
-        bench.run(name="fastmed", fn=lambda mc=mc, sd=sd: distance_transform(mc, spatial_dims=sd), case=case,
-                  dtype=torch.float32, shape=shape)
+        impls = {"fastmed": lambda mc=mc, sd=sd: distance_transform(mc, spatial_dims=sd)}
         if cupy is not None:
             flat = cupy.asarray(m.reshape((-1,) + shape[-sd:]).numpy())
-            bench.run(name="cupy-looped", fn=lambda flat=flat: [cndi.distance_transform_edt(x, float64_distances=False)
-                                                                for x in flat],
-                      case=case, dtype=torch.float32, shape=shape)
-            r = bench.ratios(case, "cupy-looped")
-            if r:
-                print(f"    fastmed vs cupy looped: {r:.2f}x")
+            impls["cupy-looped"] = lambda flat=flat: [cndi.distance_transform_edt(x, float64_distances=False)
+                                                      for x in flat]
+        bench.compare(case, impls, dtype=torch.float32, shape=shape, min_bytes=m.numel() * 5, formula=FORMULA,
+                      impl_extra={"fastmed": {"backend": fastmed_backend("distance_transform", bench.device)}})
+        bench.print_ratios(case)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bench = Bench("distance_transform", quick=args.quick, device=device, reps=3 if args.quick else 10,
                   warmup=1 if args.quick else 2)
+    bench.copy_bandwidth()
     print(fastmed.info().splitlines()[0] if fastmed.info() else "")
     if device == "cuda":
         gpu_cases(bench)

@@ -1,14 +1,16 @@
 """Benchmark: fused normalization + activation.
 
 fastmed.ops.norm_act vs the eager torch composition (F.instance_norm / F.group_norm + F.leaky_relu) vs
-torch.compile of that composition, forward and forward+backward, at nnU-Net stage shapes.
+torch.compile of that composition, forward and forward+backward, interleaved in one run.
 
-    python bench/bench_norm_act.py                 # full grid on the GPU
-    python bench/bench_norm_act.py --quick         # small shapes, few repeats (CPU or GPU smoke run)
+    python bench/bench_norm_act.py                 # GPU: nnU-Net stage shapes, bf16 and fp32, both layouts
+    python bench/bench_norm_act.py --device cpu    # CPU case of issue 12: IN + LeakyReLU (2, 32, 48^3), fp32
+    python bench/bench_norm_act.py --quick         # tiny shapes (the device script's CPU rehearsal)
 
-On the CPU the fastmed row runs the reference backend (what `auto` picks for CPU tensors).  CPU timings are
-wall-clock CPU timings; on a shared machine `--threads 1` gives steadier numbers.  At small CPU shapes fresh
-allocations dominate (each first touch of a page faults), so results move with the C allocator's trimming.
+Cases run most important first (the issue-11 target, instance norm fwd+bwd bf16 2x32x128^3 channels-first, leads),
+so a run stopped at its time limit keeps the rows that matter.  Bytes the operation must move at least
+(``min_bytes``): forward ``2*x + params`` (read x, write y); forward+backward ``4*x + 2*params`` (read x and dy,
+write y and dx; read weight and bias, write their gradients).
 """
 from __future__ import annotations
 
@@ -20,13 +22,16 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args  # noqa: E402
+from harness import add_common_args, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
 
 import fastmed  # noqa: E402
 
 GPU_SHAPES = [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32), (2, 320, 8, 8, 8),
               (24, 64, 224, 224)]
-CPU_SHAPES = [(2, 16, 32, 32, 32), (4, 32, 64, 64)]
+CPU_SHAPES = [(2, 32, 48, 48, 48)]
+QUICK_SHAPES = [(2, 8, 12, 12, 12), (2, 8, 16, 16)]
+FORMULAS = {"fwd": "2*x + params: read x, weight, bias; write y",
+            "fwd+bwd": "4*x + 2*params: read x, dy, weight, bias; write y, dx, dweight, dbias"}
 
 
 def composition(kind: str, groups: int):
@@ -48,83 +53,69 @@ def fused(kind: str, groups: int):
     return f
 
 
+def variants(shape, on_gpu: bool, dtype_arg, kinds, modes, layouts):
+    """(dtype, kind, layout, mode) of one shape, most important first."""
+    dtypes = [getattr(torch, dtype_arg)] if dtype_arg else ([torch.bfloat16, torch.float32] if on_gpu
+                                                            else [torch.float32])
+    out = []
+    for kind in kinds:
+        for dtype in dtypes:
+            for layout in layouts:
+                for mode in modes:
+                    out.append((dtype, kind, layout, mode))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(p)
     p.add_argument("--kinds", default="instance,group")
-    p.add_argument("--modes", default="fwd,fwdbwd")
+    p.add_argument("--modes", default="fwd+bwd,fwd")
     p.add_argument("--layouts", default="cf,cl", help="cf (contiguous), cl (channels-last) or both (default)")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--shapes", default=None, help="e.g. 2x32x128x128x128;24x64x224x224")
     args = p.parse_args(argv)
-
-    bench = Bench("norm_act", quick=args.quick, device=args.device)
+    bench = setup(args, "norm_act")
     dev = bench.device
+    on_gpu = dev.type == "cuda"
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(";")]
-    elif dev.type == "cuda":
-        shapes = GPU_SHAPES[:2] if args.quick else GPU_SHAPES
     else:
-        shapes = CPU_SHAPES[:1] if args.quick else CPU_SHAPES
-    dtypes = [getattr(torch, args.dtype)] if args.dtype else (
-        [torch.bfloat16, torch.float32] if dev.type == "cuda" else [torch.float32])
-    layouts = args.layouts.split(",")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    kinds = args.kinds.split(",")
-    modes = args.modes.split(",")
-    copy = bench.copy_bandwidth()
-    print(f"norm_act benchmark on {bench.env['device']}; copy bandwidth {copy:.0f} GB/s; commit {bench.env['commit']}")
-
-    summary = []
+        shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if on_gpu else CPU_SHAPES)
+    kinds = args.kinds.split(",") if (on_gpu or args.quick or args.kinds != "instance,group") else ["instance"]
+    backend = fastmed_backend("norm_act", dev)
     for shape in shapes:
-        for dtype in dtypes:
-            for layout in layouts:
-                x0 = torch.randn(shape, device=dev, dtype=dtype)
-                if layout == "cl":
-                    if len(shape) not in (4, 5):
-                        continue
-                    x0 = x0.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
-                C = shape[1]
-                w = (torch.rand(C, device=dev) + 0.5).requires_grad_()
-                b = torch.randn(C, device=dev).requires_grad_()
-                gy = torch.randn_like(x0)
-                elem = x0.numel() * x0.element_size()
-                for kind in kinds:
-                    groups = 8 if C % 8 == 0 else 1
-                    impls = {"eager": composition(kind, groups), "fastmed": fused(kind, groups)}
-                    if not args.no_compile:
-                        impls["torch.compile"] = torch.compile(composition(kind, groups), dynamic=False)
-                    for mode in modes:
-                        case = f"{kind} {mode} {layout} " + "x".join(map(str, shape))
-                        # bytes the fused kernels move: fwd = stats read + apply read + write (3 passes);
-                        # fwd+bwd adds reduce (read x, dy) + apply (read x, dy, write dx): 8 passes in all.
-                        passes = 3 if mode == "fwd" else 8
-                        ideal = 2 if mode == "fwd" else 5  # x read + y write; + x, dy read and dx write
-                        x = x0.detach().requires_grad_(mode == "fwdbwd")
-                        for name, fn in impls.items():
-                            if mode == "fwd":
-                                def call(fn=fn, x=x):
-                                    with torch.no_grad():
-                                        return fn(x, w, b)
-                            else:
-                                def call(fn=fn, x=x):
-                                    y = fn(x, w, b)
-                                    return torch.autograd.grad(y, (x, w, b), gy)
-                            bench.run(name=name, fn=call, case=case, dtype=dtype, shape=shape,
-                                      bytes_moved=passes * elem if name == "fastmed" else None,
-                                      extra={"kind": kind, "mode": mode, "layout": layout,
-                                             "ideal_bytes": ideal * elem,
-                                             "backend": fastmed._backend.choose("norm_act", dev)
-                                             if name == "fastmed" else "torch"})
-                        r_e = bench.ratios(case, "eager")
-                        r_c = bench.ratios(case, "torch.compile")
-                        summary.append((case, str(dtype).replace("torch.", ""), r_e, r_c))
-    print("\nspeed-up of fastmed (time of baseline / time of fastmed):")
-    print(f"  {'case':<44} {'dtype':<9} {'vs eager':>9} {'vs compile':>11}")
-    for case, dt, r_e, r_c in summary:
-        fmt = lambda r: f"{r:9.2f}x" if r else "      n/a"  # noqa: E731
-        print(f"  {case:<44} {dt:<9} {fmt(r_e)} {fmt(r_c)}")
+        for dtype, kind, layout, mode in variants(shape, on_gpu, args.dtype, kinds, args.modes.split(","),
+                                                  args.layouts.split(",")):
+            x0 = torch.randn(shape, device=dev, dtype=dtype)
+            if layout == "cl":
+                x0 = x0.to(memory_format=torch.channels_last if len(shape) == 4 else torch.channels_last_3d)
+            C = shape[1]
+            w = (torch.rand(C, device=dev) + 0.5).requires_grad_()
+            b = torch.randn(C, device=dev).requires_grad_()
+            gy = torch.randn_like(x0)
+            groups = 8 if C % 8 == 0 else 1
+            fns = {"fastmed": fused(kind, groups), "eager": composition(kind, groups)}
+            if with_compile(args, dev):
+                fns["torch.compile"] = compiled(composition(kind, groups))
+            x = x0.detach().requires_grad_(mode == "fwd+bwd")
+            impls = {}
+            for name, fn in fns.items():
+                if mode == "fwd":
+                    def call(fn=fn, x=x, w=w, b=b):
+                        with torch.no_grad():
+                            return fn(x, w, b)
+                else:
+                    def call(fn=fn, x=x, w=w, b=b, gy=gy):
+                        return torch.autograd.grad(fn(x, w, b), (x, w, b), gy)
+                impls[name] = call
+            params = nbytes(w, b)
+            min_bytes = 2 * nbytes(x0) + params if mode == "fwd" else 4 * nbytes(x0) + 2 * params
+            case = f"{kind} {mode} {layout} " + "x".join(map(str, shape))
+            bench.compare(case, impls, dtype=dtype, shape=shape, min_bytes=min_bytes, formula=FORMULAS[mode],
+                          extra={"kind": kind, "mode": mode, "layout": layout, "activation": "leaky_relu"},
+                          impl_extra={"fastmed": {"backend": backend}})
+            bench.print_ratios(case)
+            del x0, x, gy
     bench.save(args.out)
     return 0
 

@@ -43,7 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "info":
         import fastmed
 
-        print(fastmed.info())
+        try:
+            text = fastmed.info()
+        except ValueError as exc:  # e.g. FASTMED_BACKEND names no backend
+            print(f"python -m fastmed info: error: {exc}", file=sys.stderr)
+            return 2
+        print(text)
         return 0
     return _bench(args.names, args.quick)
 

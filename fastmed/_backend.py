@@ -264,14 +264,17 @@ def choose(op: str, device: torch.device) -> str:
 
 
 def explain(device: Optional[torch.device] = None) -> list[tuple[str, str, dict[str, Optional[str]]]]:
-    """For each registered op: (op, backend auto would pick, {backend: reason or None})."""
+    """For each registered op: (op, the backend a call would run, as :func:`choose` picks it under the requested
+    backend, or ``"(none: <why>)"`` when the call would raise, {backend: reason or None}); a forced backend's
+    reason is the one for forcing it."""
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    requested = requested_backend()
     rows = []
     for name, info in sorted(_OPS.items()):
-        reasons = {b: why_not(name, b, device, forced=False) for b in info.backends}
+        reasons = {b: why_not(name, b, device, forced=b == requested) for b in info.backends}
         try:
-            picked = choose(name, device) if requested_backend() == "auto" else requested_backend()
+            picked = choose(name, device)
         except BackendUnavailableError as exc:
             picked = f"(none: {exc})"
         rows.append((name, picked, reasons))

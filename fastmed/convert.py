@@ -6,7 +6,8 @@ dict keyed for the fastmed model; the tensors are shared, not copied.  Keys that
 helpers build nothing: call ``model.load_state_dict(convert(...))`` on a model built with the same config.
 
 nnU-Net v2 ``PlainConvUNet`` / ``ResidualEncoderUNet`` -> :class:`fastmed.models.UNet` (``UNet.nnunet``); the
-input is ``checkpoint["network_weights"]`` or the whole nnU-Net checkpoint
+input is ``checkpoint["network_weights"]`` or the whole nnU-Net checkpoint; :func:`to_nnunet` goes back (adds the
+duplicates below, and the heads nnU-Net has when the fastmed model was built without deep supervision)
     Same module tree (see :mod:`fastmed.models.unet`), keys unchanged except:
       ``decoder.encoder.*``             dropped (nnU-Net's decoder holds a second reference to the encoder)
       ``*.all_modules.<i>.*``           dropped (ConvDropoutNormReLU registers its layers twice)
@@ -30,7 +31,8 @@ timm ``vit_*`` (``VisionTransformer``, class token, no register tokens / layer s
 features fastmed's ViT does not have (``reg_token``, ``ls1.gamma``, ``attn.q_norm``, ``fc_norm`` with
 parameters, ...) raise ``ValueError``.
 
-Swin-Unet (Cao et al., ``SwinUnet`` / ``SwinTransformerSys``) and timm-style Swin keys -> :class:`fastmed.models.SwinUNet`:
+Swin-Unet (Cao et al., ``SwinUnet`` / ``SwinTransformerSys``) and timm-style Swin keys ->
+:class:`fastmed.models.SwinUNet`:
       ``swin_unet.`` prefix                              stripped (the ``SwinUnet`` wrapper)
       ``*.mlp.fc1.*`` / ``*.mlp.fc2.*``                  ``*.mlp.linear1.*`` / ``*.mlp.linear2.*``
       ``*.attn_mask``                                    dropped (fastmed builds the shift mask in the kernel)
@@ -50,9 +52,10 @@ MONAI ``SwinTransformerBlock`` (SwinUNETR's blocks) -> :class:`fastmed.nn.SwinTr
 (``norm1``, ``attn.{qkv,proj,relative_position_bias_table,relative_position_index}``, ``norm2``,
 ``mlp.linear1``, ``mlp.linear2``); :func:`from_monai_swin_block` checks them.
 
-MONAI U-Net blocks -> :class:`fastmed.nn.ConvNormAct`: :func:`from_monai_unet_block` (``Convolution``: ``conv.*``
-stays, ``adn.N.*`` -> ``norm.*``, ``adn.A.*`` -> ``nonlin.*``; ``UnetBasicBlock``: ``conv1.conv``/``norm1`` -> ``0.conv``/``0.norm``,
-``conv2.conv``/``norm2`` -> ``1.conv``/``1.norm``; the full table is in :mod:`fastmed.nn.conv_block`).
+MONAI U-Net blocks -> :class:`fastmed.nn.ConvNormAct`: :func:`from_monai_unet_block` (``Convolution``:
+``conv.*`` stays, ``adn.N.*`` -> ``norm.*``, ``adn.A.*`` -> ``nonlin.*``; ``UnetBasicBlock``:
+``conv1.conv``/``norm1`` -> ``0.conv``/``0.norm``, ``conv2.conv``/``norm2`` -> ``1.conv``/``1.norm``; the full
+table is in :mod:`fastmed.nn.conv_block`).
 
 MONAI ``UNet`` (``monai.networks.nets.UNet``) -> :class:`fastmed.models.MonaiUNet` (same constructor arguments):
 identical keys, since MonaiUNet has MONAI's module tree (see :mod:`fastmed.models.monai_unet`); with
@@ -70,17 +73,16 @@ Whole MONAI ``BasicUNet`` / ``DynUNet`` models have no separate fastmed twin: :f
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping
-
 import re
+from collections.abc import Iterable, Mapping
 
 import torch
 
 from fastmed._validate import check_state_dict
 from fastmed.nn.conv_block import convert_monai_state_dict as from_monai_unet_block  # noqa: E402  (re-export)
 
-__all__ = ["from_nnunet", "from_monai_attention_unet", "from_monai_unet", "from_monai_unet_block", "from_timm_vit", "from_swin_unet",
-           "from_timm_swin", "from_monai_swin_block"]
+__all__ = ["from_nnunet", "to_nnunet", "from_monai_attention_unet", "from_monai_unet", "from_monai_unet_block",
+           "from_timm_vit", "from_swin_unet", "from_timm_swin", "from_monai_swin_block"]
 
 
 def _rename(state_dict: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]], source: str) -> dict:
@@ -137,6 +139,98 @@ def from_nnunet(state_dict: Mapping[str, torch.Tensor], deep_supervision: bool =
     return out
 
 
+_CDNR_KEY = re.compile(r"(.+)\.(conv|norm|nonlin)\.([^.]+)")  # a ConvDropoutNormReLU's conv / norm / nonlin
+_CDNR_PARTS = ("conv", "dropout", "norm", "nonlin")  # its all_modules order (dropout only with a dropout op)
+
+
+
+def to_nnunet(state_dict: Mapping[str, torch.Tensor], *, dropout: bool = False, fill_heads: bool = False) -> dict:
+    """:class:`fastmed.models.UNet` weights (``UNet.nnunet(...)``, plain or residual encoder) for nnU-Net v2's
+    ``PlainConvUNet`` / ``ResidualEncoderUNet`` with the same configuration: the inverse of :func:`from_nnunet`;
+    the result loads with ``network.load_state_dict(...)`` (strict) and is what nnU-Net saves as
+    ``checkpoint["network_weights"]``.
+
+    Adds what nnU-Net stores twice: ``decoder.encoder.*`` (its decoder's reference to the encoder) and each
+    ``ConvDropoutNormReLU``'s ``all_modules.<i>.*`` (``conv``, [``dropout``], ``norm``, ``nonlin`` in that
+    order; every block is taken to have a norm, as nnU-Net's plans build them).  The tensors are shared, not
+    copied.
+
+    Args:
+        state_dict: the fastmed model's ``state_dict()`` (keys ``encoder.*`` / ``decoder.*``).
+        dropout: whether the nnU-Net network has a dropout op in its blocks (``dropout_op`` set in the plan):
+            it shifts the ``all_modules`` indices of the norm and the nonlinearity by one.
+        fill_heads: a model built without deep supervision has only the final segmentation head
+            (``decoder.seg_layers.0``) while nnU-Net always has one per decoder stage: it becomes the last head,
+            and the others are missing (``ValueError``) unless ``fill_heads=True``, which makes them zero
+            convolutions (nnU-Net runs them only with deep supervision on; inference uses the last head only).
+    """
+    state_dict = check_state_dict(state_dict)
+    if not state_dict:
+        raise ValueError("state_dict is empty: not a fastmed UNet state dict")
+    stages, heads = set(), {}
+    for key in state_dict:
+        if not isinstance(key, str):
+            raise TypeError(f"state_dict keys must be strings (parameter names), got {key!r}")
+        if not key.startswith(("encoder.", "decoder.")) or key.startswith("decoder.encoder."):
+            raise ValueError(f"fastmed UNet key {key!r} is not encoder.* / decoder.* (a fastmed.models.UNet "
+                             f"state dict; nnU-Net's own keys go through from_nnunet)")
+        if ".all_modules." in key:
+            raise ValueError(f"key {key!r} is already nnU-Net's (all_modules): not a fastmed UNet state dict")
+        if key.startswith("decoder.seg_layers."):
+            match = _NNUNET_SEG_LAYER.fullmatch(key)
+            if match is None:
+                raise ValueError(f"fastmed UNet key {key!r} is not decoder.seg_layers.<i>.<parameter>")
+            heads[key] = int(match.group(1))
+        elif key.startswith("decoder.stages."):
+            stage = key.split(".")[2]
+            if not stage.isdigit():
+                raise ValueError(f"fastmed UNet key {key!r} is not decoder.stages.<i>.* with an integer stage <i>")
+            stages.add(int(stage))
+    if not heads:
+        raise ValueError("state_dict has no decoder.seg_layers.* (segmentation heads): not a fastmed UNet state dict")
+    n_dec = len(stages)
+    out = {}
+    for key, value in state_dict.items():
+        if key in heads and len(set(heads.values())) == 1 and n_dec > 1:  # no deep supervision: the last head
+            key = f"decoder.seg_layers.{n_dec - 1}." + _NNUNET_SEG_LAYER.fullmatch(key).group(2)
+        out[key] = value
+    present = {int(k.split(".")[2]) for k in out if k.startswith("decoder.seg_layers.")}
+    missing = sorted(set(range(n_dec)) - present)
+    if missing and not fill_heads:
+        raise ValueError(f"nnU-Net has one segmentation head per decoder stage ({n_dec}); the state dict has "
+                         f"decoder.seg_layers {sorted(present)} only (a model without deep supervision): pass "
+                         f"fill_heads=True for zero heads {missing}, or build the fastmed UNet with "
+                         f"deep_supervision=True")
+    if missing:
+        last = f"decoder.seg_layers.{n_dec - 1}."
+        last_w, last_b = out[last + "weight"], out.get(last + "bias")
+        for s in missing:
+            channels = _decoder_stage_channels(out, s)
+            out[f"decoder.seg_layers.{s}.weight"] = last_w.new_zeros((last_w.shape[0], channels, *last_w.shape[2:]))
+            if last_b is not None:
+                out[f"decoder.seg_layers.{s}.bias"] = torch.zeros_like(last_b)
+    index = {part: i for i, part in enumerate(p for p in _CDNR_PARTS if dropout or p != "dropout")}
+    for key, value in list(out.items()):
+        match = _CDNR_KEY.fullmatch(key)
+        if match is not None:
+            prefix, part, name = match.groups()
+            out[f"{prefix}.all_modules.{index[part]}.{name}"] = value
+    for key, value in list(out.items()):
+        if key.startswith("encoder."):
+            out["decoder." + key] = value
+    return out
+
+
+def _decoder_stage_channels(state_dict: Mapping[str, torch.Tensor], stage: int) -> int:
+    """Output channels of decoder stage ``stage`` (its last convolution's weight)."""
+    prefix = f"decoder.stages.{stage}."
+    convs = sorted((k for k in state_dict if k.startswith(prefix) and k.endswith(".conv.weight")),
+                   key=lambda k: [int(t) if t.isdigit() else t for t in k.split(".")])
+    if not convs:
+        raise ValueError(f"state_dict has no {prefix}*.conv.weight: cannot size segmentation head {stage}")
+    return state_dict[convs[-1]].shape[0]
+
+
 def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
     """MONAI ``AttentionUnet`` weights for :class:`fastmed.models.AttentionUNet` (same constructor arguments)."""
     state_dict = check_state_dict(state_dict)
@@ -147,12 +241,14 @@ def from_monai_attention_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
         raise ValueError("state_dict has no model.1.attention.* keys: not a MONAI AttentionUnet state dict")
     rules = [("model.2.conv.", "out.")]
     for j in range(2):
-        rules += [(f"model.0.conv.{j}.conv.", f"head.convs.{j}.conv."), (f"model.0.conv.{j}.adn.N.", f"head.convs.{j}.norm.")]
+        rules += [(f"model.0.conv.{j}.conv.", f"head.convs.{j}.conv."),
+                  (f"model.0.conv.{j}.adn.N.", f"head.convs.{j}.norm.")]
     for i in range(depth):
         p = "model.1." + "submodule.1." * i
         down = p + ("submodule.0.conv." if i < depth - 1 else "submodule.conv.")
         for j in range(2):
-            rules += [(f"{down}{j}.conv.", f"down.{i}.convs.{j}.conv."), (f"{down}{j}.adn.N.", f"down.{i}.convs.{j}.norm.")]
+            rules += [(f"{down}{j}.conv.", f"down.{i}.convs.{j}.conv."),
+                      (f"{down}{j}.adn.N.", f"down.{i}.convs.{j}.norm.")]
         rules += [(p + "upconv.up.conv.", f"up.{i}.conv."), (p + "upconv.up.adn.N.", f"up.{i}.norm."),
                   (p + "merge.conv.", f"merge.{i}.conv."), (p + "merge.adn.A.", f"merge.{i}.nonlin.")]
         for branch in ("W_g", "W_x", "psi"):

@@ -7,8 +7,11 @@ trained with fastmed's fused Dice + cross-entropy (:class:`fastmed.nn.DiceCELoss
 prints the validation Dice per class; at the end a PNG shows the loss / Dice curves and a slice of
 prediction vs label.
 
-``--data PATH`` trains on a Medical Segmentation Decathlon folder instead (``dataset.json``, ``imagesTr/``,
-``labelsTr/``, NIfTI read through nibabel): volumes are z-scored and resized to ``--size``^3.
+``--data PATH`` trains on a Medical Segmentation Decathlon folder (``dataset.json`` listing ``training`` cases,
+``imagesTr/``, ``labelsTr/``) or an nnU-Net v2 raw dataset folder (``dataset.json`` with ``channel_names``,
+``labels``, ``numTraining``, ``file_ending``; ``imagesTr/<case>_<XXXX>.nii.gz``) instead, NIfTI read through
+nibabel: volumes are z-scored and resized to ``--size``^3.  A folder that cannot be read is reported in one
+line (exit status 2), not a traceback.
 """
 from __future__ import annotations
 
@@ -16,6 +19,7 @@ import argparse
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Optional
@@ -23,7 +27,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-__all__ = ["main", "make_phantoms", "load_decathlon", "dice_per_class"]
+__all__ = ["main", "make_phantoms", "load_dataset", "load_decathlon", "load_nnunet_v2", "dice_per_class"]
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,6 +63,95 @@ def make_phantoms(n: int, size: int = 32, seed: int = 0) -> tuple[torch.Tensor, 
     return torch.stack(images)[:, None].float(), torch.stack(labels)[:, None]
 
 
+def load_dataset(path: str, size: int = 48, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Read a dataset folder for ``--data``: a Medical Segmentation Decathlon folder (its ``dataset.json`` lists
+    ``"training"`` cases, :func:`load_decathlon`) or an nnU-Net v2 raw dataset folder (``dataset.json`` with
+    ``channel_names`` / ``file_ending``, :func:`load_nnunet_v2`).  Same returns as :func:`load_decathlon`;
+    ``ValueError`` with one line naming the file or entry for anything the folder lacks."""
+    meta = _read_dataset_json(path)
+    if "training" in meta:
+        return load_decathlon(path, size, limit)
+    if "file_ending" in meta or "channel_names" in meta:
+        return load_nnunet_v2(path, size, limit)
+    raise ValueError(f"{os.path.join(path, 'dataset.json')} has neither 'training' (Decathlon layout) nor "
+                     f"'channel_names'/'file_ending' (nnU-Net v2 layout)")
+
+
+def _read_dataset_json(path: str) -> dict:
+    meta_path = os.path.join(path, "dataset.json")
+    if not os.path.isfile(meta_path):
+        raise ValueError(f"--data must be a Decathlon or nnU-Net v2 dataset folder with a dataset.json, found none "
+                         f"in {path!r}")
+    try:
+        with open(meta_path) as fh:
+            meta = json.load(fh)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{meta_path} is not valid JSON: {exc}") from None
+    if not isinstance(meta, dict):
+        raise ValueError(f"{meta_path} must hold a JSON object, got {type(meta).__name__}")
+    return meta
+
+
+def _class_names(meta: dict, meta_path: str) -> list:
+    """``"labels"`` as ``{"0": "background", ...}`` (MSD) or ``{"background": 0, ...}`` (nnU-Net v2)."""
+    labels_meta = meta.get("labels")
+    if not isinstance(labels_meta, dict) or not labels_meta:
+        raise ValueError(f"{meta_path} must have a non-empty 'labels' object")
+    if all(str(k).isdigit() for k in labels_meta):
+        return [labels_meta[k] for k in sorted(labels_meta, key=int)]
+    if not all(isinstance(v, int) or (isinstance(v, str) and v.isdigit()) for v in labels_meta.values()):
+        raise ValueError(f"{meta_path}: 'labels' must map each name to one integer class (region-based labels, "
+                         f"lists of classes, are not supported by the demo), got {labels_meta!r}")
+    return [k for k, _ in sorted(labels_meta.items(), key=lambda kv: int(kv[1]))]
+
+
+def _nib():
+    try:
+        import nibabel as nib
+    except ImportError as exc:
+        raise RuntimeError("--data needs nibabel to read NIfTI files: pip install nibabel") from exc
+    return nib
+
+
+def _read_volume(nib, file: str, what: str) -> torch.Tensor:
+    if not os.path.isfile(file):
+        raise ValueError(f"{what} {file!r} does not exist")
+    try:
+        return torch.as_tensor(nib.load(file).get_fdata(dtype="float32"))
+    except Exception as exc:  # nibabel raises its own ImageFileError, OSError, EOFError, ... per format problem
+        raise ValueError(f"{what} {file!r} could not be read as NIfTI: {exc}") from None
+
+
+def _load_cases(cases: list, size: int, names: list) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """``cases``: (channel images: one 3D/4D file or one 3D file per channel, label file) per case."""
+    nib = _nib()
+    images, labels = [], []
+    for files, label_file in cases:
+        vols = [_read_volume(nib, f, "image") for f in files]
+        lab = _read_volume(nib, label_file, "label").round().long()
+        img = torch.stack(vols, dim=-1) if len(vols) > 1 else vols[0]
+        if img.dim() == 3:
+            img = img[..., None]
+        if img.dim() != 4 or lab.dim() != 3 or img.shape[:3] != lab.shape:
+            raise ValueError(f"case {files[0]}: image {tuple(img.shape)} and label {tuple(lab.shape)} must "
+                             f"be 3D volumes of the same size (image may carry modalities on a 4th axis)")
+        img = img.permute(3, 0, 1, 2)
+        img = (img - img.mean(dim=(1, 2, 3), keepdim=True)) / img.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
+        images.append(F.interpolate(img[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0])
+        labels.append(F.interpolate(lab[None, None].float(), size=(size,) * 3, mode="nearest")[0].long())
+    lab_t = torch.stack(labels)
+    if int(lab_t.max()) >= len(names) or int(lab_t.min()) < 0:
+        raise ValueError(f"label maps hold classes {int(lab_t.min())}..{int(lab_t.max())} but dataset.json names "
+                         f"only {len(names)} labels")
+    return torch.stack(images), lab_t, names
+
+
+def _enough(cases: list, meta_path: str) -> None:
+    if len(cases) < 2:
+        raise ValueError(f"{meta_path} gives {len(cases)} training cases; the demo needs at least 2 "
+                         f"(one to validate on)")
+
+
 def load_decathlon(path: str, size: int = 48, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, list]:
     """Read a Medical Segmentation Decathlon folder: ``dataset.json`` (``"training": [{"image", "label"}]``,
     ``"labels"`` as ``{"0": "background", ...}`` (MSD) or ``{"background": 0, ...}`` (nnU-Net v2)), NIfTI images
@@ -66,43 +159,77 @@ def load_decathlon(path: str, size: int = 48, limit: Optional[int] = None) -> tu
     resized (trilinear) to ``size``^3, each label map resized by nearest neighbour.
 
     Returns images ``(n, C, S, S, S)`` float32, labels ``(n, 1, S, S, S)`` int64 and the class names."""
-    try:
-        import nibabel as nib
-    except ImportError as exc:
-        raise RuntimeError("--data needs nibabel to read NIfTI files: pip install nibabel") from exc
+    meta = _read_dataset_json(path)
     meta_path = os.path.join(path, "dataset.json")
-    if not os.path.isfile(meta_path):
-        raise ValueError(f"--data must be a Decathlon-layout folder with a dataset.json, found none in {path!r}")
-    with open(meta_path) as fh:
-        meta = json.load(fh)
     if "training" not in meta or "labels" not in meta:
         raise ValueError(f"{meta_path} must have 'training' and 'labels' entries (Decathlon layout)")
-    labels_meta = meta["labels"]
-    if all(str(k).isdigit() for k in labels_meta):
-        names = [labels_meta[k] for k in sorted(labels_meta, key=int)]
+    names = _class_names(meta, meta_path)
+    training = meta["training"]
+    if not isinstance(training, list) or not all(isinstance(c, dict) and "image" in c and "label" in c
+                                                 for c in training):
+        raise ValueError(f"{meta_path}: 'training' must list {{\"image\": ..., \"label\": ...}} entries")
+    cases = training[:limit] if limit else training
+    _enough(cases, meta_path)
+    return _load_cases([([os.path.join(path, c["image"])], os.path.join(path, c["label"])) for c in cases], size,
+                       names)
+
+
+def load_nnunet_v2(path: str, size: int = 48, limit: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """Read an nnU-Net v2 raw dataset folder (``DatasetXXX_Name``): ``dataset.json`` with ``channel_names``
+    (``{"0": "CT", ...}``), ``labels`` (``{"background": 0, "organ": 1, ...}``), ``numTraining`` and
+    ``file_ending`` (``.nii.gz`` / ``.nii``: the demo reads NIfTI), and either the cases found in ``imagesTr/``
+    (``<case>_<XXXX><file_ending>``, one file per channel XXXX) with ``labelsTr/<case><file_ending>``, or, as
+    nnU-Net also allows, a ``"dataset"`` entry ``{case: {"images": [...], "label": ...}}`` (paths relative to
+    the folder or absolute).  Preprocessing and returns as :func:`load_decathlon`."""
+    meta = _read_dataset_json(path)
+    meta_path = os.path.join(path, "dataset.json")
+    for key in ("channel_names", "labels", "file_ending"):
+        if key not in meta:
+            raise ValueError(f"{meta_path} must have a {key!r} entry (nnU-Net v2 layout)")
+    names = _class_names(meta, meta_path)
+    ending = meta["file_ending"]
+    if not isinstance(ending, str) or not ending.endswith((".nii.gz", ".nii")):
+        raise ValueError(f"{meta_path}: file_ending {ending!r} is not NIfTI (.nii.gz / .nii); the demo reads NIfTI "
+                         f"only")
+    channels = meta["channel_names"]
+    if not isinstance(channels, dict) or not channels:
+        raise ValueError(f"{meta_path}: 'channel_names' must be a non-empty object such as {{\"0\": \"CT\"}}")
+    if "dataset" in meta:
+        entries = meta["dataset"]
+        if not isinstance(entries, dict) or not all(isinstance(e, dict) and "images" in e and "label" in e
+                                                    for e in entries.values()):
+            raise ValueError(f"{meta_path}: 'dataset' must map each case to {{\"images\": [...], \"label\": ...}}")
+        cases = [([os.path.join(path, os.path.expandvars(f)) for f in e["images"]],
+                  os.path.join(path, os.path.expandvars(e["label"]))) for _, e in sorted(entries.items())]
     else:
-        names = [k for k, _ in sorted(labels_meta.items(), key=lambda kv: int(kv[1]))]
-    cases = meta["training"][:limit] if limit else meta["training"]
-    if len(cases) < 2:
-        raise ValueError(f"{meta_path} lists {len(cases)} training cases; the demo needs at least 2 "
-                         f"(one to validate on)")
-    images, labels = [], []
-    for case in cases:
-        img = torch.as_tensor(nib.load(os.path.join(path, case["image"])).get_fdata(dtype="float32"))
-        lab = torch.as_tensor(nib.load(os.path.join(path, case["label"])).get_fdata(dtype="float32")).round().long()
-        if img.dim() == 3:
-            img = img[..., None]
-        if img.dim() != 4 or lab.dim() != 3 or img.shape[:3] != lab.shape:
-            raise ValueError(f"case {case['image']}: image {tuple(img.shape)} and label {tuple(lab.shape)} must "
-                             f"be 3D volumes of the same size (image may carry modalities on a 4th axis)")
-        img = img.permute(3, 0, 1, 2)
-        img = (img - img.mean(dim=(1, 2, 3), keepdim=True)) / img.std(dim=(1, 2, 3), keepdim=True).clamp_min(1e-6)
-        images.append(F.interpolate(img[None], size=(size,) * 3, mode="trilinear", align_corners=False)[0])
-        labels.append(F.interpolate(lab[None, None].float(), size=(size,) * 3, mode="nearest")[0].long())
-    lab_t = torch.stack(labels)
-    if int(lab_t.max()) >= len(names):
-        raise ValueError(f"label maps hold class {int(lab_t.max())} but dataset.json names only {len(names)} labels")
-    return torch.stack(images), lab_t, names
+        cases = _nnunet_cases(path, ending, len(channels))
+    if "numTraining" in meta and meta["numTraining"] != len(cases):
+        raise ValueError(f"{meta_path} says numTraining={meta['numTraining']!r} but {len(cases)} cases were found")
+    cases = cases[:limit] if limit else cases
+    _enough(cases, meta_path)
+    return _load_cases(cases, size, names)
+
+
+def _nnunet_cases(path: str, ending: str, n_channels: int) -> list:
+    """(channel files, label file) of each case in ``imagesTr/`` (``<case>_<XXXX><ending>``), sorted by case."""
+    images_dir, labels_dir = os.path.join(path, "imagesTr"), os.path.join(path, "labelsTr")
+    for d in (images_dir, labels_dir):
+        if not os.path.isdir(d):
+            raise ValueError(f"nnU-Net v2 dataset {path!r} has no {os.path.basename(d)}/ folder")
+    pattern = re.compile(r"(.+)_(\d{4})" + re.escape(ending))
+    found: dict = {}
+    for name in os.listdir(images_dir):
+        match = pattern.fullmatch(name)
+        if match is not None:
+            found.setdefault(match.group(1), set()).add(int(match.group(2)))
+    cases = []
+    for case in sorted(found):
+        if found[case] != set(range(n_channels)):
+            raise ValueError(f"case {case!r} in {images_dir} has channels {sorted(found[case])}, but channel_names "
+                             f"lists {n_channels} (files {case}_0000{ending} ...)")
+        cases.append(([os.path.join(images_dir, f"{case}_{c:04d}{ending}") for c in range(n_channels)],
+                      os.path.join(labels_dir, case + ending)))
+    return cases
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -265,8 +392,8 @@ def train(images, labels, class_names, *, epochs: int, batch_size: int, features
 def main(argv: Optional[list] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fastmed demo", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="Medical Segmentation Decathlon folder (dataset.json, imagesTr, labelsTr); "
-                                       "default: built-in synthetic phantoms")
+    parser.add_argument("--data", help="Medical Segmentation Decathlon or nnU-Net v2 dataset folder (dataset.json, "
+                                       "imagesTr, labelsTr); default: built-in synthetic phantoms")
     parser.add_argument("--epochs", type=int, default=None, help="training epochs (default 15; 2 with --tiny)")
     parser.add_argument("--out", default="fastmed_demo_out", help="folder for the PNG (default: fastmed_demo_out)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
@@ -292,7 +419,11 @@ def main(argv: Optional[list] = None) -> int:
     if size % (2 ** (len(features) - 1)):
         parser.error(f"--size must be divisible by {2 ** (len(features) - 1)}, got {size}")
     if args.data:
-        images, labels, names = load_decathlon(args.data, size=args.size or (16 if args.tiny else 48))
+        try:
+            images, labels, names = load_dataset(args.data, size=args.size or (16 if args.tiny else 48))
+        except (ValueError, RuntimeError, OSError) as exc:
+            print(f"python -m fastmed demo: error: --data {args.data}: {exc}", file=sys.stderr)
+            return 2
     else:
         images, labels = make_phantoms(n, size, seed=args.seed)
         names = ["background", "organ", "lesion"]

@@ -6,6 +6,16 @@
 What is replaced (parameters and buffers are shared, never copied; ``state_dict()`` keys stay the same, so
 checkpoints load before or after patching):
 
+* **MONAI's DynUNet / UNETR / SwinUNETR conv blocks**, recognised by their type (their forward order is MONAI's):
+  ``UnetBasicBlock`` (conv -> norm -> act, twice) and ``UnetResBlock`` (conv -> norm -> act, conv -> norm, the
+  residual path conv -> norm when the shape changes, add, act) become a :class:`FusedUnetBlock` whose every
+  conv -> norm -> act (residual add included) is one :func:`fastmed.ops.conv_norm_act`; ``UnetUpBlock`` and
+  ``UnetrUpBlock`` (transposed conv, concatenation with the skip, a basic or residual block) become a
+  :class:`FusedUnetUpBlock` whose first convolution reads the upsampled features and the skip as two inputs (no
+  concatenation written with the implicit-GEMM implementation).  ``UnetrBasicBlock`` (a wrapper around one of
+  those blocks) and ``UnetrPrUpBlock`` (transposed convs, each followed by a block with ``conv_block=True``) are
+  fused through the blocks they hold.  The block keeps its children (``conv1.conv``, ``norm1``, ``lrelu``, ...),
+  so keys are unchanged; dropout (MONAI's ``dropout=``) runs between the convolution and the norm as in MONAI.
 * **Conv -> [Dropout] -> Norm -> [Activation]** runs, found in execution order inside ``nn.Sequential``
   containers (nested ones flattened: MONAI's ``Convolution`` = ``Sequential(conv, ADN(N, D, A))``, nnU-Net's
   ``ConvDropoutNormReLU.all_modules``, plain ``nn.Sequential(Conv3d, InstanceNorm3d, LeakyReLU)``).  The
@@ -14,8 +24,8 @@ checkpoints load before or after patching):
   is active); the norm, dropout and activation modules become :class:`Absorbed` placeholders that hold
   the same parameters and return their input.  A module referenced twice (nnU-Net registers its layers both
   as attributes and in ``all_modules``) is replaced everywhere.
-* **Norm -> [Activation]** runs without a preceding convolution (pre-activation blocks): the norm becomes a
-  :class:`FusedNormAct` (:func:`fastmed.ops.norm_act`).
+* **Norm -> [Activation]** runs without a preceding convolution (pre-activation blocks, the norm after a
+  transposed convolution): the norm becomes a :class:`FusedNormAct` (:func:`fastmed.ops.norm_act`).
 * **MONAI ``SwinTransformerBlock``** (SwinUNETR): replaced by :class:`fastmed.nn.SwinTransformerBlock` sharing
   its norms, qkv / proj / relative-position table and MLP (:func:`fastmed.ops.window_attention`).
 * **Swin-Unet / timm ``SwinTransformerBlock``s** (recognized by their attributes: ``attn.qkv``, ``attn.proj``,
@@ -28,13 +38,17 @@ checkpoints load before or after patching):
 
 Supported pieces: ``Conv2d``/``Conv3d`` (groups 1, zero padding given as ints), ``InstanceNorm*d`` (without
 running statistics), ``GroupNorm``, ``BatchNorm*d``, activations ``ReLU``, ``LeakyReLU``, ``PReLU``, ``GELU``,
-``SiLU``, ``Identity``.  Anything else is left alone; convolutions that were not fused are listed in
-``report.skipped`` with the reason (e.g. a custom ``forward`` whose order cannot be read off a Sequential).
-timm is not installed in fastmed's CI: its block is checked against a reproduction of timm's code for grids
-divisible by the window (other grids run timm's own forward).
+``SiLU``, ``Identity``.  Anything else is left alone, and every convolution (transposed ones included) or MONAI
+block that was not fused is listed in ``report.skipped`` as ``"<type> in <block type>: <reason>"`` (e.g. a
+custom ``forward`` whose order cannot be read, an activation without a fused kernel, no normalization after it).
+Batch-norm statistics (``running_*``, ``num_batches_tracked``) are updated as torch does, and only by calls that
+succeed.  timm is not installed in fastmed's CI: its block is checked against a reproduction of timm's code for
+grids divisible by the window (other grids run timm's own forward).
 """
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -45,15 +59,20 @@ from fastmed.nn.norm_act import NormAct, activation_of
 from fastmed.ops.conv_block import conv_norm_act
 from fastmed.ops.norm_act import norm_act
 
-__all__ = ["patch", "PatchReport", "FusedConvNormAct", "FusedNormAct", "FusedSwinBlock", "Absorbed"]
+__all__ = ["patch", "PatchReport", "FusedConvNormAct", "FusedNormAct", "FusedSwinBlock", "FusedUnetBlock",
+           "FusedUnetUpBlock", "Absorbed", "NormView", "fused_conv_norm_act",
+           "activation_args"]
 
 _NORMS = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 _ACTS = (nn.ReLU, nn.LeakyReLU, nn.PReLU, nn.GELU, nn.SiLU)
+_CONVS = (nn.Conv2d, nn.Conv3d)
+_TRANSPOSED = (nn.ConvTranspose2d, nn.ConvTranspose3d)
+_FUSED_ACTS = "ReLU, LeakyReLU, PReLU, GELU, SiLU, Identity"
 
 
 @dataclass
 class PatchReport:
-    """``replaced``: (module name, description); ``skipped``: (module name, reason)."""
+    """``replaced``: (module name, description); ``skipped``: (module name, ``"<type> in <block>: <reason>"``)."""
     replaced: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
 
@@ -62,6 +81,70 @@ class PatchReport:
         lines += [f"  replaced {name}: {what}" for name, what in self.replaced]
         lines += [f"  skipped  {name}: {why}" for name, why in self.skipped]
         return "\n".join(lines)
+
+
+class NormView(NormAct):
+    """A :class:`fastmed.nn.NormAct` (identity activation) over a torch norm module's own parameters and buffers.
+
+    ``NormView.of(norm)`` (``norm``: ``InstanceNorm*d`` without running statistics, ``GroupNorm`` or
+    ``BatchNorm*d``; ``TypeError`` otherwise) shares ``norm``'s parameter and buffer *dicts*, so it follows
+    ``.to()``, ``load_state_dict`` and in-place updates of ``norm``.  Before each call, ``view.sync(module)`` takes
+    the training flag (and ``eps``/``momentum`` where ``module`` has them) from the module registered in the model;
+    then :meth:`call_kwargs` gives the arguments of :func:`fastmed.ops.norm_act` / ``conv_norm_act`` and
+    :meth:`count_batch`, called after the op succeeded, counts ``num_batches_tracked`` as torch's batch norm does.
+    A view is never registered as a submodule (its tensors are the module's)."""
+
+    @classmethod
+    def of(cls, norm: nn.Module) -> NormView:
+        with torch.device("meta"):  # the tensors NormAct allocates are replaced by the module's own below
+            view = cls.from_modules(norm, None)
+        view._parameters, view._buffers = norm._parameters, norm._buffers
+        view._non_persistent_buffers_set = norm._non_persistent_buffers_set
+        view.training = norm.training
+        return view
+
+    def sync(self, module: nn.Module) -> NormView:
+        self.training = module.training
+        self.eps = getattr(module, "eps", self.eps)
+        if self.kind == "batch":
+            self.momentum = getattr(module, "momentum", self.momentum)
+        return self
+
+
+def activation_args(act: Optional[nn.Module]) -> tuple[str, object]:
+    """(activation, negative_slope) arguments of the fastmed ops for a torch activation module (None: identity;
+    PReLU: its weight); ``TypeError`` for an activation fastmed does not fuse."""
+    activation, slope, prelu = activation_of(act)
+    return activation, (prelu.weight if prelu is not None else slope)
+
+
+def fused_conv_norm_act(x: torch.Tensor, conv: nn.Module, view: NormView, activation: str = "identity",
+                        negative_slope=0.01, *, dropout: Optional[Callable] = None,
+                        residual: Optional[torch.Tensor] = None, skip: Optional[torch.Tensor] = None,
+                        conv_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``act(norm(dropout(conv(cat([x, skip], 1)))) + residual)`` of torch modules as fastmed ops.
+
+    ``conv``: an ``nn.Conv2d``/``nn.Conv3d`` (or a module with its ``weight``/``bias``/``stride``/``padding``/
+    ``dilation``); ``view``: the :class:`NormView` of the norm, synced; ``activation``/``negative_slope``: as in
+    :func:`fastmed.ops.conv_norm_act` (:func:`activation_args` of a torch module).  Without ``dropout`` (None:
+    none, or inactive) the run is one
+    :func:`fastmed.ops.conv_norm_act`; with it (a callable applied to the convolution output), or given the
+    convolution output ``conv_out`` already computed (and dropped out), the norm, residual and activation are one
+    :func:`fastmed.ops.norm_act`.  ``(N, Cin, *sp) -> (N, Cout, *sp_out)``; batch norm counts after success."""
+    kw = view.call_kwargs()
+    if conv_out is None and dropout is not None:
+        xin = x if skip is None else torch.cat([x, skip], 1)
+        conv_fn = torch.nn.functional.conv3d if conv.weight.dim() == 5 else torch.nn.functional.conv2d
+        conv_out = dropout(conv_fn(xin, conv.weight, conv.bias, conv.stride, conv.padding, conv.dilation))
+    if conv_out is not None:
+        y = norm_act(conv_out, view.kind, view.weight, view.bias, activation=activation,
+                     negative_slope=negative_slope, residual=residual, **kw)
+    else:
+        y = conv_norm_act(x, conv.weight, conv.bias, view.weight, view.bias, stride=conv.stride,
+                          padding=conv.padding, dilation=conv.dilation, norm=view.kind, activation=activation,
+                          negative_slope=negative_slope, residual=residual, skip=skip, **kw)
+    view.count_batch()
+    return y
 
 
 class Absorbed(nn.Module):
@@ -83,33 +166,6 @@ class Absorbed(nn.Module):
         return f"{self.original_type}, computed by {self.into}"
 
 
-def _norm_config(norm: nn.Module) -> dict:
-    """kind / groups / eps / momentum / running statistics of a torch norm module (checked by NormAct)."""
-    NormAct.from_modules(norm, None)  # raises TypeError for what fastmed cannot run
-    if isinstance(norm, nn.GroupNorm):
-        return dict(kind="group", num_groups=norm.num_groups, eps=norm.eps, momentum=0.1, track=False)
-    if isinstance(norm, nn.modules.instancenorm._InstanceNorm):
-        return dict(kind="instance", num_groups=None, eps=norm.eps, momentum=0.1, track=False)
-    return dict(kind="batch", num_groups=None, eps=norm.eps, momentum=norm.momentum,
-                track=norm.track_running_stats)
-
-
-def _norm_args(cfg: dict, params: nn.Module, training_now: bool) -> dict:
-    """Keyword arguments of norm_act / conv_norm_act for one call; counts batches like torch's batch norm.
-
-    ``params`` holds ``weight``/``bias``/``running_*``/``num_batches_tracked`` (the registered module);
-    ``training_now`` is the training flag of the registered (patched) module."""
-    track = cfg["track"]
-    momentum = 0.0 if cfg["momentum"] is None else cfg["momentum"]
-    if cfg["kind"] == "batch" and training_now and track:
-        params.num_batches_tracked.add_(1)
-        if cfg["momentum"] is None:
-            momentum = 1.0 / float(params.num_batches_tracked)
-    return dict(num_groups=cfg["num_groups"], eps=cfg["eps"], momentum=momentum,
-                running_mean=params.running_mean if track else None,
-                running_var=params.running_var if track else None, training=training_now or not track)
-
-
 class FusedConvNormAct(nn.Module):
     """A convolution that computes conv -> [dropout] -> norm -> [act] of a patched run in one fastmed op.
 
@@ -117,13 +173,12 @@ class FusedConvNormAct(nn.Module):
     norm's and activation's parameters from their :class:`Absorbed` placeholders (registered in the model, so
     ``.to()``, ``.train()`` and ``load_state_dict`` reach them).  ``(N, Cin, *sp) -> (N, Cout, *sp_out)``."""
 
-    def __init__(self, conv: nn.Module, norm: "Absorbed", act: Optional["Absorbed"], dropout: Optional[nn.Module],
-                 norm_cfg: dict, act_module: Optional[nn.Module]):
+    def __init__(self, conv: nn.Module, norm: Absorbed, act: Optional[Absorbed], dropout: Optional[nn.Module],
+                 view: NormView, act_module: Optional[nn.Module]):
         super().__init__()
         self._parameters = conv._parameters
         self.stride, self.padding, self.dilation = tuple(conv.stride), tuple(conv.padding), tuple(conv.dilation)
         self.training = conv.training
-        self.norm_cfg = norm_cfg
         self.dropout_p = float(dropout.p) if dropout is not None else 0.0
         self.dropout_fn = {nn.Dropout2d: torch.nn.functional.dropout2d,
                            nn.Dropout3d: torch.nn.functional.dropout3d}.get(type(dropout),
@@ -132,25 +187,18 @@ class FusedConvNormAct(nn.Module):
         # references, not submodules: the placeholders are registered where the original modules were
         object.__setattr__(self, "_norm", norm)
         object.__setattr__(self, "_act", act)
+        object.__setattr__(self, "_view", view)
         self.desc = (f"{type(conv).__name__} -> {type(dropout).__name__ + ' -> ' if dropout is not None else ''}"
                      f"{norm.original_type}{' -> ' + act.original_type if act is not None else ''}")
 
-    def _slope(self):
-        return self._act.weight if self.activation == "prelu" else self.negative_slope
+    def _dropout(self, h: torch.Tensor) -> torch.Tensor:
+        return self.dropout_fn(h, self.dropout_p, training=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        nrm = self._norm
-        kw = _norm_args(self.norm_cfg, nrm, self.training)
-        kind = self.norm_cfg["kind"]
-        if self.training and self.dropout_p > 0:
-            conv = torch.nn.functional.conv3d if x.dim() == 5 else torch.nn.functional.conv2d
-            h = conv(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-            h = self.dropout_fn(h, self.dropout_p, training=True)
-            return norm_act(h, kind, nrm.weight, nrm.bias, activation=self.activation,
-                            negative_slope=self._slope(), **kw)
-        return conv_norm_act(x, self.weight, self.bias, nrm.weight, nrm.bias, stride=self.stride,
-                             padding=self.padding, dilation=self.dilation, norm=kind, activation=self.activation,
-                             negative_slope=self._slope(), **kw)
+        view = self._view.sync(self._norm)
+        slope = self._act.weight if self.activation == "prelu" else self.negative_slope
+        active = self._norm.training and self.dropout_p > 0
+        return fused_conv_norm_act(x, self, view, self.activation, slope, dropout=self._dropout if active else None)
 
     def extra_repr(self) -> str:
         return self.desc
@@ -159,27 +207,217 @@ class FusedConvNormAct(nn.Module):
 class FusedNormAct(nn.Module):
     """Norm -> [act] of a patched run as one :func:`fastmed.ops.norm_act` (same parameter names as the norm)."""
 
-    def __init__(self, norm: nn.Module, act: Optional["Absorbed"], act_module: Optional[nn.Module]):
+    def __init__(self, norm: nn.Module, act: Optional[Absorbed], act_module: Optional[nn.Module]):
         super().__init__()
-        self.norm_cfg = _norm_config(norm)
+        view = NormView.of(norm)
         self._parameters = norm._parameters
         self._buffers = norm._buffers
         self._non_persistent_buffers_set = norm._non_persistent_buffers_set
         self.training = norm.training
         self.activation, self.negative_slope, _ = activation_of(act_module)
         object.__setattr__(self, "_act", act)
+        object.__setattr__(self, "_view", view)
         self.desc = f"{type(norm).__name__}{' -> ' + type(act_module).__name__ if act_module is not None else ''}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        view = self._view.sync(self)
         slope = self._act.weight if self.activation == "prelu" else self.negative_slope
-        return norm_act(x, self.norm_cfg["kind"], self.weight, self.bias, activation=self.activation,
-                        negative_slope=slope, **_norm_args(self.norm_cfg, self, self.training))
+        y = norm_act(x, view.kind, view.weight, view.bias, activation=self.activation, negative_slope=slope,
+                     **view.call_kwargs())
+        view.count_batch()
+        return y
 
     def extra_repr(self) -> str:
         return self.desc
 
 
-# ----------------------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------- MONAI DynUNet / UNETR blocks
+def _monai_block_kinds() -> dict:
+    """{MONAI block class: kind} for the DynUNet / UNETR blocks, if MONAI's modules are loaded (a model holding
+    one of these blocks has loaded them; nothing is imported here)."""
+    kinds = {}
+    dyn = sys.modules.get("monai.networks.blocks.dynunet_block")
+    if dyn is not None:
+        kinds.update({dyn.UnetBasicBlock: "basic", dyn.UnetResBlock: "res", dyn.UnetUpBlock: "up"})
+    unetr = sys.modules.get("monai.networks.blocks.unetr_block")
+    if unetr is not None:
+        kinds.update({unetr.UnetrUpBlock: "up"})
+    return kinds
+
+
+_MONAI_WRAPPERS = ("UnetrBasicBlock", "UnetrPrUpBlock")  # fused through the blocks they hold
+
+
+def _monai_conv_parts(convolution: nn.Module, what: str) -> tuple[Optional[nn.Module], Optional[nn.Module], str]:
+    """(conv, dropout or None, problem or '') of a MONAI ``Convolution`` built by ``get_conv_layer(act=None,
+    norm=None)``: ``conv`` and, with MONAI's ``dropout=``, ``adn.D``."""
+    children = dict(convolution.named_children())
+    conv = children.pop("conv", None)
+    adn = children.pop("adn", None)
+    if conv is None or children:
+        return None, None, f"{what} is a {type(convolution).__name__} without MONAI's conv / adn layout"
+    problem = _conv_problem(conv)
+    if problem is not None:
+        return None, None, f"{what}.conv: {problem}"
+    dropout = None
+    if adn is not None:
+        parts = dict(adn.named_children())
+        dropout = parts.pop("D", None)
+        if parts or (dropout is not None and not isinstance(dropout, nn.modules.dropout._DropoutNd)):
+            kinds = ", ".join(type(m).__name__ for m in adn.children())
+            return None, None, (f"{what}.adn holds {kinds}; fastmed fuses the block when its convolutions are "
+                                f"followed by nothing or a Dropout only (MONAI's get_conv_layer(act=None, norm=None))")
+    return conv, dropout, ""
+
+
+def _unet_block_problem(block: nn.Module) -> str:
+    """'' when a UnetBasicBlock / UnetResBlock can be fused, else the exact reason."""
+    names = ["1", "2"] + (["3"] if hasattr(block, "conv3") else [])
+    for i in names:
+        _, _, problem = _monai_conv_parts(getattr(block, f"conv{i}"), f"conv{i}")
+        if problem:
+            return problem
+        norm = getattr(block, f"norm{i}", None)
+        problem = _norm_problem(norm) if norm is not None else f"conv{i} has no norm{i}"
+        if problem is not None:
+            return f"norm{i}: {problem}"
+    try:
+        activation_args(block.lrelu)
+    except TypeError:
+        return (f"its activation (lrelu) is {type(block.lrelu).__name__}; fastmed fuses {_FUSED_ACTS} "
+                f"(the block runs as MONAI's)")
+    return ""
+
+
+class FusedUnetBlock(nn.Module):
+    """MONAI's ``UnetBasicBlock`` or ``UnetResBlock`` (DynUNet, UNETR, SwinUNETR) on fastmed ops.
+
+    Keeps the block's children (``conv1``/``conv2``/``conv3`` MONAI ``Convolution`` s, ``norm1``/``norm2``/``norm3``,
+    ``lrelu``), so state dicts are unchanged.  Basic: ``act(norm2(conv2(act(norm1(conv1(x))))))``, each
+    conv -> norm -> act one :func:`fastmed.ops.conv_norm_act`; residual: ``act(norm2(conv2(act(norm1(conv1(x)))))
+    + r)`` with ``r = norm3(conv3(x))`` (when the shape changes) or ``x``, the add and the final activation inside
+    the second op.  With MONAI's ``dropout=`` active (training) each convolution's dropout runs between the
+    convolution and the norm, in MONAI's order.  ``forward(x, skip=None)``: ``(N, Cin, *sp) -> (N, Cout,
+    *sp // stride)``; ``skip`` given, the block reads ``cat([x, skip], 1)`` without writing it (the up blocks)."""
+
+    def __init__(self, block: nn.Module, kind: str):
+        super().__init__()
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.kind, self.original_type = kind, type(block).__name__
+        self.training = block.training
+        object.__setattr__(self, "_views", {})
+
+    def _view(self, i: str) -> NormView:
+        """The synced :class:`NormView` of ``norm<i>`` (rebuilt if the module was replaced)."""
+        norm = getattr(self, f"norm{i}")
+        cached = self._views.get(i)
+        if cached is None or cached[0] is not norm:
+            cached = self._views[i] = (norm, NormView.of(norm))
+        return cached[1].sync(norm)
+
+    def _active_dropout(self, i: str) -> Optional[nn.Module]:
+        adn = getattr(getattr(self, f"conv{i}"), "adn", None)
+        drop = getattr(adn, "D", None) if adn is not None else None
+        return drop if drop is not None and drop.training and drop.p > 0 else None
+
+    def _run(self, i: str, x: torch.Tensor, act: Optional[nn.Module], residual=None, skip=None,
+             conv_out=None) -> torch.Tensor:
+        activation, slope = activation_args(act)
+        return fused_conv_norm_act(x, getattr(self, f"conv{i}").conv, self._view(i), activation, slope,
+                                   dropout=self._active_dropout(i), residual=residual, skip=skip, conv_out=conv_out)
+
+    def _conv_dropout(self, i: str, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """conv<i> then its active dropout (MONAI's order of random draws), or None when no dropout is active."""
+        drop = self._active_dropout(i)
+        return drop(getattr(self, f"conv{i}").conv(x)) if drop is not None else None
+
+    def forward(self, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+        h = self._run("1", x, self.lrelu, skip=skip)
+        if self.kind == "basic":
+            return self._run("2", h, self.lrelu)
+        h2 = self._conv_dropout("2", h)  # drawn before conv3's dropout, as MONAI draws them
+        if hasattr(self, "conv3"):
+            residual = self._run("3", x, None, skip=skip)
+        else:
+            residual = x if skip is None else torch.cat([x, skip], 1)
+        return self._run("2", h, self.lrelu, residual=residual, conv_out=h2)
+
+    def extra_repr(self) -> str:
+        return f"{self.original_type}, fused"
+
+
+class FusedUnetUpBlock(nn.Module):
+    """MONAI's ``UnetUpBlock`` / ``UnetrUpBlock``: ``conv_block(cat([transp_conv(x), skip], 1))`` with the
+    transposed convolution in torch and ``conv_block`` (a :class:`FusedUnetBlock` once patched) reading the
+    upsampled features and the skip as two inputs.  Same children and keys as the original.
+    ``forward(x (N, Cin, *s), skip (N, Cout, *s * up)) -> (N, Cout, *s * up)``."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name, child in block.named_children():
+            setattr(self, name, child)
+        self.original_type = type(block).__name__
+        self.training = block.training
+
+    def forward(self, x: torch.Tensor, skip: torch.Tensor) -> torch.Tensor:
+        out = self.transp_conv(x)
+        if isinstance(self.conv_block, FusedUnetBlock):
+            return self.conv_block(out, skip=skip)
+        return self.conv_block(torch.cat((out, skip), dim=1))
+
+    def extra_repr(self) -> str:
+        return f"{self.original_type}, fused"
+
+
+def _describe_unet_block(block: nn.Module, kind: str) -> str:
+    """What a fused UnetBasicBlock / UnetResBlock computes, for the report."""
+    norm, act = type(block.norm1).__name__, type(block.lrelu).__name__
+    drop = " (dropout between conv and norm)" if _monai_conv_parts(block.conv1, "conv1")[1] is not None else ""
+    if kind == "basic":
+        return f"2 x (Conv -> {norm} -> {act}){drop}"
+    res = f"Conv -> {type(block.norm3).__name__}" if hasattr(block, "conv3") else "identity"
+    return f"Conv -> {norm} -> {act}, Conv -> {norm} + residual ({res}) -> {act}{drop}"
+
+
+def _patch_monai_blocks(model: nn.Module, report: PatchReport, mapping: dict, handled: set, parents: dict) -> None:
+    """Fuse MONAI's DynUNet / UNETR conv blocks (see the module docstring); unfusable ones are reported."""
+    kinds = _monai_block_kinds()
+    if not kinds:
+        return
+    for name, blk in model.named_modules():
+        kind = kinds.get(type(blk))
+        if kind is None:
+            continue
+        if blk is model:
+            report.skipped.append(("", f"{type(blk).__name__}: the model itself is the block; patch replaces blocks "
+                                       f"inside a model (wrap it: nn.Sequential(block))"))
+            handled.update(id(m) for m in blk.modules())
+            continue
+        owner = _owner(name, parents)
+        where = f" (in {type(owner).__name__})" if owner is not None and \
+            type(owner).__name__ in _MONAI_WRAPPERS + ("UnetUpBlock", "UnetrUpBlock") else ""
+        if kind == "up":
+            handled.update(id(m) for m in blk.transp_conv.modules())
+            inner = kinds.get(type(blk.conv_block))
+            if inner is None or _unet_block_problem(blk.conv_block):
+                continue  # its conv block is reported (skipped, with the reason) or runs as it is
+            mapping[id(blk)] = FusedUnetUpBlock(blk)
+            report.replaced.append((name, f"{type(blk).__name__} -> FusedUnetUpBlock (transposed conv in torch; its "
+                                          f"conv block reads the upsampled features and the skip without a "
+                                          f"concatenation)"))
+            continue
+        problem = _unet_block_problem(blk)
+        handled.update(id(m) for m in blk.modules())
+        if problem:
+            report.skipped.append((name, f"{type(blk).__name__}{where}: {problem}"))
+            continue
+        mapping[id(blk)] = FusedUnetBlock(blk, kind)
+        report.replaced.append((name, f"{type(blk).__name__}{where} -> FusedUnetBlock "
+                                      f"({_describe_unet_block(blk, kind)})"))
+
+
+# ----------------------------------------------------------------------------------------- runs in nn.Sequential
 def _is_plain_sequential(m: nn.Module) -> bool:
     return isinstance(m, nn.Sequential) and type(m).forward is nn.Sequential.forward
 
@@ -195,7 +433,7 @@ def _leaves(seq: nn.Sequential, prefix: str):
 
 
 def _conv_problem(conv: nn.Module) -> Optional[str]:
-    if type(conv) not in (nn.Conv2d, nn.Conv3d):
+    if type(conv) not in _CONVS:
         return f"{type(conv).__name__} is not a plain Conv2d/Conv3d"
     if conv.groups != 1:
         return f"grouped convolution (groups={conv.groups}) is not fused"
@@ -216,17 +454,18 @@ def _is_noop(m: nn.Module) -> bool:
     return isinstance(m, nn.Identity) or (isinstance(m, nn.modules.dropout._DropoutNd) and m.p == 0)
 
 
-def _find_runs(model: nn.Module):
-    """Runs (conv name or None, conv, dropout, norm name, norm, act name or None, act) in Sequentials."""
-    runs, fused_convs = [], set()
+def _find_runs(model: nn.Module, exclude: set):
+    """Runs (conv name or None, conv, dropout, norm name, norm, act name or None, act) in Sequentials that are
+    not inside an already handled block (``exclude``: module ids)."""
+    runs = []
     for seq_name, seq in model.named_modules(remove_duplicate=False):
-        if not _is_plain_sequential(seq):
+        if not _is_plain_sequential(seq) or id(seq) in exclude:
             continue
         leaves = list(_leaves(seq, seq_name))
         i = 0
         while i < len(leaves):
             name, mod = leaves[i]
-            if isinstance(mod, (nn.Conv2d, nn.Conv3d)) or isinstance(mod, _NORMS):
+            if isinstance(mod, _CONVS) or isinstance(mod, _NORMS):
                 j = i  # index of the norm
                 conv = dropout = None
                 if not isinstance(mod, _NORMS):
@@ -257,12 +496,10 @@ def _find_runs(model: nn.Module):
                 elif k != j + 1:  # only no-ops followed the norm: fuse the norm alone
                     k = j + 1
                 runs.append((name if conv is not None else None, conv, dropout, norm_name, norm, act_name, act))
-                if conv is not None:
-                    fused_convs.add(id(conv))
                 i = k
             else:
                 i += 1
-    return runs, fused_convs
+    return runs
 
 
 def _replace_everywhere(model: nn.Module, mapping: dict) -> None:
@@ -271,6 +508,77 @@ def _replace_everywhere(model: nn.Module, mapping: dict) -> None:
         for name, child in list(parent._modules.items()):
             if child is not None and id(child) in mapping:
                 parent._modules[name] = mapping[id(child)]
+
+
+def _parents(model: nn.Module) -> dict:
+    """{qualified name: parent module} (first name of each module)."""
+    out = {}
+    for name, mod in model.named_modules():
+        for child_name, _ in mod.named_children():
+            out.setdefault(f"{name}.{child_name}" if name else child_name, mod)
+    return out
+
+
+_NO_NORM_BLOCKS = {"UnetOutBlock": "the output convolution: no normalization follows, nothing to fuse",
+                   "ResidualUnit": "the residual path's convolution: no normalization follows, nothing to fuse"}
+
+
+def _is_container(m: nn.Module) -> bool:
+    return _is_plain_sequential(m) or isinstance(m, (nn.ModuleList, nn.ModuleDict))
+
+
+def _owner(name: str, parents: dict) -> Optional[nn.Module]:
+    """The first ancestor of module ``name`` that is not a container (plain Sequential, ModuleList/Dict)."""
+    while name in parents:
+        parent = parents[name]
+        if not _is_container(parent):
+            return parent
+        name = name.rpartition(".")[0]
+    return None
+
+
+def _block_of(name: str, parents: dict) -> str:
+    """'<parent type>' or '<parent type> (in <owner type>)' when the parent is a container."""
+    parent = parents.get(name)
+    if parent is None:
+        return "the model"
+    owner = _owner(name, parents)
+    if owner is None or owner is parent:
+        return type(parent).__name__
+    return f"{type(parent).__name__} (in {type(owner).__name__})"
+
+
+def _skip_reason(name: str, conv: nn.Module, model: nn.Module, parents: dict) -> str:
+    """``"<conv type> in <block>: <reason>"`` for a convolution that was not fused."""
+    head = f"{type(conv).__name__} in {_block_of(name, parents)}"
+    transposed = isinstance(conv, _TRANSPOSED)
+    problem = None if transposed else _conv_problem(conv)
+    if problem is not None:
+        return f"{head}: {problem}"
+    owner = _owner(name, parents)
+    known = _NO_NORM_BLOCKS.get(type(owner).__name__) if owner is not None else None
+    if known is not None and not transposed:
+        return f"{head}: {known}"
+    parent = parents.get(name)
+    if parent is not None and not _is_plain_sequential(parent):
+        return (f"{head}: {type(parent).__name__}.forward is its own code; fastmed fuses only runs whose order it "
+                f"can read (nn.Sequential, MONAI's DynUNet/UNETR blocks), so it leaves the convolution as it is")
+    top = name.rpartition(".")[0]  # the outermost plain Sequential holding the convolution
+    while top in parents and _is_plain_sequential(parents[top]):
+        top = top.rpartition(".")[0]
+    seq = model.get_submodule(top) if top or _is_plain_sequential(model) else parent
+    leaves = list(_leaves(seq, top))
+    index = next(i for i, (n, m) in enumerate(leaves) if m is conv)
+    following = [m for _, m in leaves[index + 1:] if not _is_noop(m)]
+    nxt = following[0] if following else None
+    if transposed:
+        if isinstance(nxt, FusedNormAct):
+            return (f"{head}: transposed convolutions run in torch (fastmed fuses Conv2d/Conv3d); the "
+                    f"{nxt.desc} after it is fused")
+        return f"{head}: transposed convolutions run in torch (fastmed fuses Conv2d/Conv3d), and no norm follows"
+    if nxt is None:
+        return f"{head}: the last module of its Sequential: no normalization follows, nothing to fuse"
+    return f"{head}: followed by {type(nxt).__name__}, not a normalization: nothing to fuse"
 
 
 class FusedSwinBlock(nn.Module):
@@ -361,6 +669,8 @@ def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> 
     from fastmed.nn.swin import SwinTransformerBlock
 
     for name, blk in model.named_modules():
+        if blk is model:  # a module cannot replace itself in place
+            continue
         if type(blk) is not MonaiBlock:
             layout = _swin_layout(blk)
             if layout is not None:
@@ -391,59 +701,68 @@ def patch(model: nn.Module, *, conv: bool = True, attention: bool = True) -> Pat
 
     Args:
         model: any ``nn.Module``.
-        conv: fuse Conv/Norm/Activation runs.
+        conv: fuse MONAI's DynUNet/UNETR conv blocks and Conv/Norm/Activation runs.
         attention: replace MONAI Swin blocks by fastmed's window-attention blocks.
 
-    Returns a :class:`PatchReport`.  Outputs and gradients are those of the original model (within the dtype's
+    Returns a :class:`PatchReport`: every replacement, and every convolution or MONAI block left alone with its
+    block type and the reason.  Outputs and gradients are those of the original model (within the dtype's
     rounding), and ``model.state_dict()`` keeps its keys.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
     report = PatchReport()
-    canonical = {id(m): n for n, m in model.named_modules()}  # first (attribute) name of each module
     mapping: dict = {}
     if attention:
         _patch_swin_blocks(model, report, mapping)
         _replace_everywhere(model, mapping)
         mapping = {}
-    if conv:
-        runs, fused_convs = _find_runs(model)
-        done = set()
-        for conv_name, cv, dropout, norm_name, norm, act_name, act in runs:
-            members = {id(m) for m in (cv, dropout, norm, act) if m is not None}
-            if members & done:  # seen through a second container (nnU-Net's all_modules, MONAI's ADN)
-                continue
-            done |= members
-            try:
-                cfg = _norm_config(norm)
-                activation_of(act)
-            except TypeError as exc:
-                report.skipped.append((canonical.get(id(cv if cv is not None else norm)), str(exc)))
-                fused_convs.discard(id(cv))
-                continue
-            conv_name = canonical.get(id(cv), conv_name) if cv is not None else None
-            norm_name = canonical.get(id(norm), norm_name)
-            owner = conv_name or norm_name
-            act_ph = Absorbed(act, owner) if act is not None else None
-            if act is not None:
-                mapping[id(act)] = act_ph
+    if not conv:
+        return report
+    canonical = {id(m): n for n, m in model.named_modules()}  # first (attribute) name of each module
+    handled: set = set()  # ids of modules inside fused (or reported) blocks
+    for mod in model.modules():  # blocks fused by an earlier patch()
+        if isinstance(mod, (FusedUnetBlock, FusedUnetUpBlock, FusedConvNormAct)):
+            handled.update(id(m) for m in mod.modules())
+    _patch_monai_blocks(model, report, mapping, handled, _parents(model))
+    _replace_everywhere(model, mapping)
+    mapping = {}
+    fused_convs = set()
+    done = set()
+    for conv_name, cv, dropout, norm_name, norm, _act_name, act in _find_runs(model, handled):
+        members = {id(m) for m in (cv, dropout, norm, act) if m is not None}
+        if members & done:  # seen through a second container (nnU-Net's all_modules, MONAI's ADN)
+            continue
+        done |= members
+        try:
+            view = NormView.of(norm)
+            activation_of(act)
+        except TypeError as exc:
+            what = canonical.get(id(cv if cv is not None else norm))
+            report.skipped.append((what, f"{type(cv if cv is not None else norm).__name__}: {exc}"))
             if cv is not None:
-                norm_ph = Absorbed(norm, owner)
-                head = FusedConvNormAct(cv, norm_ph, act_ph, dropout, cfg, act)
-                mapping[id(cv)], mapping[id(norm)] = head, norm_ph
-                if dropout is not None:
-                    mapping[id(dropout)] = Absorbed(dropout, owner)
-                report.replaced.append((conv_name, f"{head.desc} -> FusedConvNormAct"))
-            else:
-                head = FusedNormAct(norm, act_ph, act)
-                mapping[id(norm)] = head
-                report.replaced.append((norm_name, f"{head.desc} -> FusedNormAct"))
-        _replace_everywhere(model, mapping)
-        for name, mod in model.named_modules():
-            if isinstance(mod, (nn.Conv2d, nn.Conv3d)) and id(mod) not in fused_convs:
-                problem = _conv_problem(mod)
-                if problem is None:
-                    problem = ("not part of a Conv -> Norm run in an nn.Sequential (custom forward order "
-                               "cannot be verified, or no normalization follows)")
-                report.skipped.append((name, problem))
+                handled.add(id(cv))
+            continue
+        conv_name = canonical.get(id(cv), conv_name) if cv is not None else None
+        norm_name = canonical.get(id(norm), norm_name)
+        owner = conv_name or norm_name
+        act_ph = Absorbed(act, owner) if act is not None else None
+        if act is not None:
+            mapping[id(act)] = act_ph
+        if cv is not None:
+            norm_ph = Absorbed(norm, owner)
+            head = FusedConvNormAct(cv, norm_ph, act_ph, dropout, view, act)
+            mapping[id(cv)], mapping[id(norm)] = head, norm_ph
+            if dropout is not None:
+                mapping[id(dropout)] = Absorbed(dropout, owner)
+            fused_convs.add(id(cv))
+            report.replaced.append((conv_name, f"{head.desc} -> FusedConvNormAct"))
+        else:
+            head = FusedNormAct(norm, act_ph, act)
+            mapping[id(norm)] = head
+            report.replaced.append((norm_name, f"{head.desc} -> FusedNormAct"))
+    _replace_everywhere(model, mapping)
+    parents = _parents(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, _CONVS + _TRANSPOSED) and id(mod) not in fused_convs and id(mod) not in handled:
+            report.skipped.append((name, _skip_reason(name, mod, model, parents)))
     return report

@@ -10,18 +10,21 @@ from torch import nn
 from fastmed import convert
 from fastmed.models import SwinUNet, UNet, ViT
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------ nnU-Net PlainConvUNet
 class _ConvDropoutNormReLU(nn.Module):
-    def __init__(self, cin, cout, k, stride, bias=True, nonlin=True):
+    def __init__(self, cin, cout, k, stride, bias=True, nonlin=True, dropout=False):
         super().__init__()
         k = (k,) * 3 if isinstance(k, int) else k
         self.conv = nn.Conv3d(cin, cout, k, stride, [(i - 1) // 2 for i in k], bias=bias)
+        ops = [self.conv]
+        if dropout:  # a plan's dropout_op
+            self.dropout = nn.Dropout3d(0.2)
+            ops.append(self.dropout)
         self.norm = nn.InstanceNorm3d(cout, eps=1e-5, affine=True)
-        ops = [self.conv, self.norm]
+        ops.append(self.norm)
         if nonlin:
             self.nonlin = nn.LeakyReLU(0.01, inplace=True)
             ops.append(self.nonlin)
@@ -32,10 +35,10 @@ class _ConvDropoutNormReLU(nn.Module):
 
 
 class _Stacked(nn.Module):
-    def __init__(self, n, cin, cout, k, stride):
+    def __init__(self, n, cin, cout, k, stride, dropout=False):
         super().__init__()
-        self.convs = nn.Sequential(_ConvDropoutNormReLU(cin, cout, k, stride),
-                                   *[_ConvDropoutNormReLU(cout, cout, k, 1) for _ in range(n - 1)])
+        self.convs = nn.Sequential(_ConvDropoutNormReLU(cin, cout, k, stride, dropout=dropout),
+                                   *[_ConvDropoutNormReLU(cout, cout, k, 1, dropout=dropout) for _ in range(n - 1)])
 
     def forward(self, x):
         return self.convs(x)
@@ -74,7 +77,7 @@ class _PlainConvUNet(nn.Module):
     """dynamic_network_architectures' PlainConvUNet (or, residual=True, ResidualEncoderUNet with 1 decoder conv
     per stage), layout and forward, written out."""
 
-    def __init__(self, cin, features, strides, kernels, ncls, residual=False, blocks=(1, 2, 2)):
+    def __init__(self, cin, features, strides, kernels, ncls, residual=False, blocks=(1, 2, 2), dropout=False):
         super().__init__()
         enc = nn.Module()
         stages, c = [], cin
@@ -82,7 +85,8 @@ class _PlainConvUNet(nn.Module):
             enc.stem = _Stacked(1, cin, features[0], kernels[0], 1)
             c = features[0]
         for i, (f, s, k) in enumerate(zip(features, strides, kernels)):
-            stages.append(_StackedResidual(blocks[i], c, f, k, s) if residual else nn.Sequential(_Stacked(2, c, f, k, s)))
+            stages.append(_StackedResidual(blocks[i], c, f, k, s) if residual
+                          else nn.Sequential(_Stacked(2, c, f, k, s, dropout)))
             c = f
         enc.stages = nn.Sequential(*stages)
         self.encoder = enc
@@ -92,7 +96,7 @@ class _PlainConvUNet(nn.Module):
         dec.transpconvs = nn.ModuleList(nn.ConvTranspose3d(features[-s], features[-(s + 1)], strides[-s], strides[-s])
                                         for s in range(1, n))
         dec.stages = nn.ModuleList(_Stacked(1 if residual else 2, 2 * features[-(s + 1)], features[-(s + 1)],
-                                            kernels[-(s + 1)], 1) for s in range(1, n))
+                                            kernels[-(s + 1)], 1, dropout) for s in range(1, n))
         dec.seg_layers = nn.ModuleList(nn.Conv3d(features[-(s + 1)], ncls, 1, 1, 0, bias=True) for s in range(1, n))
         self.decoder = dec
 
@@ -177,6 +181,93 @@ def test_from_nnunet_accepts_the_whole_checkpoint(deep_supervision):
     assert list(got) == list(want) and all(got[k] is want[k] for k in want)
 
 
+# ------------------------------------------------------------------------------------ fastmed UNet -> nnU-Net
+_PLAN = dict(features=(4, 8, 16), strides=((1, 1, 1), (1, 2, 2), (2, 2, 2)),
+             kernel_sizes=((1, 3, 3), (3, 3, 3), (3, 3, 3)))
+
+
+def _randomized(model):
+    """Weights no nnU-Net initialisation has (as after training), so that a wrong mapping shows."""
+    torch.manual_seed(11)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn_like(p) * 0.5)
+    return model
+
+
+def _assert_nnunet_loads(sd, ref):
+    """``sd`` loads strictly into the nnU-Net network ``ref`` and every tensor is the one of the same name there
+    after loading (for the duplicates: all copies agree)."""
+    assert set(sd) == set(ref.state_dict())
+    ref.load_state_dict(sd, strict=True)
+    for k, t in ref.state_dict().items():
+        torch.testing.assert_close(t, sd[k], rtol=0, atol=0, msg=k)
+
+
+@pytest.mark.parametrize("dropout", [False, True])
+def test_to_nnunet_round_trip_plain_conv_unet(dropout):
+    """fastmed UNet -> to_nnunet -> nnU-Net PlainConvUNet (strict load) gives the fastmed model's outputs, and
+    from_nnunet of that gives the fastmed state dict back."""
+    model = _randomized(UNet(3, 1, 3, norm_kwargs={"eps": 1e-5, "affine": True},
+                             act_kwargs={"negative_slope": 0.01}, deep_supervision=True,
+                             dropout=0.2 if dropout else 0.0, **_PLAN)).eval()
+    ref = _PlainConvUNet(1, _PLAN["features"], _PLAN["strides"], _PLAN["kernel_sizes"], 3, dropout=dropout).eval()
+    mine = model.state_dict()
+    sd = convert.to_nnunet(mine, dropout=dropout)
+    _assert_nnunet_loads(sd, ref)
+    norm_at = 2 if dropout else 1  # the norm's place in all_modules: conv, [dropout], norm
+    assert any(f".all_modules.{norm_at}.weight" in k for k in sd) and any(k.startswith("decoder.encoder.") for k in sd)
+    x = torch.randn(2, 1, 4, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(ref(x), model(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    back = convert.from_nnunet(sd)
+    assert list(back) == list(mine) and all(back[k] is v for k, v in mine.items())  # shared, not copied
+
+
+def test_to_nnunet_round_trip_residual_encoder_unet():
+    model = _randomized(UNet(3, 1, 2, residual=True, blocks_per_stage=(1, 2, 2), decoder_convs_per_stage=1,
+                             deep_supervision=True, features=(4, 8, 16), strides=((1, 1, 1), (2, 2, 2), (1, 2, 2)),
+                             kernel_sizes=(3, 3, 3))).eval()
+    ref = _PlainConvUNet(1, (4, 8, 16), ((1, 1, 1), (2, 2, 2), (1, 2, 2)), [(3, 3, 3)] * 3, 2,
+                         residual=True).eval()
+    _assert_nnunet_loads(convert.to_nnunet(model.state_dict()), ref)
+    x = torch.randn(1, 1, 8, 8, 8)
+    with torch.no_grad():
+        for a, b in zip(ref(x), model(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_to_nnunet_without_deep_supervision():
+    """Only the final head: it becomes nnU-Net's last head; the others are an error unless fill_heads=True (zero
+    heads; nnU-Net's output at full resolution is the fastmed model's)."""
+    model = _randomized(UNet(3, 1, 3, norm_kwargs={"eps": 1e-5, "affine": True},
+                             act_kwargs={"negative_slope": 0.01}, deep_supervision=False, **_PLAN)).eval()
+    with pytest.raises(ValueError, match=r"decoder.seg_layers \[1\] only .* fill_heads=True for zero heads \[0\]"):
+        convert.to_nnunet(model.state_dict())
+    sd = convert.to_nnunet(model.state_dict(), fill_heads=True)
+    ref = _PlainConvUNet(1, _PLAN["features"], _PLAN["strides"], _PLAN["kernel_sizes"], 3).eval()
+    _assert_nnunet_loads(sd, ref)
+    assert not sd["decoder.seg_layers.0.weight"].any() and sd["decoder.seg_layers.0.weight"].shape == (3, 8, 1, 1, 1)
+    x = torch.randn(2, 1, 4, 8, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x)[0], model(x), atol=1e-5, rtol=1e-5)
+
+
+def test_to_nnunet_errors():
+    with pytest.raises(TypeError, match="mapping"):
+        convert.to_nnunet([1])
+    with pytest.raises(ValueError, match="empty"):
+        convert.to_nnunet({})
+    w = torch.zeros(1)
+    with pytest.raises(ValueError, match="'model.0.conv.weight' is not encoder"):
+        convert.to_nnunet({"model.0.conv.weight": w})
+    with pytest.raises(ValueError, match="already nnU-Net's"):
+        convert.to_nnunet({"encoder.stages.0.0.convs.0.all_modules.0.weight": w})
+    with pytest.raises(ValueError, match="no decoder.seg_layers"):
+        convert.to_nnunet({"encoder.stages.0.0.convs.0.conv.weight": w})
+
+
 def test_from_monai_attention_unet_rejects_other_keys():
     with pytest.raises(ValueError, match="not a MONAI AttentionUnet"):
         convert.from_monai_attention_unet({"model.0.conv.0.conv.weight": torch.zeros(1)})
@@ -206,7 +297,8 @@ def _timm_vit_state(dim=16, depth=2, patch=8, img=16, cin=1, ncls=3):
 
 def _timm_vit_forward(sd, x, heads, depth):
     """timm VisionTransformer.forward written out with the state dict's tensors."""
-    t = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=sd["patch_embed.proj.weight"].shape[-1])
+    w = sd["patch_embed.proj.weight"]
+    t = F.conv2d(x, w, sd["patch_embed.proj.bias"], stride=w.shape[-1])
     t = t.flatten(2).transpose(1, 2)
     t = torch.cat([sd["cls_token"].expand(len(x), -1, -1), t], 1) + sd["pos_embed"]
     dim = t.shape[-1]

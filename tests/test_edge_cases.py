@@ -1309,7 +1309,7 @@ def _check_same_state(got, want):
 
 
 def convert_cases():
-    from fastmed.convert import from_monai_unet, from_nnunet
+    from fastmed.convert import from_monai_unet, from_nnunet, to_nnunet
     w = torch.zeros(2)
     table = {
         ("bad", "nnunet_seg_layers_key"): lambda bk: _check_raises(
@@ -1323,6 +1323,8 @@ def convert_cases():
         ("bad", "monai_unet_module_prefix"): lambda bk: _check_raises(
             lambda: from_monai_unet({"module.model.0.conv.weight": w}), ValueError, r"module\."),
         ("value", "nnunet_keys_kept"): lambda bk: _nnunet_keys(),
+        ("bad", "to_nnunet_not_a_mapping"): lambda bk: _check_raises(lambda: to_nnunet([w]), TypeError, r"state_dict"),
+        ("value", "to_nnunet_input_unchanged"): lambda bk: _to_nnunet_keys(),
     }
     return _cases_for("convert", ("reference",), table)
 
@@ -1335,6 +1337,18 @@ def _nnunet_keys():
     out = fastmed.convert.from_nnunet(sd, deep_supervision=False)
     assert sorted(out) == ["decoder.seg_layers.0.weight", "encoder.stages.0.0.convs.0.conv.weight"]
     assert torch.equal(out["decoder.seg_layers.0.weight"], torch.full((2,), 2.0))
+    assert all(torch.equal(sd[k], snap[k]) for k in snap) and sorted(sd) == sorted(snap)
+
+
+def _to_nnunet_keys():
+    sd = {"encoder.stages.0.0.convs.0.conv.weight": torch.ones(1), "decoder.stages.0.convs.0.norm.bias": torch.ones(2),
+          "decoder.seg_layers.0.weight": torch.ones(2)}
+    snap = {k: v.clone() for k, v in sd.items()}
+    out = fastmed.convert.to_nnunet(sd)
+    assert sorted(out) == sorted(list(sd) + ["encoder.stages.0.0.convs.0.all_modules.0.weight",
+                                             "decoder.encoder.stages.0.0.convs.0.conv.weight",
+                                             "decoder.encoder.stages.0.0.convs.0.all_modules.0.weight",
+                                             "decoder.stages.0.convs.0.all_modules.1.bias"]), sorted(out)
     assert all(torch.equal(sd[k], snap[k]) for k in snap) and sorted(sd) == sorted(snap)
 
 

@@ -6,7 +6,6 @@ import torch
 
 from fastmed.models import AttentionUNet, UNet, plan_nnunet
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
@@ -187,6 +186,49 @@ def test_attention_unet_matches_monai(sd):
     for k, p in model.named_parameters():
         torch.testing.assert_close(p.grad, mapped[k], atol=1e-4, rtol=1e-4, msg=k)  # conv bias before BN: grad ~0
     _agree(model, x)
+
+
+def test_attention_unet_kernel_size_5_is_monais_network():
+    """MONAI's merge convolution is 3x3 whatever kernel_size: the issue's example has 3,534 parameters and loads."""
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from fastmed.convert import from_monai_attention_unet
+
+    torch.manual_seed(5)
+    args = dict(channels=(3, 4, 5), strides=(1, 2), up_kernel_size=5, kernel_size=5)
+    ref = monai_nets.AttentionUnet(2, 1, 2, **args)
+    model = AttentionUNet(2, 1, 2, **args)
+    assert _count(ref) == 3534
+    assert _count(model) == 3534
+    model.load_state_dict(from_monai_attention_unet(ref.state_dict()))
+    x = torch.randn(2, 1, 8, 8)
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
+    _agree(model, x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_attention_unet_dropout_in_monais_place(fused):
+    """dropout > 0 in training: MONAI's "NDA" order (norm, dropout, activation) in the level blocks and merge
+    convs; with the same seed both models draw the same masks, so the outputs match."""
+    monai_nets = pytest.importorskip("monai.networks.nets")
+    from fastmed.convert import from_monai_attention_unet
+
+    torch.manual_seed(6)
+    ref = monai_nets.AttentionUnet(2, 1, 2, channels=(4, 6, 8), strides=(2, 2), dropout=0.3)
+    model = AttentionUNet(2, 1, 2, channels=(4, 6, 8), strides=(2, 2), dropout=0.3, fused=fused)
+    model.load_state_dict(from_monai_attention_unet(ref.state_dict()))
+    x = torch.randn(2, 1, 8, 8)
+    torch.manual_seed(1)
+    y_ref = ref(x)
+    torch.manual_seed(1)
+    y = model(x)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.manual_seed(2)
+    y2 = model(x)
+    assert not torch.allclose(y2, y, atol=1e-3)  # the dropout is active (another seed, another output)
+    torch.manual_seed(2)
+    torch.testing.assert_close(y2, ref(x), atol=1e-5, rtol=1e-5)
+    model.eval(), ref.eval()
+    torch.testing.assert_close(model(x), ref(x), atol=1e-5, rtol=1e-5)
 
 
 def test_attention_unet_checkpointing_and_channels_last():

@@ -38,8 +38,45 @@ def _run(model, x, w):
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: f"{c[0]}d-res{c[5]}-{c[6]}-{c[7]}")
 def test_matches_monai_unet(cfg):
     sd, cin, cout, channels, strides, res, act, norm, size = cfg
-    kwargs = dict(spatial_dims=sd, in_channels=cin, out_channels=cout, channels=channels, strides=strides,
-                  num_res_units=res, act=act, norm=norm)
+    _check_against_monai(dict(spatial_dims=sd, in_channels=cin, out_channels=cout, channels=channels,
+                              strides=strides, num_res_units=res, act=act, norm=norm), size)
+
+
+# MONAI options beyond the defaults: other ADN orders (letters left out drop the module), activations given as a
+# class or (class, kwargs), activations fastmed does not fuse, group norm, instance norm with running statistics,
+# no activation
+OPTIONS = [
+    dict(spatial_dims=2, channels=(4, 8, 16), strides=(2, 2), adn_ordering="NA", act=(torch.nn.ReLU, {}),
+         norm="BATCH"),
+    dict(spatial_dims=2, channels=(3, 5), strides=(2,), num_res_units=1, adn_ordering="AN",
+         act=(torch.nn.LeakyReLU, {"negative_slope": 0.1}), norm=("instance", {"affine": True})),
+    dict(spatial_dims=3, out_channels=4, channels=(4, 6), strides=(2,), num_res_units=2, adn_ordering="dan", act="GELU",
+         norm=("GROUP", {"num_groups": 2})),
+    dict(spatial_dims=2, channels=(4, 8), strides=(2,), act="TANH", norm="BATCH", adn_ordering="NDAN"),
+    dict(spatial_dims=2, channels=(4, 8), strides=(2,), num_res_units=1, act=("elu", {"alpha": 0.5}),
+         norm=("INSTANCE", {"track_running_stats": True, "affine": True})),
+    dict(spatial_dims=2, channels=(4, 8), strides=(2,), act=None, norm="BATCH", adn_ordering="N"),
+]
+
+
+@pytest.mark.parametrize("kwargs", OPTIONS, ids=lambda k: f"{k.get('adn_ordering', 'NDA')}-{k['act']}")
+def test_monai_options_match_monai_unet(kwargs):
+    _check_against_monai({"in_channels": 2, "out_channels": 3, **kwargs}, 8 if kwargs["spatial_dims"] == 2 else 4)
+
+
+def test_act_class_alone_is_class_with_no_kwargs():
+    """A bare class (MONAI itself needs ``(class, {})``) builds the same model as ``(class, {})``."""
+    torch.manual_seed(0)
+    a = MonaiUNet(2, 1, 2, channels=(4, 8), strides=(2,), act=torch.nn.SELU)
+    torch.manual_seed(0)
+    b = MonaiUNet(2, 1, 2, channels=(4, 8), strides=(2,), act=(torch.nn.SELU, {}))
+    assert isinstance(a.model[0].adn.A, torch.nn.SELU) and str(a) == str(b)
+    x = torch.randn(1, 1, 8, 8)
+    torch.testing.assert_close(a(x), b(x))
+
+
+def _check_against_monai(kwargs, size):
+    sd, cin, cout = kwargs["spatial_dims"], kwargs["in_channels"], kwargs["out_channels"]
     torch.manual_seed(3)
     ref = monai_nets.UNet(**kwargs)
     with torch.no_grad():  # non-trivial affine / running statistics, so that loading them matters
@@ -49,6 +86,7 @@ def test_matches_monai_unet(cfg):
             elif name.endswith("running_var"):
                 t.mul_(torch.rand_like(t) + 0.5)
     model = MonaiUNet(**kwargs)
+    assert list(model.state_dict()) == list(ref.state_dict())
     assert _count(model) == _count(ref)
     model.load_state_dict(from_monai_unet(ref.state_dict()), strict=True)
     x = torch.randn(2, cin, *(size,) * sd)
@@ -69,6 +107,29 @@ def test_matches_monai_unet(cfg):
             if train:  # batch norm running statistics updated alike
                 for k, t in r.state_dict().items():
                     torch.testing.assert_close(m.state_dict()[k], t, atol=1e-6, rtol=1e-5, msg=f"{what} {k}")
+
+
+@pytest.mark.parametrize("order", ["NDA", "ADN"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_dropout_matches_monai_draw_for_draw(order, fused):
+    """dropout > 0 in training: the same modules in the same order draw the same masks from the same seed."""
+    kwargs = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8, 8), strides=(2, 1),
+                  num_res_units=1, dropout=0.25, norm="BATCH", adn_ordering=order)
+    torch.manual_seed(4)
+    ref = monai_nets.UNet(**kwargs)
+    model = MonaiUNet(**kwargs, fused=fused)
+    model.load_state_dict(from_monai_unet(ref.state_dict()), strict=True)
+    x, w = torch.randn(2, 1, 8, 8), torch.randn(2, 2, 8, 8)
+    torch.manual_seed(9)
+    y_ref, gx_ref, gp_ref = _run(ref, x, w)
+    torch.manual_seed(9)
+    y, gx, gp = _run(model, x, w)
+    torch.testing.assert_close(y, y_ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gx, gx_ref, atol=1e-5, rtol=1e-4)
+    for k in gp:
+        torch.testing.assert_close(gp[k], gp_ref[k], atol=1e-4, rtol=1e-4, msg=k)
+    torch.manual_seed(10)
+    assert not torch.allclose(_run(model, x, w)[0], y, atol=1e-3)  # the dropout is active
 
 
 def test_default_arguments_match_monai():
@@ -116,12 +177,15 @@ def test_converter_rejects_foreign_keys():
 
 def test_bad_arguments():
     ok = dict(spatial_dims=2, in_channels=1, out_channels=2, channels=(4, 8), strides=(2,))
-    for change, pattern in [(dict(act="GELU"), "act must be one of PRELU, RELU, LEAKYRELU"),
+    for change, pattern in [(dict(act="SWISH"), "act must be one of PRELU, RELU, LEAKYRELU"),
                             (dict(act=("RELU",)), "act must be"),
-                            (dict(norm="GROUP"), "norm must be one of INSTANCE, BATCH"),
-                            (dict(norm=("INSTANCE", {"track_running_stats": True})), "norm: instance norm"),
-                            (dict(adn_ordering="NAD"), "adn_ordering must be 'NDA'"),
-                            (dict(dropout=0.1), "dropout must be 0.0"),
+                            (dict(act=torch.nn.ReLU()), "act must be a name, an nn.Module class"),
+                            (dict(norm=torch.nn.BatchNorm2d), "norm must be a name or"),
+                            (dict(norm="LAYER"), "norm must be one of INSTANCE, BATCH, GROUP"),
+                            (dict(norm="GROUP"), "norm: GROUP needs num_groups"),
+                            (dict(adn_ordering="NAX"), "adn_ordering must be a string of the letters N, D, A"),
+                            (dict(dropout=1.5), r"dropout must be a probability in \[0, 1\]"),
+                            (dict(dropout="0.1"), "dropout must be a probability"),
                             (dict(channels=(4,), strides=()), "channels must list at least 2"),
                             (dict(strides=(2, 2)), r"strides needs len\(channels\) - 1 = 1 entries"),
                             (dict(channels=(4, 8, 16)), r"strides needs len\(channels\) - 1 = 2 entries"),
@@ -131,8 +195,31 @@ def test_bad_arguments():
                             (dict(spatial_dims=1), "spatial_dims must be 2 or 3")]:
         with pytest.raises(ValueError, match=pattern):
             MonaiUNet(**{**ok, **change})
+    with pytest.raises(TypeError, match="adn_ordering must be a string"):
+        MonaiUNet(**ok, adn_ordering=None)
     model = MonaiUNet(**ok)
     with pytest.raises(ValueError, match="in_channels=1"):
         model(torch.randn(1, 2, 8, 8))
     with pytest.raises(ValueError, match=r"divisible by the product of the strides \(2, 2\)"):
         model(torch.randn(1, 1, 7, 8))
+
+
+@pytest.mark.parametrize("order, dropout, fused_blocks", [("NDA", 0.0, 3), ("NA", 0.0, 3), ("NDA", 0.3, 3),
+                                                          ("AN", 0.0, 0)])
+def test_fused_path_is_taken(monkeypatch, order, dropout, fused_blocks):
+    """fused=True runs conv + norm (+ act) as one fastmed op wherever the norm follows the convolution: the
+    3 Convolutions with an ADN of a 2-level residual UNet (down unit, bottom unit, transposed conv; the top up
+    layer's unit is conv-only), none when the activation comes first."""
+    import fastmed.models.monai_unet as mu
+
+    calls = []
+
+    def counting(*args, **kwargs):
+        calls.append(args[1])
+        return fused_conv_norm_act(*args, **kwargs)
+
+    fused_conv_norm_act = mu.fused_conv_norm_act
+    monkeypatch.setattr(mu, "fused_conv_norm_act", counting)
+    model = MonaiUNet(2, 1, 2, channels=(4, 8), strides=(2,), num_res_units=1, adn_ordering=order, dropout=dropout)
+    model(torch.randn(2, 1, 8, 8))
+    assert len(calls) == fused_blocks

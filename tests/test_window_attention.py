@@ -8,14 +8,13 @@ import math
 
 import pytest
 import torch
+from conftest import TOL, triton_device
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastmed
 from fastmed.ops import attention, window_attention
 from fastmed.reference import window_attention as ref
-
-from conftest import TOL, triton_device
 
 
 def _oracle(qkv, heads, window, shift, table, scale=None, qkv_pad=None, bias_index="coords"):
@@ -145,10 +144,10 @@ def test_opcheck_reference():
     qkv, table, qkv_pad, dout = _inputs(2, (3, 6), 2, 4, 2, True, True, torch.float32)  # 3 rows: padded to 4
     args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], "reference")
     torch.library.opcheck(torch.ops.fastmed.window_attention_fwd.default, args)
-    out, lse = torch.ops.fastmed.window_attention_fwd(*args)
+    _out, lse = torch.ops.fastmed.window_attention_fwd(*args)
     # the forward's aot_dispatch check already runs the backward op through AOT autograd
     torch.library.opcheck(torch.ops.fastmed.window_attention_bwd.default,
-                          (dout.unsqueeze(1), qkv.unsqueeze(1), out, lse, table, qkv_pad, 2, [1, 2, 2], [0, 1, 1],
+                          (dout.unsqueeze(1), qkv.unsqueeze(1), lse, table, qkv_pad, 2, [1, 2, 2], [0, 1, 1],
                            0.5, [1, 2, 2], [1, 2, 2], "reference"),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
@@ -216,37 +215,45 @@ def test_launch_grids_stay_within_cuda_limits():
     for shape, spec in cases:
         for dtype in (torch.bfloat16, torch.float32, torch.float64):
             for has_table in (True, False):
-                plan = K.launch_plan(shape, dtype, spec, has_table=has_table, programs=4 * 132, interpreted=False)
+                plan = K.launch_plan(shape, dtype, spec, has_table=has_table, has_pad=False, programs=4 * 132,
+                                     interpreted=False)
                 assert plan.n_windows > 65535
-                assert {"fwd", "delta", "dkdv", "dq"} <= set(plan.grids)
-                for name, grid in plan.grids.items():
+                assert "fwd" in plan.launches and ({"bwd_tile", "bwd_tiled"} & set(plan.launches))
+                for name, launch in plan.launches.items():
+                    grid = launch.grid
                     assert 1 <= len(grid) <= 3, (name, grid)
                     assert all(1 <= n <= limit for n, limit in zip(grid, (2 ** 31 - 1, 65535, 65535))), (name, grid)
     # a launch no GPU could take is refused with a clear error (here: 70,000 heads on grid axis 1)
     with pytest.raises(ValueError, match="exceeds CUDA's grid limits"):
         K.launch_plan((1, 1, 7, 7, 3 * 70000), torch.float32, ref.WindowSpec(70000, (1, 7, 7), (0, 0, 0), 1.0,
                                                                               (1, 7, 7), (1, 7, 7)),
-                      has_table=False, programs=4, interpreted=False)
+                      has_table=False, has_pad=False, programs=4, interpreted=False)
 
 
 def test_every_launch_is_device_guarded():
     """Every Triton launch in kernels/window_attention.py runs inside ``with device_guard(...)`` (inputs on
-    cuda:1 while the current device is 0 must run on GPU 1); read from the source, since a CPU cannot show it."""
+    cuda:1 while the current device is 0 must run on GPU 1); read from the source, since a CPU cannot show it.
+    Kernels are launched only through ``_launch`` (the one ``wrap_triton`` call), and every ``_launch`` call sits
+    inside a ``with device_guard(...)`` block."""
     import ast
     import inspect
 
     from fastmed.kernels import window_attention as K
 
     tree = ast.parse(inspect.getsource(K))
-    guarded, launches = set(), set()
+    guarded, launches, wraps = set(), set(), []
     for node in ast.walk(tree):
         if isinstance(node, ast.With) and any(isinstance(i.context_expr, ast.Call)
                                               and getattr(i.context_expr.func, "id", "") == "device_guard"
                                               for i in node.items):
             guarded |= {id(n) for n in ast.walk(node)}
-        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "wrap_triton":
+        if isinstance(node, ast.Call) and getattr(node.func, "id", "") == "_launch":
             launches.add(id(node))
-    assert len(launches) == 6 and launches <= guarded
+        if isinstance(node, ast.FunctionDef):
+            wraps += [node.name for n in ast.walk(node)
+                      if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "wrap_triton"]
+    assert wraps == ["_launch"]
+    assert len(launches) == 7 and launches <= guarded
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -347,44 +354,60 @@ def test_gpu_benchmark_shapes(B, grid, heads, head_dim, window, shift, dtype):
 
 # ----------------------------------------------------------------------------------------------- GPU compilation
 
-_COMPILE_SCRIPT = """
-import sys
-import triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from fastmed.kernels import window_attention as K
+def _bench_stages():
+    """bench/bench_window_attention.py's FULL_CASES: ``(name, B, grid, C, heads, window, shift)`` per stage."""
+    import importlib.util
+    import os
 
-dt, wd, wh, ww, block_d = sys.argv[1], *map(int, sys.argv[2:6])
-fp32 = dt == "fp32"
-consts = dict(WD=wd, WH=wh, WW=ww, BD=wd, BH=wh, BW=ww, TWD=wd, TWH=wh, TWW=ww, HAS_BIAS=True, HAS_MASK=True,
-              HAS_PAD=True, FUSE_DBIAS=False, CAST=fp32, PREC="ieee" if fp32 else "tf32", BLOCK_M=64, BLOCK_N=64,
-              BLOCK_D=block_d, BLOCK_R=32, BLOCK_I=64, BLOCK_T=64)
-ptrs = dict(qkv_ptr="*" + dt, out_ptr="*" + dt, dout_ptr="*" + dt, dqkv_ptr="*" + dt, lse_ptr="*fp32",
-            delta_ptr="*fp32", table_ptr="*fp32", part_ptr="*fp32", dtable_ptr="*fp32", pad_ptr="*" + dt,
-            ppad_ptr="*fp32")
-kernels = (K._fwd_kernel, K._delta_kernel, K._bwd_dkdv_kernel, K._bwd_dq_kernel, K._bwd_dbias_kernel,
-           K._dtable_reduce_kernel)
-for fn in kernels:
-    c = {k: v for k, v in consts.items() if k in fn.arg_names}
-    sig = {a: "constexpr" if a in c else ptrs.get(a, "fp32" if a == "scale" else "i32") for a in fn.arg_names}
-    src = ASTSource(fn, sig, constexprs={(fn.arg_names.index(k),): v for k, v in c.items()})
-    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32))
-    assert kernel.asm.get("cubin"), fn.__name__
-    assert kernel.metadata.shared <= 232448, (fn.__name__, kernel.metadata.shared)  # H100: 227 KB per block
-print("compiled")
-"""
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "bench", "bench_window_attention.py")
+    spec = importlib.util.spec_from_file_location("bench_window_attention", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    return bench.FULL_CASES
 
 
-@pytest.mark.parametrize("dt,window,block_d", [("bf16", (1, 7, 7), 32), ("fp32", (7, 7, 7), 64)])
-def test_kernels_compile_for_sm90(dt, window, block_d):
-    """Compile every kernel for an H100 (sm_90) without a GPU: catches what the interpreter lets through."""
-    import subprocess
-    import sys
+_SM90_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
 
-    pytest.importorskip("triton")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
-    res = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT, dt, *map(str, window), str(block_d)], env=env,
-                         capture_output=True, text=True, timeout=300)
-    if res.returncode != 0 and "ptxas" in res.stderr and ("not found" in res.stderr or "No such file" in res.stderr):
-        pytest.skip("no CUDA assembler (ptxas) on this machine")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-3000:]
+
+def _stage_spec(grid, C, heads, window, shift):
+    nd = len(grid)
+    g3 = (1,) * (3 - nd) + tuple(grid)
+    win, sh = ref.effective_window(g3, (1,) * (3 - nd) + (window,) * nd, (0,) * (3 - nd) + (shift,) * nd)
+    return ref.WindowSpec(heads, win, sh, (C // heads) ** -0.5, win, win), g3
+
+
+def shipped_specializations():
+    """Every (kernel, constexprs, warps) the launchers pick at the benchmark stages on an H100 (132 SMs), bf16 and
+    fp32, with a bias table and a ``qkv_pad`` vector (MONAI's padding where the grid is not divisible), as
+    :func:`sm90.compile_for_sm90` specs."""
+    from fastmed.kernels import window_attention as K
+
+    specs = {}
+    for _, B, grid, C, heads, window, shift in _bench_stages():
+        spec, g3 = _stage_spec(grid, C, heads, window, shift)
+        for dtype, dt in _SM90_DTYPES.items():
+            plan = K.launch_plan((B, *g3, 3 * C), dtype, spec, has_table=True, has_pad=True, programs=4 * 132,
+                                 interpreted=False)
+            for name, launch in plan.launches.items():
+                fn = K.KERNELS[name]
+                ptrs = {a: f"*{dt}" for a in fn.arg_names
+                        if a in ("qkv_ptr", "out_ptr", "dout_ptr", "dqkv_ptr", "pad_ptr", "table_ptr")}
+                key = (fn.__name__, dt, tuple(sorted(launch.constexprs.items())), launch.num_warps)
+                specs[key] = dict(module=K.__name__, kernel=fn.__name__, ptr="*fp32", pointers=ptrs,
+                                  constexprs=dict(launch.constexprs), num_warps=launch.num_warps, floats=["scale"])
+    return list(specs.values())
+
+
+def test_launch_plans_cover_every_kernel():
+    """The benchmark stages exercise every kernel (so the sm_90 test below compiles all of them)."""
+    from fastmed.kernels import window_attention as K
+
+    assert {s["kernel"] for s in shipped_specializations()} == {fn.__name__ for fn in K.KERNELS.values()}
+
+
+def test_kernels_compile_for_sm90():
+    """Compile every specialization the launchers ship at the benchmark stages for an H100 (sm_90) without a GPU:
+    catches what the interpreter lets through."""
+    from sm90 import compile_for_sm90
+
+    assert len(compile_for_sm90(shipped_specializations())) == len(shipped_specializations())

@@ -11,7 +11,8 @@ So the two paths of one model are directly comparable, and a state dict serves b
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -62,18 +63,17 @@ def maybe_checkpoint(fn: Callable, *args, enabled: bool):
 # ----------------------------------------------------------------------------------------------------------------
 
 def norm_eager(nrm: NormAct, h: torch.Tensor) -> torch.Tensor:
-    """``nrm`` (a :class:`fastmed.nn.NormAct`, activation ignored) through ``torch.nn.functional``."""
+    """``nrm`` (a :class:`fastmed.nn.NormAct`, activation ignored) through ``torch.nn.functional``; a batch norm
+    counts the batch only after the call succeeded."""
     if nrm.kind == "instance":
         return F.instance_norm(h, weight=nrm.weight, bias=nrm.bias, eps=nrm.eps)
     if nrm.kind == "group":
         return F.group_norm(h, nrm.num_groups, nrm.weight, nrm.bias, nrm.eps)
-    training = nrm.training or not nrm.track_running_stats
-    momentum = 0.0 if nrm.momentum is None else nrm.momentum
-    if nrm.training and nrm.track_running_stats:
-        nrm.num_batches_tracked.add_(1)
-        if nrm.momentum is None:
-            momentum = 1.0 / float(nrm.num_batches_tracked)
-    return F.batch_norm(h, nrm.running_mean, nrm.running_var, nrm.weight, nrm.bias, training, momentum, nrm.eps)
+    kw = nrm.call_kwargs()
+    y = F.batch_norm(h, kw["running_mean"], kw["running_var"], nrm.weight, nrm.bias, kw["training"], kw["momentum"],
+                     nrm.eps)
+    nrm.count_batch()
+    return y
 
 
 def norm_act_eager(nrm: NormAct, h: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -102,6 +102,19 @@ def conv_block(block: ConvNormAct, x: torch.Tensor, fused: bool, residual: Optio
     if residual is not None:
         h = h + residual
     return nonlin(h)
+
+
+def conv_norm_dropout_act(block: ConvNormAct, x: torch.Tensor, fused: bool, dropout: nn.Module,
+                          skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """MONAI's ``Convolution`` in its "NDA" order, ``act(dropout(norm(conv(x))))``, on a :class:`ConvNormAct`
+    built without dropout: one fused block while ``dropout`` is inactive (eval mode or p = 0), else the fused
+    conv + norm, the dropout, then the block's activation module."""
+    if not (dropout.training and dropout.p > 0):
+        return conv_block(block, x, fused, skip=skip)
+    return block.nonlin(dropout(conv_block(block, x, fused, nonlin=_IDENTITY, skip=skip)))
+
+
+_IDENTITY = nn.Identity()
 
 
 def residual_block(block: ResidualBlock, x: torch.Tensor, fused: bool) -> torch.Tensor:

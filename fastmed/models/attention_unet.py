@@ -1,8 +1,11 @@
 """Attention U-Net (Oktay et al. 2018) as MONAI's ``AttentionUnet`` builds it, from fastmed blocks.
 
-Per level: two conv -> BatchNorm -> ReLU blocks; decoder: transposed conv (kernel ``up_kernel_size``) -> BatchNorm
--> ReLU, an attention gate ``x * sigmoid(BN(psi(relu(BN(W_g g) + BN(W_x x)))))`` on the skip, then a merge
-conv -> InstanceNorm (no affine) -> PReLU on ``cat(gated skip, upsampled)``; a final 1x1 convolution.
+Per level: two conv -> BatchNorm -> ReLU blocks (kernel ``kernel_size``); decoder: transposed conv (kernel
+``up_kernel_size``) -> BatchNorm -> ReLU, an attention gate ``x * sigmoid(BN(psi(relu(BN(W_g g) + BN(W_x x)))))``
+on the skip, then a merge conv (always 3x3(x3), whatever ``kernel_size``, as MONAI builds it) -> InstanceNorm (no
+affine) -> PReLU on ``cat(gated skip, upsampled)``; a final 1x1 convolution.  ``dropout`` acts where MONAI's
+"NDA" ``Convolution`` puts it (after the norm, before the activation) in the level blocks and the merge convs;
+the transposed convs and the gates have none (MONAI does not pass it to them).
 The gate's ``relu(BN(W_g g) + BN(W_x x))`` runs as one fused conv + norm + residual + ReLU.
 
 Load MONAI weights with :func:`fastmed.convert.from_monai_attention_unet` (same parameter count, same outputs).
@@ -10,28 +13,37 @@ Load MONAI weights with :func:`fastmed.convert.from_monai_attention_unet` (same 
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import nn
 
 from fastmed._validate import check_per_axis
 from fastmed.models import _layers as L
-from fastmed.nn.conv_block import conv_class
-from fastmed.nn.conv_block import ConvNormAct
+from fastmed.nn.conv_block import ConvNormAct, conv_class
 from fastmed.nn.norm_act import NormAct
 
 __all__ = ["AttentionUNet", "AttentionGate"]
 
 _BN_RELU = dict(norm="batch", act="relu")
+_MERGE_KERNEL = 3  # MONAI's AttentionLayer builds its merge Convolution with the default kernel_size
 
 
 class _DoubleConv(nn.Module):
-    def __init__(self, sd, cin, cout, kernel, stride, dropout, factory):
+    """MONAI's ``ConvBlock``: two conv -> BatchNorm -> ReLU blocks (the first strided); their dropout is the
+    model's, applied in MONAI's "NDA" place (after the norm, before the activation)."""
+
+    def __init__(self, sd, cin, cout, kernel, stride, factory):
         super().__init__()
         self.convs = nn.Sequential(
-            ConvNormAct(sd, cin, cout, kernel, stride, dropout=dropout, **_BN_RELU, **factory),
-            ConvNormAct(sd, cout, cout, kernel, 1, dropout=dropout, **_BN_RELU, **factory))
+            ConvNormAct(sd, cin, cout, kernel, stride, **_BN_RELU, **factory),
+            ConvNormAct(sd, cout, cout, kernel, 1, **_BN_RELU, **factory))
+
+    def forward(self, x: torch.Tensor, dropout: nn.Module, fused: bool = True) -> torch.Tensor:
+        for block in self.convs:
+            x = L.conv_norm_dropout_act(block, x, fused, dropout)
+        return x
 
 
 class _UpConv(nn.Module):
@@ -97,15 +109,18 @@ class AttentionUNet(nn.Module):
         self.fused, self.checkpointing = fused, checkpointing
         factory = dict(device=device, dtype=dtype)
         n = len(channels)
-        self.head = _DoubleConv(sd, in_channels, channels[0], kernel_size, 1, dropout, factory)
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
+        self.dropout = nn.Dropout(float(dropout))
+        self.head = _DoubleConv(sd, in_channels, channels[0], kernel_size, 1, factory)
         self.down = nn.ModuleList(_DoubleConv(sd, channels[i], channels[i + 1], kernel_size, self.strides[i],
-                                              dropout, factory) for i in range(n - 1))
+                                              factory) for i in range(n - 1))
         self.up = nn.ModuleList(_UpConv(sd, channels[i + 1], channels[i], up_kernel_size, self.strides[i], factory)
                                 for i in range(n - 1))
         self.gates = nn.ModuleList(AttentionGate(sd, channels[i] // 2, channels[i], channels[i], **factory)
                                    for i in range(n - 1))
         self.merge = nn.ModuleList(
-            ConvNormAct(sd, 2 * channels[i], channels[i], kernel_size, dropout=dropout, norm="instance",
+            ConvNormAct(sd, 2 * channels[i], channels[i], _MERGE_KERNEL, norm="instance",
                         norm_kwargs={"affine": False}, act="prelu", **factory) for i in range(n - 1))
         self.out = conv_class(sd)(channels[0], out_channels, 1, **factory)
 
@@ -116,15 +131,17 @@ class AttentionUNet(nn.Module):
             raise ValueError(f"AttentionUNet: every spatial size of x must be divisible by the product of the "
                              f"strides {tuple(total)}, got {tuple(x.shape[2:])}")
         fused, ckpt = self.fused, self.checkpointing
-        x = L.maybe_checkpoint(lambda t: L.run(self.head.convs, t, fused), x, enabled=ckpt)
+        drop = self.dropout
+        x = L.maybe_checkpoint(lambda t: self.head(t, drop, fused), x, enabled=ckpt)
         skips = [x]
         for block in self.down:
-            x = L.maybe_checkpoint(lambda t, b=block: L.run(b.convs, t, fused), x, enabled=ckpt)
+            x = L.maybe_checkpoint(lambda t, b=block: b(t, drop, fused), x, enabled=ckpt)
             skips.append(x)
         for i in reversed(range(len(self.down))):
             def level(low, skip, i=i):
                 up = self.up[i](low, fused)
-                return L.conv_block(self.merge[i], self.gates[i](up, skip, fused), fused, skip=up)  # cat([att, up])
+                return L.conv_norm_dropout_act(self.merge[i], self.gates[i](up, skip, fused), fused, drop,
+                                               skip=up)  # cat([att, up])
 
             x = L.maybe_checkpoint(level, x, skips[i], enabled=ckpt)
         return self.out(x)

@@ -15,19 +15,21 @@ The modules and their names are MONAI's, so a MONAI ``UNet`` state dict loads un
 
 Level 0's up layer is ``conv_only`` (no norm or activation; with residual units its residual unit's
 convolution is).  A ``Convolution`` holds ``conv`` (``nn.Conv*d`` / ``nn.ConvTranspose*d``) and ``adn``
-(``N`` norm, ``D`` dropout, ``A`` activation, in MONAI's "NDA" order); a ``ResidualUnit`` holds
+(``N`` norm, ``D`` dropout, ``A`` activation, in ``adn_ordering``, MONAI's default "NDA"); a ``ResidualUnit`` holds
 ``conv.unit<k>`` (Convolutions, the first strided) and ``residual`` (identity, or a convolution with
 kernel ``kernel_size`` when strided, 1x1 when only the channels change) and returns
 ``conv(x) + residual(x)``.
 
 ``fused=True`` runs every convolution -> norm -> activation as one :func:`fastmed.ops.conv_norm_act` and every
-transposed convolution's norm -> activation (PReLU included) as one :func:`fastmed.ops.norm_act`;
+transposed convolution's norm -> activation (PReLU included) as one :func:`fastmed.ops.norm_act` (what follows
+the norm in another order, or active dropout, runs after the fused op as the torch modules);
 ``fused=False`` runs the same modules as plain PyTorch, i.e. exactly MONAI's computation.
 """
 from __future__ import annotations
 
 import math
-from typing import Sequence, Union
+from collections.abc import Sequence
+from typing import Union
 
 import torch
 from torch import nn
@@ -35,66 +37,95 @@ from torch import nn
 from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import conv_class
-from fastmed.ops.conv_block import conv_norm_act
-from fastmed.ops.norm_act import norm_act
+from fastmed.nn.norm_act import activation_of
+from fastmed.patch import NormView, activation_args, fused_conv_norm_act
 
 __all__ = ["MonaiUNet"]
 
-_ACTS = {"PRELU": nn.PReLU, "RELU": nn.ReLU, "LEAKYRELU": nn.LeakyReLU}
-_NORMS = {"INSTANCE": {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}, "BATCH": {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}}
+# MONAI's activation and norm factory names that are torch modules (``monai.networks.layers.Act`` / ``Norm``)
+_ACTS = {"PRELU": nn.PReLU, "RELU": nn.ReLU, "LEAKYRELU": nn.LeakyReLU, "ELU": nn.ELU, "RELU6": nn.ReLU6,
+         "SELU": nn.SELU, "CELU": nn.CELU, "GELU": nn.GELU, "SIGMOID": nn.Sigmoid, "TANH": nn.Tanh}
+_NORMS = {"INSTANCE": {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}, "BATCH": {2: nn.BatchNorm2d, 3: nn.BatchNorm3d},
+          "GROUP": {2: nn.GroupNorm, 3: nn.GroupNorm}}
+_ADN_LETTERS = "NDA"
 
 
-def _split_args(value, name: str, choices) -> tuple[str, dict]:
-    """MONAI's ``"NAME"`` or ``("NAME", {kwargs})`` -> (upper-case name, kwargs); ValueError naming ``name``."""
-    if isinstance(value, str):
-        key, kwargs = value, {}
-    elif isinstance(value, tuple) and len(value) == 2 and isinstance(value[0], str) and isinstance(value[1], dict):
+def _split_args(value, name: str, choices, classes: bool = False) -> tuple[object, dict]:
+    """MONAI's ``"NAME"`` or ``("NAME", {kwargs})`` (with ``classes``, also an ``nn.Module`` subclass or
+    ``(class, {kwargs})``) -> (upper-case name or the class, kwargs); ValueError naming ``name``."""
+    key, kwargs = value, {}
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], dict):
         key, kwargs = value
-    else:
-        raise ValueError(f"{name} must be one of {', '.join(choices)} or a (name, kwargs) tuple, got {value!r}")
+    is_class = classes and isinstance(key, type) and issubclass(key, nn.Module)
+    if not (isinstance(key, str) or is_class):
+        form = "a name, an nn.Module class or a (name or class, kwargs) tuple" if classes else \
+            "a name or a (name, kwargs) tuple"
+        raise ValueError(f"{name} must be {form} (names: {', '.join(choices)}), got {value!r}")
+    if is_class:
+        return key, dict(kwargs)
     if key.upper() not in choices:
         raise ValueError(f"{name} must be one of {', '.join(choices)} (MonaiUNet supports these), got {key!r}")
     return key.upper(), dict(kwargs)
 
 
-def _norm_call_args(norm: nn.Module) -> dict:
-    """The ``fastmed.ops`` normalization arguments of a torch InstanceNorm / BatchNorm module for one call,
-    counting ``num_batches_tracked`` as the module's own forward would."""
-    batch = isinstance(norm, nn.modules.batchnorm._BatchNorm)
-    track = norm.track_running_stats
-    momentum = 0.0 if norm.momentum is None else norm.momentum
-    if batch and norm.training and track:
-        norm.num_batches_tracked.add_(1)
-        if norm.momentum is None:
-            momentum = 1.0 / float(norm.num_batches_tracked)
-    return dict(eps=norm.eps, running_mean=norm.running_mean if track else None,
-                running_var=norm.running_var if track else None, momentum=momentum,
-                training=norm.training or not track)
+def _adn_order(adn_ordering) -> str:
+    """MONAI's ADN ordering: letters N, D, A in any case and order; a repeated letter keeps its first place (MONAI
+    re-adds the same module)."""
+    if not isinstance(adn_ordering, str):
+        raise TypeError(f"adn_ordering must be a string of the letters N, D, A, got {type(adn_ordering).__name__}")
+    bad = [c for c in adn_ordering.upper() if c not in _ADN_LETTERS]
+    if bad:
+        raise ValueError(f"adn_ordering must be a string of the letters N, D, A (norm, dropout, activation), "
+                         f"got {adn_ordering!r}")
+    return "".join(dict.fromkeys(adn_ordering.upper()))
 
 
-def _act_args(act: nn.Module) -> dict:
-    if isinstance(act, nn.PReLU):
-        return dict(activation="prelu", negative_slope=act.weight)
-    if isinstance(act, nn.LeakyReLU):
-        return dict(activation="leaky_relu", negative_slope=act.negative_slope)
-    return dict(activation="relu")
+def _factory(value, name: str, table: dict, spatial_dims):
+    """A constructor ``make(channels)`` (norms, ``spatial_dims`` given) or ``make()`` (activations) for MONAI's
+    ``act`` / ``norm`` argument, as ``monai.networks.layers.get_act_layer`` / ``get_norm_layer`` build them."""
+    key, kwargs = _split_args(value, name, table, classes=spatial_dims is None)
+    if spatial_dims is None:
+        cls = table[key] if isinstance(key, str) else key
+        return lambda: cls(**kwargs)
+    if key == "GROUP" and "num_groups" not in kwargs:
+        raise ValueError(f"norm: GROUP needs num_groups, e.g. ('GROUP', {{'num_groups': 2}}), got {value!r}")
+    cls = table[key][spatial_dims]
+    channels_arg = "num_channels" if key == "GROUP" else "num_features"
+    return lambda c: cls(**{channels_arg: c, **kwargs})
+
+
+def _inactive_dropout(m: nn.Module) -> bool:
+    return isinstance(m, nn.Dropout) and not (m.training and m.p > 0)
+
+
+def _fusable_act(m: nn.Module) -> bool:
+    try:
+        activation_of(m)
+    except TypeError:
+        return False
+    return True
 
 
 class _ADN(nn.Sequential):
-    """MONAI's ``ADN`` in "NDA" order: ``N`` (torch norm module), ``D`` (``nn.Dropout(0.0)``), ``A``."""
+    """MONAI's ``ADN``: ``N`` (torch norm module), ``D`` (``nn.Dropout``), ``A`` (activation), those that exist,
+    in the given order."""
 
-    def __init__(self, norm: nn.Module, act: nn.Module, dropout: float):
+    def __init__(self, order: str, norm, act, dropout):
         super().__init__()
-        self.add_module("N", norm)
-        self.add_module("D", nn.Dropout(dropout))
-        self.add_module("A", act)
+        made = {"N": norm, "D": dropout, "A": act}
+        for letter in order:
+            if made[letter] is not None:
+                self.add_module(letter, made[letter])
 
 
 class _Convolution(nn.Sequential):
     """MONAI's ``Convolution``: ``conv`` then (unless ``conv_only``) ``adn``.  ``forward`` is plain PyTorch;
-    ``run(x, fused=True)`` is one fastmed op (conv + norm + act, or norm + act after a transposed conv)."""
+    ``run(x, fused=True)`` fuses the convolution with what follows it in the ADN order once inactive dropout
+    (eval mode or p = 0) is left out: a norm fastmed fuses, then an activation fastmed fuses, are one
+    :func:`fastmed.ops.conv_norm_act` (after a transposed convolution, one :func:`fastmed.ops.norm_act`); the
+    rest runs as the torch modules."""
 
-    def __init__(self, sd, cin, cout, stride, kernel, norm, act, dropout, bias, conv_only=False,
+    def __init__(self, sd, cin, cout, stride, kernel, norm, act, dropout, bias, order, conv_only=False,
                  transposed=False):
         super().__init__()
         pad = tuple((k - 1) // 2 for k in kernel)
@@ -104,33 +135,52 @@ class _Convolution(nn.Sequential):
         else:
             conv = conv_class(sd)(cin, cout, kernel, stride, pad, bias=bias)
         self.add_module("conv", conv)
-        if not conv_only:
-            self.add_module("adn", _ADN(norm(cout), act(), dropout))
+        if not conv_only and not (norm is None and act is None and dropout is None):
+            self.add_module("adn", _ADN(order, norm and norm(cout), act and act(),
+                                        None if dropout is None else nn.Dropout(dropout)))
+
+    def _norm_view(self):
+        """The :class:`fastmed.patch.NormView` of ``adn.N`` (kept, it shares the module's tensors), None when
+        there is no norm or fastmed does not fuse it."""
+        n = getattr(self.adn, "N", None)
+        if n is None:
+            return None
+        view = self.__dict__.get("_view")
+        if view is None or view._parameters is not n._parameters:
+            try:
+                view = NormView.of(n)
+            except TypeError:  # e.g. instance norm with running statistics: runs as the torch module
+                return None
+            self.__dict__["_view"] = view
+        return view.sync(n)
 
     def run(self, x: torch.Tensor, fused: bool) -> torch.Tensor:
-        if not fused:
+        if not fused or not hasattr(self, "adn"):
             return self(x)
+        mods = [m for m in self.adn if not _inactive_dropout(m)]
+        view = self._norm_view()
+        if view is None or not mods or mods[0] is not self.adn.N:
+            return self(x)
+        act = mods[1] if len(mods) > 1 and _fusable_act(mods[1]) else None
+        activation, slope = activation_args(act)
         conv = self.conv
-        if not hasattr(self, "adn"):
-            return conv(x)
-        n, a = self.adn.N, self.adn.A
-        kind = "batch" if isinstance(n, nn.modules.batchnorm._BatchNorm) else "instance"
-        args = dict(_act_args(a), **_norm_call_args(n))
-        if isinstance(conv, nn.modules.conv._ConvTransposeNd):
-            return norm_act(conv(x), kind, n.weight, n.bias, **args)
-        return conv_norm_act(x, conv.weight, conv.bias, n.weight, n.bias, stride=conv.stride, padding=conv.padding,
-                             norm=kind, **args)
+        transposed = isinstance(conv, nn.modules.conv._ConvTransposeNd)
+        h = fused_conv_norm_act(x, conv, view, activation, slope, conv_out=conv(x) if transposed else None)
+        for m in mods[1 + (act is not None):]:
+            h = m(h)
+        return h
 
 
 class _ResidualUnit(nn.Module):
     """MONAI's ``ResidualUnit``: ``conv(x) + residual(x)``, ``conv`` = Sequential of ``unit<k>`` Convolutions."""
 
-    def __init__(self, sd, cin, cout, stride, kernel, subunits, norm, act, dropout, bias, last_conv_only=False):
+    def __init__(self, sd, cin, cout, stride, kernel, subunits, norm, act, dropout, bias, order,
+                 last_conv_only=False):
         super().__init__()
         self.conv = nn.Sequential()
         c, s = cin, stride
         for k in range(max(1, subunits)):
-            self.conv.add_module(f"unit{k}", _Convolution(sd, c, cout, s, kernel, norm, act, dropout, bias,
+            self.conv.add_module(f"unit{k}", _Convolution(sd, c, cout, s, kernel, norm, act, dropout, bias, order,
                                                           conv_only=last_conv_only and k == max(1, subunits) - 1))
             c, s = cout, (1,) * sd
         self.residual = nn.Identity()
@@ -184,13 +234,21 @@ class MonaiUNet(nn.Module):
             (MONAI ignores extra entries with a warning; here they are an error).
         kernel_size, up_kernel_size: odd int or per-axis odd ints (convolutions / transposed convolutions).
         num_res_units: 0 for plain Convolutions, else residual units with that many subunits (down path).
-        act: ``"PRELU"`` (``nn.PReLU()``: one slope), ``"RELU"`` or ``"LEAKYRELU"`` (slope 0.01), or MONAI's
-            ``(name, kwargs)`` form with the torch module's keyword arguments.
-        norm: ``"INSTANCE"`` (``nn.InstanceNorm*d()``: no affine parameters, no running statistics) or
-            ``"BATCH"``, or ``(name, kwargs)``; instance norm with ``track_running_stats=True`` is not supported.
-        dropout: must be 0.0 (the fused blocks have no dropout between norm and activation).
+        act: a name of MONAI's ``Act`` factory that is a torch module (``"PRELU"``: ``nn.PReLU()``, one slope;
+            ``"RELU"``, ``"LEAKYRELU"`` (slope 0.01), ``"ELU"``, ``"RELU6"``, ``"SELU"``, ``"CELU"``,
+            ``"GELU"``, ``"SIGMOID"``, ``"TANH"``), either with kwargs as ``(name, {kwargs})``, an ``nn.Module``
+            class as ``(class, {kwargs})`` or alone (MONAI needs the tuple), or None (no activation).  ReLU,
+            LeakyReLU, PReLU, GELU and SiLU are fused; other activations run as their module after the fused
+            conv + norm.
+        norm: ``"INSTANCE"`` (``nn.InstanceNorm*d()``: no affine parameters, no running statistics),
+            ``"BATCH"``, ``("GROUP", {"num_groups": g})``, each also as ``(name, kwargs)``, or None.  An instance
+            norm with ``track_running_stats=True`` runs as its torch module (not fused).
+        dropout: probability of MONAI's ``nn.Dropout`` in each ADN (None: no dropout module).  While it is
+            active (training, p > 0) the fused op stops at the dropout.
         bias: convolution bias.
-        adn_ordering: must be ``"NDA"``.
+        adn_ordering: MONAI's order of ``N``, ``D``, ``A`` (e.g. ``"NDA"``, ``"NA"``, ``"AN"``); a letter left
+            out drops that module.  The convolution fuses with the norm when the norm comes first (after
+            inactive dropout), and with the activation right after it.
         fused: fastmed ops (True) or plain PyTorch (False) on the same parameters; may be changed at any time.
 
     ``forward(x)``: ``(N, in_channels, *sp)`` with every size divisible by the product of the strides ->
@@ -214,25 +272,19 @@ class MonaiUNet(nn.Module):
             if any(v % 2 == 0 for v in k):
                 raise ValueError(f"{name} must be odd (MONAI's 'same' padding), got {k}")
         num_res_units = check_int(num_res_units, "num_res_units", 0)
-        act_name, act_kwargs = _split_args(act, "act", _ACTS)
-        norm_name, norm_kwargs = _split_args(norm, "norm", _NORMS)
-        if norm_name == "INSTANCE" and norm_kwargs.get("track_running_stats", False):
-            raise ValueError("norm: instance norm with track_running_stats=True is not supported by MonaiUNet")
-        if dropout != 0:
-            raise ValueError(f"dropout must be 0.0 (MonaiUNet has no dropout between norm and activation), "
-                             f"got {dropout!r}")
-        if not isinstance(adn_ordering, str) or adn_ordering.upper() != "NDA":
-            raise ValueError(f"adn_ordering must be 'NDA' (norm, dropout, activation), got {adn_ordering!r}")
+        make_act = None if act is None else _factory(act, "act", _ACTS, None)
+        make_norm = None if norm is None else _factory(norm, "norm", _NORMS, sd)
+        if dropout is not None and (isinstance(dropout, bool) or not isinstance(dropout, (int, float))
+                                    or not 0.0 <= dropout <= 1.0):
+            raise ValueError(f"dropout must be a probability in [0, 1] (or None: no dropout module), got "
+                             f"{dropout!r}")
+        order = _adn_order(adn_ordering)
         self.channels, self.num_res_units, self.fused = tuple(channels), int(num_res_units), fused
+        self.adn_ordering = order
         self.total_stride = tuple(math.prod(s[a] for s in self.strides) for a in range(sd))
 
-        def make_norm(c):
-            return _NORMS[norm_name][sd](c, **norm_kwargs)
-
-        def make_act():
-            return _ACTS[act_name](**act_kwargs)
-
-        common = dict(norm=make_norm, act=make_act, dropout=0.0, bias=bias)
+        common = dict(norm=make_norm, act=make_act, dropout=None if dropout is None else float(dropout), bias=bias,
+                      order=order)
         res = self.num_res_units
 
         def down(cin, cout, stride):

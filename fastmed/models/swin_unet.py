@@ -17,7 +17,7 @@ composition (``fused=False``), with the same parameters.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F

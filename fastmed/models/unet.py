@@ -17,7 +17,8 @@ state-dict keys are nnU-Net's (see :func:`fastmed.convert.from_nnunet`)::
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn
@@ -217,7 +218,7 @@ class UNet(nn.Module):
 
     # ------------------------------------------------------------------------------------------------------------
     @classmethod
-    def original(cls, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 2, **kwargs) -> "UNet":
+    def original(cls, in_channels: int = 1, out_channels: int = 2, spatial_dims: int = 2, **kwargs) -> UNet:
         """Ronneberger et al. 2015: features 64..1024, two 3x3 convs (bias, no normalization, ReLU) per level,
         2x2 max-pool down, 2x2 transposed-conv up (C -> C/2), concatenation, 1x1 head.
 
@@ -232,7 +233,7 @@ class UNet(nn.Module):
 
     @classmethod
     def nnunet(cls, patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, in_channels: int = 1,
-               out_channels: int = 2, deep_supervision: bool = True, residual: bool = False, **kwargs) -> "UNet":
+               out_channels: int = 2, deep_supervision: bool = True, residual: bool = False, **kwargs) -> UNet:
         """nnU-Net v2's ``PlainConvUNet`` (or ``ResidualEncoderUNet`` with ``residual=True``) for a patch size.
 
         Topology from :func:`plan_nnunet` (features ``min(32 * 2**s, 320)`` in 3D / ``512`` in 2D, strides and
@@ -251,7 +252,7 @@ class UNet(nn.Module):
         return cls(len(plan["patch_size"]), in_channels, out_channels, **cfg)
 
     @classmethod
-    def resenc(cls, patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, **kwargs) -> "UNet":
+    def resenc(cls, patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, **kwargs) -> UNet:
         """nnU-Net's residual-encoder U-Net (ResEnc M block counts): ``UNet.nnunet(..., residual=True)``."""
         return cls.nnunet(patch_size, spacing, residual=True, **kwargs)
 

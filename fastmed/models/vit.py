@@ -126,7 +126,7 @@ class ViT(nn.Module):
         self.fused = fused
 
     @classmethod
-    def b16(cls, num_classes: int = 1000, **kwargs) -> "ViT":
+    def b16(cls, num_classes: int = 1000, **kwargs) -> ViT:
         """ViT-B/16 (timm ``vit_base_patch16_224``): 86,567,656 parameters with 1000 classes."""
         return cls(num_classes=num_classes, **kwargs)
 
@@ -219,7 +219,8 @@ class ViTUNETR(nn.Module):
         super().__init__()
         sd = check_spatial_dims(spatial_dims)
         if patch_size != 16:
-            raise ValueError(f"UNETR's decoder upsamples 16x (four 2x steps): patch_size must be 16, got {patch_size!r}")
+            raise ValueError(f"UNETR's decoder upsamples 16x (four 2x steps): patch_size must be 16, "
+                             f"got {patch_size!r}")
         if depth < 4 or depth % 4:
             raise ValueError(f"depth must be a positive multiple of 4 (skips after blocks depth/4, depth/2, "
                              f"3*depth/4), got {depth!r}")

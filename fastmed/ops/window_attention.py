@@ -7,7 +7,8 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -15,9 +16,8 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed._validate import check_choice, check_int, check_number, check_per_axis, check_same_device, check_tensor
 from fastmed.ops import _direct
-from fastmed._validate import (check_choice, check_number, check_int, check_per_axis, check_same_device,
-                               check_tensor)
 from fastmed.reference import window_attention as ref
 
 __all__ = ["window_attention", "attention", "BIAS_INDEX"]
@@ -30,8 +30,8 @@ _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
 
 
-def _reference_backward(dout, qkv, out, lse, table, qkv_pad, spec: ref.WindowSpec):
-    # The reference recomputes the attention from qkv: out and lse are not needed.
+def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec):
+    # The reference recomputes the attention from qkv: lse is not needed.
     return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
 
 
@@ -66,15 +66,14 @@ def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optiona
 
 
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
-def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse: Optional[Tensor],
-                          table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int, window: list[int],
-                          shift: list[int], scale: float, table_window: list[int], bias_coords: list[int],
+def _window_attention_bwd(dout: Tensor, qkv: Tensor, lse: Optional[Tensor], table: Optional[Tensor],
+                          qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
+                          scale: float, table_window: list[int], bias_coords: list[int],
                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``out``/``lse``: the forward's outputs where the backend's backward reads them (None for the reference,
-    which recomputes the attention from ``qkv``)."""
+    """``lse``: the forward's logsumexp where the backend's backward reads it (None for the reference, which
+    recomputes the attention from ``qkv``).  No backend reads the forward's output."""
     spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
-    dqkv, dtable, dpad = _BACKWARD[backend](_grid5(dout), _grid5(qkv), None if out is None else _grid5(out), lse,
-                                            table, qkv_pad, spec)
+    dqkv, dtable, dpad = _BACKWARD[backend](_grid5(dout), _grid5(qkv), lse, table, qkv_pad, spec)
     # Absent gradients travel as empty tensors (custom ops return no None).
     return (dqkv.squeeze(1).detach() if qkv.dim() == 4 else dqkv, dtable if dtable is not None else qkv.new_empty(0),
             dpad if dpad is not None else qkv.new_empty(0))
@@ -82,17 +81,16 @@ def _window_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse:
 
 def _setup_context(ctx, inputs, output):
     qkv, table, qkv_pad, *spec_fields, backend = inputs
-    out, lse = output
-    # The reference's backward recomputes the attention from qkv: it saves neither out nor lse, so the caller may
-    # modify the output in place (as with the unfused composition).
-    keep = backend != "reference"
-    ctx.save_for_backward(qkv, out if keep else None, lse if keep else None, table, qkv_pad)
+    _out, lse = output
+    # No backward reads the output (the kernels compute rowsum(dO * O) as rowsum(P * dP); the reference recomputes
+    # everything from qkv), so the caller may modify it in place (as with the unfused composition).
+    ctx.save_for_backward(qkv, lse if backend != "reference" else None, table, qkv_pad)
     ctx.spec = ref.WindowSpec.from_flat(*spec_fields)
     ctx.backend = backend
 
 
 def _backward(ctx, dout, _dlse):
-    qkv, out, lse, table, qkv_pad = ctx.saved_tensors
+    qkv, lse, table, qkv_pad = ctx.saved_tensors
     spec = ctx.spec
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dout, qkv, table, qkv_pad)):
         # Double backward (create_graph=True): the first-order gradient must itself be differentiable, so it is
@@ -102,7 +100,7 @@ def _backward(ctx, dout, _dlse):
         dqkv = dqkv.squeeze(1) if qkv.dim() == 4 else dqkv
     else:
         dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
-            dout, qkv, out, lse, table, qkv_pad, *spec.flat(), ctx.backend)
+            dout, qkv, lse, table, qkv_pad, *spec.flat(), ctx.backend)
     return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None) + _NON_TENSOR_GRADS
 
 
