@@ -136,3 +136,21 @@ def assert_triton_matches_reference(module, *args) -> None:
     assert g.keys() == g_ref.keys() and g
     for k in g:
         torch.testing.assert_close(g[k], g_ref[k], atol=1e-5 * scale, rtol=1e-3, msg=k)
+
+
+def assert_autocast_and_compile(model, x) -> None:
+    """In eval mode: bf16 autocast stays finite and close to float32, and ``torch.compile(fullgraph=True)``
+    (aot_eager: the graph is captured whole, with fastmed's ops in it) gives the eager output."""
+    model.eval()
+    with torch.no_grad():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+        outs = (low, ref) if isinstance(ref, list) else ([low], [ref])
+        for lo, r in zip(*outs):
+            assert torch.isfinite(lo.float()).all()
+            torch.testing.assert_close(lo.float(), r, atol=0.1 * r.abs().max().item() + 0.05, rtol=0.1)
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+        got = compiled(x)
+        for g, r in zip(got if isinstance(got, list) else [got], ref if isinstance(ref, list) else [ref]):
+            torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-5)

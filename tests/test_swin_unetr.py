@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 import torch.nn.functional as F
-from model_support import assert_matches_monai, assert_triton_matches_reference, monai_pair
+from model_support import assert_autocast_and_compile, assert_matches_monai, assert_triton_matches_reference, monai_pair
 from model_support import grads as _grads
 from model_support import weights as _weights
 
@@ -125,3 +125,10 @@ def test_swin_unetr_on_the_triton_backend():
     assert_triton_matches_reference(model.swinViT, torch.randn(1, 1, 32, 32))
     up = UnetrUpBlock(2, 24, 12, 3, 2, "instance", res_block=True)
     assert_triton_matches_reference(up, torch.randn(1, 24, 4, 4), torch.randn(1, 12, 8, 8))
+
+
+def test_swin_unetr_autocast_and_compile():
+    torch.manual_seed(7)
+    model = SwinUNETR(2, 2, spatial_dims=2, feature_size=12, depths=(2, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                      window_size=4)
+    assert_autocast_and_compile(model, torch.randn(1, 2, 56, 40))  # padded to 64 x 64 and cropped back

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from model_support import assert_triton_matches_reference
+from model_support import assert_autocast_and_compile, assert_triton_matches_reference
 from model_support import grads as _grads
 
 from fastmed.models import UNetPlusPlus
@@ -132,3 +132,9 @@ def test_unet_plusplus_bad_arguments():
         model(torch.randn(1, 1, 8, 10))
     with pytest.raises(ValueError, match="in_channels=1"):
         model(torch.randn(1, 2, 8, 8))
+
+
+def test_unet_plusplus_autocast_and_compile():
+    torch.manual_seed(7)
+    model = UNetPlusPlus(3, 1, 2, features=(4, 8, 8), deep_supervision=True)
+    assert_autocast_and_compile(model, torch.randn(1, 1, 8, 8, 8))

@@ -3,7 +3,7 @@ instance and batch norm), other input sizes, the Triton backend (interpreter) on
 
 import pytest
 import torch
-from model_support import assert_matches_monai, assert_triton_matches_reference, monai_pair
+from model_support import assert_autocast_and_compile, assert_matches_monai, assert_triton_matches_reference, monai_pair
 from model_support import grads as _grads
 
 from fastmed.models import UNETR
@@ -84,3 +84,9 @@ def test_unetr_on_the_triton_backend():
     for blk in model.vit.blocks:  # fastmed.ops.attention is scaled_dot_product_attention: no Triton kernel
         blk.attn.fused = False
     assert_triton_matches_reference(model, torch.randn(1, 2, 16, 16))
+
+
+def test_unetr_autocast_and_compile():
+    torch.manual_seed(7)
+    model = UNETR(2, 2, 32, spatial_dims=2, **SMALL)
+    assert_autocast_and_compile(model, torch.randn(1, 2, 32, 32))
