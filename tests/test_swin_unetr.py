@@ -37,12 +37,11 @@ def test_swin_unetr_parameter_count_and_keys():
 def test_swin_unetr_matches_monai_3d(monkeypatch, use_v2):
     """MONAI's weights load strictly; fused and plain paths give MONAI's logits and parameter gradients.
 
-    In float32 the plain path is MONAI's computation (tight tolerance); the fused path's gradients carry the
-    rounding of other summation orders, amplified by instance norms over the 2-voxel bottleneck (about 1e-3 of the
-    largest gradient); ``test_swin_unetr_2d_fused_equals_plain_float64`` pins the two paths together in float64."""
+    64 x 64 x 32: the bottleneck is 2 x 2 x 1 (instance norm over 2 voxels would amplify float32 rounding
+    of either path to ~1e-3 of the gradients)."""
     theirs, ours = _pair(monkeypatch, in_channels=2, out_channels=3, use_v2=use_v2, **SMALL)
-    x = torch.randn(1, 2, 64, 32, 32)  # the bottleneck (2, 1, 1) has > 1 voxel: instance norm trains
-    assert_matches_monai(theirs, ours, x, grad_tol={True: 5e-3, False: 1e-5})
+    x = torch.randn(1, 2, 64, 64, 32)
+    assert_matches_monai(theirs, ours, x, grad_tol={True: 1e-4, False: 1e-5})
 
 
 @pytest.mark.parametrize("downsample", ["merging", "mergingv2"])
