@@ -9,6 +9,7 @@
 ``SwinUNETR``      MONAI's SwinUNETR (v1 / v2; loads its checkpoints; 62.19M at feature_size 48), any input size
 ``ViT``            timm-compatible Vision Transformer (``ViT.b16()``: 86.57M), 2D or 3D patches
 ``UNETR``          MONAI's UNETR (same constructor and keys: loads its checkpoints), 2D or 3D
+``TransUNet``      TransUNet R50-ViT-B/16 (Chen et al.; repository keys, npz converter; 105.28M)
 ``ViTUNETR``       UNETR-style model on ``ViT`` (timm keys)
 
 Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and, except ``MonaiUNet``,
@@ -18,10 +19,11 @@ from fastmed.models.attention_unet import AttentionGate, AttentionUNet
 from fastmed.models.monai_unet import MonaiUNet
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.swin_unetr import SwinUNETR
+from fastmed.models.transunet import TransUNet
 from fastmed.models.unet import UNet, plan_nnunet
 from fastmed.models.unet_plusplus import UNetPlusPlus
 from fastmed.models.unetr import UNETR
 from fastmed.models.vit import ViT, ViTUNETR
 
 __all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "SwinUNETR", "ViT",
-           "UNETR", "ViTUNETR", "UNetPlusPlus"]
+           "UNETR", "ViTUNETR", "UNetPlusPlus", "TransUNet"]

@@ -319,22 +319,20 @@ class _ViT(nn.Module):
 
 
 class FusedModel(nn.Module):
-    """``fused`` of a model: True when every fastmed-computed submodule (conv blocks, attention) runs fastmed ops;
-    setting it sets them all."""
+    """``fused`` of a model: True when every submodule that has a boolean ``fused`` flag (conv blocks, attention,
+    window attention) runs fastmed ops; setting it sets them all."""
+
+    def _switches(self):
+        return [m for m in self.modules() if m is not self and isinstance(getattr(m, "fused", None), bool)]
 
     @property
     def fused(self) -> bool:
-        from fastmed.nn.swin import WindowAttention
-
-        return all(m.fused for m in self.modules() if isinstance(m, (_Block, _SABlock, WindowAttention)))
+        return all(m.fused for m in self._switches())
 
     @fused.setter
     def fused(self, value: bool) -> None:
-        from fastmed.nn.swin import WindowAttention
-
-        for m in self.modules():
-            if isinstance(m, (_Block, _SABlock, WindowAttention)):
-                m.fused = bool(value)
+        for m in self._switches():
+            m.fused = bool(value)
 
 
 class UNETR(FusedModel):
