@@ -63,11 +63,19 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "of a contiguous uint8/bool CPU mask; spacing [] = unit; +inf where a map has no zero voxel.",
         pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
         pybind11::arg("float64"));
+  m.def("feature_transform_cpu", &fastmed::feature_transform_cpu,
+        "distance_transform_cpu and the feature transform: (distances, int64 flat index within its map of each "
+        "voxel's nearest zero, -1 in a map with no zero; ties to the lexicographically smallest nearest zero).",
+        pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
+        pybind11::arg("float64"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",
         pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
         pybind11::arg("float64"));
+  m.def("feature_transform_cuda", &fastmed::feature_transform_cuda,
+        "feature_transform_cpu for CUDA tensors.", pybind11::arg("mask"), pybind11::arg("spatial_dims"),
+        pybind11::arg("spacing"), pybind11::arg("squared"), pybind11::arg("float64"));
   m.def("cuda_selftest", &fastmed::cuda_selftest,
         "Runs a tiny CUDA kernel writing 0..n-1 into an int32 CUDA tensor; returns it.", pybind11::arg("n"));
 #endif

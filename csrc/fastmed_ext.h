@@ -4,6 +4,7 @@
 
 #include <cstdint>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #ifdef FASTMED_WITH_CUDA
@@ -17,6 +18,12 @@ namespace fastmed {
 torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims, std::vector<double> spacing,
                                      bool squared, bool float64);
 
+// csrc/distance_transform_cpu.cpp: the same transform and, per voxel, the flat index within its map of the nearest
+// zero voxel (int64; -1 throughout a map with no zero; ties to the lexicographically smallest nearest zero).
+std::tuple<torch::Tensor, torch::Tensor> feature_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims,
+                                                               std::vector<double> spacing, bool squared,
+                                                               bool float64);
+
 #ifdef FASTMED_WITH_CUDA
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)
 cudaError_t launch_iota(int32_t* out, int64_t n, cudaStream_t stream);
@@ -24,6 +31,10 @@ int cuda_runtime_version_number();
 // csrc/distance_transform_cuda.cu: the same transform for CUDA tensors, one launch per axis for the whole batch.
 torch::Tensor distance_transform_cuda(const torch::Tensor& mask, int64_t spatial_dims, std::vector<double> spacing,
                                       bool squared, bool float64);
+// csrc/distance_transform_cuda.cu: feature_transform_cpu for CUDA tensors.
+std::tuple<torch::Tensor, torch::Tensor> feature_transform_cuda(const torch::Tensor& mask, int64_t spatial_dims,
+                                                                std::vector<double> spacing, bool squared,
+                                                                bool float64);
 #endif
 
 }  // namespace fastmed

@@ -524,7 +524,8 @@ def _attention_forced_triton(backend):
 # ================================================================================================ distance maps
 # The C++ backend runs where fastmed._C is built (as in test_distance_transform.py).
 DT_BACKENDS = ("reference",) + (("cpp",) if _ext.extension_info()["built"] else ())
-MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + FLOATS
+MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.uint16, torch.uint32,
+               torch.uint64) + FLOATS
 
 
 def dt_call(dev, *, shape=(2, 5, 6), spatial_dims=2, mdtype=torch.bool, spacing=None, squared=False, dtype=F32,
@@ -864,8 +865,8 @@ def _check_ds_weights_error(n):
 
 # ================================================================================================ metrics
 def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_background=False, ignore_empty=True,
-                percentile=None, directed=False, spacing=None, tolerance=1.0, layouts=None, values=None, over=None,
-                seed=10):
+                percentile=None, directed=False, spacing=None, tolerance=1.0, distance_metric="euclidean",
+                ignore_index=None, use_subvoxels=False, layouts=None, values=None, over=None, seed=10):
     g = E.gen(seed)
     lab_p = torch.randint(0, max(C, 2), (B, 1) + spatial, generator=g)
     lab_y = torch.where(torch.rand((B, 1) + spatial, generator=g) < 0.7, lab_p,
@@ -877,26 +878,34 @@ def metric_call(name, dev, *, C=3, B=2, spatial=(6, 7), mdtype=F32, include_back
     t = {k: lay(v.to(dev), (layouts or {}).get(k)) for k, v in raw.items()}
     ncls = C if include_background or C == 1 else C - 1
     kw = dict(include_background=include_background, ignore_empty=ignore_empty, percentile=percentile,
-              directed=directed, spacing=spacing, tolerance=[tolerance] * ncls)
+              directed=directed, spacing=spacing, tolerance=[tolerance] * ncls, distance_metric=distance_metric,
+              ignore_index=ignore_index, use_subvoxels=use_subvoxels)
     _apply_over(t, kw, over, dev)
 
     def fn(t):
         if name == "dice":
-            return metrics.dice(t["y_pred"], t["y"], kw["include_background"], kw["ignore_empty"])
+            return metrics.dice(t["y_pred"], t["y"], kw["include_background"], kw["ignore_empty"],
+                                ignore_index=kw["ignore_index"])
         if name == "hausdorff_distance":
             return metrics.hausdorff_distance(t["y_pred"], t["y"], kw["include_background"], kw["percentile"],
-                                              kw["directed"], kw["spacing"])
-        return metrics.surface_dice(t["y_pred"], t["y"], kw["tolerance"], kw["include_background"], kw["spacing"])
+                                              kw["directed"], kw["spacing"], distance_metric=kw["distance_metric"],
+                                              ignore_index=kw["ignore_index"])
+        return metrics.surface_dice(t["y_pred"], t["y"], kw["tolerance"], kw["include_background"], kw["spacing"],
+                                    distance_metric=kw["distance_metric"], ignore_index=kw["ignore_index"],
+                                    use_subvoxels=kw["use_subvoxels"])
 
     def oracle(t):
         p, y = t["y_pred"].double(), t["y"].double()
         if name == "dice":
-            return monai_metrics.compute_dice(p, y, kw["include_background"], kw["ignore_empty"])
+            return monai_metrics.compute_dice(p, y, kw["include_background"], kw["ignore_empty"],
+                                              ignore_index=kw["ignore_index"])
         if name == "hausdorff_distance":
-            return monai_metrics.compute_hausdorff_distance(p, y, kw["include_background"], percentile=kw["percentile"],
-                                                            directed=kw["directed"], spacing=kw["spacing"])
+            return monai_metrics.compute_hausdorff_distance(p, y, kw["include_background"], kw["distance_metric"],
+                                                            percentile=kw["percentile"], directed=kw["directed"],
+                                                            spacing=kw["spacing"], ignore_index=kw["ignore_index"])
         return monai_metrics.compute_surface_dice(p, y, kw["tolerance"], kw["include_background"],
-                                                  spacing=kw["spacing"])
+                                                  kw["distance_metric"], spacing=kw["spacing"],
+                                                  use_subvoxels=kw["use_subvoxels"], ignore_index=kw["ignore_index"])
 
     return Call(fn, oracle, t, (), F32, tol=dict(atol=1e-5, rtol=1e-5))
 
@@ -935,6 +944,13 @@ def metric_cases():
             T[("config", "ignore_empty_false")] = value_case(b, ignore_empty=False, values=_empty_class(("y",), 1))
         if name == "surface_dice":
             T[("config", "tolerance_0")] = value_case(b, tolerance=0.0)
+            T[("config", "use_subvoxels")] = value_case(b, use_subvoxels=True, spacing=(2.0, 0.5))
+            T[("config", "use_subvoxels_3d")] = value_case(b, use_subvoxels=True, spatial=(4, 5, 6))
+        for ii in (1, 255):
+            T[("config", f"ignore_index_{ii}")] = value_case(b, ignore_index=ii)
+        if name != "dice":
+            for dm in ("chessboard", "taxicab"):
+                T[("config", f"distance_metric_{dm}")] = value_case(b, distance_metric=dm, spacing=(2.0, 1.0))
         T[("size", "pred_empty_class")] = value_case(b, values=_empty_class(("y_pred",), 1))
         T[("size", "both_empty_class")] = value_case(b, values=_empty_class(("y_pred", "y"), 2))
         T[("size", "spatial1")] = value_case(b, spatial=(1, 7))
@@ -949,6 +965,7 @@ def metric_cases():
             bad["tolerance_negative"] = ("tolerance", dict(over={"tolerance": [-1.0, 1.0]}))
         if name != "dice":
             bad["spacing_len3"] = ("spacing", dict(over={"spacing": (1.0, 2.0, 3.0)}))
+            bad["distance_metric_typo"] = ("distance_metric", dict(distance_metric="manhattan"))
         for v, (arg, kw) in bad.items():
             T[("bad", v)] = error_case(b, arg if isinstance(arg, tuple) else (arg,), **kw)
         T[("grad_mode", "inference_mode")] = lambda bk, b=b: E.check_grad_mode(b("cpu"), bk, "inference_mode")
@@ -1112,7 +1129,8 @@ MODULES = {
                            _merging_oracle(3, "mergingv2"), _x((1, 2, 4, 3, 4)), {}, False),
     "PatchExpand": (lambda: FN.PatchExpand(8), _expand_oracle(2), _x((2, 3, 4, 8)), {}, False),
     "FinalPatchExpandX4": (lambda: FN.FinalPatchExpandX4(4), _expand_oracle(4), _x((1, 2, 3, 4)), {}, False),
-    "BoundaryLoss": (lambda: FN.BoundaryLoss(), _boundary_oracle,
+    "BoundaryLoss": (lambda: FN.BoundaryLoss(include_background=False, to_onehot_y=True, softmax=True),
+                     _boundary_oracle,
                      {"x": _randn((2, 3, 6, 7), E.gen(16), 2.0), "target": _labels((2, 1, 6, 7), 3)}, {}, False),
     "HausdorffDTLoss": (lambda: FN.HausdorffDTLoss(to_onehot_y=True, softmax=True), _hausdorff_dt_oracle,
                         {"x": _randn((2, 3, 6, 7), E.gen(17), 2.0), "target": _labels((2, 1, 6, 7), 3)}, {}, False),

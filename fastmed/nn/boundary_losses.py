@@ -1,42 +1,40 @@
 """Distance-map losses with the maps computed on the fly, for the whole batch in one call, on the labels' device.
 
-* :class:`BoundaryLoss`: Kervadec et al. (MIDL 2019), ``mean(probs[:, classes] * phi)`` with phi from
-  :func:`fastmed.ops.signed_distance` (or passed precomputed).
+* :class:`BoundaryLoss`: MONAI 1.6's ``BoundaryLoss`` (Kervadec et al., MIDL 2019), ``mean(probs * phi)`` per
+  ``(n, c)`` with phi from :func:`fastmed.ops.signed_distance` (or passed precomputed).
 * :class:`HausdorffDTLoss`: MONAI's ``HausdorffDTLoss`` (Karimi & Salcudean 2019),
-  ``mean((p - g)^2 * (dt_p^alpha + dt_g^alpha))``.
+  ``mean((p - g)^2 * (dt_p^alpha + dt_g^alpha))``, and :class:`LogHausdorffDTLoss`, its ``log(1 + loss)``.
 * :func:`boundary_loss_weights`: the paper's schedule for ``region * GDL + boundary * BoundaryLoss``.
 
 Distance maps carry no gradient: gradients flow to the logits only.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Optional, Union
 
 import torch
 from torch import Tensor, nn
 
+from fastmed._validate import check_loss_activation, check_reduction
 from fastmed.ops.distance_transform import distance_transform, signed_distance
+from fastmed.reference.losses import warn_single_channel
 
-__all__ = ["BoundaryLoss", "HausdorffDTLoss", "boundary_loss_weights"]
-
-_REDUCTIONS = ("mean", "sum", "none")
+__all__ = ["BoundaryLoss", "HausdorffDTLoss", "LogHausdorffDTLoss", "boundary_loss_weights"]
 
 
-def _activate(x: Tensor, sigmoid: bool, softmax: bool) -> Tensor:
-    if sigmoid and softmax:
-        raise ValueError("sigmoid and softmax are mutually exclusive; got both True")
+def _activate(x: Tensor, sigmoid: bool, softmax: bool, other_act: Optional[Callable]) -> Tensor:
+    """MONAI's order: sigmoid, softmax (ignored with a warning for one channel), other_act."""
     if sigmoid:
-        return torch.sigmoid(x)
-    if softmax and x.shape[1] > 1:
-        return torch.softmax(x, 1)
+        x = torch.sigmoid(x)
+    if softmax:
+        if x.shape[1] == 1:
+            warn_single_channel("softmax=True")
+        else:
+            x = torch.softmax(x, 1)
+    if other_act is not None:
+        x = other_act(x)
     return x
-
-
-def _check_reduction(reduction: str) -> str:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {', '.join(map(repr, _REDUCTIONS))}; got {reduction!r}")
-    return reduction
 
 
 def _check_input(input: Tensor) -> None:
@@ -47,55 +45,103 @@ def _check_input(input: Tensor) -> None:
         raise ValueError(f"input must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(input.shape)}")
 
 
-class BoundaryLoss(nn.Module):
-    """Kervadec's boundary loss ``mean(probs[:, classes] * phi[:, classes])`` (can be negative).
+def _one_hot_target(input: Tensor, target: Tensor, to_onehot_y: bool) -> tuple[Tensor, bool]:
+    """``(target, labels)``: with ``to_onehot_y`` (and more than one channel) a ``(N, 1, *spatial)`` label map
+    (``(N, *spatial)`` is given its channel dim, as MONAI's BoundaryLoss does) whose one-hot has the shape of
+    ``input``, ``labels`` True; else ``target`` itself, which must have the shape of ``input``."""
+    if not isinstance(target, Tensor):
+        raise TypeError(f"target must be a torch.Tensor, got {type(target).__name__}")
+    n = input.shape[1]
+    if to_onehot_y:
+        if n == 1:
+            warn_single_channel("to_onehot_y=True")
+        else:
+            if target.dim() == input.dim() - 1:
+                target = target.unsqueeze(1)
+            want = (input.shape[0], 1) + tuple(input.shape[2:])
+            if tuple(target.shape) != want:
+                raise ValueError(f"target must have shape {want} (class labels; to_onehot_y=True), got "
+                                 f"{tuple(target.shape)}")
+            return target, True
+    if target.shape != input.shape:
+        hint = " (class labels need to_onehot_y=True)" if target.dim() > 1 and target.shape[1] == 1 else ""
+        raise ValueError(f"target must have the shape of input {tuple(input.shape)}{hint}, got "
+                         f"{tuple(target.shape)}")
+    return target, False
 
-    Args:
-        include_background: use class 0 too (the paper uses the foreground classes only).  Ignored, as in MONAI,
-            when ``input`` has a single channel: that channel is the foreground and ``target`` its binary mask.
-        softmax: apply softmax over channels to ``input`` (default; logits in).  ``sigmoid=True`` applies a
-            sigmoid instead; with both False ``input`` holds probabilities.
-        sigmoid: see ``softmax``.
-        spacing: voxel size for the maps (one number per spatial dim), or None.
-        reduction: ``"mean"`` (the paper's), ``"sum"``, or ``"none"`` (the ``(N, K, *spatial)`` product).
+
+def _warn_background(n: int, include_background: bool) -> int:
+    """The first channel kept: 1 without the background, unless there is a single channel (MONAI warns)."""
+    if include_background:
+        return 0
+    if n == 1:
+        warn_single_channel("include_background=False")
+        return 0
+    return 1
+
+
+class BoundaryLoss(nn.Module):
+    """MONAI 1.6's ``BoundaryLoss`` (Kervadec et al., MIDL 2019): per ``(n, c)`` the mean over the voxels of
+    ``probs * phi``, phi the signed distance map of the target's class (negative inside, from
+    :func:`fastmed.ops.signed_distance`: every map of the batch in one call, on the target's device; all zeros for
+    a class absent from or covering the whole map).
+
+    Args (MONAI's, in MONAI's order and with its defaults):
+        include_background: keep channel 0 (ignored, with MONAI's warning, for a single channel).
+        to_onehot_y: ``target`` holds class labels ``(N, 1, *spatial)`` (or ``(N, *spatial)``), one-hot encoded
+            with ``input.shape[1]`` classes (ignored, with a warning, for a single channel).
+        sigmoid, softmax, other_act: the activation of ``input`` (at most one; none: ``input`` holds
+            probabilities).  ``softmax`` is ignored, with a warning, for a single channel.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (the ``(N, C')`` values, ``(C',)`` with ``batch``).
+        batch: average over the batch before the reduction.
+        spacing: (fastmed) voxel size for the maps, one number per spatial dim; None = MONAI's unit spacing.
 
     Forward:
-        ``input``: ``(N, C, *spatial)`` logits (or probabilities).  ``target``: ``(N, 1, *spatial)`` integer labels
-        or ``(N, C, *spatial)`` one-hot; the maps are computed from it on its device, without gradient.
-        Or ``dist_maps``: precomputed ``signed_distance(target, C, include_background=self.include_background)``,
-        ``(N, K, *spatial)``.
+        ``input``: ``(N, C, *spatial)``.  ``target``: one-hot (or per-channel binary masks) with the shape of
+        ``input``, thresholded at 0.5 as MONAI does; or labels with ``to_onehot_y``.  Or (fastmed) ``dist_maps``
+        instead of ``target``: precomputed maps of the kept classes, ``(N, C', *spatial)``.
     """
 
-    def __init__(self, include_background: bool = False, softmax: bool = True, sigmoid: bool = False,
-                 spacing: Union[None, float, Sequence[float]] = None, reduction: str = "mean"):
+    def __init__(self, include_background: bool = True, to_onehot_y: bool = False, sigmoid: bool = False,
+                 softmax: bool = False, other_act: Optional[Callable] = None, reduction: str = "mean",
+                 batch: bool = False, *, spacing: Union[None, float, Sequence[float]] = None):
         super().__init__()
-        if sigmoid and softmax:
-            raise ValueError("sigmoid and softmax are mutually exclusive; got both True")
+        check_loss_activation(sigmoid, softmax, other_act)
         self.include_background = include_background
-        self.softmax = softmax
+        self.to_onehot_y = to_onehot_y
         self.sigmoid = sigmoid
+        self.softmax = softmax
+        self.other_act = other_act
+        self.reduction = check_reduction(reduction)
+        self.batch = batch
         self.spacing = spacing
-        self.reduction = _check_reduction(reduction)
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None, dist_maps: Optional[Tensor] = None) -> Tensor:
         _check_input(input)
         if (target is None) == (dist_maps is None):
-            raise ValueError("pass exactly one of target (labels or one-hot) and dist_maps (precomputed maps)")
-        probs = _activate(input, self.sigmoid, self.softmax)
-        single = input.shape[1] == 1  # one channel: kept whatever include_background (MONAI)
-        first = 0 if self.include_background or single else 1
+            raise ValueError("pass exactly one of target and dist_maps (precomputed maps)")
+        n = input.shape[1]
+        probs = _activate(input, self.sigmoid, self.softmax, self.other_act)
         if dist_maps is None:
-            if single:  # target is the channel's binary mask: labels {0, 1} (class 1 = the channel) or one-hot
-                labels = isinstance(target, Tensor) and not (target.is_floating_point() or target.dtype == torch.bool)
-                dist_maps = signed_distance(target, 2 if labels else 1, self.spacing, include_background=not labels)
+            target, labels = _one_hot_target(input, target, self.to_onehot_y)
+        first = _warn_background(n, self.include_background)
+        if dist_maps is None:
+            if labels:
+                lab = target if not target.is_floating_point() else target.long()  # MONAI's one_hot casts too
+                dist_maps = signed_distance(lab, n, self.spacing, include_background=first == 0)
             else:
-                dist_maps = signed_distance(target, input.shape[1], self.spacing, self.include_background)
-        expected = (input.shape[0], input.shape[1] - first) + tuple(input.shape[2:])
+                if target.is_floating_point() and bool(target.isnan().any()):
+                    raise ValueError("target holds NaN; the boundary maps need a one-hot target (thresholded at 0.5)")
+                mask = target if target.dtype == torch.bool else target > 0.5
+                dist_maps = signed_distance(mask[:, first:], spacing=self.spacing, include_background=True)
+        expected = (input.shape[0], n - first) + tuple(input.shape[2:])
         if tuple(dist_maps.shape) != expected:
             raise ValueError(f"dist_maps must have shape {expected} (the classes of input"
                              f"{'' if first == 0 else ' without the background'}), got "
                              f"{tuple(dist_maps.shape)}")
-        loss = probs[:, first:] * dist_maps.detach().to(device=probs.device, dtype=probs.dtype)
+        loss = (probs[:, first:] * dist_maps.detach().to(device=probs.device, dtype=probs.dtype)).flatten(2).mean(-1)
+        if self.batch:
+            loss = loss.mean(0)
         if self.reduction == "mean":
             return loss.mean()
         if self.reduction == "sum":
@@ -107,25 +153,27 @@ class HausdorffDTLoss(nn.Module):
     """MONAI's ``HausdorffDTLoss``: per channel ``mean((p - g)^2 * (dt_p^alpha + dt_g^alpha))``.
 
     ``dt_x = edt(x > 0.5) + edt(x <= 0.5)`` per ``(n, c)`` map (the distance to the boundary of the thresholded
-    map), all zeros when the map is empty or full.  Same arguments and results as
-    ``monai.losses.HausdorffDTLoss`` (``other_act`` aside), but every map of the batch in one call on the
-    input's device.
+    map), all zeros when the map is empty or full.  Same arguments (order and defaults), warnings and results as
+    ``monai.losses.HausdorffDTLoss``, but every map of the batch in one call on the input's device.
 
     Args:
-        alpha, include_background, to_onehot_y, sigmoid, softmax, reduction, batch: as in MONAI.
+        alpha, include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, batch: as in MONAI.
+            For a single channel, ``softmax``, ``to_onehot_y`` and ``include_background=False`` are ignored with
+            MONAI's warnings.  ``reduction="none"`` gives ``(N, C', 1, ...)`` (``(1, C', 1, ...)`` with ``batch``).
     """
 
     def __init__(self, alpha: float = 2.0, include_background: bool = False, to_onehot_y: bool = False,
-                 sigmoid: bool = False, softmax: bool = False, reduction: str = "mean", batch: bool = False):
+                 sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
+                 reduction: str = "mean", batch: bool = False):
         super().__init__()
-        if sigmoid and softmax:
-            raise ValueError("sigmoid and softmax are mutually exclusive; got both True")
+        check_loss_activation(sigmoid, softmax, other_act)
         self.alpha = float(alpha)
         self.include_background = include_background
         self.to_onehot_y = to_onehot_y
         self.sigmoid = sigmoid
         self.softmax = softmax
-        self.reduction = _check_reduction(reduction)
+        self.other_act = other_act
+        self.reduction = check_reduction(reduction)
         self.batch = batch
 
     @staticmethod
@@ -141,18 +189,14 @@ class HausdorffDTLoss(nn.Module):
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         _check_input(input)
-        n_ch = input.shape[1]
-        input = _activate(input, self.sigmoid, self.softmax)
-        if self.to_onehot_y and n_ch > 1:
-            if target.shape[1] != 1:
-                raise ValueError(f"to_onehot_y=True needs target of shape (N, 1, *spatial), got {tuple(target.shape)}")
-            target = (target == torch.arange(n_ch, device=target.device).reshape((1, -1) + (1,) * (target.dim() - 2)))
+        n = input.shape[1]
+        input = _activate(input, self.sigmoid, self.softmax, self.other_act)
+        target, labels = _one_hot_target(input, target, self.to_onehot_y)
+        if labels:
+            target = (target == torch.arange(n, device=target.device).reshape((1, -1) + (1,) * (target.dim() - 2)))
             target = target.to(input.dtype)
-        if not self.include_background and n_ch > 1:
-            input, target = input[:, 1:], target[:, 1:]
-        if target.shape != input.shape:
-            raise ValueError(f"target must have the shape of input {tuple(input.shape)} (after one-hot and "
-                             f"background removal), got {tuple(target.shape)}")
+        first = _warn_background(n, self.include_background)
+        input, target = input[:, first:], target[:, first:]
         dist = self.distance_field(input.detach()) ** self.alpha + self.distance_field(target.detach()) ** self.alpha
         f = (input - target) ** 2 * dist.to(input.dtype)
         axes = ([0] if self.batch else []) + list(range(2, input.dim()))
@@ -162,6 +206,13 @@ class HausdorffDTLoss(nn.Module):
         if self.reduction == "sum":
             return f.sum()
         return f
+
+
+class LogHausdorffDTLoss(HausdorffDTLoss):
+    """MONAI's ``LogHausdorffDTLoss``: ``log(HausdorffDTLoss + 1)`` (same arguments)."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return torch.log(super().forward(input, target) + 1)
 
 
 def boundary_loss_weights(epoch: int, *, initial_boundary: float = 0.01, step: float = 0.01,

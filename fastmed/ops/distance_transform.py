@@ -1,11 +1,12 @@
-"""``fastmed.ops.distance_transform`` and ``fastmed.ops.signed_distance``: exact Euclidean distance maps of whole
-batches in one call, on the device that holds the mask.
+"""``fastmed.ops.distance_transform`` and ``fastmed.ops.signed_distance``: exact Euclidean distance maps (and, with
+``return_indices``, the feature transform) of whole batches in one call, on the device that holds the mask.
 
 Backends, in order: ``cuda`` (csrc/distance_transform_cuda.cu, one thread per line, one launch per axis for the whole
 batch), ``cpp`` (csrc/distance_transform_cpu.cpp, threads over blocks of lines), ``reference``
 (fastmed/reference/distance_transform.py).  Distance maps carry no gradient (they are piecewise constant in the
 mask): the public functions detach their input, so a result never requires grad, and the ops are plain
-torch.library custom ops (``fastmed::distance_transform``, ``fastmed::signed_distance``) with fake implementations:
+torch.library custom ops (``fastmed::distance_transform``, ``fastmed::feature_transform``,
+``fastmed::signed_distance``) with fake implementations:
 ``torch.compile(fullgraph=True)`` keeps them as single opaque nodes.  The backend is chosen inside the op body, at
 run time (``use_backend`` blocks and ``FASTMED_BACKEND`` apply to compiled code too).  Checks that need the mask's
 values (a float mask must hold only 0 and 1, labels must lie in ``[0, num_classes)``) run there as well.
@@ -28,8 +29,12 @@ __all__ = ["distance_transform", "signed_distance"]
 _backend.register_op("distance_transform", ("cuda", "cpp", "reference"),
                      doc="exact Euclidean distance transform (scipy distance_transform_edt) and signed maps")
 
-_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.float16,
-                torch.bfloat16, torch.float32, torch.float64)
+_UNSIGNED_WIDE = (torch.uint16, torch.uint32, torch.uint64)  # torch implements few ops on them (`!=` it does)
+_MASK_DTYPES = (torch.bool, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64) + _UNSIGNED_WIDE + (
+    torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# signed_distance runs the one-hot maps through the backend at most this many voxels at a time (whole maps; one map
+# when a map is larger), so its memory beyond the output stays bounded whatever the number of classes.
+SIGNED_DISTANCE_GROUP_VOXELS = 1 << 24
 
 Spacing = Union[None, float, Sequence[float]]
 
@@ -82,6 +87,40 @@ def _(mask, spacing, spatial_dims, squared, float64):
     return mask.new_empty(mask.shape, dtype=torch.float64 if float64 else torch.float32)
 
 
+def _reference_features(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
+                        float64: bool) -> tuple[Tensor, Tensor]:
+    return ref.distance_transform(mask, spacing, spatial_dims=spatial_dims, squared=squared,
+                                  dtype=torch.float64 if float64 else torch.float32, return_indices=True)
+
+
+_FEATURES = _backend.Implementations("distance_transform", "fastmed::feature_transform",
+                                     cuda=_extension_transform("feature_transform_cuda"),
+                                     cpp=_extension_transform("feature_transform_cpu"),
+                                     reference=_reference_features)
+
+
+def _coordinates(flat: Tensor, sizes: Sequence[int]) -> Tensor:
+    """``(len(sizes), *flat.shape)`` int64 coordinates of flat (C-order) indices within maps of ``sizes``; -1
+    where ``flat`` is -1."""
+    out = torch.stack(torch.unravel_index(flat, tuple(sizes)))
+    return out.masked_fill_((flat < 0).unsqueeze(0), -1)
+
+
+@torch.library.custom_op("fastmed::feature_transform", mutates_args=())
+def _feature_transform_op(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
+                          float64: bool) -> tuple[Tensor, Tensor]:
+    _check_binary(mask, "mask")
+    backend = _backend.choose("distance_transform", mask.device)
+    d, flat = _FEATURES[backend](mask, spacing, spatial_dims, squared, float64)
+    return d, _coordinates(flat, mask.shape[mask.dim() - spatial_dims:])
+
+
+@_feature_transform_op.register_fake
+def _(mask, spacing, spatial_dims, squared, float64):
+    return (mask.new_empty(mask.shape, dtype=torch.float64 if float64 else torch.float32),
+            mask.new_empty((spatial_dims,) + tuple(mask.shape), dtype=torch.int64))
+
+
 def _reference_signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool) -> Tensor:
     return ref.signed_distance(onehot, spacing, dtype=torch.float64 if float64 else torch.float32)
 
@@ -107,21 +146,43 @@ def _signed(onehot: Tensor, spacing: Optional[list[float]], float64: bool, backe
     return _SIGNED[backend](onehot, spacing, float64)
 
 
+def _map_groups(batch: int, classes: int, map_voxels: int) -> list[tuple[slice, slice]]:
+    """(items, classes) blocks covering a (batch, classes) stack of maps of ``map_voxels`` voxels, each of at most
+    SIGNED_DISTANCE_GROUP_VOXELS voxels (or one map): whole items when they fit, else classes of one item."""
+    maps = max(1, SIGNED_DISTANCE_GROUP_VOXELS // max(map_voxels, 1))
+    if maps >= classes:
+        items = maps // classes
+        return [(slice(n, n + items), slice(0, classes)) for n in range(0, batch, items)]
+    return [(slice(n, n + 1), slice(c, c + maps)) for n in range(batch) for c in range(0, classes, maps)]
+
+
 @torch.library.custom_op("fastmed::signed_distance", mutates_args=())
 def _signed_distance_op(target: Tensor, labels: bool, num_classes: int, first_class: int,
                         spacing: Optional[list[float]], float64: bool) -> Tensor:
     backend = _backend.choose("distance_transform", target.device)
     if labels:
+        if target.dtype in _UNSIGNED_WIDE:  # no min/max/comparisons on them in torch; their labels fit in int64
+            if target.dtype == torch.uint64 and bool((target.view(torch.int64) < 0).any()):
+                raise ValueError(f"target holds integer labels, which must lie in [0, num_classes={num_classes}); "
+                                 "got values of 2^63 and above")
+            target = target.to(torch.int64)
         lo, hi = int(target.min()), int(target.max())
         if lo < 0 or hi >= num_classes:
             raise ValueError(f"target holds integer labels, which must lie in [0, num_classes={num_classes}); "
                              f"got values from {lo} to {hi}")
-        classes = torch.arange(first_class, num_classes, device=target.device)
-        onehot = target == classes.reshape((1, -1) + (1,) * (target.dim() - 2))
     else:
         _check_binary(target, "target")
-        onehot = target[:, first_class:] != 0
-    return _signed(onehot, spacing, float64, backend)
+    classes = num_classes - first_class
+    out = torch.empty((target.shape[0], classes) + tuple(target.shape[2:]),
+                      dtype=torch.float64 if float64 else torch.float32, device=target.device)
+    class_ids = torch.arange(first_class, num_classes, device=target.device).reshape((-1,) + (1,) * (target.dim() - 2))
+    for items, cls in _map_groups(target.shape[0], classes, math.prod(target.shape[2:])):
+        if labels:
+            onehot = target[items] == class_ids[cls]
+        else:
+            onehot = target[items, first_class + cls.start:first_class + cls.stop] != 0
+        out[items, cls] = _signed(onehot, spacing, float64, backend)
+    return out
 
 
 @_signed_distance_op.register_fake
@@ -157,20 +218,23 @@ def _check_dtype(dtype) -> bool:
 
 
 def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool = False,
-                       spatial_dims: Optional[int] = None, dtype: torch.dtype = torch.float32) -> Tensor:
+                       spatial_dims: Optional[int] = None, dtype: torch.dtype = torch.float32,
+                       return_indices: bool = False) -> Union[Tensor, tuple[Tensor, Tensor]]:
     """Exact Euclidean distance transform: ``scipy.ndimage.distance_transform_edt(mask, sampling=spacing)`` for
     every map of a batch, in one call.
 
     Args:
-        mask: ``(*batch, *spatial)``; bool, integer, or floating point holding only 0 and 1.  Nonzero voxels are
-            foreground.  The last ``spatial_dims`` dims form each map; all leading dims are a batch of independent
-            maps (e.g. ``(N, C, D, H, W)`` with ``spatial_dims=3``).
+        mask: ``(*batch, *spatial)``; bool, integer (signed, uint8 or uint16/32/64), or floating point holding only
+            0 and 1.  Nonzero voxels are foreground.  The last ``spatial_dims`` dims form each map; all leading dims
+            are a batch of independent maps (e.g. ``(N, C, D, H, W)`` with ``spatial_dims=3``).  A 0-d mask is a
+            one-voxel 1D map, as in scipy (which makes it 1-d with ``atleast_1d``): the results have shape ``(1,)``.
         spacing: voxel size, one positive number per spatial dim (first spatial dim first, like scipy's
             ``sampling``), a single number for all, or None (unit spacing).
         squared: return squared distances (exact integers for unit spacing).
         spatial_dims: 1, 2 or 3.  None means ``min(mask.dim(), 3)``: a 2D mask is one 2D map, a 3D or higher mask
             is a batch of 3D maps.  Pass ``spatial_dims=2`` for batches of 2D maps such as ``(N, C, H, W)``.
         dtype: ``torch.float32`` (default) or ``torch.float64``.
+        return_indices: also return the feature transform (scipy's ``return_indices=True``).
 
     Returns:
         ``dtype`` tensor shaped like ``mask``: 0 at zero voxels, the distance to the nearest zero voxel of the
@@ -180,12 +244,23 @@ def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool =
         backend, whose vectorized sqrt need not be correctly rounded; the C++ and CUDA backends round correctly);
         with spacing the envelope arithmetic is float64.  The result never requires grad: a mask that requires
         grad is detached (a distance map is piecewise constant in the mask and has no gradient).
+
+        With ``return_indices``, ``(distances, indices)``: ``indices`` is int64 of shape
+        ``(spatial_dims, *mask.shape)``, the coordinates within its map of each voxel's nearest zero voxel (a zero
+        voxel's own coordinates; -1 throughout a map with no zero voxel, where scipy's are meaningless).  For one
+        map (``spatial_dims == mask.dim()``) this is scipy's layout: ``mask[tuple(indices)] == 0``.  Where several
+        zero voxels are nearest, the one whose coordinates are smallest in lexicographic order (first spatial dim
+        first) is returned, on every backend; scipy may return another of them.  The rule is exact for unit
+        spacing (integer arithmetic); with spacing, ties are decided on the float64 distances, so zero voxels whose
+        distances differ only by rounding may be taken either way.
     """
     if not isinstance(mask, Tensor):
         raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
     mask = mask.detach()
     if mask.dtype not in _MASK_DTYPES:
         raise TypeError(f"mask must be a bool, integer or floating-point tensor, got dtype {mask.dtype}")
+    if mask.dim() == 0:  # scipy: np.atleast_1d
+        mask = mask.reshape(1)
     if spatial_dims is None:
         spatial_dims = min(mask.dim(), 3)
     if isinstance(spatial_dims, bool) or not isinstance(spatial_dims, int) or not 1 <= spatial_dims <= 3:
@@ -195,8 +270,13 @@ def distance_transform(mask: Tensor, spacing: Spacing = None, *, squared: bool =
                          f"{tuple(mask.shape)}")
     sp = normalize_spacing(spacing, spatial_dims)
     float64 = _check_dtype(dtype)
+    if not isinstance(return_indices, bool):
+        raise TypeError(f"return_indices must be a bool, got {type(return_indices).__name__}")
     if mask.numel() == 0:
-        return mask.new_empty(mask.shape, dtype=dtype)
+        d = mask.new_empty(mask.shape, dtype=dtype)
+        return (d, mask.new_empty((spatial_dims,) + tuple(mask.shape), dtype=torch.int64)) if return_indices else d
+    if return_indices:
+        return torch.ops.fastmed.feature_transform(mask, sp, spatial_dims, bool(squared), float64)
     return torch.ops.fastmed.distance_transform(mask, sp, spatial_dims, bool(squared), float64)
 
 
@@ -207,6 +287,11 @@ def signed_distance(target: Tensor, num_classes: Optional[int] = None, spacing: 
     Positive outside the class (the distance to it), 0 on its inner boundary, negative deeper inside.  A class
     absent from a map gets all zeros, and so does a class covering the whole map (it has no boundary; MONAI's
     ``BoundaryLoss`` does the same).
+
+    Memory: besides the output, the maps go through the backend in groups of whole maps of at most
+    ``SIGNED_DISTANCE_GROUP_VOXELS`` voxels (one map when a map is larger), so 105 classes of a 512x512x300 volume
+    need the 33 GB float32 output and about one map's worth of work buffers, not a one-hot and float maps of
+    every class at once.  The groups do not change any value.
 
     Args:
         target: ``(N, 1, *spatial)`` integer class labels (any integer dtype; ``num_classes`` required; an integer
