@@ -1280,6 +1280,20 @@ MODELS = {
                                                             drop_path_rate=0.0, fused=fused), (1, 1, 8, 8)),
     "ViT": (lambda fused=True: fastmed.models.ViT(2, img_size=8, patch_size=4, in_channels=1, num_classes=3,
                                                   embed_dim=8, depth=1, num_heads=2, fused=fused), (2, 1, 8, 8)),
+    # 2 input channels: with 1, encoder1's residual norm3(conv3(x)) ignores conv3's weight (zero gradient); 56 x 40
+    # is padded to 64 x 64: a 2 x 2 bottleneck (instance norm over 2 voxels would amplify rounding beyond 1e-4)
+    "SwinUNETR": (lambda fused=True: fastmed.models.SwinUNETR(2, 2, spatial_dims=2, feature_size=12,
+                                                              depths=(2, 1, 1, 1), num_heads=(1, 1, 1, 1),
+                                                              window_size=4, fused=fused), (1, 2, 56, 40)),
+    "UNETR": (lambda fused=True: fastmed.models.UNETR(2, 2, 16, spatial_dims=2, feature_size=2, hidden_size=8,
+                                                      mlp_dim=8, num_heads=2, fused=fused), (1, 2, 16, 16)),
+    "TransUNet": (lambda fused=True: fastmed.models.TransUNet(img_size=32, num_classes=2, hidden_size=8, mlp_dim=8,
+                                                              num_heads=2, num_layers=1, block_units=(1, 1, 1),
+                                                              width=32, skip_channels=(256, 128, 32, 16),
+                                                              dropout=0.0, fused=fused), (2, 3, 32, 32)),
+    "UNetPlusPlus_deep_supervision_head0": (
+        lambda fused=True: _Head0(fastmed.models.UNetPlusPlus(2, 1, 2, features=(2, 4), deep_supervision=True,
+                                                              fused=fused)), (2, 1, 8, 8)),
 }
 
 

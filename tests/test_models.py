@@ -355,9 +355,9 @@ def _tiny(name):
         return SwinUNet(3, 1, 2, embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=2,
                         drop_path_rate=0.0), (1, 1, 8, 8, 8)
     if name == "unetr":
-        from fastmed.models import UNETR
+        from fastmed.models import ViTUNETR
 
-        return UNETR(3, 1, 2, img_size=16, feature_size=4, embed_dim=16, depth=4, num_heads=2), (1, 1, 16, 16, 16)
+        return ViTUNETR(3, 1, 2, img_size=16, feature_size=4, embed_dim=16, depth=4, num_heads=2), (1, 1, 16, 16, 16)
     return ViT(2, img_size=16, patch_size=8, in_channels=1, num_classes=2, embed_dim=16, depth=2,
                num_heads=2), (2, 1, 16, 16)
 
@@ -388,17 +388,17 @@ def test_every_model_autocast_channels_last_checkpointing_compile(name):
 
 
 def test_unetr_fused_matches_reference_and_errors():
-    from fastmed.models import UNETR
+    from fastmed.models import ViTUNETR
 
     torch.manual_seed(9)
-    model = UNETR(2, 1, 3, img_size=32, feature_size=4, embed_dim=16, depth=4, num_heads=2)
+    model = ViTUNETR(2, 1, 3, img_size=32, feature_size=4, embed_dim=16, depth=4, num_heads=2)
     x = torch.randn(2, 1, 32, 48)  # another size than img_size: interpolated position embeddings
     assert model(x).shape == (2, 3, 32, 48)
     _agree(model, x)
     with pytest.raises(ValueError, match="multiple of 16"):
         model(torch.randn(1, 1, 24, 32))
     with pytest.raises(ValueError, match="patch_size must be 16"):
-        UNETR(3, patch_size=8)
+        ViTUNETR(3, patch_size=8)
 
 
 @pytest.mark.parametrize("name", ["unet", "swin-unet"])

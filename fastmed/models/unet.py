@@ -25,6 +25,7 @@ from torch import nn
 
 from fastmed._validate import check_int, check_per_axis, check_spatial_dims
 from fastmed.models import _layers as L
+from fastmed.models import nnunet_plan
 from fastmed.nn.conv_block import ConvNormAct, ResidualBlock, conv_class
 
 __all__ = ["UNet", "plan_nnunet"]
@@ -256,23 +257,29 @@ class UNet(nn.Module):
         return cls.nnunet(patch_size, spacing, residual=True, **kwargs)
 
 
-def plan_nnunet(patch_size: Sequence[int], spacing: Optional[Sequence[float]] = None, min_feature_map: int = 4,
-                max_stages: Optional[int] = None, base_features: int = 32) -> dict:
-    """A simplified nnU-Net v2 planner (``get_pool_and_conv_props``): the U-Net topology for a patch.
+def plan_nnunet(patch_size: Optional[Sequence[int]] = None, spacing: Optional[Sequence[float]] = None,
+                min_feature_map: int = 4, max_stages: Optional[int] = None, base_features: int = 32, *,
+                fingerprint: Optional[dict] = None, num_classes: int = 2, gpu_memory_gb: float = 8.0) -> dict:
+    """nnU-Net v2's planning (:mod:`fastmed.models.nnunet_plan`).
 
-    Rules (per stage, starting from the patch size and spacing):
-      * an axis is downsampled (stride 2) when its feature map is still ``>= 2 * min_feature_map`` and its
-        current spacing is at most twice the smallest current spacing (anisotropic axes wait until the
-        others have caught up);
-      * an axis gets kernel 3 when its current spacing is at most twice the smallest, else 1 (no in-plane
-        mixing along a very coarse axis);
-      * stages stop when no axis can be downsampled, or at ``max_stages`` (default 7 in 3D, 8 in 2D);
-      * features ``min(base_features * 2**s, 320 in 3D / 512 in 2D)``.
-    Simplifications against nnU-Net: the patch size is taken as given (nnU-Net also shrinks it to fit a
-    GPU-memory budget and rounds it to a multiple of the total stride); here it must already be divisible.
+    ``plan_nnunet(patch_size, spacing)``: the U-Net topology for a given patch, nnU-Net's
+    ``get_pool_and_conv_props``: an axis is pooled while its feature map is ``>= 2 * min_feature_map`` and its
+    spacing within 2x of the finest (a lone axis needs ``3 * min_feature_map``); an axis' kernel becomes 3 once its
+    spacing is within 2x of the finest, and the bottleneck's kernel is 3; ``max_stages`` (default: no limit, as
+    nnU-Net v2) caps the stages; features ``min(base_features * 2**s, 320 in 3D / 512 in 2D)``.  The patch must
+    be divisible by the total stride (nnU-Net would pad it).  Returns ``{"patch_size", "features", "strides",
+    "kernel_sizes"}`` (``strides[0]`` all 1).
 
-    Returns ``{"patch_size", "features", "strides", "kernel_sizes"}`` (strides[0] = 1s).
+    ``plan_nnunet(fingerprint={...}, num_classes=..., gpu_memory_gb=8)``: nnU-Net v2's ExperimentPlanner for the
+    ``3d_fullres`` and ``2d`` configurations (target spacing, patch size shrunk to the VRAM estimate, batch size);
+    see :func:`fastmed.models.nnunet_plan.plan_from_fingerprint`.
     """
+    if fingerprint is not None:
+        if patch_size is not None or spacing is not None:
+            raise ValueError("plan_nnunet: pass either patch_size (and spacing) or fingerprint, not both")
+        return nnunet_plan.plan_from_fingerprint(fingerprint, num_classes, gpu_memory_gb)
+    if patch_size is None:
+        raise ValueError("plan_nnunet: patch_size (2 or 3 ints) or fingerprint (a dict) is required")
     nd = len(patch_size)
     if nd not in (2, 3):
         raise ValueError(f"patch_size must have 2 or 3 entries (the spatial_dims), got {patch_size!r}")
@@ -280,26 +287,16 @@ def plan_nnunet(patch_size: Sequence[int], spacing: Optional[Sequence[float]] = 
     sp = [1.0] * nd if spacing is None else [float(s) for s in spacing]
     if len(sp) != nd or any(not math.isfinite(s) or s <= 0 for s in sp):
         raise ValueError(f"spacing must be {nd} positive numbers, got {spacing!r}")
-    max_stages = max_stages or (7 if nd == 3 else 8)
-    cap = 320 if nd == 3 else 512
-
-    def kernel(spc):
-        return tuple(3 if s <= 2 * min(spc) else 1 for s in spc)
-
-    strides, kernels = [(1,) * nd], [kernel(sp)]
-    while len(strides) < max_stages:
-        smin = min(sp)
-        stride = tuple(2 if size[a] >= 2 * min_feature_map and sp[a] <= 2 * smin else 1 for a in range(nd))
-        if all(s == 1 for s in stride):
-            break
-        size = [z // s for z, s in zip(size, stride)]
-        sp = [p * s for p, s in zip(sp, stride)]
-        strides.append(stride)
-        kernels.append(kernel(sp))
+    check_int(min_feature_map, "min_feature_map", 1)
+    topo = nnunet_plan.pool_and_conv_props(sp, size, min_feature_map)
+    strides, kernels = topo["strides"], topo["kernel_sizes"]
+    if max_stages is not None and len(strides) > check_int(max_stages, "max_stages", 1):
+        strides, kernels = strides[:max_stages], kernels[:max_stages - 1] + ((3,) * nd,)
     total = [math.prod(s[a] for s in strides) for a in range(nd)]
-    if any(p % t for p, t in zip(patch_size, total)):
+    if any(p % t for p, t in zip(size, total)):
         raise ValueError(f"patch_size {tuple(patch_size)} must be divisible by the total stride {tuple(total)} "
                          f"of the planned network")
+    cap = nnunet_plan.MAX_FEATURES[nd]
     features = tuple(min(base_features * 2 ** s, cap) for s in range(len(strides)))
-    return {"patch_size": tuple(patch_size), "features": features, "strides": tuple(strides),
+    return {"patch_size": tuple(size), "features": features, "strides": tuple(strides),
             "kernel_sizes": tuple(kernels)}

@@ -23,7 +23,7 @@ from fastmed.models import _layers as L
 from fastmed.nn.conv_block import ResidualBlock, conv_class
 from fastmed.ops.window_attention import attention
 
-__all__ = ["ViT", "UNETR"]
+__all__ = ["ViT", "ViTUNETR"]
 
 
 class _PatchEmbed(nn.Module):
@@ -191,9 +191,9 @@ class ViT(nn.Module):
         return self.head(self.forward_features(x)[:, 0])
 
 
-class UNETR(nn.Module):
-    """UNETR (Hatamizadeh et al. 2022): a :class:`ViT` encoder (no class-token head) whose blocks 3, 6, 9 and 12
-    feed a convolutional decoder built from fastmed's residual conv blocks.
+class ViTUNETR(nn.Module):
+    """UNETR-style model (Hatamizadeh et al. 2022) on fastmed's timm-compatible :class:`ViT` encoder (no class-token
+    head) whose blocks 3, 6, 9 and 12 feed a convolutional decoder built from fastmed's residual conv blocks.
 
     Layout (``f = feature_size``, ``E = embed_dim``; every "res" is a :class:`fastmed.nn.ResidualBlock`,
     conv-norm-act, conv-norm, 1x1 skip, add, act):
@@ -208,7 +208,8 @@ class UNETR(nn.Module):
     ``forward(x (N, in_channels, *sp))`` with sizes multiples of 16 -> ``(N, out_channels, *sp)``.
     ``fused=False`` runs the conv blocks and attention in plain PyTorch; ``checkpointing=True`` recomputes each
     transformer block in the backward pass.  MONAI's UNETR differs in details (no class token, LayerNorm eps
-    1e-5, instance norm without affine), so its checkpoints do not load.
+    1e-5, instance norm without affine), so its checkpoints do not load here: :class:`fastmed.models.UNETR` is
+    MONAI's model (this class was ``UNETR`` before).
     """
 
     def __init__(self, spatial_dims: int = 3, in_channels: int = 1, out_channels: int = 2, img_size: int = 96,
