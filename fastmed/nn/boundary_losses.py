@@ -125,13 +125,14 @@ class BoundaryLoss(nn.Module):
         if dist_maps is None:
             target, labels = _one_hot_target(input, target, self.to_onehot_y)
         first = _warn_background(n, self.include_background)
+        target_nan = None
         if dist_maps is None:
             if labels:
                 lab = target if not target.is_floating_point() else target.long()  # MONAI's one_hot casts too
                 dist_maps = signed_distance(lab, n, self.spacing, include_background=first == 0)
             else:
-                if target.is_floating_point() and bool(target.isnan().any()):
-                    raise ValueError("target holds NaN; the boundary maps need a one-hot target (thresholded at 0.5)")
+                if target.is_floating_point():  # NaN would threshold to background: make it NaN out, no sync
+                    target_nan = target.isnan().any()
                 mask = target if target.dtype == torch.bool else target > 0.5
                 dist_maps = signed_distance(mask[:, first:], spacing=self.spacing, include_background=True)
         expected = (input.shape[0], n - first) + tuple(input.shape[2:])
@@ -140,6 +141,8 @@ class BoundaryLoss(nn.Module):
                              f"{'' if first == 0 else ' without the background'}), got "
                              f"{tuple(dist_maps.shape)}")
         loss = (probs[:, first:] * dist_maps.detach().to(device=probs.device, dtype=probs.dtype)).flatten(2).mean(-1)
+        if target_nan is not None:
+            loss = torch.where(target_nan, torch.full_like(loss, float("nan")), loss)
         if self.batch:
             loss = loss.mean(0)
         if self.reduction == "mean":

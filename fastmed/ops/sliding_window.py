@@ -53,15 +53,15 @@ def _accumulate_op(buffer: Tensor, patches: Tensor, weight: Tensor, origins: lis
 
 @torch.library.custom_op("fastmed::sliding_window_finalize", mutates_args=("buffer", "result"))
 def _finalize_op(buffer: Tensor, result: Optional[Tensor], table: Tensor, starts_z: Tensor, starts_y: Tensor,
-                 first_z: Tensor, count_z: Tensor, first_y: Tensor, count_y: Tensor, window_z: int, window_y: int,
-                 z_lo: int, z_hi: int, output: str, zero_buffer: bool, backend: str) -> None:
-    norm = WindowNormalizer(table, starts_z, starts_y, first_z, count_z, first_y, count_y)
+                 first_z: Tensor, count_z: Tensor, first_y: Tensor, count_y: Tensor, max_count_y: int, window_z: int,
+                 window_y: int, z_lo: int, z_hi: int, output: str, zero_buffer: bool, backend: str) -> None:
+    norm = WindowNormalizer(table, starts_z, starts_y, first_z, count_z, first_y, count_y, max_count_y)
     _FINALIZE[backend](buffer, norm, (window_z, window_y), z_lo, z_hi, result, output, zero_buffer)
 
 
 @_finalize_op.register_fake
-def _(buffer, result, table, starts_z, starts_y, first_z, count_z, first_y, count_y, window_z, window_y, z_lo, z_hi,
-      output, zero_buffer, backend) -> None:
+def _(buffer, result, table, starts_z, starts_y, first_z, count_z, first_y, count_y, max_count_y, window_z, window_y,
+      z_lo, z_hi, output, zero_buffer, backend) -> None:
     """Nothing to compute on fake tensors: the op only writes into its arguments.  (A ``custom_op``, opaque to
     torch.compile, rather than a ``triton_op``: the reference body reads the window starts as Python ints, which
     traced tensors do not have.)"""

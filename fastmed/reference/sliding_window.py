@@ -188,7 +188,8 @@ class WindowNormalizer(NamedTuple):
     """The summed weights of a grid (see the module docstring), on the buffer's device.
 
     ``table`` ``(wz, wy, X)`` in the accumulation dtype; ``starts_z`` / ``starts_y`` int32 window starts; and per
-    image row the covering windows ``first_z[z] .. first_z[z] + count_z[z]`` (likewise for y), int32."""
+    image row the covering windows ``first_z[z] .. first_z[z] + count_z[z]`` (likewise for y), int32;
+    ``max_count_y`` = ``count_y.max()`` as a Python int, known on the host without reading the device."""
     table: Tensor
     starts_z: Tensor
     starts_y: Tensor
@@ -196,14 +197,19 @@ class WindowNormalizer(NamedTuple):
     count_z: Tensor
     first_y: Tensor
     count_y: Tensor
+    max_count_y: int
 
 
-def _covering(starts: Sequence[int], window: int, size: int, device) -> tuple[Tensor, Tensor]:
+def _covering(starts: Sequence[int], window: int, size: int, device) -> tuple[Tensor, Tensor, int]:
+    """Per image row the first covering window and the count, on ``device``, and the largest count (computed on
+    the host, before the copy)."""
     s = torch.tensor(starts, dtype=torch.int64)
     v = torch.arange(size, dtype=torch.int64)
     first = torch.searchsorted(s + window, v, right=True)  # windows that end at or before v
     last = torch.searchsorted(s, v, right=True)            # windows that start at or before v
-    return first.to(device=device, dtype=torch.int32), (last - first).to(device=device, dtype=torch.int32)
+    count = last - first
+    return (first.to(device=device, dtype=torch.int32), count.to(device=device, dtype=torch.int32),
+            int(count.max()) if size else 0)
 
 
 def window_normalizer(grid: WindowGrid, weight: Tensor, dtype: torch.dtype) -> WindowNormalizer:
@@ -215,11 +221,11 @@ def window_normalizer(grid: WindowGrid, weight: Tensor, dtype: torch.dtype) -> W
     for sx in grid.starts[2]:
         table[:, :, sx:sx + wx] += w
     dev = weight.device
-    first_z, count_z = _covering(grid.starts[0], wz, grid.image_size[0], dev)
-    first_y, count_y = _covering(grid.starts[1], wy, grid.image_size[1], dev)
+    first_z, count_z, _ = _covering(grid.starts[0], wz, grid.image_size[0], dev)
+    first_y, count_y, max_count_y = _covering(grid.starts[1], wy, grid.image_size[1], dev)
     return WindowNormalizer(table, torch.tensor(grid.starts[0], dtype=torch.int32, device=dev),
                             torch.tensor(grid.starts[1], dtype=torch.int32, device=dev),
-                            first_z, count_z, first_y, count_y)
+                            first_z, count_z, first_y, count_y, max_count_y)
 
 
 def ring_pieces(z0: int, z1: int, rows: int) -> list[tuple[int, int, int]]:
