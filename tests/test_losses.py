@@ -4,14 +4,14 @@ import warnings
 
 import pytest
 import torch
-from hypothesis import given, strategies as st
+from conftest import TOL, triton_device
+from hypothesis import given
+from hypothesis import strategies as st
 
 import fastmed
 import fastmed.nn as FN
 from fastmed import ops
 from fastmed.reference.loss_spec import COUNT, StatsSpec
-
-from conftest import TOL, triton_device
 
 monai_losses = pytest.importorskip("monai.losses")
 
@@ -517,9 +517,12 @@ def test_double_backward_stats_op(backend):
              (t, m, StatsSpec(act="sigmoid", pow_mode="abs", focal_mode="sigmoid", focal_pos="hard", gamma=2.0))]
     for target, mask, spec in cases:
         mask = None if mask is None else mask.to(device)
-        torch.autograd.gradgradcheck(
-            lambda x: torch.ops.fastmed.loss_stats(*_op_args(x, target.to(device), mask, spec, backend))[:, :COUNT],
-            (x,), fast_mode=True)
+        target = target.to(device)
+
+        def stats(x, target=target, mask=mask, spec=spec):
+            return torch.ops.fastmed.loss_stats(*_op_args(x, target, mask, spec, backend))[:, :COUNT]
+
+        torch.autograd.gradgradcheck(stats, (x,), fast_mode=True)
 
 
 # ----------------------------------------------------------------------------------------------- errors
@@ -684,7 +687,7 @@ def test_single_channel_warnings_match_monai():
         torch.testing.assert_close(got, expected)
 
 
-# ----------------------------------------------------------------------------------------------- torch.library / compile
+# ---------------------------------------------------------------------------------------------- torch.library / compile
 
 def _op_args(x, target, mask, spec, backend="reference"):
     """The flat arguments of torch.ops.fastmed.loss_stats: tensors, the StatsSpec fields, the backend."""
