@@ -672,7 +672,7 @@ def test_every_launch_is_device_guarded(monkeypatch):
     y = torch.randint(0, 3, (1, 1, 4, 5), device=x.device)
     with fastmed.use_backend("triton"):
         ops.dice_focal_loss(x, y, softmax=True, to_onehot_y=True).backward()
-    assert launches == [kl._loss_stats_fwd_kernel, kl._loss_stats_bwd_kernel]
+    assert launches == [kl._loss_stats_fwd_kernel, kl._loss_finalize_kernel, kl._loss_stats_bwd_kernel]
 
 
 def test_single_channel_warnings_match_monai():

@@ -70,6 +70,11 @@ def _weights(spec, C, region_w, ce_w, focal, dtype, device):
     return L._Weights(region, ce, alpha, fw)
 
 
+#: float64 statistics: the reference is exact to rounding; the Triton kernel takes the hyper-parameters (smoothing,
+#: scales, alpha) as float32 numbers, which moves the result at float32's relative precision
+F64_TOL = {"reference": dict(rtol=1e-10, atol=1e-12), "triton": dict(rtol=1e-6, atol=1e-9)}
+
+
 def _device(backend):
     return "cpu" if backend == "reference" else triton_device()
 
@@ -86,12 +91,12 @@ def test_finalize_value_and_jacobian(backend, case):
     s = stats.detach().cpu().clone().requires_grad_()
     want = ref.loss_from_stats(s, *(None if w is None else w.cpu() for w in weights), spec)
     assert loss.shape == want.shape
-    torch.testing.assert_close(loss.cpu(), want.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(loss.cpu(), want.detach(), **F64_TOL[backend])
     gout = torch.linspace(0.5, 1.5, want.numel(), dtype=want.dtype).reshape(want.shape)
     (g,) = torch.autograd.grad(want, s, gout)
     got = jac.cpu() * ref.finalize_output_grad(gout, spec, B, C)
     keep = [k for k in range(NUM_SLOTS) if k not in NON_LOGIT_SLOTS]  # GROUND/COUNT/BAD: jac is 0 by contract
-    torch.testing.assert_close(got[:, keep], g[:, keep], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(got[:, keep], g[:, keep], **F64_TOL[backend])
     assert torch.count_nonzero(jac[:, list(NON_LOGIT_SLOTS)]) == 0
     assert valid.item() == 1
 

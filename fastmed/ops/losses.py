@@ -122,7 +122,7 @@ _BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
                                      triton="fastmed.kernels.losses:loss_stats_backward",
                                      reference=ref.loss_stats_backward)
 _FINALIZE = _backend.Implementations("losses", "fastmed::loss_finalize",
-                                     triton=ref.loss_finalize, reference=ref.loss_finalize)
+                                     triton="fastmed.kernels.losses:loss_finalize", reference=ref.loss_finalize)
 
 
 # The torch.library signatures are flat (what torch.library needs): the tensors, then the fields of a StatsSpec
@@ -210,10 +210,13 @@ def _finalize_setup_context(ctx, inputs, output):
     ctx.spec, ctx.weights = LossSpec(*inputs[5:-1]), _Weights(*inputs[1:5])
     ctx.save_for_backward(inputs[0], jac)
     ctx.mark_non_differentiable(jac, valid)
+    ctx.set_materialize_grads(False)  # no zero gradients built for jac and valid: the backward reads gloss only
     ctx.num_inputs = len(inputs)
 
 
 def _finalize_backward(ctx, gloss, _gjac, _gvalid):
+    if gloss is None:  # grads are not materialized (jac and valid never carry one)
+        return (None,) * ctx.num_inputs
     stats, jac = ctx.saved_tensors
     B, _, C = stats.shape
     if torch.is_grad_enabled():
@@ -260,12 +263,12 @@ def _check_labels(valid: Tensor, stats: Tensor, tgt: _Target, C: int) -> None:
         return
     extra = f" or ignore_index={tgt.ignore_index}" if tgt.has_ignore else ""
     expect = f"target must hold integer labels in [0, {C}){extra} for logits with {C} channels"
-    if valid.device.type != "cpu":
+    if valid.device.type == "cpu":  # read at once: a ValueError here and now
+        if not valid:
+            bad = int(stats[:, BAD, 0].sum())
+            raise ValueError(f"{expect}; {bad} voxels hold other values (negative, >= {C}, or not integers)")
+    else:  # no read-back on a GPU: a device-side assert, raised at the next synchronization
         torch._assert_async(valid, f"{expect}; some voxels hold other values (negative, >= {C}, or not integers)")
-        return
-    if not valid:
-        bad = int(stats[:, BAD, 0].sum())
-        raise ValueError(f"{expect}; {bad} voxels hold other values (negative, >= {C}, or not integers)")
 
 
 def loss_stats(logits: Tensor, tgt: _Target, spec: StatsSpec, other_act: Optional[Callable] = None,

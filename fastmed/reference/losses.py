@@ -549,8 +549,14 @@ def _reduce_grad(f: Tensor, reduction: str) -> tuple[Tensor, float]:
     return f, 1.0
 
 
-#: (numerator tp coefficient, denominator tp / fp / fn coefficients) of the overlap terms
-_OVERLAP_COEFFICIENTS = {"dice": (2.0, 2.0, 1.0, 1.0), "jaccard": (2.0, 2.0, 2.0, 2.0), "nnunet": (2.0, 2.0, 1.0, 1.0)}
+def overlap_coefficients(spec: LossSpec) -> tuple[float, float, float, float]:
+    """(a_n, a_t, a_fp, a_fn) of the overlap term ``(a_n tp + s_nr) / (a_t tp + a_fp fp + a_fn fn + s_dr)`` of
+    ``spec.region`` (Dice, Jaccard, Tversky, nnU-Net; not the generalized Dice, whose weights are per class)."""
+    if spec.region == "tversky":
+        return 1.0, 1.0, spec.tversky_alpha, spec.tversky_beta
+    if spec.region == "jaccard":  # 2 tp / (2 (G + P - tp))
+        return 2.0, 2.0, 2.0, 2.0
+    return 2.0, 2.0, 1.0, 1.0  # Dice and nnU-Net: 2 tp / (G + P)
 
 
 def _region_closed_form(stats: Tensor, region_weight: Optional[Tensor], spec: LossSpec, jac: Tensor) -> Tensor:
@@ -577,10 +583,7 @@ def _region_closed_form(stats: Tensor, region_weight: Optional[Tensor], spec: Lo
         d_tp = 2 * d_fp - 2 * w / denom * unit
         d_fn = d_fp
     else:
-        if spec.region == "tversky":
-            a_n, a_t, a_fp, a_fn = 1.0, 1.0, spec.tversky_alpha, spec.tversky_beta
-        else:
-            a_n, a_t, a_fp, a_fn = _OVERLAP_COEFFICIENTS[spec.region]
+        a_n, a_t, a_fp, a_fn = overlap_coefficients(spec)
         smooth_dr = spec.smooth_nr if spec.region == "nnunet" else spec.smooth_dr  # nnU-Net: one smooth
         numer = a_n * tp + spec.smooth_nr
         denom = a_t * tp + a_fp * fp + a_fn * fn + smooth_dr
@@ -648,7 +651,8 @@ def _focal_closed_form(stats: Tensor, focal_alpha: Optional[Tensor], focal_weigh
     coef_l, coef_p = torch.ones_like(loss[0]), torch.zeros_like(loss[0])
     if spec.focal == "softmax":
         if spec.alpha_mode == "scalar":  # MONAI's float32 [1 - alpha, alpha, alpha, ...]
-            coef_l = torch.tensor([1 - spec.alpha] + [spec.alpha] * (Cp - 1)).to(coef_l)
+            coef_l = torch.full_like(coef_l, spec.alpha)
+            coef_l[0] = 1 - spec.alpha  # built on the statistics' device: no host-to-device copy
         elif spec.alpha_mode == "per_class":
             coef_l = focal_alpha.to(coef_l)
     elif spec.alpha_mode == "scalar":
