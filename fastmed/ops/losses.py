@@ -562,6 +562,12 @@ def _focal_spec(C: int, use_softmax: bool, include_background: bool, gamma: floa
     return StatsSpec(focal_mode="sigmoid", gamma=float(gamma), focal_pos=focal_pos)
 
 
+def _focal_reduction(reduction: str, ndim: int) -> str:
+    """MONAI FocalLoss's ``"sum"`` first averages over the spatial axes (``loss.mean(dim=[2, ...])``); without a
+    spatial axis that is ``mean(dim=[])``, a mean over every axis, so ``"sum"`` of ``(B, C)`` logits is their mean."""
+    return "mean" if reduction == "sum" and ndim == 2 else reduction
+
+
 def _focal_terms(spec: LossSpec, C: int, use_softmax: bool, include_background: bool, alpha, weight,
                  reduction: str, masked: bool, scale: float) -> tuple[LossSpec, Optional[Tensor], Optional[Tensor]]:
     """``spec`` with MONAI FocalLoss's term, and its per-class (alpha, weight) tensors."""
@@ -618,7 +624,8 @@ def focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True
         return ref.focal_loss_voxels(input, dense, mask, include_background=include_background,
                                      use_softmax=use_softmax, gamma=float(gamma), alpha=alpha_v, weight=weight_v)
     spec, alpha_t, weight_t = _focal_terms(LossSpec(_num_voxels(input)), C, use_softmax, include_background,
-                                           alpha_v, weight_v, reduction, ignore_index is not None, 1.0)
+                                           alpha_v, weight_v, _focal_reduction(reduction, input.dim()),
+                                           ignore_index is not None, 1.0)
     loss = _fused_loss(input, tgt, _focal_spec(C, use_softmax, include_background, gamma, alpha_v), spec,
                        _Weights(focal_alpha=alpha_t, focal=weight_t))
     return loss.float()  # MONAI's FocalLoss returns float32 whatever the input dtype
@@ -716,7 +723,8 @@ def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool =
         focal = ref.focal_loss_voxels(input, dense, None, include_background=include_background, use_softmax=False,
                                       gamma=float(gamma), alpha=alpha_v, weight=weight_v)
         return dice + lambda_focal * focal
-    spec, alpha_t, weight_t = _focal_terms(spec, C, False, include_background, alpha_v, weight_v, reduction, False,
+    spec, alpha_t, weight_t = _focal_terms(spec, C, False, include_background, alpha_v, weight_v,
+                                           _focal_reduction(reduction, input.dim()), False,
                                            lambda_focal)
     stats_spec = _focal_spec(C, False, include_background, gamma, alpha_v)._replace(act=act, pow_mode=pow_mode)
     return _fused_loss(input, tgt, stats_spec, spec, _Weights(dice_w, None, alpha_t, weight_t), other_act, ddp_sync)
