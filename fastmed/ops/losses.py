@@ -2,7 +2,7 @@
 ``FocalLoss``, ``DiceCELoss``, ``DiceFocalLoss`` and nnU-Net's ``DC_and_CE_loss`` / deep supervision.
 
 Each loss is two steps, each one registered torch.library op with a body per backend (``triton`` on CUDA,
-``cpp`` for CPU tensors when ``fastmed._C`` is built, ``reference`` otherwise):
+``reference`` on CPU tensors):
 
 1. ``fastmed::loss_stats``: one fused pass over the logits and the targets yields per-(sample, class)
    statistics ``(B, K, C)``; its backward (``fastmed::loss_stats_bwd``) is one pass that recomputes the
@@ -47,7 +47,11 @@ flag.  Nothing is read back to the host on CUDA: there the flag feeds a device-s
 (``torch._assert_async``) whose message names ``target``; the error surfaces at the next synchronization (and, as
 every device-side assert, leaves the CUDA context unusable: check labels in the data pipeline when that matters).
 For CPU tensors the check runs at once and raises ``ValueError`` naming ``target``.  It is skipped while
-``torch.compile`` traces, and for meta tensors (on which the losses only infer shapes).
+``torch.compile`` traces, and for meta tensors (on which the losses only infer shapes).  Class weights on a GPU
+(module buffers after ``.cuda()``) are checked the same way (``torch._assert_async``, no read-back); a weight or
+per-class alpha given as a Python list to a function is copied to the logits' device on every call (the modules keep
+them as buffers, so a module call copies nothing).  The Triton finalize step takes the hyper-parameters (smoothing,
+scales, alpha, label smoothing) as float32 numbers.
 """
 from __future__ import annotations
 
@@ -60,7 +64,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from fastmed import _backend, _ext
+from fastmed import _backend
 from fastmed._validate import (
     check_choice,
     check_class_weight,
@@ -96,24 +100,6 @@ Weight = Union[Sequence[float], float, int, Tensor, None]
 def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
     with torch.no_grad():
         return ref.loss_stats(logits, target, mask, spec)
-
-
-def _cpp_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
-    """csrc/losses_cpu.cpp: the statistics pass in C++ (threads over fixed chunks of voxels)."""
-    return _ext.load().loss_stats_cpu(logits, target, mask, *spec)
-
-
-def _cpp_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
-                        spec: StatsSpec) -> Tensor:
-    """csrc/losses_cpu.cpp: d logits in one pass."""
-    return _ext.load().loss_stats_backward_cpu(gstats, logits, target, mask, *spec)
-
-
-def _cpp_finalize(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
-                  focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor],
-                  spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
-    """csrc/losses_cpu.cpp: the loss formula and d loss / d stats on the statistics."""
-    return _ext.load().loss_finalize_cpu(stats, region_weight, ce_weight, focal_alpha, focal_weight, *spec)
 
 
 _FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
