@@ -15,11 +15,11 @@ from fastmed.reference.loss_spec import COUNT, StatsSpec
 
 monai_losses = pytest.importorskip("monai.losses")
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.ext), "triton"]  # cpp: csrc/losses_cpu.cpp
 
 
 def _device(backend):
-    return "cpu" if backend == "reference" else triton_device()
+    return triton_device() if backend == "triton" else "cpu"
 
 
 def _targets(kind, B, C, spatial, gen, device, label_dtype=torch.int64):

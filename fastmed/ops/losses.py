@@ -2,7 +2,8 @@
 ``FocalLoss``, ``DiceCELoss``, ``DiceFocalLoss`` and nnU-Net's ``DC_and_CE_loss`` / deep supervision.
 
 Each loss is two steps, each one registered torch.library op with a body per backend (``triton`` on CUDA,
-``reference`` on CPU tensors):
+``cpp`` (``csrc/losses_cpu.cpp``) for CPU tensors when ``fastmed._C`` is built, ``reference`` otherwise; the
+``cpp`` finalize step is the reference's closed form, plain torch on the tiny statistics):
 
 1. ``fastmed::loss_stats``: one fused pass over the logits and the targets yields per-(sample, class)
    statistics ``(B, K, C)``; its backward (``fastmed::loss_stats_bwd``) is one pass that recomputes the
@@ -64,7 +65,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from fastmed import _backend
+from fastmed import _backend, _ext
+from fastmed._tensors import accumulation_dtype
 from fastmed._validate import (
     check_choice,
     check_class_weight,
@@ -76,6 +78,7 @@ from fastmed._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
+    flat_view,
 )
 from fastmed.ops import _direct
 from fastmed.reference import losses as ref
@@ -85,7 +88,7 @@ __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "
            "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights"]
 
 _backend.register_op(
-    "losses", ("triton", "reference"),
+    "losses", ("triton", "cpp", "reference"),
     doc="segmentation-loss statistics (Dice/Tversky/GDL/CE/focal sums) in one pass, the loss formula in one "
         "step, backward in one pass; other_act, per-voxel focal outputs and differentiable targets use the plain "
         "PyTorch composition")
@@ -102,13 +105,53 @@ def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spe
         return ref.loss_stats(logits, target, mask, spec)
 
 
+def _cpp_operands(logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                  spec: StatsSpec) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The (B, C, S) logits view, the targets as csrc/losses_cpu.cpp reads them (labels (B, S) as int64, float32 or
+    float64, checked there in their own precision; a dense target (B, Ct, S) in the accumulation dtype) and the
+    (B, S) mask."""
+    acc = accumulation_dtype(logits.dtype)
+    z = flat_view(logits)
+    t = flat_view(target)
+    if spec.label_mode:
+        t = t[:, 0]
+        if not t.is_floating_point():
+            t = t.long()
+        elif t.dtype not in (torch.float32, torch.float64):
+            t = t.float()  # float16 / bfloat16 labels are exact in float32
+    else:
+        t = t.to(acc)
+    m = None if mask is None else flat_view(mask)[:, 0].to(acc)
+    return z, t, m
+
+
+def _cpp_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
+    """csrc/losses_cpu.cpp: the statistics in one pass (threads over fixed chunks of voxels, fixed-order combine)."""
+    return _ext.load().loss_stats_cpu(*_cpp_operands(logits, target, mask, spec), *spec)
+
+
+def _cpp_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                        spec: StatsSpec) -> Tensor:
+    """csrc/losses_cpu.cpp: d logits in one pass, written in the logits' dtype and layout."""
+    z, t, m = _cpp_operands(logits, target, mask, spec)
+    dlogits = torch.empty_like(logits)
+    dz = flat_view(dlogits)
+    gs = gstats.to(accumulation_dtype(logits.dtype)).contiguous()
+    _ext.load().loss_stats_backward_cpu(gs, z, t, m, *spec, dz)
+    if dz.data_ptr() != dlogits.data_ptr():  # empty_like kept a layout whose spatial dims do not collapse
+        dlogits.copy_(dz.view(dlogits.shape))
+    return dlogits
+
+
 _FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
-                                    triton="fastmed.kernels.losses:loss_stats_forward", reference=_reference_stats)
+                                    triton="fastmed.kernels.losses:loss_stats_forward", cpp=_cpp_stats,
+                                    reference=_reference_stats)
 _BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
-                                     triton="fastmed.kernels.losses:loss_stats_backward",
+                                     triton="fastmed.kernels.losses:loss_stats_backward", cpp=_cpp_stats_backward,
                                      reference=ref.loss_stats_backward)
 _FINALIZE = _backend.Implementations("losses", "fastmed::loss_finalize",
-                                     triton="fastmed.kernels.losses:loss_finalize", reference=ref.loss_finalize)
+                                     triton="fastmed.kernels.losses:loss_finalize", cpp=ref.loss_finalize,
+                                     reference=ref.loss_finalize)
 
 
 # The torch.library signatures are flat (what torch.library needs): the tensors, then the fields of a StatsSpec
