@@ -23,6 +23,7 @@
 #include <cmath>
 #include <limits>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "fastmed_ext.h"
@@ -462,17 +463,23 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   });
 }
 
+// Calls f(Z{}, T{}, A{}): Z the logits' type, T the targets' (labels: int64, float32 or float64, as
+// fastmed/ops/losses.py prepares them; dense: the accumulation dtype), A the accumulation type (float64 for float64
+// logits, else float32).
 template <typename F>
-void dispatch_targets(const at::Tensor& t, F&& f) {
-  // labels: int64, float32 or float64 (tensors prepared by fastmed/ops/losses.py); dense: the accumulation dtype
-  if (t.scalar_type() == at::kLong) {
-    f(int64_t(0));
-  } else if (t.scalar_type() == at::kFloat) {
-    f(float(0));
-  } else {
-    TORCH_CHECK(t.scalar_type() == at::kDouble, "target: int64, float32 or float64 expected, got ", t.scalar_type());
-    f(double(0));
-  }
+void dispatch(const at::Tensor& logits, const at::Tensor& target, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "losses_cpu", [&] {
+    using A = std::conditional_t<std::is_same<scalar_t, double>::value, double, float>;
+    if (target.scalar_type() == at::kLong) {
+      f(scalar_t(0), int64_t(0), A(0));
+    } else if (target.scalar_type() == at::kFloat) {
+      f(scalar_t(0), float(0), A(0));
+    } else {
+      TORCH_CHECK(target.scalar_type() == at::kDouble, "target: int64, float32 or float64 expected, got ",
+                  target.scalar_type());
+      f(scalar_t(0), double(0), A(0));
+    }
+  });
 }
 
 }  // namespace
@@ -490,16 +497,8 @@ torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& t
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = torch::zeros({logits.size(0), kNumSlots, logits.size(1)}, logits.options().dtype(acc));
   const at::Tensor* m = mask.has_value() ? &mask.value() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_cpu", [&] {
-    using Z = scalar_t;
-    dispatch_targets(target, [&](auto tag) {
-      using T = decltype(tag);
-      if (acc == at::kDouble) {
-        stats_kernel<Z, T, double>(logits, target, m, spec, out);
-      } else {
-        stats_kernel<Z, T, float>(logits, target, m, spec, out);
-      }
-    });
+  dispatch(logits, target, [&](auto z, auto t, auto a) {
+    stats_kernel<decltype(z), decltype(t), decltype(a)>(logits, target, m, spec, out);
   });
   return out;
 }
@@ -516,16 +515,8 @@ torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(gstats.scalar_type() == acc && gstats.is_contiguous(), "gstats: contiguous, accumulation dtype");
   const at::Tensor* m = mask.has_value() ? &mask.value() : nullptr;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, logits.scalar_type(), "loss_stats_backward_cpu", [&] {
-    using Z = scalar_t;
-    dispatch_targets(target, [&](auto tag) {
-      using T = decltype(tag);
-      if (acc == at::kDouble) {
-        backward_kernel<Z, T, double>(gstats, logits, target, m, spec, dlogits);
-      } else {
-        backward_kernel<Z, T, float>(gstats, logits, target, m, spec, dlogits);
-      }
-    });
+  dispatch(logits, target, [&](auto z, auto t, auto a) {
+    backward_kernel<decltype(z), decltype(t), decltype(a)>(gstats, logits, target, m, spec, dlogits);
   });
   return dlogits;
 }
