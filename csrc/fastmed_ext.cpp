@@ -68,6 +68,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "voxel's nearest zero, -1 in a map with no zero; ties to the lexicographically smallest nearest zero).",
         pybind11::arg("mask"), pybind11::arg("spatial_dims"), pybind11::arg("spacing"), pybind11::arg("squared"),
         pybind11::arg("float64"));
+  m.def("loss_slots_cpu", &fastmed::loss_slots_cpu, "The statistics slots of the C++ loss pass, in order.");
+  m.def("loss_stats_cpu", &fastmed::loss_stats_cpu, "Fused loss statistics (B, NUM_SLOTS, C), csrc/losses_cpu.cpp.");
+  m.def("loss_stats_backward_cpu", &fastmed::loss_stats_backward_cpu,
+        "d logits of the fused loss statistics into dlogits, csrc/losses_cpu.cpp.");
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

@@ -23,6 +23,20 @@ torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_
 std::tuple<torch::Tensor, torch::Tensor> feature_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims,
                                                                std::vector<double> spacing, bool squared,
                                                                bool float64);
+// csrc/losses_cpu.cpp: the fused loss statistics (B, NUM_SLOTS, C) of logits (B, C, S) and their backward (into
+// dlogits, a (B, C, S) view); the StatsSpec fields follow the tensors (see fastmed/reference/loss_spec.py).
+std::vector<std::string> loss_slots_cpu();
+torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                             const c10::optional<torch::Tensor>& mask, const std::string& act,
+                             const std::string& pow_mode, const std::string& ce_mode, const std::string& focal_mode,
+                             int64_t focal_c0, double gamma, const std::string& focal_pos, bool label_mode,
+                             bool has_ignore, int64_t ignore_index);
+torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                      const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                      const std::string& act, const std::string& pow_mode,
+                                      const std::string& ce_mode, const std::string& focal_mode, int64_t focal_c0,
+                                      double gamma, const std::string& focal_pos, bool label_mode, bool has_ignore,
+                                      int64_t ignore_index, torch::Tensor dlogits);
 
 #ifdef FASTMED_WITH_CUDA
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)

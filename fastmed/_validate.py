@@ -147,8 +147,12 @@ def check_class_weight(weight, name: str, channels: int) -> Optional[torch.Tenso
     if w.ndim > 1 or w.ndim == 1 and w.shape[0] != channels:
         raise ValueError(f"{name} must be a number or have one value per class ({channels} classes, without the "
                          f"background class 0 when include_background=False), got shape {tuple(w.shape)}")
-    if bool((w < 0).any()):
-        raise ValueError(f"{name} values must be no less than 0, got {w.tolist()}")
+    if w.device.type == "cpu":
+        if bool((w < 0).any()):
+            raise ValueError(f"{name} values must be no less than 0, got {w.tolist()}")
+    elif w.device.type != "meta" and not torch.compiler.is_compiling():
+        # a weight on a GPU (a module buffer after .cuda()) is not read back on every call: a device-side assert
+        torch._assert_async(~(w < 0).any(), f"{name} values must be no less than 0")
     return w
 
 

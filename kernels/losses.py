@@ -27,10 +27,12 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
 from fastmed._tensors import accumulation_dtype, device_guard, target_programs
 from fastmed._validate import flat_view
 from fastmed.reference import loss_spec
-from fastmed.reference.loss_spec import StatsSpec, check_spec
+from fastmed.reference import losses as ref
+from fastmed.reference.loss_spec import LossSpec, StatsSpec, check_loss_spec, check_spec
 
 # The statistics slots of fastmed.reference.loss_spec, as constexprs the kernels can read.
 INTERSECT = tl.constexpr(loss_spec.INTERSECT)
@@ -376,12 +378,22 @@ def _target_views(target: torch.Tensor, mask: Optional[torch.Tensor], spec: Stat
     return t, t_strides, m, m_strides
 
 
+#: values of one [C_PAD, BLOCK] tile per GPU thread: the forward keeps up to eight such accumulators, the backward
+#: their coefficients; 4 keeps every specialization from 2 to 128 classes under ~100 registers without spills at
+#: sm_90 (tests/test_losses.py::test_no_spills_at_sm90), so that 4-8 programs fit on an SM
+TILE_VALUES_PER_THREAD = 4
+
+
 def _tile(C: int, S: int, device: torch.device) -> tuple[int, int, int]:
-    """(C_PAD, BLOCK, num_warps): about 1024 elements per tile on a GPU, bigger tiles under the interpreter."""
+    """(C_PAD, BLOCK, num_warps): on a GPU 4 warps up to 16 classes, 8 above, and TILE_VALUES_PER_THREAD values
+    per thread (14 classes: [16, 32] tiles; 105 classes: [128, 8]); bigger tiles under the interpreter."""
     c_pad = max(triton.next_power_of_2(C), 2)
-    elems = 1024 if device.type == "cuda" else 16384
-    block = max(16, min(elems // c_pad, triton.next_power_of_2(S)))
-    num_warps = 4 if c_pad * block <= 2048 else 8
+    if device.type == "cuda":
+        num_warps = 4 if c_pad <= 16 else 8
+        block = max(2, min(TILE_VALUES_PER_THREAD * 32 * num_warps // c_pad, triton.next_power_of_2(S)))
+    else:
+        num_warps = 4
+        block = max(16, min(16384 // c_pad, triton.next_power_of_2(S)))
     return c_pad, block, num_warps
 
 
@@ -438,3 +450,270 @@ def loss_stats_backward(gstats: torch.Tensor, logits: torch.Tensor, target: torc
     if dz.data_ptr() != dlogits.data_ptr():  # empty_like kept a layout whose spatial dims do not collapse
         dlogits.copy_(dz.view(dlogits.shape))
     return dlogits
+
+
+# --------------------------------------------------------------------------------------------------
+# The formula on the statistics (fastmed::loss_finalize): one program, one launch
+# --------------------------------------------------------------------------------------------------
+
+#: float32's machine epsilon, MONAI's floor of the focal means' denominators
+FP32_EPS = tl.constexpr(torch.finfo(torch.float32).eps)
+#: nnU-Net's floor of the soft-Dice denominator
+NNUNET_CLIP = tl.constexpr(1e-8)
+
+
+@triton.jit
+def _slot(stats_ptr, k, r, c, m, C):
+    """The ``[B_PAD, C_PAD]`` tile ``stats[r, k, c]`` (0 outside ``m``)."""
+    return tl.load(stats_ptr + (r * NUM_SLOTS + k) * C + c, mask=m, other=0.0)
+
+
+@triton.jit
+def _total(x, m):
+    """The sum of ``x`` over ``m`` (a 0-d tensor)."""
+    return tl.sum(tl.sum(tl.where(m, x, 0.0), axis=1), axis=0)
+
+
+@triton.jit
+def _loss_finalize_kernel(
+    stats_ptr,  # shape (B, NUM_SLOTS, C), contiguous
+    rw_ptr,     # shape (C - REGION_C0,): the overlap term's class weight (HAS_RW)
+    cew_ptr,    # shape (C,) (CE class weight) or (1,) (BCE pos_weight) (HAS_CEW)
+    fa_ptr,     # shape (C - FOCAL_C0,): focal alpha per class (ALPHA_MODE "per_class")
+    fw_ptr,     # shape (C - FOCAL_C0,): focal class weight (HAS_FW)
+    loss_ptr,   # shape (): the loss; REGION_REDUCTION "none": (B | 1, C - REGION_C0), generalized (B | 1, 1)
+    jac_ptr,    # shape (B, NUM_SLOTS, C): d loss / d stats (per output value for "none")
+    valid_ptr,  # shape (): 1 when no voxel holds a bad label, else 0
+    B, C, num_voxels,
+    smooth_nr, smooth_dr, a_n, a_t, a_fp, a_fn, region_scale, label_smoothing, ce_scale, alpha, focal_scale,
+    REGION: tl.constexpr, REGION_C0: tl.constexpr, POW_MODE: tl.constexpr, BATCH: tl.constexpr,
+    W_TYPE: tl.constexpr, REGION_REDUCTION: tl.constexpr, CE: tl.constexpr, CE_REDUCTION: tl.constexpr,
+    SMOOTHING: tl.constexpr, FOCAL_TERM: tl.constexpr, FOCAL_C0: tl.constexpr, ALPHA_MODE: tl.constexpr,
+    FOCAL_REDUCTION: tl.constexpr, FOCAL_MASKED: tl.constexpr, HAS_RW: tl.constexpr, HAS_CEW: tl.constexpr,
+    HAS_FW: tl.constexpr, B_PAD: tl.constexpr, C_PAD: tl.constexpr,
+):
+    r = tl.arange(0, B_PAD).to(tl.int64)[:, None]
+    c = tl.arange(0, C_PAD).to(tl.int64)[None, :]
+    m = (r < B) & (c < C)
+    col0 = m & (c == 0)
+    dtype = stats_ptr.dtype.element_ty
+    zero = tl.zeros([B_PAD, C_PAD], dtype=dtype)
+    j_int, j_pred, j_diff, j_nll, j_lsum, j_focal, j_fpos = zero, zero, zero, zero, zero, zero, zero
+    row = tl.zeros([1, C_PAD], dtype=dtype)
+    z0 = tl.sum(tl.sum(zero, axis=1), axis=0)  # a 0-d zero of the statistics' dtype
+    total = z0
+    # the sizes as numbers of the statistics' dtype (B or C may arrive as the constexpr 1)
+    fB, fC, nvox = z0 + B, z0 + C, z0 + num_voxels
+    if REGION != "off":
+        rm = m & (c >= REGION_C0)
+        vm = (c >= REGION_C0) & (c < C)  # [1, C_PAD] with BATCH (one row), else [B_PAD, C_PAD]
+        ground = _slot(stats_ptr, GROUND, r, c, rm, C)
+        if POW_MODE == "abs":
+            pred = _slot(stats_ptr, PRED, r, c, rm, C)
+            diff = _slot(stats_ptr, DIFF, r, c, rm, C)
+            if BATCH:
+                pred, ground, diff = tl.sum(pred, 0)[None, :], tl.sum(ground, 0)[None, :], tl.sum(diff, 0)[None, :]
+            tp = (pred + ground - diff) * 0.5
+        else:
+            tp = _slot(stats_ptr, INTERSECT, r, c, rm, C)
+            pred = _slot(stats_ptr, PRED, r, c, rm, C)
+            if BATCH:
+                tp, pred, ground = tl.sum(tp, 0)[None, :], tl.sum(pred, 0)[None, :], tl.sum(ground, 0)[None, :]
+        if BATCH:
+            nrows = z0 + 1.0
+            rr = tl.arange(0, 1).to(tl.int64)[:, None]
+            row_ok = rr < 1
+        else:
+            nrows = fB
+            rr = r
+            vm = vm & (r < B)
+            row_ok = r < B
+        fp = pred - tp
+        fn = ground - tp
+        if REGION == "generalized":
+            g = ground.to(tl.float32)  # MONAI computes the class weights in float32
+            if W_TYPE == "square":
+                w = 1.0 / (g * g)
+            elif W_TYPE == "simple":
+                w = 1.0 / g
+            else:
+                w = g * 0.0 + 1.0
+            infs = vm & (w == float("inf"))
+            w = tl.where(vm & (w != float("inf")), w, 0.0)
+            w = (w + tl.where(infs, tl.max(w, axis=1)[:, None], 0.0)).to(dtype)
+            numer = 2.0 * tl.sum(tl.where(vm, tp * w, 0.0), axis=1)[:, None] + smooth_nr
+            denom = tl.sum(tl.where(vm, (2.0 * tp + fp + fn) * w, 0.0), axis=1)[:, None] + smooth_dr
+            f = 1.0 - numer / denom  # [rows, 1]
+            if REGION_REDUCTION == "mean":
+                unit = 1.0 / nrows
+            else:
+                unit = 1.0
+            if REGION_REDUCTION == "none":
+                tl.store(loss_ptr + rr, f * region_scale, mask=row_ok)
+            else:
+                total += tl.sum(tl.sum(tl.where(row_ok, f, 0.0), axis=1), axis=0) * unit * region_scale
+            d_fp = numer / (denom * denom) * w * (unit * region_scale)
+            d_tp = 2.0 * d_fp - 2.0 * w / denom * (unit * region_scale)
+            d_fn = d_fp
+        else:
+            numer = a_n * tp + smooth_nr
+            denom = a_t * tp + a_fp * fp + a_fn * fn + smooth_dr
+            if REGION == "nnunet":  # -(2 tp + s) / clip(2 tp + fp + fn + s, 1e-8)
+                live = (denom >= NNUNET_CLIP).to(dtype)
+                denom = tl.maximum(denom, NNUNET_CLIP)
+                f = -numer / denom
+            else:
+                live = 1.0
+                f = 1.0 - numer / denom
+            scale = region_scale + row
+            if HAS_RW:
+                rw = tl.load(rw_ptr + (c - REGION_C0), mask=(c >= REGION_C0) & (c < C), other=0.0)
+                f = f * rw
+                scale = scale * rw
+            if REGION_REDUCTION == "mean":
+                unit = 1.0 / (nrows * (fC - REGION_C0))
+            else:
+                unit = 1.0
+            if REGION_REDUCTION == "none":
+                tl.store(loss_ptr + rr * (C - REGION_C0) + (c - REGION_C0), f * region_scale, mask=vm)
+            else:
+                total += _total(f, vm) * unit * region_scale
+            scale = scale * unit
+            q = numer / (denom * denom) * live * scale
+            d_tp = -a_n / denom * scale + a_t * q
+            d_fp = a_fp * q
+            d_fn = a_fn * q
+        if POW_MODE == "abs":  # tp = (P + G - D) / 2, fp = P - tp, fn = G - tp
+            j_pred += tl.where(rm, (d_tp + d_fp - d_fn) * 0.5, 0.0)
+            j_diff += tl.where(rm, (d_fp + d_fn - d_tp) * 0.5, 0.0)
+        else:  # tp = I, fp = P - I, fn = G - I
+            j_int += tl.where(rm, d_tp - d_fp - d_fn, 0.0)
+            j_pred += tl.where(rm, d_fp, 0.0)
+    if CE != "off":
+        nll = _slot(stats_ptr, NLL, r, c, m, C)
+        if CE == "nnunet":  # the mean over the voxels that are not ignored (0 if there are none)
+            denom = tl.maximum(_total(_slot(stats_ptr, COUNT, r, c, col0, C), col0), 1.0)
+            j_nll += tl.where(m, ce_scale / denom, 0.0)
+            total += ce_scale * _total(nll, m) / denom
+        else:
+            if CE_REDUCTION == "sum":
+                denom = z0 + 1.0
+            else:
+                denom = fB * nvox
+            if CE == "bce":
+                lsum = _slot(stats_ptr, LOGSUM, r, c, col0, C)
+                j_nll += tl.where(col0, ce_scale / denom, 0.0)
+                total += ce_scale * _total(nll, col0) / denom
+                if HAS_CEW:
+                    pw1 = tl.load(cew_ptr) - 1.0
+                    j_lsum += tl.where(col0, ce_scale * pw1 / denom, 0.0)
+                    total += ce_scale * pw1 * _total(lsum, col0) / denom
+            else:
+                if HAS_CEW:
+                    w = tl.load(cew_ptr + c, mask=c < C, other=0.0)
+                    if CE == "labels" and CE_REDUCTION == "mean":  # nn.CrossEntropyLoss: the weighted voxel count
+                        denom = _total(_slot(stats_ptr, GROUND, r, c, m, C) * w, m)
+                else:
+                    w = 1.0
+                keep = 1.0 - label_smoothing
+                j_nll += tl.where(m, ce_scale * keep * w / denom, 0.0)
+                total += ce_scale * keep * _total(nll * w, m) / denom
+                if SMOOTHING:
+                    lsum = _slot(stats_ptr, LOGSUM, r, c, m, C)
+                    share = label_smoothing / fC
+                    j_lsum += tl.where(m, ce_scale * share * w / denom, 0.0)
+                    total += ce_scale * share * _total(lsum * w, m) / denom
+    if FOCAL_TERM != "off":
+        fm = m & (c >= FOCAL_C0)
+        cm = (c >= FOCAL_C0) & (c < C)
+        loss = _slot(stats_ptr, FOCAL, r, c, fm, C)
+        pos = _slot(stats_ptr, FOCAL_POS, r, c, fm, C)
+        coef_l = row + 1.0
+        coef_p = row
+        if FOCAL_TERM == "softmax":
+            if ALPHA_MODE == "scalar":  # MONAI: [1 - alpha, alpha, alpha, ...] over the classes kept
+                coef_l = tl.where(c == FOCAL_C0, 1.0 - alpha, alpha) + coef_p
+            elif ALPHA_MODE == "per_class":
+                coef_l = tl.load(fa_ptr + (c - FOCAL_C0), mask=cm, other=0.0) + coef_p
+        elif ALPHA_MODE == "scalar":
+            coef_l = coef_l * (1.0 - alpha)
+            coef_p = coef_p + (2.0 * alpha - 1.0)
+        elif ALPHA_MODE == "per_class":
+            coef_p = tl.load(fa_ptr + (c - FOCAL_C0), mask=cm, other=0.0) - 1.0 + coef_p
+        if HAS_FW:
+            fw = tl.load(fw_ptr + (c - FOCAL_C0), mask=cm, other=0.0)
+            coef_l = coef_l * fw
+            coef_p = coef_p * fw
+        count = tl.sum(_slot(stats_ptr, COUNT, r, c, col0, C), axis=1)[:, None]  # [B_PAD, 1]
+        if FOCAL_REDUCTION == "sum":  # MONAI: the mean over the voxels, summed over samples and classes
+            if FOCAL_MASKED:
+                unit = focal_scale / tl.maximum(count, FP32_EPS)
+            else:
+                unit = focal_scale / nvox + count * 0.0
+        else:
+            if FOCAL_MASKED:
+                unit = focal_scale / tl.maximum(_total(count, r < B), FP32_EPS) + count * 0.0
+            else:
+                unit = focal_scale / (fB * (fC - FOCAL_C0) * nvox) + count * 0.0
+        j_focal += tl.where(fm, coef_l * unit, 0.0)
+        j_fpos += tl.where(fm, coef_p * unit, 0.0)
+        total += _total((coef_l * loss + coef_p * pos) * unit, fm)
+    if REGION_REDUCTION != "none":
+        tl.store(loss_ptr, total)
+    bad = _total(_slot(stats_ptr, BAD, r, c, col0, C), col0)
+    tl.store(valid_ptr, (bad == 0).to(dtype))
+    base = jac_ptr + r * NUM_SLOTS * C + c
+    tl.store(base + INTERSECT * C, j_int, mask=m)
+    tl.store(base + PRED * C, j_pred, mask=m)
+    tl.store(base + GROUND * C, zero, mask=m)
+    tl.store(base + DIFF * C, j_diff, mask=m)
+    tl.store(base + NLL * C, j_nll, mask=m)
+    tl.store(base + LOGSUM * C, j_lsum, mask=m)
+    tl.store(base + FOCAL * C, j_focal, mask=m)
+    tl.store(base + FOCAL_POS * C, j_fpos, mask=m)
+    tl.store(base + COUNT * C, zero, mask=m)
+    tl.store(base + BAD * C, zero, mask=m)
+
+
+def _finalize_shape(spec: LossSpec, B: int, C: int) -> tuple[int, ...]:
+    """The loss's shape: () or, with ``region_reduction="none"``, MONAI's per-(sample, class) shape."""
+    if spec.region_reduction != "none":
+        return ()
+    cols = 1 if spec.region == "generalized" else C - spec.region_c0
+    if spec.batch:
+        return (cols,)
+    return (B, cols)
+
+
+def loss_finalize(stats: torch.Tensor, region_weight: Optional[torch.Tensor], ce_weight: Optional[torch.Tensor],
+                  focal_alpha: Optional[torch.Tensor], focal_weight: Optional[torch.Tensor],
+                  spec: LossSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, jac, valid) of :func:`fastmed.reference.losses.loss_finalize` from ``stats (B, NUM_SLOTS, C)`` in
+    one launch of one program (the per-class tensors: 1-D, on the statistics' device, in their dtype).
+
+    The hyper-parameters (smoothing, scales, alpha, ...) enter the kernel as float32 numbers."""
+    check_loss_spec(spec)
+    B, _, C = stats.shape
+    stats = stats.contiguous()
+    jac = torch.empty_like(stats)
+    valid = torch.empty((), dtype=stats.dtype, device=stats.device)
+    loss = torch.empty(_finalize_shape(spec, B, C), dtype=stats.dtype, device=stats.device)
+    a_n, a_t, a_fp, a_fn = ref.overlap_coefficients(spec)
+    smooth_dr = spec.smooth_nr if spec.region == "nnunet" else spec.smooth_dr  # nnU-Net: one smooth
+    b_pad, c_pad = triton.next_power_of_2(B), max(triton.next_power_of_2(C), 2)
+
+    def ptr(t: Optional[torch.Tensor]) -> torch.Tensor:
+        return stats if t is None else t.contiguous()
+
+    with device_guard(stats):
+        wrap_triton(_loss_finalize_kernel)[(1,)](
+            stats, ptr(region_weight), ptr(ce_weight), ptr(focal_alpha), ptr(focal_weight), loss, jac, valid,
+            B, C, spec.num_voxels, spec.smooth_nr, smooth_dr, a_n, a_t, a_fp, a_fn, spec.region_scale,
+            spec.label_smoothing, spec.ce_scale, spec.alpha, spec.focal_scale,
+            REGION=spec.region, REGION_C0=spec.region_c0, POW_MODE=spec.pow_mode, BATCH=spec.batch,
+            W_TYPE=spec.w_type, REGION_REDUCTION=spec.region_reduction, CE=spec.ce, CE_REDUCTION=spec.ce_reduction,
+            SMOOTHING=spec.label_smoothing > 0, FOCAL_TERM=spec.focal, FOCAL_C0=spec.focal_c0,
+            ALPHA_MODE=spec.alpha_mode, FOCAL_REDUCTION=spec.focal_reduction, FOCAL_MASKED=spec.focal_masked,
+            HAS_RW=region_weight is not None, HAS_CEW=ce_weight is not None, HAS_FW=focal_weight is not None,
+            B_PAD=b_pad, C_PAD=c_pad, num_warps=4 if b_pad * c_pad <= 1024 else 8)
+    return loss, jac, valid

@@ -732,7 +732,7 @@ _TRITON_LOSS = {("layout", "input:noncontiguous"), ("layout", "input:channels_la
                 ("layout", "target:noncontiguous"), ("layout", "weight:expanded"), ("dtype", "float16"),
                 ("dtype", "bfloat16"), ("dtype", "labels_uint8"), ("nonfinite", "input_nan"),
                 ("nonfinite", "input_neginf_other_class"), ("bad", "label_eq_C"), ("bad", "label_1_plus_1e-9"),
-                ("bad", "label_half"), ("double_backward", "create_graph")}
+                ("bad", "label_half"), ("double_backward", "create_graph"), ("size", "classification_BC")}
 
 
 def _other_class_neginf(raw):
@@ -767,6 +767,12 @@ def loss_cases():
                 T[("classes", f"C{C}")] = value_case(b, C=C, spatial=spatial, B=1 if C > 33 else 2)
         T[("size", "batch1_spatial1x1")] = value_case(b, B=1, spatial=(1, 1))
         T[("size", "3d_spatial1")] = value_case(b, spatial=(1, 3, 1))
+        # classification-shaped (B, C) logits with (B, 1) labels: MONAI's value where MONAI accepts them (its
+        # GeneralizedDiceLoss fails there; nnU-Net's loss is for images)
+        if name in ("generalized_dice_loss", "nnunet_dice_ce_loss"):
+            T[("size", "classification_BC")] = error_case(b, ("input",), spatial=())
+        else:
+            T[("size", "classification_BC")] = value_case(b, spatial=())
         T[("size", "empty_batch")] = error_or_value_case(b, ("input",), B=0)
         T[("size", "empty_spatial")] = error_or_value_case(b, ("input",), spatial=(0, 5))
         T[("nonfinite", "input_nan")] = value_case(b, values=_set(("input", (1, 0, 2, 3)), float("nan")),

@@ -7,13 +7,19 @@ process group.  The computation is :mod:`fastmed.ops.losses` (one fused pass for
 """
 from __future__ import annotations
 
-from typing import Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Optional
 
 import torch
 from torch import Tensor, nn
 
-from fastmed._validate import (check_ddp_sync, check_loss_activation, check_number, check_number_sequence,
-                               check_reduction)
+from fastmed._validate import (
+    check_ddp_sync,
+    check_loss_activation,
+    check_number,
+    check_number_sequence,
+    check_reduction,
+)
 from fastmed.ops import losses as F
 
 __all__ = ["DiceLoss", "GeneralizedDiceLoss", "TverskyLoss", "FocalLoss", "DiceCELoss", "DiceFocalLoss",
@@ -99,7 +105,11 @@ class FocalLoss(nn.Module):
         super().__init__()
         self.reduction = check_reduction(reduction)
         self.include_background, self.to_onehot_y = include_background, to_onehot_y
-        self.gamma, self.alpha, self.use_softmax, self.ignore_index = gamma, alpha, use_softmax, ignore_index
+        self.gamma, self.use_softmax, self.ignore_index = gamma, use_softmax, ignore_index
+        if alpha is None or isinstance(alpha, (int, float)):
+            self.alpha = alpha
+        else:  # per-class alpha: a (non-persistent) buffer, so that .cuda() moves it and no call copies it
+            self.register_buffer("alpha", torch.as_tensor(alpha, dtype=torch.float32), persistent=False)
         self.register_buffer("class_weight", torch.as_tensor(weight) if weight is not None else None)
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
@@ -167,7 +177,8 @@ class NNUNetDiceCELoss(nn.Module):
         super().__init__()
         check_ddp_sync(ddp_sync, batch_dice)
         self.batch_dice, self.do_bg, self.smooth = batch_dice, do_bg, float(smooth)
-        self.weight_ce, self.weight_dice, self.ignore_label, self.ddp_sync = weight_ce, weight_dice, ignore_label, ddp_sync
+        self.weight_ce, self.weight_dice = weight_ce, weight_dice
+        self.ignore_label, self.ddp_sync = ignore_label, ddp_sync
 
     def forward(self, input: Tensor, target: Tensor) -> Tensor:
         return F.nnunet_dice_ce_loss(input, target, batch_dice=self.batch_dice, do_bg=self.do_bg, smooth=self.smooth,

@@ -1,70 +1,103 @@
 """``fastmed.ops`` segmentation losses: MONAI 1.6 ``DiceLoss``, ``GeneralizedDiceLoss``, ``TverskyLoss``,
 ``FocalLoss``, ``DiceCELoss``, ``DiceFocalLoss`` and nnU-Net's ``DC_and_CE_loss`` / deep supervision.
 
-Each loss is one fused pass over the logits and the targets that yields per-(sample, class) statistics
-``(B, K, C)`` (torch.library op ``fastmed::loss_stats``, Triton on CUDA, reference on CPU), followed by MONAI's or
-nnU-Net's formula on that tiny tensor (plain torch, see ``fastmed.reference.losses``).  The backward
-(``fastmed::loss_stats_bwd``) is one pass that recomputes the activation from the logits; no probabilities, one-hot
-tensors or products are stored.  Sums accumulate in float32 (float64 for float64 logits), so float16 logits over
-volumes of more than 65504 voxels per class give finite Dice values.
+Each loss is two steps, each one registered torch.library op with a body per backend (``triton`` on CUDA,
+``cpp`` (``csrc/losses_cpu.cpp``) for CPU tensors when ``fastmed._C`` is built, ``reference`` otherwise; the
+``cpp`` finalize step is the reference's closed form, plain torch on the tiny statistics):
 
-Inputs: logits ``(B, C, *spatial)`` (1 to 3 spatial dims; float16, bfloat16, float32, float64; contiguous or
-channels-last); targets as integer labels ``(B, 1, *spatial)`` or ``(B, *spatial)`` (any integer dtype, or floats
-holding integers) with ``to_onehot_y=True``, or one-hot / soft targets ``(B, C, *spatial)``.
+1. ``fastmed::loss_stats``: one fused pass over the logits and the targets yields per-(sample, class)
+   statistics ``(B, K, C)``; its backward (``fastmed::loss_stats_bwd``) is one pass that recomputes the
+   activation from the logits and writes d logits.  No probabilities, one-hot tensors or products are stored.
+2. ``fastmed::loss_finalize``: MONAI's or nnU-Net's formula (a :class:`~fastmed.reference.loss_spec.LossSpec`)
+   on that tiny tensor, in one launch: the loss and ``d loss / d stats``, so the backward of the formula is one
+   multiplication by the output gradient.
 
-Fallback rule (what the fused op does not do, and what runs instead, whatever the backend):
+Sums accumulate in float32 (float64 for float64 logits), so float16 logits over volumes of more than 65504
+voxels per class give finite Dice values.
+
+Inputs: logits ``(B, C, *spatial)`` (float16, bfloat16, float32, float64; any layout; no spatial dims, ``(B, C)``,
+wherever MONAI accepts it: the focal, Dice, Tversky and combined losses); targets as integer labels
+``(B, 1, *spatial)`` or ``(B, *spatial)`` (any integer dtype, or floats holding integers) with
+``to_onehot_y=True``, or one-hot / soft targets ``(B, C, *spatial)``.
+
+Fallback rule (what the fused steps do not do, and what runs instead, whatever the backend):
   * ``other_act``: the callable runs eagerly on the logits and the fused statistics (no activation) run on its
     output; cross-entropy / focal terms still run fused on the logits.
   * ``FocalLoss`` / ``DiceFocalLoss`` with ``reduction="none"`` return a per-voxel tensor: the focal part is the
     plain PyTorch composition ``fastmed.reference.losses.focal_loss_voxels`` (nothing to reduce, nothing to fuse).
   * a dense target that requires grad: the statistics are the differentiable plain PyTorch
-    ``fastmed.reference.losses.loss_stats`` (the fused op gives gradients to the logits only).
+    ``fastmed.reference.losses.loss_stats`` (the fused op gives gradients to the logits only), and the formula is
+    the plain torch one (``fastmed.reference.losses.loss_from_stats``).
   * ``ddp_sync=True`` all-reduces the batch-summed statistics over the default process group
-    (``torch.distributed.nn.functional.all_reduce``: differentiable, gradient = nnU-Net's ``AllGatherGrad``).
-  * double backward (``create_graph=True``, e.g. a gradient penalty): the first-order gradient is the same closed
-    form run as plain differentiable PyTorch (``fastmed.reference.losses.loss_stats_backward``) on every backend,
-    so torch differentiates it again; without ``create_graph`` the fused backward runs.
+    (``torch.distributed.nn.functional.all_reduce``: differentiable, gradient = nnU-Net's ``AllGatherGrad``) in
+    the plain torch formula.
+  * ``(B, C)`` logits (no spatial dims) in the Dice family: MONAI sums over every axis there; the plain torch
+    formula does that.
+  * double backward (``create_graph=True``, e.g. a gradient penalty): the first-order gradients are the same
+    closed forms run as plain differentiable PyTorch (``fastmed.reference.losses.loss_stats_backward`` and autograd
+    through ``loss_from_stats``) on every backend, so torch differentiates them again; without ``create_graph``
+    the fused backward runs.
 
 A ``-inf`` logit on a class the target does not hold (how classes are masked) contributes nothing, as in
 ``F.cross_entropy`` with class indices; where MONAI's and torch's compositions compute ``0 * inf`` (probability
 targets, BCE, focal terms) fastmed gives the limit instead of NaN.  NaN in the logits gives NaN.
 
-Labels are checked by the fused pass itself (a count of voxels whose label is neither an integer in [0, C) nor
-``ignore_index``; float labels are checked in their own precision on every backend); a non-zero count raises
-``ValueError`` naming ``target`` (this reads one number back from the device; the check is skipped while
-``torch.compile`` traces, and for meta tensors, on which the losses only infer shapes).
+Label check: the fused pass counts the voxels whose label is neither an integer in [0, C) nor ``ignore_index``
+(float labels are checked in their own precision on every backend), and the finalize step turns the count into a
+flag.  Nothing is read back to the host on CUDA: there the flag feeds a device-side assert
+(``torch._assert_async``) whose message names ``target``; the error surfaces at the next synchronization (and, as
+every device-side assert, leaves the CUDA context unusable: check labels in the data pipeline when that matters).
+For CPU tensors the check runs at once and raises ``ValueError`` naming ``target``.  It is skipped while
+``torch.compile`` traces, and for meta tensors (on which the losses only infer shapes).  Class weights on a GPU
+(module buffers after ``.cuda()``) are checked the same way (``torch._assert_async``, no read-back); a weight or
+per-class alpha given as a Python list to a function is copied to the logits' device on every call (the modules keep
+them as buffers, so a module call copies nothing).  The Triton finalize step takes the hyper-parameters (smoothing,
+scales, alpha, label smoothing) as float32 numbers.
 """
 from __future__ import annotations
 
 import warnings
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from fastmed import _backend
+from fastmed import _backend, _ext
+from fastmed._tensors import accumulation_dtype
+from fastmed._validate import (
+    check_choice,
+    check_class_weight,
+    check_ddp_sync,
+    check_int,
+    check_loss_activation,
+    check_number,
+    check_number_sequence,
+    check_reduction,
+    check_same_device,
+    check_tensor,
+    flat_view,
+)
 from fastmed.ops import _direct
-from fastmed._validate import (check_choice, check_class_weight, check_ddp_sync, check_int, check_loss_activation,
-                               check_number, check_number_sequence, check_reduction, check_same_device,
-                               check_tensor)
 from fastmed.reference import losses as ref
-from fastmed.reference.loss_spec import BAD, COUNT, NLL, StatsSpec
+from fastmed.reference.loss_spec import BAD, COUNT, NLL, LossSpec, StatsSpec
 
 __all__ = ["dice_loss", "generalized_dice_loss", "tversky_loss", "focal_loss", "dice_ce_loss", "dice_focal_loss",
            "nnunet_dice_ce_loss", "deep_supervision_loss", "deep_supervision_weights"]
 
 _backend.register_op(
-    "losses", ("triton", "reference"),
-    doc="segmentation-loss statistics (Dice/Tversky/GDL/CE/focal sums) in one pass, backward in one pass; "
-        "other_act, per-voxel focal outputs and differentiable targets use the plain PyTorch composition")
+    "losses", ("triton", "cpp", "reference"),
+    doc="segmentation-loss statistics (Dice/Tversky/GDL/CE/focal sums) in one pass, the loss formula in one "
+        "step, backward in one pass; other_act, per-voxel focal outputs and differentiable targets use the plain "
+        "PyTorch composition")
 
 Weight = Union[Sequence[float], float, int, Tensor, None]
 
 
 # ------------------------------------------------------------------------------------------------------------
-# The fused op
+# The fused ops
 # ------------------------------------------------------------------------------------------------------------
 
 def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
@@ -72,15 +105,57 @@ def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spe
         return ref.loss_stats(logits, target, mask, spec)
 
 
+def _cpp_operands(logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                  spec: StatsSpec) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The (B, C, S) logits view, the targets as csrc/losses_cpu.cpp reads them (labels (B, S) as int64, float32 or
+    float64, checked there in their own precision; a dense target (B, Ct, S) in the accumulation dtype) and the
+    (B, S) mask."""
+    acc = accumulation_dtype(logits.dtype)
+    z = flat_view(logits)
+    t = flat_view(target)
+    if spec.label_mode:
+        t = t[:, 0]
+        if not t.is_floating_point():
+            t = t.long()
+        elif t.dtype not in (torch.float32, torch.float64):
+            t = t.float()  # float16 / bfloat16 labels are exact in float32
+    else:
+        t = t.to(acc)
+    m = None if mask is None else flat_view(mask)[:, 0].to(acc)
+    return z, t, m
+
+
+def _cpp_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
+    """csrc/losses_cpu.cpp: the statistics in one pass (threads over fixed chunks of voxels, fixed-order combine)."""
+    return _ext.load().loss_stats_cpu(*_cpp_operands(logits, target, mask, spec), *spec)
+
+
+def _cpp_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
+                        spec: StatsSpec) -> Tensor:
+    """csrc/losses_cpu.cpp: d logits in one pass, written in the logits' dtype and layout."""
+    z, t, m = _cpp_operands(logits, target, mask, spec)
+    dlogits = torch.empty_like(logits)
+    dz = flat_view(dlogits)
+    gs = gstats.to(accumulation_dtype(logits.dtype)).contiguous()
+    _ext.load().loss_stats_backward_cpu(gs, z, t, m, *spec, dz)
+    if dz.data_ptr() != dlogits.data_ptr():  # empty_like kept a layout whose spatial dims do not collapse
+        dlogits.copy_(dz.view(dlogits.shape))
+    return dlogits
+
+
 _FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
-                                    triton="fastmed.kernels.losses:loss_stats_forward", reference=_reference_stats)
+                                    triton="fastmed.kernels.losses:loss_stats_forward", cpp=_cpp_stats,
+                                    reference=_reference_stats)
 _BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
-                                     triton="fastmed.kernels.losses:loss_stats_backward",
+                                     triton="fastmed.kernels.losses:loss_stats_backward", cpp=_cpp_stats_backward,
                                      reference=ref.loss_stats_backward)
+_FINALIZE = _backend.Implementations("losses", "fastmed::loss_finalize",
+                                     triton="fastmed.kernels.losses:loss_finalize", cpp=ref.loss_finalize,
+                                     reference=ref.loss_finalize)
 
 
-# The torch.library signature is flat (what torch.library needs): the tensors, then the fields of a StatsSpec in
-# its order, then the backend.  Python code passes a StatsSpec; _op_inputs / _split_inputs convert.
+# The torch.library signatures are flat (what torch.library needs): the tensors, then the fields of a StatsSpec
+# (LossSpec) in its order, then the backend.  Python code passes the specs; _op_inputs / _split_inputs convert.
 
 @triton_op("fastmed::loss_stats", mutates_args=())
 def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: str, pow_mode: str, ce_mode: str,
@@ -132,6 +207,62 @@ _loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
 _LossStatsDirect = _direct.autograd_function("_LossStatsDirect", _loss_stats_op, _setup_context, _backward)
 
 
+class _Weights(NamedTuple):
+    """The per-class tensors of a :class:`LossSpec` (each None or 1-D, on the statistics' device and dtype)."""
+    region: Optional[Tensor] = None
+    ce: Optional[Tensor] = None
+    focal_alpha: Optional[Tensor] = None
+    focal: Optional[Tensor] = None
+
+
+@triton_op("fastmed::loss_finalize", mutates_args=())
+def _loss_finalize_op(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
+                      focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor], num_voxels: int, region: str,
+                      region_c0: int, pow_mode: str, batch: bool, smooth_nr: float, smooth_dr: float,
+                      tversky_alpha: float, tversky_beta: float, w_type: str, region_reduction: str,
+                      region_scale: float, ce: str, ce_reduction: str, label_smoothing: float, ce_scale: float,
+                      focal: str, focal_c0: int, alpha_mode: str, alpha: float, focal_reduction: str,
+                      focal_masked: bool, focal_scale: float, backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    spec = LossSpec(num_voxels, region, region_c0, pow_mode, batch, smooth_nr, smooth_dr, tversky_alpha,
+                    tversky_beta, w_type, region_reduction, region_scale, ce, ce_reduction, label_smoothing,
+                    ce_scale, focal, focal_c0, alpha_mode, alpha, focal_reduction, focal_masked, focal_scale)
+    return _FINALIZE[backend](stats, region_weight, ce_weight, focal_alpha, focal_weight, spec)
+
+
+def _finalize_inputs(stats: Tensor, weights: _Weights, spec: LossSpec, backend: str) -> tuple:
+    """The flat arguments of ``fastmed::loss_finalize``."""
+    return (stats, *weights, *spec, backend)
+
+
+def _finalize_setup_context(ctx, inputs, output):
+    _loss, jac, valid = output
+    ctx.spec, ctx.weights = LossSpec(*inputs[5:-1]), _Weights(*inputs[1:5])
+    ctx.save_for_backward(inputs[0], jac)
+    ctx.mark_non_differentiable(jac, valid)
+    ctx.set_materialize_grads(False)  # no zero gradients built for jac and valid: the backward reads gloss only
+    ctx.num_inputs = len(inputs)
+
+
+def _finalize_backward(ctx, gloss, _gjac, _gvalid):
+    if gloss is None:  # grads are not materialized (jac and valid never carry one)
+        return (None,) * ctx.num_inputs
+    stats, jac = ctx.saved_tensors
+    B, _, C = stats.shape
+    if torch.is_grad_enabled():
+        # create_graph=True: autograd through the plain torch formula, so that the gradient has a graph.
+        with torch.enable_grad():
+            loss = ref.loss_from_stats(stats, *ctx.weights, ctx.spec)
+            (gstats,) = torch.autograd.grad(loss, stats, gloss, create_graph=True)
+    else:
+        gstats = jac * ref.finalize_output_grad(gloss, ctx.spec, B, C)
+    return (gstats,) + (None,) * (ctx.num_inputs - 1)
+
+
+_loss_finalize_op.register_autograd(_finalize_backward, setup_context=_finalize_setup_context)
+_LossFinalizeDirect = _direct.autograd_function("_LossFinalizeDirect", _loss_finalize_op, _finalize_setup_context,
+                                                _finalize_backward)
+
+
 class _Target(NamedTuple):
     """A validated target: labels ``(B, 1, *sp)`` (label_mode) or dense ``(B, C|1, *sp)``, and its ignore mask."""
     target: Tensor
@@ -141,12 +272,11 @@ class _Target(NamedTuple):
     ignore_index: int
 
 
-def _run_stats(logits: Tensor, tgt: _Target, spec: StatsSpec) -> Tensor:
+def _run_stats(logits: Tensor, tgt: _Target, spec: StatsSpec, backend: str) -> Tensor:
     spec = spec._replace(gamma=float(spec.gamma), label_mode=tgt.label_mode, has_ignore=tgt.has_ignore,
                          ignore_index=tgt.ignore_index)
     if tgt.target.requires_grad:
         return ref.loss_stats(logits, tgt.target, tgt.mask, spec)
-    backend = _backend.choose("losses", logits.device)
     return _direct.call(_loss_stats_op, _LossStatsDirect, *_op_inputs(logits, tgt.target, tgt.mask, spec, backend))
 
 
@@ -156,37 +286,88 @@ def _values_readable(t: Tensor) -> bool:
     return not torch.compiler.is_compiling() and t.device.type != "meta"
 
 
-def _check_labels(stats: Tensor, tgt: _Target, C: int) -> None:
-    if not tgt.label_mode or not _values_readable(stats):
+def _check_labels(valid: Tensor, stats: Tensor, tgt: _Target, C: int) -> None:
+    """The label check (see the module docstring): ``valid`` is the finalize step's flag (1: no bad label)."""
+    if not tgt.label_mode or not _values_readable(valid):
         return
-    bad = int(stats[:, BAD, 0].sum().item())
-    if bad:
-        extra = f" or ignore_index={tgt.ignore_index}" if tgt.has_ignore else ""
-        raise ValueError(f"target must hold integer labels in [0, {C}){extra} for logits with {C} channels; "
-                         f"{bad} voxels hold other values (negative, >= {C}, or not integers)")
+    extra = f" or ignore_index={tgt.ignore_index}" if tgt.has_ignore else ""
+    expect = f"target must hold integer labels in [0, {C}){extra} for logits with {C} channels"
+    if valid.device.type == "cpu":  # read at once: a ValueError here and now
+        if not valid:
+            bad = int(stats[:, BAD, 0].sum())
+            raise ValueError(f"{expect}; {bad} voxels hold other values (negative, >= {C}, or not integers)")
+    else:  # no read-back on a GPU: a device-side assert, raised at the next synchronization
+        torch._assert_async(valid, f"{expect}; some voxels hold other values (negative, >= {C}, or not integers)")
 
 
-def loss_stats(logits: Tensor, tgt: _Target, spec: StatsSpec, other_act: Optional[Callable] = None) -> Tensor:
+def loss_stats(logits: Tensor, tgt: _Target, spec: StatsSpec, other_act: Optional[Callable] = None,
+               backend: Optional[str] = None) -> Tensor:
     """Statistics ``(B, NUM_SLOTS, C)``; with ``other_act`` the Dice slots come from ``other_act(logits)``."""
+    backend = backend or _backend.choose("losses", logits.device)
     if other_act is not None and spec.pow_mode != "off":
-        dice = _run_stats(other_act(logits), tgt, spec._replace(act="none", ce_mode="off", focal_mode="off"))
+        dice = _run_stats(other_act(logits), tgt, spec._replace(act="none", ce_mode="off", focal_mode="off"),
+                          backend)
         if spec.ce_mode == "off" and spec.focal_mode == "off":
-            stats = dice
+            return dice
+        rest = _run_stats(logits, tgt, spec._replace(pow_mode="off"), backend)
+        return torch.cat([dice[:, :NLL], rest[:, NLL:COUNT], dice[:, COUNT:]], 1)
+    return _run_stats(logits, tgt, spec, backend)
+
+
+def _weights_like(weights: _Weights, stats: Tensor) -> _Weights:
+    """Every per-class tensor on the statistics' device and in their dtype (no copy when it already is)."""
+    return _Weights(*(None if w is None else w.to(device=stats.device, dtype=stats.dtype) for w in weights))
+
+
+def _fused_loss(input: Tensor, tgt: _Target, stats_spec: StatsSpec, loss_spec: LossSpec,
+                weights: Optional[_Weights] = None, other_act: Optional[Callable] = None,
+                ddp_sync: bool = False) -> Tensor:
+    """The loss of ``loss_spec`` on the statistics of ``stats_spec`` (labels checked, see the module docstring)."""
+    backend = _backend.choose("losses", input.device)
+    stats = loss_stats(input, tgt, stats_spec, other_act, backend)
+    weights = _weights_like(weights or _Weights(), stats)
+    plain = ddp_sync or tgt.target.requires_grad or (input.dim() == 2 and loss_spec.region != "off")
+    if plain:
+        loss = _plain_loss(stats, weights, loss_spec, input.dim(), ddp_sync)
+        if tgt.label_mode and _values_readable(stats):
+            _check_labels((stats[:, BAD, 0].sum() == 0).to(stats.dtype), stats, tgt, input.shape[1])
+        return loss
+    loss, _jac, valid = _direct.call(_loss_finalize_op, _LossFinalizeDirect,
+                                     *_finalize_inputs(stats, weights, loss_spec, backend))
+    _check_labels(valid, stats, tgt, input.shape[1])
+    return loss
+
+
+def _plain_loss(stats: Tensor, weights: _Weights, spec: LossSpec, ndim: int, ddp_sync: bool) -> Tensor:
+    """The formula as plain differentiable torch (the fallbacks of the module docstring)."""
+    if ndim == 2 and spec.region in ("dice", "jaccard", "tversky"):
+        # (B, C) logits: MONAI's sums over the (absent) spatial axes reduce every axis
+        if spec.region == "tversky":
+            region = ref.tversky_from_stats(stats, pow_mode=spec.pow_mode, include_background=spec.region_c0 == 0,
+                                            alpha=spec.tversky_alpha, beta=spec.tversky_beta,
+                                            reduction=spec.region_reduction, smooth_nr=spec.smooth_nr,
+                                            smooth_dr=spec.smooth_dr, batch=spec.batch, whole=True)
         else:
-            rest = _run_stats(logits, tgt, spec._replace(pow_mode="off"))
-            stats = torch.cat([dice[:, :NLL], rest[:, NLL:COUNT], dice[:, COUNT:]], 1)
-    else:
-        stats = _run_stats(logits, tgt, spec)
-    _check_labels(stats, tgt, logits.shape[1])
-    return stats
+            region = ref.dice_from_stats(stats, ndim=2, pow_mode=spec.pow_mode,
+                                         include_background=spec.region_c0 == 0, jaccard=spec.region == "jaccard",
+                                         reduction=spec.region_reduction, smooth_nr=spec.smooth_nr,
+                                         smooth_dr=spec.smooth_dr, batch=spec.batch, weight=weights.region,
+                                         whole=True)
+        if spec.region_scale != 1.0:
+            region = spec.region_scale * region
+        if spec.ce == "off" and spec.focal == "off":
+            return region
+        return region + ref.loss_from_stats(stats, *weights, spec._replace(region="off"))
+    return ref.loss_from_stats(stats, *weights, spec, ddp_sync=ddp_sync)
 
 
 # ------------------------------------------------------------------------------------------------------------
 # Validation shared by the losses
 # ------------------------------------------------------------------------------------------------------------
 
-def _check_input(input) -> None:
-    check_tensor(input, "input", min_ndim=3, max_ndim=5)
+def _check_input(input, min_ndim: int = 2) -> None:
+    """Logits ``(B, C, *spatial)``: any number of spatial dims (none: ``(B, C)``, where MONAI accepts it)."""
+    check_tensor(input, "input", min_ndim=min_ndim)
 
 
 def _dice_act(C: int, sigmoid: bool, softmax: bool) -> str:
@@ -248,6 +429,19 @@ def _prepare_target(input: Tensor, target, to_onehot_y: bool, ignore_index: Opti
     return _Target(target, False, mask, False, 0)
 
 
+def _region_name(jaccard: bool) -> str:
+    return "jaccard" if jaccard else "dice"
+
+
+def _per_class(weight: Optional[Tensor], channels: int) -> Optional[Tensor]:
+    """A class weight (0-d or one value per class) as one value per class, a view (expanded) when it is 0-d;
+    None for a single class (MONAI ignores a class weight there)."""
+    if weight is None or channels == 1:
+        return None
+    w = torch.as_tensor(weight)
+    return w.expand(channels) if w.ndim == 0 else w
+
+
 def _num_voxels(input: Tensor) -> int:
     n = 1
     for d in input.shape[2:]:
@@ -302,13 +496,23 @@ def dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True,
     """
     reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
                                         to_onehot_y, ignore_index, include_background)
-    kept = _kept(input.shape[1], include_background)
+    C = input.shape[1]
+    kept = _kept(C, include_background)
     weight = check_class_weight(weight, "weight", kept) if kept > 1 else None  # MONAI ignores it for one class
     pow_mode = _pow_mode(squared_pred, soft_label)
-    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
-    return ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
-                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
-                               smooth_dr=float(smooth_dr), batch=batch, weight=weight, ddp_sync=ddp_sync)
+    spec = LossSpec(_num_voxels(input), _region_name(jaccard), C - kept, pow_mode, batch, float(smooth_nr),
+                    float(smooth_dr), region_reduction=reduction)
+    loss = _fused_loss(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), spec, _Weights(_per_class(weight, kept)),
+                       other_act, ddp_sync)
+    return _none_view(loss, reduction, input.dim())
+
+
+def _none_view(loss: Tensor, reduction: str, ndim: int) -> Tensor:
+    """MONAI's broadcastable shape of a ``reduction="none"`` Dice value: ``(B, C', 1, ...)`` (one 1 per spatial
+    dim)."""
+    if reduction != "none" or ndim == 2:
+        return loss
+    return loss.view(list(loss.shape[0:2]) + [1] * (ndim - 2))
 
 
 def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
@@ -323,11 +527,10 @@ def tversky_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
     reduction, act, tgt = _region_setup(input, target, reduction, sigmoid, softmax, other_act, ddp_sync, batch,
                                         to_onehot_y, ignore_index, include_background)
     pow_mode = _pow_mode(False, soft_label)
-    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
-    return ref.tversky_from_stats(stats, pow_mode=pow_mode, include_background=include_background,
-                                  alpha=float(alpha), beta=float(beta), reduction=reduction,
-                                  smooth_nr=float(smooth_nr), smooth_dr=float(smooth_dr), batch=batch,
-                                  ddp_sync=ddp_sync)
+    C = input.shape[1]
+    spec = LossSpec(_num_voxels(input), "tversky", C - _kept(C, include_background), pow_mode, batch,
+                    float(smooth_nr), float(smooth_dr), float(alpha), float(beta), region_reduction=reduction)
+    return _fused_loss(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), spec, _Weights(), other_act, ddp_sync)
 
 
 def generalized_dice_loss(input: Tensor, target: Tensor, *, include_background: bool = True,
@@ -339,7 +542,7 @@ def generalized_dice_loss(input: Tensor, target: Tensor, *, include_background: 
 
     Returns a scalar, or with ``reduction="none"`` ``(B, 1, 1, ...)`` (``(1, 1, ...)`` with ``batch``).
     """
-    _check_input(input)
+    _check_input(input, min_ndim=3)  # MONAI's class weights need a spatial axis to sum over
     reduction = check_reduction(reduction)
     check_loss_activation(sigmoid, softmax, other_act)
     check_ddp_sync(ddp_sync, batch)
@@ -349,11 +552,10 @@ def generalized_dice_loss(input: Tensor, target: Tensor, *, include_background: 
     tgt = _prepare_target(input, target, to_onehot_y, None)
     _warn_background(C, include_background)
     pow_mode = _pow_mode(False, soft_label)
-    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
-    return ref.generalized_dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode,
-                                           include_background=include_background, w_type=w_type,
-                                           reduction=reduction, smooth_nr=float(smooth_nr),
-                                           smooth_dr=float(smooth_dr), batch=batch, ddp_sync=ddp_sync)
+    spec = LossSpec(_num_voxels(input), "generalized", C - _kept(C, include_background), pow_mode, batch,
+                    float(smooth_nr), float(smooth_dr), w_type=w_type, region_reduction=reduction)
+    loss = _fused_loss(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), spec, _Weights(), other_act, ddp_sync)
+    return _none_view(loss, reduction, input.dim())
 
 
 def _focal_alpha(alpha, channels: int, use_softmax: bool, include_background: bool, C: int):
@@ -387,6 +589,28 @@ def _focal_spec(C: int, use_softmax: bool, include_background: bool, gamma: floa
         return StatsSpec(focal_mode="softmax", focal_c0=first, gamma=float(gamma))
     focal_pos = "off" if alpha is None else ("linear" if isinstance(alpha, float) else "hard")
     return StatsSpec(focal_mode="sigmoid", gamma=float(gamma), focal_pos=focal_pos)
+
+
+def _focal_reduction(reduction: str, ndim: int) -> str:
+    """MONAI FocalLoss's ``"sum"`` first averages over the spatial axes (``loss.mean(dim=[2, ...])``); without a
+    spatial axis that is ``mean(dim=[])``, a mean over every axis, so ``"sum"`` of ``(B, C)`` logits is their mean."""
+    return "mean" if reduction == "sum" and ndim == 2 else reduction
+
+
+def _focal_terms(spec: LossSpec, C: int, use_softmax: bool, include_background: bool, alpha, weight,
+                 reduction: str, masked: bool, scale: float) -> tuple[LossSpec, Optional[Tensor], Optional[Tensor]]:
+    """``spec`` with MONAI FocalLoss's term, and its per-class (alpha, weight) tensors."""
+    kept = _kept(C, include_background)
+    if alpha is None:
+        alpha_mode, alpha_v, alpha_t = "off", 0.0, None
+    elif isinstance(alpha, float):
+        alpha_mode, alpha_v, alpha_t = "scalar", alpha, None
+    else:
+        alpha_mode, alpha_v, alpha_t = "per_class", 0.0, alpha
+    weight_t = None if weight is None else (weight.expand(kept) if weight.ndim == 0 else weight)
+    spec = spec._replace(focal="softmax" if use_softmax else "sigmoid", focal_c0=C - kept, alpha_mode=alpha_mode,
+                         alpha=alpha_v, focal_reduction=reduction, focal_masked=masked, focal_scale=scale)
+    return spec, alpha_t, weight_t
 
 
 def _dense(input: Tensor, tgt: _Target) -> tuple[Tensor, Optional[Tensor]]:
@@ -428,10 +652,11 @@ def focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True
         dense, mask = _dense(input, tgt)
         return ref.focal_loss_voxels(input, dense, mask, include_background=include_background,
                                      use_softmax=use_softmax, gamma=float(gamma), alpha=alpha_v, weight=weight_v)
-    stats = loss_stats(input, tgt, _focal_spec(C, use_softmax, include_background, gamma, alpha_v))
-    loss = ref.focal_from_stats(stats, use_softmax=use_softmax, include_background=include_background,
-                                alpha=alpha_v, weight=weight_v, reduction=reduction,
-                                num_voxels=_num_voxels(input), masked=ignore_index is not None)
+    spec, alpha_t, weight_t = _focal_terms(LossSpec(_num_voxels(input)), C, use_softmax, include_background,
+                                           alpha_v, weight_v, _focal_reduction(reduction, input.dim()),
+                                           ignore_index is not None, 1.0)
+    loss = _fused_loss(input, tgt, _focal_spec(C, use_softmax, include_background, gamma, alpha_v), spec,
+                       _Weights(focal_alpha=alpha_t, focal=weight_t))
     return loss.float()  # MONAI's FocalLoss returns float32 whatever the input dtype
 
 
@@ -479,18 +704,17 @@ def dice_ce_loss(input: Tensor, target: Tensor, *, include_background: bool = Tr
         ce_mode = "bce"
     else:
         ce_mode = "softmax_smooth" if label_smoothing > 0 else "softmax"
-    stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode, ce_mode=ce_mode), other_act)
+    kept = _kept(C, include_background)
     dice_w = w[1:] if w is not None and not include_background else w
-    dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
-                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
-                               smooth_dr=float(smooth_dr), batch=batch, weight=dice_w, ddp_sync=ddp_sync)
-    nvox = _num_voxels(input)
     if C == 1:
-        ce = ref.bce_from_stats(stats, pos_weight=w, reduction=reduction, num_voxels=nvox)
+        ce = "bce"
     else:
-        ce = ref.ce_from_stats(stats, label_targets=tgt.label_mode, weight=w, reduction=reduction,
-                               label_smoothing=label_smoothing, num_voxels=nvox)
-    return lambda_dice * dice + lambda_ce * ce
+        ce = "labels" if tgt.label_mode else "dense"
+    spec = LossSpec(_num_voxels(input), _region_name(jaccard), C - kept, pow_mode, batch, float(smooth_nr),
+                    float(smooth_dr), region_reduction=reduction, region_scale=lambda_dice, ce=ce,
+                    ce_reduction=reduction, label_smoothing=label_smoothing, ce_scale=lambda_ce)
+    return _fused_loss(input, tgt, StatsSpec(act=act, pow_mode=pow_mode, ce_mode=ce_mode), spec,
+                       _Weights(_per_class(dice_w, kept), w), other_act, ddp_sync)
 
 
 def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool = True, to_onehot_y: bool = False,
@@ -518,22 +742,21 @@ def dice_focal_loss(input: Tensor, target: Tensor, *, include_background: bool =
     alpha_v = _focal_alpha(alpha, channels, False, include_background, C)
     weight_v = _focal_weight(weight, channels)
     pow_mode = _pow_mode(squared_pred, soft_label=False)
-    focal_spec = _focal_spec(C, False, include_background, gamma, alpha_v)
+    spec = LossSpec(_num_voxels(input), _region_name(jaccard), C - channels, pow_mode, batch, float(smooth_nr),
+                    float(smooth_dr), region_reduction=reduction, region_scale=lambda_dice)
+    dice_w = _per_class(weight_v, channels)
     if reduction == "none":
-        stats = loss_stats(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), other_act)
+        dice = _none_view(_fused_loss(input, tgt, StatsSpec(act=act, pow_mode=pow_mode), spec, _Weights(dice_w),
+                                      other_act, ddp_sync), reduction, input.dim())
         dense, _ = _dense(input, tgt)
         focal = ref.focal_loss_voxels(input, dense, None, include_background=include_background, use_softmax=False,
                                       gamma=float(gamma), alpha=alpha_v, weight=weight_v)
-    else:
-        stats = loss_stats(input, tgt, focal_spec._replace(act=act, pow_mode=pow_mode), other_act)
-        focal = ref.focal_from_stats(stats, use_softmax=False, include_background=include_background,
-                                     alpha=alpha_v, weight=weight_v, reduction=reduction,
-                                     num_voxels=_num_voxels(input), masked=False)
-    dice = ref.dice_from_stats(stats, ndim=input.dim(), pow_mode=pow_mode, include_background=include_background,
-                               jaccard=jaccard, reduction=reduction, smooth_nr=float(smooth_nr),
-                               smooth_dr=float(smooth_dr), batch=batch, weight=weight_v if channels > 1 else None,
-                               ddp_sync=ddp_sync)
-    return lambda_dice * dice + lambda_focal * focal
+        return dice + lambda_focal * focal
+    spec, alpha_t, weight_t = _focal_terms(spec, C, False, include_background, alpha_v, weight_v,
+                                           _focal_reduction(reduction, input.dim()), False,
+                                           lambda_focal)
+    stats_spec = _focal_spec(C, False, include_background, gamma, alpha_v)._replace(act=act, pow_mode=pow_mode)
+    return _fused_loss(input, tgt, stats_spec, spec, _Weights(dice_w, None, alpha_t, weight_t), other_act, ddp_sync)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -554,7 +777,7 @@ def nnunet_dice_ce_loss(input: Tensor, target: Tensor, *, batch_dice: bool = Fal
         input: logits ``(B, C, *spatial)``.
         target: labels ``(B, 1, *spatial)`` or ``(B, *spatial)``.
     """
-    _check_input(input)
+    _check_input(input, min_ndim=3)
     check_ddp_sync(ddp_sync, batch_dice)
     C = input.shape[1]
     if C < 2:
@@ -563,11 +786,10 @@ def nnunet_dice_ce_loss(input: Tensor, target: Tensor, *, batch_dice: bool = Fal
         raise ValueError(f"target must hold labels, shape (B, 1, *spatial) or (B, *spatial), got "
                          f"{tuple(target.shape)}")
     tgt = _prepare_target(input, target, True, ignore_label, ignore_name="ignore_label")
-    stats = loss_stats(input, tgt, StatsSpec(act="softmax", pow_mode="linear", ce_mode="softmax"))
-    dc = ref.nnunet_dice_from_stats(stats, do_bg=do_bg, batch_dice=batch_dice, smooth=float(smooth),
-                                    ddp_sync=ddp_sync)
-    ce = stats[:, NLL].sum() / stats[:, COUNT, 0].sum().clamp(min=1)
-    return float(weight_ce) * ce + float(weight_dice) * dc
+    spec = LossSpec(_num_voxels(input), "nnunet", 0 if do_bg else 1, "linear", batch_dice, float(smooth),
+                    float(smooth), region_scale=float(weight_dice), ce="nnunet", ce_scale=float(weight_ce))
+    return _fused_loss(input, tgt, StatsSpec(act="softmax", pow_mode="linear", ce_mode="softmax"), spec,
+                       ddp_sync=ddp_sync)
 
 
 def deep_supervision_weights(n: int) -> list[float]:

@@ -11,7 +11,9 @@ sums, the *statistics*.  A loss is computed in two steps:
    and a differentiable torch composition itself (double backward runs through it).
 2. ``*_from_stats``: plain differentiable torch on the tiny stats tensor reproduces MONAI's (or nnU-Net's) formulas,
    reductions and output shapes exactly; autograd through it gives the per-(sample, class) coefficients that the
-   backward pass of step 1 consumes.
+   backward pass of step 1 consumes.  ``loss_from_stats`` composes them as a
+   :class:`~fastmed.reference.loss_spec.LossSpec` says, and ``loss_finalize`` returns that loss with
+   ``d loss / d stats`` (what the Triton and C++ finalize steps compute in one launch, in closed form).
 
 Products with a zero weight are zero even when the other factor is infinite (:func:`weigh`): a ``-inf`` logit on a
 class the target does not hold, or on an ignored voxel, adds nothing (where MONAI's and torch's compositions give
@@ -25,10 +27,25 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from fastmed._tensors import accumulation_dtype
-from fastmed.reference.loss_spec import (BAD, COUNT, DIFF, FOCAL, FOCAL_POS, GROUND, INTERSECT, LOGSUM, NLL,
-                                         NUM_SLOTS, PRED, StatsSpec, check_spec)
 
+from fastmed._tensors import accumulation_dtype
+from fastmed.reference.loss_spec import (
+    BAD,
+    COUNT,
+    DIFF,
+    FOCAL,
+    FOCAL_POS,
+    GROUND,
+    INTERSECT,
+    LOGSUM,
+    NLL,
+    NUM_SLOTS,
+    PRED,
+    LossSpec,
+    StatsSpec,
+    check_loss_spec,
+    check_spec,
+)
 
 # ------------------------------------------------------------------------------------------------------------
 # Step 1: the statistics pass (what the Triton kernels fuse) and its closed-form backward
@@ -300,11 +317,17 @@ def _class_weight(weight: Optional[Tensor], num_classes: int, like: Tensor) -> O
     return (w.repeat(num_classes) if w.ndim == 0 else w).to(like)
 
 
-def tp_fp_fn(stats: Tensor, pow_mode: str, include_background: bool, batch: bool, ddp_sync: bool):
-    """MONAI ``compute_tp_fp_fn`` from the stats: (tp, fp, fn), each (B, C') or (C',) with batch."""
+def tp_fp_fn(stats: Tensor, pow_mode: str, include_background: bool, batch: bool, ddp_sync: bool,
+             whole: bool = False):
+    """MONAI ``compute_tp_fp_fn`` from the stats: (tp, fp, fn), each (B, C') or (C',) with batch.
+
+    ``whole``: the input had no spatial dims (``(B, C)`` logits), where MONAI's sums over the spatial axes reduce
+    every axis (``torch.sum(x, dim=[])``): one value each (0-d) unless ``batch``."""
     cols = [_drop_background(stats[:, k], include_background) for k in (INTERSECT, PRED, GROUND, DIFF)]
     if batch:
         cols = list(_sum_batch(torch.stack(cols, 1), ddp_sync).unbind(0))
+    elif whole:
+        cols = [c.sum() for c in cols]
     inter, pred, ground, diff = cols
     if pow_mode == "abs":
         tp = (pred + ground - diff) / 2
@@ -315,14 +338,14 @@ def tp_fp_fn(stats: Tensor, pow_mode: str, include_background: bool, batch: bool
 
 def dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: str, include_background: bool, jaccard: bool,
                     reduction: str, smooth_nr: float, smooth_dr: float, batch: bool, weight: Optional[Tensor],
-                    ddp_sync: bool = False) -> Tensor:
-    """MONAI ``DiceLoss.forward`` after ``compute_tp_fp_fn``."""
-    tp, fp, fn = tp_fp_fn(stats, pow_mode, include_background, batch, ddp_sync)
+                    ddp_sync: bool = False, whole: bool = False) -> Tensor:
+    """MONAI ``DiceLoss.forward`` after ``compute_tp_fp_fn`` (``whole``: ``(B, C)`` logits, see ``tp_fp_fn``)."""
+    tp, fp, fn = tp_fp_fn(stats, pow_mode, include_background, batch, ddp_sync, whole)
     if not jaccard:
         fp = fp * 0.5
         fn = fn * 0.5
     f = 1 - (2 * tp + smooth_nr) / (2 * (tp + fp + fn) + smooth_dr)
-    w = _class_weight(weight, tp.shape[-1], f)
+    w = _class_weight(weight, _drop_background(stats[:, 0], include_background).shape[1], f)
     if w is not None:
         f = f * w
     return _reduce(f, reduction, ndim)
@@ -330,9 +353,10 @@ def dice_from_stats(stats: Tensor, *, ndim: int, pow_mode: str, include_backgrou
 
 def tversky_from_stats(stats: Tensor, *, pow_mode: str, include_background: bool, alpha: float, beta: float,
                        reduction: str, smooth_nr: float, smooth_dr: float, batch: bool,
-                       ddp_sync: bool = False) -> Tensor:
-    """MONAI ``TverskyLoss.forward``; reduction ``"none"`` returns (B, C) (or (C,) with batch) like MONAI."""
-    tp, fp, fn = tp_fp_fn(stats, pow_mode, include_background, batch, ddp_sync)
+                       ddp_sync: bool = False, whole: bool = False) -> Tensor:
+    """MONAI ``TverskyLoss.forward``; reduction ``"none"`` returns (B, C) (or (C,) with batch) like MONAI
+    (``whole``: ``(B, C)`` logits, see ``tp_fp_fn``)."""
+    tp, fp, fn = tp_fp_fn(stats, pow_mode, include_background, batch, ddp_sync, whole)
     score = 1.0 - (tp + smooth_nr) / (tp + fp * alpha + fn * beta + smooth_dr)
     return _reduce(score, reduction, 0, broadcast_none=False)
 
@@ -423,6 +447,11 @@ def bce_from_stats(stats: Tensor, *, pos_weight: Optional[Tensor], reduction: st
     return total / (stats.shape[0] * num_voxels) if reduction == "mean" else total
 
 
+def nnunet_ce_from_stats(stats: Tensor) -> Tensor:
+    """nnU-Net's ``RobustCrossEntropyLoss``: the mean CE over the voxels that are not ignored (0 if none are)."""
+    return stats[:, NLL].sum() / stats[:, COUNT, 0].sum().clamp(min=1)
+
+
 def nnunet_dice_from_stats(stats: Tensor, *, do_bg: bool, batch_dice: bool, smooth: float,
                            ddp_sync: bool = False) -> Tensor:
     """nnU-Net ``MemoryEfficientSoftDiceLoss``: -mean((2 I + smooth) / clip(G + P + smooth, 1e-8))."""
@@ -431,6 +460,246 @@ def nnunet_dice_from_stats(stats: Tensor, *, do_bg: bool, batch_dice: bool, smoo
         inter, pred, ground = _sum_batch(torch.stack([inter, pred, ground], 1), ddp_sync).unbind(0)
     dc = (2 * inter + smooth) / torch.clip(ground + pred + smooth, 1e-8)
     return -dc.mean()
+
+
+def loss_from_stats(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
+                    focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor], spec: LossSpec,
+                    ddp_sync: bool = False) -> Tensor:
+    """The loss ``spec`` describes, from ``stats (B, NUM_SLOTS, C)``: ``region_scale * region + ce_scale * ce +
+    focal_scale * focal`` with MONAI's / nnU-Net's formulas above.  Differentiable with respect to ``stats``.
+
+    Returns a 0-d tensor, or with ``region_reduction="none"`` the overlap term per sample and class ``(B, C')``
+    (``(C',)`` with ``batch``; generalized Dice ``(B, 1)`` / ``(1,)``).  ``ddp_sync``: the batch sums of the
+    overlap term are summed over the ranks too (not a :class:`LossSpec` field: the fused finalize does not do it).
+    """
+    check_loss_spec(spec)
+    include_bg = spec.region_c0 == 0
+    terms = []
+    if spec.region in ("dice", "jaccard"):
+        terms.append((spec.region_scale, dice_from_stats(
+            stats, ndim=2, pow_mode=spec.pow_mode, include_background=include_bg, jaccard=spec.region == "jaccard",
+            reduction=spec.region_reduction, smooth_nr=spec.smooth_nr, smooth_dr=spec.smooth_dr, batch=spec.batch,
+            weight=region_weight, ddp_sync=ddp_sync)))
+    elif spec.region == "tversky":
+        terms.append((spec.region_scale, tversky_from_stats(
+            stats, pow_mode=spec.pow_mode, include_background=include_bg, alpha=spec.tversky_alpha,
+            beta=spec.tversky_beta, reduction=spec.region_reduction, smooth_nr=spec.smooth_nr,
+            smooth_dr=spec.smooth_dr, batch=spec.batch, ddp_sync=ddp_sync)))
+    elif spec.region == "generalized":
+        terms.append((spec.region_scale, generalized_dice_from_stats(
+            stats, ndim=2, pow_mode=spec.pow_mode, include_background=include_bg, w_type=spec.w_type,
+            reduction=spec.region_reduction, smooth_nr=spec.smooth_nr, smooth_dr=spec.smooth_dr, batch=spec.batch,
+            ddp_sync=ddp_sync)))
+    elif spec.region == "nnunet":
+        terms.append((spec.region_scale, nnunet_dice_from_stats(stats, do_bg=include_bg, batch_dice=spec.batch,
+                                                                smooth=spec.smooth_nr, ddp_sync=ddp_sync)))
+    if spec.ce in ("labels", "dense"):
+        terms.append((spec.ce_scale, ce_from_stats(stats, label_targets=spec.ce == "labels", weight=ce_weight,
+                                                   reduction=spec.ce_reduction,
+                                                   label_smoothing=spec.label_smoothing,
+                                                   num_voxels=spec.num_voxels)))
+    elif spec.ce == "bce":
+        terms.append((spec.ce_scale, bce_from_stats(stats, pos_weight=ce_weight, reduction=spec.ce_reduction,
+                                                    num_voxels=spec.num_voxels)))
+    elif spec.ce == "nnunet":
+        terms.append((spec.ce_scale, nnunet_ce_from_stats(stats)))
+    if spec.focal != "off":
+        alpha = {"off": None, "scalar": spec.alpha, "per_class": focal_alpha}[spec.alpha_mode]
+        terms.append((spec.focal_scale, focal_from_stats(
+            stats, use_softmax=spec.focal == "softmax", include_background=spec.focal_c0 == 0, alpha=alpha,
+            weight=focal_weight, reduction=spec.focal_reduction, num_voxels=spec.num_voxels,
+            masked=spec.focal_masked)))
+    if not terms:
+        raise ValueError("LossSpec: every term is off (region, ce and focal); nothing to compute")
+    total = None
+    for scale, term in terms:
+        term = term if scale == 1.0 else scale * term
+        total = term if total is None else total + term
+    return total
+
+
+def finalize_output_grad(gout: Tensor, spec: LossSpec, B: int, C: int) -> Tensor:
+    """``d objective / d loss`` broadcast to ``jac``'s ``(B, NUM_SLOTS, C)``: ``gstats = jac * this``.
+
+    A 0-d loss gives a 0-d gradient; with ``region_reduction="none"`` each output value's gradient goes to the
+    (sample, class) entries of ``jac`` that value depends on."""
+    if gout.dim() == 0:
+        return gout
+    if spec.region == "generalized":  # (B, 1) or (1,): one value per sample (or for the batch)
+        return gout.reshape(-1, 1, 1)
+    g = gout.reshape(-1, gout.shape[-1])  # (B, C') or (1, C')
+    if spec.region_c0:
+        g = F.pad(g, (spec.region_c0, 0))
+    return g.reshape(g.shape[0], 1, C)
+
+
+def _tp_fp_fn_grad(d_tp: Tensor, d_fp: Tensor, d_fn: Tensor, pow_mode: str) -> dict:
+    """d / d stats slots from d / d (tp, fp, fn) (the chain rule of ``tp_fp_fn``; GROUND omitted, see loss_spec)."""
+    if pow_mode == "abs":  # tp = (P + G - D) / 2, fp = P - tp, fn = G - tp
+        return {PRED: (d_tp + d_fp - d_fn) / 2, DIFF: (d_fp + d_fn - d_tp) / 2}
+    return {INTERSECT: d_tp - d_fp - d_fn, PRED: d_fp}  # tp = I, fp = P - I, fn = G - I
+
+
+def _reduce_grad(f: Tensor, reduction: str) -> tuple[Tensor, float]:
+    """(reduced value, d reduced / d each entry of f); ``"none"``: f itself, 1 (per output value)."""
+    if reduction == "mean":
+        return f.mean(), 1.0 / f.numel()
+    if reduction == "sum":
+        return f.sum(), 1.0
+    return f, 1.0
+
+
+def overlap_coefficients(spec: LossSpec) -> tuple[float, float, float, float]:
+    """(a_n, a_t, a_fp, a_fn) of the overlap term ``(a_n tp + s_nr) / (a_t tp + a_fp fp + a_fn fn + s_dr)`` of
+    ``spec.region`` (Dice, Jaccard, Tversky, nnU-Net; not the generalized Dice, whose weights are per class)."""
+    if spec.region == "tversky":
+        return 1.0, 1.0, spec.tversky_alpha, spec.tversky_beta
+    if spec.region == "jaccard":  # 2 tp / (2 (G + P - tp))
+        return 2.0, 2.0, 2.0, 2.0
+    return 2.0, 2.0, 1.0, 1.0  # Dice and nnU-Net: 2 tp / (G + P)
+
+
+def _region_closed_form(stats: Tensor, region_weight: Optional[Tensor], spec: LossSpec, jac: Tensor) -> Tensor:
+    """The overlap term of ``spec`` (value) and its derivative, added to ``jac``."""
+    c0 = spec.region_c0
+    cols = [stats[:, k, c0:] for k in (INTERSECT, PRED, GROUND, DIFF)]
+    if spec.batch:
+        cols = [c.sum(0, keepdim=True) for c in cols]
+    inter, pred, ground, diff = cols
+    tp = (pred + ground - diff) / 2 if spec.pow_mode == "abs" else inter
+    fp, fn = pred - tp, ground - tp
+    if spec.region == "generalized":
+        g = ground.detach().float()
+        w = {"square": lambda: torch.reciprocal(g * g), "simple": lambda: torch.reciprocal(g),
+             "uniform": lambda: torch.ones_like(g)}[spec.w_type]()
+        infs = torch.isinf(w)
+        w = torch.where(infs, torch.zeros_like(w), w)
+        w = (w + infs * torch.max(w, dim=1, keepdim=True)[0]).to(tp.dtype)  # one row with batch: max over all
+        numer = 2 * (tp * w).sum(1, keepdim=True) + spec.smooth_nr
+        denom = ((2 * tp + fp + fn) * w).sum(1, keepdim=True) + spec.smooth_dr
+        value, unit = _reduce_grad(1 - numer / denom, spec.region_reduction)  # (B, 1), or (1, 1) with batch
+        unit = unit * spec.region_scale
+        d_fp = numer / denom.square() * w * unit
+        d_tp = 2 * d_fp - 2 * w / denom * unit
+        d_fn = d_fp
+    else:
+        a_n, a_t, a_fp, a_fn = overlap_coefficients(spec)
+        smooth_dr = spec.smooth_nr if spec.region == "nnunet" else spec.smooth_dr  # nnU-Net: one smooth
+        numer = a_n * tp + spec.smooth_nr
+        denom = a_t * tp + a_fp * fp + a_fn * fn + smooth_dr
+        live = torch.ones_like(denom)
+        if spec.region == "nnunet":  # -(2 tp + s) / clip(2 tp + fp + fn + s, 1e-8)
+            live = (denom >= 1e-8).to(denom.dtype)
+            denom = torch.clip(denom, 1e-8)
+            f = -numer / denom
+        else:
+            f = 1 - numer / denom
+        scale = torch.full_like(f, spec.region_scale)
+        if region_weight is not None:
+            f = f * region_weight
+            scale = scale * region_weight
+        value, unit = _reduce_grad(f, spec.region_reduction)
+        scale = scale * unit
+        q = numer / denom.square() * live * scale
+        d_tp = -a_n / denom * scale + a_t * q
+        d_fp, d_fn = a_fp * q, a_fn * q
+    for slot, d in _tp_fp_fn_grad(d_tp, d_fp, d_fn, spec.pow_mode).items():
+        jac[:, slot, c0:] += d
+    if spec.batch and value.dim():  # "none" with batch: MONAI's (C',) (generalized Dice: (1,))
+        value = value.reshape(-1)
+    return value * spec.region_scale if spec.region_scale != 1.0 else value
+
+
+def _ce_closed_form(stats: Tensor, ce_weight: Optional[Tensor], spec: LossSpec, jac: Tensor) -> Tensor:
+    """The cross-entropy term of ``spec`` (value) and its derivative, added to ``jac``."""
+    B, _, C = stats.shape
+    nll, lsum = stats[:, NLL], stats[:, LOGSUM]
+    if spec.ce == "nnunet":
+        denom = stats[:, COUNT, 0].sum().clamp(min=1)
+        jac[:, NLL] += spec.ce_scale / denom
+        return spec.ce_scale * nll.sum() / denom
+    if spec.ce == "bce":
+        pw = None if ce_weight is None else ce_weight.reshape(-1)[0]
+        total = nll[:, 0].sum() + ((pw - 1) * lsum[:, 0].sum() if pw is not None else 0)
+        denom = B * spec.num_voxels if spec.ce_reduction == "mean" else 1
+        jac[:, NLL, 0] += spec.ce_scale / denom
+        if pw is not None:
+            jac[:, LOGSUM, 0] += spec.ce_scale * (pw - 1) / denom
+        return spec.ce_scale * total / denom
+    w = torch.ones(C, dtype=stats.dtype, device=stats.device) if ce_weight is None else ce_weight
+    eps = spec.label_smoothing
+    if spec.ce_reduction == "sum":
+        denom = 1
+    elif spec.ce == "labels" and ce_weight is not None:
+        denom = (stats[:, GROUND] * w).sum()
+    else:
+        denom = B * spec.num_voxels
+    total = ((1 - eps) * nll * w).sum()
+    jac[:, NLL] += spec.ce_scale * (1 - eps) * w / denom
+    if eps > 0:
+        total = total + eps / C * (lsum * w).sum()
+        jac[:, LOGSUM] += spec.ce_scale * eps / C * w / denom
+    return spec.ce_scale * total / denom
+
+
+def _focal_closed_form(stats: Tensor, focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor],
+                       spec: LossSpec, jac: Tensor) -> Tensor:
+    """The focal term of ``spec`` (value) and its derivative, added to ``jac``."""
+    c0 = spec.focal_c0
+    loss, pos = stats[:, FOCAL, c0:], stats[:, FOCAL_POS, c0:]
+    B, Cp = loss.shape
+    coef_l, coef_p = torch.ones_like(loss[0]), torch.zeros_like(loss[0])
+    if spec.focal == "softmax":
+        if spec.alpha_mode == "scalar":  # MONAI's float32 [1 - alpha, alpha, alpha, ...]
+            coef_l = torch.full_like(coef_l, spec.alpha)
+            coef_l[0] = 1 - spec.alpha  # built on the statistics' device: no host-to-device copy
+        elif spec.alpha_mode == "per_class":
+            coef_l = focal_alpha.to(coef_l)
+    elif spec.alpha_mode == "scalar":
+        coef_l, coef_p = coef_l * (1 - spec.alpha), coef_p + (2 * spec.alpha - 1)
+    elif spec.alpha_mode == "per_class":
+        coef_p = focal_alpha.to(coef_p) - 1
+    if focal_weight is not None:
+        coef_l, coef_p = coef_l * focal_weight, coef_p * focal_weight
+    count = stats[:, COUNT, 0]
+    eps = torch.finfo(torch.float32).eps
+    if spec.focal_reduction == "sum":
+        per_sample = count.clamp(min=eps) if spec.focal_masked else torch.full_like(count, spec.num_voxels)
+        unit = spec.focal_scale / per_sample.unsqueeze(1)  # (B, 1)
+    else:
+        denom = count.sum().clamp(min=eps) if spec.focal_masked else B * Cp * spec.num_voxels
+        unit = spec.focal_scale / denom * torch.ones_like(count).unsqueeze(1)
+    jac[:, FOCAL, c0:] += coef_l * unit
+    jac[:, FOCAL_POS, c0:] += coef_p * unit
+    return ((coef_l * loss + coef_p * pos) * unit).sum()
+
+
+def loss_finalize(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
+                  focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor],
+                  spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """(loss, jac, valid): the loss of :func:`loss_from_stats`, ``jac = d loss / d stats (B, NUM_SLOTS, C)`` (see
+    loss_spec: 0 in the slots that do not depend on the logits; per output value for ``"none"``) in closed form,
+    and ``valid``, a 0-d tensor that is 1 when no voxel holds a bad label (stats slot BAD), else 0.
+
+    The formulas the Triton and C++ finalize steps implement; ``tests/test_losses.py`` checks ``jac`` against
+    autograd through :func:`loss_from_stats`."""
+    check_loss_spec(spec)
+    stats = stats.detach()
+    jac = torch.zeros_like(stats)
+    terms = []
+    if spec.region != "off":
+        terms.append(_region_closed_form(stats, region_weight, spec, jac))
+    if spec.ce != "off":
+        terms.append(_ce_closed_form(stats, ce_weight, spec, jac))
+    if spec.focal != "off":
+        terms.append(_focal_closed_form(stats, focal_alpha, focal_weight, spec, jac))
+    if not terms:
+        raise ValueError("LossSpec: every term is off (region, ce and focal); nothing to compute")
+    loss = terms[0]
+    for term in terms[1:]:
+        loss = loss + term
+    valid = (stats[:, BAD, 0].sum() == 0).to(stats.dtype)
+    return loss, jac, valid
 
 
 # ------------------------------------------------------------------------------------------------------------
