@@ -14,13 +14,12 @@
     test is still checked), code that only runs for CPU tensors (the body of ``if x.device.type == "cpu":``, and
     what follows ``if x.device.type != "cpu": ... return``) and ``@triton.jit`` device code are not reported.
     What remains must be on the allow-list ``ALLOWED``, each entry with the reason it is not on the CUDA hot path;
-    an entry that no longer matches anything fails, so the list shrinks as the code is fixed.  The syncs that are
-    on the CUDA path today and that another helper is removing are ``KNOWN_SYNCS``: one strict xfail each
-    (``test_known_sync_is_gone``), which turns into a failure the day the code is fixed (delete the entry then).
+    an entry that no longer matches anything fails, so the list shrinks as the code is fixed.  Input checks that
+    need a device value (label ranges, binary masks, class weights) run on the host for CPU tensors only and are
+    device-side asserts (``torch._assert_async``) for the others.
 (b) ``test_ops_do_not_sync_on_cuda`` (GPU only): every op, forward and backward, on CUDA tensors under
     ``torch.cuda.set_sync_debug_mode("error")``, after one unguarded warm-up call (Triton compilation and the
-    per-configuration caches).  The ops that sync today because of a ``KNOWN_SYNCS`` entry are strict xfails
-    there too (``GPU_XFAIL``).
+    per-configuration caches).
 """
 from __future__ import annotations
 
@@ -77,6 +76,9 @@ ALLOWED = {
     ("fastmed/nn/boundary_losses.py", "BoundaryLoss.forward", "h2d"):
         "the caller's precomputed distance maps moved to the logits' device: no copy when they already live there "
         "(the documented use); a copy only for maps the caller keeps on the host",
+    ("fastmed/ops/losses.py", "_weights_like", "h2d"):
+        "no copy for the modules' class weights and focal alpha (buffers already on the device); only weights the "
+        "caller passes as a list/CPU tensor to the functional API are copied, per call, as MONAI does (documented)",
     ("fastmed/nn/norm_act.py", "NormAct.__init__", "h2d"):
         "a buffer created once in the constructor, not per call",
     ("fastmed/nn/swin.py", "WindowAttention._eager", "h2d"):
@@ -85,25 +87,6 @@ ALLOWED = {
         "per-axis numbers (spacing, deep-supervision weights) given as a 1-D tensor are read once as Python numbers; "
         "they are hyper-parameters, not per-voxel data",
 }
-
-# Host syncs that ARE on the CUDA path today, in code another helper owns and is changing.  Each is a strict
-# xfail of test_known_sync_is_gone naming the issue item: it fails as soon as the sync is gone (delete the entry
-# then, and its GPU_XFAIL cases).
-LOSS_LABELS = ("issue 11 item 3 (loss2 helper): the invalid-label count of every loss call is read back on the "
-               "host with .item()")
-DT_CHECKS = ("issue 11, 'no .item()/.cpu() in the forward of any op' (metrics helper, fastmed/ops/"
-             "distance_transform.py): ")
-KNOWN_SYNCS = {
-    ("fastmed/ops/losses.py", "_check_labels", "item"): LOSS_LABELS,
-    ("fastmed/_validate.py", "check_class_weight", "host-scalar"):
-        "issue 11 item 3 (loss2 helper): a class weight kept as a CUDA buffer (fastmed.nn.DiceCELoss(weight=...)"
-        ".cuda()) is checked for negative values with bool(...) on every call",
-    ("fastmed/ops/distance_transform.py", "_check_binary", "host-scalar"):
-        DT_CHECKS + "a floating-point mask is checked to hold only 0 and 1 with bool(...) on every call",
-    ("fastmed/ops/distance_transform.py", "_signed_distance_op", "host-scalar"):
-        DT_CHECKS + "integer label maps are range-checked with int(target.min()) / int(target.max()) on every call",
-}
-
 
 # --------------------------------------------------------------------------------------------------- the checker
 def _is_jit(fn: ast.AST) -> bool:
@@ -292,7 +275,7 @@ def scan_repository() -> list[Finding]:
 
 # ------------------------------------------------------------------------------------------------------- tests
 def test_no_host_sync_in_op_code():
-    found = [f for f in scan_repository() if (f.path, f.function, f.kind) not in ALLOWED.keys() | KNOWN_SYNCS.keys()]
+    found = [f for f in scan_repository() if (f.path, f.function, f.kind) not in ALLOWED]
     assert not found, "host synchronization or host-to-device copy in op code (fix it, or allow-list it in " \
         "tests/test_no_sync.py with the reason it is off the CUDA hot path):\n" + "\n".join(
             f"  {f.path}:{f.line} in {f.function}() [{f.kind}]: {f.code}" for f in found)
@@ -302,15 +285,6 @@ def test_allow_list_entries_still_match():
     keys = {(f.path, f.function, f.kind) for f in scan_repository()}
     stale = [k for k in ALLOWED if k not in keys]
     assert not stale, f"allow-list entries that match nothing any more (delete them): {stale}"
-
-
-@pytest.mark.parametrize("key", [pytest.param(k, id=f"{k[1]}-{k[2]}", marks=pytest.mark.xfail(strict=True, reason=r))
-                                 for k, r in KNOWN_SYNCS.items()])
-def test_known_sync_is_gone(key):
-    """Fails (an expected failure) while the known sync is in the code; passes, and so fails strictly, once it is
-    removed: then delete its KNOWN_SYNCS entry (and the GPU_XFAIL cases naming it)."""
-    found = [f for f in scan_repository() if (f.path, f.function, f.kind) == key]
-    assert not found, "\n".join(f"{f.path}:{f.line} in {f.function}() [{f.kind}]: {f.code}" for f in found)
 
 
 SYNTHETIC = '''
@@ -492,17 +466,9 @@ GPU_CASES = {
 }
 
 
-# GPU cases that sync today because of a KNOWN_SYNCS entry: strict xfails (they fail once the sync is gone)
-LOSS_CASES = ("dice_loss", "dice_ce_loss", "dice_focal_loss", "focal_loss", "tversky_loss", "generalized_dice_loss",
-              "nnunet_dice_ce_loss", "deep_supervision_loss")
-GPU_XFAIL = {**{name: LOSS_LABELS for name in LOSS_CASES},
-             "signed_distance": KNOWN_SYNCS["fastmed/ops/distance_transform.py", "_signed_distance_op", "host-scalar"]}
-
-
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("case", [pytest.param(c, marks=[pytest.mark.xfail(strict=True, reason=GPU_XFAIL[c])]
-                                               if c in GPU_XFAIL else []) for c in GPU_CASES])
+@pytest.mark.parametrize("case", list(GPU_CASES))
 def test_ops_do_not_sync_on_cuda(case, dtype):
     fn, inputs = GPU_CASES[case](dtype)
 

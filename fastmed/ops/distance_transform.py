@@ -39,11 +39,26 @@ SIGNED_DISTANCE_GROUP_VOXELS = 1 << 24
 Spacing = Union[None, float, Sequence[float]]
 
 
+def _device_assert(ok: Tensor, message: str) -> None:
+    """A device-side assert of the 0-d bool ``ok`` for tensors off the CPU: nothing is read back, the error surfaces
+    at the next synchronization (skipped for meta tensors and while torch.compile traces)."""
+    if ok.device.type != "meta" and not torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
+
+
 def _check_binary(x: Tensor, name: str) -> None:
-    if x.is_floating_point() and bool(((x != 0) & (x != 1)).any()):
-        bad = x[(x != 0) & (x != 1)].flatten()[0].item()
-        raise ValueError(f"{name} is a floating-point tensor, so it must hold only 0 and 1 (it is used as a binary "
-                         f"mask); got a value {bad}. Threshold it first (e.g. {name} > 0.5).")
+    """A floating-point mask must hold only 0 and 1: ``ValueError`` at once for CPU tensors, a device-side assert
+    (no host read-back) for the others."""
+    if not x.is_floating_point():
+        return
+    bad = (x != 0) & (x != 1)
+    hint = f"Threshold it first (e.g. {name} > 0.5)."
+    if x.device.type == "cpu":
+        if bool(bad.any()):
+            raise ValueError(f"{name} is a floating-point tensor, so it must hold only 0 and 1 (it is used as a "
+                             f"binary mask); got a value {x[bad].flatten()[0].item()}. {hint}")
+        return
+    _device_assert(~bad.any(), f"{name} is a floating-point tensor, so it must hold only 0 and 1. {hint}")
 
 
 def _reference_transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
@@ -161,15 +176,19 @@ def _signed_distance_op(target: Tensor, labels: bool, num_classes: int, first_cl
                         spacing: Optional[list[float]], float64: bool) -> Tensor:
     backend = _backend.choose("distance_transform", target.device)
     if labels:
+        expect = f"target holds integer labels, which must lie in [0, num_classes={num_classes})"
         if target.dtype in _UNSIGNED_WIDE:  # no min/max/comparisons on them in torch; their labels fit in int64
-            if target.dtype == torch.uint64 and bool((target.view(torch.int64) < 0).any()):
-                raise ValueError(f"target holds integer labels, which must lie in [0, num_classes={num_classes}); "
-                                 "got values of 2^63 and above")
+            wrapped = (target.view(torch.int64) < 0).any() if target.dtype == torch.uint64 else None
             target = target.to(torch.int64)
-        lo, hi = int(target.min()), int(target.max())
-        if lo < 0 or hi >= num_classes:
-            raise ValueError(f"target holds integer labels, which must lie in [0, num_classes={num_classes}); "
-                             f"got values from {lo} to {hi}")
+            if wrapped is not None and target.device.type == "cpu" and bool(wrapped):
+                raise ValueError(f"{expect}; got values of 2^63 and above")
+        if target.device.type == "cpu":
+            if target.numel():
+                lo, hi = int(target.min()), int(target.max())
+                if lo < 0 or hi >= num_classes:
+                    raise ValueError(f"{expect}; got values from {lo} to {hi}")
+        elif target.numel():  # no read-back off the CPU: a device-side assert
+            _device_assert(((target >= 0) & (target < num_classes)).all(), expect)
     else:
         _check_binary(target, "target")
     classes = num_classes - first_class
