@@ -7,14 +7,16 @@
 ``SwinUNet``       Swin-Unet (Cao et al., 27.17M with 9 classes), any input size, 2D or 3D
 ``ViT``            timm-compatible Vision Transformer (``ViT.b16()``: 86.57M), 2D or 3D patches
 ``UNETR``          UNETR-style model on ``ViT``
+``SAM``            Segment Anything / MedSAM (``SAM.vit_b()``: 93.74M), segment_anything's parameter names
 
 Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and, except ``MonaiUNet``,
 ``checkpointing``.
 """
 from fastmed.models.attention_unet import AttentionGate, AttentionUNet
 from fastmed.models.monai_unet import MonaiUNet
+from fastmed.models.sam import SAM
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.unet import UNet, plan_nnunet
 from fastmed.models.vit import UNETR, ViT
 
-__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "ViT", "UNETR"]
+__all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "ViT", "UNETR", "SAM"]
