@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from typing import Optional
 
+import torch
 from torch import Tensor
 from torch.library import triton_op
 
@@ -65,8 +66,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dout, _dlse):
     qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad = ctx.saved_tensors
-    dqkv, dh, dw, dpad = _direct.backward_op(ctx, _sam_attention_bwd)(
-        dout.contiguous(), qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad, *ctx.spec.flat(), ctx.backend)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                       for t in (dout, qkv, rel_pos_h, rel_pos_w, qkv_pad)):
+        # Double backward (create_graph=True): the first-order gradient must itself be differentiable, so it is
+        # the reference's plain torch composition, which autograd differentiates again, on every backend.
+        dqkv, dh, dw, dpad = ref.sam_attention_backward(dout, qkv, rel_pos_h, rel_pos_w, qkv_pad, ctx.spec)
+    else:
+        dqkv, dh, dw, dpad = _direct.backward_op(ctx, _sam_attention_bwd)(
+            dout.contiguous(), qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad, *ctx.spec.flat(), ctx.backend)
     return (dqkv, dh, dw, dpad if qkv_pad is not None else None) + _NON_TENSOR_GRADS
 
 
@@ -97,8 +104,10 @@ def sam_attention(qkv: Tensor, num_heads: int, rel_pos_h: Tensor, rel_pos_w: Ten
             Linear, so pass the Linear's bias); None means zeros.
 
     Returns:
-        ``(B, H, W, C)`` in ``qkv``'s dtype; differentiable with respect to ``qkv``, both tables and ``qkv_pad``
-        (first order); the backward is deterministic.
+        ``(B, H, W, C)`` in ``qkv``'s dtype; differentiable with respect to ``qkv``, both tables and ``qkv_pad``;
+        the backward is deterministic.  Twice differentiable on every backend: when the backward itself must be
+        differentiated (``create_graph=True``), the first-order gradient comes from the reference's plain
+        PyTorch composition.
     """
     check_tensor(qkv, "qkv", min_ndim=4, max_ndim=4)
     heads = check_int(num_heads, "num_heads", 1)

@@ -168,7 +168,8 @@ def _padded(qkv: Tensor, qkv_pad: Optional[Tensor], spec: SamAttentionSpec) -> T
 def sam_attention_backward(dout: Tensor, qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
                            qkv_pad: Optional[Tensor], spec: SamAttentionSpec):
     """Gradients ``(dqkv (B, H, W, 3C), drel_pos_h, drel_pos_w, dqkv_pad (3C,) or None)`` by the explicit softmax
-    backward on the padded grid (plain torch ops; deterministic)."""
+    backward on the padded grid (plain differentiable torch ops, so autograd can differentiate it again;
+    deterministic)."""
     B, H, W, C3 = qkv.shape
     heads = spec.num_heads
     hd = C3 // 3 // heads
