@@ -58,8 +58,11 @@ def _sam_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse: Op
 def _setup_context(ctx, inputs, output):
     qkv, rel_pos_h, rel_pos_w, qkv_pad, *spec_fields, backend = inputs
     out, lse = output
-    keep = backend != "reference"  # the reference recomputes: the caller may then modify out in place
-    ctx.save_for_backward(qkv, out if keep else None, lse if keep else None, rel_pos_h, rel_pos_w, qkv_pad)
+    # The reference recomputes everything from qkv; the Triton backward reads out (delta = rowsum(dO * O)) and
+    # keeps a copy of its own, so that the caller may modify the returned output in place, as with torch modules.
+    keep = backend != "reference"
+    ctx.save_for_backward(qkv, out.detach().clone() if keep else None, lse if keep else None, rel_pos_h, rel_pos_w,
+                          qkv_pad)
     ctx.spec = ref.SamAttentionSpec.from_flat(*spec_fields)
     ctx.backend = backend
 
