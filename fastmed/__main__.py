@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]`` | ``python -m fastmed demo``."""
+"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]`` | ``python -m fastmed demo``
+| ``python -m fastmed medsam --image X --box x0,y0,x1,y1``."""
 from __future__ import annotations
 
 import argparse
@@ -35,10 +36,15 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("demo", add_help=False, help="train a small 3D U-Net on synthetic phantoms (see demo --help)")
     if argv is None:
         argv = sys.argv[1:]
+    sub.add_parser("medsam", add_help=False, help="MedSAM box-prompt segmentation of an image (see medsam --help)")
     if argv and argv[0] == "demo":
         from fastmed.demo import main as demo_main
 
         return demo_main(argv[1:])
+    if argv and argv[0] == "medsam":
+        from fastmed.medsam import main as medsam_main
+
+        return medsam_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "info":
         import fastmed

@@ -8,8 +8,11 @@ torch's antialiased bicubic on floats (MedSAM uses skimage's and rounds to uint8
 """
 from __future__ import annotations
 
+import argparse
+import os
+import sys
 from collections.abc import Sequence
-from typing import Union
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -17,7 +20,7 @@ from torch import Tensor
 
 from fastmed.models.sam import SAM
 
-__all__ = ["predict", "preprocess"]
+__all__ = ["predict", "preprocess", "main"]
 
 THRESHOLD = 0.5  # on the sigmoid of the mask logits
 
@@ -92,3 +95,89 @@ def predict(image: Tensor, box: Union[Sequence[float], Tensor], model: SAM, *, b
             out.append(prob[0, 0] > THRESHOLD)
     mask = torch.stack(out).cpu()
     return mask[0] if squeeze else mask
+
+
+def _read_image(path: str) -> Tensor:
+    """``.npy`` (2D, 2D RGB or a 3D volume) or an image file matplotlib reads (PNG; grey or RGB, alpha dropped)."""
+    if path.endswith(".npy"):
+        import numpy as np
+
+        return torch.from_numpy(np.load(path))
+    import matplotlib.image as mpimg
+
+    img = torch.from_numpy(mpimg.imread(path).copy())
+    return img[..., :3] if img.dim() == 3 and img.shape[-1] == 4 else img
+
+
+def _write_pngs(out: str, image: Tensor, mask: Tensor) -> str:
+    """The mask (white on black) at ``out`` and an overlay next to it; returns the overlay's path."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if mask.dim() == 3:  # a volume: the slice with the largest mask
+        k = int(mask.flatten(1).sum(1).argmax())
+        image, mask = image[k], mask[k]
+    plt.imsave(out, mask.numpy().astype("uint8") * 255, cmap="gray", vmin=0, vmax=255)
+    img = image.float()
+    img = (img - img.min()) / (img.max() - img.min()).clamp_min(1e-8)
+    rgb = img[..., None].expand(*img.shape, 3).clone() if img.dim() == 2 else img.clone()
+    rgb[mask] = 0.5 * rgb[mask] + 0.5 * torch.tensor([1.0, 0.2, 0.2])
+    root, ext = os.path.splitext(out)
+    overlay = f"{root}_overlay{ext or '.png'}"
+    plt.imsave(overlay, rgb.clamp(0, 1).numpy())
+    return overlay
+
+
+def main(argv: Optional[list] = None) -> int:
+    """``python -m fastmed medsam --image X --box x0,y0,x1,y1 [--checkpoint ckpt] --out mask.png``."""
+    parser = argparse.ArgumentParser(prog="python -m fastmed medsam",
+                                     description="MedSAM box-prompt segmentation (SAM ViT-B); writes the mask and an "
+                                                 "overlay PNG")
+    parser.add_argument("--image", required=True, help="PNG/JPEG (grey or RGB) or .npy (2D, 2D RGB, or 3D volume)")
+    parser.add_argument("--box", required=True, help="x0,y0,x1,y1 in the image's pixels")
+    parser.add_argument("--checkpoint", help="local MedSAM / SAM ViT-B state dict (.pth); without it: random weights")
+    parser.add_argument("--out", default="mask.png", help="mask PNG (the overlay goes next to it, *_overlay.png)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    parser.add_argument("--tiny", action="store_true", help="a small SAM of ViT-B's structure (for tests)")
+    args = parser.parse_args(argv)
+    try:
+        box = [float(v) for v in args.box.split(",")]
+    except ValueError:
+        box = []
+    if len(box) != 4:
+        parser.error(f"--box must be four numbers x0,y0,x1,y1, got {args.box!r}")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda was asked for but CUDA is not available here")
+    try:
+        image = _read_image(args.image)
+    except (OSError, ValueError) as exc:
+        print(f"python -m fastmed medsam: error: cannot read --image {args.image!r}: {exc}", file=sys.stderr)
+        return 2
+    if args.tiny:
+        torch.manual_seed(0)
+        model = SAM(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, window_size=3,
+                    global_attn_indexes=(1,), prompt_dim=32, mask_in_chans=8, decoder_mlp=64, decoder_heads=2)
+    else:
+        model = SAM.vit_b()
+    if args.checkpoint:
+        try:
+            state = torch.load(args.checkpoint, map_location="cpu", weights_only=True)
+            model.load_state_dict(state, strict=True)
+        except (OSError, RuntimeError, ValueError) as exc:
+            print(f"python -m fastmed medsam: error: cannot load --checkpoint {args.checkpoint!r}: {exc}",
+                  file=sys.stderr)
+            return 2
+    else:
+        print("no --checkpoint: running RANDOM weights (the mask means nothing); pass a local MedSAM checkpoint")
+    model = model.to(device).eval()
+    try:
+        mask = predict(image, box, model)
+    except (TypeError, ValueError) as exc:
+        print(f"python -m fastmed medsam: error: {exc}", file=sys.stderr)
+        return 2
+    overlay = _write_pngs(args.out, image, mask)
+    print(f"mask: {args.out} ({int(mask.sum())} of {mask.numel()} pixels); overlay: {overlay}")
+    return 0

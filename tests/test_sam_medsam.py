@@ -83,3 +83,57 @@ def test_predict_errors():
         medsam.predict(img.numpy(), (1, 2, 3, 4), ours)
     with pytest.raises(ValueError, match="batch_size"):
         medsam.predict(img, (1, 2, 3, 4), ours, batch_size=0)
+
+
+def test_cli_writes_mask_and_overlay(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from fastmed.__main__ import main
+
+    np.save(tmp_path / "img.npy", np.random.default_rng(0).random((40, 30)).astype("float32"))
+    out = tmp_path / "m.png"
+    rc = main(["medsam", "--image", str(tmp_path / "img.npy"), "--box", "3,4,20,30", "--out", str(out), "--tiny",
+               "--device", "cpu"])
+    said = capsys.readouterr().out
+    assert rc == 0
+    assert "RANDOM weights" in said
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(out).shape[:2] == (40, 30)
+    assert mpimg.imread(tmp_path / "m_overlay.png").shape[:2] == (40, 30)
+
+
+def test_cli_bad_input_is_one_line(tmp_path, capsys):
+    from fastmed.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["medsam", "--image", "x.npy", "--box", "1,2,3"])
+    assert e.value.code == 2
+    assert "--box must be four numbers" in capsys.readouterr().err
+    rc = main(["medsam", "--image", str(tmp_path / "missing.npy"), "--box", "1,2,3,4", "--tiny", "--device", "cpu"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "cannot read --image" in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_checkpoint(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    import numpy as np
+
+    from fastmed.__main__ import main
+
+    _, ours = _medsam_pair()
+    torch.save(ours.state_dict(), tmp_path / "ck.pth")
+    torch.save({"bogus": torch.zeros(1)}, tmp_path / "bad.pth")
+    img = np.random.default_rng(1).random((30, 20)).astype("float32")
+    np.save(tmp_path / "img.npy", img)
+    args = ["medsam", "--image", str(tmp_path / "img.npy"), "--box", "2,3,15,25", "--tiny", "--device", "cpu"]
+    assert main(args + ["--checkpoint", str(tmp_path / "ck.pth"), "--out", str(tmp_path / "m.png")]) == 0
+    assert "RANDOM" not in capsys.readouterr().out
+    import matplotlib.image as mpimg
+
+    written = mpimg.imread(tmp_path / "m.png")[..., 0] > 0.5
+    want = medsam.predict(torch.from_numpy(img), (2, 3, 15, 25), ours)
+    assert torch.equal(torch.from_numpy(written), want)
+    assert main(args + ["--checkpoint", str(tmp_path / "bad.pth")]) == 2
+    assert "cannot load --checkpoint" in capsys.readouterr().err
