@@ -49,14 +49,30 @@ def _tokens(wi, t, H, W, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr):
 
 
 @triton.jit
-def _load_kv(qkv_ptr, pad_ptr, tok, real, ch, d_ok, C, HAS_PAD: tl.constexpr):
+def _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C, acc_ty, HAS_PAD: tl.constexpr,
+              CAST: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr):
+    """Keys ``cols`` of window ``wi``: ``(ktok, k_real, k_in, ly, lx, k, v)``; padding tokens' k, v from ``pad_ptr``
+    (HAS_PAD) or zero; upcast to ``acc_ty`` with CAST."""
+    ktok, real, k_in, ly, lx = _tokens(wi, cols, H, W, nWh, nWw, WH, WW)
     m = real[:, None] & d_ok[None, :]
-    k = tl.load(qkv_ptr + tok[:, None] * (3 * C) + C + ch[None, :], mask=m, other=0.0)
-    v = tl.load(qkv_ptr + tok[:, None] * (3 * C) + 2 * C + ch[None, :], mask=m, other=0.0)
+    k = tl.load(qkv_ptr + ktok[:, None] * (3 * C) + C + ch[None, :], mask=m, other=0.0)
+    v = tl.load(qkv_ptr + ktok[:, None] * (3 * C) + 2 * C + ch[None, :], mask=m, other=0.0)
     if HAS_PAD:
         k = tl.where(real[:, None], k, tl.load(pad_ptr + C + ch, mask=d_ok, other=0.0)[None, :])
         v = tl.where(real[:, None], v, tl.load(pad_ptr + 2 * C + ch, mask=d_ok, other=0.0)[None, :])
-    return k, v
+    if CAST:
+        k = k.to(acc_ty)
+        v = v.to(acc_ty)
+    return ktok, real, k_in, ly, lx, k, v
+
+
+@triton.jit
+def _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC: tl.constexpr, BLOCK_WH: tl.constexpr,
+            BLOCK_WW: tl.constexpr):
+    """``(q * scale) k^T + rel_h[query, key row] + rel_w[query, key column]`` of a (BLOCK_M, BLOCK_N) tile."""
+    s = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc_ty) * scale
+    oh, ow = _onehots(ly, lx, k_in, q.dtype, BLOCK_WH, BLOCK_WW)
+    return s + _bias(rh, rw, oh, ow, PREC), oh, ow
 
 
 @triton.jit
@@ -130,14 +146,9 @@ def _fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
     for n0 in range(0, WH * WW, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        ktok, k_real, k_in, ly, lx = _tokens(wi, cols, H, W, nWh, nWw, WH, WW)
-        k, v = _load_kv(qkv_ptr, pad_ptr, ktok, k_real, ch, d_ok, C, HAS_PAD)
-        if CAST:
-            k = k.to(acc_ty)
-            v = v.to(acc_ty)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc_ty) * scale
-        oh, ow = _onehots(ly, lx, k_in, q.dtype, BLOCK_WH, BLOCK_WW)
-        s += _bias(rh, rw, oh, ow, PREC)
+        ktok, k_real, k_in, ly, lx, k, v = _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C,
+                                                      acc_ty, HAS_PAD, CAST, WH, WW)
+        s, _, _ = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
         s = tl.where(k_in[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         alpha = tl.exp(m_i - m_new)
@@ -176,11 +187,8 @@ def _bwd_dkdv_kernel(
     dd = tl.arange(0, BLOCK_D)
     d_ok = dd < head_dim
     ch = head * head_dim + dd
-    ktok, k_real, k_in, ly, lx = _tokens(wi, cols, H, W, nWh, nWw, WH, WW)
-    k, v = _load_kv(qkv_ptr, pad_ptr, ktok, k_real, ch, d_ok, C, HAS_PAD)
-    if CAST:
-        k = k.to(acc_ty)
-        v = v.to(acc_ty)
+    ktok, k_real, k_in, ly, lx, k, v = _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C, acc_ty,
+                                                  HAS_PAD, CAST, WH, WW)
     dk = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     for m0 in range(0, WH * WW, BLOCK_M):
@@ -195,9 +203,7 @@ def _bwd_dkdv_kernel(
         lse = tl.load(lse_ptr + qtok * heads + head, mask=q_ok, other=0.0)
         delta = tl.load(delta_ptr + qtok * heads + head, mask=q_ok, other=0.0)
         rh, rw = _rel_rows(relh_ptr, relw_ptr, qtok, q_ok, head, heads, q.dtype, WH, WW, BLOCK_WH, BLOCK_WW)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc_ty) * scale
-        oh, ow = _onehots(ly, lx, k_in, q.dtype, BLOCK_WH, BLOCK_WW)
-        s += _bias(rh, rw, oh, ow, PREC)
+        s, _, _ = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
         # padding queries (never stored) and keys outside the window take no part
         p = tl.where(q_ok[:, None] & k_in[None, :], tl.exp(s - lse[:, None]), 0.0)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(acc_ty)
@@ -250,14 +256,9 @@ def _bwd_dq_kernel(
     drw = tl.zeros([BLOCK_M, BLOCK_WW], acc_ty)
     for n0 in range(0, WH * WW, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        ktok, k_real, k_in, ly, lx = _tokens(wi, cols, H, W, nWh, nWw, WH, WW)
-        k, v = _load_kv(qkv_ptr, pad_ptr, ktok, k_real, ch, d_ok, C, HAS_PAD)
-        if CAST:
-            k = k.to(acc_ty)
-            v = v.to(acc_ty)
-        s = tl.dot(q, tl.trans(k), input_precision=PREC).to(acc_ty) * scale
-        oh, ow = _onehots(ly, lx, k_in, q.dtype, BLOCK_WH, BLOCK_WW)
-        s += _bias(rh, rw, oh, ow, PREC)
+        ktok, k_real, k_in, ly, lx, k, v = _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C,
+                                                      acc_ty, HAS_PAD, CAST, WH, WW)
+        s, oh, ow = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
         p = tl.where(q_ok[:, None] & k_in[None, :], tl.exp(s - lse[:, None]), 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(acc_ty)
         ds = p * (dp - delta[:, None])
