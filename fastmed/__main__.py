@@ -1,4 +1,5 @@
-"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]`` | ``python -m fastmed demo``."""
+"""Command line: ``python -m fastmed info`` | ``python -m fastmed bench [norm_act ...]`` | ``python -m fastmed demo``
+| ``python -m fastmed medsam --image X --box x0,y0,x1,y1``."""
 from __future__ import annotations
 
 import argparse
@@ -36,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("predict", add_help=False, help="segment a NIfTI volume with a checkpoint (see predict --help)")
     if argv is None:
         argv = sys.argv[1:]
+    sub.add_parser("medsam", add_help=False, help="MedSAM box-prompt segmentation of an image (see medsam --help)")
     if argv and argv[0] == "demo":
         from fastmed.demo import main as demo_main
 
@@ -44,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         from fastmed.inference import main as predict_main
 
         return predict_main(argv[1:])
+    if argv and argv[0] == "medsam":
+        from fastmed.medsam import main as medsam_main
+
+        return medsam_main(argv[1:])
     args = parser.parse_args(argv)
     if args.cmd == "info":
         import fastmed

@@ -154,7 +154,7 @@ def test_implementation_tables_cover_exactly_the_registered_backends():
         _backend._OPS.pop("_test_op")
     import importlib
 
-    for name in ("conv_block", "distance_transform", "losses", "norm_act", "window_attention"):
+    for name in ("conv_block", "distance_transform", "losses", "norm_act", "window_attention", "sam_attention"):
         module = importlib.import_module(f"fastmed.ops.{name}")
         tables = [v for v in vars(module).values() if isinstance(v, _backend.Implementations)]
         assert tables, module.__name__

@@ -48,8 +48,16 @@ def _window_attention(device, dtype):
     return (qkv, table), lambda: fastmed.ops.window_attention(qkv, 2, 3, 1, table)
 
 
+def _sam_attention(device, dtype):
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, 5, 4, 24, generator=g, dtype=dtype).to(device).requires_grad_()
+    th, tw = (torch.randn(5, 4, generator=g, dtype=dtype).to(device).requires_grad_() for _ in range(2))
+    pad = torch.randn(24, generator=g, dtype=dtype).to(device).requires_grad_()
+    return (qkv, th, tw, pad), lambda: fastmed.ops.sam_attention(qkv, 2, th, tw, 3, qkv_pad=pad)
+
+
 CASES = {"norm_act": _norm_act, "conv_cudnn": _conv("cudnn"), "conv_implicit_gemm": _conv("implicit_gemm"),
-         "losses": _loss, "window_attention": _window_attention}
+         "losses": _loss, "window_attention": _window_attention, "sam_attention": _sam_attention}
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -461,6 +461,96 @@ def window_attention_cases():
     return _cases_for("window_attention", TRITON, T, tri)
 
 
+# ================================================================================================ sam_attention
+def sam_attention_oracle(qkv, heads, rel_pos_h, rel_pos_w, window, scale, qkv_pad):
+    """segment_anything's windowed / global attention written out: pad, per window ``(q*scale) k^T`` plus the
+    tables gathered by ``q_coord - k_coord + size - 1`` (``get_rel_pos``), softmax, crop."""
+    B, H, W, C3 = qkv.shape
+    hd = C3 // 3 // heads
+    wh, ww = (H, W) if window == 0 else (window, window)
+    Hp, Wp = -(-H // wh) * wh, -(-W // ww) * ww
+    pad = qkv.new_zeros(C3) if qkv_pad is None else qkv_pad
+    x = pad.expand(B, Hp, Wp, C3).clone()
+    x[:, :H, :W] = qkv
+    scale = hd ** -0.5 if scale is None else scale
+    rh = rel_pos_h[torch.arange(wh)[:, None] - torch.arange(wh)[None, :] + wh - 1]  # (wh, wh, hd)
+    rw = rel_pos_w[torch.arange(ww)[:, None] - torch.arange(ww)[None, :] + ww - 1]
+    out = torch.zeros(B, Hp, Wp, heads, hd, dtype=qkv.dtype, device=qkv.device)
+    for i in range(0, Hp, wh):
+        for j in range(0, Wp, ww):
+            q, k, v = x[:, i:i + wh, j:j + ww].reshape(B, wh, ww, 3, heads, hd).unbind(3)
+            s = torch.einsum("byxnc,bkmnc->bnyxkm", q * scale, k)
+            s = s + torch.einsum("byxnc,ykc->bnyxk", q, rh)[..., None] + torch.einsum("byxnc,xmc->bnyxm", q,
+                                                                                        rw)[..., None, :]
+            p = torch.softmax(s.flatten(-2), dim=-1).view(s.shape)
+            out[:, i:i + wh, j:j + ww] = torch.einsum("bnyxkm,bkmnc->byxnc", p, v)
+    return out[:, :H, :W].reshape(B, H, W, heads * hd)
+
+
+def sam_call(dev, *, dtype=F32, B=1, grid=(5, 4), heads=2, hd=4, window=3, pad=True, scale=None, layouts=None,
+             values=None, over=None, seed=3, **call_kw):
+    g = E.gen(seed)
+    C = heads * hd
+    wh, ww = tuple(grid) if window == 0 else (window, window)
+    raw = {"qkv": _randn((B,) + tuple(grid) + (3 * C,), g), "rel_pos_h": _randn((2 * wh - 1, hd), g, 0.5),
+           "rel_pos_w": _randn((2 * ww - 1, hd), g, 0.5)}
+    if pad:
+        raw["qkv_pad"] = _randn(3 * C, g)
+    if values:
+        values(raw)
+    diff = tuple(raw)
+    t = _place(raw, dev, dtype, layouts or {}, diff)
+    kw = dict(num_heads=heads, window_size=window, scale=scale)
+    _apply_over(t, kw, over, dev)
+
+    def fn(t):
+        return ops.sam_attention(t["qkv"], kw["num_heads"], t["rel_pos_h"], t["rel_pos_w"], kw["window_size"],
+                                 kw["scale"], qkv_pad=t.get("qkv_pad"))
+
+    def oracle(t):
+        return sam_attention_oracle(t["qkv"], kw["num_heads"], t["rel_pos_h"], t["rel_pos_w"], kw["window_size"],
+                                    kw["scale"], t.get("qkv_pad"))
+
+    return Call(fn, oracle, t, diff, dtype, **call_kw)
+
+
+def sam_attention_cases():
+    b = sam_call
+    T = {}
+    for L in ("noncontiguous", "expanded", "offset", "flipped", "permuted"):
+        T[("layout", f"qkv:{L}")] = value_case(b, layouts={"qkv": L}, B=2)
+        T[("layout", f"rel_pos_h:{L}")] = value_case(b, layouts={"rel_pos_h": L})
+        T[("layout", f"qkv_pad:{L}")] = value_case(b, layouts={"qkv_pad": L})
+    for dt in FLOATS:
+        T[("dtype", DT_NAMES[dt])] = value_case(b, dtype=dt)
+    T[("config", "global")] = value_case(b, window=0, grid=(3, 4))
+    T[("config", "divisible_no_pad")] = value_case(b, grid=(4, 2), window=2, pad=False)
+    T[("config", "scale")] = value_case(b, scale=0.7)
+    T[("size", "grid1x1")] = value_case(b, grid=(1, 1), window=1)
+    T[("size", "window_larger_than_grid")] = value_case(b, grid=(2, 3), window=4)
+    T[("size", "head_dim1")] = value_case(b, hd=1, heads=3)
+    T[("size", "empty_batch")] = error_or_value_case(b, ("qkv",), B=0)
+    for v, val in (("nan", float("nan")), ("posinf", float("inf")), ("neginf", float("-inf"))):
+        T[("nonfinite", f"qkv_{v}")] = value_case(b, values=_set(("qkv", (0, 1, 2, 3)), val), nonfinite=True)
+    bad = {"qkv_rank3": ("qkv", dict(over={"qkv": torch.ones(4, 6, 24)})),
+           "qkv_int": ("qkv", dict(over={"qkv": torch.ones(1, 5, 4, 24, dtype=torch.int64)})),
+           "qkv_not_3C": ("qkv", dict(over={"qkv": torch.ones(1, 5, 4, 25)})),
+           "num_heads_3": ("num_heads", dict(over={"num_heads": 3})),
+           "window_negative": ("window_size", dict(over={"window_size": -1})),
+           "table_interpolated": ("rel_pos_h", dict(over={"rel_pos_h": torch.ones(7, 4)})),
+           "table_dtype": ("rel_pos_w", dict(over={"rel_pos_w": torch.ones(5, 4, dtype=torch.float64)})),
+           "qkv_pad_shape": ("qkv_pad", dict(over={"qkv_pad": torch.ones(23)})),
+           "scale_nan": ("scale", dict(over={"scale": float("nan")}))}
+    for v, (name, kw) in bad.items():
+        T[("bad", v)] = error_case(b, (name,), **kw)
+    T.update(standard_checks(b, ("qkv",), inplace=True))
+    tri = {("layout", "qkv:noncontiguous"), ("layout", "qkv:expanded"), ("layout", "rel_pos_h:noncontiguous"),
+           ("layout", "qkv_pad:noncontiguous"), ("dtype", "float16"), ("dtype", "float64"), ("config", "global"),
+           ("size", "window_larger_than_grid"), ("nonfinite", "qkv_nan"), ("double_backward", "create_graph"),
+           ("inplace_output", "mul_")}
+    return _cases_for("sam_attention", TRITON, T, tri)
+
+
 # ================================================================================================ attention
 def attention_call(dev, *, dtype=F32, B=1, heads=2, Lq=5, Lk=6, hd=4, bias_shape=(1, 1, 5, 6), scale=None,
                    layouts=None, values=None, over=None, seed=4, **call_kw):
@@ -1505,7 +1595,7 @@ def sliding_window_cases():
 
 CASES = (norm_act_cases() + conv_cases() + window_attention_cases() + attention_cases() + distance_transform_cases()
          + signed_distance_cases() + loss_cases() + deep_supervision_cases() + metric_cases() + module_cases()
-         + model_cases() + convert_cases() + patch_cases() + sliding_window_cases())
+         + model_cases() + convert_cases() + patch_cases() + sliding_window_cases() + sam_attention_cases())
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # small tensors: one intra-op thread is several times faster

@@ -11,12 +11,14 @@
 ``UNETR``          MONAI's UNETR (same constructor and keys: loads its checkpoints), 2D or 3D
 ``TransUNet``      TransUNet R50-ViT-B/16 (Chen et al.; repository keys, npz converter; 105.28M)
 ``ViTUNETR``       UNETR-style model on ``ViT`` (timm keys)
+``SAM``            Segment Anything / MedSAM (``SAM.vit_b()``: 93.74M), segment_anything's parameter names
 
 Every model takes ``fused`` (fastmed ops, or the same parameters through plain PyTorch) and, except ``MonaiUNet``,
 ``checkpointing``.
 """
 from fastmed.models.attention_unet import AttentionGate, AttentionUNet
 from fastmed.models.monai_unet import MonaiUNet
+from fastmed.models.sam import SAM
 from fastmed.models.swin_unet import SwinUNet
 from fastmed.models.swin_unetr import SwinUNETR
 from fastmed.models.transunet import TransUNet
@@ -26,4 +28,4 @@ from fastmed.models.unetr import UNETR
 from fastmed.models.vit import ViT, ViTUNETR
 
 __all__ = ["UNet", "plan_nnunet", "AttentionUNet", "AttentionGate", "MonaiUNet", "SwinUNet", "SwinUNETR", "ViT",
-           "UNETR", "ViTUNETR", "UNetPlusPlus", "TransUNet"]
+           "UNETR", "ViTUNETR", "UNetPlusPlus", "TransUNet", "SAM"]
