@@ -69,7 +69,7 @@ def assert_close(actual, expected, dtype, what):
     torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
 
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.ext), "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,20 +148,59 @@ def test_gradcheck_triton_fp64():
             lambda x, w, b, r: norm_act(x, "instance", w, b, residual=r, activation="silu"), (x, w, b, r))
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("kind,act,channels_last", [("group", "prelu", False), ("instance", "leaky_relu", True),
+                                                   ("batch", "gelu", False), ("instance", "relu", True)])
+def test_gradcheck_cpp_fp64(kind, act, channels_last):
+    """The C++ kernels compute float64 inputs in float64: finite differences check forward and backward."""
+    x, w, b, r, slope, ng = make_case(5, kind, act, 3, torch.float64, True, True, channels_last, "cpu", n=2, c=4,
+                                      sizes=[3, 2, 3])
+    with fastmed.use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, r, *s: norm_act(x, kind, w, b, num_groups=ng, residual=r, activation=act,
+                                            negative_slope=s[0] if s else 0.1),
+            (x, w, b, r) + ((slope,) if act == "prelu" else ()))
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("kind,act", [("instance", "leaky_relu"), ("group", "prelu"), ("batch", "relu")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_bitwise_deterministic_across_threads(kind, act, channels_last):
+    """The C++ kernels split the work into fixed items combined in a fixed order: 1 and 2 threads give the same
+    bits, forward and backward (the tensor is large enough to be split across threads)."""
+    x, w, b, r, slope, ng = make_case(6, kind, act, 3, torch.float32, True, True, channels_last, "cpu", n=2, c=8,
+                                      sizes=[20, 24, 24])
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, grads = run("cpp", x, kind, w, b, r, slope, ng, act, gy)
+            results.append((y, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.ext)])
 @pytest.mark.parametrize("kind,act", [("instance", "leaky_relu"), ("group", "prelu"), ("batch", "gelu"),
                                       ("instance", "identity")])
-def test_opcheck_reference(kind, act):
+def test_opcheck(backend, kind, act):
     x, w, b, r, slope, ng = make_case(4, kind, act, 3, torch.float32, True, True, False, "cpu", c=4)
     slope_t = slope if act == "prelu" else None
     spec = NormSpec(kind, ng or (4 if kind == "instance" else 1), 1e-5, act, 0.0 if act == "prelu" else 0.01)
-    args = op_inputs(x, NormTensors(w, b, r, slope_t), None, None, spec, "reference")
+    args = op_inputs(x, NormTensors(w, b, r, slope_t), None, None, spec, backend)
     torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default, args)
     y, mean, rstd, saved = torch.ops.fastmed.norm_act_fwd(*args)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastmed.norm_act_bwd.default,
                           (dy, x.detach(), saved.detach(), w.detach(), b.detach(), r.detach(),
                            None if slope_t is None else slope_t.detach(), mean.detach(), rstd.detach(), *spec, True,
-                           "reference"))
+                           backend))
 
 
 def test_op_schema_follows_the_specs():
