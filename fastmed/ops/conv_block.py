@@ -32,7 +32,6 @@ from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
 
 from fastmed import _backend
 from fastmed.ops import _direct
@@ -88,7 +87,7 @@ def _split_inputs(inputs):
 _NO_SPECS = (ConvSpec(*(None,) * len(ConvSpec._fields)), NormSpec(*(None,) * len(NormSpec._fields)))
 
 
-@triton_op("fastmed::conv_block_fwd", mutates_args=())
+@_direct.triton_op("fastmed::conv_block_fwd", mutates_args=())
 def _conv_block_fwd(x: Tensor, x2: Optional[Tensor], weight: Tensor, bias: Optional[Tensor],
                     norm_weight: Optional[Tensor], norm_bias: Optional[Tensor], residual: Optional[Tensor],
                     slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], stride: list[int],
@@ -103,7 +102,7 @@ def _conv_block_fwd(x: Tensor, x2: Optional[Tensor], weight: Tensor, bias: Optio
     return y, conv_out, mean, rstd
 
 
-@triton_op("fastmed::conv_block_bwd", mutates_args=())
+@_direct.triton_op("fastmed::conv_block_bwd", mutates_args=())
 def _conv_block_bwd(dy: Tensor, x: Tensor, conv_out: Tensor, x2: Optional[Tensor], weight: Tensor,
                     bias: Optional[Tensor], norm_weight: Optional[Tensor], norm_bias: Optional[Tensor],
                     residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor,
@@ -290,7 +289,9 @@ def _autocast(x, weight, bias, skip):
     ``F.conv3d`` (float64 is left alone); the normalization still accumulates in float32.  Devices without
     autocast (meta tensors: shape inference) are left alone."""
     device_type = x.device.type
-    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+    if device_type not in ("cpu", "cuda") and not torch.amp.is_autocast_available(device_type):
+        return x, weight, bias, skip
+    if not torch.is_autocast_enabled(device_type):
         return x, weight, bias, skip
     dtype = torch.get_autocast_dtype(device_type)
 

@@ -19,7 +19,6 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
 
 from fastmed import _backend, _ext
 from fastmed.ops import _direct
@@ -126,7 +125,7 @@ def _split_inputs(inputs: Sequence):
 _NO_SPEC = NormSpec(*(None,) * len(NormSpec._fields))
 
 
-@triton_op("fastmed::norm_act_fwd", mutates_args=())
+@_direct.triton_op("fastmed::norm_act_fwd", mutates_args=())
 def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                   slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float,
@@ -141,7 +140,7 @@ def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     return y, mean, rstd, present(saved, mean)
 
 
-@triton_op("fastmed::norm_act_bwd", mutates_args=())
+@_direct.triton_op("fastmed::norm_act_bwd", mutates_args=())
 def _norm_act_bwd(dy: Tensor, x: Tensor, saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float, input_stats: bool,
