@@ -601,9 +601,12 @@ def test_bad_input(call, exc, match):
         call(x)
 
 
+BENCHMARK_SHAPES = [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32), (2, 320, 8, 8, 8),
+                    (24, 64, 224, 224)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32),
-                                   (2, 320, 8, 8, 8), (24, 64, 224, 224)])
+@pytest.mark.parametrize("shape", BENCHMARK_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_benchmark_shapes(shape, dtype):
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
@@ -623,8 +626,10 @@ def test_gpu_benchmark_shapes(shape, dtype):
 # ----------------------------------------------------------------------------------------- GPU compilation
 
 def test_kernels_compile_for_sm90():
-    """Every norm_act kernel, in the configurations the launchers use, compiles for an H100."""
-    from sm90 import compile_for_sm90
+    """Every norm_act kernel, in the configurations the launchers use, compiles for an H100 without spills."""
+    from sm90 import assert_no_spills, compile_for_sm90
+
+    from fastmed.kernels.norm_act import launch_blocks, reduce_flags
 
     m = "fastmed.kernels.norm_act"
     acc = {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32",
@@ -633,8 +638,14 @@ def test_kernels_compile_for_sm90():
     floats = ["negative_slope", "eps"]
     flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
     specs = []
-    for dt, blocks, warps in (("*bf16", dict(BLOCK_C=2, BLOCK_S=2048), 8), ("*fp16", dict(BLOCK_C=64, BLOCK_S=64), 8),
-                              ("*fp32", dict(BLOCK_C=1, BLOCK_S=16), 4)):
+    configs = {("*bf16", 2, 2048, 8), ("*fp16", 64, 64, 8), ("*fp32", 1, 16, 4)}
+    # the tiles the launcher picks at the GPU benchmark shapes (test_gpu_benchmark_shapes, bf16), both layouts
+    for shape in BENCHMARK_SHAPES:
+        for fmt in (torch.contiguous_format, torch.channels_last_3d if len(shape) == 5 else torch.channels_last):
+            x3 = flat_view(torch.empty(shape, device="meta").contiguous(memory_format=fmt))
+            configs.add(("*bf16", *launch_blocks(x3, shape[1])))
+    for dt, block_c, block_s, warps in sorted(configs):
+        blocks = dict(BLOCK_C=block_c, BLOCK_S=block_s)
         specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr=dt, pointers=acc, constexprs=blocks,
                           num_warps=warps))
         for act in ACTIVATIONS:
@@ -642,7 +653,7 @@ def test_kernels_compile_for_sm90():
                               constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
         for act in ("leaky_relu", "gelu", "prelu"):
             specs.append(dict(module=m, kernel="_norm_act_bwd_reduce_kernel", ptr=dt, pointers=acc, floats=floats,
-                              constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
+                              constexprs=dict(ACT=act, **flags, **reduce_flags(blocks)), num_warps=warps))
             specs.append(dict(module=m, kernel="_norm_act_bwd_apply_kernel", ptr=dt, pointers=acc, floats=floats,
                               constexprs=dict(ACT=act, INPUT_STATS=act != "prelu", **flags, **blocks), num_warps=warps))
     # float64 inputs accumulate in float64; contiguous strides arrive as the constant 1; no affine, no residual
@@ -658,7 +669,7 @@ def test_kernels_compile_for_sm90():
         specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, constexprs=dict(HAS_W=True, BLOCK=16)))
         specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, pointers={"w_ptr": "*bf16"},
                           constexprs=dict(HAS_W=False, BLOCK=256, divisor=1, P=1)))
-    compile_for_sm90(specs)
+    assert_no_spills(compile_for_sm90(specs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
