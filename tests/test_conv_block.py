@@ -857,3 +857,29 @@ def test_kernels_compile_for_sm90():
             specs.append(dict(module=m, kernel=kernel, ptr=dt, pointers=acc, num_warps=warps, num_stages=stages,
                               constexprs=dict(**consts, **dots)))
     assert_no_spills(compile_for_sm90(specs))
+
+
+def test_warm_triton_cache_runs_every_case_and_implementation(monkeypatch, tdevice):
+    """warm_triton_cache runs forward + backward of each case on the Triton backend, per implementation: the
+    implicit GEMM's forward once per case, its data gradient once per input (twice with a skip input)."""
+    import fastmed.kernels.conv_block as kernels_cb
+    from fastmed.ops.conv_block import warm_triton_cache
+
+    calls = []
+    for name in ("conv_forward_stats", "conv_input_grad"):
+        real = getattr(kernels_cb, name)
+        monkeypatch.setattr(kernels_cb, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    cases = [dict(x_shape=(1, 2, 4, 5), out_channels=3),
+             dict(x_shape=(1, 2, 3, 4, 4), out_channels=2, stride=2, skip_channels=1, channels_last=True)]
+    assert warm_triton_cache(cases, device=tdevice) == 4
+    assert calls.count("conv_forward_stats") == 2 and calls.count("conv_input_grad") == 3
+
+
+@pytest.mark.parametrize("case,match", [(dict(x_shape=(1, 2, 4, 5), out_channels=3, strides=2), "unknown"),
+                                        (dict(x_shape=(1, 2, 4, 5)), "missing"),
+                                        (dict(x_shape=(1, 2, 4), out_channels=3), "2 or 3 spatial dims")])
+def test_warm_triton_cache_bad_case(case, match):
+    from fastmed.ops.conv_block import warm_triton_cache
+
+    with pytest.raises(ValueError, match=match):
+        warm_triton_cache([case], device="cpu")

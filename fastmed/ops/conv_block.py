@@ -28,7 +28,7 @@ second-order gradients are exact on every backend; the output may be modified in
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -46,7 +46,7 @@ from fastmed.reference import norm_act as na_ref
 from fastmed.reference.conv_block import ConvSpec, ConvTensors
 from fastmed.reference.norm_act import NormSpec, NormTensors
 
-__all__ = ["conv_norm_act", "IMPLEMENTATIONS", "NORM_KINDS", "choose_implementation"]
+__all__ = ["conv_norm_act", "IMPLEMENTATIONS", "NORM_KINDS", "choose_implementation", "warm_triton_cache"]
 
 NORM_KINDS = ref.NORM_KINDS
 IMPLEMENTATIONS = ("auto", "cudnn", "implicit_gemm")
@@ -314,3 +314,66 @@ def _conv_act(x, weight, bias, cspec: ConvSpec, activation, negative_slope, resi
     return na_ref.apply_activation(z, activation, slope)
 
 
+
+
+WARM_CASE_KEYS = ("x_shape", "out_channels", "kernel_size", "stride", "skip_channels", "dtype", "channels_last",
+                  "norm", "activation")
+
+
+def warm_triton_cache(cases: Iterable[Mapping], device: Union[None, str, torch.device] = None,
+                      implementations: Sequence[str] = ("implicit_gemm", "cudnn")) -> int:
+    """Run forward + backward of :func:`conv_norm_act` once per case and implementation on the Triton backend, so
+    that every Triton kernel specialization those calls launch is compiled (and kept in Triton's in-process and
+    on-disk caches) before anything is timed.  A benchmark calls it with its cases first; its timed runs then
+    measure no compilation.
+
+    Each case is a mapping with ``x_shape`` ``(N, Cin, *spatial)`` (2 or 3 spatial dims) and ``out_channels``
+    (required), and optionally ``kernel_size`` (3), ``stride`` (1), ``skip_channels`` (0: no second input),
+    ``dtype`` (bfloat16 on CUDA, else float32), ``channels_last`` (False), ``norm`` ("instance") and ``activation``
+    ("leaky_relu").  ``device`` defaults to CUDA when available, else the CPU (where the Triton backend runs only
+    under ``TRITON_INTERPRET=1``, and nothing is compiled).  Returns the number of (case, implementation) calls run.
+    """
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    for impl in implementations:
+        check_choice(impl, "implementations", IMPLEMENTATIONS[1:])
+    runs = 0
+    for case in cases:
+        if not isinstance(case, Mapping):
+            raise TypeError(f"each case must be a mapping (dict), got {type(case).__name__}")
+        unknown = sorted(set(case) - set(WARM_CASE_KEYS))
+        missing = [k for k in ("x_shape", "out_channels") if k not in case]
+        if unknown or missing:
+            raise ValueError(f"a warm-up case takes the keys {', '.join(WARM_CASE_KEYS)} (x_shape and out_channels "
+                             f"required); got unknown {unknown or 'none'}, missing {missing or 'none'} in {dict(case)}")
+        shape = tuple(case["x_shape"])
+        sd = len(shape) - 2
+        if sd not in (2, 3):
+            raise ValueError(f"x_shape must be (N, Cin, *spatial) with 2 or 3 spatial dims, got {shape}")
+        dtype = case.get("dtype", torch.bfloat16 if device.type == "cuda" else torch.float32)
+        kernel = check_per_axis(case.get("kernel_size", 3), "kernel_size", sd, 1)
+        cskip = case.get("skip_channels", 0)
+        fmt = (torch.channels_last_3d if sd == 3 else torch.channels_last) if case.get("channels_last", False) \
+            else torch.contiguous_format
+        gen = torch.Generator().manual_seed(0)
+        x = _random_leaf(shape, gen, device, dtype, fmt)
+        skip = _random_leaf((shape[0], cskip) + shape[2:], gen, device, dtype, fmt) if cskip else None
+        cout = case["out_channels"]
+        weight = _random_leaf((cout, shape[1] + cskip) + kernel, gen, device, dtype)
+        bias, norm_weight, norm_bias = (_random_leaf((cout,), gen, device, dtype) for _ in range(3))
+        for impl in implementations:
+            with _backend.use_backend("triton"):
+                y = conv_norm_act(x, weight, bias, norm_weight, norm_bias, stride=case.get("stride", 1), skip=skip,
+                                  norm=case.get("norm", "instance"), activation=case.get("activation", "leaky_relu"),
+                                  implementation=impl)
+                y.backward(torch.ones_like(y))
+            runs += 1
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return runs
+
+
+def _random_leaf(size, gen: torch.Generator, device: torch.device, dtype: torch.dtype,
+                 fmt: torch.memory_format = torch.contiguous_format) -> Tensor:
+    """A standard-normal tensor of ``size`` that requires a gradient (the inputs of a warm-up call)."""
+    t = torch.randn(size, generator=gen).to(device=device, dtype=dtype)
+    return t.contiguous(memory_format=fmt).requires_grad_()
