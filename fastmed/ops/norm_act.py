@@ -6,6 +6,10 @@ the arguments travel as the specs :class:`~fastmed.reference.norm_act.NormTensor
 :class:`~fastmed.reference.norm_act.NormSpec` (the configuration); the ops take them flattened, in the order
 :func:`op_inputs` gives.
 
+Backends: ``triton`` (CUDA), ``cpp`` (CPU tensors, ``csrc/norm_act_cpu.cpp``: one statistics pass and one
+apply pass, forward and backward; gelu/silu run torch's activation kernels around its normalization) and
+``reference``.
+
 Backward: the backend's fused backward.  When the backward itself is differentiated (``create_graph=True``,
 e.g. a gradient penalty), the first-order gradient is computed instead by torch's autograd of the op's torch
 composition (:func:`fastmed.reference.norm_act.norm_act_reference`), so second-order gradients are exact on
@@ -303,7 +307,8 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
              negative_slope: Union[float, Tensor] = 0.01, residual: Optional[Tensor] = None,
              running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
              momentum: float = 0.1, training: bool = True) -> Tensor:
-    """``act(norm(x) * weight + bias + residual)`` in one fused pass (Triton on CUDA, reference on CPU).
+    """``act(norm(x) * weight + bias + residual)`` in one fused pass (Triton on CUDA; on the CPU the C++ kernels of
+    ``csrc/norm_act_cpu.cpp`` when ``fastmed._C`` is built, else the reference).
 
     Args:
         x: ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float16/bfloat16/float32/float64;
