@@ -72,6 +72,18 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_stats_cpu", &fastmed::loss_stats_cpu, "Fused loss statistics (B, NUM_SLOTS, C), csrc/losses_cpu.cpp.");
   m.def("loss_stats_backward_cpu", &fastmed::loss_stats_backward_cpu,
         "d logits of the fused loss statistics into dlogits, csrc/losses_cpu.cpp.");
+  m.def("norm_act_forward_cpu", &fastmed::norm_act_forward_cpu,
+        "Fused normalization + activation of a CPU tensor (contiguous or channels-last): (y, mean, rstd).",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("residual"),
+        pybind11::arg("slope"), pybind11::arg("mean_in"), pybind11::arg("rstd_in"), pybind11::arg("kind"),
+        pybind11::arg("num_groups"), pybind11::arg("eps"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"));
+  m.def("norm_act_backward_cpu", &fastmed::norm_act_backward_cpu,
+        "Backward of norm_act_forward_cpu: (dx, dweight, dbias, dresidual, dslope), None where absent.",
+        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("residual"), pybind11::arg("slope"), pybind11::arg("mean"), pybind11::arg("rstd"),
+        pybind11::arg("kind"), pybind11::arg("num_groups"), pybind11::arg("activation"),
+        pybind11::arg("negative_slope"), pybind11::arg("input_stats"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

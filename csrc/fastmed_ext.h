@@ -37,6 +37,27 @@ torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::
                                       const std::string& ce_mode, const std::string& focal_mode, int64_t focal_c0,
                                       double gamma, const std::string& focal_pos, bool label_mode, bool has_ignore,
                                       int64_t ignore_index, torch::Tensor dlogits);
+// csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
+// contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
+// returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used
+// instead of the statistics of x.  The backward returns {dx, dweight, dbias, dresidual, dslope}, undefined where
+// the input is absent.  Bit-identical results for any number of threads.
+std::vector<torch::Tensor> norm_act_forward_cpu(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                                const c10::optional<torch::Tensor>& bias,
+                                                const c10::optional<torch::Tensor>& residual,
+                                                const c10::optional<torch::Tensor>& slope,
+                                                const c10::optional<torch::Tensor>& mean_in,
+                                                const c10::optional<torch::Tensor>& rstd_in, const std::string& kind,
+                                                int64_t num_groups, double eps, const std::string& activation,
+                                                double negative_slope);
+std::vector<torch::Tensor> norm_act_backward_cpu(const torch::Tensor& dy, const torch::Tensor& x,
+                                                 const c10::optional<torch::Tensor>& weight,
+                                                 const c10::optional<torch::Tensor>& bias,
+                                                 const c10::optional<torch::Tensor>& residual,
+                                                 const c10::optional<torch::Tensor>& slope, const torch::Tensor& mean,
+                                                 const torch::Tensor& rstd, const std::string& kind,
+                                                 int64_t num_groups, const std::string& activation,
+                                                 double negative_slope, bool input_stats);
 
 #ifdef FASTMED_WITH_CUDA
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)

@@ -175,6 +175,7 @@ def register_op(name: str, backends: Sequence[str], doc: str = "",
             raise ValueError(f"register_op({name!r}): unknown backend {b!r}")
     info = OpInfo(name, tuple(backends), extra_check, doc)
     _OPS[name] = info
+    _CHOICES_MADE.clear()
     return info
 
 
@@ -239,13 +240,34 @@ def why_not(op: str, backend: str, device: torch.device, forced: bool = False) -
     return reason
 
 
+# choose() results by (op, device type, innermost use_backend, FASTMED_BACKEND, TRITON_INTERPRET): everything a
+# choice depends on for ops without an extra check (the backend checks read the device type only; whether triton
+# imports and whether fastmed._C is built are fixed for the process).  Cleared when an op is registered.
+_CHOICES_MADE: dict[tuple, str] = {}
+
+
 @torch.compiler.assume_constant_result
 def choose(op: str, device: torch.device) -> str:
     """Pick the backend for ``op`` on ``device``, honouring a forced choice.
 
     Raises :class:`BackendUnavailableError` when a forced backend cannot run, with the reason.
     Under ``torch.compile`` the choice is made once, at trace time, and is a constant of the graph.
+    A successful choice is remembered per (op, device type, forced backend, ``FASTMED_BACKEND``,
+    ``TRITON_INTERPRET``), so a call costs a dictionary lookup (errors are not remembered).
     """
+    environ = os.environ
+    key = (op, device.type, _forced[-1] if _forced else None, environ.get("FASTMED_BACKEND"),
+           environ.get("TRITON_INTERPRET"))
+    picked = _CHOICES_MADE.get(key)
+    if picked is not None:
+        return picked
+    picked = _choose(op, device)
+    if _OPS[op].extra_check is None:
+        _CHOICES_MADE[key] = picked
+    return picked
+
+
+def _choose(op: str, device: torch.device) -> str:
     requested = requested_backend()
     if requested != "auto":
         reason = why_not(op, requested, device, forced=True)

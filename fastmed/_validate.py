@@ -27,11 +27,13 @@ def check_tensor(x, name: str, *, floating: bool = True, min_ndim: Optional[int]
 
 
 def check_same_device(**tensors: Optional[torch.Tensor]) -> torch.device:
-    items = [(k, v) for k, v in tensors.items() if isinstance(v, torch.Tensor)]
-    device = items[0][1].device
-    for k, v in items[1:]:
-        if v.device != device:
-            first = items[0][0]
+    first = device = None
+    for k, v in tensors.items():
+        if v is None or not isinstance(v, torch.Tensor):
+            continue
+        if device is None:
+            first, device = k, v.device
+        elif v.device != device:
             raise ValueError(f"{k} is on {v.device} but {first} is on {device}; all tensors must be on one device")
     return device
 
@@ -69,6 +71,8 @@ def flat_view(x: torch.Tensor) -> torch.Tensor:
 
 def check_per_axis(value, name: str, nd: int, minimum: int) -> tuple[int, ...]:
     """An int or a sequence of ``nd`` ints, each >= ``minimum`` -> a tuple of ``nd`` ints (one per spatial axis)."""
+    if type(value) is tuple and len(value) == nd and all(type(v) is int and v >= minimum for v in value):
+        return value  # the common case (a torch module's stride/padding/dilation) without the ABC checks below
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         vals = (int(value),) * nd
     elif (isinstance(value, Sequence) and not isinstance(value, str) and len(value) == nd

@@ -95,7 +95,10 @@ def _accumulate_input(
     return acc
 
 
-@triton.jit
+# The sizes are not specialized (Triton would compile a kernel per pattern of "== 1" / "divisible by 16" over a
+# dozen size arguments, i.e. nearly one per benchmark shape); strides, paddings and dilations still are (stride 1
+# gives contiguous, vectorizable loads).
+@triton.jit(do_not_specialize=["C1", "C2", "Cout", "D", "H", "W", "Do", "Ho", "Wo", "P"])
 def _conv_fwd_kernel(
     x_ptr,      # shape (N, C1, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
     x2_ptr,     # shape (N, C2, D, H, W), strides (s2n, s2c, s2d, s2h, s2w): the second input (channels
@@ -150,7 +153,7 @@ def _conv_fwd_kernel(
         tl.store(pm2_ptr + p_off, tm2, mask=mco)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Cin", "Cout", "D", "H", "W", "Do", "Ho", "Wo", "QD", "QH", "QW", "blocks_per_class"])
 def _conv_dgrad_kernel(
     dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw): gradient of the conv output
     w_ptr,      # shape (KD, KH, KW, Cout, Cin), contiguous
@@ -215,7 +218,7 @@ def _conv_dgrad_kernel(
     tl.store(dx_ptr + x_off, acc.to(dx_ptr.dtype.element_ty), mask=mm[:, None] & mci[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["Cin", "Cout", "D", "H", "W", "Do", "Ho", "Wo", "k_total", "k_per_split"])
 def _conv_wgrad_kernel(
     dy_ptr,     # shape (N, Cout, Do, Ho, Wo), strides (sdn, sdc, sdd, sdh, sdw)
     x_ptr,      # shape (N, Cin, D, H, W), strides (sxn, sxc, sxd, sxh, sxw)
@@ -296,17 +299,40 @@ def _dot_options(t: torch.Tensor) -> dict:
     return dict(DOT_FP32=False, INPUT_PRECISION="ieee")
 
 
-def _gemm_blocks(t: torch.Tensor, m: int, n_cols: int, k_cols: int) -> dict:
-    """Tile sizes and warps of an implicit GEMM with M rows, N = n_cols, inner channel loop over k_cols."""
-    if _interpreting(t):  # the interpreter runs few, large programs fastest; tl.dot needs >= 16
+# GPU tiles.  On sm_90 the gathered A tile's 64-bit addresses dominate the registers: BLOCK_M * BLOCK_K / threads
+# values per thread must stay at 8 (64 x 32 tiles at 8 warps: 168-246 registers, no spills; the former 128 x 64 x 64
+# tiles at 8 warps and 128 x 32 x 32 at 4 warps spilled 2.3-2.6 KB, 64 x 32 x 32 at 4 warps 0.5 KB;
+# tests/test_conv_block.py::test_kernels_compile_for_sm90 checks the tiles picked at the benchmark shapes).
+# The small tiles also give the 16^3 and 8^3 stages 4x the programs of the former 128-row tiles.
+GEMM_BLOCK_M = 64
+GEMM_MAX_BLOCK_N = 64
+GEMM_BLOCK_K = 32
+GEMM_WARPS = 8
+
+
+def gemm_blocks(interpreting: bool, m: int, n_cols: int, k_cols: int) -> dict:
+    """Tile sizes and warps of an implicit GEMM (forward, data gradient) with M rows, N = n_cols, inner channel
+    loop over k_cols, on a GPU or (``interpreting``) under the Triton interpreter."""
+    if interpreting:  # the interpreter runs few, large programs fastest; tl.dot needs >= 16
         return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(m))),
                     BLOCK_N=max(16, min(64, triton.next_power_of_2(n_cols))),
                     BLOCK_K=max(16, min(64, triton.next_power_of_2(k_cols))), num_warps=4)
-    block_k = max(16, min(64 if t.element_size() <= 2 else 32, triton.next_power_of_2(k_cols)))
-    block_n = max(16, min(128, triton.next_power_of_2(n_cols)))
-    block_m = 128 if m >= 128 * 8 else 64
-    return dict(BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8 if block_m * block_n >= 16384 else 4,
+    # BLOCK_N 32 is not smaller in registers: the fp32 (tf32) data gradient at 64 x 32 x 32 spills, at 64 x 64 x 32
+    # it needs 212 registers; a 32-channel layer computes a half-masked tile instead.
+    return dict(BLOCK_M=GEMM_BLOCK_M, BLOCK_N=16 if n_cols <= 16 else GEMM_MAX_BLOCK_N,
+                BLOCK_K=max(16, min(GEMM_BLOCK_K, triton.next_power_of_2(k_cols))), num_warps=GEMM_WARPS,
                 num_stages=3)
+
+
+def wgrad_blocks(interpreting: bool, cout: int, cin: int, k_total: int) -> dict:
+    """Tile sizes and warps of the weight-gradient GEMM (Cout x Cin per tap over K = k_total voxels)."""
+    if interpreting:
+        return dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(cout))),
+                    BLOCK_N=max(16, min(64, triton.next_power_of_2(cin))),
+                    BLOCK_K=max(16, min(128, triton.next_power_of_2(k_total))), num_warps=4)
+    return dict(BLOCK_M=max(16, min(GEMM_MAX_BLOCK_N, triton.next_power_of_2(cout))),
+                BLOCK_N=max(16, min(GEMM_MAX_BLOCK_N, triton.next_power_of_2(cin))),
+                BLOCK_K=GEMM_BLOCK_K, num_warps=GEMM_WARPS, num_stages=3)
 
 
 def conv_forward_stats(x: torch.Tensor, conv: ConvTensors, cspec: ConvSpec, stats: bool):
@@ -333,7 +359,7 @@ def conv_forward_stats(x: torch.Tensor, conv: ConvTensors, cspec: ConvSpec, stat
     w_t = w5.permute(2, 3, 4, 1, 0).contiguous()  # (KD, KH, KW, Cin, Cout): small, coalesced along Cout
     Do, Ho, Wo = y5.shape[2:]
     Mo = Do * Ho * Wo
-    blocks = _gemm_blocks(x, Mo, Cout, max(C1, C2))
+    blocks = gemm_blocks(_interpreting(x), Mo, Cout, max(C1, C2))
     P = triton.cdiv(Mo, blocks["BLOCK_M"])
     pmean = torch.empty((N, Cout, P) if stats else (1,), device=x.device, dtype=torch.float32)
     pm2 = torch.empty_like(pmean)
@@ -392,7 +418,7 @@ def conv_input_grad(dconv: torch.Tensor, weight: torch.Tensor, x: torch.Tensor, 
     D, H, W = dx5.shape[2:]
     q = [triton.cdiv(size, s) for size, s in zip((D, H, W), st)]  # voxels per residue class, per axis
     per_class = q[0] * q[1] * q[2]
-    blocks = _gemm_blocks(x, per_class, Cin, Cout)
+    blocks = gemm_blocks(_interpreting(x), per_class, Cin, Cout)
     blocks_per_class = triton.cdiv(per_class, blocks["BLOCK_M"])
     taps, ntaps = class_taps((KD, KH, KW), st, dl, x.device)
     grid = (taps.shape[0] * blocks_per_class, triton.cdiv(Cin, blocks["BLOCK_N"]), N)
@@ -413,16 +439,8 @@ def conv_weight_grad(dconv: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
     Cout = weight.shape[0]
     Do, Ho, Wo = dy5.shape[2:]
     k_total = N * Do * Ho * Wo
-    if _interpreting(x):
-        blocks = dict(BLOCK_M=max(16, min(64, triton.next_power_of_2(Cout))),
-                      BLOCK_N=max(16, min(64, triton.next_power_of_2(Cin))),
-                      BLOCK_K=max(16, min(128, triton.next_power_of_2(k_total))), num_warps=4)
-        target = 2
-    else:
-        blocks = dict(BLOCK_M=max(16, min(128, triton.next_power_of_2(Cout))),
-                      BLOCK_N=max(16, min(128, triton.next_power_of_2(Cin))),
-                      BLOCK_K=64 if x.element_size() <= 2 else 32, num_warps=8, num_stages=3)
-        target = target_programs(x.device, cpu=4)
+    blocks = wgrad_blocks(_interpreting(x), Cout, Cin, k_total)
+    target = 2 if _interpreting(x) else target_programs(x.device, cpu=4)
     tiles = triton.cdiv(Cout, blocks["BLOCK_M"]) * triton.cdiv(Cin, blocks["BLOCK_N"])
     splits = max(1, min(triton.cdiv(target, tiles * taps), triton.cdiv(k_total, blocks["BLOCK_K"])))
     k_per = triton.cdiv(triton.cdiv(k_total, splits), blocks["BLOCK_K"]) * blocks["BLOCK_K"]

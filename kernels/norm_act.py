@@ -314,7 +314,7 @@ def _norm_act_bwd_apply_kernel(
 # Launchers
 # --------------------------------------------------------------------------------------------------
 
-def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
+def launch_blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_S, num_warps) for a tile of t3 = (N, C, S): channels fastest when C has stride 1."""
     if t3.stride(1) == 1 and t3.shape[2] > 1:  # channels-last
         block_c = min(triton.next_power_of_2(channels), 64)
@@ -325,6 +325,19 @@ def _blocks(t3: torch.Tensor, channels: int) -> tuple[int, int, int]:
     block_s = min(block_s, max(triton.next_power_of_2(t3.shape[2]), 16))
     num_warps = 8 if block_c * block_s >= 4096 else 4
     return block_c, block_s, num_warps
+
+
+REDUCE_TILE_MAX = 4096  # values per tile of _norm_act_bwd_reduce_kernel at or above which its BLOCK_S is halved
+
+
+def reduce_flags(flags: dict) -> dict:
+    """The launch flags of ``_norm_act_bwd_reduce_kernel``: the apply tile, halved along S when it holds
+    :data:`REDUCE_TILE_MAX` values or more (it keeps three input tiles and their products live across the pipelined
+    loop: at the channels-last 64 x 64 tile it spills 400-600 B on sm_90 at 255 registers; 64 x 32 needs 240 and
+    none).  ``s_per_split`` stays a multiple of the halved BLOCK_S."""
+    if flags["BLOCK_C"] * flags["BLOCK_S"] < REDUCE_TILE_MAX or flags["BLOCK_S"] <= 16:
+        return flags
+    return dict(flags, BLOCK_S=flags["BLOCK_S"] // 2)
 
 
 def _splits(n: int, cblocks: int, S: int, block_s: int, device: torch.device) -> tuple[int, int]:
@@ -373,7 +386,7 @@ def norm_stats(x: torch.Tensor, kind: str, num_groups: int, eps: float) -> tuple
     x3 = flat_view(x)
     N, C, S = x3.shape
     acc = accumulation_dtype(x.dtype)
-    block_c, block_s, num_warps = _blocks(x3, C)
+    block_c, block_s, num_warps = launch_blocks(x3, C)
     cblocks = triton.cdiv(C, block_c)
     P, s_per = _splits(N, cblocks, S, block_s, x.device)
     pmean = torch.empty((N, C, P), device=x.device, dtype=acc)
@@ -406,7 +419,7 @@ def _launch_common(x3: torch.Tensor, tensors: NormTensors, spec: NormSpec, dummy
     N, C, S = x3.shape
     rows_per_n, cg = _row_layout(spec.kind, C, spec.num_groups)
     (w, sw), (b, sb), (sl, ssl) = (_param(t, dummy) for t in (tensors.weight, tensors.bias, tensors.slope))
-    block_c, block_s, num_warps = _blocks(x3, C)
+    block_c, block_s, num_warps = launch_blocks(x3, C)
     flags = dict(HAS_W=tensors.weight is not None, HAS_B=tensors.bias is not None,
                  HAS_RES=tensors.residual is not None, ACT=spec.activation, BLOCK_C=block_c, BLOCK_S=block_s,
                  num_warps=num_warps)
@@ -464,7 +477,7 @@ def norm_act_backward(dy: torch.Tensor, x: torch.Tensor, saved, tensors: NormTen
     with device_guard(x):
         wrap_triton(_norm_act_bwd_reduce_kernel)[(P, cblocks, N)](
             dy3, x3, r3, mean, rstd, *params, psg, psgx, psa, C, S, P, s_per, *scalars,
-            *dy3.stride(), *x3.stride(), *r3.stride(), **flags)
+            *dy3.stride(), *x3.stride(), *r3.stride(), **reduce_flags(flags))
         if weight is not None or bias is not None:
             wrap_triton(_row_sums_kernel)[(C,)](psg, psgx, mean, sg_c, sgx_c, C, P, E_c, outer_c, cg_c, 1, 0,
                                                 HAS_W=False, BLOCK=_finalize_block(E_c))

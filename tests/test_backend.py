@@ -13,7 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_auto_picks_reference_on_cpu():
-    assert _backend.choose("norm_act", torch.device("cpu")) == "reference"
+    assert _backend.choose("conv_block", torch.device("cpu")) == "reference"
+
+
+def test_auto_picks_cpp_on_cpu_where_an_op_has_it():
+    """norm_act has a C++ CPU backend: auto runs it when fastmed._C is built, else the reference."""
+    built = _ext.extension_info()["built"]
+    assert _backend.choose("norm_act", torch.device("cpu")) == ("cpp" if built else "reference")
 
 
 def test_use_backend_nests_and_restores():

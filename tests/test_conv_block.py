@@ -4,6 +4,7 @@ Oracle: ``fastmed.reference.conv_block.conv_norm_act_reference`` (F.conv{2,3}d +
 differentiated by autograd), in float64 for the equivalence tests.
 """
 import copy
+import math
 
 import pytest
 import torch
@@ -815,24 +816,70 @@ def test_bench_write_choice_table_round_trip(tmp_path, monkeypatch):
     assert ops_cb.choose_implementation(x, torch.randn(4, 3, 3, 3, 3), (1, 1, 1)) == choice.DEFAULT
 
 
+# bench/bench_conv_block.py's GPU cases: (N, Cin, Cout, spatial, stride, Cskip)
+BENCHMARK_CASES = [
+    (2, 32, 32, (128, 128, 128), 1, 0), (2, 64, 64, (64, 64, 64), 1, 0), (2, 128, 128, (32, 32, 32), 1, 0),
+    (2, 256, 256, (16, 16, 16), 1, 0), (2, 320, 320, (8, 8, 8), 1, 0), (2, 32, 64, (128, 128, 128), 2, 0),
+    (2, 64, 128, (64, 64, 64), 2, 0), (2, 128, 256, (32, 32, 32), 2, 0), (2, 256, 320, (16, 16, 16), 2, 0),
+    (24, 64, 64, (224, 224), 1, 0), (2, 32, 32, (128, 128, 128), 1, 32), (2, 64, 64, (64, 64, 64), 1, 64)]
+
+
 def test_kernels_compile_for_sm90():
-    """The implicit-GEMM kernels compile for an H100 with tensor-core tl.dot (bf16/fp16, tf32 for fp32) at the
-    tile sizes the launcher picks on a GPU; the interpreter runs them with fp32 dots only."""
-    from sm90 import compile_for_sm90
+    """The implicit-GEMM kernels compile for an H100 with tensor-core tl.dot (bf16, tf32 for fp32), without spills,
+    at the tiles the launchers pick at the benchmark shapes; the interpreter runs them with fp32 dots only."""
+    from sm90 import assert_no_spills, compile_for_sm90
+
+    from fastmed.kernels.conv_block import gemm_blocks, wgrad_blocks
 
     m = "fastmed.kernels.conv_block"
+    launches = set()
+    for n, cin, cout, spatial, stride, cskip in BENCHMARK_CASES:
+        kd = 3 if len(spatial) == 3 else 1
+        out_voxels = math.prod(-(-size // stride) for size in spatial)
+        per_class = out_voxels  # ceil(size / stride) voxels per residue class and axis
+        fwd = gemm_blocks(False, out_voxels, cout, max(cin, cskip))
+        launches.add(("_conv_fwd_kernel", kd, cskip > 0, tuple(sorted(fwd.items()))))
+        for c in (cin, cskip) if cskip else (cin,):
+            dgrad = gemm_blocks(False, per_class, c, cout)
+            launches.add(("_conv_dgrad_kernel", kd, False, tuple(sorted(dgrad.items()))))
+            launches.add(("_conv_wgrad_kernel", kd, False,
+                          tuple(sorted(wgrad_blocks(False, cout, c, n * out_voxels).items()))))
     specs = []
-    for dt, prec, blocks, warps in (("*bf16", "ieee", dict(BLOCK_M=128, BLOCK_N=32, BLOCK_K=32), 4),
-                                    ("*fp16", "ieee", dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64), 8),
-                                    ("*fp32", "tf32", dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=32), 8)):
-        dots = dict(DOT_FP32=False, INPUT_PRECISION=prec, **blocks)
+    for dt, prec in (("*bf16", "ieee"), ("*fp32", "tf32")):
         acc = {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "pw_ptr": "*fp32", "taps_ptr": "*i32",
                "ntaps_ptr": "*i32", "b_ptr": dt}
-        for kd in (3, 1):  # 3D and 2D (a depth-1 kernel)
-            specs.append(dict(module=m, kernel="_conv_fwd_kernel", ptr=dt, pointers=acc, num_warps=warps,
-                              constexprs=dict(KD=kd, KH=3, KW=3, HAS_X2=kd == 3, HAS_BIAS=True, STATS=True, **dots)))
-            specs.append(dict(module=m, kernel="_conv_dgrad_kernel", ptr=dt, pointers=acc, num_warps=warps,
-                              constexprs=dict(KH=3, KW=3, TAPS=kd * 9, **dots)))
-            specs.append(dict(module=m, kernel="_conv_wgrad_kernel", ptr=dt, pointers=acc, num_warps=warps,
-                              constexprs=dict(KH=3, KW=3, TAPS=kd * 9, **dots)))
-    compile_for_sm90(specs)
+        for kernel, kd, has_x2, items in sorted(launches):
+            blocks = dict(items)
+            warps, stages = blocks.pop("num_warps"), blocks.pop("num_stages")
+            dots = dict(DOT_FP32=False, INPUT_PRECISION=prec, **blocks)
+            consts = dict(KD=kd, KH=3, KW=3, HAS_X2=has_x2, HAS_BIAS=True, STATS=True) \
+                if kernel == "_conv_fwd_kernel" else dict(KH=3, KW=3, TAPS=kd * 9)
+            specs.append(dict(module=m, kernel=kernel, ptr=dt, pointers=acc, num_warps=warps, num_stages=stages,
+                              constexprs=dict(**consts, **dots)))
+    assert_no_spills(compile_for_sm90(specs))
+
+
+def test_warm_triton_cache_runs_every_case_and_implementation(monkeypatch, tdevice):
+    """warm_triton_cache runs forward + backward of each case on the Triton backend, per implementation: the
+    implicit GEMM's forward once per case, its data gradient once per input (twice with a skip input)."""
+    import fastmed.kernels.conv_block as kernels_cb
+    from fastmed.ops.conv_block import warm_triton_cache
+
+    calls = []
+    for name in ("conv_forward_stats", "conv_input_grad"):
+        real = getattr(kernels_cb, name)
+        monkeypatch.setattr(kernels_cb, name, lambda *a, real=real, name=name, **k: calls.append(name) or real(*a, **k))
+    cases = [dict(x_shape=(1, 2, 4, 5), out_channels=3),
+             dict(x_shape=(1, 2, 3, 4, 4), out_channels=2, stride=2, skip_channels=1, channels_last=True)]
+    assert warm_triton_cache(cases, device=tdevice) == 4
+    assert calls.count("conv_forward_stats") == 2 and calls.count("conv_input_grad") == 3
+
+
+@pytest.mark.parametrize("case,match", [(dict(x_shape=(1, 2, 4, 5), out_channels=3, strides=2), "unknown"),
+                                        (dict(x_shape=(1, 2, 4, 5)), "missing"),
+                                        (dict(x_shape=(1, 2, 4), out_channels=3), "2 or 3 spatial dims")])
+def test_warm_triton_cache_bad_case(case, match):
+    from fastmed.ops.conv_block import warm_triton_cache
+
+    with pytest.raises(ValueError, match=match):
+        warm_triton_cache([case], device="cpu")

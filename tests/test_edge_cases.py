@@ -200,6 +200,10 @@ def norm_act_call(dev, *, dtype=F32, kind="instance", shape=(2, 4, 3, 5), act="l
                 **call_kw)
 
 
+# norm_act also has a C++ CPU backend (when fastmed._C is built): every case but the Triton-only ones runs on it.
+NORM_ACT_BACKENDS = TRITON + (("cpp",) if _ext.extension_info()["built"] else ())
+
+
 def norm_act_cases():
     b = norm_act_call
     full = dict(residual=True)
@@ -270,7 +274,7 @@ def norm_act_cases():
             ("nonfinite", "x_nan"), ("nonfinite", "weight_nan"), ("nonfinite", "large_mean_channels_last"),
             ("double_backward", "create_graph"), ("grad_mode", "no_grad_batch_train_stats"),
             ("inplace_output", "mul_"), ("inplace_output", "mul_leaky_relu")}
-    return _cases_for("norm_act", TRITON, T, tri)
+    return _cases_for("norm_act", NORM_ACT_BACKENDS, T, tri)
 
 
 # ================================================================================================ conv_norm_act

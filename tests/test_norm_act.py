@@ -69,7 +69,7 @@ def assert_close(actual, expected, dtype, what):
     torch.testing.assert_close(actual.double(), expected.double(), **tol, msg=lambda m: f"{what}: {m}")
 
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.ext), "triton"]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -148,20 +148,59 @@ def test_gradcheck_triton_fp64():
             lambda x, w, b, r: norm_act(x, "instance", w, b, residual=r, activation="silu"), (x, w, b, r))
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("kind,act,channels_last", [("group", "prelu", False), ("instance", "leaky_relu", True),
+                                                   ("batch", "gelu", False), ("instance", "relu", True)])
+def test_gradcheck_cpp_fp64(kind, act, channels_last):
+    """The C++ kernels compute float64 inputs in float64: finite differences check forward and backward."""
+    x, w, b, r, slope, ng = make_case(5, kind, act, 3, torch.float64, True, True, channels_last, "cpu", n=2, c=4,
+                                      sizes=[3, 2, 3])
+    with fastmed.use_backend("cpp"):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b, r, *s: norm_act(x, kind, w, b, num_groups=ng, residual=r, activation=act,
+                                            negative_slope=s[0] if s else 0.1),
+            (x, w, b, r) + ((slope,) if act == "prelu" else ()))
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("kind,act", [("instance", "leaky_relu"), ("group", "prelu"), ("batch", "relu")])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_cpp_bitwise_deterministic_across_threads(kind, act, channels_last):
+    """The C++ kernels split the work into fixed items combined in a fixed order: 1 and 2 threads give the same
+    bits, forward and backward (the tensor is large enough to be split across threads)."""
+    x, w, b, r, slope, ng = make_case(6, kind, act, 3, torch.float32, True, True, channels_last, "cpu", n=2, c=8,
+                                      sizes=[20, 24, 24])
+    gy = torch.randn(x.shape, generator=torch.Generator().manual_seed(9)).to(x)
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            y, grads = run("cpp", x, kind, w, b, r, slope, ng, act, gy)
+            results.append((y, grads))
+    finally:
+        torch.set_num_threads(threads)
+    (y1, g1), (y2, g2) = results
+    assert torch.equal(y1, y2)
+    for a, c in zip(g1, g2):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.ext)])
 @pytest.mark.parametrize("kind,act", [("instance", "leaky_relu"), ("group", "prelu"), ("batch", "gelu"),
                                       ("instance", "identity")])
-def test_opcheck_reference(kind, act):
+def test_opcheck(backend, kind, act):
     x, w, b, r, slope, ng = make_case(4, kind, act, 3, torch.float32, True, True, False, "cpu", c=4)
     slope_t = slope if act == "prelu" else None
     spec = NormSpec(kind, ng or (4 if kind == "instance" else 1), 1e-5, act, 0.0 if act == "prelu" else 0.01)
-    args = op_inputs(x, NormTensors(w, b, r, slope_t), None, None, spec, "reference")
+    args = op_inputs(x, NormTensors(w, b, r, slope_t), None, None, spec, backend)
     torch.library.opcheck(torch.ops.fastmed.norm_act_fwd.default, args)
     y, mean, rstd, saved = torch.ops.fastmed.norm_act_fwd(*args)
     dy = torch.randn_like(y)
     torch.library.opcheck(torch.ops.fastmed.norm_act_bwd.default,
                           (dy, x.detach(), saved.detach(), w.detach(), b.detach(), r.detach(),
                            None if slope_t is None else slope_t.detach(), mean.detach(), rstd.detach(), *spec, True,
-                           "reference"))
+                           backend))
 
 
 def test_op_schema_follows_the_specs():
@@ -562,9 +601,12 @@ def test_bad_input(call, exc, match):
         call(x)
 
 
+BENCHMARK_SHAPES = [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32), (2, 320, 8, 8, 8),
+                    (24, 64, 224, 224)]
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape", [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32),
-                                   (2, 320, 8, 8, 8), (24, 64, 224, 224)])
+@pytest.mark.parametrize("shape", BENCHMARK_SHAPES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_benchmark_shapes(shape, dtype):
     x = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
@@ -584,8 +626,10 @@ def test_gpu_benchmark_shapes(shape, dtype):
 # ----------------------------------------------------------------------------------------- GPU compilation
 
 def test_kernels_compile_for_sm90():
-    """Every norm_act kernel, in the configurations the launchers use, compiles for an H100."""
-    from sm90 import compile_for_sm90
+    """Every norm_act kernel, in the configurations the launchers use, compiles for an H100 without spills."""
+    from sm90 import assert_no_spills, compile_for_sm90
+
+    from fastmed.kernels.norm_act import launch_blocks, reduce_flags
 
     m = "fastmed.kernels.norm_act"
     acc = {"pmean_ptr": "*fp32", "pm2_ptr": "*fp32", "mean_ptr": "*fp32", "rstd_ptr": "*fp32", "w_ptr": "*fp32",
@@ -594,8 +638,14 @@ def test_kernels_compile_for_sm90():
     floats = ["negative_slope", "eps"]
     flags = dict(HAS_W=True, HAS_B=True, HAS_RES=True)
     specs = []
-    for dt, blocks, warps in (("*bf16", dict(BLOCK_C=2, BLOCK_S=2048), 8), ("*fp16", dict(BLOCK_C=64, BLOCK_S=64), 8),
-                              ("*fp32", dict(BLOCK_C=1, BLOCK_S=16), 4)):
+    configs = {("*bf16", 2, 2048, 8), ("*fp16", 64, 64, 8), ("*fp32", 1, 16, 4)}
+    # the tiles the launcher picks at the GPU benchmark shapes (test_gpu_benchmark_shapes, bf16), both layouts
+    for shape in BENCHMARK_SHAPES:
+        for fmt in (torch.contiguous_format, torch.channels_last_3d if len(shape) == 5 else torch.channels_last):
+            x3 = flat_view(torch.empty(shape, device="meta").contiguous(memory_format=fmt))
+            configs.add(("*bf16", *launch_blocks(x3, shape[1])))
+    for dt, block_c, block_s, warps in sorted(configs):
+        blocks = dict(BLOCK_C=block_c, BLOCK_S=block_s)
         specs.append(dict(module=m, kernel="_norm_stats_kernel", ptr=dt, pointers=acc, constexprs=blocks,
                           num_warps=warps))
         for act in ACTIVATIONS:
@@ -603,7 +653,7 @@ def test_kernels_compile_for_sm90():
                               constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
         for act in ("leaky_relu", "gelu", "prelu"):
             specs.append(dict(module=m, kernel="_norm_act_bwd_reduce_kernel", ptr=dt, pointers=acc, floats=floats,
-                              constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
+                              constexprs=dict(ACT=act, **flags, **reduce_flags(blocks)), num_warps=warps))
             specs.append(dict(module=m, kernel="_norm_act_bwd_apply_kernel", ptr=dt, pointers=acc, floats=floats,
                               constexprs=dict(ACT=act, INPUT_STATS=act != "prelu", **flags, **blocks), num_warps=warps))
     # float64 inputs accumulate in float64; contiguous strides arrive as the constant 1; no affine, no residual
@@ -619,7 +669,7 @@ def test_kernels_compile_for_sm90():
         specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, constexprs=dict(HAS_W=True, BLOCK=16)))
         specs.append(dict(module=m, kernel="_row_sums_kernel", ptr=dt_acc, pointers={"w_ptr": "*bf16"},
                           constexprs=dict(HAS_W=False, BLOCK=256, divisor=1, P=1)))
-    compile_for_sm90(specs)
+    assert_no_spills(compile_for_sm90(specs))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -7,6 +7,11 @@ fastmed therefore runs the very bodies registered for the op through a plain ``t
 op's own ``setup_context`` and ``backward`` (the *direct path*); while ``torch.compile`` traces, the registered ops
 are used, so the graph has no breaks.  ``tests/test_direct_path.py`` checks both routes give bit-identical values
 and gradients.  ("Eager" in fastmed means unfused PyTorch, the baseline of the benchmarks, never this path.)
+
+Ops declared with :func:`triton_op` here (instead of ``torch.library.triton_op``) take the backend name as their
+last argument; on the direct path their function then runs as written for every backend but ``"triton"``, without
+the wrapper torch puts around a ``triton_op`` body (a context manager that disables ``wrap_triton``, a few
+microseconds a call: a visible part of a C++ CPU kernel's whole cost on small tensors).
 """
 from __future__ import annotations
 
@@ -14,25 +19,43 @@ from typing import Callable
 
 import torch
 
+# The functions of the ops declared with triton_op below, as written (torch keeps them wrapped).
+_PLAIN: dict = {}
 
-def body(op) -> Callable:
+
+def triton_op(name: str, mutates_args=()) -> Callable:
+    """``torch.library.triton_op(name, mutates_args=...)`` for a function whose last argument is the backend name;
+    the direct path runs the function itself when that backend is not ``"triton"`` (see the module docstring)."""
+    def register(fn: Callable):
+        op = torch.library.triton_op(name, mutates_args=mutates_args)(fn)
+        _PLAIN[op] = fn
+        return op
+
+    return register
+
+
+def body(op, backend=None) -> Callable:
     """The Python function registered as the implementation of a ``torch.library`` custom op (the op itself
-    where torch keeps it elsewhere, which only costs the dispatch)."""
+    where torch keeps it elsewhere, which only costs the dispatch); for an op of :func:`triton_op` and a
+    ``backend`` other than ``"triton"``, the function without torch's wrapper."""
+    if backend != "triton":
+        plain = _PLAIN.get(op)
+        if plain is not None:
+            return plain
     return getattr(op, "_init_fn", op)
 
 
 def backward_op(ctx, op) -> Callable:
-    """What a registered backward should call for the op ``op``: its body on the direct path, else the op."""
-    return body(op) if getattr(ctx, "direct", False) else op
+    """What a registered backward should call for the op ``op``: its body on the direct path (for the backend
+    the forward ran, ``ctx.backend``, where the op records it), else the op."""
+    return body(op, getattr(ctx, "backend", None)) if getattr(ctx, "direct", False) else op
 
 
 def autograd_function(name: str, op, setup_context: Callable, backward: Callable) -> type[torch.autograd.Function]:
     """A ``torch.autograd.Function`` that runs the body of ``op`` with the op's ``setup_context`` and ``backward``
     (``ctx.direct`` is True for them)."""
-    impl = body(op)
-
     def forward(ctx, *inputs):
-        outputs = impl(*inputs)
+        outputs = body(op, inputs[-1])(*inputs)
         ctx.direct = True
         setup_context(ctx, inputs, outputs)
         return outputs
@@ -48,4 +71,4 @@ def call(op, function: type[torch.autograd.Function], *inputs):
         return op(*inputs)
     if torch.is_grad_enabled() and any(isinstance(t, torch.Tensor) and t.requires_grad for t in inputs):
         return function.apply(*inputs)
-    return body(op)(*inputs)
+    return body(op, inputs[-1])(*inputs)

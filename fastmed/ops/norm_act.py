@@ -6,6 +6,10 @@ the arguments travel as the specs :class:`~fastmed.reference.norm_act.NormTensor
 :class:`~fastmed.reference.norm_act.NormSpec` (the configuration); the ops take them flattened, in the order
 :func:`op_inputs` gives.
 
+Backends: ``triton`` (CUDA), ``cpp`` (CPU tensors, ``csrc/norm_act_cpu.cpp``: one statistics pass and one
+apply pass, forward and backward; gelu/silu run torch's activation kernels around its normalization) and
+``reference``.
+
 Backward: the backend's fused backward.  When the backward itself is differentiated (``create_graph=True``,
 e.g. a gradient penalty), the first-order gradient is computed instead by torch's autograd of the op's torch
 composition (:func:`fastmed.reference.norm_act.norm_act_reference`), so second-order gradients are exact on
@@ -19,9 +23,8 @@ from typing import Callable, NamedTuple, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
 
-from fastmed import _backend
+from fastmed import _backend, _ext
 from fastmed.ops import _direct
 from fastmed._tensors import accumulation_dtype
 from fastmed._validate import (check_choice, check_mode, check_number, check_per_channel, check_same_device,
@@ -37,16 +40,66 @@ ACTIVATIONS = ref.ACTIVATIONS
 _ALIASES = {"leakyrelu": "leaky_relu", "lrelu": "leaky_relu", "swish": "silu", "linear": "identity",
             "none": "identity", "gelu_erf": "gelu", "gelu_approx": "gelu_tanh"}
 
-_backend.register_op("norm_act", ("triton", "reference"),
+_backend.register_op("norm_act", ("triton", "cpp", "reference"),
                      doc="normalization (instance/group/batch) + residual + activation, forward and backward")
+
+# The activations the cpp backend leaves to torch's vectorized kernels: its C++ pass normalizes (identity), torch
+# applies the activation to that pre-activation z (saved for the backward, as torch's composition saves it).
+TORCH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
+
+
+def _traced(t: Tensor) -> bool:
+    """True for the tensors torch.compile, opcheck and meta-device shape inference run the op bodies with (fake,
+    functional or meta tensors): C++ cannot read them, so the cpp bodies trace the reference composition."""
+    return type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+
+
+def cpp_forward(x: Tensor, tensors: NormTensors, spec: NormSpec, mean: Optional[Tensor] = None,
+                rstd: Optional[Tensor] = None):
+    """The cpp backend's forward (``csrc/norm_act_cpu.cpp``): (y, mean, rstd, saved), saved = the float32 (float64)
+    pre-activation for :data:`TORCH_ACTIVATIONS`, else None (the backward recomputes it from x and the statistics,
+    so y may be modified in place and nothing but x is kept)."""
+    smooth = spec.activation in TORCH_ACTIVATIONS
+    if _traced(x):
+        y, mean, rstd, z = ref.norm_act_forward(x, tensors, spec, mean, rstd)
+        return y, mean, rstd, (z if smooth else None)
+    w, b, r, s = tensors
+    if not smooth:
+        y, mean, rstd = _ext.load().norm_act_forward_cpu(x, w, b, r, s, mean, rstd, spec.kind, spec.num_groups,
+                                                         spec.eps, spec.activation, spec.negative_slope)
+        return y, mean, rstd, None
+    z, mean, rstd = _ext.load().norm_act_forward_cpu(x.to(accumulation_dtype(x.dtype)), w, b, r, s, mean, rstd,
+                                                     spec.kind, spec.num_groups, spec.eps, "identity", 0.0)
+    return ref.apply_activation(z, spec.activation).to(x.dtype), mean, rstd, z
+
+
+def _smooth_activation_grad(dy: Tensor, z: Tensor, activation: str) -> Tensor:
+    """dy * act'(z) for an activation of :data:`TORCH_ACTIVATIONS`, by torch's backward kernels."""
+    if activation == "silu":
+        return torch.ops.aten.silu_backward(dy, z)
+    return torch.ops.aten.gelu_backward(dy, z, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+def cpp_backward(dy: Tensor, x: Tensor, saved: Optional[Tensor], tensors: NormTensors, spec: NormSpec, mean: Tensor,
+                 rstd: Tensor, input_stats: bool = True) -> tuple[Tensor, NormTensors]:
+    """The cpp backend's backward: (dx, NormTensors of gradients), None where absent."""
+    if _traced(x) or _traced(dy):
+        return ref.norm_act_backward(dy, x, saved, tensors, spec, mean, rstd, input_stats)
+    activation = spec.activation
+    if activation in TORCH_ACTIVATIONS:  # the C++ pass then runs the identity on g = dy * act'(z)
+        dy, activation = _smooth_activation_grad(dy.to(saved.dtype), saved, activation), "identity"
+    dx, *grads = _ext.load().norm_act_backward_cpu(dy, x, *tensors, mean, rstd, spec.kind, spec.num_groups,
+                                                   activation, spec.negative_slope, input_stats)
+    return dx, NormTensors(*grads)
+
 
 # Bodies: forward(x, NormTensors, NormSpec, mean_in, rstd_in) -> (y, mean, rstd, saved or None);
 # backward(dy, x, saved, NormTensors, NormSpec, mean, rstd, input_stats) -> (dx, NormTensors of gradients).
 _FORWARD = _backend.Implementations("norm_act", "fastmed::norm_act_fwd",
-                                    triton="fastmed.kernels.norm_act:norm_act_forward",
+                                    triton="fastmed.kernels.norm_act:norm_act_forward", cpp=cpp_forward,
                                     reference=ref.norm_act_forward)
 _BACKWARD = _backend.Implementations("norm_act", "fastmed::norm_act_bwd",
-                                     triton="fastmed.kernels.norm_act:norm_act_backward",
+                                     triton="fastmed.kernels.norm_act:norm_act_backward", cpp=cpp_backward,
                                      reference=ref.norm_act_backward)
 
 
@@ -76,7 +129,7 @@ def _split_inputs(inputs: Sequence):
 _NO_SPEC = NormSpec(*(None,) * len(NormSpec._fields))
 
 
-@triton_op("fastmed::norm_act_fwd", mutates_args=())
+@_direct.triton_op("fastmed::norm_act_fwd", mutates_args=())
 def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                   slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float,
@@ -91,7 +144,7 @@ def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], r
     return y, mean, rstd, present(saved, mean)
 
 
-@triton_op("fastmed::norm_act_bwd", mutates_args=())
+@_direct.triton_op("fastmed::norm_act_bwd", mutates_args=())
 def _norm_act_bwd(dy: Tensor, x: Tensor, saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float, input_stats: bool,
@@ -254,7 +307,8 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
              negative_slope: Union[float, Tensor] = 0.01, residual: Optional[Tensor] = None,
              running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
              momentum: float = 0.1, training: bool = True) -> Tensor:
-    """``act(norm(x) * weight + bias + residual)`` in one fused pass (Triton on CUDA, reference on CPU).
+    """``act(norm(x) * weight + bias + residual)`` in one fused pass (Triton on CUDA; on the CPU the C++ kernels of
+    ``csrc/norm_act_cpu.cpp`` when ``fastmed._C`` is built, else the reference).
 
     Args:
         x: ``(N, C, L)``, ``(N, C, H, W)`` or ``(N, C, D, H, W)``; float16/bfloat16/float32/float64;
