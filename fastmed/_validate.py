@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import numbers
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Optional
 
 import torch
 

@@ -41,6 +41,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
 from fastmed._tensors import device_guard, memory_format, target_programs
 from fastmed.reference.conv_block import ConvSpec, ConvTensors
 from fastmed.reference.norm_act import NormSpec, NormTensors

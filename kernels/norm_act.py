@@ -23,6 +23,7 @@ import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
 from fastmed._tensors import accumulation_dtype, device_guard, memory_format, target_programs
 from fastmed._validate import flat_view
 from fastmed.reference.norm_act import NormSpec, NormTensors

@@ -18,17 +18,18 @@ import itertools
 import math
 import re
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, triton_device
 from scipy import ndimage
 
 import fastmed
-from conftest import TOL, triton_device
 
 LAYOUTS_ND = ("noncontiguous", "expanded", "offset", "flipped", "permuted", "channels_last")
 LAYOUTS_1D = ("noncontiguous", "expanded", "offset", "flipped", "permuted")

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL
 from hypothesis import given
 from hypothesis import strategies as st
 from torch import nn
@@ -19,8 +20,6 @@ from fastmed.ops import conv_norm_act
 from fastmed.ops.conv_block import op_inputs
 from fastmed.reference.conv_block import ConvSpec, ConvTensors, conv_norm_act_reference
 from fastmed.reference.norm_act import ACTIVATIONS, NormSpec, NormTensors
-
-from conftest import TOL
 
 ACTS = ACTIVATIONS
 
@@ -81,7 +80,7 @@ def _check_block(seed, n, cin, cout, spatial, kernel, stride, padding, dilation,
         if e is None:
             continue
         scale = max(e.abs().max().item(), 1.0)
-        torch.testing.assert_close(a.double() / scale, e / scale, **tol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a.double() / scale, e / scale, **tol, msg=lambda m, name=name: f"grad {name}: {m}")
     return y
 
 
@@ -442,7 +441,7 @@ def test_residual_block_matches_basic_block_d(cin, cout, stride):
     torch.testing.assert_close(x.grad, x2.grad, **TOL[torch.float32])
     for (name, p), (_, q) in zip(sorted(ours.named_parameters()), sorted(theirs.named_parameters())):
         if not name.startswith("all_modules"):
-            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(p.grad, q.grad, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_up_block_matches_torch():
@@ -605,7 +604,7 @@ def test_two_input_convolution_skip(backend, implementation, channels_last):
     torch.testing.assert_close(y.double(), y_ref, **TOL[torch.float32])
     for name, a, e in zip(("x", "skip", "weight", "bias", "norm_weight", "norm_bias"), _grads(y, leaves, 18),
                           _grads(y_ref, ref_leaves, 18)):
-        torch.testing.assert_close(a.double(), e, **TOL[torch.float32], msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a.double(), e, **TOL[torch.float32], msg=lambda m, name=name: f"grad {name}: {m}")
     with pytest.raises(ValueError, match="x and skip have 3 \\+ 2 = 5 channels"):
         conv_norm_act(x, w[:, :4], skip=skip)
     with pytest.raises(ValueError, match="skip must have the batch and spatial size of x"):

@@ -6,9 +6,9 @@ both backends.
 """
 import pytest
 import torch
+from conftest import triton_device
 
 import fastmed
-from conftest import triton_device
 from fastmed.ops import _direct
 
 

@@ -25,20 +25,20 @@ from __future__ import annotations
 import copy
 import math
 import re
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
+import edge_support as E
 import pytest
 import torch
 import torch.nn.functional as F
+from edge_support import FLOATS, LAYOUTS_1D, LAYOUTS_ND, Call, lay
 from torch import nn
 from torch.func import functional_call
 
 import fastmed
 import fastmed.nn as FN
 from fastmed import _ext, metrics, ops
-
-import edge_support as E
-from edge_support import FLOATS, LAYOUTS_1D, LAYOUTS_ND, Call, lay
 
 monai_losses = pytest.importorskip("monai.losses")
 monai_metrics = pytest.importorskip("monai.metrics")
@@ -837,7 +837,7 @@ def _other_class_neginf(raw):
 
 def loss_cases():
     out = []
-    for name, (_, _, kw_multi, kw_single, has_weight, softmax_based) in LOSSES.items():
+    for name, (_, _, _kw_multi, kw_single, has_weight, softmax_based) in LOSSES.items():
         def b(dev, name=name, **kw):
             return loss_call(name, dev, **kw)
         T = {}
@@ -949,7 +949,7 @@ def deep_supervision_cases():
             value_case(mb, layouts={"out0": "noncontiguous"}), ("dtype", "float16"): value_case(mb, dtype=F16),
         ("bad", "weights_negative"): error_case(mb, ("weights",), weights=[1.0, -0.5, 0.0]),
         ("grad_mode", "no_grad"): lambda bk: E.check_grad_mode(mb(E.device_of(bk)), bk, "no_grad")}, set())
-    for v, n, arg in (("n_2.5", 2.5, "n"), ("n_0", 0, "n"), ("n_str", "3", "n")):
+    for v, n in (("n_2.5", 2.5), ("n_0", 0), ("n_str", "3")):
         out.append(Case("deep_supervision_weights", "bad", v, "none", lambda n=n: _check_ds_weights_error(n)))
     for n in (1, 2, 5):
         out.append(Case("deep_supervision_weights", "value", f"n{n}", "none",
@@ -1280,7 +1280,6 @@ def module_cases():
         def b(dev, make=make, oracle=oracle, inputs=inputs, opts=opts, **kw):
             return module_call(make, oracle, inputs, dev, **{**opts, **kw})
         T = {("value", "default"): value_case(b)}
-        x = inputs["x"]
         token_grid = name.startswith(("Swin", "Window", "Patch", "Final", "Mlp"))
         for L in ["noncontiguous", "expanded", "permuted"] + ([] if token_grid else ["channels_last"]):
             T[("layout", f"x:{L}")] = value_case(b, layouts={"x": L})

@@ -8,11 +8,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import TOL, triton_device
 from hypothesis import given
 from hypothesis import strategies as st
 
 import fastmed
-from conftest import TOL, triton_device
 from fastmed._validate import flat_view
 from fastmed.ops import norm_act
 from fastmed.ops.norm_act import norm_act_call, op_inputs
@@ -96,7 +96,7 @@ def test_equivalence(backend, kind, act, ndim, dtype, affine, residual, channels
         scale = max(1.0, float(g_ref.abs().max()))
         tol = TOL[dtype]
         torch.testing.assert_close(g.double() / scale, g_ref / scale, atol=tol["atol"] * 10, rtol=tol["rtol"] * 10,
-                                   msg=lambda m: f"d{nm}: {m}")
+                                   msg=lambda m, nm=nm: f"d{nm}: {m}")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

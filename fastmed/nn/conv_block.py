@@ -43,7 +43,8 @@ instance norm without affine parameters by default: build the fastmed blocks wit
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 from torch import nn

@@ -112,7 +112,7 @@ class NormAct(nn.Module):
         return s
 
     @classmethod
-    def from_modules(cls, norm: nn.Module, act: Optional[nn.Module] = None) -> "NormAct":
+    def from_modules(cls, norm: nn.Module, act: Optional[nn.Module] = None) -> NormAct:
         """Build a NormAct that shares the parameters and buffers of an existing torch norm module and
         activation module (used by ``fastmed.patch``).  Raises ``TypeError`` for unsupported modules."""
         if isinstance(norm, nn.GroupNorm):

@@ -15,7 +15,7 @@ microseconds a call: a visible part of a C++ CPU kernel's whole cost on small te
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

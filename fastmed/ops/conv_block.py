@@ -33,19 +33,35 @@ second-order gradients are exact on every backend; the output may be modified in
 """
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Sequence, Union
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
 from fastmed import _backend
-from fastmed.ops import _direct
 from fastmed._tensors import memory_format
-from fastmed._validate import (check_batch_and_spatial, check_choice, check_mode, check_per_axis, check_per_channel,
-                               check_same_device, check_same_dtype, check_shape, check_tensor)
-from fastmed.ops import _conv_block_choice
-from fastmed.ops.norm_act import (canonical_activation, check_norm_args, double_backward, norm_act_call, optional,
-                                  present, update_running_stats)
+from fastmed._validate import (
+    check_batch_and_spatial,
+    check_choice,
+    check_mode,
+    check_per_axis,
+    check_per_channel,
+    check_same_device,
+    check_same_dtype,
+    check_shape,
+    check_tensor,
+)
+from fastmed.ops import _conv_block_choice, _direct
+from fastmed.ops.norm_act import (
+    canonical_activation,
+    check_norm_args,
+    double_backward,
+    norm_act_call,
+    optional,
+    present,
+    update_running_stats,
+)
 from fastmed.reference import conv_block as ref
 from fastmed.reference import norm_act as na_ref
 from fastmed.reference.conv_block import ConvSpec, ConvTensors

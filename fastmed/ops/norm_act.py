@@ -19,16 +19,24 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
 from fastmed import _backend, _ext
-from fastmed.ops import _direct
 from fastmed._tensors import accumulation_dtype
-from fastmed._validate import (check_choice, check_mode, check_number, check_per_channel, check_same_device,
-                               check_shape, check_tensor)
+from fastmed._validate import (
+    check_choice,
+    check_mode,
+    check_number,
+    check_per_channel,
+    check_same_device,
+    check_shape,
+    check_tensor,
+)
+from fastmed.ops import _direct
 from fastmed.reference import norm_act as ref
 from fastmed.reference.norm_act import NormSpec, NormTensors
 

@@ -15,13 +15,14 @@ Shapes (``sd`` = 2 or 3 spatial dims):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 
-from fastmed.reference import norm_act as na
 from fastmed._tensors import accumulation_dtype, memory_format
+from fastmed.reference import norm_act as na
 
 NORM_KINDS = na.KINDS + ("none",)
 
@@ -114,7 +115,10 @@ def conv_norm_act_reference(x, weight, bias=None, norm_weight=None, norm_bias=No
     if skip is not None:
         x = torch.cat([x, skip], 1)
     sd = x.dim() - 2
-    expand = (lambda v: (v,) * sd if isinstance(v, int) else tuple(v))
+
+    def expand(v):
+        return (v,) * sd if isinstance(v, int) else tuple(v)
+
     conv_out = conv_nd(x, weight, bias, expand(stride), expand(padding), expand(dilation))
     if norm == "none":
         acc = accumulation_dtype(x.dtype)
