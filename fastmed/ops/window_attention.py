@@ -7,7 +7,6 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -37,28 +36,23 @@ def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec):
     return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
 
 
-@functools.lru_cache(maxsize=64)
-def _window_order(padded: tuple, window: tuple, shift: tuple) -> tuple[Tensor, Tensor]:
+def _window_order(padded: tuple, window: tuple, shift: tuple, device) -> tuple[Tensor, Tensor]:
     """``(order, inverse)``: the padded grid's flat token indices in rolled-window order (window-major, raster
-    inside a window: roll and partition as one gather) and the inverse permutation (reverse and roll back)."""
-    tokens = torch.arange(padded[0] * padded[1] * padded[2]).view(1, *padded, 1)
+    inside a window: roll and partition as one gather) and the inverse permutation (reverse and roll back).
+    Built per call (one small integer tensor per token; nothing cached, so tracing sees no outside tensors)."""
+    tokens = torch.arange(padded[0] * padded[1] * padded[2], device=device).view(1, *padded, 1)
     if any(shift):
         tokens = torch.roll(tokens, shifts=tuple(-t for t in shift), dims=(1, 2, 3))
     order = ref.window_partition(tokens, window).reshape(-1)
     return order, torch.argsort(order)
 
 
-@functools.lru_cache(maxsize=64)
-def _shift_mask(padded: tuple, window: tuple, shift: tuple, dtype: torch.dtype) -> Optional[Tensor]:
-    return ref.shift_mask(padded, window, shift, None, dtype)
-
-
-def _additive_mask(table, spec: ref.WindowSpec, padded, dtype) -> Optional[Tensor]:
+def _additive_mask(table, spec: ref.WindowSpec, padded, dtype, device) -> Optional[Tensor]:
     """Bias plus shift mask as one additive ``(nW, heads, N, N)`` mask (``(1, heads, N, N)`` without shift), or
     None when there is neither."""
     bias = ref.dense_bias(None if table is None else table.to(dtype), spec.window, spec.table_window,
                           spec.bias_coords)
-    mask = _shift_mask(padded, spec.window, spec.shift, dtype)
+    mask = ref.shift_mask(padded, spec.window, spec.shift, device, dtype)
     if mask is None:
         return None if bias is None else bias.unsqueeze(0)
     return mask.unsqueeze(1) if bias is None else bias.unsqueeze(0) + mask.unsqueeze(1)
@@ -68,9 +62,9 @@ def _to_windows(x: Tensor, spec: ref.WindowSpec, width: int) -> Tensor:
     """Padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` -> ``(width, B*nW, heads, N, d)`` (contiguous) by one
     gather."""
     B, padded = x.shape[0], tuple(x.shape[1:4])
-    order, _ = _window_order(padded, spec.window, spec.shift)
+    order, _ = _window_order(padded, spec.window, spec.shift, x.device)
     n, heads = spec.tokens, spec.num_heads
-    w = x.reshape(B, -1, x.shape[-1]).index_select(1, order.to(x.device))
+    w = x.reshape(B, -1, x.shape[-1]).index_select(1, order)
     # one copy into the batched matmuls' layout (each of q, k, v, dO is read by two of them)
     return w.view(-1, n, width, heads, x.shape[-1] // (width * heads)).permute(2, 0, 3, 1, 4).contiguous()
 
@@ -78,9 +72,9 @@ def _to_windows(x: Tensor, spec: ref.WindowSpec, width: int) -> Tensor:
 def _from_windows(w: Tensor, spec: ref.WindowSpec, padded: tuple) -> Tensor:
     """``(width, B*nW, heads, N, d)`` -> the padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` by one gather."""
     width, bw, heads, n, d = w.shape
-    _, inverse = _window_order(padded, spec.window, spec.shift)
+    _, inverse = _window_order(padded, spec.window, spec.shift, w.device)
     x = w.permute(1, 3, 0, 2, 4).reshape(-1, inverse.numel(), width * heads * d)
-    return x.index_select(1, inverse.to(w.device)).view(-1, *padded, width * heads * d)
+    return x.index_select(1, inverse).view(-1, *padded, width * heads * d)
 
 
 def _aten_windows(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec):
@@ -90,8 +84,7 @@ def _aten_windows(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec):
     x = ref.pad_grid(qkv.to(acc), spec.window, qkv_pad)
     padded = tuple(x.shape[1:4])
     q, k, v = _to_windows(x, spec, 3)
-    mask = _additive_mask(table, spec, padded, acc)
-    return q, k, v, (None if mask is None else mask.to(qkv.device)), padded
+    return q, k, v, _additive_mask(table, spec, padded, acc, qkv.device), padded
 
 
 def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Tensor, Tensor]:
