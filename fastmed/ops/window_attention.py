@@ -7,6 +7,7 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -47,15 +48,26 @@ def _window_order(padded: tuple, window: tuple, shift: tuple, device) -> tuple[T
     return order, torch.argsort(order)
 
 
-def _additive_mask(table, spec: ref.WindowSpec, padded, dtype, device) -> Optional[Tensor]:
-    """Bias plus shift mask as one additive ``(nW, heads, N, N)`` mask (``(1, heads, N, N)`` without shift), or
-    None when there is neither."""
-    bias = ref.dense_bias(None if table is None else table.to(dtype), spec.window, spec.table_window,
-                          spec.bias_coords)
+def _mask_parts(spec: ref.WindowSpec, padded: tuple, dtype: torch.dtype, device) -> tuple:
+    """The table rows of the bias ``(N * N,)`` and the shift mask ``(nW, 1, N, N)`` (None without shift)."""
     mask = ref.shift_mask(padded, spec.window, spec.shift, device, dtype)
-    if mask is None:
-        return None if bias is None else bias.unsqueeze(0)
-    return mask.unsqueeze(1) if bias is None else bias.unsqueeze(0) + mask.unsqueeze(1)
+    index = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).to(device).reshape(-1)
+    return index, None if mask is None else mask.unsqueeze(1)
+
+
+_cached_mask_parts = functools.lru_cache(maxsize=8)(_mask_parts)
+
+
+def _additive_mask(table, spec: ref.WindowSpec, padded, dtype, device, cache: bool) -> Optional[Tensor]:
+    """Bias plus shift mask as one additive ``(nW, heads, N, N)`` mask (``(1, heads, N, N)`` without shift), or
+    None when there is neither.  ``cache``: reuse the index and shift mask of earlier calls (plain CPU tensors in
+    eager mode only: under tracing, fake or functional tensors must not meet tensors made outside)."""
+    index, mask = (_cached_mask_parts if cache else _mask_parts)(spec, padded, dtype, device)
+    if table is None:
+        return mask
+    n = spec.tokens
+    bias = table.to(dtype)[index].view(1, n, n, -1).permute(0, 3, 1, 2)
+    return bias if mask is None else bias + mask
 
 
 def _to_windows(x: Tensor, spec: ref.WindowSpec, width: int) -> Tensor:
@@ -84,7 +96,8 @@ def _aten_windows(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec):
     x = ref.pad_grid(qkv.to(acc), spec.window, qkv_pad)
     padded = tuple(x.shape[1:4])
     q, k, v = _to_windows(x, spec, 3)
-    return q, k, v, _additive_mask(table, spec, padded, acc, qkv.device), padded
+    cache = type(qkv) is torch.Tensor and (table is None or type(table) in (torch.Tensor, torch.nn.Parameter))
+    return q, k, v, _additive_mask(table, spec, padded, acc, qkv.device, cache), padded
 
 
 def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Tensor, Tensor]:
