@@ -13,6 +13,8 @@ Backends:
                before triton was imported (that is how the CPU test suite exercises them).
 ``cuda``       hand-written CUDA in the compiled extension ``fastmed._C`` (ops that have it).
 ``cpp``        C++ CPU code in ``fastmed._C`` (ops that have it).
+``aten``       fastmed's composition of torch's fused CPU kernels (e.g. its flash attention) for CPU tensors
+               (ops that have it): faster than the reference, which stays the oracle.
 ``reference``  plain PyTorch from ``fastmed.reference``: the test oracle and CPU fallback.
 """
 from __future__ import annotations
@@ -27,7 +29,7 @@ from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 
-BACKENDS = ("triton", "cuda", "cpp", "reference")
+BACKENDS = ("triton", "cuda", "cpp", "aten", "reference")
 _CHOICES = ("auto",) + BACKENDS
 
 # Stack of forced backends (innermost last).  A plain list rather than a ContextVar so that
@@ -138,6 +140,12 @@ def _ext_can_run(part: str) -> Callable[[torch.device, bool], Optional[str]]:
     return can_run
 
 
+def _aten_can_run(device: torch.device, forced: bool) -> Optional[str]:
+    if device.type != "cpu":
+        return f"the aten backend composes torch's CPU kernels and needs CPU tensors, got {device.type} tensors"
+    return None
+
+
 def _reference_can_run(device: torch.device, forced: bool) -> Optional[str]:
     return None
 
@@ -146,6 +154,7 @@ _BACKEND_CHECKS: dict[str, Callable[[torch.device, bool], Optional[str]]] = {
     "triton": _triton_can_run,
     "cuda": _ext_can_run("cuda"),
     "cpp": _ext_can_run("cpp"),
+    "aten": _aten_can_run,
     "reference": _reference_can_run,
 }
 

@@ -311,13 +311,34 @@ def from_swin_unet(state_dict: Mapping[str, torch.Tensor]) -> dict:
     return out
 
 
-def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, mirror_decoder: bool = True) -> dict:
+def _adapt_input_conv(weight: torch.Tensor, in_channels: int) -> torch.Tensor:
+    """timm's ``adapt_input_conv``: an RGB patch-embedding filter ``(O, 3, p, p)`` for ``in_channels`` inputs
+    (1: the RGB filters summed; more than 3: repeated and scaled by ``3 / in_channels``)."""
+    w = weight.float()
+    if in_channels == 1:
+        w = w.sum(dim=1, keepdim=True)
+    elif in_channels != 3:
+        w = w.repeat(1, -(-in_channels // 3), 1, 1)[:, :in_channels] * (3 / in_channels)
+    return w.to(weight.dtype)
+
+
+def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, mirror_decoder: bool = True,
+                   in_channels: int = 3) -> dict:
     """Swin Transformer classification weights (timm ``swin_*`` or Microsoft's checkpoints) for the encoder of
     :class:`fastmed.models.SwinUNet` (same ``embed_dim``, ``depths``, ``num_heads``, ``window_size``).
+
+    ``in_channels``: the model's input channels; an RGB patch embedding is adapted as timm does for other channel
+    counts (1: the RGB filters summed; more: repeated and scaled by ``3 / in_channels``).  Blocks whose
+    ``relative_position_index`` the checkpoint lacks (timm >= 0.9 keeps it out of the state dict) get it from
+    their table's (square) window, so it is not reported missing.
 
     Load the result with ``model.load_state_dict(..., strict=False)``: the decoder's patch expanding, skip
     projections, final expanding and output convolution (and, without ``mirror_decoder``, the decoder blocks)
     are not in a classification checkpoint and keep their initialization, as in Swin-Unet's ``load_from``."""
+    from fastmed.reference.window_attention import relative_position_index
+
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     state_dict = check_state_dict(state_dict)
     if "model" in state_dict and isinstance(state_dict["model"], Mapping):
         state_dict = state_dict["model"]
@@ -345,7 +366,17 @@ def from_timm_swin(state_dict: Mapping[str, torch.Tensor], num_stages: int = 4, 
             k = f"layers.{i}.{rest}"
             if mirror_decoder and rest.startswith("blocks.") and i < num_stages - 1:
                 out[f"layers_up.{num_stages - 1 - i}.{rest}"] = value
+        if k == "patch_embed.proj.weight" and value.dim() == 4 and value.shape[1] != in_channels:
+            if value.shape[1] != 3:
+                raise ValueError(f"in_channels={in_channels}: only an RGB patch embedding (3 input channels) can be "
+                                 f"adapted, got {key!r} of shape {tuple(value.shape)}")
+            value = _adapt_input_conv(value, in_channels)
         out[k] = value
+    for k in [k for k in out if k.endswith("attn.relative_position_bias_table")]:
+        index_key = k[:-len("relative_position_bias_table")] + "relative_position_index"
+        side = round(((out[k].shape[0] ** 0.5) + 1) / 2)
+        if index_key not in out and (2 * side - 1) ** 2 == out[k].shape[0]:
+            out[index_key] = relative_position_index((side, side))
     return out
 
 

@@ -34,7 +34,8 @@ Argument groups of the device helpers (tuples; the kernels' own signatures stay 
 Kernels:
   ``_bias_kernel``         table ``(T, heads)`` -> dense bias ``(heads, N, N)``.
   ``_fwd_kernel``          per (window, block of BLOCK_M queries, head): keys in tiles of BLOCK_N with an online
-                           softmax (49 tokens are one 64-tile; 343 tokens are 6 tiles); out and the per-row
+                           softmax (16-bit inputs: 49 tokens are one 64-tile, 343 tokens 6; float32 tiles are
+                           16 wide, float64 ones 32: see :func:`launch_plan`); out and the per-row
                            logsumexp.
   ``_bwd_tile_kernel``     one tile holds the window (N <= BLOCK): per (group of windows, head), for each window P is
                            recomputed from the logsumexp, dP = dO V^T, delta = rowsum(P * dP) (= rowsum(dO * O),
@@ -587,6 +588,10 @@ def launch_plan(shape, dtype: torch.dtype, spec: ref.WindowSpec, *, has_table: b
     block = 16 if N <= 16 else (32 if N <= 32 else 64)
     if dtype == torch.float64:  # 64-wide float64 tiles overflow the 227 KB of shared memory of an H100
         block = min(block, 32)
+    if dtype == torch.float32:
+        # float32 dots run on the FMA units ("ieee": torch's float32 matmul precision), which hold whole operand
+        # rows in registers: 32- and 64-wide tiles spill on sm_90, 16-wide ones do not
+        block = 16
     n_b = triton.cdiv(N, block)
     NP = n_b * block
     windows = tuple(triton.cdiv(s, w) for s, w in zip((D, H, W), spec.window))

@@ -414,3 +414,27 @@ def test_monai_unet_block_converter_is_exposed_in_convert():
     ours.load_state_dict(convert.from_monai_unet_block(blk.state_dict(), "unet_basic_block"))
     x = torch.randn(1, 2, 8, 9, 10)
     torch.testing.assert_close(ours(x), blk(x), atol=1e-5, rtol=1e-5)
+
+
+def test_from_timm_swin_in_channels_and_index():
+    """timm >= 0.9 checkpoints lack relative_position_index (a non-persistent buffer): it is rebuilt, not
+    reported missing; an RGB patch embedding is adapted to 1 channel by summing the filters (timm's
+    adapt_input_conv) and to 5 by repeating them scaled by 3/5."""
+    torch.manual_seed(4)
+    kw = dict(embed_dim=8, depths=(2, 2), num_heads=(2, 2), window_size=4, drop_path_rate=0.0)
+    src = SwinUNet(2, 3, 5, **kw)
+    ckpt = {k.replace(".mlp.linear1.", ".mlp.fc1.").replace(".mlp.linear2.", ".mlp.fc2."): v
+            for k, v in src.state_dict().items()
+            if k.startswith(("patch_embed.", "layers.", "norm.")) and not k.endswith("relative_position_index")}
+    rgb = ckpt["patch_embed.proj.weight"]
+    for cin, want in ((1, rgb.sum(1, keepdim=True)), (5, torch.cat([rgb, rgb], 1)[:, :5] * (3 / 5))):
+        dst = SwinUNet(2, cin, 5, **kw)
+        missing, unexpected = dst.load_state_dict(convert.from_timm_swin(ckpt, num_stages=2, in_channels=cin),
+                                                  strict=False)
+        assert unexpected == [] and not [m for m in missing if "relative_position_index" in m], missing
+        torch.testing.assert_close(dst.patch_embed.proj.weight, want)
+        for name, buf in src.named_buffers():
+            if name.endswith("relative_position_index") and name.startswith("layers."):
+                assert torch.equal(dst.get_buffer(name), buf), name
+    with pytest.raises(ValueError, match="in_channels"):
+        convert.from_timm_swin(ckpt, in_channels=0)

@@ -176,3 +176,37 @@ def test_module_errors():
         PatchMerging(4, mode="v3")
     with pytest.raises(ValueError, match="bias_index must be one of"):
         WindowAttention(12, 3, (7, 7), bias_index="timm")
+
+
+def test_monai_constructor_positional_and_keyword():
+    """MONAI 1.6's SwinTransformerBlock signature (act_layer before norm_layer, use_checkpoint,
+    use_flash_attention), positionally and by keyword; use_checkpoint recomputes in the backward with the same
+    result and gradients; act_layer other than GELU is refused naming the argument."""
+    import inspect
+
+    theirs_params = list(inspect.signature(swin_unetr.SwinTransformerBlock.__init__).parameters)[1:]
+    ours_params = list(inspect.signature(SwinTransformerBlock.__init__).parameters)[1:]
+    assert ours_params[:len(theirs_params)] == theirs_params
+    args = (12, 3, (2, 2, 2), (1, 1, 1), 2.0, True, 0.0, 0.0, 0.0, "GELU", torch.nn.LayerNorm, True, False)
+    torch.manual_seed(0)
+    theirs = swin_unetr.SwinTransformerBlock(*args).double()
+    ours = SwinTransformerBlock(*args).double()
+    ours.load_state_dict(theirs.state_dict())
+    assert ours.use_checkpoint and not ours.use_flash_attention
+    kw = SwinTransformerBlock(dim=12, num_heads=3, window_size=(2, 2, 2), shift_size=(1, 1, 1), mlp_ratio=2.0,
+                              act_layer="GELU", norm_layer=torch.nn.LayerNorm, use_checkpoint=False,
+                              use_flash_attention=True).double()
+    kw.load_state_dict(theirs.state_dict())
+    x = torch.randn(1, 4, 4, 4, 12, dtype=torch.float64)
+    mask = swin_unetr.compute_mask((4, 4, 4), (2, 2, 2), (1, 1, 1), x.device).double()
+    grads = []
+    for block in (theirs, ours, kw):
+        xi = x.clone().requires_grad_()
+        y = block(xi, mask)
+        y.square().sum().backward()
+        grads.append((y.detach(), xi.grad, block.attn.qkv.weight.grad))
+    for got in grads[1:]:
+        for a, b in zip(got, grads[0]):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    with pytest.raises(ValueError, match="act_layer"):
+        SwinTransformerBlock(12, 3, (2, 2, 2), (1, 1, 1), act_layer="RELU")

@@ -16,10 +16,12 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Optional, Sequence, Union
+from collections.abc import Sequence
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 from fastmed._validate import check_choice, check_int, check_per_axis, check_spatial_dims, check_token_grid
@@ -163,18 +165,28 @@ class Mlp(nn.Module):
 class SwinTransformerBlock(nn.Module):
     """Pre-norm Swin block: ``x + drop_path(W-MSA/SW-MSA(norm1(x)))``, then ``x + drop_path(mlp(norm2(x)))``.
 
-    A drop-in for MONAI's ``SwinTransformerBlock`` (same constructor arguments and state-dict names); the
-    shifted-window mask is computed from region ids inside the kernel, so ``forward``'s ``mask_matrix`` (which
-    MONAI's ``BasicLayer`` passes) is accepted and ignored.
+    A drop-in for MONAI's ``SwinTransformerBlock`` (MONAI 1.6's constructor arguments in its positional order,
+    then fastmed's ``fused`` and ``bias_index``; same state-dict names); the shifted-window mask is computed from
+    region ids inside the kernel, so ``forward``'s ``mask_matrix`` (which MONAI's ``BasicLayer`` passes) is
+    accepted and ignored.  ``act_layer``: MONAI's default ``"GELU"`` only.  ``use_checkpoint``: each half of the
+    block is recomputed in the backward (``torch.utils.checkpoint``) while training, as MONAI does.
+    ``use_flash_attention`` is accepted for MONAI's signature and changes nothing: the attention is always the
+    fused window-attention op.
 
     Shapes: ``(B, H, W, C)`` or ``(B, D, H, W, C)`` (matching ``len(window_size)``) in and out.
     """
 
     def __init__(self, dim: int, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int],
                  mlp_ratio: float = 4.0, qkv_bias: bool = True, drop: float = 0.0, attn_drop: float = 0.0,
-                 drop_path: float = 0.0, norm_layer: type[nn.Module] = nn.LayerNorm, fused: bool = True,
+                 drop_path: float = 0.0, act_layer: str = "GELU", norm_layer: type[nn.Module] = nn.LayerNorm,
+                 use_checkpoint: bool = False, use_flash_attention: bool = False, fused: bool = True,
                  bias_index: str = "monai"):
         super().__init__()
+        if not isinstance(act_layer, str) or act_layer.upper() != "GELU":
+            raise ValueError(f"act_layer must be 'GELU' (MONAI's default; the only activation fastmed's Swin MLP "
+                             f"has), got {act_layer!r}")
+        self.use_checkpoint = bool(use_checkpoint)
+        self.use_flash_attention = bool(use_flash_attention)
         self.window_size = tuple(int(w) for w in window_size)
         self.shift_size = check_per_axis(shift_size, "shift_size", len(self.window_size), 0)
         for w, s in zip(self.window_size, self.shift_size):
@@ -188,9 +200,18 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
+    def _attention_part(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.attn(self.norm1(x), self.shift_size))
+
+    def _mlp_part(self, x: Tensor) -> Tensor:
+        return self.drop_path(self.mlp(self.norm2(x)))
+
     def forward(self, x: Tensor, mask_matrix: Optional[Tensor] = None) -> Tensor:
-        x = x + self.drop_path(self.attn(self.norm1(x), self.shift_size))
-        return x + self.drop_path(self.mlp(self.norm2(x)))
+        if self.use_checkpoint and self.training and torch.is_grad_enabled():
+            x = x + torch.utils.checkpoint.checkpoint(self._attention_part, x, use_reentrant=False)
+            return x + torch.utils.checkpoint.checkpoint(self._mlp_part, x, use_reentrant=False)
+        x = x + self._attention_part(x)
+        return x + self._mlp_part(x)
 
 
 class PatchMerging(nn.Module):

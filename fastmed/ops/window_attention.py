@@ -7,6 +7,7 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Optional, Union
 
@@ -16,6 +17,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from fastmed import _backend
+from fastmed._tensors import accumulation_dtype
 from fastmed._validate import check_choice, check_int, check_number, check_per_axis, check_same_device, check_tensor
 from fastmed.ops import _direct
 from fastmed.reference import window_attention as ref
@@ -24,7 +26,7 @@ __all__ = ["window_attention", "attention", "BIAS_INDEX"]
 
 BIAS_INDEX = ("coords", "monai")
 
-_backend.register_op("window_attention", ("triton", "reference"),
+_backend.register_op("window_attention", ("triton", "aten", "reference"),
                      doc="(shifted-)window attention with relative position bias, forward and backward")
 _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
@@ -35,14 +37,131 @@ def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec):
     return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
 
 
+def _window_order(padded: tuple, window: tuple, shift: tuple, device) -> tuple[Tensor, Tensor]:
+    """``(order, inverse)``: the padded grid's flat token indices in rolled-window order (window-major, raster
+    inside a window: roll and partition as one gather) and the inverse permutation (reverse and roll back).
+    Built per call (one small integer tensor per token; nothing cached, so tracing sees no outside tensors)."""
+    tokens = torch.arange(padded[0] * padded[1] * padded[2], device=device).view(1, *padded, 1)
+    if any(shift):
+        tokens = torch.roll(tokens, shifts=tuple(-t for t in shift), dims=(1, 2, 3))
+    order = ref.window_partition(tokens, window).reshape(-1)
+    return order, torch.argsort(order)
+
+
+def _mask_parts(spec: ref.WindowSpec, padded: tuple, dtype: torch.dtype, device) -> tuple:
+    """The table rows of the bias ``(N * N,)`` and the shift mask ``(nW, 1, N, N)`` (None without shift)."""
+    mask = ref.shift_mask(padded, spec.window, spec.shift, device, dtype)
+    index = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).to(device).reshape(-1)
+    return index, None if mask is None else mask.unsqueeze(1)
+
+
+_cached_mask_parts = functools.lru_cache(maxsize=8)(_mask_parts)
+
+
+def _additive_mask(table, spec: ref.WindowSpec, padded, dtype, device, cache: bool) -> Optional[Tensor]:
+    """Bias plus shift mask as one additive ``(nW, heads, N, N)`` mask (``(1, heads, N, N)`` without shift), or
+    None when there is neither.  ``cache``: reuse the index and shift mask of earlier calls (plain CPU tensors in
+    eager mode only: under tracing, fake or functional tensors must not meet tensors made outside)."""
+    index, mask = (_cached_mask_parts if cache else _mask_parts)(spec, padded, dtype, device)
+    if table is None:
+        return mask
+    n = spec.tokens
+    bias = table.to(dtype)[index].view(1, n, n, -1).permute(0, 3, 1, 2)
+    return bias if mask is None else bias + mask
+
+
+def _to_windows(x: Tensor, spec: ref.WindowSpec, width: int) -> Tensor:
+    """Padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` -> ``(width, B*nW, heads, N, d)`` (contiguous) by one
+    gather."""
+    B, padded = x.shape[0], tuple(x.shape[1:4])
+    order, _ = _window_order(padded, spec.window, spec.shift, x.device)
+    n, heads = spec.tokens, spec.num_heads
+    w = x.reshape(B, -1, x.shape[-1]).index_select(1, order)
+    # one copy into the batched matmuls' layout (each of q, k, v, dO is read by two of them)
+    return w.view(-1, n, width, heads, x.shape[-1] // (width * heads)).permute(2, 0, 3, 1, 4).contiguous()
+
+
+def _from_windows(w: Tensor, spec: ref.WindowSpec, padded: tuple) -> Tensor:
+    """``(width, B*nW, heads, N, d)`` -> the padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` by one gather."""
+    width, bw, heads, n, d = w.shape
+    _, inverse = _window_order(padded, spec.window, spec.shift, w.device)
+    x = w.permute(1, 3, 0, 2, 4).reshape(-1, inverse.numel(), width * heads * d)
+    return x.index_select(1, inverse).view(-1, *padded, width * heads * d)
+
+
+def _aten_windows(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec):
+    """q, k, v ``(B*nW, heads, N, head_dim)`` of the padded grid in the accumulation dtype, the additive mask
+    (:func:`_additive_mask`) and the padded grid."""
+    acc = accumulation_dtype(qkv.dtype)
+    x = ref.pad_grid(qkv.to(acc), spec.window, qkv_pad)
+    padded = tuple(x.shape[1:4])
+    q, k, v = _to_windows(x, spec, 3)
+    cache = type(qkv) is torch.Tensor and (table is None or type(table) in (torch.Tensor, torch.nn.Parameter))
+    return q, k, v, _additive_mask(table, spec, padded, acc, qkv.device, cache), padded
+
+
+def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Tensor, Tensor]:
+    """``aten`` backend (CPU): ``(out (B, D, H, W, C), lse (B, D, H, W, heads))`` through torch's fused CPU
+    flash-attention kernel over the windows, bias and shift mask as its additive mask; roll, partition and
+    their inverses are one gather each."""
+    grid = tuple(qkv.shape[1:4])
+    q, k, v, mask, padded = _aten_windows(qkv, table, qkv_pad, spec)
+    bw, heads, n, d = q.shape
+    nw = 1 if mask is None else mask.shape[0]
+    flat = [t.reshape(bw // nw, nw * heads, n, d) for t in (q, k, v)]
+    if mask is not None:
+        mask = mask.expand(nw, heads, n, n).reshape(1, nw * heads, n, n)
+    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*flat, 0.0, False, attn_mask=mask,
+                                                                           scale=spec.scale)
+    out = _from_windows(out.reshape(1, bw, heads, n, d), spec, padded)
+    lse = _from_windows(lse.reshape(1, bw, heads, n, 1), spec, padded)
+    return ref.crop(out, grid).to(qkv.dtype), ref.crop(lse, grid).contiguous()
+
+
+def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.WindowSpec):
+    """``aten`` backend (CPU) backward: the scores recomputed (one batched matmul, the mask added in place),
+    softmax, and the gradients with in-place element-wise steps; dq, dk, dv go back to the grid in one gather.
+    ``lse`` is not needed."""
+    acc = accumulation_dtype(qkv.dtype)
+    grid = tuple(qkv.shape[1:4])
+    q, k, v, mask, padded = _aten_windows(qkv, table, qkv_pad, spec)
+    bw, heads, n, d = q.shape
+    s = q @ k.transpose(-2, -1)
+    s.mul_(spec.scale)
+    if mask is not None:
+        s.view(-1, mask.shape[0], heads, n, n).add_(mask)
+    p = torch.softmax(s, dim=-1)
+    do = _to_windows(ref.pad_grid(dout.to(acc), spec.window, None), spec, 1)[0]  # cropped outputs: zero gradient
+    grads = torch.empty((3, bw, heads, n, d), dtype=acc, device=qkv.device)
+    torch.matmul(p.transpose(-2, -1), do, out=grads[2])
+    ds = do @ v.transpose(-2, -1)
+    # delta = rowsum(P * dP) = rowsum(dO * O) with O = P V recomputed: no (N, N)-sized temporary
+    ds.sub_((do * (p @ v)).sum(-1, keepdim=True)).mul_(p)
+    torch.matmul(ds, k, out=grads[0])
+    torch.matmul(ds.transpose(-2, -1), q, out=grads[1])
+    grads[:2].mul_(spec.scale)
+    dx = _from_windows(grads, spec, padded)
+    dpad = None
+    if qkv_pad is not None:  # padding queries get no gradient; padding keys and values collect theirs here
+        real = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
+        real[:grid[0], :grid[1], :grid[2]] = True
+        dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
+    dtable = None
+    if table is not None:  # the bias is shared by every window: dS summed over them, scattered to table rows
+        idx = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).to(qkv.device).reshape(-1)
+        dsum = ds.sum(0).reshape(heads, -1).transpose(0, 1)
+        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add_(0, idx, dsum).to(table.dtype)
+    return ref.crop(dx, grid).to(qkv.dtype), dtable, dpad
+
+
 _ATTENTION = _backend.Implementations("attention", "fastmed.ops.attention",
                                       reference=F.scaled_dot_product_attention)
 _FORWARD = _backend.Implementations("window_attention", "fastmed::window_attention_fwd",
                                     triton="fastmed.kernels.window_attention:window_attention_forward",
-                                    reference=ref.window_attention_forward)
+                                    aten=_aten_forward, reference=ref.window_attention_forward)
 _BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attention_bwd",
                                      triton="fastmed.kernels.window_attention:window_attention_backward",
-                                     reference=_reference_backward)
+                                     aten=_aten_backward, reference=_reference_backward)
 
 # The torch.library ops take the tensors, then the WindowSpec's fields flat (its field order), then the backend.
 _NON_TENSOR_GRADS = (None,) * (len(ref.WindowSpec._fields) + 1)  # the spec's fields and the backend name
@@ -117,8 +236,10 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
 
     Per window of ``N = prod(window)`` tokens and per head: ``softmax(q k^T * scale + B_rel + M_shift) v``, with
     the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
-    timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels (Triton on CUDA, the
-    reference on CPU).  The output projection is not included.
+    timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels on CUDA (Triton).  On CPU,
+    ``auto`` uses the ``aten`` backend: torch's fused flash-attention CPU kernel over the windows with bias and
+    mask as its additive mask, roll and partition as one gather (the ``reference`` backend is the oracle).  The
+    output projection is not included.
 
     Args:
         qkv: ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)``: the qkv Linear applied to the token grid, channels in

@@ -15,10 +15,12 @@ Layout conventions (shared with the Triton kernels):
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
+
 from fastmed._tensors import accumulation_dtype
 
 MASK_VALUE = -100.0  # the constant timm / Swin-Unet / MONAI add between tokens of different shift regions
@@ -44,7 +46,7 @@ class WindowSpec(NamedTuple):
 
     @classmethod
     def from_flat(cls, num_heads: int, window: Sequence[int], shift: Sequence[int], scale: float,
-                  table_window: Sequence[int], bias_coords: Sequence[int]) -> "WindowSpec":
+                  table_window: Sequence[int], bias_coords: Sequence[int]) -> WindowSpec:
         """The spec from the torch.library ops' flat arguments (lists arrive from the dispatcher)."""
         return cls(int(num_heads), tuple(window), tuple(shift), float(scale), tuple(table_window),
                    tuple(bias_coords))
@@ -155,7 +157,7 @@ def _scores(q: Tensor, k: Tensor, scale: float, bias: Optional[Tensor], mask: Op
     return s
 
 
-def _split_qkv(qkv: Tensor, num_heads: int, window: Sequence[int], shift: Sequence[int]):
+def split_qkv(qkv: Tensor, num_heads: int, window: Sequence[int], shift: Sequence[int]):
     """Rolled, partitioned q, k, v: each (B*nW, heads, N, head_dim)."""
     C = qkv.shape[-1] // 3
     if any(shift):
@@ -166,7 +168,7 @@ def _split_qkv(qkv: Tensor, num_heads: int, window: Sequence[int], shift: Sequen
     return win[0], win[1], win[2]
 
 
-def _merge(x: Tensor, window: Sequence[int], shift: Sequence[int], grid: Sequence[int]) -> Tensor:
+def merge_windows(x: Tensor, window: Sequence[int], shift: Sequence[int], grid: Sequence[int]) -> Tensor:
     """(B*nW, heads, N, d) -> (B, D, H, W, heads*d), window reverse and roll back."""
     bw, h, n, d = x.shape
     out = window_reverse(x.transpose(1, 2).reshape(bw, n, h * d), window, grid)
@@ -175,7 +177,8 @@ def _merge(x: Tensor, window: Sequence[int], shift: Sequence[int], grid: Sequenc
     return out
 
 
-def _bias(table: Optional[Tensor], window, table_window, bias_coords) -> Optional[Tensor]:
+def dense_bias(table: Optional[Tensor], window, table_window, bias_coords) -> Optional[Tensor]:
+    """The ``(heads, N, N)`` relative position bias gathered from ``table`` ``(T, heads)`` (None without a table)."""
     if table is None:
         return None
     idx = bias_index(window, table_window, bias_coords).to(table.device)
@@ -197,7 +200,8 @@ def pad_grid(qkv: Tensor, window: Sequence[int], pad_value: Optional[Tensor]) ->
     return qkv
 
 
-def _crop(x: Tensor, grid: Sequence[int]) -> Tensor:
+def crop(x: Tensor, grid: Sequence[int]) -> Tensor:
+    """The real ``grid`` ``(D, H, W)`` of a padded ``(B, Dp, Hp, Wp, ...)`` tensor (a view)."""
     return x[:, :grid[0], :grid[1], :grid[2]]
 
 
@@ -207,8 +211,8 @@ def _padded_scores(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tenso
     acc = accumulation_dtype(qkv.dtype)
     x = pad_grid(qkv.to(acc), spec.window, qkv_pad)
     padded = tuple(x.shape[1:4])
-    q, k, v = _split_qkv(x, spec.num_heads, spec.window, spec.shift)
-    bias = _bias(None if table is None else table.to(acc), spec.window, spec.table_window, spec.bias_coords)
+    q, k, v = split_qkv(x, spec.num_heads, spec.window, spec.shift)
+    bias = dense_bias(None if table is None else table.to(acc), spec.window, spec.table_window, spec.bias_coords)
     mask = shift_mask(padded, spec.window, spec.shift, qkv.device, acc)
     return q, k, v, _scores(q, k, spec.scale, bias, mask, x.shape[0]), padded
 
@@ -223,9 +227,9 @@ def window_attention_forward(qkv: Tensor, table: Optional[Tensor], qkv_pad: Opti
     """
     grid = tuple(qkv.shape[1:4])
     _, _, v, s, padded = _padded_scores(qkv, table, qkv_pad, spec)
-    lse = _merge(torch.logsumexp(s, dim=-1).unsqueeze(-1), spec.window, spec.shift, padded)
-    out = _merge(torch.softmax(s, dim=-1) @ v, spec.window, spec.shift, padded)
-    return _crop(out, grid).to(qkv.dtype), _crop(lse, grid).contiguous()
+    lse = merge_windows(torch.logsumexp(s, dim=-1).unsqueeze(-1), spec.window, spec.shift, padded)
+    out = merge_windows(torch.softmax(s, dim=-1) @ v, spec.window, spec.shift, padded)
+    return crop(out, grid).to(qkv.dtype), crop(lse, grid).contiguous()
 
 
 def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor],
@@ -241,13 +245,13 @@ def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor]
     q, k, v, s, padded = _padded_scores(qkv, table, qkv_pad, spec)
     p = torch.softmax(s, dim=-1)
     do = pad_grid(torch.cat([dout.to(acc)] * 3, dim=-1), window, None)  # cropped outputs: zero gradient
-    do = _split_qkv(do, spec.num_heads, window, shift)[0]
+    do = split_qkv(do, spec.num_heads, window, shift)[0]
     dv = p.transpose(-2, -1) @ do
     dp = do @ v.transpose(-2, -1)
     ds = p * (dp - (dp * p).sum(-1, keepdim=True))
     dq = (ds @ k) * spec.scale
     dk = (ds.transpose(-2, -1) @ q) * spec.scale
-    dx = torch.cat([_merge(g, window, shift, padded) for g in (dq, dk, dv)], dim=-1)
+    dx = torch.cat([merge_windows(g, window, shift, padded) for g in (dq, dk, dv)], dim=-1)
     dpad = None
     if qkv_pad is not None:
         real = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
@@ -258,7 +262,7 @@ def window_attention_backward(dout: Tensor, qkv: Tensor, table: Optional[Tensor]
         idx = bias_index(window, spec.table_window, spec.bias_coords).to(qkv.device).reshape(-1)
         dsum = ds.sum(0).reshape(spec.num_heads, -1).transpose(0, 1)  # (N*N, heads)
         dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add(0, idx, dsum).to(table.dtype)
-    return _crop(dx, grid).to(qkv.dtype), dtable, dpad
+    return crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
 def window_attention_eager(qkv: Tensor, num_heads: int, window_size: Sequence[int], shift_size: Sequence[int],
