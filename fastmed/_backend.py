@@ -24,8 +24,9 @@ import functools
 import importlib
 import importlib.util
 import os
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Mapping, Optional, Sequence, Union
+from typing import Optional, Union
 
 import torch
 
@@ -81,7 +82,7 @@ def interpreter_active() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def triton_import_error() -> Optional[str]:
     """None when triton imports, else why not."""
     if importlib.util.find_spec("triton") is None:
