@@ -83,6 +83,14 @@ ALLOWED = {
         "a buffer created once in the constructor, not per call",
     ("fastmed/nn/swin.py", "WindowAttention._eager", "h2d"):
         "fused=False only (the plain-PyTorch composition fastmed is compared with), not fastmed's op path",
+    ("fastmed/ops/conv_block.py", "warm_triton_cache", "sync"):
+        "a one-off warm-up before timing (compiles every Triton specialization of the given cases), not an op",
+    ("fastmed/ops/conv_block.py", "_random_leaf", "h2d"):
+        "random inputs of warm_triton_cache, created once per warmed case, not in an op",
+    ("fastmed/ops/window_attention.py", "_mask_parts", "h2d"):
+        "the aten backend runs CPU tensors only (its index is built on the CPU: .to(device) is a no-op there)",
+    ("fastmed/ops/window_attention.py", "_aten_backward", "h2d"):
+        "the aten backend runs CPU tensors only (its index is built on the CPU: .to(device) is a no-op there)",
     ("fastmed/_validate.py", "check_number_sequence", "tolist"):
         "per-axis numbers (spacing, deep-supervision weights) given as a 1-D tensor are read once as Python numbers; "
         "they are hyper-parameters, not per-voxel data",

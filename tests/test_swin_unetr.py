@@ -35,13 +35,12 @@ def test_swin_unetr_parameter_count_and_keys():
 
 @pytest.mark.parametrize("use_v2", [False, True])
 def test_swin_unetr_matches_monai_3d(monkeypatch, use_v2):
-    """MONAI's weights load strictly; fused and plain paths give MONAI's logits and parameter gradients.
-
-    64 x 64 x 32: the bottleneck is 2 x 2 x 1 (instance norm over 2 voxels would amplify float32 rounding
-    of either path to ~1e-3 of the gradients)."""
+    """MONAI's weights load strictly; fused and plain paths give MONAI's logits (float32 and float64) and parameter
+    gradients (float64: at this size instance norm over the 2 x 2 x 1 bottleneck amplifies float32 rounding of
+    either implementation, MONAI's included, far beyond 1e-4; see ``assert_matches_monai``)."""
     theirs, ours = _pair(monkeypatch, in_channels=2, out_channels=3, use_v2=use_v2, **SMALL)
     x = torch.randn(1, 2, 64, 64, 32)
-    assert_matches_monai(theirs, ours, x, grad_tol={True: 1e-4, False: 1e-5})
+    assert_matches_monai(theirs, ours, x)
 
 
 @pytest.mark.parametrize("downsample", ["merging", "mergingv2"])

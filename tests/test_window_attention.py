@@ -358,7 +358,7 @@ def test_gpu_benchmark_shapes(B, grid, heads, head_dim, window, shift, dtype):
 # ----------------------------------------------------------------------------------------------- GPU compilation
 
 def _bench_stages():
-    """bench/bench_window_attention.py's FULL_CASES: ``(name, B, grid, C, heads, window, shift)`` per stage."""
+    """bench/bench_window_attention.py's GPU_CASES: ``(name, B, grid, C, heads, window, shift)`` per stage."""
     import importlib.util
     import os
 
@@ -366,7 +366,7 @@ def _bench_stages():
     spec = importlib.util.spec_from_file_location("bench_window_attention", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    return bench.FULL_CASES
+    return bench.GPU_CASES
 
 
 _SM90_DTYPES = {torch.bfloat16: "bf16", torch.float32: "fp32"}
