@@ -5,8 +5,13 @@ Cases (GPU):
                 3 classes, bf16 autocast, SGD (momentum 0.99, nesterov), nnU-Net's Dice + CE with deep supervision
     swin-unet   SwinUNet() (Cao et al.: 224, patch 4, embed 96, depths 2-2-2-2, window 7), batch 24, 1 channel,
                 9 classes, bf16 autocast, AdamW, Dice + CE
+    swin-unetr  SwinUNETR(1, 14, feature_size=48) (MONAI's, 62.19M), 1 x 1 x 96^3 (``--swin-unetr-batch 2`` for
+                2 x 1 x 96^3), bf16 autocast, AdamW, Dice + CE (issue 14)
+    transunet   TransUNet(224, 9) (R50-ViT-B/16, 105.28M), batch 24, 3 channels, bf16 autocast, SGD, Dice + CE
 CPU (``--device cpu``, issue 12): the same models in fp32, nnunet-3d at a (32, 64, 64) patch batch 1, swin-unet at
-224^2 batch 1.  ``--quick``: tiny models (the device script's CPU rehearsal).
+224^2 batch 1, swin-unetr at 64^3 batch 1, transunet at 224^2 batch 1.  ``--quick``: tiny models (the device
+script's CPU rehearsal).  The eager SwinUNETR is ``fused=False``: MONAI's computation on the same weights (MONAI's
+own class needs einops, which the GPU machines lack).
 Implementations, interleaved in one run:
     fastmed         the model with fused=True and fastmed's fused losses
     eager           the same model with fused=False (plain PyTorch) and the losses written in plain PyTorch
@@ -26,6 +31,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Optional
 
 import torch
 
@@ -33,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from harness import add_common_args, compiled, nbytes, setup, with_compile  # noqa: E402
 from peers import dice_ce, nnunet_deep_supervision  # noqa: E402
 
-from fastmed.models import SwinUNet, UNet  # noqa: E402
+from fastmed.models import SwinUNet, SwinUNETR, TransUNet, UNet  # noqa: E402
 from fastmed.models.unet import plan_nnunet  # noqa: E402
 from fastmed.nn import DeepSupervisionLoss, DiceCELoss, NNUNetDiceCELoss  # noqa: E402
 
@@ -41,18 +47,24 @@ from fastmed.nn import DeepSupervisionLoss, DiceCELoss, NNUNetDiceCELoss  # noqa
 SIZES = {  # (quick, CPU, GPU)
     "nnunet-3d": (((8, 16, 16), 1), ((32, 64, 64), 1), ((128, 128, 128), 2)),
     "swin-unet": ((32, 1), (224, 1), (224, 24)),
+    "swin-unetr": ((64, 1), (64, 1), (96, 1)),  # 64: the smallest size whose bottleneck has > 1 voxel
+    "transunet": ((32, 1), (224, 1), (224, 24)),
 }
 # --quick: the same architectures, narrow (every kind of layer still runs: nnU-Net's strided convs, transposed
 # convs and deep-supervision heads; Swin-Unet's shifted and whole-axis windows, patch merging and expanding)
 QUICK_NNUNET_FEATURES = 8
 QUICK_SWIN = dict(embed_dim=12, depths=(2, 2, 2), num_heads=(1, 2, 2), window_size=4)
-OPTIMIZER_STATES = {"nnunet-3d": 1, "swin-unet": 2}
+QUICK_SWIN_UNETR = dict(feature_size=12, depths=(1, 1, 1, 1), num_heads=(1, 2, 2, 4), window_size=4)
+QUICK_TRANSUNET = dict(hidden_size=16, mlp_dim=16, num_heads=2, num_layers=2, block_units=(1, 2, 1))
+OPTIMIZER_STATES = {"nnunet-3d": 1, "swin-unet": 2, "swin-unetr": 2, "transunet": 1}
 
 
-def make_case(name: str, quick: bool, device):
+def make_case(name: str, quick: bool, device, batch: Optional[int] = None):
     """(model builder, loss for fastmed, eager loss, optimizer factory, input, labels, batch)."""
     g = torch.Generator(device="cpu").manual_seed(0)
-    size, batch = SIZES[name][0 if quick else (2 if device.type == "cuda" else 1)]
+    size, default_batch = SIZES[name][0 if quick else (2 if device.type == "cuda" else 1)]
+    batch = batch or default_batch
+    channels = 1
     if name == "nnunet-3d":
         patch, classes = size, 3
 
@@ -69,6 +81,30 @@ def make_case(name: str, quick: bool, device):
 
         def opt(params):
             return torch.optim.SGD(params, lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
+    elif name == "swin-unetr":
+        patch, classes = (size,) * 3, 14
+
+        def build(fused):
+            torch.manual_seed(0)
+            kw = QUICK_SWIN_UNETR if quick else dict(feature_size=48)
+            return SwinUNETR(1, classes, fused=fused, **kw).to(device)
+
+        fast_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def opt(params):
+            return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-5)
+    elif name == "transunet":
+        patch, classes, channels = (size, size), 9, 3
+
+        def build(fused):
+            torch.manual_seed(0)
+            kw = QUICK_TRANSUNET if quick else {}
+            return TransUNet(img_size=size, num_classes=classes, fused=fused, **kw).to(device)
+
+        fast_loss = DiceCELoss(to_onehot_y=True, softmax=True)
+
+        def opt(params):
+            return torch.optim.SGD(params, lr=1e-2, momentum=0.9, weight_decay=1e-4)
     else:
         patch, classes = (size, size), 9
 
@@ -81,7 +117,7 @@ def make_case(name: str, quick: bool, device):
 
         def opt(params):
             return torch.optim.AdamW(params, lr=1e-4, weight_decay=1e-2)
-    x = torch.randn((batch, 1) + patch, generator=g).to(device)
+    x = torch.randn((batch, channels) + patch, generator=g).to(device)
     y = torch.randint(0, classes, (batch, 1) + patch, generator=g).to(device)
     eager_loss = nnunet_deep_supervision if name == "nnunet-3d" else dice_ce
     return build, fast_loss, eager_loss, opt, x, y, batch
@@ -101,7 +137,9 @@ def train_step(model, loss_fn, optimizer, x, y, autocast_dtype):
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
-    parser.add_argument("--cases", default="nnunet-3d,swin-unet", help="comma-separated: nnunet-3d, swin-unet")
+    parser.add_argument("--cases", default="nnunet-3d,swin-unet,swin-unetr,transunet",
+                        help="comma-separated: nnunet-3d, swin-unet, swin-unetr, transunet")
+    parser.add_argument("--swin-unetr-batch", type=int, default=None, help="batch of the swin-unetr case")
     args = parser.parse_args(argv)
     bench = setup(args, "models", reps=3 if args.quick else 20, warmup=1 if args.quick else 3)
     on_gpu = bench.device.type == "cuda"
@@ -110,7 +148,10 @@ def main(argv=None) -> int:
         amp = None
     print(f"autocast: {amp}")
     for case in args.cases.split(","):
-        build, fast_loss, eager_loss, opt, x, y, batch = make_case(case, args.quick, bench.device)
+        if case not in SIZES:
+            parser.error(f"--cases: unknown case {case!r}; choose from {', '.join(SIZES)}")
+        batch = args.swin_unetr_batch if case == "swin-unetr" else None
+        build, fast_loss, eager_loss, opt, x, y, batch = make_case(case, args.quick, bench.device, batch)
         variants = [("fastmed", True, fast_loss, False), ("eager", False, eager_loss, False)]
         if with_compile(args, bench.device):
             variants.append(("torch.compile", False, eager_loss, True))
