@@ -17,6 +17,7 @@ Implementations, interleaved in one run:
     eager           the same model with fused=False (plain PyTorch) and the losses written in plain PyTorch
                     (bench/peers.py)
     torch.compile   torch.compile of the eager model and loss (GPU; ``--cpu-compile`` on the CPU)
+    monai           swin-unetr only: MONAI's own SwinUNETR on the same weights (when MONAI and einops import)
 Reported: ms per step (median, 20/80 %), images/s, peak memory, speed-ups of fastmed over eager and compile.
 Bytes a step must move at least (``min_bytes``): ``x + y + P*(4 + 2k)``: read the batch, read the parameters P
 (fp32), write and read their gradients, read and write the k optimizer states (SGD momentum k=1, AdamW k=2),
@@ -86,8 +87,7 @@ def make_case(name: str, quick: bool, device, batch: Optional[int] = None):
 
         def build(fused):
             torch.manual_seed(0)
-            kw = QUICK_SWIN_UNETR if quick else dict(feature_size=48)
-            return SwinUNETR(1, classes, fused=fused, **kw).to(device)
+            return SwinUNETR(1, classes, fused=fused, **swin_unetr_kwargs(quick)).to(device)
 
         fast_loss = DiceCELoss(to_onehot_y=True, softmax=True)
 
@@ -123,6 +123,30 @@ def make_case(name: str, quick: bool, device, batch: Optional[int] = None):
     return build, fast_loss, eager_loss, opt, x, y, batch
 
 
+def swin_unetr_kwargs(quick: bool) -> dict:
+    """SwinUNETR's (and MONAI's SwinUNETR's) constructor arguments after in/out channels."""
+    return QUICK_SWIN_UNETR if quick else dict(feature_size=48)
+
+
+def monai_swin_unetr(build, quick: bool):
+    """A builder of MONAI's SwinUNETR holding the weights of ``build(False)`` (strict load: same keys), or None
+    when MONAI or einops (which MONAI's SwinUNETR needs) is not importable."""
+    try:
+        import einops  # noqa: F401
+        from monai.networks.nets import SwinUNETR as MonaiSwinUNETR
+    except ImportError as e:
+        print(f"  swin-unetr: no MONAI peer ({e})")
+        return None
+
+    def make():
+        ours = build(False)
+        theirs = MonaiSwinUNETR(in_channels=ours.in_channels, out_channels=ours.out_channels,
+                                **swin_unetr_kwargs(quick)).to(next(ours.parameters()).device)
+        theirs.load_state_dict(ours.state_dict(), strict=True)
+        return theirs
+    return make
+
+
 def train_step(model, loss_fn, optimizer, x, y, autocast_dtype):
     def step():
         with torch.autocast(x.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -155,9 +179,13 @@ def main(argv=None) -> int:
         variants = [("fastmed", True, fast_loss, False), ("eager", False, eager_loss, False)]
         if with_compile(args, bench.device):
             variants.append(("torch.compile", False, eager_loss, True))
+        peer = monai_swin_unetr(build, args.quick) if case == "swin-unetr" else None
+        if peer is not None:  # MONAI's own class on the same weights (needs einops), eager
+            variants.append(("monai", peer, eager_loss, False))
         impls, extra = {}, {}
         for impl, fused, loss_fn, is_compiled in variants:
-            model = build(fused)
+            model = fused() if callable(fused) else build(fused)
+            fused = getattr(model, "fused", None)
             optimizer = opt(model.parameters())
             params = sum(p.numel() * p.element_size() for p in model.parameters())
             extra[impl] = {"params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3), "fused": fused}

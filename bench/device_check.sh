@@ -5,7 +5,7 @@
 # named in the run's `carry`.  The peers MONAI and edt travel as wheels in .whl/ (ignored by git; carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-#     --platform manylinux2014_x86_64 -d .whl -r bench/device_wheels.txt          # 4.5 MB, checked 2026-11-30
+#     --platform manylinux2014_x86_64 -d .whl -r bench/device_wheels.txt          # 4.6 MB, checked 2026-11-30 (einops: MONAI SwinUNETR)
 # and installed by step 1 under /tmp.  Without MONAI, tests/test_losses.py (the losses' GPU correctness at the
 # benchmark shapes, against MONAI) is skipped entirely and the MONAI rows are left out: the run says so and counts
 # it as a failed step.
