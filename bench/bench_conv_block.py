@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args, compiled, nbytes, quantiles, setup, with_compile  # noqa: E402
+from harness import Bench, bench_parser, compiled, nbytes, quantiles, setup, with_compile  # noqa: E402
 from results_io import load_rows  # noqa: E402
 
 from fastmed.ops import conv_norm_act  # noqa: E402
@@ -145,9 +145,7 @@ def warm_kernels(device) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
+    parser = bench_parser(__doc__, None, "comma-separated case names to run (default: all)")
     parser.add_argument("--write-choice", action="store_true",
                         help="rewrite fastmed/ops/_conv_block_choice.py from the forward+backward timings")
     parser.add_argument("--from", dest="source", default=None,

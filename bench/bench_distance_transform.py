@@ -9,7 +9,6 @@ There is no eager / torch.compile composition of an exact EDT in torch to compar
 interleaved with fastmed.  Bytes the transform must move at least (``min_bytes``): read the bool mask, write the
 float32 distances: ``mask + 4*voxels``.
 """
-import argparse
 import os
 import sys
 
@@ -18,7 +17,7 @@ import scipy.ndimage as ndi
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args, fastmed_backend  # noqa: E402
+from harness import Bench, bench_parser, fastmed_backend  # noqa: E402
 
 import fastmed  # noqa: E402
 from fastmed.ops import distance_transform  # noqa: E402
@@ -82,8 +81,7 @@ def gpu_cases(bench):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = bench_parser(__doc__)
     args = parser.parse_args(argv)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     bench = Bench("distance_transform", quick=args.quick, device=device, reps=3 if args.quick else 10,

@@ -25,7 +25,6 @@ and its labels MONAI's argmax.
 """
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import sys
@@ -36,7 +35,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import Bench, add_common_args  # noqa: E402
+from harness import Bench, bench_parser  # noqa: E402
 
 from fastmed.inference import sliding_window_inference  # noqa: E402
 from fastmed.models import UNet  # noqa: E402
@@ -120,10 +119,8 @@ def _cases(quick: bool, device):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--cases", default="accumulation,unet,swinunetr",
-                        help="comma-separated prefixes: accumulation, unet, swinunetr")
+    parser = bench_parser(__doc__, "accumulation,unet,swinunetr",
+                          "comma-separated prefixes: accumulation, unet, swinunetr")
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")

@@ -17,14 +17,13 @@ Bytes the operation must move at least (``min_bytes``): read the logits and the 
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_common_args, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
+from harness import bench_parser, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
 from peers import nnunet_dc_and_ce  # noqa: E402
 
 import fastmed.nn as FN  # noqa: E402
@@ -48,8 +47,7 @@ def step(loss_fn, x, y):
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = bench_parser(__doc__)
     parser.add_argument("--losses", default=None, help="comma-separated subset of: " + ", ".join(MONAI_LOSSES)
                         + ", nnU-Net")
     args = parser.parse_args(argv)

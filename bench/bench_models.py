@@ -29,7 +29,6 @@ write the parameters.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from typing import Optional
@@ -37,7 +36,7 @@ from typing import Optional
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_common_args, compiled, nbytes, setup, with_compile  # noqa: E402
+from harness import bench_parser, compiled, nbytes, setup, with_compile  # noqa: E402
 from peers import dice_ce, nnunet_deep_supervision  # noqa: E402
 
 from fastmed.models import SwinUNet, SwinUNETR, TransUNet, UNet  # noqa: E402
@@ -159,10 +158,8 @@ def train_step(model, loss_fn, optimizer, x, y, autocast_dtype):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
-    parser.add_argument("--cases", default="nnunet-3d,swin-unet,swin-unetr,transunet",
-                        help="comma-separated: nnunet-3d, swin-unet, swin-unetr, transunet")
+    parser = bench_parser(__doc__, "nnunet-3d,swin-unet,swin-unetr,transunet",
+                          "comma-separated: nnunet-3d, swin-unet, swin-unetr, transunet")
     parser.add_argument("--swin-unetr-batch", type=int, default=None, help="batch of the swin-unetr case")
     args = parser.parse_args(argv)
     bench = setup(args, "models", reps=3 if args.quick else 20, warmup=1 if args.quick else 3)

@@ -14,7 +14,6 @@ write y and dx; read weight and bias, write their gradients).
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -22,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_common_args, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
+from harness import bench_parser, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
 
 import fastmed  # noqa: E402
 
@@ -67,8 +66,7 @@ def variants(shape, on_gpu: bool, dtype_arg, kinds, modes, layouts):
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(p)
+    p = bench_parser(__doc__)
     p.add_argument("--kinds", default="instance,group")
     p.add_argument("--modes", default="fwd+bwd,fwd")
     p.add_argument("--layouts", default="cf,cl", help="cf (contiguous), cl (channels-last) or both (default)")

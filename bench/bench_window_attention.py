@@ -27,7 +27,6 @@ forward ``2*x + params``, forward+backward ``4*x + 2*params``.
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -35,7 +34,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from harness import add_common_args, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
+from harness import bench_parser, compiled, fastmed_backend, nbytes, setup, with_compile  # noqa: E402
 
 from fastmed.nn import SwinTransformerBlock  # noqa: E402
 from fastmed.ops import window_attention  # noqa: E402
@@ -292,8 +291,7 @@ def block_cases(bench, blocks, dtypes, args) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = bench_parser(__doc__)
     parser.add_argument("--parts", default="core,blocks", help="core, blocks or both (default)")
     args = parser.parse_args(argv)
     bench = setup(args, "window_attention")

@@ -31,6 +31,7 @@ timings on a shared machine are only as good as that).
 """
 from __future__ import annotations
 
+import argparse
 import csv
 import datetime as _dt
 import gc
@@ -411,6 +412,16 @@ def add_common_args(parser) -> None:
     parser.add_argument("--warmup", type=int, default=None, help="untimed rounds per case first (default: 5; "
                         "--quick 2)")
     parser.add_argument("--out", default=None, help="results file path (.json; a .csv is written beside it)")
+
+
+def bench_parser(doc: Optional[str], cases: Optional[str] = None, cases_help: Optional[str] = None):
+    """A bench script's argument parser: its docstring ``doc``, the common arguments and, given ``cases_help``, a
+    ``--cases`` option whose default is ``cases``."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    if cases_help is not None:
+        parser.add_argument("--cases", default=cases, help=cases_help)
+    return parser
 
 
 def with_compile(args, device: torch.device) -> bool:

@@ -239,6 +239,12 @@ class Implementations(Mapping[str, Callable]):
         return len(self._bodies)
 
 
+def triton_and_reference(op: str, name: str, kernel: str, reference: Body) -> Implementations:
+    """The bodies of the op ``fastmed::<name>`` of a family registered with the backends ``("triton",
+    "reference")``: the Triton function ``kernel`` of ``fastmed.kernels.<op>`` and ``reference``."""
+    return Implementations(op, f"fastmed::{name}", triton=f"fastmed.kernels.{op}:{kernel}", reference=reference)
+
+
 def why_not(op: str, backend: str, device: torch.device, forced: bool = False) -> Optional[str]:
     """None when ``backend`` can run ``op`` on ``device``, else the reason."""
     info = _OPS[op]

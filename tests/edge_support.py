@@ -404,23 +404,23 @@ def check_meta(call: Call, names: Sequence[str]) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ oracles
+#: name -> act(z, slope): the activations of fastmed.ops.norm_act written with torch.nn.functional
+ACTIVATION_ORACLES = {
+    "identity": lambda z, slope: z,
+    "relu": lambda z, slope: F.relu(z),
+    "leaky_relu": F.leaky_relu,
+    "prelu": F.prelu,
+    "gelu": lambda z, slope: F.gelu(z),
+    "gelu_tanh": lambda z, slope: F.gelu(z, approximate="tanh"),
+    "silu": lambda z, slope: F.silu(z),
+}
+
+
 def activation(z: torch.Tensor, name: str, slope) -> torch.Tensor:
     """The activations of fastmed.ops.norm_act written with torch.nn.functional."""
-    if name == "identity":
-        return z
-    if name == "relu":
-        return F.relu(z)
-    if name == "leaky_relu":
-        return F.leaky_relu(z, slope)
-    if name == "prelu":
-        return F.prelu(z, slope)
-    if name == "gelu":
-        return F.gelu(z)
-    if name == "gelu_tanh":
-        return F.gelu(z, approximate="tanh")
-    if name == "silu":
-        return F.silu(z)
-    raise AssertionError(name)
+    if name not in ACTIVATION_ORACLES:
+        raise AssertionError(name)
+    return ACTIVATION_ORACLES[name](z, slope)
 
 
 def normalize(z, kind, weight=None, bias=None, num_groups=None, eps=1e-5, running_mean=None, running_var=None,

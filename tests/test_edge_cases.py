@@ -394,6 +394,19 @@ _CONV_TRITON = {
 
 
 # ================================================================================================ window_attention
+def _attention_inputs(raw, qkv_pad, values, dev, dtype, layouts, kw, over):
+    """An attention op's inputs ``raw`` (plus ``qkv_pad`` unless None) after ``values``, placed on ``dev`` with
+    ``layouts`` and then ``over`` applied to them and to the arguments ``kw``: (tensors, differentiable names)."""
+    if qkv_pad is not None:
+        raw["qkv_pad"] = qkv_pad
+    if values:
+        values(raw)
+    diff = tuple(raw)
+    t = _place(raw, dev, dtype, layouts or {}, diff)
+    _apply_over(t, kw, over, dev)
+    return t, diff
+
+
 def wa_call(dev, *, dtype=F32, B=1, grid=(4, 3), heads=2, hd=4, window=(2, 3), shift=(1, 1), table=True,
             pad=False, bias_index="coords", scale=None, layouts=None, values=None, over=None, seed=3, **call_kw):
     g = E.gen(seed)
@@ -403,14 +416,8 @@ def wa_call(dev, *, dtype=F32, B=1, grid=(4, 3), heads=2, hd=4, window=(2, 3), s
     raw = {"qkv": _randn((B,) + tuple(grid) + (3 * C,), g)}
     if table:
         raw["table"] = _randn((math.prod(2 * w - 1 for w in window), heads), g)
-    if pad:
-        raw["qkv_pad"] = _randn(3 * C, g)
-    if values:
-        values(raw)
-    diff = tuple(raw)
-    t = _place(raw, dev, dtype, layouts or {}, diff)
     kw = dict(num_heads=heads, window_size=window, shift_size=shift, scale=scale, bias_index=bias_index)
-    _apply_over(t, kw, over, dev)
+    t, diff = _attention_inputs(raw, _randn(3 * C, g) if pad else None, values, dev, dtype, layouts, kw, over)
 
     def fn(t):
         return ops.window_attention(t["qkv"], kw["num_heads"], kw["window_size"], kw["shift_size"], t.get("table"),
@@ -423,15 +430,31 @@ def wa_call(dev, *, dtype=F32, B=1, grid=(4, 3), heads=2, hd=4, window=(2, 3), s
     return Call(fn, oracle, t, diff, dtype, **call_kw)
 
 
-def window_attention_cases():
-    b = wa_call
+def _attention_layout_dtype_cases(b, others):
+    """The layout cases of a windowed attention op (``qkv`` with a batch of 2; each other input ``name`` with the
+    builder arguments ``others[name]``) and one case per float dtype."""
     T = {}
-    for L in ("noncontiguous", "expanded", "offset", "flipped", "permuted"):
+    for L in LAYOUTS_1D:
         T[("layout", f"qkv:{L}")] = value_case(b, layouts={"qkv": L}, B=2)
-        T[("layout", f"table:{L}")] = value_case(b, layouts={"table": L})
-        T[("layout", f"qkv_pad:{L}")] = value_case(b, grid=(3, 3), pad=True, layouts={"qkv_pad": L})
+        for name, kw in others.items():
+            T[("layout", f"{name}:{L}")] = value_case(b, layouts={name: L}, **kw)
     for dt in FLOATS:
         T[("dtype", DT_NAMES[dt])] = value_case(b, dtype=dt)
+    return T
+
+
+def _attention_qkv_cases(b):
+    """A windowed attention op's head_dim 1, empty batch and non-finite ``qkv`` cases."""
+    T = {("size", "head_dim1"): value_case(b, hd=1, heads=3),
+         ("size", "empty_batch"): error_or_value_case(b, ("qkv",), B=0)}
+    for v, val in (("nan", float("nan")), ("posinf", float("inf")), ("neginf", float("-inf"))):
+        T[("nonfinite", f"qkv_{v}")] = value_case(b, values=_set(("qkv", (0, 1, 2, 3)), val), nonfinite=True)
+    return T
+
+
+def window_attention_cases():
+    b = wa_call
+    T = _attention_layout_dtype_cases(b, {"table": {}, "qkv_pad": dict(grid=(3, 3), pad=True)})
     T[("config", "3d_shift")] = value_case(b, grid=(2, 4, 2), window=2, shift=1, hd=2)
     T[("config", "padded_grid_shift")] = value_case(b, grid=(4, 5), window=3, shift=1, pad=True)
     T[("config", "shrunk_window_monai_index")] = value_case(b, grid=(2, 6), window=(4, 3), shift=(2, 1),
@@ -439,10 +462,7 @@ def window_attention_cases():
     T[("config", "no_table_scale")] = value_case(b, table=False, scale=0.7)
     T[("size", "grid1x1")] = value_case(b, grid=(1, 1))
     T[("size", "window1")] = value_case(b, grid=(2, 2), window=1, shift=0)
-    T[("size", "head_dim1")] = value_case(b, hd=1, heads=3)
-    T[("size", "empty_batch")] = error_or_value_case(b, ("qkv",), B=0)
-    for v, val in (("nan", float("nan")), ("posinf", float("inf")), ("neginf", float("-inf"))):
-        T[("nonfinite", f"qkv_{v}")] = value_case(b, values=_set(("qkv", (0, 1, 2, 3)), val), nonfinite=True)
+    T.update(_attention_qkv_cases(b))
     T[("nonfinite", "table_neginf")] = value_case(b, values=_set(("table", (3, 1)), float("-inf")), nonfinite=True)
     bad = {"qkv_rank3": ("qkv", dict(over={"qkv": torch.ones(4, 6, 24)})),
            "qkv_int": ("qkv", dict(over={"qkv": torch.ones(1, 4, 6, 24, dtype=torch.int64)})),
@@ -498,14 +518,8 @@ def sam_call(dev, *, dtype=F32, B=1, grid=(5, 4), heads=2, hd=4, window=3, pad=T
     wh, ww = tuple(grid) if window == 0 else (window, window)
     raw = {"qkv": _randn((B,) + tuple(grid) + (3 * C,), g), "rel_pos_h": _randn((2 * wh - 1, hd), g, 0.5),
            "rel_pos_w": _randn((2 * ww - 1, hd), g, 0.5)}
-    if pad:
-        raw["qkv_pad"] = _randn(3 * C, g)
-    if values:
-        values(raw)
-    diff = tuple(raw)
-    t = _place(raw, dev, dtype, layouts or {}, diff)
     kw = dict(num_heads=heads, window_size=window, scale=scale)
-    _apply_over(t, kw, over, dev)
+    t, diff = _attention_inputs(raw, _randn(3 * C, g) if pad else None, values, dev, dtype, layouts, kw, over)
 
     def fn(t):
         return ops.sam_attention(t["qkv"], kw["num_heads"], t["rel_pos_h"], t["rel_pos_w"], kw["window_size"],
@@ -520,22 +534,13 @@ def sam_call(dev, *, dtype=F32, B=1, grid=(5, 4), heads=2, hd=4, window=3, pad=T
 
 def sam_attention_cases():
     b = sam_call
-    T = {}
-    for L in ("noncontiguous", "expanded", "offset", "flipped", "permuted"):
-        T[("layout", f"qkv:{L}")] = value_case(b, layouts={"qkv": L}, B=2)
-        T[("layout", f"rel_pos_h:{L}")] = value_case(b, layouts={"rel_pos_h": L})
-        T[("layout", f"qkv_pad:{L}")] = value_case(b, layouts={"qkv_pad": L})
-    for dt in FLOATS:
-        T[("dtype", DT_NAMES[dt])] = value_case(b, dtype=dt)
+    T = _attention_layout_dtype_cases(b, {"rel_pos_h": {}, "qkv_pad": {}})
     T[("config", "global")] = value_case(b, window=0, grid=(3, 4))
     T[("config", "divisible_no_pad")] = value_case(b, grid=(4, 2), window=2, pad=False)
     T[("config", "scale")] = value_case(b, scale=0.7)
     T[("size", "grid1x1")] = value_case(b, grid=(1, 1), window=1)
     T[("size", "window_larger_than_grid")] = value_case(b, grid=(2, 3), window=4)
-    T[("size", "head_dim1")] = value_case(b, hd=1, heads=3)
-    T[("size", "empty_batch")] = error_or_value_case(b, ("qkv",), B=0)
-    for v, val in (("nan", float("nan")), ("posinf", float("inf")), ("neginf", float("-inf"))):
-        T[("nonfinite", f"qkv_{v}")] = value_case(b, values=_set(("qkv", (0, 1, 2, 3)), val), nonfinite=True)
+    T.update(_attention_qkv_cases(b))
     bad = {"qkv_rank3": ("qkv", dict(over={"qkv": torch.ones(4, 6, 24)})),
            "qkv_int": ("qkv", dict(over={"qkv": torch.ones(1, 5, 4, 24, dtype=torch.int64)})),
            "qkv_not_3C": ("qkv", dict(over={"qkv": torch.ones(1, 5, 4, 25)})),

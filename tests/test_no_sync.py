@@ -60,41 +60,39 @@ class Finding(NamedTuple):
     code: str
 
 
-# (path, function, kind) -> why it is not a synchronization on the CUDA hot path.  Keep it short and specific.
-ALLOWED = {
-    ("kernels/conv_block.py", "_class_taps_cached", "h2d"):
-        "lru_cache'd per (kernel, stride, dilation, device): the tap tables are copied once per configuration, "
-        "not per call (issue 11 item 4)",
-    ("kernels/conv_block.py", "class_taps", "h2d"):
-        "under torch.compile only (a traced graph may not capture a cached real tensor); eager calls use the cache",
-    ("fastmed/ops/losses.py", "_focal_alpha", "host-scalar"):
-        "a 0-d alpha given as a tensor is read once as a Python number, like MONAI; a float alpha (the common case) "
-        "involves no tensor",
-    ("fastmed/ops/losses.py", "_dense", "host-scalar"):
-        "reduction='none' only: the per-voxel output of FocalLoss / DiceFocalLoss is MONAI's plain-PyTorch "
-        "composition, not the fused path, and its integer labels are checked there",
-    ("fastmed/nn/boundary_losses.py", "BoundaryLoss.forward", "h2d"):
-        "the caller's precomputed distance maps moved to the logits' device: no copy when they already live there "
-        "(the documented use); a copy only for maps the caller keeps on the host",
-    ("fastmed/ops/losses.py", "_weights_like", "h2d"):
-        "no copy for the modules' class weights and focal alpha (buffers already on the device); only weights the "
-        "caller passes as a list/CPU tensor to the functional API are copied, per call, as MONAI does (documented)",
-    ("fastmed/nn/norm_act.py", "NormAct.__init__", "h2d"):
-        "a buffer created once in the constructor, not per call",
-    ("fastmed/nn/swin.py", "WindowAttention._eager", "h2d"):
-        "fused=False only (the plain-PyTorch composition fastmed is compared with), not fastmed's op path",
-    ("fastmed/ops/conv_block.py", "warm_triton_cache", "sync"):
-        "a one-off warm-up before timing (compiles every Triton specialization of the given cases), not an op",
-    ("fastmed/ops/conv_block.py", "_random_leaf", "h2d"):
-        "random inputs of warm_triton_cache, created once per warmed case, not in an op",
-    ("fastmed/ops/window_attention.py", "_mask_parts", "h2d"):
-        "the aten backend runs CPU tensors only (its index is built on the CPU: .to(device) is a no-op there)",
-    ("fastmed/ops/window_attention.py", "_aten_backward", "h2d"):
-        "the aten backend runs CPU tensors only (its index is built on the CPU: .to(device) is a no-op there)",
-    ("fastmed/_validate.py", "check_number_sequence", "tolist"):
-        "per-axis numbers (spacing, deep-supervision weights) given as a 1-D tensor are read once as Python numbers; "
-        "they are hyper-parameters, not per-voxel data",
+# why it is not a synchronization on the CUDA hot path -> the (path, function, kind) it covers.  Keep it short and
+# specific; one reason covers every key it explains.
+ALLOWED_BY_REASON = {
+    "lru_cache'd per (kernel, stride, dilation, device): the tap tables are copied once per configuration, not per "
+    "call (issue 11 item 4)": [("kernels/conv_block.py", "_class_taps_cached", "h2d")],
+    "under torch.compile only (a traced graph may not capture a cached real tensor); eager calls use the cache":
+        [("kernels/conv_block.py", "class_taps", "h2d")],
+    "a 0-d alpha given as a tensor is read once as a Python number, like MONAI; a float alpha (the common case) "
+    "involves no tensor": [("fastmed/ops/losses.py", "_focal_alpha", "host-scalar")],
+    "reduction='none' only: the per-voxel output of FocalLoss / DiceFocalLoss is MONAI's plain-PyTorch composition, "
+    "not the fused path, and its integer labels are checked there":
+        [("fastmed/ops/losses.py", "_dense", "host-scalar")],
+    "the caller's precomputed distance maps moved to the logits' device: no copy when they already live there (the "
+    "documented use); a copy only for maps the caller keeps on the host":
+        [("fastmed/nn/boundary_losses.py", "BoundaryLoss.forward", "h2d")],
+    "no copy for the modules' class weights and focal alpha (buffers already on the device); only weights the caller "
+    "passes as a list/CPU tensor to the functional API are copied, per call, as MONAI does (documented)":
+        [("fastmed/ops/losses.py", "_weights_like", "h2d")],
+    "a buffer created once in the constructor, not per call": [("fastmed/nn/norm_act.py", "NormAct.__init__", "h2d")],
+    "fused=False only (the plain-PyTorch composition fastmed is compared with), not fastmed's op path":
+        [("fastmed/nn/swin.py", "WindowAttention._eager", "h2d")],
+    "a one-off warm-up before timing (compiles every Triton specialization of the given cases), not an op; its "
+    "random inputs are created once per warmed case": [("fastmed/ops/conv_block.py", "warm_triton_cache", "sync"),
+                                                       ("fastmed/ops/conv_block.py", "_random_leaf", "h2d")],
+    "the aten backend runs CPU tensors only (its index is built on the CPU: .to(device) is a no-op there)":
+        [("fastmed/ops/window_attention.py", "_mask_parts", "h2d"),
+         ("fastmed/ops/window_attention.py", "_aten_backward", "h2d")],
+    "per-axis numbers (spacing, deep-supervision weights) given as a 1-D tensor are read once as Python numbers; "
+    "they are hyper-parameters, not per-voxel data": [("fastmed/_validate.py", "check_number_sequence", "tolist")],
 }
+#: (path, function, kind) -> why it is not a synchronization on the CUDA hot path
+ALLOWED = {key: reason for reason, keys in ALLOWED_BY_REASON.items() for key in keys}
+
 
 # --------------------------------------------------------------------------------------------------- the checker
 def _is_jit(fn: ast.AST) -> bool:

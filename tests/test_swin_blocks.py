@@ -138,23 +138,18 @@ def _rearranged(e, p):
     return want
 
 
-def test_patch_expand_as_swin_unet():
+@pytest.mark.parametrize(("cls", "dim", "p", "x_shape", "y_shape", "weight_shape"), [
+    (PatchExpand, 8, 2, (2, 3, 5, 8), (2, 6, 10, 4), (16, 8)),
+    (FinalPatchExpandX4, 4, 4, (1, 2, 3, 4), (1, 8, 12, 4), (64, 4)),
+], ids=["patch_expand", "final_patch_expand_x4"])
+def test_patch_expand_as_swin_unet(cls, dim, p, x_shape, y_shape, weight_shape):
     torch.manual_seed(0)
-    m = PatchExpand(8).double()
-    x = torch.randn(2, 3, 5, 8, dtype=torch.float64)
+    m = cls(dim).double()
+    x = torch.randn(*x_shape, dtype=torch.float64)
     y = m(x)
-    assert y.shape == (2, 6, 10, 4)
-    torch.testing.assert_close(y, m.norm(_rearranged(m.expand(x), 2)))
-    assert m.expand.bias is None and m.expand.weight.shape == (16, 8)
-
-
-def test_final_patch_expand_x4_as_swin_unet():
-    torch.manual_seed(0)
-    m = FinalPatchExpandX4(4).double()
-    x = torch.randn(1, 2, 3, 4, dtype=torch.float64)
-    y = m(x)
-    assert y.shape == (1, 8, 12, 4)
-    torch.testing.assert_close(y, m.norm(_rearranged(m.expand(x), 4)))
+    assert y.shape == y_shape
+    torch.testing.assert_close(y, m.norm(_rearranged(m.expand(x), p)))
+    assert m.expand.bias is None and m.expand.weight.shape == weight_shape
 
 
 def test_module_errors():

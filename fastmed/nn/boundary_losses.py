@@ -80,6 +80,16 @@ def _warn_background(n: int, include_background: bool) -> int:
     return 1
 
 
+def _store_options(module: nn.Module, include_background: bool, to_onehot_y: bool, sigmoid: bool, softmax: bool,
+                   other_act: Optional[Callable], reduction: str, batch: bool) -> None:
+    """Check MONAI's common loss options and store them on ``module`` under their own names."""
+    check_loss_activation(sigmoid, softmax, other_act)
+    options = {"include_background": include_background, "to_onehot_y": to_onehot_y, "sigmoid": sigmoid,
+               "softmax": softmax, "other_act": other_act, "reduction": check_reduction(reduction), "batch": batch}
+    for name, value in options.items():
+        setattr(module, name, value)  # (nn.Module's setattr: an ``other_act`` module is registered as a child)
+
+
 class BoundaryLoss(nn.Module):
     """MONAI 1.6's ``BoundaryLoss`` (Kervadec et al., MIDL 2019): per ``(n, c)`` the mean over the voxels of
     ``probs * phi``, phi the signed distance map of the target's class (negative inside, from
@@ -106,14 +116,7 @@ class BoundaryLoss(nn.Module):
                  softmax: bool = False, other_act: Optional[Callable] = None, reduction: str = "mean",
                  batch: bool = False, *, spacing: Union[None, float, Sequence[float]] = None):
         super().__init__()
-        check_loss_activation(sigmoid, softmax, other_act)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
-        self.reduction = check_reduction(reduction)
-        self.batch = batch
+        _store_options(self, include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, batch)
         self.spacing = spacing
 
     def forward(self, input: Tensor, target: Optional[Tensor] = None, dist_maps: Optional[Tensor] = None) -> Tensor:
@@ -169,15 +172,8 @@ class HausdorffDTLoss(nn.Module):
                  sigmoid: bool = False, softmax: bool = False, other_act: Optional[Callable] = None,
                  reduction: str = "mean", batch: bool = False):
         super().__init__()
-        check_loss_activation(sigmoid, softmax, other_act)
+        _store_options(self, include_background, to_onehot_y, sigmoid, softmax, other_act, reduction, batch)
         self.alpha = float(alpha)
-        self.include_background = include_background
-        self.to_onehot_y = to_onehot_y
-        self.sigmoid = sigmoid
-        self.softmax = softmax
-        self.other_act = other_act
-        self.reduction = check_reduction(reduction)
-        self.batch = batch
 
     @staticmethod
     @torch.no_grad()

@@ -81,12 +81,9 @@ _backend.register_op("conv_block", ("triton", "reference"),
 # Bodies: forward(x, ConvTensors, NormTensors, ConvSpec, NormSpec, mean_in, rstd_in) -> (y, conv_out, mean, rstd);
 # backward(dy, x, conv_out, ConvTensors, NormTensors, ConvSpec, NormSpec, mean, rstd, input_stats)
 #   -> (dx, ConvTensors of gradients, NormTensors of gradients).
-_FORWARD = _backend.Implementations("conv_block", "fastmed::conv_block_fwd",
-                                    triton="fastmed.kernels.conv_block:conv_block_forward",
-                                    reference=ref.conv_block_forward)
-_BACKWARD = _backend.Implementations("conv_block", "fastmed::conv_block_bwd",
-                                     triton="fastmed.kernels.conv_block:conv_block_backward",
-                                     reference=ref.conv_block_backward)
+_FORWARD = _backend.triton_and_reference("conv_block", "conv_block_fwd", "conv_block_forward", ref.conv_block_forward)
+_BACKWARD = _backend.triton_and_reference("conv_block", "conv_block_bwd", "conv_block_backward",
+                                          ref.conv_block_backward)
 
 
 def op_inputs(x, conv: ConvTensors, norm: NormTensors, mean_in, rstd_in, cspec: ConvSpec, nspec: NormSpec,

@@ -27,12 +27,10 @@ def _reference_backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad, spec
     return ref.sam_attention_backward(dout, qkv, rel_pos_h, rel_pos_w, qkv_pad, spec)
 
 
-_FORWARD = _backend.Implementations("sam_attention", "fastmed::sam_attention_fwd",
-                                    triton="fastmed.kernels.sam_attention:sam_attention_forward",
-                                    reference=ref.sam_attention_forward)
-_BACKWARD = _backend.Implementations("sam_attention", "fastmed::sam_attention_bwd",
-                                     triton="fastmed.kernels.sam_attention:sam_attention_backward",
-                                     reference=_reference_backward)
+_FORWARD = _backend.triton_and_reference("sam_attention", "sam_attention_fwd", "sam_attention_forward",
+                                         ref.sam_attention_forward)
+_BACKWARD = _backend.triton_and_reference("sam_attention", "sam_attention_bwd", "sam_attention_backward",
+                                          _reference_backward)
 
 _NON_TENSOR_GRADS = (None,) * (len(ref.SamAttentionSpec._fields) + 1)  # the spec's fields and the backend name
 

@@ -38,12 +38,10 @@ _backend.register_op("sliding_window", ("triton", "reference"),
 
 # Bodies: accumulate(buffer, patches, weight, origins) -> None;
 # finalize(buffer, WindowNormalizer, (wz, wy), z_lo, z_hi, result or None, output, zero_buffer) -> None.
-_ACCUMULATE = _backend.Implementations("sliding_window", "fastmed::sliding_window_accumulate",
-                                       triton="fastmed.kernels.sliding_window:sliding_window_accumulate",
-                                       reference=ref.accumulate)
-_FINALIZE = _backend.Implementations("sliding_window", "fastmed::sliding_window_finalize",
-                                     triton="fastmed.kernels.sliding_window:sliding_window_finalize",
-                                     reference=ref.finalize)
+_ACCUMULATE = _backend.triton_and_reference("sliding_window", "sliding_window_accumulate",
+                                             "sliding_window_accumulate", ref.accumulate)
+_FINALIZE = _backend.triton_and_reference("sliding_window", "sliding_window_finalize", "sliding_window_finalize",
+                                          ref.finalize)
 
 
 @triton_op("fastmed::sliding_window_accumulate", mutates_args=("buffer",))
