@@ -123,9 +123,7 @@ def main(argv=None) -> int:
                           "comma-separated prefixes: accumulation, unet, swinunetr")
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.5)
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
-    parser.add_argument("--reps", type=int, default=None, help="timed runs per row (default 3 quick, 5 full)")
-    parser.add_argument("--warmup", type=int, default=None, help="untimed runs first (default 1 quick, 2 full)")
+    # --threads, --reps (default here: 3 quick, 5 full) and --warmup (1 quick, 2 full) come from the harness
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

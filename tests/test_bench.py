@@ -257,3 +257,22 @@ def test_loss_benchmark_runs_without_monai(tmp_path, monkeypatch):
     bench.main(["--quick", "--device", "cpu", "--losses", "DiceLoss,nnU-Net", "--out", str(out)])
     tiny = {(r["loss"], r["impl"]) for r in json.loads(out.read_text())["rows"] if r["shape"] == "1x3x4x4x4"}
     assert tiny == {("DiceLoss", "fastmed"), ("nnU-Net", "fastmed"), ("nnU-Net", "nnunet")}
+
+
+@pytest.mark.parametrize("name", ["bench_inference", "bench_models", "bench_losses", "bench_norm_act",
+                                  "bench_conv_block", "bench_window_attention", "bench_distance_transform"])
+def test_every_benchmark_parses_its_arguments(name):
+    """Every benchmark builds its parser (the harness's common options plus its own, no clash) and prints --help."""
+    bench = _module(name)
+    with pytest.raises(SystemExit) as stop:
+        bench.main(["--help"])
+    assert stop.value.code == 0
+
+
+def test_inference_benchmark_runs_on_the_cpu(tmp_path):
+    bench = _module("bench_inference")
+    out = tmp_path / "inference.json"
+    bench.main(["--quick", "--device", "cpu", "--cases", "accumulation", "--reps", "1", "--warmup", "0",
+                "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert {r["impl"] for r in rows if r.get("ms")} >= {"fastmed", "monai"}
