@@ -31,6 +31,8 @@ from torch.library import wrap_triton
 from fastmed._tensors import accumulation_dtype, device_guard
 from fastmed.reference import sam_attention as ref
 
+from ._common import online_softmax_step
+
 
 @triton.jit
 def _tokens(wi, t, H, W, nWh, nWw, WH: tl.constexpr, WW: tl.constexpr):
@@ -150,12 +152,7 @@ def _fwd_kernel(
                                                       acc_ty, HAS_PAD, CAST, WH, WW)
         s, _, _ = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
         s = tl.where(k_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc_ty)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
     out = acc / l_i[:, None]
     tl.store(out_ptr + qtok[:, None] * C + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=qm)
     tl.store(lse_ptr + qtok * heads + head, m_i + tl.log(l_i), mask=q_ok)

@@ -66,6 +66,8 @@ from torch.library import wrap_triton
 from fastmed._tensors import accumulation_dtype, device_guard, target_programs
 from fastmed.reference import window_attention as ref
 
+from ._common import online_softmax_step
+
 MASK_VALUE = tl.constexpr(ref.MASK_VALUE)  # the anchors' constant between shift regions
 
 # --------------------------------------------------------------------------------------------------
@@ -273,12 +275,7 @@ def _fwd_kernel(
         v = _load_part(qkv_ptr, pad_ptr, cols, hs, 2, N, PAD == "vector", CAST, acc_ty)
         s = _scores(q, k, _bias_tile(bias_ptr, rows[0], cols[0], NP, HAS_BIAS), rows, cols, scale, N, MASK,
                     PREC, acc_ty)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc_ty)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
     real = rows[2]  # rows stored: real tokens (padding queries are computed, never stored)
     out = acc / l_i[:, None]
     tl.store(_row_ptrs(out_ptr, rows, hs, C), out.to(out_ptr.dtype.element_ty), mask=real[:, None] & hs[3][None, :])
