@@ -61,3 +61,16 @@ def act_grad(z, slope, ACT: tl.constexpr):
         s = 1.0 / (1.0 + tl.exp(-z))
         out = s * (1.0 + z * (1.0 - s))
     return out.to(z.dtype)
+
+
+@triton.jit
+def online_softmax_step(s, v, m_i, l_i, acc, PREC: tl.constexpr):
+    """One key tile of flash attention's online softmax: scores ``s`` (BLOCK_M, BLOCK_N) and values ``v``
+    (BLOCK_N, BLOCK_D) update the running row max ``m_i``, row sum ``l_i`` and output ``acc``; returns the new
+    ``(m_i, l_i, acc)``."""
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    alpha = tl.exp(m_i - m_new)
+    p = tl.exp(s - m_new[:, None])
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc.dtype)
+    return m_new, l_i, acc

@@ -20,6 +20,13 @@ computed by torch first):
      as ``dS @ onehot(key row)`` / ``dS @ onehot(key column)`` (each query owns its row: no atomics).
 The tables' gradients (and the bias' share of dQ) follow from ``d rel_h`` / ``d rel_w`` by the matmuls of
 ``decomposed_bias``'s backward.  Deterministic: no atomics anywhere.
+
+Arguments of the backward kernels (contiguous; fp32/fp64 where the forward's ``lse`` is):
+  ``qkv_ptr (B, H, W, 3C)``, ``pad_ptr (3C,)`` (HAS_PAD), ``relh_ptr (B, H, W, heads, WH)``,
+  ``relw_ptr (B, H, W, heads, WW)``, ``dout_ptr (B, H, W, C)``, ``lse_ptr``, ``delta_ptr (B, H, W, heads)``, then
+  ``dqkv_ptr (B, H, W, 3C)``: ``_bwd_dkdv_kernel`` writes the k and v channels of real tokens, ``_bwd_dq_kernel``
+  the q channels; ``_bwd_dkdv_kernel``'s ``ppad_ptr (programs, heads, 2, head_dim)``: padding keys' dK, dV per
+  program (HAS_PAD); ``_bwd_dq_kernel``'s ``drelh_ptr``, ``drelw_ptr``: fp32/fp64, shaped as ``relh``, ``relw``.
 """
 from __future__ import annotations
 
@@ -30,6 +37,8 @@ from torch.library import wrap_triton
 
 from fastmed._tensors import accumulation_dtype, device_guard
 from fastmed.reference import sam_attention as ref
+
+from ._common import online_softmax_step
 
 
 @triton.jit
@@ -104,22 +113,63 @@ def _bias(rh, rw, oh, ow, PREC: tl.constexpr):  # fp32 (fp64) result
 
 
 @triton.jit
+def _program_block(head_dim, N: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """This program's block of a window's ``N`` tokens and head (program axis 0: window x block of BLOCK tokens;
+    axis 1: head): ``(pid, wi, idx, head, dd, d_ok, ch)``, ``idx`` the block's in-window token indices, ``ch`` the
+    head's channels (``dd < head_dim``: ``d_ok``)."""
+    pid = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1).to(tl.int64)
+    n_blocks: tl.constexpr = (N + BLOCK - 1) // BLOCK
+    dd = tl.arange(0, BLOCK_D)
+    return (pid, pid // n_blocks, (pid % n_blocks) * BLOCK + tl.arange(0, BLOCK), head, dd, dd < head_dim,
+            head * head_dim + dd)
+
+
+@triton.jit
 def _query_block(qkv_ptr, H, W, nWh, nWw, C, head_dim, WH: tl.constexpr, WW: tl.constexpr, BLOCK_M: tl.constexpr,
                  BLOCK_D: tl.constexpr):
     """This program's window, head and block of queries (program axis 0: window x query block; axis 1: head):
     ``(wi, head, heads, ch, d_ok, qtok, q_ok, qm, q)``, ``q`` as stored (zero on padding rows)."""
-    pid = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
-    n_mb: tl.constexpr = (WH * WW + BLOCK_M - 1) // BLOCK_M
-    wi = pid // n_mb
-    rows = (pid % n_mb) * BLOCK_M + tl.arange(0, BLOCK_M)
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < head_dim
-    ch = head * head_dim + dd
+    _, wi, rows, head, _, d_ok, ch = _program_block(head_dim, WH * WW, BLOCK_M, BLOCK_D)
+    qtok, q_ok, qm, q = _query_rows(qkv_ptr, wi, rows, H, W, nWh, nWw, ch, d_ok, C, WH, WW)
+    return wi, head, tl.num_programs(1), ch, d_ok, qtok, q_ok, qm, q
+
+
+@triton.jit
+def _query_rows(qkv_ptr, wi, rows, H, W, nWh, nWw, ch, d_ok, C, WH: tl.constexpr, WW: tl.constexpr):
+    """Queries ``rows`` of window ``wi``: ``(qtok, q_ok, qm, q)``, ``q`` as stored (zero on padding rows)."""
     qtok, q_ok, _, _, _ = _tokens(wi, rows, H, W, nWh, nWw, WH, WW)
     qm = q_ok[:, None] & d_ok[None, :]
     q = tl.load(qkv_ptr + qtok[:, None] * (3 * C) + ch[None, :], mask=qm, other=0.0)
-    return wi, head, tl.num_programs(1), ch, d_ok, qtok, q_ok, qm, q
+    return qtok, q_ok, qm, q
+
+
+@triton.jit
+def _grad_rows(q, dout_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, qtok, q_ok, qm, ch, head, heads, C, acc_ty,
+               CAST: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, BLOCK_WH: tl.constexpr,
+               BLOCK_WW: tl.constexpr):
+    """What the backward kernels read per block of queries ``q`` (as stored): ``(q, do, lse, delta, rh, rw)``,
+    ``q`` and ``dO`` upcast to ``acc_ty`` with CAST."""
+    do = tl.load(dout_ptr + qtok[:, None] * C + ch[None, :], mask=qm, other=0.0)
+    if CAST:
+        q = q.to(acc_ty)
+        do = do.to(acc_ty)
+    lse = tl.load(lse_ptr + qtok * heads + head, mask=q_ok, other=0.0)
+    delta = tl.load(delta_ptr + qtok * heads + head, mask=q_ok, other=0.0)
+    rh, rw = _rel_rows(relh_ptr, relw_ptr, qtok, q_ok, head, heads, q.dtype, WH, WW, BLOCK_WH, BLOCK_WW)
+    return q, do, lse, delta, rh, rw
+
+
+@triton.jit
+def _probs_dscores(q, k, v, do, lse, delta, rh, rw, ly, lx, q_ok, k_in, scale, acc_ty, PREC: tl.constexpr,
+                   BLOCK_WH: tl.constexpr, BLOCK_WW: tl.constexpr):
+    """Recomputed ``P`` (zero for padding queries, which are never stored, and keys outside the window) and
+    ``dS = P * (dO V^T - delta)`` of a (BLOCK_M, BLOCK_N) tile, with the one-hot matrices of :func:`_scores`:
+    ``(p, ds, oh, ow)``."""
+    s, oh, ow = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
+    p = tl.where(q_ok[:, None] & k_in[None, :], tl.exp(s - lse[:, None]), 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(acc_ty)
+    return p, p * (dp - delta[:, None]), oh, ow
 
 
 @triton.jit
@@ -150,65 +200,32 @@ def _fwd_kernel(
                                                       acc_ty, HAS_PAD, CAST, WH, WW)
         s, _, _ = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
         s = tl.where(k_in[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc_ty)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
     out = acc / l_i[:, None]
     tl.store(out_ptr + qtok[:, None] * C + ch[None, :], out.to(out_ptr.dtype.element_ty), mask=qm)
     tl.store(lse_ptr + qtok * heads + head, m_i + tl.log(l_i), mask=q_ok)
 
 
 @triton.jit
-def _bwd_dkdv_kernel(
-    qkv_ptr,    # shape (B, H, W, 3C)
-    pad_ptr,    # shape (3C,) (HAS_PAD)
-    relh_ptr,   # shape (B, H, W, heads, WH)
-    relw_ptr,   # shape (B, H, W, heads, WW)
-    dout_ptr,   # shape (B, H, W, C)
-    lse_ptr,    # shape (B, H, W, heads)
-    delta_ptr,  # shape (B, H, W, heads)
-    dqkv_ptr,   # shape (B, H, W, 3C): this kernel writes the k and v channels of real tokens
-    ppad_ptr,   # shape (programs, heads, 2, head_dim): padding keys' dK, dV per program (HAS_PAD)
-    H, W, nWh, nWw, C, head_dim, scale,
-    WH: tl.constexpr, WW: tl.constexpr, HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WH: tl.constexpr,
-    BLOCK_WW: tl.constexpr,
-):
+def _bwd_dkdv_kernel(qkv_ptr, pad_ptr, relh_ptr, relw_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, ppad_ptr,
+                     H, W, nWh, nWw, C, head_dim, scale, WH: tl.constexpr, WW: tl.constexpr, HAS_PAD: tl.constexpr,
+                     CAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     BLOCK_D: tl.constexpr, BLOCK_WH: tl.constexpr, BLOCK_WW: tl.constexpr):
+    """Arguments: see the module's docstring."""
     acc_ty = lse_ptr.dtype.element_ty
-    pid = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1).to(tl.int64)
+    pid, wi, cols, head, dd, d_ok, ch = _program_block(head_dim, WH * WW, BLOCK_N, BLOCK_D)
     heads = tl.num_programs(1)
-    n_nb: tl.constexpr = (WH * WW + BLOCK_N - 1) // BLOCK_N
-    wi = pid // n_nb
-    cols = (pid % n_nb) * BLOCK_N + tl.arange(0, BLOCK_N)
-    dd = tl.arange(0, BLOCK_D)
-    d_ok = dd < head_dim
-    ch = head * head_dim + dd
     ktok, k_real, k_in, ly, lx, k, v = _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C, acc_ty,
                                                   HAS_PAD, CAST, WH, WW)
     dk = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     dv = tl.zeros([BLOCK_N, BLOCK_D], acc_ty)
     for m0 in range(0, WH * WW, BLOCK_M):
-        rows = m0 + tl.arange(0, BLOCK_M)
-        qtok, q_ok, _, _, _ = _tokens(wi, rows, H, W, nWh, nWw, WH, WW)
-        qm = q_ok[:, None] & d_ok[None, :]
-        q = tl.load(qkv_ptr + qtok[:, None] * (3 * C) + ch[None, :], mask=qm, other=0.0)
-        do = tl.load(dout_ptr + qtok[:, None] * C + ch[None, :], mask=qm, other=0.0)
-        if CAST:
-            q = q.to(acc_ty)
-            do = do.to(acc_ty)
-        lse = tl.load(lse_ptr + qtok * heads + head, mask=q_ok, other=0.0)
-        delta = tl.load(delta_ptr + qtok * heads + head, mask=q_ok, other=0.0)
-        rh, rw = _rel_rows(relh_ptr, relw_ptr, qtok, q_ok, head, heads, q.dtype, WH, WW, BLOCK_WH, BLOCK_WW)
-        s, _, _ = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
-        # padding queries (never stored) and keys outside the window take no part
-        p = tl.where(q_ok[:, None] & k_in[None, :], tl.exp(s - lse[:, None]), 0.0)
+        qtok, q_ok, qm, q = _query_rows(qkv_ptr, wi, m0 + tl.arange(0, BLOCK_M), H, W, nWh, nWw, ch, d_ok, C, WH, WW)
+        q, do, lse, delta, rh, rw = _grad_rows(q, dout_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, qtok, q_ok, qm,
+                                               ch, head, heads, C, acc_ty, CAST, WH, WW, BLOCK_WH, BLOCK_WW)
+        p, ds, _, _ = _probs_dscores(q, k, v, do, lse, delta, rh, rw, ly, lx, q_ok, k_in, scale, acc_ty, PREC,
+                                     BLOCK_WH, BLOCK_WW)
         dv += tl.dot(tl.trans(p.to(do.dtype)), do, input_precision=PREC).to(acc_ty)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(acc_ty)
-        ds = p * (dp - delta[:, None])
         dk += tl.dot(tl.trans(ds.to(q.dtype)), q, input_precision=PREC).to(acc_ty)
     dk = dk * scale
     km = k_real[:, None] & d_ok[None, :]
@@ -223,32 +240,16 @@ def _bwd_dkdv_kernel(
 
 
 @triton.jit
-def _bwd_dq_kernel(
-    qkv_ptr,    # shape (B, H, W, 3C)
-    pad_ptr,    # shape (3C,) (HAS_PAD)
-    relh_ptr,   # shape (B, H, W, heads, WH)
-    relw_ptr,   # shape (B, H, W, heads, WW)
-    dout_ptr,   # shape (B, H, W, C)
-    lse_ptr,    # shape (B, H, W, heads)
-    delta_ptr,  # shape (B, H, W, heads)
-    dqkv_ptr,   # shape (B, H, W, 3C): this kernel writes the q channels of real tokens
-    drelh_ptr,  # shape (B, H, W, heads, WH), fp32/fp64
-    drelw_ptr,  # shape (B, H, W, heads, WW)
-    H, W, nWh, nWw, C, head_dim, scale,
-    WH: tl.constexpr, WW: tl.constexpr, HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WH: tl.constexpr,
-    BLOCK_WW: tl.constexpr,
-):
+def _bwd_dq_kernel(qkv_ptr, pad_ptr, relh_ptr, relw_ptr, dout_ptr, lse_ptr, delta_ptr, dqkv_ptr, drelh_ptr,
+                   drelw_ptr, H, W, nWh, nWw, C, head_dim, scale, WH: tl.constexpr, WW: tl.constexpr,
+                   HAS_PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_WH: tl.constexpr, BLOCK_WW: tl.constexpr):
+    """Arguments: see the module's docstring."""
     acc_ty = lse_ptr.dtype.element_ty
     wi, head, heads, ch, d_ok, qtok, q_ok, qm, q = _query_block(qkv_ptr, H, W, nWh, nWw, C, head_dim, WH, WW,
                                                                  BLOCK_M, BLOCK_D)
-    do = tl.load(dout_ptr + qtok[:, None] * C + ch[None, :], mask=qm, other=0.0)
-    if CAST:
-        q = q.to(acc_ty)
-        do = do.to(acc_ty)
-    lse = tl.load(lse_ptr + qtok * heads + head, mask=q_ok, other=0.0)
-    delta = tl.load(delta_ptr + qtok * heads + head, mask=q_ok, other=0.0)
-    rh, rw = _rel_rows(relh_ptr, relw_ptr, qtok, q_ok, head, heads, q.dtype, WH, WW, BLOCK_WH, BLOCK_WW)
+    q, do, lse, delta, rh, rw = _grad_rows(q, dout_ptr, lse_ptr, delta_ptr, relh_ptr, relw_ptr, qtok, q_ok, qm, ch,
+                                           head, heads, C, acc_ty, CAST, WH, WW, BLOCK_WH, BLOCK_WW)
     jh = tl.arange(0, BLOCK_WH)
     jw = tl.arange(0, BLOCK_WW)
     dq = tl.zeros([BLOCK_M, BLOCK_D], acc_ty)
@@ -258,10 +259,8 @@ def _bwd_dq_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         ktok, k_real, k_in, ly, lx, k, v = _key_tile(qkv_ptr, pad_ptr, wi, cols, H, W, nWh, nWw, ch, d_ok, C,
                                                       acc_ty, HAS_PAD, CAST, WH, WW)
-        s, oh, ow = _scores(q, k, rh, rw, ly, lx, k_in, scale, acc_ty, PREC, BLOCK_WH, BLOCK_WW)
-        p = tl.where(q_ok[:, None] & k_in[None, :], tl.exp(s - lse[:, None]), 0.0)
-        dp = tl.dot(do, tl.trans(v), input_precision=PREC).to(acc_ty)
-        ds = p * (dp - delta[:, None])
+        _, ds, oh, ow = _probs_dscores(q, k, v, do, lse, delta, rh, rw, ly, lx, q_ok, k_in, scale, acc_ty, PREC,
+                                       BLOCK_WH, BLOCK_WW)
         dq += tl.dot(ds.to(k.dtype), k, input_precision=PREC).to(acc_ty)
         # d rel_h[m, j] = sum over keys n in window row j of dS[m, n] (the same one-hot matrices, transposed)
         drh += tl.dot(ds.to(q.dtype), tl.trans(oh), input_precision=PREC).to(acc_ty)

@@ -53,6 +53,16 @@ Kernels:
   ``_dtable_kernel``       ``(heads, N, N)`` -> table gradient ``(T, heads)``: each table row sums the pairs with its
                            relative offset, in a fixed order.  Deterministic; no atomics anywhere.
   Padding keys (MONAI padding) collect dK, dV per program; their sum over programs is d(qkv_pad).
+
+Pointer arguments of the attention kernels (contiguous; "acc": the accumulation dtype):
+  ``qkv_ptr``, ``dqkv_ptr`` ``(B, D, H, W, 3C)``; ``out_ptr``, ``dout_ptr`` ``(B, D, H, W, C)``;
+  ``lse_ptr``, ``delta_ptr`` ``(B, D, H, W, heads)``, acc (``_bwd_tiled_kernel`` writes delta = rowsum(P * dP));
+  ``pad_ptr`` ``(3C,)``: qkv of a padding token (PAD == "vector");
+  ``bias_ptr`` the dense bias (HAS_BIAS), acc: ``(classes, heads, NP, NP)`` (``_bwd_tile_kernel``: NP = BLOCK),
+  ``(heads, NP, NP)`` for ``_bwd_tiled_kernel`` and ``_bwd_dbias_kernel``;
+  ``part_ptr`` ``(G, heads, NP, NP)``, acc: dS summed over each group's windows (DBIAS);
+  ``ppad_ptr`` ``(G or n_windows, heads, 2, HEAD_DIM)``, acc: dk, dv summed over padding keys (PAD == "vector");
+  ``dq_ptr`` ``(B, D, H, W, C)`` with row stride ``dq_row``, acc: ``_bwd_tiled_kernel`` accumulates dQ there.
 """
 from __future__ import annotations
 
@@ -65,6 +75,8 @@ from torch.library import wrap_triton
 
 from fastmed._tensors import accumulation_dtype, device_guard, target_programs
 from fastmed.reference import window_attention as ref
+
+from ._common import online_softmax_step
 
 MASK_VALUE = tl.constexpr(ref.MASK_VALUE)  # the anchors' constant between shift regions
 
@@ -79,6 +91,12 @@ def _head(C, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
     dd = tl.arange(0, BLOCK_D)
     head = tl.program_id(1)
     return head, tl.num_programs(1), head * HEAD_DIM + dd, dd < HEAD_DIM, C
+
+
+@triton.jit
+def _geo_head(Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """``(geo, hs)`` of the attention kernels from their flat scalar arguments (see the module's docstring)."""
+    return ((nWd, nWh, nWw), (D, H, W), (shd, shh, shw), (Dp, Hp, Wp)), _head(C, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -238,22 +256,15 @@ def _bias_kernel(
 
 
 @triton.jit
-def _fwd_kernel(
-    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
-    out_ptr,    # shape (B, D, H, W, C), contiguous
-    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
-    bias_ptr,   # shape (classes, heads, NP, NP), contiguous, accumulation dtype (HAS_BIAS)
-    pad_ptr,    # shape (3C,): qkv of a padding token (PAD == "vector")
-    Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, scale,
-    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _fwd_kernel(qkv_ptr, out_ptr, lse_ptr, bias_ptr, pad_ptr, Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw,
+                scale, WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr,
+                HAS_BIAS: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr,
+                PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointer arguments: see the module's docstring."""
     N: tl.constexpr = WD * WH * WW
     NP: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     acc_ty = lse_ptr.dtype.element_ty
-    geo = ((nWd, nWh, nWw), (D, H, W), (shd, shh, shw), (Dp, Hp, Wp))
-    hs = _head(C, HEAD_DIM, BLOCK_D)
+    geo, hs = _geo_head(Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, HEAD_DIM, BLOCK_D)
     pid = tl.program_id(0).to(tl.int64)
     n_mb = tl.cdiv(N, BLOCK_M)
     wi = pid // n_mb
@@ -273,12 +284,7 @@ def _fwd_kernel(
         v = _load_part(qkv_ptr, pad_ptr, cols, hs, 2, N, PAD == "vector", CAST, acc_ty)
         s = _scores(q, k, _bias_tile(bias_ptr, rows[0], cols[0], NP, HAS_BIAS), rows, cols, scale, N, MASK,
                     PREC, acc_ty)
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        alpha = tl.exp(m_i - m_new)
-        p = tl.exp(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC).to(acc_ty)
-        m_i = m_new
+        m_i, l_i, acc = online_softmax_step(s, v, m_i, l_i, acc, PREC)
     real = rows[2]  # rows stored: real tokens (padding queries are computed, never stored)
     out = acc / l_i[:, None]
     tl.store(_row_ptrs(out_ptr, rows, hs, C), out.to(out_ptr.dtype.element_ty), mask=real[:, None] & hs[3][None, :])
@@ -286,25 +292,16 @@ def _fwd_kernel(
 
 
 @triton.jit
-def _bwd_tile_kernel(
-    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
-    dout_ptr,   # shape (B, D, H, W, C), contiguous
-    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
-    bias_ptr,   # shape (classes, heads, BLOCK, BLOCK), contiguous, accumulation dtype (HAS_BIAS)
-    pad_ptr,    # shape (3C,): qkv of a padding token (PAD == "vector")
-    dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous
-    part_ptr,   # shape (G, heads, BLOCK, BLOCK), contiguous, accumulation dtype: dS summed over a group's windows
-    ppad_ptr,   # shape (G, heads, 2, HEAD_DIM), accumulation dtype: dk, dv summed over padding keys (PAD == "vector")
-    Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
-    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
-    DBIAS: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _bwd_tile_kernel(qkv_ptr, dout_ptr, lse_ptr, bias_ptr, pad_ptr, dqkv_ptr, part_ptr, ppad_ptr, Dp, Hp, Wp, D, H,
+                     W, C, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group, WD: tl.constexpr,
+                     WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     DBIAS: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr,
+                     PREC: tl.constexpr, BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointer arguments: see the module's docstring (``ppad_ptr``: one slot per group)."""
     N: tl.constexpr = WD * WH * WW
     acc_ty = lse_ptr.dtype.element_ty
     out_ty = dqkv_ptr.dtype.element_ty
-    geo = ((nWd, nWh, nWw), (D, H, W), (shd, shh, shw), (Dp, Hp, Wp))
-    hs = _head(C, HEAD_DIM, BLOCK_D)
+    geo, hs = _geo_head(Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, HEAD_DIM, BLOCK_D)
     head, heads, d_ok = hs[0], hs[1], hs[3]
     g = tl.program_id(0).to(tl.int64)  # group of windows
     t = tl.arange(0, BLOCK)
@@ -348,27 +345,17 @@ def _bwd_tile_kernel(
 
 
 @triton.jit
-def _bwd_tiled_kernel(
-    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
-    dout_ptr,   # shape (B, D, H, W, C), contiguous
-    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
-    bias_ptr,   # shape (heads, NP, NP), contiguous, accumulation dtype (HAS_BIAS)
-    pad_ptr,    # shape (3C,): qkv of a padding token (PAD == "vector")
-    dqkv_ptr,   # shape (B, D, H, W, 3C), contiguous
-    delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype: rowsum(P * dP), written here
-    dq_ptr,     # shape (B, D, H, W, C) with row stride dq_row, accumulation dtype: dQ accumulated here
-    ppad_ptr,   # shape (n_windows, heads, 2, HEAD_DIM), accumulation dtype (PAD == "vector")
-    Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, scale, dq_row,
-    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    HAS_BIAS: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    DQ_COPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _bwd_tiled_kernel(qkv_ptr, dout_ptr, lse_ptr, bias_ptr, pad_ptr, dqkv_ptr, delta_ptr, dq_ptr, ppad_ptr, Dp, Hp,
+                      Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, scale, dq_row, WD: tl.constexpr,
+                      WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
+                      DQ_COPY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Pointer arguments: see the module's docstring (``ppad_ptr``: one slot per window)."""
     N: tl.constexpr = WD * WH * WW
     NP: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     acc_ty = lse_ptr.dtype.element_ty
     out_ty = dqkv_ptr.dtype.element_ty
-    geo = ((nWd, nWh, nWw), (D, H, W), (shd, shh, shw), (Dp, Hp, Wp))
-    hs = _head(C, HEAD_DIM, BLOCK_D)
+    geo, hs = _geo_head(Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, HEAD_DIM, BLOCK_D)
     head, heads, d_ok = hs[0], hs[1], hs[3]
     bias_ptr += head * NP * NP
     wi = tl.program_id(0).to(tl.int64)
@@ -436,24 +423,16 @@ def _bwd_tiled_kernel(
 
 
 @triton.jit
-def _bwd_dbias_kernel(
-    qkv_ptr,    # shape (B, D, H, W, 3C), contiguous
-    dout_ptr,   # shape (B, D, H, W, C), contiguous
-    lse_ptr,    # shape (B, D, H, W, heads), contiguous, accumulation dtype
-    delta_ptr,  # shape (B, D, H, W, heads), contiguous, accumulation dtype
-    bias_ptr,   # shape (heads, NP, NP), contiguous, accumulation dtype
-    pad_ptr,    # shape (3C,): qkv of a padding token (PAD == "vector")
-    part_ptr,   # shape (G, heads, NP, NP), contiguous, accumulation dtype: dS summed over each group's windows
-    Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group,
-    WD: tl.constexpr, WH: tl.constexpr, WW: tl.constexpr, HEAD_DIM: tl.constexpr,
-    MASK: tl.constexpr, PAD: tl.constexpr, CAST: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-):
+def _bwd_dbias_kernel(qkv_ptr, dout_ptr, lse_ptr, delta_ptr, bias_ptr, pad_ptr, part_ptr, Dp, Hp, Wp, D, H, W, C,
+                      nWd, nWh, nWw, shd, shh, shw, scale, n_windows, per_group, WD: tl.constexpr, WH: tl.constexpr,
+                      WW: tl.constexpr, HEAD_DIM: tl.constexpr, MASK: tl.constexpr, PAD: tl.constexpr,
+                      CAST: tl.constexpr, PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                      BLOCK_D: tl.constexpr):
+    """Pointer arguments: see the module's docstring (``bias_ptr`` always holds a bias here)."""
     N: tl.constexpr = WD * WH * WW
     NP: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N * BLOCK_N
     acc_ty = lse_ptr.dtype.element_ty
-    geo = ((nWd, nWh, nWw), (D, H, W), (shd, shh, shw), (Dp, Hp, Wp))
-    hs = _head(C, HEAD_DIM, BLOCK_D)
+    geo, hs = _geo_head(Dp, Hp, Wp, D, H, W, C, nWd, nWh, nWw, shd, shh, shw, HEAD_DIM, BLOCK_D)
     head, heads = hs[0], hs[1]
     n_nb: tl.constexpr = NP // BLOCK_N
     pid = tl.program_id(0)
