@@ -51,6 +51,28 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, model: str
         raise TypeError(f"{model}: x must be a floating-point tensor, got {x.dtype}")
 
 
+def pad_to_multiple(x: torch.Tensor, multiple: int, pad: bool, model: str, rule: str) -> torch.Tensor:
+    """``x`` zero-padded at the end of each spatial axis to a multiple of ``multiple``; with ``pad=False`` a size
+    that is not such a multiple raises ``ValueError`` (``rule`` says where ``multiple`` comes from)."""
+    size = tuple(x.shape[2:])
+    if any(s % multiple for s in size):
+        if not pad:
+            raise ValueError(f"{model}: with pad=False every spatial size must be a multiple of {multiple} "
+                             f"({rule}), got {size}")
+        pads = []
+        for s in reversed(size):
+            pads += [0, -s % multiple]
+        x = F.pad(x, pads)
+    return x
+
+
+def crop_to(logits: torch.Tensor, size: tuple) -> torch.Tensor:
+    """``logits`` cut back to the spatial ``size`` (undoes :func:`pad_to_multiple`)."""
+    if logits.shape[2:] != size:
+        logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+    return logits
+
+
 def maybe_checkpoint(fn: Callable, *args, enabled: bool):
     """``fn(*args)``, recomputed in the backward pass when ``enabled`` and gradients are needed."""
     if enabled and torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):

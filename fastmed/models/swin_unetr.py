@@ -223,15 +223,7 @@ class SwinUNETR(FusedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L.check_input(x, self.spatial_dims, self.in_channels, "SwinUNETR")
         size = tuple(x.shape[2:])
-        m = self.multiple
-        if any(s % m for s in size):
-            if not self.pad:
-                raise ValueError(f"SwinUNETR: with pad=False every spatial size must be a multiple of {m} "
-                                 f"(patch_size ** 5), got {size}")
-            pads = []
-            for s in reversed(size):
-                pads += [0, -s % m]
-            x = F.pad(x, pads)
+        x = L.pad_to_multiple(x, self.multiple, self.pad, "SwinUNETR", "patch_size ** 5")
         hidden = self.swinViT(x, self.normalize, self.checkpointing)
         enc0 = self.encoder1(x)
         enc1 = self.encoder2(hidden[0])
@@ -243,6 +235,4 @@ class SwinUNETR(FusedModel):
         dec1 = self.decoder3(dec2, enc2)
         dec0 = self.decoder2(dec1, enc1)
         logits = self.out(self.decoder1(dec0, enc0))
-        if logits.shape[2:] != size:
-            logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
-        return logits
+        return L.crop_to(logits, size)
