@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from model_support import fused_and_plain, reference_then_checkpointing
 
 from fastmed.models import AttentionUNet, UNet, plan_nnunet
 
@@ -19,15 +20,7 @@ def _grads(model):
 
 def _agree(model, x, atol=1e-4, rtol=1e-4):
     """fused=True and fused=False give the same outputs and parameter gradients (same weights, train mode)."""
-    outs, grads = [], []
-    for fused in (True, False):
-        m = copy.deepcopy(model)
-        m.fused = fused
-        y = m(x)
-        ys = y if isinstance(y, list) else [y]
-        sum((t.float() * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in ys).backward()
-        outs.append([t.detach() for t in ys])
-        grads.append(_grads(m))
+    outs, grads, _ = zip(*fused_and_plain(model, x))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))
@@ -287,11 +280,7 @@ def test_swin_unet_fused_matches_reference_any_size(sd, size):
 def test_swin_unet_checkpointing_autocast_compile():
     model = _small_swin(2)
     x = torch.randn(1, 1, 16, 16)
-    ref = model(x)
-    ref.square().sum().backward()
-    g_ref = _grads(model)
-    model.zero_grad()
-    model.checkpointing = True
+    ref, g_ref = reference_then_checkpointing(model, x)
     model(x.requires_grad_(True)).square().sum().backward()
     for k, g in _grads(model).items():
         torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-5, msg=k)
