@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from fastmed._validate import check_int, check_per_axis, check_spatial_dims
+from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import conv_class
 from fastmed.nn.swin import FinalPatchExpandX4, PatchExpand, PatchMerging, SwinTransformerBlock, WindowAttention
@@ -104,10 +104,7 @@ class SwinUNet(nn.Module):
                  window_size=7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, pad: bool = True,
                  fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
+        sd = L.check_model_args(self, spatial_dims, in_channels, out_channels)
         self.patch_size = check_int(patch_size, "patch_size", 1)
         embed_dim = check_int(embed_dim, "embed_dim", 1)
         if len(depths) != len(num_heads) or len(depths) < 2:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmed._validate import check_int, check_per_axis, check_spatial_dims
+from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.models.unetr import FusedModel, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from fastmed.nn.conv_block import conv_class
@@ -165,10 +165,7 @@ class SwinUNETR(FusedModel):
                  use_v2: bool = False, use_hyena: bool = False, hyena_stages: Optional[Sequence[bool]] = None,
                  use_flash_attention: bool = False, pad: bool = True, fused: bool = True):
         super().__init__()
-        sd = check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
+        sd = L.check_model_args(self, spatial_dims, in_channels, out_channels)
         self.patch_size = check_int(patch_size, "patch_size", 1)
         if self.patch_size != 2:  # MONAI accepts others, then fails in forward: the decoder upsamples 2**5
             raise ValueError(f"patch_size must be 2 (the decoder's five 2x upsamplings return to the image), got "
