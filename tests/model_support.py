@@ -75,6 +75,39 @@ def weights(y):
     return torch.linspace(-1, 1, y.numel(), dtype=y.dtype).view_as(y)
 
 
+def on_meta(cls, *args, **kwargs):
+    """``cls(*args, **kwargs)`` built on the meta device (no memory, no initialization) and its parameter count."""
+    with torch.device("meta"):
+        model = cls(*args, **kwargs)
+    return model, sum(p.numel() for p in model.parameters())
+
+
+def fused_and_plain(model, x) -> list:
+    """Copies of ``model`` run on ``x`` with ``fused`` True and then False, each backpropagating
+    ``sum((y * weights(y)).sum())`` over its outputs: per run ``(outputs (a list, detached), parameter gradients,
+    buffers)``."""
+    runs = []
+    for fused in (True, False):
+        m = copy.deepcopy(model)
+        m.fused = fused
+        y = m(x)
+        ys = y if isinstance(y, list) else [y]
+        sum((t * weights(t)).sum() for t in ys).backward()
+        runs.append(([t.detach() for t in ys], grads(m), dict(m.named_buffers())))
+    return runs
+
+
+def reference_then_checkpointing(model, x, loss=lambda y: y.square().sum()):
+    """``model(x)`` and the parameter gradients of ``loss`` of it; then the gradients are zeroed and
+    checkpointing switched on, for a second run to compare with these."""
+    ref = model(x)
+    loss(ref).backward()
+    g_ref = grads(model)
+    model.zero_grad()
+    model.checkpointing = True
+    return ref, g_ref
+
+
 def monai_pair(monkeypatch, theirs_cls, ours_cls, seed: int = 0, **kwargs):
     """MONAI's model built with ``kwargs`` (seeded) and fastmed's with the same arguments, loaded strictly from
     MONAI's state dict."""

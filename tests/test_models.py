@@ -3,6 +3,7 @@ import copy
 
 import pytest
 import torch
+from model_support import fused_and_plain, reference_then_checkpointing
 
 from fastmed.models import AttentionUNet, UNet, plan_nnunet
 
@@ -19,15 +20,7 @@ def _grads(model):
 
 def _agree(model, x, atol=1e-4, rtol=1e-4):
     """fused=True and fused=False give the same outputs and parameter gradients (same weights, train mode)."""
-    outs, grads = [], []
-    for fused in (True, False):
-        m = copy.deepcopy(model)
-        m.fused = fused
-        y = m(x)
-        ys = y if isinstance(y, list) else [y]
-        sum((t.float() * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in ys).backward()
-        outs.append([t.detach() for t in ys])
-        grads.append(_grads(m))
+    outs, grads, _ = zip(*fused_and_plain(model, x))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))
@@ -247,16 +240,21 @@ def test_attention_unet_checkpointing_and_channels_last():
         torch.testing.assert_close(g, g_ref[k], atol=1e-4, rtol=1e-4, msg=k)
 
 
+def _assert_value_errors(*cases):
+    """Each ``(match, call)``: ``call()`` raises ``ValueError`` matching ``match``."""
+    for match, call in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
+
+
 def test_attention_unet_bad_input():
-    with pytest.raises(ValueError, match="attention gate halves"):
-        AttentionUNet(2, 1, 2, channels=(1, 8), strides=(2,))
-    with pytest.raises(ValueError, match="strides needs"):
-        AttentionUNet(2, 1, 2, channels=(4, 8, 16), strides=(2,))
     model = AttentionUNet(2, 1, 2, channels=(4, 8), strides=(2,))
-    with pytest.raises(ValueError, match="in_channels=1"):
-        model(torch.randn(1, 2, 8, 8))
-    with pytest.raises(ValueError, match="divisible"):
-        model(torch.randn(1, 1, 7, 8))
+    _assert_value_errors(
+        ("attention gate halves", lambda: AttentionUNet(2, 1, 2, channels=(1, 8), strides=(2,))),
+        ("strides needs", lambda: AttentionUNet(2, 1, 2, channels=(4, 8, 16), strides=(2,))),
+        ("in_channels=1", lambda: model(torch.randn(1, 2, 8, 8))),
+        ("divisible", lambda: model(torch.randn(1, 1, 7, 8))),
+    )
 
 
 # ----------------------------------------------------------------------------------------------------- SwinUNet
@@ -287,11 +285,7 @@ def test_swin_unet_fused_matches_reference_any_size(sd, size):
 def test_swin_unet_checkpointing_autocast_compile():
     model = _small_swin(2)
     x = torch.randn(1, 1, 16, 16)
-    ref = model(x)
-    ref.square().sum().backward()
-    g_ref = _grads(model)
-    model.zero_grad()
-    model.checkpointing = True
+    ref, g_ref = reference_then_checkpointing(model, x)
     model(x.requires_grad_(True)).square().sum().backward()
     for k, g in _grads(model).items():
         torch.testing.assert_close(g, g_ref[k], atol=1e-5, rtol=1e-5, msg=k)
@@ -306,17 +300,14 @@ def test_swin_unet_checkpointing_autocast_compile():
 def test_swin_unet_bad_input():
     from fastmed.models import SwinUNet
 
-    with pytest.raises(ValueError, match="spatial_dims must be 2 or 3"):
-        SwinUNet(4)
-    with pytest.raises(ValueError, match="num_heads"):
-        SwinUNet(2, embed_dim=10, num_heads=(3, 6, 12, 24))
-    with pytest.raises(ValueError, match="at least 2 stages"):
-        SwinUNet(2, depths=(2,), num_heads=(3,))
     model = _small_swin(2, pad=False)
-    with pytest.raises(ValueError, match="multiple of 8"):
-        model(torch.randn(1, 1, 12, 16))
-    with pytest.raises(ValueError, match="in_channels=1"):
-        model(torch.randn(1, 2, 16, 16))
+    _assert_value_errors(
+        ("spatial_dims must be 2 or 3", lambda: SwinUNet(4)),
+        ("num_heads", lambda: SwinUNet(2, embed_dim=10, num_heads=(3, 6, 12, 24))),
+        ("at least 2 stages", lambda: SwinUNet(2, depths=(2,), num_heads=(3,))),
+        ("multiple of 8", lambda: model(torch.randn(1, 1, 12, 16))),
+        ("in_channels=1", lambda: model(torch.randn(1, 2, 16, 16))),
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------- ViT

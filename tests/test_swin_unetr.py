@@ -1,13 +1,18 @@
 """fastmed.models.SwinUNETR against MONAI's SwinUNETR (v1 and v2): keys, outputs, gradients; any input size;
 the Triton backend (interpreter) on a tiny case."""
-import copy
-
 import pytest
 import torch
 import torch.nn.functional as F
-from model_support import assert_autocast_and_compile, assert_matches_monai, assert_triton_matches_reference, monai_pair
+from model_support import (
+    assert_autocast_and_compile,
+    assert_matches_monai,
+    assert_triton_matches_reference,
+    fused_and_plain,
+    monai_pair,
+    on_meta,
+    reference_then_checkpointing,
+)
 from model_support import grads as _grads
-from model_support import weights as _weights
 
 from fastmed.models import SwinUNETR
 
@@ -23,12 +28,9 @@ def _pair(monkeypatch, seed=0, **kwargs):
 
 
 def test_swin_unetr_parameter_count_and_keys():
-    with torch.device("meta"):
-        model = SwinUNETR(in_channels=1, out_channels=14, feature_size=48)
-    n = sum(p.numel() for p in model.parameters())
+    _, n = on_meta(SwinUNETR, in_channels=1, out_channels=14, feature_size=48)
     assert n == 62_187_296 and round(n / 1e6, 2) == 62.19
-    with torch.device("meta"):
-        v2 = SwinUNETR(1, 14, feature_size=48, use_v2=True)
+    v2, _ = on_meta(SwinUNETR, 1, 14, feature_size=48, use_v2=True)
     keys = set(v2.state_dict())
     assert "swinViT.layers4c.0.layer.conv2.conv.weight" in keys and "decoder1.conv_block.conv3.conv.weight" in keys
 
@@ -64,28 +66,18 @@ def test_swin_unetr_2d_fused_equals_plain_float64(use_v2):
     torch.manual_seed(4)
     model = SwinUNETR(2, 3, spatial_dims=2, use_v2=use_v2, **SMALL).double()
     x = torch.randn(2, 2, 64, 32, dtype=torch.float64)
-    outs = []
-    for fused in (True, False):
-        m = copy.deepcopy(model)
-        m.fused = fused
-        y = m(x)
-        (y * _weights(y)).sum().backward()
-        outs.append((y.detach(), _grads(m)))
-    torch.testing.assert_close(outs[0][0], outs[1][0], atol=1e-12, rtol=1e-10)
-    assert outs[0][1].keys() == outs[1][1].keys() and len(outs[0][1]) == len(list(model.parameters()))
-    for k, g in outs[0][1].items():
-        torch.testing.assert_close(g, outs[1][1][k], atol=1e-10 * g.abs().max().item(), rtol=0, msg=k)
+    (y, g_fused, _), (y_plain, g_plain, _) = fused_and_plain(model, x)
+    torch.testing.assert_close(y[0], y_plain[0], atol=1e-12, rtol=1e-10)
+    assert g_fused.keys() == g_plain.keys() and len(g_fused) == len(list(model.parameters()))
+    for k, g in g_fused.items():
+        torch.testing.assert_close(g, g_plain[k], atol=1e-10 * g.abs().max().item(), rtol=0, msg=k)
 
 
 def test_swin_unetr_checkpointing_and_channels_last():
     torch.manual_seed(2)
     model = SwinUNETR(1, 2, spatial_dims=2, **SMALL)
     x = torch.randn(1, 1, 64, 32)
-    ref = model(x)
-    ref.square().sum().backward()
-    g_ref = _grads(model)
-    model.zero_grad()
-    model.checkpointing = True
+    ref, g_ref = reference_then_checkpointing(model, x)
     y = model(x.contiguous(memory_format=torch.channels_last))
     torch.testing.assert_close(y, ref.detach(), atol=1e-5, rtol=1e-5)
     y.square().sum().backward()

@@ -1,10 +1,8 @@
 """fastmed.models.UNetPlusPlus: parameter count (an independent formula), nested structure, deep supervision,
 pruning, fused vs plain PyTorch, checkpointing, the Triton backend (interpreter) on a tiny case, errors."""
-import copy
-
 import pytest
 import torch
-from model_support import assert_autocast_and_compile, assert_triton_matches_reference
+from model_support import assert_autocast_and_compile, assert_triton_matches_reference, fused_and_plain
 from model_support import grads as _grads
 
 from fastmed.models import UNetPlusPlus
@@ -42,15 +40,7 @@ def test_unet_plusplus_parameter_count(sd, ds):
 
 def _agree(model, x):
     """fused=True and fused=False: the same outputs and parameter gradients (train mode)."""
-    outs, grads = [], []
-    for fused in (True, False):
-        m = copy.deepcopy(model)
-        m.fused = fused
-        y = m(x)
-        ys = y if isinstance(y, list) else [y]
-        sum((t * torch.linspace(-1, 1, t.numel()).view_as(t)).sum() for t in ys).backward()
-        outs.append([t.detach() for t in ys])
-        grads.append(_grads(m))
+    outs, grads, _ = zip(*fused_and_plain(model, x))
     for a, b in zip(*outs):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == len(list(model.parameters()))

@@ -25,12 +25,19 @@ from fastmed.nn.norm_act import NormAct
 from fastmed.reference.norm_act import apply_activation
 
 
-def check_unet_args(model: nn.Module, spatial_dims, in_channels, out_channels, channels) -> tuple[int, list[int]]:
-    """The arguments MONAI-style U-Nets share: sets ``model.spatial_dims/in_channels/out_channels`` and returns
-    (spatial dims, the per-level channels, at least 2 levels)."""
+def check_model_args(model: nn.Module, spatial_dims, in_channels, out_channels) -> int:
+    """The arguments every segmentation model has: checks them, sets ``model.spatial_dims/in_channels/out_channels``
+    and returns the spatial dims."""
     model.spatial_dims = sd = check_spatial_dims(spatial_dims)
     model.in_channels = check_int(in_channels, "in_channels", 1)
     model.out_channels = check_int(out_channels, "out_channels", 1)
+    return sd
+
+
+def check_unet_args(model: nn.Module, spatial_dims, in_channels, out_channels, channels) -> tuple[int, list[int]]:
+    """The arguments MONAI-style U-Nets share: sets ``model.spatial_dims/in_channels/out_channels`` and returns
+    (spatial dims, the per-level channels, at least 2 levels)."""
+    sd = check_model_args(model, spatial_dims, in_channels, out_channels)
     channels = [check_int(c, "channels[i]", 1) for c in channels]
     if len(channels) < 2:
         raise ValueError(f"channels must list at least 2 levels, got {channels!r}")
@@ -49,6 +56,38 @@ def check_input(x: torch.Tensor, spatial_dims: int, in_channels: int, model: str
                          f"(x of shape {tuple(x.shape)})")
     if not x.is_floating_point():
         raise TypeError(f"{model}: x must be a floating-point tensor, got {x.dtype}")
+
+
+def patch_grid(x: torch.Tensor, spatial_dims: int, in_channels: int, patch: int, model: str, what: str) -> tuple:
+    """:func:`check_input`, then every spatial size of ``x`` must be a multiple of ``patch`` (``what`` names it in
+    the error); returns the patch grid ``size // patch``."""
+    check_input(x, spatial_dims, in_channels, model)
+    size = tuple(x.shape[2:])
+    if any(s % patch for s in size):
+        raise ValueError(f"{model}: every spatial size must be a multiple of {what}, got {size}")
+    return tuple(s // patch for s in size)
+
+
+def pad_to_multiple(x: torch.Tensor, multiple: int, pad: bool, model: str, rule: str) -> torch.Tensor:
+    """``x`` zero-padded at the end of each spatial axis to a multiple of ``multiple``; with ``pad=False`` a size
+    that is not such a multiple raises ``ValueError`` (``rule`` says where ``multiple`` comes from)."""
+    size = tuple(x.shape[2:])
+    if any(s % multiple for s in size):
+        if not pad:
+            raise ValueError(f"{model}: with pad=False every spatial size must be a multiple of {multiple} "
+                             f"({rule}), got {size}")
+        pads = []
+        for s in reversed(size):
+            pads += [0, -s % multiple]
+        x = F.pad(x, pads)
+    return x
+
+
+def crop_to(logits: torch.Tensor, size: tuple) -> torch.Tensor:
+    """``logits`` cut back to the spatial ``size`` (undoes :func:`pad_to_multiple`)."""
+    if logits.shape[2:] != size:
+        logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
+    return logits
 
 
 def maybe_checkpoint(fn: Callable, *args, enabled: bool):

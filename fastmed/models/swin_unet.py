@@ -20,10 +20,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from fastmed._validate import check_int, check_per_axis, check_spatial_dims
+from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.nn.conv_block import conv_class
 from fastmed.nn.swin import FinalPatchExpandX4, PatchExpand, PatchMerging, SwinTransformerBlock, WindowAttention
@@ -105,10 +104,7 @@ class SwinUNet(nn.Module):
                  window_size=7, mlp_ratio: float = 4.0, drop_path_rate: float = 0.1, pad: bool = True,
                  fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
+        sd = L.check_model_args(self, spatial_dims, in_channels, out_channels)
         self.patch_size = check_int(patch_size, "patch_size", 1)
         embed_dim = check_int(embed_dim, "embed_dim", 1)
         if len(depths) != len(num_heads) or len(depths) < 2:
@@ -170,15 +166,7 @@ class SwinUNet(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L.check_input(x, self.spatial_dims, self.in_channels, "SwinUNet")
         size = tuple(x.shape[2:])
-        m = self.multiple
-        if any(s % m for s in size):
-            if not self.pad:
-                raise ValueError(f"SwinUNet: with pad=False every spatial size must be a multiple of {m} "
-                                 f"(patch_size * 2**(stages - 1)), got {size}")
-            pads = []
-            for s in reversed(size):
-                pads += [0, -s % m]
-            x = F.pad(x, pads)
+        x = L.pad_to_multiple(x, self.multiple, self.pad, "SwinUNet", "patch_size * 2**(stages - 1)")
         ckpt = self.checkpointing
         x = self.patch_embed(x)
         skips = []
@@ -195,9 +183,7 @@ class SwinUNet(nn.Module):
                 x = layer_up(x, ckpt)
         x = self.up(self.norm_up(x))
         logits = self.output(x.movedim(-1, 1))
-        if logits.shape[2:] != size:
-            logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
-        return logits
+        return L.crop_to(logits, size)
 
 
 def _final_expand(sd: int, dim: int, scale: int) -> nn.Module:

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fastmed._validate import check_int, check_per_axis, check_spatial_dims
+from fastmed._validate import check_int, check_per_axis
 from fastmed.models import _layers as L
 from fastmed.models.unetr import FusedModel, UnetOutBlock, UnetrBasicBlock, UnetrUpBlock
 from fastmed.nn.conv_block import conv_class
@@ -165,10 +165,7 @@ class SwinUNETR(FusedModel):
                  use_v2: bool = False, use_hyena: bool = False, hyena_stages: Optional[Sequence[bool]] = None,
                  use_flash_attention: bool = False, pad: bool = True, fused: bool = True):
         super().__init__()
-        sd = check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
+        sd = L.check_model_args(self, spatial_dims, in_channels, out_channels)
         self.patch_size = check_int(patch_size, "patch_size", 1)
         if self.patch_size != 2:  # MONAI accepts others, then fails in forward: the decoder upsamples 2**5
             raise ValueError(f"patch_size must be 2 (the decoder's five 2x upsamplings return to the image), got "
@@ -223,15 +220,7 @@ class SwinUNETR(FusedModel):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         L.check_input(x, self.spatial_dims, self.in_channels, "SwinUNETR")
         size = tuple(x.shape[2:])
-        m = self.multiple
-        if any(s % m for s in size):
-            if not self.pad:
-                raise ValueError(f"SwinUNETR: with pad=False every spatial size must be a multiple of {m} "
-                                 f"(patch_size ** 5), got {size}")
-            pads = []
-            for s in reversed(size):
-                pads += [0, -s % m]
-            x = F.pad(x, pads)
+        x = L.pad_to_multiple(x, self.multiple, self.pad, "SwinUNETR", "patch_size ** 5")
         hidden = self.swinViT(x, self.normalize, self.checkpointing)
         enc0 = self.encoder1(x)
         enc1 = self.encoder2(hidden[0])
@@ -243,6 +232,4 @@ class SwinUNETR(FusedModel):
         dec1 = self.decoder3(dec2, enc2)
         dec0 = self.decoder2(dec1, enc1)
         logits = self.out(self.decoder1(dec0, enc0))
-        if logits.shape[2:] != size:
-            logits = logits[(slice(None), slice(None)) + tuple(slice(0, s) for s in size)]
-        return logits
+        return L.crop_to(logits, size)

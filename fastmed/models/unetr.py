@@ -362,10 +362,7 @@ class UNETR(FusedModel):
                  res_block: bool = True, dropout_rate: float = 0.0, spatial_dims: int = 3, qkv_bias: bool = False,
                  save_attn: bool = False, fused: bool = True, checkpointing: bool = False):
         super().__init__()
-        sd = check_spatial_dims(spatial_dims)
-        self.spatial_dims = sd
-        self.in_channels = check_int(in_channels, "in_channels", 1)
-        self.out_channels = check_int(out_channels, "out_channels", 1)
+        sd = L.check_model_args(self, spatial_dims, in_channels, out_channels)
         f = check_int(feature_size, "feature_size", 1)
         hidden_size = check_int(hidden_size, "hidden_size", 1)
         if not 0.0 <= dropout_rate <= 1.0:
@@ -396,11 +393,7 @@ class UNETR(FusedModel):
         self.fused, self.checkpointing = fused, checkpointing
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L.check_input(x, self.spatial_dims, self.in_channels, "UNETR")
-        size = tuple(x.shape[2:])
-        if any(s % self.patch for s in size):
-            raise ValueError(f"UNETR: every spatial size must be a multiple of 16, got {size}")
-        grid = tuple(s // self.patch for s in size)
+        grid = L.patch_grid(x, self.spatial_dims, self.in_channels, self.patch, "UNETR", "16")
 
         def as_grid(t):
             return t.transpose(1, 2).reshape(x.shape[0], self.hidden_size, *grid)

@@ -149,11 +149,8 @@ class ViT(nn.Module):
         return torch.cat([cls_pos, patch_pos.flatten(2).transpose(1, 2)], dim=1)
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        L.check_input(x, self.spatial_dims, self.in_channels, "ViT")
-        size = tuple(x.shape[2:])
-        if any(s % self.patch_size for s in size):
-            raise ValueError(f"ViT: every spatial size must be a multiple of patch_size={self.patch_size}, got {size}")
-        grid = tuple(s // self.patch_size for s in size)
+        grid = L.patch_grid(x, self.spatial_dims, self.in_channels, self.patch_size, "ViT",
+                            f"patch_size={self.patch_size}")
         tokens = self.patch_embed(x)
         tokens = torch.cat([self.cls_token.expand(tokens.shape[0], -1, -1), tokens], dim=1) + self._pos_embed(grid)
         for blk in self.blocks:
@@ -163,11 +160,8 @@ class ViT(nn.Module):
     def hidden_grids(self, x: torch.Tensor, layers) -> tuple[list, torch.Tensor]:
         """Patch tokens after the blocks with the given (0-based) indices, before the final norm, as feature
         maps ``(N, embed_dim, *sp / patch)`` (UNETR's skips), and the final normed map."""
-        L.check_input(x, self.spatial_dims, self.in_channels, "ViT")
-        size = tuple(x.shape[2:])
-        if any(s % self.patch_size for s in size):
-            raise ValueError(f"ViT: every spatial size must be a multiple of patch_size={self.patch_size}, got {size}")
-        grid = tuple(s // self.patch_size for s in size)
+        grid = L.patch_grid(x, self.spatial_dims, self.in_channels, self.patch_size, "ViT",
+                            f"patch_size={self.patch_size}")
 
         def as_grid(t):
             return t[:, 1:].transpose(1, 2).reshape(x.shape[0], self.embed_dim, *grid)
@@ -270,9 +264,7 @@ class ViTUNETR(nn.Module):
         self.vit.checkpointing = bool(value)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        L.check_input(x, self.spatial_dims, self.in_channels, "UNETR")
-        if any(s % 16 for s in x.shape[2:]):
-            raise ValueError(f"UNETR: every spatial size must be a multiple of 16, got {tuple(x.shape[2:])}")
+        L.patch_grid(x, self.spatial_dims, self.in_channels, 16, "UNETR", "16")
         fused = self._fused
         (z3, z6, z9), z12 = self.vit.hidden_grids(x, self.skip_layers)
         enc1 = L.run(self.encoder1, x, fused)
