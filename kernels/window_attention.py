@@ -564,7 +564,9 @@ def launch_plan(shape, dtype: torch.dtype, spec: ref.WindowSpec, *, has_table: b
     C = C3 // 3
     heads, N = spec.num_heads, spec.tokens
     head_dim = C // heads
-    block = 16 if N <= 16 else (32 if N <= 32 else 64)
+    # windows of more than 64 tokens (3D, 343) take the tiled backward, whose 64-wide bf16 tiles hit 255 registers
+    # and spill on sm_90 with triton 3.6 (4 B): 32-wide tiles there
+    block = 16 if N <= 16 else (32 if N <= 32 or N > 64 else 64)
     if dtype == torch.float64:  # 64-wide float64 tiles overflow the 227 KB of shared memory of an H100
         block = min(block, 32)
     if dtype == torch.float32:

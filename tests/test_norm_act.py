@@ -650,7 +650,7 @@ def test_kernels_compile_for_sm90():
                           num_warps=warps))
         for act in ACTIVATIONS:
             specs.append(dict(module=m, kernel="_norm_act_fwd_kernel", ptr=dt, pointers=acc, floats=floats,
-                              constexprs=dict(ACT=act, **flags, **blocks), num_warps=warps))
+                              constexprs=dict(ACT=act, **flags, **reduce_flags(blocks)), num_warps=warps))
         for act in ("leaky_relu", "gelu", "prelu"):
             specs.append(dict(module=m, kernel="_norm_act_bwd_reduce_kernel", ptr=dt, pointers=acc, floats=floats,
                               constexprs=dict(ACT=act, **flags, **reduce_flags(blocks)), num_warps=warps))
