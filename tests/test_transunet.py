@@ -1,9 +1,10 @@
 """fastmed.models.TransUNet: parameter count, repository key layout, fused vs plain PyTorch, the npz converter on a
-checkpoint written out in the R50+ViT-B_16 layout, the Triton backend (interpreter), errors."""
+checkpoint written out in the R50+ViT-B_16 layout, the Triton backend (interpreter), bf16 autocast,
+torch.compile(fullgraph=True), checkpointing with channels-last input, errors."""
 import numpy as np
 import pytest
 import torch
-from model_support import assert_triton_matches_reference, fused_and_plain
+from model_support import assert_autocast_and_compile, assert_triton_matches_reference, fused_and_plain
 
 from fastmed.models import TransUNet
 from fastmed.models.transunet import convert_vit_r50_npz
@@ -164,3 +165,26 @@ def test_transunet_bad_input():
         TransUNet(n_skip=4)
     with pytest.raises(ValueError, match="skip_channels"):
         TransUNet(width=32)
+
+
+def test_transunet_autocast_and_compile():
+    torch.manual_seed(5)
+    assert_autocast_and_compile(TransUNet(**TINY), torch.randn(1, 3, 32, 32))
+
+
+def test_transunet_checkpointing_channels_last():
+    """checkpointing=True recomputes each transformer block in the backward: same output and gradients, also for a
+    channels-last input."""
+    torch.manual_seed(6)
+    model = TransUNet(**TINY)
+    x = torch.randn(2, 3, 32, 32)
+    y = model(x)
+    y.square().sum().backward()
+    ref = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    model.checkpointing = True
+    y2 = model(x.contiguous(memory_format=torch.channels_last))
+    y2.square().sum().backward()
+    torch.testing.assert_close(y2, y, atol=1e-5, rtol=1e-5)
+    for g, r in zip((p.grad for p in model.parameters()), ref):  # channels-last convs sum in another order
+        torch.testing.assert_close(g, r, atol=1e-4 * r.abs().max().item() + 1e-6, rtol=1e-3)
