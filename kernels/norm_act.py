@@ -333,10 +333,11 @@ REDUCE_TILE_MAX = 4096  # values per tile of _norm_act_bwd_reduce_kernel at or a
 
 def reduce_flags(flags: dict) -> dict:
     """The launch flags of ``_norm_act_bwd_reduce_kernel`` and ``_norm_act_fwd_kernel``: the apply tile, halved
-    along S when it holds :data:`REDUCE_TILE_MAX` values or more (it keeps three input tiles and their products live across the pipelined
-    loop: at the channels-last 64 x 64 tile it spills 400-600 B on sm_90 at 255 registers; 64 x 32 needs 240 and
-    none; the forward at 64 x 64 and 8 warps compiles to 64 registers with 40 B of spills for fp16 gelu_tanh under
-    triton 3.6, 64 x 32 to 45 and none).  ``s_per_split`` stays a multiple of the halved BLOCK_S."""
+    along S when it holds :data:`REDUCE_TILE_MAX` values or more.  The reduce kernel keeps three input tiles and
+    their products live across the pipelined loop: at the channels-last 64 x 64 tile it spills 400-600 B on sm_90 at
+    255 registers; 64 x 32 needs 240 and none.  The forward at 64 x 64 and 8 warps compiles to 64 registers with
+    40 B of spills for fp16 gelu_tanh under triton 3.6; 64 x 32 to 45 and none.  ``s_per_split`` stays a multiple
+    of the halved BLOCK_S."""
     if flags["BLOCK_C"] * flags["BLOCK_S"] < REDUCE_TILE_MAX or flags["BLOCK_S"] <= 16:
         return flags
     return dict(flags, BLOCK_S=flags["BLOCK_S"] // 2)
