@@ -155,10 +155,16 @@ def check_class_weight(weight, name: str, channels: int) -> Optional[torch.Tenso
     if w.device.type == "cpu":
         if bool((w < 0).any()):
             raise ValueError(f"{name} values must be no less than 0, got {w.tolist()}")
-    elif w.device.type != "meta" and not torch.compiler.is_compiling():
-        # a weight on a GPU (a module buffer after .cuda()) is not read back on every call: a device-side assert
-        torch._assert_async(~(w < 0).any(), f"{name} values must be no less than 0")
+    else:  # a weight on a GPU (a module buffer after .cuda()) is not read back on every call
+        device_assert(~(w < 0).any(), f"{name} values must be no less than 0")
     return w
+
+
+def device_assert(ok: torch.Tensor, message: str) -> None:
+    """A device-side assert of the 0-d bool ``ok`` (for tensors off the CPU): nothing is read back, the error
+    surfaces at the next synchronization; skipped for meta tensors and while torch.compile traces."""
+    if ok.device.type != "meta" and not torch.compiler.is_compiling():
+        torch._assert_async(ok, message)
 
 
 def check_number_sequence(values, name: str, *, minimum: Optional[float] = None) -> list[float]:

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from fastmed import _backend, _ext
+from fastmed._validate import device_assert
 from fastmed.reference import distance_transform as ref
 
 __all__ = ["distance_transform", "signed_distance"]
@@ -39,13 +40,6 @@ SIGNED_DISTANCE_GROUP_VOXELS = 1 << 24
 Spacing = Union[None, float, Sequence[float]]
 
 
-def _device_assert(ok: Tensor, message: str) -> None:
-    """A device-side assert of the 0-d bool ``ok`` for tensors off the CPU: nothing is read back, the error surfaces
-    at the next synchronization (skipped for meta tensors and while torch.compile traces)."""
-    if ok.device.type != "meta" and not torch.compiler.is_compiling():
-        torch._assert_async(ok, message)
-
-
 def _check_binary(x: Tensor, name: str) -> None:
     """A floating-point mask must hold only 0 and 1: ``ValueError`` at once for CPU tensors, a device-side assert
     (no host read-back) for the others."""
@@ -58,7 +52,7 @@ def _check_binary(x: Tensor, name: str) -> None:
             raise ValueError(f"{name} is a floating-point tensor, so it must hold only 0 and 1 (it is used as a "
                              f"binary mask); got a value {x[bad].flatten()[0].item()}. {hint}")
         return
-    _device_assert(~bad.any(), f"{name} is a floating-point tensor, so it must hold only 0 and 1. {hint}")
+    device_assert(~bad.any(), f"{name} is a floating-point tensor, so it must hold only 0 and 1. {hint}")
 
 
 def _reference_transform(mask: Tensor, spacing: Optional[list[float]], spatial_dims: int, squared: bool,
@@ -188,7 +182,7 @@ def _signed_distance_op(target: Tensor, labels: bool, num_classes: int, first_cl
                 if lo < 0 or hi >= num_classes:
                     raise ValueError(f"{expect}; got values from {lo} to {hi}")
         elif target.numel():  # no read-back off the CPU: a device-side assert
-            _device_assert(((target >= 0) & (target < num_classes)).all(), expect)
+            device_assert(((target >= 0) & (target < num_classes)).all(), expect)
     else:
         _check_binary(target, "target")
     classes = num_classes - first_class
