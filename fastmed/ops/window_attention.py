@@ -8,8 +8,9 @@ the flash / cuDNN / memory-efficient / math kernel itself.
 from __future__ import annotations
 
 import functools
+import itertools
 from collections.abc import Sequence
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -37,110 +38,165 @@ def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec):
     return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
 
 
-def _window_order(padded: tuple, window: tuple, shift: tuple, device) -> tuple[Tensor, Tensor]:
-    """``(order, inverse)``: the padded grid's flat token indices in rolled-window order (window-major, raster
-    inside a window: roll and partition as one gather) and the inverse permutation (reverse and roll back).
-    Built per call (one small integer tensor per token; nothing cached, so tracing sees no outside tensors)."""
-    tokens = torch.arange(padded[0] * padded[1] * padded[2], device=device).view(1, *padded, 1)
-    if any(shift):
-        tokens = torch.roll(tokens, shifts=tuple(-t for t in shift), dims=(1, 2, 3))
-    order = ref.window_partition(tokens, window).reshape(-1)
-    return order, torch.argsort(order)
+class _Geometry(NamedTuple):
+    """Everything the ``aten`` backend needs about one window layout, apart from the tensors.
+
+    * ``order`` ``(B * Tp,)``: for each row of the windowed layout ``(B * nW * N, ...)``, the row of the padded
+      grid ``(B * Tp, ...)`` it reads (roll and partition as one gather).  Windows are ordered by their shift-mask
+      pattern first (all windows of one pattern, of every batch element, are consecutive), so each pattern is one
+      slice with one ``(N, N)`` mask; ``inverse`` is the inverse permutation.
+    * ``groups``: per pattern, ``(start, stop, mask)``: the slice of windows (in units of windows of the
+      windowed layout) and its ``(1, 1, N, N)`` shift mask, or None for windows that the shift does not split.
+    * ``index`` ``(N * N,)``: the table row of every (query, key) pair.
+    """
+    order: Tensor
+    inverse: Tensor
+    groups: tuple
+    index: Tensor
 
 
-def _mask_parts(spec: ref.WindowSpec, padded: tuple, dtype: torch.dtype, device) -> tuple:
-    """The table rows of the bias ``(N * N,)`` and the shift mask ``(nW, 1, N, N)`` (None without shift)."""
-    mask = ref.shift_mask(padded, spec.window, spec.shift, device, dtype)
-    index = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).to(device).reshape(-1)
-    return index, None if mask is None else mask.unsqueeze(1)
-
-
-_cached_mask_parts = functools.lru_cache(maxsize=8)(_mask_parts)
-
-
-def _additive_mask(table, spec: ref.WindowSpec, padded, dtype, device, cache: bool) -> Optional[Tensor]:
-    """Bias plus shift mask as one additive ``(nW, heads, N, N)`` mask (``(1, heads, N, N)`` without shift), or
-    None when there is neither.  ``cache``: reuse the index and shift mask of earlier calls (plain CPU tensors in
-    eager mode only: under tracing, fake or functional tensors must not meet tensors made outside)."""
-    index, mask = (_cached_mask_parts if cache else _mask_parts)(spec, padded, dtype, device)
-    if table is None:
-        return mask
+def _mask_parts(spec: ref.WindowSpec, padded: tuple, batch: int, dtype: torch.dtype, device) -> _Geometry:
+    """The :class:`_Geometry` of a ``(batch, *padded)`` grid (built on the CPU, moved to ``device``)."""
     n = spec.tokens
-    bias = table.to(dtype)[index].view(1, n, n, -1).permute(0, 3, 1, 2)
-    return bias if mask is None else bias + mask
+    per_axis = [p // w for p, w in zip(padded, spec.window)]
+    tp = padded[0] * padded[1] * padded[2]
+    tokens = torch.arange(tp).view(1, *padded, 1)
+    if spec.shifted:
+        tokens = torch.roll(tokens, shifts=tuple(-t for t in spec.shift), dims=(1, 2, 3))
+    rows = ref.window_partition(tokens, spec.window).reshape(-1, n)  # (nW, N) grid rows of each window
+    # shift-mask pattern of each window (raster order): bit a set when it is the last window of a shifted axis a
+    members: dict[int, list[int]] = {}
+    for wid, cell in enumerate(itertools.product(*(range(c) for c in per_axis))):
+        bits = sum(1 << a for a in range(3) if spec.shift[a] and cell[a] == per_axis[a] - 1)
+        members.setdefault(bits, []).append(wid)
+    mask = ref.shift_mask(padded, spec.window, spec.shift, None, dtype)  # (nW, N, N) or None
+    offsets = (torch.arange(batch) * tp).view(batch, 1, 1)
+    order, groups, start = [], [], 0
+    for bits in sorted(members):
+        wins = torch.tensor(members[bits])
+        order.append((offsets + rows[wins]).reshape(-1))
+        stop = start + batch * len(members[bits])
+        part = None if bits == 0 else mask[members[bits][0]].view(1, 1, n, n).to(device)
+        groups.append((start, stop, part))
+        start = stop
+    order = torch.cat(order)
+    index = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).reshape(-1)
+    return _Geometry(order.to(device), torch.argsort(order).to(device), tuple(groups), index.to(device))
 
 
-def _to_windows(x: Tensor, spec: ref.WindowSpec, width: int) -> Tensor:
-    """Padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` -> ``(width, B*nW, heads, N, d)`` (contiguous) by one
-    gather."""
-    B, padded = x.shape[0], tuple(x.shape[1:4])
-    order, _ = _window_order(padded, spec.window, spec.shift, x.device)
-    n, heads = spec.tokens, spec.num_heads
-    w = x.reshape(B, -1, x.shape[-1]).index_select(1, order)
-    # one copy into the batched matmuls' layout (each of q, k, v, dO is read by two of them)
-    return w.view(-1, n, width, heads, x.shape[-1] // (width * heads)).permute(2, 0, 3, 1, 4).contiguous()
+_cached_mask_parts = functools.lru_cache(maxsize=16)(_mask_parts)
 
 
-def _from_windows(w: Tensor, spec: ref.WindowSpec, padded: tuple) -> Tensor:
-    """``(width, B*nW, heads, N, d)`` -> the padded grid ``(B, Dp, Hp, Wp, width * heads * d)`` by one gather."""
-    width, bw, heads, n, d = w.shape
-    _, inverse = _window_order(padded, spec.window, spec.shift, w.device)
-    x = w.permute(1, 3, 0, 2, 4).reshape(-1, inverse.numel(), width * heads * d)
-    return x.index_select(1, inverse).view(-1, *padded, width * heads * d)
+def _geometry(spec: ref.WindowSpec, padded: tuple, batch: int, dtype, device, tensors) -> _Geometry:
+    """:func:`_mask_parts`, reused across calls for plain tensors in eager mode (under tracing, fake or functional
+    tensors must not meet tensors made outside)."""
+    cache = all(t is None or type(t) in (torch.Tensor, torch.nn.Parameter) for t in tensors)
+    return (_cached_mask_parts if cache else _mask_parts)(spec, padded, batch, dtype, device)
 
 
-def _aten_windows(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec):
-    """q, k, v ``(B*nW, heads, N, head_dim)`` of the padded grid in the accumulation dtype, the additive mask
-    (:func:`_additive_mask`) and the padded grid."""
-    acc = accumulation_dtype(qkv.dtype)
-    x = ref.pad_grid(qkv.to(acc), spec.window, qkv_pad)
+def _group_masks(table, geo: _Geometry, spec: ref.WindowSpec, dtype) -> list:
+    """Per group of :class:`_Geometry`, the additive ``(1, heads, N, N)`` mask (bias plus the group's shift
+    mask; None when there is neither)."""
+    bias = None
+    if table is not None:
+        n = spec.tokens
+        bias = table.to(dtype)[geo.index].view(1, n, n, -1).permute(0, 3, 1, 2)
+    out = []
+    for _, _, mask in geo.groups:
+        if bias is None:
+            out.append(mask)
+        else:
+            out.append(bias.contiguous() if mask is None else bias + mask)
+    return out
+
+
+def _windowed(x: Tensor, spec: ref.WindowSpec, qkv_pad, tensors) -> tuple:
+    """Pad ``x`` ``(B, D, H, W, ch)`` (with ``qkv_pad`` tokens) and gather it to the windowed layout
+    ``(B * nW, N, ch)`` (one copy): returns it, the padded grid and the :class:`_Geometry`."""
+    x = ref.pad_grid(x, spec.window, qkv_pad)
     padded = tuple(x.shape[1:4])
-    q, k, v = _to_windows(x, spec, 3)
-    cache = type(qkv) is torch.Tensor and (table is None or type(table) in (torch.Tensor, torch.nn.Parameter))
-    return q, k, v, _additive_mask(table, spec, padded, acc, qkv.device, cache), padded
+    geo = _geometry(spec, padded, x.shape[0], x.dtype, x.device, tensors)
+    w = x.reshape(-1, x.shape[-1]).index_select(0, geo.order)
+    return w.view(-1, spec.tokens, x.shape[-1]), padded, geo
+
+
+def _unwindowed(w: Tensor, geo: _Geometry, batch: int, padded: tuple) -> Tensor:
+    """Inverse of :func:`_windowed` (without the padding): ``(B * nW, N, ch)`` -> ``(B, Dp, Hp, Wp, ch)``."""
+    return w.reshape(-1, w.shape[-1]).index_select(0, geo.inverse).view(batch, *padded, w.shape[-1])
+
+
+def _heads(w: Tensor, part: int, heads: int) -> Tensor:
+    """``(Bw, N, 3C)`` windows -> q (``part`` 0), k (1) or v (2) as a strided ``(Bw, heads, N, head_dim)`` view."""
+    bw, n, ch = w.shape
+    return w.view(bw, n, 3, heads, ch // (3 * heads))[:, :, part].transpose(1, 2)
 
 
 def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Tensor, Tensor]:
-    """``aten`` backend (CPU): ``(out (B, D, H, W, C), lse (B, D, H, W, heads))`` through torch's fused CPU
-    flash-attention kernel over the windows, bias and shift mask as its additive mask; roll, partition and
-    their inverses are one gather each."""
-    grid = tuple(qkv.shape[1:4])
-    q, k, v, mask, padded = _aten_windows(qkv, table, qkv_pad, spec)
-    bw, heads, n, d = q.shape
-    nw = 1 if mask is None else mask.shape[0]
-    flat = [t.reshape(bw // nw, nw * heads, n, d) for t in (q, k, v)]
-    if mask is not None:
-        mask = mask.expand(nw, heads, n, n).reshape(1, nw * heads, n, n)
-    out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(*flat, 0.0, False, attn_mask=mask,
-                                                                           scale=spec.scale)
-    out = _from_windows(out.reshape(1, bw, heads, n, d), spec, padded)
-    lse = _from_windows(lse.reshape(1, bw, heads, n, 1), spec, padded)
-    return ref.crop(out, grid).to(qkv.dtype), ref.crop(lse, grid).contiguous()
+    """``aten`` backend (CPU): ``(out (B, D, H, W, C), lse)`` through torch's fused CPU flash-attention kernel,
+    one call per shift-mask pattern of the windows (bias plus that pattern's mask as its additive mask, broadcast
+    over the windows), reading q, k and v straight from one gathered copy of ``qkv`` (roll, partition and their
+    inverses are one gather each).  ``lse`` ``(B * nW, N, heads)`` stays in the windowed layout (only this
+    backend's backward reads it)."""
+    acc = accumulation_dtype(qkv.dtype)
+    grid, batch, heads = tuple(qkv.shape[1:4]), qkv.shape[0], spec.num_heads
+    w, padded, geo = _windowed(qkv.to(acc), spec, qkv_pad, (qkv, table, qkv_pad))
+    masks = _group_masks(table, geo, spec, acc)
+    outs, lses = [], []
+    for (start, stop, _), mask in zip(geo.groups, masks):
+        part = w[start:stop]
+        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            *(_heads(part, i, heads) for i in range(3)), 0.0, False, attn_mask=mask, scale=spec.scale)
+        outs.append(o.transpose(1, 2))  # (windows, N, heads, head_dim), contiguous
+        lses.append(lse.transpose(1, 2))
+    out = outs[0] if len(outs) == 1 else torch.cat(outs)
+    lse = lses[0] if len(lses) == 1 else torch.cat(lses)
+    out = _unwindowed(out.view(w.shape[0], w.shape[1], -1), geo, batch, padded)
+    return ref.crop(out, grid).to(qkv.dtype), lse.contiguous()
+
+
+# The backward works through the windows in chunks of about this many score elements (windows x heads x N x N),
+# so that each chunk's scores, probabilities and their gradients stay in the cache between its steps.
+_CHUNK_ELEMENTS = 1 << 20
 
 
 def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.WindowSpec):
-    """``aten`` backend (CPU) backward: the scores recomputed (one batched matmul, the mask added in place),
-    softmax, and the gradients with in-place element-wise steps; dq, dk, dv go back to the grid in one gather.
-    ``lse`` is not needed."""
+    """``aten`` backend (CPU) backward, chunk by chunk of windows of one shift-mask pattern: the probabilities
+    recomputed from the forward's ``lse`` (one batched matmul, the mask added and ``exp(s - lse)`` in place), then
+    dV, dP, dS (``P * (dP - rowsum(P * dP))`` in place) and dQ, dK with batched matmuls; the bias-table gradient
+    is dS summed over the windows (a fixed order: deterministic).  dq, dk, dv go back to the grid in one gather."""
     acc = accumulation_dtype(qkv.dtype)
-    grid = tuple(qkv.shape[1:4])
-    q, k, v, mask, padded = _aten_windows(qkv, table, qkv_pad, spec)
-    bw, heads, n, d = q.shape
-    s = q @ k.transpose(-2, -1)
-    s.mul_(spec.scale)
-    if mask is not None:
-        s.view(-1, mask.shape[0], heads, n, n).add_(mask)
-    p = torch.softmax(s, dim=-1)
-    do = _to_windows(ref.pad_grid(dout.to(acc), spec.window, None), spec, 1)[0]  # cropped outputs: zero gradient
-    grads = torch.empty((3, bw, heads, n, d), dtype=acc, device=qkv.device)
-    torch.matmul(p.transpose(-2, -1), do, out=grads[2])
-    ds = do @ v.transpose(-2, -1)
-    # delta = rowsum(P * dP) = rowsum(dO * O) with O = P V recomputed: no (N, N)-sized temporary
-    ds.sub_((do * (p @ v)).sum(-1, keepdim=True)).mul_(p)
-    torch.matmul(ds, k, out=grads[0])
-    torch.matmul(ds.transpose(-2, -1), q, out=grads[1])
-    grads[:2].mul_(spec.scale)
-    dx = _from_windows(grads, spec, padded)
+    grid, batch, heads, n = tuple(qkv.shape[1:4]), qkv.shape[0], spec.num_heads, spec.tokens
+    tensors = (qkv, table, qkv_pad)
+    w, padded, geo = _windowed(qkv.to(acc), spec, qkv_pad, tensors)
+    do_w, _, _ = _windowed(dout.to(acc), spec, None, tensors)  # cropped outputs: zero gradient
+    masks = _group_masks(table, geo, spec, acc)
+    d = w.shape[-1] // (3 * heads)
+    grads = torch.empty_like(w)
+    dbias = None if table is None else torch.zeros((heads, n, n), dtype=acc, device=qkv.device)
+    step = max(1, _CHUNK_ELEMENTS // (heads * n * n))
+    for (start, stop, _), mask in zip(geo.groups, masks):
+        for a in range(start, stop, step):
+            b = min(a + step, stop)
+            c = b - a
+            # q (scaled), k, v of the chunk as (3, windows * heads, N, d), one copy (each is read twice)
+            x = w[a:b].view(c, n, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, c * heads, n, d)
+            q, k, v = x[0].mul_(spec.scale), x[1], x[2]
+            do = do_w[a:b].view(c, n, heads, d).transpose(1, 2).reshape(c * heads, n, d)
+            p = torch.bmm(q, k.transpose(1, 2)).view(c, heads, n, n)
+            if mask is not None:
+                p.add_(mask)
+            p.sub_(lse[a:b].transpose(1, 2).unsqueeze(-1)).exp_()
+            p = p.view(c * heads, n, n)
+            g = torch.empty((3, c * heads, n, d), dtype=acc, device=qkv.device)
+            torch.bmm(p.transpose(1, 2), do, out=g[2])
+            ds = torch.bmm(do, v.transpose(1, 2)).mul_(p)
+            ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0)
+            torch.bmm(ds, k, out=g[0]).mul_(spec.scale)
+            torch.bmm(ds.transpose(1, 2), q, out=g[1])
+            grads[a:b].view(c, n, 3, heads, d).copy_(g.view(3, c, heads, n, d).permute(1, 3, 0, 2, 4))
+            if dbias is not None:
+                dbias += ds.view(c, heads, n, n).sum(0)
+    dx = _unwindowed(grads, geo, batch, padded)
     dpad = None
     if qkv_pad is not None:  # padding queries get no gradient; padding keys and values collect theirs here
         real = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
@@ -148,9 +204,8 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
         dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
     dtable = None
     if table is not None:  # the bias is shared by every window: dS summed over them, scattered to table rows
-        idx = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).to(qkv.device).reshape(-1)
-        dsum = ds.sum(0).reshape(heads, -1).transpose(0, 1)
-        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device).index_add_(0, idx, dsum).to(table.dtype)
+        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device)
+        dtable = dtable.index_add_(0, geo.index, dbias.reshape(heads, -1).transpose(0, 1)).to(table.dtype)
     return ref.crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
