@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 from collections.abc import Sequence
 from typing import NamedTuple, Optional, Union
 
@@ -157,6 +158,10 @@ def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Te
 # The backward works through the windows in chunks of about this many score elements (windows x heads x N x N),
 # so that each chunk's scores, probabilities and their gradients stay in the cache between its steps.
 _CHUNK_ELEMENTS = 1 << 20
+# The lowest log-probability the backward exponentiates, per compute dtype: below it exp() is subnormal, which
+# costs the CPU's exp ~20x (the shift mask's -100 puts most masked pairs there).  The clamped probabilities,
+# < 2e-38 instead of 0 to 2e-38, change no float32 result.
+_EXP_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 0.5}
 
 
 def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.WindowSpec):
@@ -174,6 +179,7 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
     grads = torch.empty_like(w)
     dbias = None if table is None else torch.zeros((heads, n, n), dtype=acc, device=qkv.device)
     step = max(1, _CHUNK_ELEMENTS // (heads * n * n))
+    floor = _EXP_FLOOR.get(acc)
     for (start, stop, _), mask in zip(geo.groups, masks):
         for a in range(start, stop, step):
             b = min(a + step, stop)
@@ -185,7 +191,10 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
             p = torch.bmm(q, k.transpose(1, 2)).view(c, heads, n, n)
             if mask is not None:
                 p.add_(mask)
-            p.sub_(lse[a:b].transpose(1, 2).unsqueeze(-1)).exp_()
+            p.sub_(lse[a:b].transpose(1, 2).unsqueeze(-1))
+            if floor is not None:
+                p.clamp_min_(floor)
+            p.exp_()
             p = p.view(c * heads, n, n)
             g = torch.empty((3, c * heads, n, d), dtype=acc, device=qkv.device)
             torch.bmm(p.transpose(1, 2), do, out=g[2])
@@ -198,7 +207,9 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
                 dbias += ds.view(c, heads, n, n).sum(0)
     dx = _unwindowed(grads, geo, batch, padded)
     dpad = None
-    if qkv_pad is not None:  # padding queries get no gradient; padding keys and values collect theirs here
+    if qkv_pad is not None and padded == grid:  # nothing padded: no padding token to collect a gradient
+        dpad = torch.zeros_like(qkv_pad)
+    elif qkv_pad is not None:  # padding queries get no gradient; padding keys and values collect theirs here
         real = torch.zeros(padded, dtype=torch.bool, device=qkv.device)
         real[:grid[0], :grid[1], :grid[2]] = True
         dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
