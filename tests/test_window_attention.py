@@ -4,6 +4,7 @@ The oracle is :func:`fastmed.reference.window_attention.window_attention_eager` 
 bias and mask + softmax, as timm / Swin-Unet / MONAI write it) differentiated by autograd in float64, with the
 grid padded by hand (MONAI's semantics) where it is not divisible by the window.
 """
+import importlib
 import math
 
 import pytest
@@ -429,6 +430,9 @@ ATEN_CASES = [
     pytest.param(1, (5, 6, 7), 2, 4, 3, 1, True, True, torch.float64, id="3d-padded-fp64"),
     pytest.param(1, (4, 4, 6), 1, 8, (2, 2, 3), (1, 1, 1), False, True, torch.float32, id="3d-shift-no-bias"),
     pytest.param(1, (7, 14), 1, 16, 7, 3, True, False, torch.bfloat16, id="2d-bf16"),
+    pytest.param(2, (6, 6, 6), 2, 4, 3, 1, True, False, torch.float32, id="3d-shift-batch2"),
+    pytest.param(2, (6, 8, 6), 2, 4, 3, 0, False, True, torch.float64, id="3d-plain-no-bias-fp64"),
+    pytest.param(2, (12, 12), 3, 8, 4, 2, True, True, torch.float64, id="2d-shift-pad-unused-fp64"),
 ]
 
 
@@ -449,6 +453,75 @@ def test_aten_matches_reference(B, grid, heads, head_dim, window, shift, bias, p
     for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a, b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+
+
+ATEN_CHUNK_CASES = [
+    # B, grid, heads, head_dim, window, shift, dtype
+    pytest.param(2, (9, 9, 9), 2, 4, 3, 1, torch.float64, id="3d-shift-padded-fp64"),
+    pytest.param(2, (9, 9, 9), 2, 4, 3, 1, torch.float32, id="3d-shift-padded"),
+    pytest.param(3, (14, 14), 2, 8, 7, 0, torch.float32, id="2d-plain"),
+]
+
+
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,dtype", ATEN_CHUNK_CASES)
+def test_aten_backward_in_chunks_matches_reference(monkeypatch, B, grid, heads, head_dim, window, shift, dtype):
+    """The ``aten`` backward walks each shift-mask pattern's windows in chunks; with a chunk of one window (so
+    every pattern spans several chunks, and chunks of one pattern meet the next pattern's) the output and every
+    gradient (qkv, bias table, padding token) still match the reference."""
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    n = window ** len(grid)
+    monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", heads * n * n)
+    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, True, True, dtype)
+
+    def f(q, t, p):
+        return window_attention(q, heads, window, shift, t, qkv_pad=p)
+
+    with fastmed.use_backend("aten"):
+        got = _grads(f, qkv, table, qkv_pad, dout)
+    with fastmed.use_backend("reference"):
+        want = _grads(f, qkv, table, qkv_pad, dout)
+    tol = TOL[dtype]
+    for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
+        scale = max(1.0, b.abs().max().item())
+        torch.testing.assert_close(a, b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+
+
+def test_aten_batch_sizes_and_inplace_output():
+    """One grid at two batch sizes in turn (the cached window layout is per batch size), the output modified in
+    place before the backward (the backward does not read it): gradients equal the reference's."""
+    heads, window, shift = 2, 4, 2
+    for B in (1, 3, 1):
+        qkv, table, qkv_pad, dout = _inputs(B, (8, 12), heads, 8, window, True, False, torch.float64, seed=B)
+
+        def f(q, t, p):
+            out = window_attention(q, heads, window, shift, t)
+            out.mul_(2.0).add_(1.0)
+            return out
+
+        with fastmed.use_backend("aten"):
+            got = _grads(f, qkv, table, qkv_pad, dout)
+        with fastmed.use_backend("reference"):
+            want = _grads(f, qkv, table, qkv_pad, dout)
+        for name, a, b in zip(["out", "dqkv", "dtable"], got, want):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"B={B} {name}")
+
+
+def test_aten_masked_probabilities_stay_exact_in_float32():
+    """The backward clamps log-probabilities at float32's smallest normal exponent (subnormal exp is slow on
+    the CPU); pairs the shift mask separates (-100) must still get no visible gradient: the float32 gradients of
+    a shifted case equal the float64 reference to float32 precision, bias table included."""
+    heads, window, shift = 2, 7, 3
+    qkv, table, _, dout = _inputs(2, (14, 14), heads, 16, window, True, False, torch.float64, seed=3)
+
+    def f(q, t, p):
+        return window_attention(q, heads, window, shift, t)
+
+    with fastmed.use_backend("reference"):
+        want = _grads(f, qkv, table, None, dout)
+    with fastmed.use_backend("aten"):
+        got = _grads(f, qkv.float(), table.float(), None, dout.float())
+    for name, a, b in zip(["out", "dqkv", "dtable"], got, want):
+        torch.testing.assert_close(a.double(), b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
 
 
 def test_auto_picks_aten_on_cpu():
