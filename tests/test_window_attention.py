@@ -141,25 +141,28 @@ def test_nan_stays_nan_and_inputs_untouched():
     assert torch.equal(torch.isnan(qkv), torch.isnan(before)) and torch.equal(qkv.nan_to_num(), before.nan_to_num())
 
 
-def test_opcheck_reference():
+@pytest.mark.parametrize("backend", ["reference", "aten"])
+def test_opcheck(backend):
     qkv, table, qkv_pad, dout = _inputs(2, (3, 6), 2, 4, 2, True, True, torch.float32)  # 3 rows: padded to 4
-    args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], "reference")
+    args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], backend)
     torch.library.opcheck(torch.ops.fastmed.window_attention_fwd.default, args)
     _out, lse = torch.ops.fastmed.window_attention_fwd(*args)
     # the forward's aot_dispatch check already runs the backward op through AOT autograd
     torch.library.opcheck(torch.ops.fastmed.window_attention_bwd.default,
                           (dout.unsqueeze(1), qkv.unsqueeze(1), lse, table, qkv_pad, 2, [1, 2, 2], [0, 1, 1],
-                           0.5, [1, 2, 2], [1, 2, 2], "reference"),
+                           0.5, [1, 2, 2], [1, 2, 2], backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_torch_compile_fullgraph_reference():
+@pytest.mark.parametrize("backend", ["reference", "aten"])
+def test_torch_compile_fullgraph(backend):
+    """Traced through (fake tensors meet no cached layout): values and gradients equal the eager call's."""
     qkv, table, qkv_pad, dout = _inputs(1, (5, 6), 2, 4, 3, True, True, torch.float32)
 
     def f(q, t, p):
         return window_attention(q, 2, 3, 1, t, qkv_pad=p)
 
-    with fastmed.use_backend("reference"):
+    with fastmed.use_backend(backend):
         want = _grads(f, qkv, table, qkv_pad, dout)
         got = _grads(torch.compile(f, fullgraph=True, backend="aot_eager"), qkv, table, qkv_pad, dout)
     for a, b in zip(got, want):
