@@ -155,8 +155,9 @@ def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Te
     return ref.crop(out, grid).to(qkv.dtype), lse.contiguous()
 
 
-# The backward works through the windows in chunks of about this many score elements (windows x heads x N x N),
-# so that each chunk's scores, probabilities and their gradients stay in the cache between its steps.
+# The backward works through the windows in chunks of about this many score elements (windows x heads x N x N)
+# per CPU thread, so that each chunk's scores, probabilities and their gradients stay in the cache between its
+# steps (smaller chunks: more, shorter parallel regions, which lose on a busy machine).
 _CHUNK_ELEMENTS = 1 << 20
 # The lowest log-probability the backward exponentiates, per compute dtype: below it exp() is subnormal, which
 # costs the CPU's exp ~20x (the shift mask's -100 puts most masked pairs there).  The clamped probabilities,
@@ -178,7 +179,7 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
     d = w.shape[-1] // (3 * heads)
     grads = torch.empty_like(w)
     dbias = None if table is None else torch.zeros((heads, n, n), dtype=acc, device=qkv.device)
-    step = max(1, _CHUNK_ELEMENTS // (heads * n * n))
+    step = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (heads * n * n))
     floor = _EXP_FLOOR.get(acc)
     for (start, stop, _), mask in zip(geo.groups, masks):
         for a in range(start, stop, step):
