@@ -7,6 +7,9 @@ Cases (full shapes; ``--quick`` shrinks them for the CPU):
                    windows, overlap 0.5, Gaussian
     swinunetr      MONAI's SwinUNETR (feature_size 48, 14 classes; fastmed.models has no SwinUNETR, so MONAI's
                    network serves both implementations), 96^3 windows, overlap 0.5, Gaussian
+    blend          (only when asked: ``--cases blend``) the blending with no network at all: the predictor returns
+                   copies of fixed predictions (C = 3 and 14), so time and tracked memory are the blending's
+                   own; same volume and windows as ``accumulation``
 Implementations, one run, same network and inputs:
     network-only            the network on every window, nothing blended (what blending adds to)
     monai                   monai.inferers.sliding_window_inference
@@ -26,6 +29,7 @@ and its labels MONAI's argmax.
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 import sys
 
@@ -92,6 +96,19 @@ def network_only(net, x: torch.Tensor, grid, sw_batch_size: int) -> None:
         net(torch.cat([x[(slice(None), slice(None)) + grid.slices(i)] for i in idx]))
 
 
+class FixedPredictions(torch.nn.Module):
+    """A stand-in network for the ``blend`` case: returns a copy of one fixed block of predictions
+    ``(sw_batch, classes, *roi)`` (a copy: MONAI scales the predictor's output in place)."""
+
+    def __init__(self, classes: int, roi, sw_batch_size: int = 8):
+        super().__init__()
+        self.register_buffer("bank", torch.randn(sw_batch_size, classes, *roi,
+                                                 generator=torch.Generator().manual_seed(classes)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.bank[:x.shape[0]].clone()
+
+
 def _cases(quick: bool, device):
     """(case, network factory, input shape, roi, classes) per case."""
     vol = (1, 1, 64, 64, 48) if quick else (1, 1, 256, 256, 192)
@@ -100,6 +117,8 @@ def _cases(quick: bool, device):
     out = []
     for classes in (3, 14):
         out.append((f"accumulation-c{classes}", lambda c=classes: torch.nn.Conv3d(1, c, 1), vol, roi_small, classes))
+    for classes in (3, 14):
+        out.append((f"blend-c{classes}", lambda c=classes: FixedPredictions(c, roi_small), vol, roi_small, classes))
     out.append(("unet", lambda: UNet.nnunet(roi_unet, in_channels=1, out_channels=3, deep_supervision=False,
                                             **(dict(features=(8, 16, 32, 64)) if quick else {})),
                 vol, roi_unet, 3))
@@ -165,6 +184,7 @@ def main(argv=None) -> int:
             peaks[name] = tracked_peak(fn) / 2**20
             extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
                                     f"{args.sw_batch_size}", "threads": torch.get_num_threads(),
+                     "tracked_bytes_per_voxel": round(peaks[name] * 2**20 / math.prod(shape[2:]), 3),
                      "tracked_peak_mb": round(peaks[name], 2),
                      "max_abs_diff_vs_monai": diff, "labels_agree_pct": round(100 * same_labels, 4)}
             if name != "monai" and peaks.get("monai"):
