@@ -89,6 +89,183 @@ Spec make_spec(const std::string& act, const std::string& pow_mode, const std::s
   return s;
 }
 
+// ---------------------------------------------------------------------------------------------- blocks of voxels
+constexpr int64_t kLanes = 16;  // voxels per block (a multiple of every vector width); kChunk is a multiple of it
+static_assert(kChunk % kLanes == 0, "a chunk is a whole number of blocks");
+
+// The operands of kLanes voxels of one sample, (class, lane) rows (see losses_cpu_kernels.h).
+template <typename A>
+struct Block {
+  int64_t C = 0;
+  bool masked = false;  // a mask exists (label ignore or dense mask): products with m use weigh
+  bool label = false;   // gm is the one-hot of a label (0 or 1 exactly)
+  A* z = nullptr;       // logits
+  A* gm = nullptr;      // target times the mask (labels: 1 where the label is the class and the voxel counts)
+  A* p = nullptr;       // activation (softmax / sigmoid / identity)
+  A* q = nullptr;       // scratch (at least 2 rows)
+  A* w = nullptr;       // scratch (at least 2 rows)
+  A* dz = nullptr;      // d logits (backward)
+  A m[kLanes];          // 1 where the voxel counts (mask or ignore), 0 elsewhere
+  A valid[kLanes];      // 1 for a voxel of the tensor, 0 for the padding of the tail block
+  A pick[kLanes];       // labels: the class whose NLL a voxel enters (its label, 0 when none; -1: padding)
+  A mx[kLanes];         // max over the classes (NaN if any is NaN)
+  A lse[kLanes];        // log of the sum of exp(z - mx)
+  A sum[kLanes];        // scratch
+  A* row(A* base, int64_t c) const { return base + c * kLanes; }
+};
+
+// The storage of one Block (one per thread).
+template <typename A>
+struct BlockStorage {
+  std::vector<A> data;
+  Block<A> k;
+  explicit BlockStorage(int64_t C) {
+    const int64_t rows = std::max<int64_t>(C, 2);
+    data.assign(static_cast<size_t>((4 * C + 2 * rows) * kLanes), A(0));
+    k.C = C;
+    A* base = data.data();
+    k.z = base;
+    k.gm = base + C * kLanes;
+    k.p = base + 2 * C * kLanes;
+    k.dz = base + 3 * C * kLanes;
+    k.q = base + 4 * C * kLanes;
+    k.w = k.q + rows * kLanes;
+  }
+};
+
+namespace generic {
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#include "losses_cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace generic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTMED_LOSSES_AVX2 1
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("no-trapping-math")
+#include "losses_cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+
+bool use_avx2() {
+#ifdef FASTMED_LOSSES_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef FASTMED_LOSSES_AVX2
+#define FASTMED_KERNEL(...) (use_avx2() ? &avx2::__VA_ARGS__ : &generic::__VA_ARGS__)
+#else
+#define FASTMED_KERNEL(...) (&generic::__VA_ARGS__)
+#endif
+
+// The block kernels cover every mode but BCE and the softmax focal term (the scalar voxel loop below runs those).
+bool blocked(const Spec& spec) { return spec.ce != Ce::kBce && spec.focal != FocalMode::kSoftmax; }
+
+// Raw pointers and strides of the (B, C, S) logits, the targets and the (B, S) mask.
+template <typename Z, typename T, typename A>
+struct Operands {
+  const Z* zp;
+  const T* tp;
+  const A* mp;
+  int64_t zs[3], ts[3], ms[2];
+  int64_t C, Ct, S;
+};
+
+template <typename Z, typename T, typename A>
+Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec) {
+  Operands<Z, T, A> o;
+  o.zp = z.data_ptr<Z>();
+  o.tp = t.data_ptr<T>();
+  o.mp = mask ? mask->data_ptr<A>() : nullptr;
+  o.zs[0] = z.stride(0);
+  o.zs[1] = z.stride(1);
+  o.zs[2] = z.stride(2);
+  o.ts[0] = t.stride(0);
+  o.ts[1] = t.stride(1);
+  o.ts[2] = spec.label_mode ? 0 : t.stride(2);
+  o.ms[0] = mask ? mask->stride(0) : 0;
+  o.ms[1] = mask ? mask->stride(1) : 0;
+  o.C = z.size(1);
+  o.Ct = spec.label_mode ? 1 : t.size(1);
+  o.S = z.size(2);
+  return o;
+}
+
+// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
+// and their bad labels to bad.  The label check is the one of load_voxel.
+template <typename Z, typename T, typename A>
+void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
+                double& cnt, double& bad) {
+  const int64_t C = o.C;
+  for (int64_t c = 0; c < C; ++c) {
+    A* z = k.row(k.z, c);
+    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
+    if (o.zs[2] == 1 && n == kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
+    } else {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) k.valid[l] = l < n ? A(1) : A(0);
+  if (spec.label_mode) {
+    A lab[kLanes];  // the class of a voxel that counts and holds one, else -1
+    k.masked = spec.has_ignore;
+    k.label = true;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l >= n) {
+        lab[l] = A(-1);
+        k.pick[l] = A(-1);
+        k.m[l] = A(0);
+        continue;
+      }
+      const T raw = o.tp[b * o.ts[0] + (s0 + l) * o.ts[1]];
+      bool integral = true;
+      int64_t li;
+      if constexpr (std::is_floating_point<T>::value) {
+        integral = raw == std::floor(raw) && std::fabs(raw) < T(2147483648.0);
+        li = integral ? static_cast<int64_t>(raw) : 0;
+      } else {
+        li = static_cast<int64_t>(raw);
+      }
+      const bool inrange = integral && li >= 0 && li < C;
+      const bool counts = !(spec.has_ignore && integral && li == spec.ignore_index);
+      k.m[l] = counts ? A(1) : A(0);
+      lab[l] = (counts && inrange) ? static_cast<A>(li) : A(-1);
+      k.pick[l] = inrange ? static_cast<A>(li) : A(0);
+      cnt += counts ? 1.0 : 0.0;
+      bad += (counts && !inrange) ? 1.0 : 0.0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const A cls = static_cast<A>(c);
+      for (int64_t l = 0; l < kLanes; ++l) g[l] = lab[l] == cls ? A(1) : A(0);
+    }
+  } else {
+    k.masked = o.mp != nullptr;
+    k.label = false;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      k.m[l] = l < n ? (o.mp ? o.mp[b * o.ms[0] + (s0 + l) * o.ms[1]] : A(1)) : A(0);
+      cnt += static_cast<double>(k.m[l]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const T* src = o.tp + b * o.ts[0] + (o.Ct == 1 ? 0 : c) * o.ts[1] + s0 * o.ts[2];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const A v = l < n ? static_cast<A>(src[l * o.ts[2]]) : A(0);
+        g[l] = k.masked ? v * k.m[l] : v;
+      }
+    }
+  }
+}
+
 // ---------------------------------------------------------------------------------------------- scalar helpers
 template <typename A>
 inline A weigh(A w, A v) {  // w * v, a zero weight times an infinite v is 0; NaN stays NaN
@@ -312,22 +489,48 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   const A* mp = mask ? mask->data_ptr<A>() : nullptr;
   std::vector<double> partial(static_cast<size_t>(B * chunks * kNumSlots * C), 0.0);
   std::vector<double> counts(static_cast<size_t>(B * chunks), 0.0);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    Voxel<A> v(C);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      double* acc = partial.data() + task * kNumSlots * C;
-      double cnt = 0, bad = 0;
-      for (int64_t s = k * kChunk; s < std::min(S, (k + 1) * kChunk); ++s) {
-        load_voxel(v, zp, zs, tp, ts, mp, ms, b, s, C, Ct, spec);
-        accumulate(v, spec, C, acc);
-        cnt += v.m;
-        bad += v.bad;
+  if (blocked(spec)) {
+    const auto o = operands<Z, T, A>(z, t, mask, spec);
+    const auto forward = FASTMED_KERNEL(forward_block<A>);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockStorage<A> storage(C);
+      std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        std::fill(lanes.begin(), lanes.end(), A(0));
+        double cnt = 0, bad = 0;
+        for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
+          load_block(o, spec, b, s0, std::min(kLanes, S - s0), storage.k, cnt, bad);
+          forward(storage.k, spec, lanes.data());
+        }
+        double* acc = partial.data() + task * kNumSlots * C;
+        for (int64_t j = 0; j < kBad * C; ++j) {  // the lanes in a fixed order
+          double sum = 0;
+          for (int64_t l = 0; l < kLanes; ++l) sum += static_cast<double>(lanes[j * kLanes + l]);
+          acc[j] = sum;
+        }
+        counts[task] = cnt;
+        acc[kBad * C] = bad;
       }
-      counts[task] = cnt;
-      acc[kBad * C] = bad;
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      Voxel<A> v(C);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        double* acc = partial.data() + task * kNumSlots * C;
+        double cnt = 0, bad = 0;
+        for (int64_t s = k * kChunk; s < std::min(S, (k + 1) * kChunk); ++s) {
+          load_voxel(v, zp, zs, tp, ts, mp, ms, b, s, C, Ct, spec);
+          accumulate(v, spec, C, acc);
+          cnt += v.m;
+          bad += v.bad;
+        }
+        counts[task] = cnt;
+        acc[kBad * C] = bad;
+      }
+    });
+  }
   A* o = out.data_ptr<A>();
   std::vector<double> sums(static_cast<size_t>(kNumSlots * C));
   for (int64_t b = 0; b < B; ++b) {
@@ -449,6 +652,33 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   const A* gp = gstats.data_ptr<A>();
   Z* dp = dz.data_ptr<Z>();
   const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
+  if (blocked(spec)) {
+    const auto o = operands<Z, T, A>(z, t, mask, spec);
+    const auto backward = FASTMED_KERNEL(backward_block<A>);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockStorage<A> storage(C);
+      Block<A>& blk = storage.k;
+      double cnt = 0, bad = 0;  // not needed here
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
+          const int64_t n = std::min(kLanes, S - s0);
+          load_block(o, spec, b, s0, n, blk, cnt, bad);
+          backward(blk, spec, gp + b * kNumSlots * C);
+          for (int64_t c = 0; c < C; ++c) {
+            const A* d = blk.row(blk.dz, c);
+            Z* dst = dp + b * ds[0] + c * ds[1] + s0 * ds[2];
+            if (ds[2] == 1 && n == kLanes) {
+              for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<Z>(d[l]);
+            } else {
+              for (int64_t l = 0; l < n; ++l) dst[l * ds[2]] = static_cast<Z>(d[l]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     Voxel<A> v(C);
     std::vector<A> d(C);
