@@ -11,8 +11,11 @@
 // C library's are calls, which do not vectorize); float64 uses the C library's (scalar; accuracy first).
 // Lanes past the end of the voxels (the tail block) hold zeros and are dropped by `valid` before any sum.
 
+#define FASTMED_LANES _Pragma("omp simd") for (int64_t l = 0; l < kLanes; ++l)
+#define FASTMED_INLINE inline __attribute__((always_inline))
+
 // ---------------------------------------------------------------------------------------------- float32 math
-inline float exp_f32(float x) {  // Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp
+FASTMED_INLINE float exp_f32(float x) {  // Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp
   const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);  // NaN passes through (selected below)
   const float t = xc * 1.44269504088896341f + 12582912.0f;            // round(x / ln 2) in the low bits of t
   const float n = t - 12582912.0f;
@@ -32,7 +35,7 @@ inline float exp_f32(float x) {  // Cephes expf: range reduction by ln 2, degree
   return x != x ? x : y;
 }
 
-inline float log_f32(float x) {  // x >= FLT_MIN or inf / NaN / 0 / negative: 2 atanh(f / (2 + f)); ~1 ulp
+FASTMED_INLINE float log_f32(float x) {  // x >= FLT_MIN or inf / NaN / 0 / negative: 2 atanh(f / (2 + f)); ~1 ulp
   const int32_t bits = __builtin_bit_cast(int32_t, x);
   const float m0 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
   const bool big = m0 > 1.41421356f;
@@ -51,67 +54,76 @@ inline float log_f32(float x) {  // x >= FLT_MIN or inf / NaN / 0 / negative: 2 
   return x != x ? x : (x == inf ? inf : (x == 0.0f ? -inf : (x < 0.0f ? __builtin_nanf("") : y)));
 }
 
-inline float log1p_f32(float x) {  // x >= 0: log(1 + x) / ((1 + x) - 1) * x keeps the low bits of small x
+FASTMED_INLINE float log1p_f32(float x) {  // x >= 0: log(1 + x) / ((1 + x) - 1) * x keeps the low bits of small x
   const float u = 1.0f + x;
   const float d = u - 1.0f;
   const float y = log_f32(u) * (x / (d == 0.0f ? 1.0f : d));
   return d == 0.0f ? x : (u == __builtin_inff() ? u : y);
 }
 
-inline float vexp(float x) { return exp_f32(x); }
-inline float vlog(float x) { return log_f32(x); }
-inline float vlog1p(float x) { return log1p_f32(x); }
+FASTMED_INLINE float vexp(float x) { return exp_f32(x); }
+FASTMED_INLINE float vlog(float x) { return log_f32(x); }
+FASTMED_INLINE float vlog1p(float x) { return log1p_f32(x); }
+FASTMED_INLINE float vabs(float x) { return __builtin_fabsf(x); }  // std::fabs is not inlined here (it
+FASTMED_INLINE double vabs(double x) { return __builtin_fabs(x); }  // has other optimize options): no vectors
 inline double vexp(double x) { return std::exp(x); }
 inline double vlog(double x) { return std::log(x); }
 inline double vlog1p(double x) { return std::log1p(x); }
 
 template <typename A>
-inline A vsoftplus(A z) {  // the reference's softplus (z above the threshold: z)
+FASTMED_INLINE A vsoftplus(A z) {  // the reference's softplus (z above the threshold: z)
   return z > A(kSoftplusThreshold) ? z : vlog1p(vexp(z > A(kSoftplusThreshold) ? A(kSoftplusThreshold) : z));  // NaN stays
 }
 
 template <typename A>
-inline A vweigh(A w, A v) {  // w * v, a zero weight times an infinite v is 0; NaN stays NaN
-  const A inf = std::numeric_limits<A>::infinity();
+FASTMED_INLINE A vweigh(A w, A v) {  // w * v, a zero weight times an infinite v is 0; NaN stays NaN
+  constexpr A inf = std::numeric_limits<A>::infinity();
   return w * ((w == A(0) && (v == inf || v == -inf)) ? A(0) : v);
 }
 
 template <typename A>
-inline A vsign(A x) {
+FASTMED_INLINE A vsign(A x) {
   return x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0));
 }
 
-#define FASTMED_LANES _Pragma("omp simd") for (int64_t l = 0; l < kLanes; ++l)
 
 // ---------------------------------------------------------------------------------------------- one block
+// _counted of the reference on one lane.  m is 1 on every voxel of the tensor when nothing is masked (and 0 in the
+// padding, whose values are dropped), so the masked forms serve both: 1 * x and weigh(1, x) are x (NaN and inf too).
+// `finite`: x has no infinity (a probability, a target), a plain product does.
 template <typename A>
-inline A counted(A x, A m, bool masked, bool finite) {  // _counted of the reference
-  return !masked ? x : (finite ? x * m : vweigh(m, x));
-}
+FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
 
 // mx, lse and the exponentials exp(z - mx) in p (the softmax's numerators); normalizes p when `normalize`.
 template <typename A>
 void softmax_block(Block<A>& k, bool normalize) {
-  const A inf = std::numeric_limits<A>::infinity();
-  FASTMED_LANES { k.mx[l] = -inf; k.sum[l] = 0; }
-  for (int64_t c = 0; c < k.C; ++c) {
-    const A* z = k.row(k.z, c);
-    FASTMED_LANES { k.mx[l] = (z[l] > k.mx[l] || z[l] != z[l]) ? z[l] : k.mx[l]; }  // torch's max: NaN wins
+  constexpr A inf = std::numeric_limits<A>::infinity();
+  A* __restrict mx = k.mx;
+  A* __restrict sum = k.sum;
+  A* __restrict lse = k.lse;
+  FASTMED_LANES {
+    mx[l] = -inf;
+    sum[l] = 0;
   }
   for (int64_t c = 0; c < k.C; ++c) {
-    const A* z = k.row(k.z, c);
-    A* p = k.row(k.p, c);
+    const A* __restrict z = k.row(k.z, c);
+    FASTMED_LANES { mx[l] = (z[l] > mx[l] || z[l] != z[l]) ? z[l] : mx[l]; }  // torch's max: NaN wins
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict p = k.row(k.p, c);
     FASTMED_LANES {
-      p[l] = vexp(z[l] - k.mx[l]);
-      k.sum[l] += p[l];
+      const A e = vexp(z[l] - mx[l]);
+      p[l] = e;
+      sum[l] += e;
     }
   }
-  FASTMED_LANES { k.lse[l] = vlog(k.sum[l]); }
+  FASTMED_LANES { lse[l] = vlog(sum[l]); }
   if (normalize) {
-    FASTMED_LANES { k.sum[l] = A(1) / k.sum[l]; }
+    FASTMED_LANES { sum[l] = A(1) / sum[l]; }
     for (int64_t c = 0; c < k.C; ++c) {
-      A* p = k.row(k.p, c);
-      FASTMED_LANES { p[l] *= k.sum[l]; }
+      A* __restrict p = k.row(k.p, c);
+      FASTMED_LANES { p[l] *= sum[l]; }
     }
   }
 }
@@ -120,35 +132,47 @@ template <typename A>
 void activate_block(Block<A>& k, Act act) {
   if (act == Act::kSoftmax) {
     softmax_block(k, true);
-  } else {
-    for (int64_t c = 0; c < k.C; ++c) {
-      const A* z = k.row(k.z, c);
-      A* p = k.row(k.p, c);
-      if (act == Act::kSigmoid) {
-        FASTMED_LANES { p[l] = A(1) / (A(1) + vexp(-z[l])); }
-      } else {
-        FASTMED_LANES { p[l] = z[l]; }
-      }
+    return;
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict p = k.row(k.p, c);
+    if (act == Act::kSigmoid) {
+      FASTMED_LANES { p[l] = A(1) / (A(1) + vexp(-z[l])); }
+    } else {
+      FASTMED_LANES { p[l] = z[l]; }
     }
   }
 }
 
-// The focal terms of reference.sigmoid_focal_terms at one class: bce, mod, s, sz (rows of kLanes), and the focal
-// loss of the class (times the mask) in `loss`.
-template <typename A>
-inline void sigmoid_focal_row(const A* z, const A* g, const A* m, bool masked, bool hard, A gamma, A* bce, A* mod,
-                              A* s, A* sz) {
+// reference.sigmoid_focal_terms at one class: bce, mod, s, sz (rows of kLanes); kHard: label targets.
+template <bool kHard, typename A>
+FASTMED_INLINE void sigmoid_focal_row(const A* __restrict z, const A* __restrict g, const A* __restrict m, A gamma,
+                                      A* __restrict bce, A* __restrict mod, A* __restrict s, A* __restrict sz) {
+  const bool powered = gamma != A(0);
   FASTMED_LANES {
-    const A zz = counted(z[l], m[l], masked, false);
-    s[l] = g[l] * A(2) - A(1);
-    if (hard) {
-      sz[l] = s[l] * zz;
-      bce[l] = vsoftplus(-sz[l]);
+    const A zz = counted(z[l], m[l]);
+    const A sl = g[l] * A(2) - A(1);
+    A szl, b;
+    A sp;  // softplus(sz)
+    if constexpr (kHard) {
+      // s = +-1: softplus(-sz) and softplus(sz) share e = exp(-|sz|) (the reference's threshold form gives the
+      // same values: above it the log term is below the last bit)
+      szl = sl * zz;
+      const A e = vexp(-vabs(szl));
+      const A lg = vlog1p(e);
+      sp = (szl > A(0) ? szl : A(0)) + lg;
+      b = (szl < A(0) ? -szl : A(0)) + lg;
     } else {
-      sz[l] = vweigh(s[l], zz);
-      bce[l] = vweigh(A(1) - g[l], vsoftplus(zz)) + vweigh(g[l], vsoftplus(-zz));
+      szl = vweigh(sl, zz);
+      b = vweigh(A(1) - g[l], vsoftplus(zz)) + vweigh(g[l], vsoftplus(-zz));
+      sp = vsoftplus(szl);
     }
-    mod[l] = gamma != A(0) ? vexp(-gamma * vsoftplus(sz[l])) : A(1);
+    const A e = vexp(-gamma * sp);
+    s[l] = sl;
+    sz[l] = szl;
+    bce[l] = b;
+    mod[l] = powered ? e : A(1);
   }
 }
 
@@ -156,92 +180,114 @@ inline void sigmoid_focal_row(const A* z, const A* g, const A* m, bool masked, b
 template <typename A>
 void forward_block(Block<A>& k, const Spec& spec, A* acc) {
   const int64_t C = k.C;
-  const bool masked = k.masked;
-  const A* m = k.m;
-  const A* valid = k.valid;
+  const A* __restrict m = k.m;
+  const A* __restrict valid = k.valid;
   auto slot = [&](int64_t s, int64_t c) { return acc + (s * C + c) * kLanes; };
-  const bool softmax_ce = spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth;
   if (spec.pow != Pow::kOff) {
-    const bool bounded = spec.act != Act::kNone;
     activate_block(k, spec.act);
     for (int64_t c = 0; c < C; ++c) {
-      const A* p = k.row(k.p, c);
-      const A* g = k.row(k.gm, c);
-      A* si = slot(kIntersect, c);
-      A* sp = slot(kPred, c);
-      A* sg = slot(kGround, c);
-      A* sd = slot(kDiff, c);
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict si = slot(kIntersect, c);
+      A* __restrict sp = slot(kPred, c);
+      A* __restrict sg = slot(kGround, c);
+      A* __restrict sd = slot(kDiff, c);
       if (spec.pow == Pow::kLinear) {
         FASTMED_LANES {
-          const A pm = counted(p[l], m[l], masked, bounded);
+          const A pm = counted(p[l], m[l]);
           const bool v = valid[l] != A(0);
-          si[l] += v ? (bounded ? pm * g[l] : vweigh(g[l], pm)) : A(0);
+          const A in = vweigh(g[l], pm);
+          si[l] += v ? in : A(0);
           sp[l] += v ? pm : A(0);
           sg[l] += g[l];  // 0 in the padding
         }
       } else if (spec.pow == Pow::kSquare) {
         FASTMED_LANES {
-          const A pm = counted(p[l], m[l], masked, bounded);
+          const A pm = counted(p[l], m[l]);
           const bool v = valid[l] != A(0);
-          si[l] += v ? (bounded ? pm * g[l] : vweigh(g[l], pm)) : A(0);
+          const A in = vweigh(g[l], pm);
+          si[l] += v ? in : A(0);
           sp[l] += v ? pm * pm : A(0);
           sg[l] += g[l] * g[l];
         }
       } else {
         FASTMED_LANES {
-          const A pm = counted(p[l], m[l], masked, bounded);
+          const A pm = counted(p[l], m[l]);
           const bool v = valid[l] != A(0);
-          si[l] += v ? (bounded ? pm * g[l] : vweigh(g[l], pm)) : A(0);
-          sp[l] += v ? std::fabs(pm) : A(0);
-          sg[l] += std::fabs(g[l]);
-          sd[l] += v ? std::fabs(pm - g[l]) : A(0);
+          const A in = vweigh(g[l], pm);
+          const A ap = vabs(pm), ad = vabs(pm - g[l]);
+          si[l] += v ? in : A(0);
+          sp[l] += v ? ap : A(0);
+          sg[l] += vabs(g[l]);
+          sd[l] += v ? ad : A(0);
         }
       }
     }
   }
-  if (softmax_ce) {
+  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
     if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false);  // else: mx, lse known
     const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
+    const bool label = k.label;
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    const A* __restrict pick = k.pick;
     for (int64_t c = 0; c < C; ++c) {
-      const A* z = k.row(k.z, c);
-      const A* g = k.row(k.gm, c);
-      A* sn = slot(kNll, c);
-      A* sl = slot(kLogsum, c);
-      const bool label = k.label;
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict sn = slot(kNll, c);
+      A* __restrict sl = slot(kLogsum, c);
       const A cls = static_cast<A>(c);
+      // labels: only the class of the voxel's label adds, weighed by whether it counts (as in the reference: a
+      // NaN or -inf of another class's log q stays out)
       FASTMED_LANES {
-        const A lq = z[l] - k.mx[l] - k.lse[l];
-        const bool v = valid[l] != A(0);
-        // labels: only the class of the voxel's label adds, weighed by whether it counts (as in the reference:
-        // a NaN or -inf of another class's log q stays out)
-        const A nll = label ? (k.pick[l] == cls ? vweigh(g[l], lq) : A(0)) : vweigh(g[l], lq);
-        sn[l] -= v ? nll : A(0);
-        if (smooth) sl[l] -= v ? counted(lq, m[l], masked, false) : A(0);
+        const A lq = z[l] - mx[l] - lse[l];
+        const bool take = (valid[l] != A(0)) & (!label | (pick[l] == cls));
+        const A w = vweigh(g[l], lq);
+        sn[l] -= take ? w : A(0);
+      }
+      if (smooth) {
+        FASTMED_LANES {
+          const A lq = z[l] - mx[l] - lse[l];
+          const A w = counted(lq, m[l]);
+          sl[l] -= valid[l] != A(0) ? w : A(0);
+        }
       }
     }
   }
   if (spec.focal == FocalMode::kSigmoid) {
-    const bool hard = spec.label_mode;
     const A gamma = A(spec.gamma);
     A* bce = k.q;
     A* mod = k.q + kLanes;
     A* s = k.w;
     A* sz = k.w + kLanes;
     for (int64_t c = 0; c < C; ++c) {
-      const A* z = k.row(k.z, c);
-      const A* g = k.row(k.gm, c);
-      sigmoid_focal_row(z, g, m, masked, hard, gamma, bce, mod, s, sz);
-      A* sf = slot(kFocal, c);
-      A* sfp = slot(kFocalPos, c);
-      const FocalPos pos = spec.focal_pos;
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      if (spec.label_mode) {
+        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
+      } else {
+        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
+      }
+      A* __restrict sf = slot(kFocal, c);
+      A* __restrict sfp = slot(kFocalPos, c);
+      const A* __restrict bc = bce;
+      const A* __restrict md = mod;
+      const bool hard = spec.label_mode;
       FASTMED_LANES {
-        const A loss = counted(hard ? mod[l] * bce[l] : vweigh(mod[l], bce[l]), m[l], masked, false);
-        const bool v = valid[l] != A(0);
-        sf[l] += v ? loss : A(0);
-        if (pos == FocalPos::kLinear) {
-          sfp[l] += v ? vweigh(g[l], loss) : A(0);
-        } else if (pos == FocalPos::kHard) {
-          sfp[l] += v ? vweigh(g[l] == A(1) ? A(1) : A(0), loss) : A(0);
+        const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+        sf[l] += valid[l] != A(0) ? loss : A(0);
+      }
+      if (spec.focal_pos == FocalPos::kLinear) {
+        FASTMED_LANES {
+          const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+          const A w = vweigh(g[l], loss);
+          sfp[l] += valid[l] != A(0) ? w : A(0);
+        }
+      } else if (spec.focal_pos == FocalPos::kHard) {
+        FASTMED_LANES {
+          const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+          const A w = vweigh(g[l] == A(1) ? A(1) : A(0), loss);
+          sfp[l] += valid[l] != A(0) ? w : A(0);
         }
       }
     }
@@ -252,44 +298,49 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
 template <typename A>
 void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
   const int64_t C = k.C;
-  const bool masked = k.masked;
-  const A* m = k.m;
+  const A* __restrict m = k.m;
+  A* __restrict sum = k.sum;
   auto coef = [&](int64_t s, int64_t c) { return gs[s * C + c]; };
   for (int64_t c = 0; c < C; ++c) {
-    A* d = k.row(k.dz, c);
+    A* __restrict d = k.row(k.dz, c);
     FASTMED_LANES { d[l] = A(0); }
   }
-  const bool softmax_ce = spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth;
   if (spec.pow != Pow::kOff) {
     activate_block(k, spec.act);
-    const bool bounded = spec.act != Act::kNone;
-    FASTMED_LANES { k.sum[l] = A(0); }  // sum_c p u
+    FASTMED_LANES { sum[l] = A(0); }  // sum_c p u
     for (int64_t c = 0; c < C; ++c) {
-      const A* p = k.row(k.p, c);
-      const A* g = k.row(k.gm, c);
-      A* u = k.row(k.w, c);
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict u = k.row(k.w, c);
       const A ci = coef(kIntersect, c), cp = coef(kPred, c), cd = coef(kDiff, c);
-      const Pow pw = spec.pow;
-      FASTMED_LANES {
-        const A pm = counted(p[l], m[l], masked, bounded);
-        A v = ci * g[l];
-        if (pw == Pow::kLinear) {
-          v += cp;
-        } else if (pw == Pow::kSquare) {
-          v += cp * A(2) * pm;
-        } else {
-          v += cp * vsign(pm) + cd * vsign(pm - g[l]);
+      if (spec.pow == Pow::kLinear) {
+        FASTMED_LANES {
+          const A v = (ci * g[l] + cp) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
         }
-        u[l] = masked ? v * m[l] : v;
-        k.sum[l] += p[l] * u[l];
+      } else if (spec.pow == Pow::kSquare) {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const A v = (ci * g[l] + cp * A(2) * pm) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
+        }
+      } else {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const A v = (ci * g[l] + cp * vsign(pm) + cd * vsign(pm - g[l])) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
+        }
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      const A* p = k.row(k.p, c);
-      const A* u = k.row(k.w, c);
-      A* d = k.row(k.dz, c);
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict u = k.row(k.w, c);
+      A* __restrict d = k.row(k.dz, c);
       if (spec.act == Act::kSoftmax) {
-        FASTMED_LANES { d[l] += p[l] * (u[l] - k.sum[l]); }
+        FASTMED_LANES { d[l] += p[l] * (u[l] - sum[l]); }
       } else if (spec.act == Act::kSigmoid) {
         FASTMED_LANES { d[l] += u[l] * p[l] * (A(1) - p[l]); }
       } else {
@@ -297,57 +348,74 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
       }
     }
   }
-  if (softmax_ce) {
+  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
     if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true);  // else: p is the softmax
-    const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
-    FASTMED_LANES { k.sum[l] = A(0); }  // sum_c w
+    const A smooth = spec.ce == Ce::kSoftmaxSmooth ? A(1) : A(0);
+    FASTMED_LANES { sum[l] = A(0); }  // sum_c w
     for (int64_t c = 0; c < C; ++c) {
-      const A* g = k.row(k.gm, c);
-      A* w = k.row(k.w, c);
-      const A cn = coef(kNll, c), cl = coef(kLogsum, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict w = k.row(k.w, c);
+      const A cn = coef(kNll, c), cl = coef(kLogsum, c) * smooth;
       FASTMED_LANES {
-        A v = cn * g[l];
-        if (smooth) v += masked ? cl * m[l] : cl;
+        const A v = cn * g[l] + cl * m[l];
         w[l] = v;
-        k.sum[l] += v;
+        sum[l] += v;
       }
     }
     for (int64_t c = 0; c < C; ++c) {
-      const A* p = k.row(k.p, c);
-      const A* w = k.row(k.w, c);
-      A* d = k.row(k.dz, c);
-      FASTMED_LANES { d[l] += p[l] * k.sum[l] - w[l]; }
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict w = k.row(k.w, c);
+      A* __restrict d = k.row(k.dz, c);
+      FASTMED_LANES { d[l] += p[l] * sum[l] - w[l]; }
     }
   }
   if (spec.focal == FocalMode::kSigmoid) {
-    const bool hard = spec.label_mode;
     const A gamma = A(spec.gamma);
     A* bce = k.q;
     A* mod = k.q + kLanes;
     A* s = k.w;
     A* sz = k.w + kLanes;
     for (int64_t c = 0; c < C; ++c) {
-      const A* z = k.row(k.z, c);
-      const A* g = k.row(k.gm, c);
-      sigmoid_focal_row(z, g, m, masked, hard, gamma, bce, mod, s, sz);
-      A* d = k.row(k.dz, c);
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      if (spec.label_mode) {
+        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
+      } else {
+        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
+      }
+      A* __restrict d = k.row(k.dz, c);
+      const A* __restrict bc = bce;
+      const A* __restrict md = mod;
+      const A* __restrict sv = s;
+      const A* __restrict szv = sz;
       const A cf = coef(kFocal, c), cfp = coef(kFocalPos, c);
-      const FocalPos pos = spec.focal_pos;
-      FASTMED_LANES {
-        const A zz = counted(z[l], m[l], masked, false);
-        const A sig_zz = A(1) / (A(1) + vexp(-zz));
-        const A sig_sz = A(1) / (A(1) + vexp(-sz[l]));
-        const A dl = (sig_zz - g[l]) * mod[l] - vweigh(gamma * mod[l] * sig_sz * s[l], bce[l]);
-        A cc = cf;
-        if (pos == FocalPos::kLinear) {
-          cc += cfp * g[l];
-        } else if (pos == FocalPos::kHard) {
-          cc += cfp * (g[l] == A(1) ? A(1) : A(0));
+      const A lin = spec.focal_pos == FocalPos::kLinear ? A(1) : A(0);
+      const A hard = spec.focal_pos == FocalPos::kHard ? A(1) : A(0);
+      if (spec.label_mode) {  // s = +-1, zz = s sz: both sigmoids from e = exp(-|sz|)
+        FASTMED_LANES {
+          const A e = vexp(-vabs(szv[l]));
+          const A r = A(1) / (A(1) + e);
+          const bool up = szv[l] >= A(0);
+          const A sig_sz = up ? r : e * r;
+          const A sig_msz = up ? e * r : r;  // sigmoid(-sz)
+          const A sig_zz = sv[l] > A(0) ? sig_sz : sig_msz;
+          const A dl = (sig_zz - g[l]) * md[l] - vweigh(gamma * md[l] * sig_sz * sv[l], bc[l]);
+          const A cc = cf + cfp * (lin * g[l] + hard * (g[l] == A(1) ? A(1) : A(0)));
+          d[l] += cc * dl * m[l] * m[l];
         }
-        d[l] += masked ? cc * dl * m[l] * m[l] : cc * dl;
+      } else {
+        FASTMED_LANES {
+          const A zz = counted(z[l], m[l]);
+          const A sig_zz = A(1) / (A(1) + vexp(-zz));
+          const A sig_sz = A(1) / (A(1) + vexp(-szv[l]));
+          const A dl = (sig_zz - g[l]) * md[l] - vweigh(gamma * md[l] * sig_sz * sv[l], bc[l]);
+          const A cc = cf + cfp * (lin * g[l] + hard * (g[l] == A(1) ? A(1) : A(0)));
+          d[l] += cc * dl * m[l] * m[l];
+        }
       }
     }
   }
 }
 
 #undef FASTMED_LANES
+#undef FASTMED_INLINE
