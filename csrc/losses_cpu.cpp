@@ -2,25 +2,32 @@
 //
 // Forward: logits (B, C, S) (any strides; float16/bfloat16/float32/float64) and targets (labels (B, S) as int64,
 // float32 or float64, or dense (B, Ct, S) in the accumulation dtype, with an optional (B, S) ignore mask) give the
-// per-(sample, class) statistics (B, NUM_SLOTS, C) of fastmed/reference/loss_spec.py.  Per voxel the activation
-// (softmax over the classes or sigmoid) is computed in a C-value scratch row, the one-hot target by comparing the
-// label with the class index; the per-voxel values are computed in the accumulation dtype (float32, float64 for
-// float64 logits) and summed in float64 (sequential sums over a chunk stay accurate to ~1e-13).  The voxels of each sample are cut into fixed chunks of kChunk voxels; at::parallel_for deals
-// the (sample, chunk) tasks to threads, each task writes its own partial sums, and the partials are added in chunk
-// order afterwards: the result does not depend on the number of threads (bit-identical at 1 and 2 threads).
+// per-(sample, class) statistics (B, NUM_SLOTS, C) of fastmed/reference/loss_spec.py, computed in the accumulation
+// dtype A (float32; float64 for float64 logits).  The voxels of each sample are cut into fixed chunks of kChunk
+// voxels; at::parallel_for deals the (sample, chunk) tasks to threads, each task writes its own partial sums, and the
+// partials are added in chunk order afterwards (in float64): the result does not depend on the number of threads
+// (bit-identical at 1 and 2 threads).
+//
+// Every mode but BCE and the softmax focal term runs in blocks of kLanes voxels (losses_cpu_kernels.h): a block's
+// logits and one-hot targets (by comparing the label with the class index) are loaded as (class, lane) rows, the
+// activation is computed across the classes per lane, and each term adds to per-lane sums in A; at the end of a
+// chunk the lanes are added in a fixed order in float64.  The label check (slot BAD) runs in the same pass.  BCE and
+// the softmax focal term run the scalar per-voxel loop below (sums in float64).
 //
 // Backward: d logits from gstats = d loss / d stats (B, NUM_SLOTS, C) in one pass, the closed forms of
-// fastmed.reference.losses.loss_stats_backward, voxel by voxel (no reduction: deterministic by construction).
+// fastmed.reference.losses.loss_stats_backward, block by block (or voxel by voxel; no reduction: deterministic by
+// construction).
 //
 // Semantics (the reference is the oracle): a zero weight times an infinite value is 0 (weigh), labels are checked in
 // their own precision (float labels must be integers below 2^31 in magnitude), voxels whose label is neither a class
-// nor ignore_index count in slot BAD.
+// nor ignore_index count in slot BAD; NaN logits give NaN.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
