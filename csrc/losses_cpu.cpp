@@ -140,6 +140,36 @@ struct BlockStorage {
   }
 };
 
+// Raw pointers and strides of the (B, C, S) logits, the targets and the (B, S) mask.
+template <typename Z, typename T, typename A>
+struct Operands {
+  const Z* zp;
+  const T* tp;
+  const A* mp;
+  int64_t zs[3], ts[3], ms[2];
+  int64_t C, Ct, S;
+};
+
+template <typename Z, typename T, typename A>
+Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec) {
+  Operands<Z, T, A> o;
+  o.zp = z.data_ptr<Z>();
+  o.tp = t.data_ptr<T>();
+  o.mp = mask ? mask->data_ptr<A>() : nullptr;
+  o.zs[0] = z.stride(0);
+  o.zs[1] = z.stride(1);
+  o.zs[2] = z.stride(2);
+  o.ts[0] = t.stride(0);
+  o.ts[1] = t.stride(1);
+  o.ts[2] = spec.label_mode ? 0 : t.stride(2);
+  o.ms[0] = mask ? mask->stride(0) : 0;
+  o.ms[1] = mask ? mask->stride(1) : 0;
+  o.C = z.size(1);
+  o.Ct = spec.label_mode ? 1 : t.size(1);
+  o.S = z.size(2);
+  return o;
+}
+
 namespace generic {
 #pragma GCC push_options
 #pragma GCC optimize("no-trapping-math")
@@ -175,103 +205,6 @@ bool use_avx2() {
 
 // The block kernels cover every mode but BCE and the softmax focal term (the scalar voxel loop below runs those).
 bool blocked(const Spec& spec) { return spec.ce != Ce::kBce && spec.focal != FocalMode::kSoftmax; }
-
-// Raw pointers and strides of the (B, C, S) logits, the targets and the (B, S) mask.
-template <typename Z, typename T, typename A>
-struct Operands {
-  const Z* zp;
-  const T* tp;
-  const A* mp;
-  int64_t zs[3], ts[3], ms[2];
-  int64_t C, Ct, S;
-};
-
-template <typename Z, typename T, typename A>
-Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec) {
-  Operands<Z, T, A> o;
-  o.zp = z.data_ptr<Z>();
-  o.tp = t.data_ptr<T>();
-  o.mp = mask ? mask->data_ptr<A>() : nullptr;
-  o.zs[0] = z.stride(0);
-  o.zs[1] = z.stride(1);
-  o.zs[2] = z.stride(2);
-  o.ts[0] = t.stride(0);
-  o.ts[1] = t.stride(1);
-  o.ts[2] = spec.label_mode ? 0 : t.stride(2);
-  o.ms[0] = mask ? mask->stride(0) : 0;
-  o.ms[1] = mask ? mask->stride(1) : 0;
-  o.C = z.size(1);
-  o.Ct = spec.label_mode ? 1 : t.size(1);
-  o.S = z.size(2);
-  return o;
-}
-
-// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
-// and their bad labels to bad.  The label check is the one of load_voxel.
-template <typename Z, typename T, typename A>
-void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
-                double& cnt, double& bad) {
-  const int64_t C = o.C;
-  for (int64_t c = 0; c < C; ++c) {
-    A* z = k.row(k.z, c);
-    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
-    if (o.zs[2] == 1 && n == kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
-    } else {
-      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
-    }
-  }
-  for (int64_t l = 0; l < kLanes; ++l) k.valid[l] = l < n ? A(1) : A(0);
-  if (spec.label_mode) {
-    A lab[kLanes];  // the class of a voxel that counts and holds one, else -1
-    k.masked = spec.has_ignore;
-    k.label = true;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      if (l >= n) {
-        lab[l] = A(-1);
-        k.pick[l] = A(-1);
-        k.m[l] = A(0);
-        continue;
-      }
-      const T raw = o.tp[b * o.ts[0] + (s0 + l) * o.ts[1]];
-      bool integral = true;
-      int64_t li;
-      if constexpr (std::is_floating_point<T>::value) {
-        integral = raw == std::floor(raw) && std::fabs(raw) < T(2147483648.0);
-        li = integral ? static_cast<int64_t>(raw) : 0;
-      } else {
-        li = static_cast<int64_t>(raw);
-      }
-      const bool inrange = integral && li >= 0 && li < C;
-      const bool counts = !(spec.has_ignore && integral && li == spec.ignore_index);
-      k.m[l] = counts ? A(1) : A(0);
-      lab[l] = (counts && inrange) ? static_cast<A>(li) : A(-1);
-      k.pick[l] = inrange ? static_cast<A>(li) : A(0);
-      cnt += counts ? 1.0 : 0.0;
-      bad += (counts && !inrange) ? 1.0 : 0.0;
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      A* g = k.row(k.gm, c);
-      const A cls = static_cast<A>(c);
-      for (int64_t l = 0; l < kLanes; ++l) g[l] = lab[l] == cls ? A(1) : A(0);
-    }
-  } else {
-    k.masked = o.mp != nullptr;
-    k.label = false;
-    for (int64_t l = 0; l < kLanes; ++l) {
-      k.m[l] = l < n ? (o.mp ? o.mp[b * o.ms[0] + (s0 + l) * o.ms[1]] : A(1)) : A(0);
-      cnt += static_cast<double>(k.m[l]);
-    }
-    for (int64_t c = 0; c < C; ++c) {
-      A* g = k.row(k.gm, c);
-      const T* src = o.tp + b * o.ts[0] + (o.Ct == 1 ? 0 : c) * o.ts[1] + s0 * o.ts[2];
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const A v = l < n ? static_cast<A>(src[l * o.ts[2]]) : A(0);
-        g[l] = k.masked ? v * k.m[l] : v;
-      }
-    }
-  }
-}
 
 // ---------------------------------------------------------------------------------------------- scalar helpers
 template <typename A>
@@ -499,6 +432,7 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   if (blocked(spec)) {
     const auto o = operands<Z, T, A>(z, t, mask, spec);
     const auto forward = FASTMED_KERNEL(forward_block<A>);
+    const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
     at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
       BlockStorage<A> storage(C);
       std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
@@ -507,7 +441,7 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
         std::fill(lanes.begin(), lanes.end(), A(0));
         double cnt = 0, bad = 0;
         for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
-          load_block(o, spec, b, s0, std::min(kLanes, S - s0), storage.k, cnt, bad);
+          load(o, spec, b, s0, std::min(kLanes, S - s0), storage.k, cnt, bad);
           forward(storage.k, spec, lanes.data());
         }
         double* acc = partial.data() + task * kNumSlots * C;
@@ -662,6 +596,7 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   if (blocked(spec)) {
     const auto o = operands<Z, T, A>(z, t, mask, spec);
     const auto backward = FASTMED_KERNEL(backward_block<A>);
+    const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
     at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
       BlockStorage<A> storage(C);
       Block<A>& blk = storage.k;
@@ -670,7 +605,7 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
         const int64_t b = task / chunks, k = task % chunks;
         for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
           const int64_t n = std::min(kLanes, S - s0);
-          load_block(o, spec, b, s0, n, blk, cnt, bad);
+          load(o, spec, b, s0, n, blk, cnt, bad);
           backward(blk, spec, gp + b * kNumSlots * C);
           for (int64_t c = 0; c < C; ++c) {
             const A* d = blk.row(blk.dz, c);

@@ -3,7 +3,7 @@
 // Included twice by losses_cpu.cpp, like norm_act_cpu_kernels.h: inside `namespace generic` (the build's default
 // target) and inside `namespace avx2` (compiled for AVX2 + FMA, chosen at run time when the CPU has them), both
 // under `#pragma GCC optimize("no-trapping-math")` so that the selects vectorize.  It includes nothing and uses
-// Spec, Block, the mode enums, the slot constants, kLanes and kSoftplusThreshold from the enclosing namespace.
+// Spec, Block, Operands, the mode enums, the slot constants, kLanes and kSoftplusThreshold from the enclosing namespace.
 //
 // A block holds the operands of kLanes voxels of one sample as (class, lane) arrays: every loop below runs over the
 // lanes (the voxels) with the class fixed, so the compiler turns it into vector instructions; the activation is
@@ -412,6 +412,101 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
           const A cc = cf + cfp * (lin * g[l] + hard * (g[l] == A(1) ? A(1) : A(0)));
           d[l] += cc * dl * m[l] * m[l];
         }
+      }
+    }
+  }
+}
+
+// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
+// and their bad labels to bad.  The label check is the one of load_voxel.
+template <typename Z, typename T, typename A>
+void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
+                double& cnt, double& bad) {
+  const int64_t C = o.C;
+  for (int64_t c = 0; c < C; ++c) {
+    A* z = k.row(k.z, c);
+    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
+    if (o.zs[2] == 1 && n == kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
+    } else {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) k.valid[l] = l < n ? A(1) : A(0);
+  if (spec.label_mode) {
+    A lab[kLanes];  // the class of a voxel that counts and holds one, else -1
+    k.masked = spec.has_ignore;
+    k.label = true;
+    if constexpr (std::is_same<T, int64_t>::value) {
+      if (n == kLanes) {  // a full block of int64 labels: no branch per voxel
+        const int64_t* src = o.tp + b * o.ts[0] + s0 * o.ts[1];
+        const bool ignore = spec.has_ignore;
+        const int64_t ig = spec.ignore_index;
+        int64_t nc = 0, nb = 0;
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t li = src[l * o.ts[1]];
+          const bool inrange = static_cast<uint64_t>(li) < static_cast<uint64_t>(C);
+          const bool counts = !(ignore & (li == ig));
+          const A cls = static_cast<A>(inrange ? li : 0);
+          k.m[l] = counts ? A(1) : A(0);
+          lab[l] = (counts & inrange) ? cls : A(-1);
+          k.pick[l] = cls;
+          nc += counts;
+          nb += counts & !inrange;
+        }
+        cnt += static_cast<double>(nc);
+        bad += static_cast<double>(nb);
+        for (int64_t c = 0; c < C; ++c) {
+          A* g = k.row(k.gm, c);
+          const A cls = static_cast<A>(c);
+          FASTMED_LANES { g[l] = lab[l] == cls ? A(1) : A(0); }
+        }
+        return;
+      }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l >= n) {
+        lab[l] = A(-1);
+        k.pick[l] = A(-1);
+        k.m[l] = A(0);
+        continue;
+      }
+      const T raw = o.tp[b * o.ts[0] + (s0 + l) * o.ts[1]];
+      bool integral = true;
+      int64_t li;
+      if constexpr (std::is_floating_point<T>::value) {
+        const double r = static_cast<double>(raw);  // exact for float32 and float64 labels
+        integral = r == __builtin_floor(r) && __builtin_fabs(r) < 2147483648.0;
+        li = integral ? static_cast<int64_t>(r) : 0;
+      } else {
+        li = static_cast<int64_t>(raw);
+      }
+      const bool inrange = integral && li >= 0 && li < C;
+      const bool counts = !(spec.has_ignore && integral && li == spec.ignore_index);
+      k.m[l] = counts ? A(1) : A(0);
+      lab[l] = (counts && inrange) ? static_cast<A>(li) : A(-1);
+      k.pick[l] = inrange ? static_cast<A>(li) : A(0);
+      cnt += counts ? 1.0 : 0.0;
+      bad += (counts && !inrange) ? 1.0 : 0.0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const A cls = static_cast<A>(c);
+      for (int64_t l = 0; l < kLanes; ++l) g[l] = lab[l] == cls ? A(1) : A(0);
+    }
+  } else {
+    k.masked = o.mp != nullptr;
+    k.label = false;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      k.m[l] = l < n ? (o.mp ? o.mp[b * o.ms[0] + (s0 + l) * o.ms[1]] : A(1)) : A(0);
+      cnt += static_cast<double>(k.m[l]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const T* src = o.tp + b * o.ts[0] + (o.Ct == 1 ? 0 : c) * o.ts[1] + s0 * o.ts[2];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const A v = l < n ? static_cast<A>(src[l * o.ts[2]]) : A(0);
+        g[l] = k.masked ? v * k.m[l] : v;
       }
     }
   }
