@@ -2,25 +2,32 @@
 //
 // Forward: logits (B, C, S) (any strides; float16/bfloat16/float32/float64) and targets (labels (B, S) as int64,
 // float32 or float64, or dense (B, Ct, S) in the accumulation dtype, with an optional (B, S) ignore mask) give the
-// per-(sample, class) statistics (B, NUM_SLOTS, C) of fastmed/reference/loss_spec.py.  Per voxel the activation
-// (softmax over the classes or sigmoid) is computed in a C-value scratch row, the one-hot target by comparing the
-// label with the class index; the per-voxel values are computed in the accumulation dtype (float32, float64 for
-// float64 logits) and summed in float64 (sequential sums over a chunk stay accurate to ~1e-13).  The voxels of each sample are cut into fixed chunks of kChunk voxels; at::parallel_for deals
-// the (sample, chunk) tasks to threads, each task writes its own partial sums, and the partials are added in chunk
-// order afterwards: the result does not depend on the number of threads (bit-identical at 1 and 2 threads).
+// per-(sample, class) statistics (B, NUM_SLOTS, C) of fastmed/reference/loss_spec.py, computed in the accumulation
+// dtype A (float32; float64 for float64 logits).  The voxels of each sample are cut into fixed chunks of kChunk
+// voxels; at::parallel_for deals the (sample, chunk) tasks to threads, each task writes its own partial sums, and the
+// partials are added in chunk order afterwards (in float64): the result does not depend on the number of threads
+// (bit-identical at 1 and 2 threads).
+//
+// Every mode but BCE and the softmax focal term runs in blocks of kLanes voxels (losses_cpu_kernels.h): a block's
+// logits and one-hot targets (by comparing the label with the class index) are loaded as (class, lane) rows, the
+// activation is computed across the classes per lane, and each term adds to per-lane sums in A; at the end of a
+// chunk the lanes are added in a fixed order in float64.  The label check (slot BAD) runs in the same pass.  BCE and
+// the softmax focal term run the scalar per-voxel loop below (sums in float64).
 //
 // Backward: d logits from gstats = d loss / d stats (B, NUM_SLOTS, C) in one pass, the closed forms of
-// fastmed.reference.losses.loss_stats_backward, voxel by voxel (no reduction: deterministic by construction).
+// fastmed.reference.losses.loss_stats_backward, block by block (or voxel by voxel; no reduction: deterministic by
+// construction).
 //
 // Semantics (the reference is the oracle): a zero weight times an infinite value is 0 (weigh), labels are checked in
 // their own precision (float labels must be integers below 2^31 in magnitude), voxels whose label is neither a class
-// nor ignore_index count in slot BAD.
+// nor ignore_index count in slot BAD; NaN logits give NaN.
 #include <torch/extension.h>
 
 #include <ATen/Parallel.h>
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <limits>
 #include <string>
 #include <type_traits>
@@ -88,6 +95,116 @@ Spec make_spec(const std::string& act, const std::string& pow_mode, const std::s
   s.ignore_index = ignore_index;
   return s;
 }
+
+// ---------------------------------------------------------------------------------------------- blocks of voxels
+constexpr int64_t kLanes = 16;  // voxels per block (a multiple of every vector width); kChunk is a multiple of it
+static_assert(kChunk % kLanes == 0, "a chunk is a whole number of blocks");
+
+// The operands of kLanes voxels of one sample, (class, lane) rows (see losses_cpu_kernels.h).
+template <typename A>
+struct Block {
+  int64_t C = 0;
+  bool masked = false;  // a mask exists (label ignore or dense mask): products with m use weigh
+  bool label = false;   // gm is the one-hot of a label (0 or 1 exactly)
+  A* z = nullptr;       // logits
+  A* gm = nullptr;      // target times the mask (labels: 1 where the label is the class and the voxel counts)
+  A* p = nullptr;       // activation (softmax / sigmoid / identity)
+  A* q = nullptr;       // scratch (at least 2 rows)
+  A* w = nullptr;       // scratch (at least 2 rows)
+  A* dz = nullptr;      // d logits (backward)
+  A m[kLanes];          // 1 where the voxel counts (mask or ignore), 0 elsewhere
+  A valid[kLanes];      // 1 for a voxel of the tensor, 0 for the padding of the tail block
+  A pick[kLanes];       // labels: the class whose NLL a voxel enters (its label, 0 when none; -1: padding)
+  A mx[kLanes];         // max over the classes (NaN if any is NaN)
+  A lse[kLanes];        // log of the sum of exp(z - mx)
+  A sum[kLanes];        // scratch
+  A* row(A* base, int64_t c) const { return base + c * kLanes; }
+};
+
+// The storage of one Block (one per thread).
+template <typename A>
+struct BlockStorage {
+  std::vector<A> data;
+  Block<A> k;
+  explicit BlockStorage(int64_t C) {
+    const int64_t rows = std::max<int64_t>(C, 2);
+    data.assign(static_cast<size_t>((4 * C + 2 * rows) * kLanes), A(0));
+    k.C = C;
+    A* base = data.data();
+    k.z = base;
+    k.gm = base + C * kLanes;
+    k.p = base + 2 * C * kLanes;
+    k.dz = base + 3 * C * kLanes;
+    k.q = base + 4 * C * kLanes;
+    k.w = k.q + rows * kLanes;
+  }
+};
+
+// Raw pointers and strides of the (B, C, S) logits, the targets and the (B, S) mask.
+template <typename Z, typename T, typename A>
+struct Operands {
+  const Z* zp;
+  const T* tp;
+  const A* mp;
+  int64_t zs[3], ts[3], ms[2];
+  int64_t C, Ct, S;
+};
+
+template <typename Z, typename T, typename A>
+Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec) {
+  Operands<Z, T, A> o;
+  o.zp = z.data_ptr<Z>();
+  o.tp = t.data_ptr<T>();
+  o.mp = mask ? mask->data_ptr<A>() : nullptr;
+  o.zs[0] = z.stride(0);
+  o.zs[1] = z.stride(1);
+  o.zs[2] = z.stride(2);
+  o.ts[0] = t.stride(0);
+  o.ts[1] = t.stride(1);
+  o.ts[2] = spec.label_mode ? 0 : t.stride(2);
+  o.ms[0] = mask ? mask->stride(0) : 0;
+  o.ms[1] = mask ? mask->stride(1) : 0;
+  o.C = z.size(1);
+  o.Ct = spec.label_mode ? 1 : t.size(1);
+  o.S = z.size(2);
+  return o;
+}
+
+namespace generic {
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#include "losses_cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace generic
+
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define FASTMED_LOSSES_AVX2 1
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("no-trapping-math")
+#include "losses_cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+
+bool use_avx2() {
+#ifdef FASTMED_LOSSES_AVX2
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+#else
+  return false;
+#endif
+}
+
+#ifdef FASTMED_LOSSES_AVX2
+#define FASTMED_KERNEL(...) (use_avx2() ? &avx2::__VA_ARGS__ : &generic::__VA_ARGS__)
+#else
+#define FASTMED_KERNEL(...) (&generic::__VA_ARGS__)
+#endif
+
+// The block kernels cover every mode but BCE and the softmax focal term (the scalar voxel loop below runs those).
+bool blocked(const Spec& spec) { return spec.ce != Ce::kBce && spec.focal != FocalMode::kSoftmax; }
 
 // ---------------------------------------------------------------------------------------------- scalar helpers
 template <typename A>
@@ -312,22 +429,49 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   const A* mp = mask ? mask->data_ptr<A>() : nullptr;
   std::vector<double> partial(static_cast<size_t>(B * chunks * kNumSlots * C), 0.0);
   std::vector<double> counts(static_cast<size_t>(B * chunks), 0.0);
-  at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
-    Voxel<A> v(C);
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t b = task / chunks, k = task % chunks;
-      double* acc = partial.data() + task * kNumSlots * C;
-      double cnt = 0, bad = 0;
-      for (int64_t s = k * kChunk; s < std::min(S, (k + 1) * kChunk); ++s) {
-        load_voxel(v, zp, zs, tp, ts, mp, ms, b, s, C, Ct, spec);
-        accumulate(v, spec, C, acc);
-        cnt += v.m;
-        bad += v.bad;
+  if (blocked(spec)) {
+    const auto o = operands<Z, T, A>(z, t, mask, spec);
+    const auto forward = FASTMED_KERNEL(forward_block<A>);
+    const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockStorage<A> storage(C);
+      std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        std::fill(lanes.begin(), lanes.end(), A(0));
+        double cnt = 0, bad = 0;
+        for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
+          load(o, spec, b, s0, std::min(kLanes, S - s0), storage.k, cnt, bad);
+          forward(storage.k, spec, lanes.data());
+        }
+        double* acc = partial.data() + task * kNumSlots * C;
+        for (int64_t j = 0; j < kBad * C; ++j) {  // the lanes in a fixed order
+          double sum = 0;
+          for (int64_t l = 0; l < kLanes; ++l) sum += static_cast<double>(lanes[j * kLanes + l]);
+          acc[j] = sum;
+        }
+        counts[task] = cnt;
+        acc[kBad * C] = bad;
       }
-      counts[task] = cnt;
-      acc[kBad * C] = bad;
-    }
-  });
+    });
+  } else {
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      Voxel<A> v(C);
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        double* acc = partial.data() + task * kNumSlots * C;
+        double cnt = 0, bad = 0;
+        for (int64_t s = k * kChunk; s < std::min(S, (k + 1) * kChunk); ++s) {
+          load_voxel(v, zp, zs, tp, ts, mp, ms, b, s, C, Ct, spec);
+          accumulate(v, spec, C, acc);
+          cnt += v.m;
+          bad += v.bad;
+        }
+        counts[task] = cnt;
+        acc[kBad * C] = bad;
+      }
+    });
+  }
   A* o = out.data_ptr<A>();
   std::vector<double> sums(static_cast<size_t>(kNumSlots * C));
   for (int64_t b = 0; b < B; ++b) {
@@ -449,6 +593,34 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   const A* gp = gstats.data_ptr<A>();
   Z* dp = dz.data_ptr<Z>();
   const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
+  if (blocked(spec)) {
+    const auto o = operands<Z, T, A>(z, t, mask, spec);
+    const auto backward = FASTMED_KERNEL(backward_block<A>);
+    const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
+    at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+      BlockStorage<A> storage(C);
+      Block<A>& blk = storage.k;
+      double cnt = 0, bad = 0;  // not needed here
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t b = task / chunks, k = task % chunks;
+        for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
+          const int64_t n = std::min(kLanes, S - s0);
+          load(o, spec, b, s0, n, blk, cnt, bad);
+          backward(blk, spec, gp + b * kNumSlots * C);
+          for (int64_t c = 0; c < C; ++c) {
+            const A* d = blk.row(blk.dz, c);
+            Z* dst = dp + b * ds[0] + c * ds[1] + s0 * ds[2];
+            if (ds[2] == 1 && n == kLanes) {
+              for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<Z>(d[l]);
+            } else {
+              for (int64_t l = 0; l < n; ++l) dst[l * ds[2]] = static_cast<Z>(d[l]);
+            }
+          }
+        }
+      }
+    });
+    return;
+  }
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     Voxel<A> v(C);
     std::vector<A> d(C);

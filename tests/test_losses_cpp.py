@@ -112,3 +112,102 @@ def test_bit_identical_at_1_and_2_threads():
 
 def test_auto_picks_cpp_for_cpu_tensors():
     assert _backend.choose("losses", torch.device("cpu")) == "cpp"
+
+
+# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec but BCE and the softmax focal term): blocks of 16
+# voxels with a padded tail, chunks of 2048 voxels, strided and converted loads, the polynomial exp / log.
+BLOCK_SPECS = [StatsSpec("softmax", "linear", "softmax", label_mode=True),
+               StatsSpec("softmax", "linear", "softmax", label_mode=True, has_ignore=True, ignore_index=1),
+               StatsSpec("softmax", "square", "softmax_smooth", "sigmoid", 0, 2.0, "linear", True, True, 0),
+               StatsSpec("sigmoid", "abs", "off", "sigmoid", 0, 2.0, "hard", True),
+               StatsSpec("none", "linear", "softmax", "sigmoid", 0, 0.0, "off", False),
+               StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False)]
+
+
+def _block_case(spec, shape, dtype, seed, scale=2.0, dense_mask=False):
+    gen = torch.Generator().manual_seed(seed)
+    B, C = shape[:2]
+    x = (torch.randn(shape, generator=gen, dtype=torch.float64) * scale).to(dtype)
+    if spec.label_mode:
+        t = torch.randint(0, C, (B, 1) + shape[2:], generator=gen)
+        mask = None
+    else:
+        t = torch.rand(shape, generator=gen, dtype=torch.float64)
+        mask = (torch.rand((B, 1) + shape[2:], generator=gen) > 0.3).double() if dense_mask else None
+    return x, t, mask
+
+
+def _check_block(spec, x, t, mask, dtype):
+    got, want = L._cpp_stats(x, t, mask, spec), L._reference_stats(x, t, mask, spec)
+    tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
+    torch.testing.assert_close(got, want, equal_nan=True, **tol)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=want.dtype)
+    dgot = L._cpp_stats_backward(g, x, t, mask, spec)
+    dwant = ref.loss_stats_backward(g, x, t, mask, spec)
+    assert dgot.dtype == x.dtype and dgot.stride() == torch.empty_like(x).stride()
+    torch.testing.assert_close(dgot.double(), dwant.double(), equal_nan=True, **TOL[dtype])
+
+
+@pytest.mark.parametrize("spatial", [(1,), (15,), (16,), (17,), (3, 11), (2049,), (2, 2048 + 33)])
+@pytest.mark.parametrize("spec", range(len(BLOCK_SPECS)))
+def test_blocks_tails_and_chunks(spatial, spec):
+    """Voxel counts that are not a multiple of the block (16) or of the chunk (2048), and a single voxel."""
+    spec = BLOCK_SPECS[spec]
+    dtype = torch.float32 if len(spatial) == 1 else torch.float64
+    x, t, mask = _block_case(spec, (2, 3) + spatial, dtype, sum(spatial), dense_mask=True)
+    _check_block(spec, x, t, mask, dtype)
+
+
+@pytest.mark.parametrize("spec", range(len(BLOCK_SPECS)))
+def test_blocks_many_classes_and_one(spec):
+    spec = BLOCK_SPECS[spec]
+    for C in (1, 2, 37):
+        if C == 1 and spec.label_mode:
+            continue
+        x, t, mask = _block_case(spec, (2, C, 5, 7), torch.float32, C)
+        _check_block(spec, x, t, mask, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_blocks_strided_and_extreme(dtype):
+    """Non-contiguous logits (a strided slice), large logits (exp over- and underflow, softplus's threshold),
+    NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits."""
+    spec = BLOCK_SPECS[2]
+    big = torch.randn(2, 4, 9, 2 * 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 60
+    x = big.to(dtype)[:, :, :, ::2]
+    assert not x.is_contiguous()
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 0, 4, 5] = float("inf")
+    x[1, 2, 6, 7] = float("-inf")
+    t = torch.randint(0, 4, (2, 1, 9, 23), generator=torch.Generator().manual_seed(1))
+    _check_block(spec, x, t, None, dtype)
+    s = L._cpp_stats(x, t, None, spec)
+    assert s[0, :8].isnan().any()  # NaN in, NaN out (the values are checked against the reference above)
+
+
+def test_blocks_bad_labels_counted():
+    spec = BLOCK_SPECS[1]  # ignore_index=1
+    x = torch.randn(1, 3, 37)
+    t = torch.randint(0, 2, (1, 1, 37)) * 2  # classes 0 and 2
+    t[0, 0, [0, 16, 36]] = torch.tensor([3, -1, 1])  # two bad labels (one in the tail block), one ignored
+    got = L._cpp_stats(x, t, None, spec)
+    torch.testing.assert_close(got, L._reference_stats(x, t, None, spec))
+    assert got[0, SLOTS.index("bad"), 0].item() == 2
+    assert got[0, SLOTS.index("count"), 0].item() == 36
+
+
+@pytest.mark.parametrize("spec", [0, 3, 5])
+def test_blocks_bit_identical_at_1_and_2_threads(spec):
+    spec = BLOCK_SPECS[spec]
+    x, t, mask = _block_case(spec, (3, 4, 2048 * 2 + 100), torch.float32, 9, dense_mask=True)
+    g = torch.randn(3, len(SLOTS), 4, generator=torch.Generator().manual_seed(2))
+    threads = torch.get_num_threads()
+    try:
+        results = []
+        for n in (1, 2, 1):
+            torch.set_num_threads(n)
+            results.append((L._cpp_stats(x, t, mask, spec), L._cpp_stats_backward(g, x, t, mask, spec)))
+    finally:
+        torch.set_num_threads(threads)
+    for s, d in results[1:]:
+        assert torch.equal(s, results[0][0]) and torch.equal(d, results[0][1])

@@ -63,7 +63,6 @@ from typing import NamedTuple, Optional, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.library import triton_op
 
 from fastmed import _backend, _ext
 from fastmed._tensors import accumulation_dtype
@@ -157,7 +156,7 @@ _FINALIZE = _backend.Implementations("losses", "fastmed::loss_finalize",
 # The torch.library signatures are flat (what torch.library needs): the tensors, then the fields of a StatsSpec
 # (LossSpec) in its order, then the backend.  Python code passes the specs; _op_inputs / _split_inputs convert.
 
-@triton_op("fastmed::loss_stats", mutates_args=())
+@_direct.triton_op("fastmed::loss_stats", mutates_args=())
 def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: str, pow_mode: str, ce_mode: str,
                    focal_mode: str, focal_c0: int, gamma: float, focal_pos: str, label_mode: bool,
                    has_ignore: bool, ignore_index: int, backend: str) -> Tensor:
@@ -166,7 +165,7 @@ def _loss_stats_op(logits: Tensor, target: Tensor, mask: Optional[Tensor], act: 
     return _FORWARD[backend](logits, target, mask, spec)
 
 
-@triton_op("fastmed::loss_stats_bwd", mutates_args=())
+@_direct.triton_op("fastmed::loss_stats_bwd", mutates_args=())
 def _loss_stats_bwd_op(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], act: str,
                        pow_mode: str, ce_mode: str, focal_mode: str, focal_c0: int, gamma: float, focal_pos: str,
                        label_mode: bool, has_ignore: bool, ignore_index: int, backend: str) -> Tensor:
@@ -215,7 +214,7 @@ class _Weights(NamedTuple):
     focal: Optional[Tensor] = None
 
 
-@triton_op("fastmed::loss_finalize", mutates_args=())
+@_direct.triton_op("fastmed::loss_finalize", mutates_args=())
 def _loss_finalize_op(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
                       focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor], num_voxels: int, region: str,
                       region_c0: int, pow_mode: str, batch: bool, smooth_nr: float, smooth_dr: float,

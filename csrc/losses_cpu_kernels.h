@@ -1,0 +1,516 @@
+// The vectorized inner loops of csrc/losses_cpu.cpp: the statistics and d logits of one block of kLanes voxels.
+//
+// Included twice by losses_cpu.cpp, like norm_act_cpu_kernels.h: inside `namespace generic` (the build's default
+// target) and inside `namespace avx2` (compiled for AVX2 + FMA, chosen at run time when the CPU has them), both
+// under `#pragma GCC optimize("no-trapping-math")` so that the selects vectorize.  It includes nothing and uses
+// Spec, Block, Operands, the mode enums, the slot constants, kLanes and kSoftplusThreshold from the enclosing namespace.
+//
+// A block holds the operands of kLanes voxels of one sample as (class, lane) arrays: every loop below runs over the
+// lanes (the voxels) with the class fixed, so the compiler turns it into vector instructions; the activation is
+// computed across the classes per lane.  exp / log / log1p of float32 are the branch-free polynomials below (the
+// C library's are calls, which do not vectorize); float64 uses the C library's (scalar; accuracy first).
+// Lanes past the end of the voxels (the tail block) hold zeros and are dropped by `valid` before any sum.
+
+#define FASTMED_LANES _Pragma("omp simd") for (int64_t l = 0; l < kLanes; ++l)
+#define FASTMED_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------------------- float32 math
+FASTMED_INLINE float exp_f32(float x) {  // Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp
+  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);  // NaN passes through (selected below)
+  const float t = xc * 1.44269504088896341f + 12582912.0f;            // round(x / ln 2) in the low bits of t
+  const float n = t - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  const int32_t ni = __builtin_bit_cast(int32_t, t) - 0x4B400000;  // n as an integer, in [-150, 129]
+  const int32_t n1 = ni >> 1, n2 = ni - n1;                          // 2^n = 2^n1 * 2^n2, both normal floats
+  const float s1 = __builtin_bit_cast(float, (n1 + 127) << 23);
+  const float s2 = __builtin_bit_cast(float, (n2 + 127) << 23);
+  const float y = p * s1 * s2;
+  return x != x ? x : y;
+}
+
+FASTMED_INLINE float log_f32(float x) {  // x >= FLT_MIN or inf / NaN / 0 / negative: 2 atanh(f / (2 + f)); ~1 ulp
+  const int32_t bits = __builtin_bit_cast(int32_t, x);
+  const float m0 = __builtin_bit_cast(float, (bits & 0x007fffff) | 0x3f800000);  // mantissa in [1, 2)
+  const bool big = m0 > 1.41421356f;
+  const float m = big ? m0 * 0.5f : m0;
+  const float e = static_cast<float>(((bits >> 23) & 0xff) - 127 + (big ? 1 : 0));
+  const float f = m - 1.0f;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  float q = 1.0f / 9.0f;
+  q = q * z + 1.0f / 7.0f;
+  q = q * z + 1.0f / 5.0f;
+  q = q * z + 1.0f / 3.0f;
+  q = q * z + 1.0f;
+  const float y = e * 0.693359375f + (2.0f * s * q - e * 2.12194440e-4f);
+  const float inf = __builtin_inff();
+  return x != x ? x : (x == inf ? inf : (x == 0.0f ? -inf : (x < 0.0f ? __builtin_nanf("") : y)));
+}
+
+FASTMED_INLINE float log1p_f32(float x) {  // x >= 0: log(1 + x) / ((1 + x) - 1) * x keeps the low bits of small x
+  const float u = 1.0f + x;
+  const float d = u - 1.0f;
+  const float y = log_f32(u) * (x / (d == 0.0f ? 1.0f : d));
+  return d == 0.0f ? x : (u == __builtin_inff() ? u : y);
+}
+
+FASTMED_INLINE float vexp(float x) { return exp_f32(x); }
+FASTMED_INLINE float vlog(float x) { return log_f32(x); }
+FASTMED_INLINE float vlog1p(float x) { return log1p_f32(x); }
+FASTMED_INLINE float vabs(float x) { return __builtin_fabsf(x); }  // std::fabs is not inlined here (it
+FASTMED_INLINE double vabs(double x) { return __builtin_fabs(x); }  // has other optimize options): no vectors
+inline double vexp(double x) { return std::exp(x); }
+inline double vlog(double x) { return std::log(x); }
+inline double vlog1p(double x) { return std::log1p(x); }
+
+template <typename A>
+FASTMED_INLINE A vsoftplus(A z) {  // the reference's softplus (z above the threshold: z)
+  return z > A(kSoftplusThreshold) ? z : vlog1p(vexp(z > A(kSoftplusThreshold) ? A(kSoftplusThreshold) : z));  // NaN stays
+}
+
+template <typename A>
+FASTMED_INLINE A vweigh(A w, A v) {  // w * v, a zero weight times an infinite v is 0; NaN stays NaN
+  constexpr A inf = std::numeric_limits<A>::infinity();
+  return w * ((w == A(0) && (v == inf || v == -inf)) ? A(0) : v);
+}
+
+template <typename A>
+FASTMED_INLINE A vsign(A x) {
+  return x > A(0) ? A(1) : (x < A(0) ? A(-1) : A(0));
+}
+
+
+// ---------------------------------------------------------------------------------------------- one block
+// _counted of the reference on one lane.  m is 1 on every voxel of the tensor when nothing is masked (and 0 in the
+// padding, whose values are dropped), so the masked forms serve both: 1 * x and weigh(1, x) are x (NaN and inf too).
+// `finite`: x has no infinity (a probability, a target), a plain product does.
+template <typename A>
+FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
+
+// mx, lse and the exponentials exp(z - mx) in p (the softmax's numerators); normalizes p when `normalize`.
+template <typename A>
+void softmax_block(Block<A>& k, bool normalize) {
+  constexpr A inf = std::numeric_limits<A>::infinity();
+  A* __restrict mx = k.mx;
+  A* __restrict sum = k.sum;
+  A* __restrict lse = k.lse;
+  FASTMED_LANES {
+    mx[l] = -inf;
+    sum[l] = 0;
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    FASTMED_LANES { mx[l] = (z[l] > mx[l] || z[l] != z[l]) ? z[l] : mx[l]; }  // torch's max: NaN wins
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict p = k.row(k.p, c);
+    FASTMED_LANES {
+      const A e = vexp(z[l] - mx[l]);
+      p[l] = e;
+      sum[l] += e;
+    }
+  }
+  FASTMED_LANES { lse[l] = vlog(sum[l]); }
+  if (normalize) {
+    FASTMED_LANES { sum[l] = A(1) / sum[l]; }
+    for (int64_t c = 0; c < k.C; ++c) {
+      A* __restrict p = k.row(k.p, c);
+      FASTMED_LANES { p[l] *= sum[l]; }
+    }
+  }
+}
+
+template <typename A>
+void activate_block(Block<A>& k, Act act) {
+  if (act == Act::kSoftmax) {
+    softmax_block(k, true);
+    return;
+  }
+  for (int64_t c = 0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict p = k.row(k.p, c);
+    if (act == Act::kSigmoid) {
+      FASTMED_LANES { p[l] = A(1) / (A(1) + vexp(-z[l])); }
+    } else {
+      FASTMED_LANES { p[l] = z[l]; }
+    }
+  }
+}
+
+// reference.sigmoid_focal_terms at one class: bce, mod, s, sz (rows of kLanes); kHard: label targets.
+template <bool kHard, typename A>
+FASTMED_INLINE void sigmoid_focal_row(const A* __restrict z, const A* __restrict g, const A* __restrict m, A gamma,
+                                      A* __restrict bce, A* __restrict mod, A* __restrict s, A* __restrict sz) {
+  const bool powered = gamma != A(0);
+  FASTMED_LANES {
+    const A zz = counted(z[l], m[l]);
+    const A sl = g[l] * A(2) - A(1);
+    A szl, b;
+    A sp;  // softplus(sz)
+    if constexpr (kHard) {
+      // s = +-1: softplus(-sz) and softplus(sz) share e = exp(-|sz|) (the reference's threshold form gives the
+      // same values: above it the log term is below the last bit)
+      szl = sl * zz;
+      const A e = vexp(-vabs(szl));
+      const A lg = vlog1p(e);
+      sp = (szl > A(0) ? szl : A(0)) + lg;
+      b = (szl < A(0) ? -szl : A(0)) + lg;
+    } else {
+      szl = vweigh(sl, zz);
+      b = vweigh(A(1) - g[l], vsoftplus(zz)) + vweigh(g[l], vsoftplus(-zz));
+      sp = vsoftplus(szl);
+    }
+    const A e = vexp(-gamma * sp);
+    s[l] = sl;
+    sz[l] = szl;
+    bce[l] = b;
+    mod[l] = powered ? e : A(1);
+  }
+}
+
+// Adds the block's terms to the lane sums acc ((NUM_SLOTS, C) rows of kLanes).
+template <typename A>
+void forward_block(Block<A>& k, const Spec& spec, A* acc) {
+  const int64_t C = k.C;
+  const A* __restrict m = k.m;
+  const A* __restrict valid = k.valid;
+  auto slot = [&](int64_t s, int64_t c) { return acc + (s * C + c) * kLanes; };
+  if (spec.pow != Pow::kOff) {
+    activate_block(k, spec.act);
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict si = slot(kIntersect, c);
+      A* __restrict sp = slot(kPred, c);
+      A* __restrict sg = slot(kGround, c);
+      A* __restrict sd = slot(kDiff, c);
+      if (spec.pow == Pow::kLinear) {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const bool v = valid[l] != A(0);
+          const A in = vweigh(g[l], pm);
+          si[l] += v ? in : A(0);
+          sp[l] += v ? pm : A(0);
+          sg[l] += g[l];  // 0 in the padding
+        }
+      } else if (spec.pow == Pow::kSquare) {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const bool v = valid[l] != A(0);
+          const A in = vweigh(g[l], pm);
+          si[l] += v ? in : A(0);
+          sp[l] += v ? pm * pm : A(0);
+          sg[l] += g[l] * g[l];
+        }
+      } else {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const bool v = valid[l] != A(0);
+          const A in = vweigh(g[l], pm);
+          const A ap = vabs(pm), ad = vabs(pm - g[l]);
+          si[l] += v ? in : A(0);
+          sp[l] += v ? ap : A(0);
+          sg[l] += vabs(g[l]);
+          sd[l] += v ? ad : A(0);
+        }
+      }
+    }
+  }
+  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false);  // else: mx, lse known
+    const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
+    const bool label = k.label;
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    const A* __restrict pick = k.pick;
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict sn = slot(kNll, c);
+      A* __restrict sl = slot(kLogsum, c);
+      const A cls = static_cast<A>(c);
+      // labels: only the class of the voxel's label adds, weighed by whether it counts (as in the reference: a
+      // NaN or -inf of another class's log q stays out)
+      FASTMED_LANES {
+        const A lq = z[l] - mx[l] - lse[l];
+        const bool take = (valid[l] != A(0)) & (!label | (pick[l] == cls));
+        const A w = vweigh(g[l], lq);
+        sn[l] -= take ? w : A(0);
+      }
+      if (smooth) {
+        FASTMED_LANES {
+          const A lq = z[l] - mx[l] - lse[l];
+          const A w = counted(lq, m[l]);
+          sl[l] -= valid[l] != A(0) ? w : A(0);
+        }
+      }
+    }
+  }
+  if (spec.focal == FocalMode::kSigmoid) {
+    const A gamma = A(spec.gamma);
+    A* bce = k.q;
+    A* mod = k.q + kLanes;
+    A* s = k.w;
+    A* sz = k.w + kLanes;
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      if (spec.label_mode) {
+        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
+      } else {
+        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
+      }
+      A* __restrict sf = slot(kFocal, c);
+      A* __restrict sfp = slot(kFocalPos, c);
+      const A* __restrict bc = bce;
+      const A* __restrict md = mod;
+      const bool hard = spec.label_mode;
+      FASTMED_LANES {
+        const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+        sf[l] += valid[l] != A(0) ? loss : A(0);
+      }
+      if (spec.focal_pos == FocalPos::kLinear) {
+        FASTMED_LANES {
+          const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+          const A w = vweigh(g[l], loss);
+          sfp[l] += valid[l] != A(0) ? w : A(0);
+        }
+      } else if (spec.focal_pos == FocalPos::kHard) {
+        FASTMED_LANES {
+          const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
+          const A w = vweigh(g[l] == A(1) ? A(1) : A(0), loss);
+          sfp[l] += valid[l] != A(0) ? w : A(0);
+        }
+      }
+    }
+  }
+}
+
+// d logits of the block into k.dz; gs: (NUM_SLOTS, C) = d loss / d stats of the sample.
+template <typename A>
+void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
+  const int64_t C = k.C;
+  const A* __restrict m = k.m;
+  A* __restrict sum = k.sum;
+  auto coef = [&](int64_t s, int64_t c) { return gs[s * C + c]; };
+  for (int64_t c = 0; c < C; ++c) {
+    A* __restrict d = k.row(k.dz, c);
+    FASTMED_LANES { d[l] = A(0); }
+  }
+  if (spec.pow != Pow::kOff) {
+    activate_block(k, spec.act);
+    FASTMED_LANES { sum[l] = A(0); }  // sum_c p u
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict u = k.row(k.w, c);
+      const A ci = coef(kIntersect, c), cp = coef(kPred, c), cd = coef(kDiff, c);
+      if (spec.pow == Pow::kLinear) {
+        FASTMED_LANES {
+          const A v = (ci * g[l] + cp) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
+        }
+      } else if (spec.pow == Pow::kSquare) {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const A v = (ci * g[l] + cp * A(2) * pm) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
+        }
+      } else {
+        FASTMED_LANES {
+          const A pm = counted(p[l], m[l]);
+          const A v = (ci * g[l] + cp * vsign(pm) + cd * vsign(pm - g[l])) * m[l];
+          u[l] = v;
+          sum[l] += p[l] * v;
+        }
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict u = k.row(k.w, c);
+      A* __restrict d = k.row(k.dz, c);
+      if (spec.act == Act::kSoftmax) {
+        FASTMED_LANES { d[l] += p[l] * (u[l] - sum[l]); }
+      } else if (spec.act == Act::kSigmoid) {
+        FASTMED_LANES { d[l] += u[l] * p[l] * (A(1) - p[l]); }
+      } else {
+        FASTMED_LANES { d[l] += u[l]; }
+      }
+    }
+  }
+  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true);  // else: p is the softmax
+    const A smooth = spec.ce == Ce::kSoftmaxSmooth ? A(1) : A(0);
+    FASTMED_LANES { sum[l] = A(0); }  // sum_c w
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict w = k.row(k.w, c);
+      const A cn = coef(kNll, c), cl = coef(kLogsum, c) * smooth;
+      FASTMED_LANES {
+        const A v = cn * g[l] + cl * m[l];
+        w[l] = v;
+        sum[l] += v;
+      }
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict p = k.row(k.p, c);
+      const A* __restrict w = k.row(k.w, c);
+      A* __restrict d = k.row(k.dz, c);
+      FASTMED_LANES { d[l] += p[l] * sum[l] - w[l]; }
+    }
+  }
+  if (spec.focal == FocalMode::kSigmoid) {
+    const A gamma = A(spec.gamma);
+    A* bce = k.q;
+    A* mod = k.q + kLanes;
+    A* s = k.w;
+    A* sz = k.w + kLanes;
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      if (spec.label_mode) {
+        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
+      } else {
+        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
+      }
+      A* __restrict d = k.row(k.dz, c);
+      const A* __restrict bc = bce;
+      const A* __restrict md = mod;
+      const A* __restrict sv = s;
+      const A* __restrict szv = sz;
+      const A cf = coef(kFocal, c), cfp = coef(kFocalPos, c);
+      const A lin = spec.focal_pos == FocalPos::kLinear ? A(1) : A(0);
+      const A hard = spec.focal_pos == FocalPos::kHard ? A(1) : A(0);
+      if (spec.label_mode) {  // s = +-1, zz = s sz: both sigmoids from e = exp(-|sz|)
+        FASTMED_LANES {
+          const A e = vexp(-vabs(szv[l]));
+          const A r = A(1) / (A(1) + e);
+          const bool up = szv[l] >= A(0);
+          const A sig_sz = up ? r : e * r;
+          const A sig_msz = up ? e * r : r;  // sigmoid(-sz)
+          const A sig_zz = sv[l] > A(0) ? sig_sz : sig_msz;
+          const A dl = (sig_zz - g[l]) * md[l] - vweigh(gamma * md[l] * sig_sz * sv[l], bc[l]);
+          const A cc = cf + cfp * (lin * g[l] + hard * (g[l] == A(1) ? A(1) : A(0)));
+          d[l] += cc * dl * m[l] * m[l];
+        }
+      } else {
+        FASTMED_LANES {
+          const A zz = counted(z[l], m[l]);
+          const A sig_zz = A(1) / (A(1) + vexp(-zz));
+          const A sig_sz = A(1) / (A(1) + vexp(-szv[l]));
+          const A dl = (sig_zz - g[l]) * md[l] - vweigh(gamma * md[l] * sig_sz * sv[l], bc[l]);
+          const A cc = cf + cfp * (lin * g[l] + hard * (g[l] == A(1) ? A(1) : A(0)));
+          d[l] += cc * dl * m[l] * m[l];
+        }
+      }
+    }
+  }
+}
+
+// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
+// and their bad labels to bad.  The label check is the one of load_voxel.
+template <typename Z, typename T, typename A>
+void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
+                double& cnt, double& bad) {
+  const int64_t C = o.C;
+  for (int64_t c = 0; c < C; ++c) {
+    A* z = k.row(k.z, c);
+    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
+    if (o.zs[2] == 1 && n == kLanes) {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
+    } else {
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
+    }
+  }
+  for (int64_t l = 0; l < kLanes; ++l) k.valid[l] = l < n ? A(1) : A(0);
+  if (spec.label_mode) {
+    A lab[kLanes];  // the class of a voxel that counts and holds one, else -1
+    k.masked = spec.has_ignore;
+    k.label = true;
+    if constexpr (std::is_same<T, int64_t>::value) {
+      if (n == kLanes) {  // a full block of int64 labels: no branch per voxel
+        const int64_t* src = o.tp + b * o.ts[0] + s0 * o.ts[1];
+        const bool ignore = spec.has_ignore;
+        const int64_t ig = spec.ignore_index;
+        int64_t nc = 0, nb = 0;
+        for (int64_t l = 0; l < kLanes; ++l) {
+          const int64_t li = src[l * o.ts[1]];
+          const bool inrange = static_cast<uint64_t>(li) < static_cast<uint64_t>(C);
+          const bool counts = !(ignore & (li == ig));
+          const A cls = static_cast<A>(inrange ? li : 0);
+          k.m[l] = counts ? A(1) : A(0);
+          lab[l] = (counts & inrange) ? cls : A(-1);
+          k.pick[l] = cls;
+          nc += counts;
+          nb += counts & !inrange;
+        }
+        cnt += static_cast<double>(nc);
+        bad += static_cast<double>(nb);
+        for (int64_t c = 0; c < C; ++c) {
+          A* g = k.row(k.gm, c);
+          const A cls = static_cast<A>(c);
+          FASTMED_LANES { g[l] = lab[l] == cls ? A(1) : A(0); }
+        }
+        return;
+      }
+    }
+    for (int64_t l = 0; l < kLanes; ++l) {
+      if (l >= n) {
+        lab[l] = A(-1);
+        k.pick[l] = A(-1);
+        k.m[l] = A(0);
+        continue;
+      }
+      const T raw = o.tp[b * o.ts[0] + (s0 + l) * o.ts[1]];
+      bool integral = true;
+      int64_t li;
+      if constexpr (std::is_floating_point<T>::value) {
+        const double r = static_cast<double>(raw);  // exact for float32 and float64 labels
+        integral = r == __builtin_floor(r) && __builtin_fabs(r) < 2147483648.0;
+        li = integral ? static_cast<int64_t>(r) : 0;
+      } else {
+        li = static_cast<int64_t>(raw);
+      }
+      const bool inrange = integral && li >= 0 && li < C;
+      const bool counts = !(spec.has_ignore && integral && li == spec.ignore_index);
+      k.m[l] = counts ? A(1) : A(0);
+      lab[l] = (counts && inrange) ? static_cast<A>(li) : A(-1);
+      k.pick[l] = inrange ? static_cast<A>(li) : A(0);
+      cnt += counts ? 1.0 : 0.0;
+      bad += (counts && !inrange) ? 1.0 : 0.0;
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const A cls = static_cast<A>(c);
+      for (int64_t l = 0; l < kLanes; ++l) g[l] = lab[l] == cls ? A(1) : A(0);
+    }
+  } else {
+    k.masked = o.mp != nullptr;
+    k.label = false;
+    for (int64_t l = 0; l < kLanes; ++l) {
+      k.m[l] = l < n ? (o.mp ? o.mp[b * o.ms[0] + (s0 + l) * o.ms[1]] : A(1)) : A(0);
+      cnt += static_cast<double>(k.m[l]);
+    }
+    for (int64_t c = 0; c < C; ++c) {
+      A* g = k.row(k.gm, c);
+      const T* src = o.tp + b * o.ts[0] + (o.Ct == 1 ? 0 : c) * o.ts[1] + s0 * o.ts[2];
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const A v = l < n ? static_cast<A>(src[l * o.ts[2]]) : A(0);
+        g[l] = k.masked ? v * k.m[l] : v;
+      }
+    }
+  }
+}
+
+#undef FASTMED_LANES
+#undef FASTMED_INLINE
