@@ -60,10 +60,10 @@ def autograd_function(name: str, op, setup_context: Callable, backward: Callable
     """A ``torch.autograd.Function`` that runs the body of ``op`` with the op's ``setup_context`` and ``backward``
     (``ctx.direct`` is True for them).
 
-    ``native(*inputs)``, given, is tried first when a gradient is needed: the op's outputs computed with an autograd
-    node in compiled code (the same forward and backward bodies; a C++ node costs what a native torch op costs per
-    call, a Python ``autograd.Function`` tens of microseconds more), or None for the inputs it does not take, which
-    then run through the Python function."""
+    ``native(grad, *inputs)``, given, is tried first: the op's outputs computed by the same forward body in compiled
+    code, with an autograd node in compiled code when ``grad`` (a gradient is needed; a C++ node costs what a native
+    torch op costs per call, a Python ``autograd.Function`` tens of microseconds more), or None for the inputs it
+    does not take, which then run through the Python function (or the op's body, without a gradient)."""
     def forward(ctx, *inputs):
         outputs = body(op, inputs[-1])(*inputs)
         ctx.direct = True
@@ -96,7 +96,7 @@ def apply(function: type[torch.autograd.Function], inputs: tuple):
         return function.apply(*inputs)
     native = _NATIVE.get(function)
     if native is not None:
-        outputs = native(*inputs)
+        outputs = native(True, *inputs)
         if outputs is not None:
             return outputs
     return _BASE_APPLY[function](*[_unwrap_if_dead(t) if isinstance(t, torch.Tensor) else t for t in inputs])
@@ -104,11 +104,16 @@ def apply(function: type[torch.autograd.Function], inputs: tuple):
 
 def call(op, function: type[torch.autograd.Function], *inputs):
     """``op(*inputs)`` under torch.compile; else the direct ``function`` when a tensor input needs a gradient;
-    else the op's body alone."""
+    else the op's body alone (first the function's ``native`` implementation, either way, where it has one)."""
     if torch.compiler.is_compiling():
         return op(*inputs)
     if torch.is_grad_enabled():
         for t in inputs:
             if isinstance(t, torch.Tensor) and t.requires_grad:
                 return apply(function, inputs)
+    native = _NATIVE.get(function)
+    if native is not None:
+        outputs = native(False, *inputs)
+        if outputs is not None:
+            return outputs
     return body(op, inputs[-1])(*inputs)

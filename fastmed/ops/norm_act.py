@@ -239,18 +239,22 @@ def _backward(ctx, dy, _dmean, _drstd, _dsaved):
     return op_inputs(dx, grads, None, None, _NO_SPEC, None)
 
 
-def _native_forward(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+def _native_forward(grad, x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
                     negative_slope, backend):
     """The direct path's ``native`` implementation (see :func:`fastmed.ops._direct.autograd_function`): the cpp
-    backend's forward and backward with their autograd node in C++ (``norm_act_autograd_cpu``), for input
-    statistics and the activations the C++ pass applies itself; None for anything else (and for an extension
-    built without it)."""
+    backend's forward and backward with their autograd node in C++ (``norm_act_autograd_cpu``) when ``grad``,
+    else its forward alone, for input statistics and the activations the C++ pass applies itself; None for
+    anything else (and for an extension built without the node)."""
     if backend != "cpp" or mean_in is not None or activation in TORCH_ACTIVATIONS or _traced(x):
         return None
     native = _native_autograd()
     if native is None:
         return None
-    y, mean, rstd = native(x, weight, bias, residual, slope, kind, num_groups, eps, activation, negative_slope)
+    if grad:
+        y, mean, rstd = native(x, weight, bias, residual, slope, kind, num_groups, eps, activation, negative_slope)
+    else:  # what cpp_forward runs, without the layers in between
+        y, mean, rstd = _ext.load().norm_act_forward_cpu(x, weight, bias, residual, slope, None, None, kind,
+                                                         num_groups, eps, activation, negative_slope)
     return y, mean, rstd, None
 
 
