@@ -230,7 +230,7 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         Differentiable (twice) with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
     """
     key = None
-    if (not torch.compiler.is_compiling() and isinstance(x, Tensor) and (x.is_cpu or x.is_cuda)
+    if (not torch.compiler.is_compiling() and isinstance(x, Tensor) and x.device.type in ("cpu", "cuda")
             and not torch.is_autocast_enabled(x.device.type)):  # checks remembered per call signature
         key = (signature(x), signature(weight), signature(bias), signature(norm_weight), signature(norm_bias),
                _axes_key(stride), _axes_key(padding), _axes_key(dilation), norm, signature(num_groups),
