@@ -10,6 +10,11 @@ Backends: ``triton`` (CUDA), ``cpp`` (CPU tensors, ``csrc/norm_act_cpu.cpp``: on
 apply pass, forward and backward; gelu/silu run torch's activation kernels around its normalization) and
 ``reference``.
 
+Per call (what decides the speed on small tensors): the argument checks run once per call signature
+(:class:`fastmed._validate.CheckedCalls`), the backend choice is a dictionary lookup, and on the cpp backend the
+direct path runs the C++ kernels with their autograd node in C++ (``norm_act_autograd_cpu``; the smooth activations
+and eval-mode batch norm take the Python ``autograd.Function``).
+
 Backward: the backend's fused backward.  When the backward itself is differentiated (``create_graph=True``,
 e.g. a gradient penalty), the first-order gradient is computed instead by torch's autograd of the op's torch
 composition (:func:`fastmed.reference.norm_act.norm_act_reference`), so second-order gradients are exact on
