@@ -14,7 +14,8 @@ write dx, dw and the vector gradients).  The Triton kernels are compiled in the 
 (``fastmed.kernels.conv_block.warm_cache(device)`` runs first where that function exists).
 
     python bench/bench_conv_block.py                  # GPU, nnU-Net stage shapes
-    python bench/bench_conv_block.py --device cpu     # CPU case of issue 12: (1, 32, 40^3) vs torch modules
+    python bench/bench_conv_block.py --device cpu     # CPU cases of issue 12: (1, 32, 40^3) and the tiny
+                                                      # (1, 4, 8^3) -> 8 channels (per-call cost)
     python bench/bench_conv_block.py --quick          # tiny shapes (the device script's CPU rehearsal)
     python bench/bench_conv_block.py --write-choice   # also rewrite fastmed/ops/_conv_block_choice.py (GPU only)
     python bench/bench_conv_block.py --write-choice --from bench/results/device_check-....json
@@ -57,6 +58,7 @@ GPU_CASES = [
 ]
 CPU_CASES = [
     ("cpu-40^3", 1, 32, 32, (40, 40, 40), 1),
+    ("cpu-tiny-8^3", 1, 4, 8, (8, 8, 8), 1),  # the per-call cost: checks, backend choice, autograd wrapper
 ]
 QUICK_CASES = [
     ("quick-3d", 1, 4, 8, (10, 10, 10), 1),

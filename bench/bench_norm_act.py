@@ -4,7 +4,8 @@ fastmed.ops.norm_act vs the eager torch composition (F.instance_norm / F.group_n
 torch.compile of that composition, forward and forward+backward, interleaved in one run.
 
     python bench/bench_norm_act.py                 # GPU: nnU-Net stage shapes, bf16 and fp32, both layouts
-    python bench/bench_norm_act.py --device cpu    # CPU case of issue 12: IN + LeakyReLU (2, 32, 48^3), fp32
+    python bench/bench_norm_act.py --device cpu    # CPU cases of issue 12: IN + LeakyReLU (2, 32, 48^3), fp32, and
+                                                   # the per-call cost: IN and GN + LeakyReLU (1, 8, 4^3)
     python bench/bench_norm_act.py --quick         # tiny shapes (the device script's CPU rehearsal)
 
 Cases run most important first (the issue-11 target, instance norm fwd+bwd bf16 2x32x128^3 channels-first, leads),
@@ -28,6 +29,8 @@ import fastmed  # noqa: E402
 GPU_SHAPES = [(2, 32, 128, 128, 128), (2, 64, 64, 64, 64), (2, 128, 32, 32, 32), (2, 320, 8, 8, 8),
               (24, 64, 224, 224)]
 CPU_SHAPES = [(2, 32, 48, 48, 48)]
+# Tiny: what a call costs besides its arithmetic (checks, backend choice, autograd wrapper), instance and group norm.
+CPU_TINY_SHAPES = [(1, 8, 4, 4, 4)]
 QUICK_SHAPES = [(2, 8, 12, 12, 12), (2, 8, 16, 16)]
 FORMULAS = {"fwd": "2*x + params: read x, weight, bias; write y",
             "fwd+bwd": "4*x + 2*params: read x, dy, weight, bias; write y, dx, dweight, dbias"}
@@ -80,9 +83,12 @@ def main(argv=None) -> int:
     else:
         shapes = QUICK_SHAPES if args.quick else (GPU_SHAPES if on_gpu else CPU_SHAPES)
     kinds = args.kinds.split(",") if (on_gpu or args.quick or args.kinds != "instance,group") else ["instance"]
+    shape_kinds = [(shape, kinds) for shape in shapes]
+    if not (on_gpu or args.quick or args.shapes):
+        shape_kinds += [(shape, args.kinds.split(",")) for shape in CPU_TINY_SHAPES]
     backend = fastmed_backend("norm_act", dev)
-    for shape in shapes:
-        for dtype, kind, layout, mode in variants(shape, on_gpu, args.dtype, kinds, args.modes.split(","),
+    for shape, shape_kind_list in shape_kinds:
+        for dtype, kind, layout, mode in variants(shape, on_gpu, args.dtype, shape_kind_list, args.modes.split(","),
                                                   args.layouts.split(",")):
             x0 = torch.randn(shape, device=dev, dtype=dtype)
             if layout == "cl":

@@ -84,6 +84,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("residual"), pybind11::arg("slope"), pybind11::arg("mean"), pybind11::arg("rstd"),
         pybind11::arg("kind"), pybind11::arg("num_groups"), pybind11::arg("activation"),
         pybind11::arg("negative_slope"), pybind11::arg("input_stats"));
+  m.def("norm_act_autograd_cpu", &fastmed::norm_act_autograd_cpu,
+        "norm_act_forward_cpu with its autograd in C++ (backward: norm_act_backward_cpu): [y, mean, rstd].",
+        pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("residual"),
+        pybind11::arg("slope"), pybind11::arg("kind"), pybind11::arg("num_groups"), pybind11::arg("eps"),
+        pybind11::arg("activation"), pybind11::arg("negative_slope"));
+  m.def("set_norm_act_double_backward", &fastmed::set_norm_act_double_backward,
+        "The Python function norm_act_autograd_cpu's backward calls under create_graph=True: (dy, x, weight, bias, "
+        "residual, slope, kind, num_groups, eps, activation, negative_slope) -> (dx, dweight, dbias, dresidual, "
+        "dslope), None where absent.", pybind11::arg("fn"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

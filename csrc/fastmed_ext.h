@@ -58,6 +58,16 @@ std::vector<torch::Tensor> norm_act_backward_cpu(const torch::Tensor& dy, const 
                                                  const torch::Tensor& rstd, const std::string& kind,
                                                  int64_t num_groups, const std::string& activation,
                                                  double negative_slope, bool input_stats);
+// csrc/norm_act_cpu.cpp: norm_act_forward_cpu (statistics of x) as an autograd function whose backward is
+// norm_act_backward_cpu: {y, mean, rstd}, mean and rstd non-differentiable; a differentiated backward calls the Python
+// function set with set_norm_act_double_backward.
+std::vector<torch::Tensor> norm_act_autograd_cpu(const torch::Tensor& x, const c10::optional<torch::Tensor>& weight,
+                                                 const c10::optional<torch::Tensor>& bias,
+                                                 const c10::optional<torch::Tensor>& residual,
+                                                 const c10::optional<torch::Tensor>& slope, const std::string& kind,
+                                                 int64_t num_groups, double eps, const std::string& activation,
+                                                 double negative_slope);
+void set_norm_act_double_backward(pybind11::object fn);
 
 #ifdef FASTMED_WITH_CUDA
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)

@@ -550,4 +550,94 @@ std::vector<at::Tensor> norm_act_backward_cpu(const at::Tensor& dy_in, const at:
   return {dx.to(x_in.scalar_type()), dweight, dbias, has_res ? dres.to(residual->scalar_type()) : at::Tensor(), dslope};
 }
 
+
+// ---------------------------------------------------------------------------------------------------------------
+// The op with its autograd in C++: what fastmed's direct path runs for the cpp backend when a gradient is needed
+// (fastmed/ops/norm_act.py).  The forward and backward are the two functions above; the autograd node is C++, so a
+// call costs what a native torch op costs (a Python autograd.Function costs tens of microseconds a call, more than
+// the whole kernel on small tensors).  A differentiated backward (create_graph=True) calls the Python function
+// registered with set_norm_act_double_backward, which computes the first-order gradient with its graph.
+// ---------------------------------------------------------------------------------------------------------------
+namespace norm_act_cpu {
+namespace {
+
+// Leaked on purpose: a pybind11 object must not be destroyed after the interpreter is finalized.
+pybind11::object* double_backward_fn = nullptr;
+
+c10::optional<at::Tensor> maybe(const at::Tensor& t) {
+  return t.defined() ? c10::optional<at::Tensor>(t) : c10::nullopt;
+}
+
+struct NormActFunction : public torch::autograd::Function<NormActFunction> {
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
+                                                const c10::optional<at::Tensor>& weight,
+                                                const c10::optional<at::Tensor>& bias,
+                                                const c10::optional<at::Tensor>& residual,
+                                                const c10::optional<at::Tensor>& slope, const std::string& kind,
+                                                int64_t num_groups, double eps, const std::string& activation,
+                                                double negative_slope) {
+    std::vector<at::Tensor> out = norm_act_forward_cpu(x, weight, bias, residual, slope, c10::nullopt, c10::nullopt,
+                                                       kind, num_groups, eps, activation, negative_slope);
+    // y is not saved (the caller may modify it in place): the backward recomputes z from x and the statistics.
+    ctx->save_for_backward({x, weight.value_or(at::Tensor()), bias.value_or(at::Tensor()),
+                            residual.value_or(at::Tensor()), slope.value_or(at::Tensor()), out[1], out[2]});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["num_groups"] = num_groups;
+    ctx->saved_data["eps"] = eps;
+    ctx->saved_data["activation"] = activation;
+    ctx->saved_data["negative_slope"] = negative_slope;
+    ctx->mark_non_differentiable({out[1], out[2]});
+    ctx->set_materialize_grads(false);
+    return {out[0], out[1], out[2]};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    torch::autograd::variable_list result(10);  // one per argument of forward
+    const at::Tensor& dy = grads[0];
+    if (!dy.defined()) return result;  // no gradient reached y
+    const torch::autograd::variable_list saved = ctx->get_saved_variables();
+    const std::string kind = ctx->saved_data["kind"].toStringRef();
+    const int64_t num_groups = ctx->saved_data["num_groups"].toInt();
+    const std::string activation = ctx->saved_data["activation"].toStringRef();
+    const double negative_slope = ctx->saved_data["negative_slope"].toDouble();
+    if (at::GradMode::is_enabled()) {  // create_graph=True: a differentiable first-order gradient, from Python
+      TORCH_CHECK(double_backward_fn != nullptr, "norm_act_cpu: no double-backward function registered");
+      pybind11::gil_scoped_acquire gil;
+      pybind11::object none = pybind11::none();
+      auto arg = [&](const at::Tensor& t) { return t.defined() ? pybind11::cast(t) : none; };
+      pybind11::sequence out = (*double_backward_fn)(
+          dy, saved[0], arg(saved[1]), arg(saved[2]), arg(saved[3]), arg(saved[4]), kind, num_groups,
+          ctx->saved_data["eps"].toDouble(), activation, negative_slope);
+      for (size_t i = 0; i < 5; ++i) {
+        if (!out[i].is_none()) result[i] = out[i].cast<at::Tensor>();
+      }
+      return result;
+    }
+    std::vector<at::Tensor> g = norm_act_backward_cpu(dy, saved[0], maybe(saved[1]), maybe(saved[2]), maybe(saved[3]),
+                                                      maybe(saved[4]), saved[5], saved[6], kind, num_groups,
+                                                      activation, negative_slope, true);
+    for (size_t i = 0; i < 5; ++i) result[i] = g[i];
+    return result;
+  }
+};
+
+}  // namespace
+}  // namespace norm_act_cpu
+
+std::vector<at::Tensor> norm_act_autograd_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                              const c10::optional<at::Tensor>& bias,
+                                              const c10::optional<at::Tensor>& residual,
+                                              const c10::optional<at::Tensor>& slope, const std::string& kind,
+                                              int64_t num_groups, double eps, const std::string& activation,
+                                              double negative_slope) {
+  return norm_act_cpu::NormActFunction::apply(x, weight, bias, residual, slope, kind, num_groups, eps, activation,
+                                              negative_slope);
+}
+
+void set_norm_act_double_backward(pybind11::object fn) {
+  if (norm_act_cpu::double_backward_fn == nullptr) norm_act_cpu::double_backward_fn = new pybind11::object();
+  *norm_act_cpu::double_backward_fn = std::move(fn);
+}
+
 }  // namespace fastmed

@@ -236,3 +236,52 @@ def check_batch_and_spatial(t: torch.Tensor, name: str, like: torch.Tensor, what
         expect = (like.shape[0],) + tuple(like.shape[2:])
         raise ValueError(f"{name} must have the batch and spatial size of {what} {expect}, got {name} of shape "
                          f"{tuple(t.shape)}")
+
+
+# --------------------------------------------------------------------------------------------
+# Checks remembered per call signature (the per-call cost of the ops on small tensors)
+# --------------------------------------------------------------------------------------------
+
+def signature(value) -> tuple:
+    """What the checks of an argument read: a tensor's type, shape, dtype and device (never its values), or the
+    type and value of anything else.  Part of a :class:`CheckedCalls` key."""
+    if isinstance(value, torch.Tensor):
+        return type(value), value.shape, value.dtype, value.device
+    return type(value), value
+
+
+class CheckedCalls:
+    """The results of an op's argument checks, remembered per call signature, so that a call like an earlier one
+    (same tensor types, shapes, dtypes and devices, same other arguments) skips the checks.
+
+    Only results of checks that read nothing else may be remembered: a key built from :func:`signature` of every
+    argument the checks read determines their outcome (the type is part of each value's signature, so ``True``
+    never passes for ``1``).  Failed checks are not remembered (they raise); an unhashable argument is never
+    remembered (the checks then run and say what is wrong with it).  At most ``size`` signatures are kept (all
+    are forgotten when it is reached: a program calls an op with few signatures).
+    """
+
+    def __init__(self, size: int = 1024):
+        self.size = size
+        self._results: dict = {}
+
+    def get(self, key: tuple):
+        """The remembered result for ``key``, else None."""
+        try:
+            return self._results.get(key)
+        except TypeError:  # an unhashable argument
+            return None
+
+    def remember(self, key: tuple, result) -> None:
+        if len(self._results) >= self.size:
+            self._results.clear()
+        try:
+            self._results[key] = result
+        except TypeError:
+            pass
+
+    def clear(self) -> None:
+        self._results.clear()
+
+    def __len__(self) -> int:
+        return len(self._results)

@@ -40,6 +40,25 @@ def test_env_var_forces_backend(monkeypatch):
         _backend.requested_backend()
 
 
+def test_remembered_choices_follow_every_change_of_the_environment(monkeypatch):
+    """choose() remembers its choices, keyed by what they read from the environment (read without
+    os.environ.get): setting, changing and removing FASTMED_BACKEND after a remembered choice each take effect."""
+    cpu = torch.device("cpu")
+    monkeypatch.delenv("FASTMED_BACKEND", raising=False)
+    auto = _backend.choose("norm_act", cpu)
+    assert _backend.choose("norm_act", cpu) == auto
+    monkeypatch.setenv("FASTMED_BACKEND", "reference")
+    assert _backend.choose("norm_act", cpu) == "reference"
+    monkeypatch.setenv("FASTMED_BACKEND", "triton")
+    if not _backend.interpreter_active():
+        with pytest.raises(fastmed.BackendUnavailableError):
+            _backend.choose("norm_act", cpu)
+    else:
+        assert _backend.choose("norm_act", cpu) == "triton"
+    monkeypatch.delenv("FASTMED_BACKEND")
+    assert _backend.choose("norm_act", cpu) == auto
+
+
 def test_forcing_a_backend_that_cannot_run_says_why():
     x = torch.randn(2, 3, 4)
     with fastmed.use_backend("cuda"):

@@ -882,3 +882,19 @@ def test_warm_triton_cache_bad_case(case, match):
 
     with pytest.raises(ValueError, match=match):
         warm_triton_cache([case], device="cpu")
+
+
+def test_remembered_checks_still_refuse_bad_arguments():
+    """conv_norm_act checks once per call signature: a call that differs from a remembered one only in the type
+    of a stride/padding entry (a bool for an int), a shape or a dtype is checked again and refused."""
+    x = torch.randn(1, 2, 5, 5, 5)
+    w = torch.randn(3, 2, 3, 3, 3)
+    conv_norm_act(x, w, stride=(1, 1, 1), padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="stride must be an int or a sequence of 3 ints"):
+        conv_norm_act(x, w, stride=(True, 1, 1), padding=(1, 1, 1))
+    with pytest.raises(ValueError, match="padding must be an int or a sequence of 3 ints"):
+        conv_norm_act(x, w, stride=(1, 1, 1), padding=(1, True, 1))
+    with pytest.raises(ValueError, match="weight expects 2 input channels"):
+        conv_norm_act(torch.randn(1, 3, 5, 5, 5), w, stride=(1, 1, 1), padding=(1, 1, 1))
+    with pytest.raises(TypeError, match="weight must have the dtype of x"):
+        conv_norm_act(x, w.double(), stride=(1, 1, 1), padding=(1, 1, 1))

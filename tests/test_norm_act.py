@@ -687,3 +687,70 @@ def test_direct_path_equals_registered_op(backend):
     assert torch.equal(y_fast, y_op)
     for a, e in zip(g_fast, g_op):
         assert torch.equal(a, e)
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("act", ["identity", "relu", "leaky_relu", "prelu"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_native_autograd_equals_registered_op(kind, act):
+    """On the cpp backend a call that needs a gradient runs the C++ autograd node (norm_act_autograd_cpu, no Python
+    autograd.Function): bit-identical to the registered op, values and every gradient; create_graph=True goes
+    through its Python double backward and matches the composition's second-order gradient."""
+    x, w, b, r, slope, ng = make_case(11, kind, act, 2, torch.float32, True, True, False, "cpu", c=4)
+    with fastmed.use_backend("cpp"):
+        y = norm_act(x, kind, w, b, num_groups=ng, residual=r, activation=act, negative_slope=slope)
+    assert type(y.grad_fn).__name__ == "CppFunction"  # the C++ node, not a Python autograd.Function
+    spec = NormSpec(kind, ng if kind == "group" else (4 if kind == "instance" else 1), 1e-5, act,
+                    0.0 if act == "prelu" else float(slope))
+    tensors = NormTensors(w, b, r, slope if act == "prelu" else None)
+    y_op = torch.ops.fastmed.norm_act_fwd(*op_inputs(x, tensors, None, None, spec, "cpp"))[0]
+    leaves = inputs_of(x, w, b, r, slope)
+    gy = torch.randn_like(y)
+    assert torch.equal(y, y_op)
+    for a, e in zip(torch.autograd.grad(y, leaves, gy, retain_graph=True), torch.autograd.grad(y_op, leaves, gy)):
+        assert torch.equal(a, e)
+    (gx,) = torch.autograd.grad(y, x, gy, create_graph=True)
+    (ggx,) = torch.autograd.grad(gx.pow(2).sum(), x)
+    up = [t.detach().double().requires_grad_() if isinstance(t, torch.Tensor) else t for t in (x, w, b, r, slope)]
+    y_ref = norm_act_reference(up[0], kind, up[1], up[2], num_groups=ng, residual=up[3], activation=act,
+                               negative_slope=up[4])
+    (gx_ref,) = torch.autograd.grad(y_ref, up[0], gy.double(), create_graph=True)
+    (ggx_ref,) = torch.autograd.grad(gx_ref.pow(2).sum(), up[0])
+    assert_close(gx, gx_ref, torch.float32, "first-order gradient with graph")
+    assert_close(ggx, ggx_ref, torch.float32, "second-order gradient")
+
+
+def test_remembered_checks_still_refuse_bad_arguments():
+    """The checks run once per call signature (types, shapes, dtypes and devices of the arguments): a call that
+    differs from a remembered one only in an argument's type (a bool for an int or a float), its shape or its
+    device is checked again and refused."""
+    x = torch.randn(2, 4, 3, 3)
+    w = torch.ones(4)
+    norm_act(x, "group", w, num_groups=2, eps=1.0)
+    norm_act(x, "group", w, num_groups=1, eps=1.0)
+    with pytest.raises(ValueError, match="num_groups must be a positive integer"):
+        norm_act(x, "group", w, num_groups=True, eps=1.0)
+    with pytest.raises(ValueError, match="eps must be"):
+        norm_act(x, "group", w, num_groups=2, eps=True)
+    with pytest.raises(ValueError, match="weight must have shape"):
+        norm_act(x, "group", torch.ones(5), num_groups=2, eps=1.0)
+    with pytest.raises(TypeError, match="weight must be a floating-point tensor"):
+        norm_act(x, "group", torch.ones(4, dtype=torch.int64), num_groups=2, eps=1.0)
+    with pytest.raises(TypeError, match="activation must be a string"):
+        norm_act(x, "group", w, num_groups=2, eps=1.0, activation=["relu"])  # unhashable: checked, never remembered
+    with pytest.raises(ValueError, match="all tensors must be on one device"):
+        norm_act(x, "group", w.to("meta"), num_groups=2, eps=1.0)
+
+
+def test_remembered_checks_are_bounded():
+    from fastmed._validate import CheckedCalls
+
+    calls = CheckedCalls(size=2)
+    calls.remember(("a",), 1)
+    calls.remember(("b",), 2)
+    assert calls.get(("a",)) == 1 and len(calls) == 2
+    calls.remember(("c",), 3)  # full: everything is forgotten first
+    assert calls.get(("a",)) is None and calls.get(("c",)) == 3 and len(calls) == 1
+    assert calls.get(([1],)) is None  # an unhashable key is never found
+    calls.remember(([1],), 4)
+    assert len(calls) == 1

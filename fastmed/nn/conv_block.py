@@ -137,6 +137,11 @@ class ConvNormAct(nn.Module):
                                  dilation=conv.dilation, norm="none", activation=act, negative_slope=slope,
                                  residual=residual, skip=skip, implementation=self.implementation)
         nrm = self.norm
+        if nrm.kind != "batch":  # no running statistics: the arguments of call_kwargs() without building them
+            return conv_norm_act(x, conv.weight, conv.bias, nrm.weight, nrm.bias, stride=conv.stride,
+                                 padding=conv.padding, dilation=conv.dilation, norm=nrm.kind, num_groups=nrm.num_groups,
+                                 eps=nrm.eps, activation=act, negative_slope=slope, residual=residual, skip=skip,
+                                 implementation=self.implementation)
         y = conv_norm_act(x, conv.weight, conv.bias, nrm.weight, nrm.bias, stride=conv.stride, padding=conv.padding,
                           dilation=conv.dilation, norm=nrm.kind, activation=act, negative_slope=slope,
                           residual=residual, skip=skip, implementation=self.implementation, **nrm.call_kwargs())

@@ -74,8 +74,12 @@ class NormAct(nn.Module):
             self.register_parameter("act_weight", None)
 
     def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-        slope = self.act_weight if self.activation == "prelu" else self.negative_slope
-        y = norm_act(x, self.kind, self.weight, self.bias, activation=self.activation, negative_slope=slope,
+        activation = self.activation
+        slope = self.act_weight if activation == "prelu" else self.negative_slope
+        if self.kind != "batch":  # no running statistics: the arguments of call_kwargs() without building them
+            return norm_act(x, self.kind, self.weight, self.bias, num_groups=self.num_groups, eps=self.eps,
+                            activation=activation, negative_slope=slope, residual=residual)
+        y = norm_act(x, self.kind, self.weight, self.bias, activation=activation, negative_slope=slope,
                      residual=residual, **self.call_kwargs())
         self.count_batch()
         return y

@@ -34,7 +34,7 @@ second-order gradients are exact on every backend; the output may be modified in
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -42,6 +42,7 @@ from torch import Tensor
 from fastmed import _backend
 from fastmed._tensors import memory_format
 from fastmed._validate import (
+    CheckedCalls,
     check_batch_and_spatial,
     check_choice,
     check_mode,
@@ -51,6 +52,7 @@ from fastmed._validate import (
     check_same_dtype,
     check_shape,
     check_tensor,
+    signature,
 )
 from fastmed.ops import _conv_block_choice, _direct
 from fastmed.ops.norm_act import (
@@ -60,6 +62,7 @@ from fastmed.ops.norm_act import (
     norm_act_call,
     optional,
     present,
+    running_statistics,
     update_running_stats,
 )
 from fastmed.reference import conv_block as ref
@@ -226,6 +229,79 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         ``(N, Cout, *spatial_out)`` with ``spatial_out = (in + 2 p - d (k - 1) - 1) // s + 1``, in x's dtype.
         Differentiable (twice) with respect to x, weight, bias, norm_weight, norm_bias, residual and the prelu slope.
     """
+    key = None
+    if (not torch.compiler.is_compiling() and isinstance(x, Tensor) and x.device.type in ("cpu", "cuda")
+            and not torch.is_autocast_enabled(x.device.type)):  # checks remembered per call signature
+        key = (signature(x), signature(weight), signature(bias), signature(norm_weight), signature(norm_bias),
+               _axes_key(stride), _axes_key(padding), _axes_key(dilation), norm, signature(num_groups),
+               signature(eps), activation, signature(negative_slope), signature(residual), signature(running_mean),
+               signature(running_var), not training, signature(skip), implementation)
+        checked = _CHECKED.get(key)
+    if key is None or checked is None:
+        x, weight, bias, skip, checked = _check_conv_norm_act(
+            x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, norm, num_groups, eps, activation,
+            negative_slope, residual, running_mean, running_var, training, skip, implementation)
+        if key is not None:
+            _CHECKED.remember(key, checked)
+    cspec, norm, implementation, spec, count, device = checked
+    backend = _backend.choose("conv_block", device)
+
+    if norm == "none":
+        if norm_weight is not None or norm_bias is not None or running_mean is not None:
+            raise ValueError("norm='none' takes no norm_weight, norm_bias or running statistics")
+        xin = x if skip is None else torch.cat([x, skip], 1)
+        return _conv_act(xin, weight, bias, cspec, activation, negative_slope, residual)
+
+    if implementation == "auto":
+        implementation = "cudnn" if backend == "reference" else choose_implementation(x, weight, cspec.stride)
+    if backend == "triton" and implementation == "implicit_gemm" and x.dtype not in _IGEMM_DTYPES:
+        raise TypeError(f"implementation='implicit_gemm' runs float16, bfloat16 and float32 inputs on the Triton "
+                        f"backend, got {x.dtype}; use implementation='cudnn'")
+    mean_in = rstd_in = None
+    if norm == "batch" and not training:
+        mean_in, rstd_in = running_statistics(running_mean, running_var, x.dtype, spec.eps)
+    norm_tensors = NormTensors(norm_weight, norm_bias, residual, negative_slope if spec.activation == "prelu" else None)
+    if implementation == "cudnn":
+        xin = x if skip is None else torch.cat([x, skip], 1)
+        conv_out = ref.conv_nd(xin, weight, bias, *cspec)
+        y, mean, rstd = norm_act_call(conv_out, norm_tensors, spec, mean_in, rstd_in,
+                                      _backend.choose("norm_act", device))
+    else:
+        y, _conv_out, mean, rstd = _direct.call(
+            _conv_block_fwd, _ConvBlockDirect,
+            *op_inputs(x, ConvTensors(skip, weight, bias), norm_tensors, mean_in, rstd_in, cspec, spec, backend))
+    if norm == "batch" and training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)
+    return y
+
+
+class _Checked(NamedTuple):
+    """What the checks of :func:`conv_norm_act` find (they read no tensor values)."""
+    cspec: ConvSpec
+    norm: str                      # one of NORM_KINDS
+    implementation: str            # one of IMPLEMENTATIONS
+    spec: Optional[NormSpec]       # None for norm='none'
+    count: int                     # values per channel of the convolution output over the batch
+    device: torch.device
+
+
+# The checks of conv_norm_act per call signature (outside torch.autocast, for CPU and CUDA tensors).
+_CHECKED = CheckedCalls()
+
+
+def _axes_key(value):
+    """:func:`signature` of a stride/padding/dilation argument, with the type of each entry of a tuple (so that
+    ``(True, 1, 1)`` never passes for ``(1, 1, 1)``)."""
+    if type(value) is tuple:
+        return value, tuple(map(type, value))
+    return signature(value)
+
+
+def _check_conv_norm_act(x, weight, bias, norm_weight, norm_bias, stride, padding, dilation, norm, num_groups, eps,
+                         activation, negative_slope, residual, running_mean, running_var, training, skip,
+                         implementation) -> tuple:
+    """Every check of :func:`conv_norm_act`'s arguments, and the autocast of the convolution inputs ->
+    (x, weight, bias, skip, _Checked)."""
     check_tensor(x, "x")
     if x.dim() not in (4, 5):
         raise ValueError(f"x must be (N, C, H, W) or (N, C, D, H, W), got shape {tuple(x.shape)} "
@@ -270,36 +346,13 @@ def conv_norm_act(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, norm
         check_shape(residual, "residual", out_shape, "the convolution output")
     device = check_same_device(x=x, weight=weight, bias=bias, norm_weight=norm_weight, norm_bias=norm_bias,
                                residual=residual, skip=skip)
-    backend = _backend.choose("conv_block", device)
-
-    if norm == "none":
-        if norm_weight is not None or norm_bias is not None or running_mean is not None:
-            raise ValueError("norm='none' takes no norm_weight, norm_bias or running statistics")
-        xin = x if skip is None else torch.cat([x, skip], 1)
-        return _conv_act(xin, weight, bias, cspec, activation, negative_slope, residual)
-
-    if implementation == "auto":
-        implementation = "cudnn" if backend == "reference" else choose_implementation(x, weight, stride_t)
-    if backend == "triton" and implementation == "implicit_gemm" and x.dtype not in _IGEMM_DTYPES:
-        raise TypeError(f"implementation='implicit_gemm' runs float16, bfloat16 and float32 inputs on the Triton "
-                        f"backend, got {x.dtype}; use implementation='cudnn'")
-    args = check_norm_args(norm, out_shape, x.dtype, num_groups=num_groups, eps=eps, activation=activation,
-                           negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
-                           training=training, kind_arg="norm", what="the convolution output")
-    norm_tensors = NormTensors(norm_weight, norm_bias, residual, args.slope)
-    if implementation == "cudnn":
-        xin = x if skip is None else torch.cat([x, skip], 1)
-        conv_out = ref.conv_nd(xin, weight, bias, *cspec)
-        y, mean, rstd = norm_act_call(conv_out, norm_tensors, args.spec, args.mean_in, args.rstd_in,
-                                      _backend.choose("norm_act", device))
-    else:
-        y, _conv_out, mean, rstd = _direct.call(
-            _conv_block_fwd, _ConvBlockDirect,
-            *op_inputs(x, ConvTensors(skip, weight, bias), norm_tensors, args.mean_in, args.rstd_in, cspec,
-                       args.spec, backend))
-    if norm == "batch" and training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
-    return y
+    spec, count = None, 0
+    if norm != "none":
+        args = check_norm_args(norm, out_shape, x.dtype, num_groups=num_groups, eps=eps, activation=activation,
+                               negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
+                               training=training, kind_arg="norm", what="the convolution output", statistics=False)
+        spec, count = args.spec, args.count
+    return x, weight, bias, skip, _Checked(cspec, norm, implementation, spec, count, device)
 
 
 def _autocast(x, weight, bias, skip):

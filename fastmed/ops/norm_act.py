@@ -10,6 +10,11 @@ Backends: ``triton`` (CUDA), ``cpp`` (CPU tensors, ``csrc/norm_act_cpu.cpp``: on
 apply pass, forward and backward; gelu/silu run torch's activation kernels around its normalization) and
 ``reference``.
 
+Per call (what decides the speed on small tensors): the argument checks run once per call signature
+(:class:`fastmed._validate.CheckedCalls`), the backend choice is a dictionary lookup, and on the cpp backend the
+direct path runs the C++ kernels with their autograd node in C++ (``norm_act_autograd_cpu``; the smooth activations
+and eval-mode batch norm take the Python ``autograd.Function``).
+
 Backward: the backend's fused backward.  When the backward itself is differentiated (``create_graph=True``,
 e.g. a gradient penalty), the first-order gradient is computed instead by torch's autograd of the op's torch
 composition (:func:`fastmed.reference.norm_act.norm_act_reference`), so second-order gradients are exact on
@@ -17,6 +22,7 @@ every backend.
 """
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 from collections.abc import Callable, Sequence
@@ -28,6 +34,7 @@ from torch import Tensor
 from fastmed import _backend, _ext
 from fastmed._tensors import accumulation_dtype
 from fastmed._validate import (
+    CheckedCalls,
     check_choice,
     check_mode,
     check_number,
@@ -35,6 +42,7 @@ from fastmed._validate import (
     check_same_device,
     check_shape,
     check_tensor,
+    signature,
 )
 from fastmed.ops import _direct
 from fastmed.reference import norm_act as ref
@@ -59,7 +67,10 @@ TORCH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 def _traced(t: Tensor) -> bool:
     """True for the tensors torch.compile, opcheck and meta-device shape inference run the op bodies with (fake,
     functional or meta tensors): C++ cannot read them, so the cpp bodies trace the reference composition."""
-    return type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+    return type(t) not in _PLAIN_TENSORS or not t.is_cpu
+
+
+_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
 
 
 def cpp_forward(x: Tensor, tensors: NormTensors, spec: NormSpec, mean: Optional[Tensor] = None,
@@ -116,9 +127,9 @@ def present(t: Optional[Tensor], like: Tensor) -> Tensor:
     return t if t is not None else like.new_empty(0)
 
 
-def optional(t: Tensor) -> Optional[Tensor]:
-    """The inverse of :func:`present`: None for an empty placeholder."""
-    return t if t.numel() > 0 else None
+def optional(t: Optional[Tensor]) -> Optional[Tensor]:
+    """The inverse of :func:`present`: None for an empty placeholder (and for None: what the direct path passes)."""
+    return t if t is not None and t.numel() > 0 else None
 
 
 def op_inputs(x, tensors: NormTensors, mean_in, rstd_in, spec: NormSpec, backend) -> tuple:
@@ -137,29 +148,45 @@ def _split_inputs(inputs: Sequence):
 _NO_SPEC = NormSpec(*(None,) * len(NormSpec._fields))
 
 
-@_direct.triton_op("fastmed::norm_act_fwd", mutates_args=())
+def _forward_body(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+                  negative_slope, backend):
+    """``fastmed::norm_act_fwd`` with None for an absent ``saved`` (what the direct path runs)."""
+    y, mean, rstd, saved = _FORWARD[backend](x, NormTensors(weight, bias, residual, slope),
+                                             NormSpec(kind, num_groups, eps, activation, negative_slope), mean_in,
+                                             rstd_in)
+    if mean_in is not None:  # outputs of a custom op may not alias its inputs
+        mean, rstd = mean.clone(), rstd.clone()
+    return y, mean, rstd, saved
+
+
+def _backward_body(dy, x, saved, weight, bias, residual, slope, mean, rstd, kind, num_groups, eps, activation,
+                   negative_slope, input_stats, backend):
+    """``fastmed::norm_act_bwd`` with None for the absent gradients (what the direct path runs)."""
+    dx, grads = _BACKWARD[backend](dy, x, optional(saved), NormTensors(weight, bias, residual, slope),
+                                   NormSpec(kind, num_groups, eps, activation, negative_slope), mean, rstd,
+                                   input_stats)
+    return (dx, *grads)
+
+
+@_direct.triton_op("fastmed::norm_act_fwd", mutates_args=(), direct=_forward_body)
 def _norm_act_fwd(x: Tensor, weight: Optional[Tensor], bias: Optional[Tensor], residual: Optional[Tensor],
                   slope: Optional[Tensor], mean_in: Optional[Tensor], rstd_in: Optional[Tensor], kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Returns (y, mean, rstd, saved): ``saved`` is what the backend's backward needs besides the inputs (the
     reference's pre-activation), empty when nothing."""
-    tensors = NormTensors(weight, bias, residual, slope)
-    spec = NormSpec(kind, num_groups, eps, activation, negative_slope)
-    y, mean, rstd, saved = _FORWARD[backend](x, tensors, spec, mean_in, rstd_in)
-    if mean_in is not None:  # outputs of a custom op may not alias its inputs
-        mean, rstd = mean.clone(), rstd.clone()
+    y, mean, rstd, saved = _forward_body(x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps,
+                                         activation, negative_slope, backend)
     return y, mean, rstd, present(saved, mean)
 
 
-@_direct.triton_op("fastmed::norm_act_bwd", mutates_args=())
+@_direct.triton_op("fastmed::norm_act_bwd", mutates_args=(), direct=_backward_body)
 def _norm_act_bwd(dy: Tensor, x: Tensor, saved: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
                   residual: Optional[Tensor], slope: Optional[Tensor], mean: Tensor, rstd: Tensor, kind: str,
                   num_groups: int, eps: float, activation: str, negative_slope: float, input_stats: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    tensors = NormTensors(weight, bias, residual, slope)
-    spec = NormSpec(kind, num_groups, eps, activation, negative_slope)
-    dx, grads = _BACKWARD[backend](dy, x, optional(saved), tensors, spec, mean, rstd, input_stats)
+    dx, *grads = _backward_body(dy, x, saved, weight, bias, residual, slope, mean, rstd, kind, num_groups, eps,
+                                activation, negative_slope, input_stats, backend)
     return (dx, *(present(g, x) for g in grads))
 
 
@@ -181,9 +208,24 @@ def _setup_context(ctx, inputs, output):
     # The output y is not saved (the caller may modify it in place, as with torch's own norms): the Triton
     # backward recomputes everything from x, mean and rstd, the reference reads act'(z) off its saved z.
     ctx.save_for_backward(x, saved, mean, rstd, *tensors)
-    ctx.mark_non_differentiable(mean, rstd, saved)  # no gradient flows back through them,
+    if saved is None:  # the direct path's body
+        ctx.mark_non_differentiable(mean, rstd)
+    else:
+        ctx.mark_non_differentiable(mean, rstd, saved)  # no gradient flows back through them,
     ctx.set_materialize_grads(False)  # and none is filled with zeros for them
     ctx.spec, ctx.input_stats, ctx.backend = spec, mean_in is None, backend
+
+
+def _differentiable_grads(dy: Tensor, x: Tensor, tensors: NormTensors, spec: NormSpec, mean_in: Optional[Tensor],
+                          rstd_in: Optional[Tensor]) -> list:
+    """[dx, *gradients of the NormTensors] (None where absent or not needed) with their graph, by torch's autograd
+    of the op's composition: the first-order gradient of a backward that is itself differentiated."""
+    def compose(x, *rest):
+        t = NormTensors(*rest)
+        return ref.norm_act_reference(x, spec.kind, t.weight, t.bias,
+                                      **ref.composition_arguments(t, spec, mean_in, rstd_in))
+
+    return double_backward(compose, (x, *tensors), dy)
 
 
 def _backward(ctx, dy, _dmean, _drstd, _dsaved):
@@ -193,13 +235,7 @@ def _backward(ctx, dy, _dmean, _drstd, _dsaved):
     tensors, spec = NormTensors(*rest), ctx.spec
     if torch.is_grad_enabled():  # create_graph=True: a backward that is itself differentiable
         stats = (None, None) if ctx.input_stats else (mean.detach(), rstd.detach())
-
-        def compose(x, *rest):
-            t = NormTensors(*rest)
-            return ref.norm_act_reference(x, spec.kind, t.weight, t.bias,
-                                          **ref.composition_arguments(t, spec, *stats))
-
-        dx, *grads = double_backward(compose, (x, *tensors), dy)
+        dx, *grads = _differentiable_grads(dy, x, tensors, spec, *stats)
         grads = NormTensors(*grads)
     else:
         dx, *grads = _direct.backward_op(ctx, _norm_act_bwd)(dy, x, saved, *tensors, mean, rstd, *spec,
@@ -208,8 +244,47 @@ def _backward(ctx, dy, _dmean, _drstd, _dsaved):
     return op_inputs(dx, grads, None, None, _NO_SPEC, None)
 
 
+def _native_forward(grad, x, weight, bias, residual, slope, mean_in, rstd_in, kind, num_groups, eps, activation,
+                    negative_slope, backend):
+    """The direct path's ``native`` implementation (see :func:`fastmed.ops._direct.autograd_function`): the cpp
+    backend's forward and backward with their autograd node in C++ (``norm_act_autograd_cpu``) when ``grad``,
+    else its forward alone, for input statistics and the activations the C++ pass applies itself; None for
+    anything else (and for an extension built without the node)."""
+    if backend != "cpp" or mean_in is not None or activation in TORCH_ACTIVATIONS or _traced(x):
+        return None
+    native = _native_autograd()
+    if native is None:
+        return None
+    if grad:
+        y, mean, rstd = native(x, weight, bias, residual, slope, kind, num_groups, eps, activation, negative_slope)
+    else:  # what cpp_forward runs, without the layers in between
+        y, mean, rstd = _ext.load().norm_act_forward_cpu(x, weight, bias, residual, slope, None, None, kind,
+                                                         num_groups, eps, activation, negative_slope)
+    return y, mean, rstd, None
+
+
+@functools.cache
+def _native_autograd() -> Optional[Callable]:
+    """``fastmed._C.norm_act_autograd_cpu`` with its double backward registered (None where the built extension
+    predates it)."""
+    ext = _ext.load()
+    native = getattr(ext, "norm_act_autograd_cpu", None)
+    if native is not None:
+        ext.set_norm_act_double_backward(_native_double_backward)
+    return native
+
+
+def _native_double_backward(dy, x, weight, bias, residual, slope, kind, num_groups, eps, activation,
+                            negative_slope) -> list:
+    """What ``norm_act_autograd_cpu``'s backward returns under ``create_graph=True``: (dx, dweight, dbias,
+    dresidual, dslope) with their graph, None where absent."""
+    return _differentiable_grads(dy, x, NormTensors(weight, bias, residual, slope),
+                                 NormSpec(kind, num_groups, eps, activation, negative_slope), None, None)
+
+
 _norm_act_fwd.register_autograd(_backward, setup_context=_setup_context)
-_NormActDirect = _direct.autograd_function("_NormActDirect", _norm_act_fwd, _setup_context, _backward)
+_NormActDirect = _direct.autograd_function("_NormActDirect", _norm_act_fwd, _setup_context, _backward,
+                                           native=_native_forward)
 
 
 def norm_act_call(x: Tensor, tensors: NormTensors, spec: NormSpec, mean_in: Optional[Tensor],
@@ -257,9 +332,12 @@ class NormArgs(NamedTuple):
 
 
 def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, eps, activation, negative_slope,
-                    running_mean, running_var, training, kind_arg: str = "kind", what: str = "x") -> NormArgs:
+                    running_mean, running_var, training, kind_arg: str = "kind", what: str = "x",
+                    statistics: bool = True) -> NormArgs:
     """Checks the normalization arguments for an ``(N, C, *spatial)`` tensor ``what`` of ``shape``; shared by
-    :func:`norm_act` and the convolution blocks (``kind_arg="norm"``, ``what="the convolution output"``)."""
+    :func:`norm_act` and the convolution blocks (``kind_arg="norm"``, ``what="the convolution output"``).
+    ``statistics=False`` leaves ``mean_in``/``rstd_in`` None (the checks then read no tensor values; see
+    :func:`running_statistics`)."""
     activation = canonical_activation(activation)
     C = shape[1]
     groups = check_groups(kind, num_groups, C, kind_arg=kind_arg, what=what)
@@ -288,8 +366,8 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
     if kind == "batch" and not training:
         if running_mean is None:
             raise ValueError(f"{kind_arg}='batch' with training=False needs running_mean and running_var")
-        mean_in = running_mean.detach().to(accumulation_dtype(dtype)).contiguous()
-        rstd_in = torch.rsqrt(running_var.detach().to(mean_in.dtype) + eps)
+        if statistics:
+            mean_in, rstd_in = running_statistics(running_mean, running_var, dtype, eps)
     count = math.prod(shape) // C
     if kind == "batch" and training and count <= 1:
         raise ValueError(f"batch norm in training needs more than one value per channel, got {what} of shape "
@@ -298,6 +376,13 @@ def check_norm_args(kind: str, shape: tuple, dtype: torch.dtype, *, num_groups, 
         raise ValueError(f"{kind} norm needs more than one value per normalized group (as torch requires), "
                          f"got {what} of shape {tuple(shape)}")
     return NormArgs(NormSpec(kind, groups, eps, activation, slope_f), slope_t, mean_in, rstd_in, count)
+
+
+def running_statistics(running_mean: Tensor, running_var: Tensor, dtype: torch.dtype,
+                       eps: float) -> tuple[Tensor, Tensor]:
+    """(mean, rstd) for batch norm in eval mode from the running buffers, in the accumulation dtype of ``dtype``."""
+    mean = running_mean.detach().to(accumulation_dtype(dtype)).contiguous()
+    return mean, torch.rsqrt(running_var.detach().to(mean.dtype) + eps)
 
 
 def update_running_stats(running_mean: Tensor, running_var: Tensor, mean: Tensor, rstd: Tensor, count: int,
@@ -341,6 +426,43 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
         Tensor shaped like ``x``, in ``x``'s dtype and memory format.  Differentiable (twice) with respect to
         ``x``, ``weight``, ``bias``, ``residual`` and the prelu slope; the output may be modified in place.
     """
+    key = None
+    if not torch.compiler.is_compiling():  # while torch.compile traces, the checks run (and are traced) each time
+        key = (kind, activation, not training, type(x), x.shape, x.dtype, x.device,
+               None if weight is None else signature(weight), None if bias is None else signature(bias),
+               num_groups if num_groups is None or type(num_groups) is int else signature(num_groups),
+               eps if type(eps) is float else signature(eps),
+               negative_slope if type(negative_slope) is float else signature(negative_slope),
+               None if residual is None else signature(residual),
+               None if running_mean is None else signature(running_mean),
+               None if running_var is None else signature(running_var)) if isinstance(x, Tensor) else None
+        checked = None if key is None else _CHECKED.get(key)
+    if key is None or checked is None:
+        checked = _check_norm_act(x, kind, weight, bias, num_groups, eps, activation, negative_slope, residual,
+                                  running_mean, running_var, training)
+        if key is not None:
+            _CHECKED.remember(key, checked)
+    spec, count, device = checked
+    slope = negative_slope if spec.activation == "prelu" else None
+    mean_in = rstd_in = None
+    if spec.kind == "batch" and not training:
+        mean_in, rstd_in = running_statistics(running_mean, running_var, x.dtype, spec.eps)
+    backend = _backend.choose("norm_act", device)
+    # norm_act_call(x, NormTensors(weight, bias, residual, slope), spec, mean_in, rstd_in, backend), inlined
+    y, mean, rstd, _saved = _direct.call(_norm_act_fwd, _NormActDirect, x, weight, bias, residual, slope, mean_in,
+                                         rstd_in, *spec, backend)
+    if spec.kind == "batch" and training and running_mean is not None:
+        update_running_stats(running_mean, running_var, mean, rstd, count, eps, momentum)
+    return y
+
+
+# The checks of norm_act per call signature: (NormSpec, count, device) by the key norm_act builds.
+_CHECKED = CheckedCalls()
+
+
+def _check_norm_act(x, kind, weight, bias, num_groups, eps, activation, negative_slope, residual, running_mean,
+                    running_var, training) -> tuple[NormSpec, int, torch.device]:
+    """Every check of :func:`norm_act`'s arguments (they read no tensor values) -> (NormSpec, count, device)."""
     check_tensor(x, "x", min_ndim=3, max_ndim=5)
     kind = check_mode(kind, "kind", KINDS)
     C = x.shape[1]
@@ -351,12 +473,7 @@ def norm_act(x: Tensor, kind: str, weight: Optional[Tensor] = None, bias: Option
         check_shape(residual, "residual", x.shape, "x")
     args = check_norm_args(kind, tuple(x.shape), x.dtype, num_groups=num_groups, eps=eps, activation=activation,
                            negative_slope=negative_slope, running_mean=running_mean, running_var=running_var,
-                           training=training)
+                           training=training, statistics=False)
     device = check_same_device(x=x, weight=weight, bias=bias, residual=residual, negative_slope=args.slope,
                                running_mean=running_mean, running_var=running_var)
-    backend = _backend.choose("norm_act", device)
-    y, mean, rstd = norm_act_call(x, NormTensors(weight, bias, residual, args.slope), args.spec, args.mean_in,
-                                  args.rstd_in, backend)
-    if kind == "batch" and training and running_mean is not None:
-        update_running_stats(running_mean, running_var, mean, rstd, args.count, eps, momentum)
-    return y
+    return args.spec, args.count, device
