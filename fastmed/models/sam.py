@@ -295,7 +295,10 @@ class MaskDecoder(nn.Module):
                 multimask_output: bool) -> tuple[Tensor, Tensor]:
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).unsqueeze(0)
         tokens = torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+        # one image with N prompt sets (SAM), or N images with one prompt set each (MedSAM's training batches)
+        paired = image_embeddings.shape[0] == tokens.shape[0]
+        src = (image_embeddings if paired else torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0))
+        src = src + dense
         pos = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
         b, c, h, w = src.shape
         hs, src = self.transformer(src, pos, tokens)
@@ -347,7 +350,8 @@ class SAM(nn.Module):
 
     def decode(self, image_embeddings: Tensor, points=None, boxes: Optional[Tensor] = None,
                masks: Optional[Tensor] = None, multimask_output: bool = False) -> tuple[Tensor, Tensor]:
-        """Prompts -> ``(low-res mask logits, iou)`` for precomputed ``image_embeddings (B, C, h, w)``."""
+        """Prompts -> ``(low-res mask logits, iou)`` for precomputed ``image_embeddings``: ``(1, C, h, w)`` with
+        ``N`` prompt sets (SAM), or ``(N, C, h, w)`` with one prompt set per embedding (MedSAM's batches)."""
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output)
