@@ -21,7 +21,29 @@ from fastmed.ops.sam_attention import sam_attention
 from fastmed.ops.window_attention import attention
 from fastmed.reference import sam_attention as ref
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "segment_anything_modeling"]
+
+
+def segment_anything_modeling():
+    """The official ``segment_anything.modeling`` module (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder``,
+    ``Sam``, ``image_encoder.Attention``, ...), imported without running ``segment_anything/__init__.py``, which
+    imports torchvision for its automatic mask generator: a bare parent package is registered first.  For
+    comparisons (tests, ``bench/bench_sam.py``); ``ImportError`` when segment_anything is not installed."""
+    import importlib
+    import importlib.machinery
+    import sys
+    import types
+
+    if "segment_anything.modeling" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
+    spec = importlib.machinery.PathFinder.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("segment_anything is not installed (pip install segment_anything; pure Python)")
+    if "segment_anything" not in sys.modules:
+        pkg = types.ModuleType("segment_anything")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = pkg
+    return importlib.import_module("segment_anything.modeling")
 
 
 class LayerNorm2d(nn.Module):
