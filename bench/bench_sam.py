@@ -4,7 +4,8 @@ Encoder (images -> embeddings), interleaved in one run, every model with the sam
   fastmed                   ``fastmed.models.SAM(...).image_encoder`` (fused: ``fastmed.ops.sam_attention`` through
                             ``auto``: Triton on CUDA, the reference on the CPU), segment_anything's weights loaded
   segment_anything          segment_anything's own ``ImageEncoderViT`` (eager)
-  segment_anything-compile  ``torch.compile`` of it, block by block (regional; GPU, CPU with --cpu-compile)
+  segment_anything-compile  ``torch.compile`` of it, block by block (regional; GPU, CPU with --cpu-compile), in a
+                            second pass of cases ``... vs compile`` after the others (compilation is slow)
   sdpa                      segment_anything's encoder with each attention as ``F.scaled_dot_product_attention``
                             and the decomposed rel-pos bias materialized ``(B*nW, heads, L, L)`` as its attn_mask
                             (segment-anything-fast's first step)
@@ -128,7 +129,10 @@ def regional_compile(encoder):
     return enc
 
 
-def encoder_cases(bench, cases, args) -> None:
+def encoder_cases(bench, cases, args, compile_pass: bool = False) -> None:
+    """The encoder cases; ``compile_pass``: fastmed against the regional torch.compile of segment_anything only (a
+    second pass after all the others, labelled ``... vs compile``, so that compilation, slow for ViT-B, cannot keep
+    the other rows from being written within the device script's time limit)."""
     device = bench.device
     on_gpu = device.type == "cuda"
     m = sam_modules()
@@ -144,9 +148,12 @@ def encoder_cases(bench, cases, args) -> None:
                     blk.attn.rel_pos_h.normal_(0, 0.02)
                     blk.attn.rel_pos_w.normal_(0, 0.02)
             ours.load_state_dict(theirs.state_dict(), strict=True)
-            models.update({"segment_anything": theirs, "sdpa": with_sdpa(theirs)})
-            if with_compile(args, device):
+            if compile_pass:
                 models["segment_anything-compile"] = regional_compile(theirs)
+            else:
+                models.update({"segment_anything": theirs, "sdpa": with_sdpa(theirs)})
+        elif compile_pass:
+            return
         inference = mode == "inference"
         dtype = torch.bfloat16 if on_gpu and inference else torch.float32
         autocast = on_gpu and not inference
@@ -180,7 +187,7 @@ def encoder_cases(bench, cases, args) -> None:
         min_bytes = (nbytes(x) + params_bytes + emb) if inference else (nbytes(x) + 2 * params_bytes + 2 * emb)
         flops = encoder_flops(cfg, img, batch) * (1 if inference else 3)
         precision = "bf16 weights" if dtype == torch.bfloat16 else ("autocast bf16" if autocast else "fp32")
-        label = f"encoder {name} {mode} b{batch}"
+        label = f"encoder {name} {mode} b{batch}" + (" vs compile" if compile_pass else "")
         print(f"  {label}: max |impl - fastmed| = "
               + ", ".join(f"{k} {v:.2e}" if isinstance(v, float) else f"{k} {v}" for k, v in diffs.items()))
         rows = bench.compare(label, impls, dtype=torch.bfloat16 if autocast else dtype,
@@ -316,8 +323,11 @@ def main(argv=None) -> None:
     if not on_gpu and not args.quick and args.warmup is None:
         bench.warmup = 1  # a ViT-B forward takes seconds on a CPU: one untimed call warms it
     parts = args.parts.split(",")
+    encoder = QUICK_ENCODER if args.quick else (GPU_ENCODER if on_gpu else CPU_ENCODER)
     if "encoder" in parts:
-        encoder_cases(bench, QUICK_ENCODER if args.quick else (GPU_ENCODER if on_gpu else CPU_ENCODER), args)
+        encoder_cases(bench, encoder, args)
+        if with_compile(args, bench.device):
+            encoder_cases(bench, encoder, args, compile_pass=True)
     if "op" in parts:
         dtypes = [getattr(torch, args.dtype)] if args.dtype else (
             [torch.bfloat16] if on_gpu and not args.quick else [torch.float32])
