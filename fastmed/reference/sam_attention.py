@@ -236,11 +236,19 @@ def sam_attention_backward(dout: Tensor, qkv: Tensor, rel_pos_h: Tensor, rel_pos
     qw, kw, vw = qkvw.unbind(0)
     p = torch.softmax(_scores(qkvw, rel_pos_h, rel_pos_w, spec), dim=-1) if probs is None else probs
     do = _windowed(dout, None, spec, groups=1)[0]  # cropped (padding) outputs: zero gradient
-    dv = p.transpose(-2, -1) @ do
+    differentiable = torch.is_grad_enabled()  # create_graph: no out= (autograd cannot differentiate it)
+    dqkvw = None if differentiable else torch.empty_like(qkvw)
     dp = do @ vw.transpose(-2, -1)
     ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(dp * p)), one kernel
-    dk = (ds.transpose(-2, -1) @ qw).mul_(spec.scale)  # in place on fresh matmul outputs (not read by backward)
-    dq = (ds @ kw).mul_(spec.scale)
+    if differentiable:
+        dv = p.transpose(-2, -1) @ do
+        dk = (ds.transpose(-2, -1) @ qw).mul_(spec.scale)  # in place on fresh matmul outputs (not read by backward)
+        dq = (ds @ kw).mul_(spec.scale)
+    else:  # straight into one (3, B*nW, heads, L, d) buffer
+        dq, dk, dv = dqkvw.unbind(0)
+        torch.matmul(p.transpose(-2, -1), do, out=dv)
+        torch.matmul(ds.transpose(-2, -1), qw, out=dk).mul_(spec.scale)
+        torch.matmul(ds, kw, out=dq).mul_(spec.scale)
     # the decomposed bias: d rel_h = row sums of ds over key columns, d rel_w over key rows
     ds6 = ds.view(*ds.shape[:2], WH, WW, WH, WW)
     dh, dw = ds6.sum(-1), ds6.sum(-2)  # (B*nW, heads, WH, WW, WH), (..., WW)
@@ -252,7 +260,8 @@ def sam_attention_backward(dout: Tensor, qkv: Tensor, rel_pos_h: Tensor, rel_pos
     for d, eq, side, table in ((dh, "bnhwk,bnhwc->hkc", WH, rel_pos_h), (dw, "bnhwk,bnhwc->wkc", WW, rel_pos_w)):
         drows = torch.einsum(eq, d, q5).reshape(side * side, -1)
         grads.append((rel_pos_onehot(side, drows.dtype, drows.device).t() @ drows).to(table.dtype))
-    dqkvw = torch.stack([dq, dk, dv])
+    if differentiable:
+        dqkvw = torch.stack([dq, dk, dv])
     dx = _to_grid(dqkvw, B, (H, W), spec.window)
     dpad = None if qkv_pad is None else _padding_sum(dqkvw, B, (H, W), spec.window).to(qkv_pad.dtype)
     return dx.to(qkv.dtype), grads[0], grads[1], dpad
