@@ -153,7 +153,11 @@ def test_opcheck_and_compile_reference():
     fn = torch.compile(lambda q, h, w, p: fastmed.ops.sam_attention(q, 2, h, w, 4, qkv_pad=p), fullgraph=True,
                        backend="aot_eager")
     with fastmed.use_backend("reference"):
-        torch.testing.assert_close(fn(qkv, th, tw, qp), fastmed.ops.sam_attention(qkv, 2, th, tw, 4, qkv_pad=qp))
+        got, want = fn(qkv, th, tw, qp), fastmed.ops.sam_attention(qkv, 2, th, tw, 4, qkv_pad=qp)
+        torch.testing.assert_close(got, want)
+        dout = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
+        for a, b in zip(_grads(got, (qkv, th, tw, qp), dout), _grads(want, (qkv, th, tw, qp), dout)):
+            torch.testing.assert_close(a, b)  # the backward op (its probabilities kept by the forward) compiled too
 
 
 def test_errors():
