@@ -317,6 +317,7 @@ def op_cases(bench, cases, dtypes, args) -> None:
 def main(argv=None) -> None:
     parser = bench_parser(__doc__)
     parser.add_argument("--parts", default="encoder,op", help="encoder, op or both (default)")
+    parser.add_argument("--op-kinds", default="window,global", help="op cases: window, global or both (default)")
     args = parser.parse_args(argv)
     bench = setup(args, "sam")
     on_gpu = bench.device.type == "cuda"
@@ -331,7 +332,9 @@ def main(argv=None) -> None:
     if "op" in parts:
         dtypes = [getattr(torch, args.dtype)] if args.dtype else (
             [torch.bfloat16] if on_gpu and not args.quick else [torch.float32])
-        op_cases(bench, QUICK_OP_CASES if args.quick else (GPU_OP_CASES if on_gpu else OP_CASES), dtypes, args)
+        kinds = args.op_kinds.split(",")
+        cases = QUICK_OP_CASES if args.quick else (GPU_OP_CASES if on_gpu else OP_CASES)
+        op_cases(bench, [c for c in cases if ("global" if c[5] == 0 else "window") in kinds], dtypes, args)
     bench.save(args.out)
 
 
