@@ -2,7 +2,8 @@
 # The prepared run for a lent GPU machine (15 minutes of device time in all: this script stays under 9, leaving room
 # for one rerun).  torch 2.11, triton 3.6 and python 3.12 are installed there, MONAI and edt are not, and nothing
 # outside can be reached: only the tracked and untracked-not-ignored files of the checkout travel, plus the paths
-# named in the run's `carry`.  The peers MONAI and edt travel as wheels in .whl/ (ignored by git; carry it):
+# named in the run's `carry`.  The peers MONAI, edt and segment_anything (pure Python; bench_sam.py imports its
+# modeling code without its torchvision-importing __init__) travel as wheels in .whl/ (ignored by git; carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
 #     --platform manylinux2014_x86_64 -d .whl -r bench/device_wheels.txt          # 4.6 MB, checked 2026-11-30 (einops: MONAI SwinUNETR)
@@ -16,7 +17,8 @@
 #   3. correctness of every op at real sizes on the GPU: the `gpu`-marked tests (tests/test_no_sync.py first: no
 #      host synchronization in any op), JUnit XML in $OUT/gpu_tests.xml
 #   4. benchmarks, most important first: losses, window attention, norm_act, the training step of the two models
-#      (UNet.nnunet 3D, SwinUNet 2D), then the conv block and the distance transform.  Each benchmark puts its own
+#      (UNet.nnunet 3D, SwinUNet 2D), the SAM ViT-B image encoder (inference b1/b8, training; then its attention
+#      op), then the conv block and the distance transform.  Each benchmark puts its own
 #      most important cases first and writes its rows after every case, so one stopped at its limit keeps them.
 #      Triton compilation happens in each benchmark's untimed warm-up (the conv kernels' cache is warmed first
 #      where kernels/conv_block.py offers it); the GPU tests have compiled most kernels already.
@@ -144,7 +146,7 @@ run info 30 bash -c 'cd /tmp && exec "$@"' in-tmp $PY -m fastmed info
 
 step "3. GPU tests (correctness of every op at real sizes; no host synchronization)"
 TESTS=()
-for t in no_sync losses window_attention norm_act backend distance_transform conv_block; do
+for t in no_sync losses window_attention norm_act backend distance_transform conv_block sam_attention sam_finetune; do
   TESTS+=("$PWD/tests/test_$t.py")
 done
 if [ "$MODE" = rehearse ]; then
@@ -163,10 +165,10 @@ else
 fi
 
 step "4. benchmarks"
-for name in ${BENCHES:-losses window_attention norm_act models conv_block distance_transform}; do
+for name in ${BENCHES:-losses window_attention norm_act models sam conv_block distance_transform}; do
   case $name in
-    losses) cap=60 ;; window_attention) cap=70 ;; norm_act) cap=45 ;; models) cap=60 ;; conv_block) cap=55 ;;
-    *) cap=30 ;;
+    losses) cap=60 ;; window_attention) cap=70 ;; norm_act) cap=45 ;; models) cap=60 ;; sam) cap=60 ;;
+    conv_block) cap=55 ;; *) cap=30 ;;
   esac
   [ "$MODE" = rehearse ] && cap=$((cap * 4))
   step "4. bench_$name (limit ${cap} s)"
@@ -190,7 +192,7 @@ $PY bench/bench_conv_block.py --write-choice --from "$OUT/device_check.json" --c
   "${CHOICE_ARGS[@]}" || FAILED+=("conv-choice")
 if [ "$MODE" = rehearse ]; then
   # every step must have produced its part: rows of each benchmark, the table, a plot, the choice table
-  $PY - "$OUT" ${BENCHES:-losses window_attention norm_act models conv_block distance_transform} <<'PY' || FAILED+=("rehearsal-check")
+  $PY - "$OUT" ${BENCHES:-losses window_attention norm_act models sam conv_block distance_transform} <<'PY' || FAILED+=("rehearsal-check")
 import glob, json, os, sys
 out, want = sys.argv[1], set(sys.argv[2:])
 rows = json.load(open(os.path.join(out, "device_check.json")))["rows"]

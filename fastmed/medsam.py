@@ -5,6 +5,14 @@ input size (1024^2 for ViT-B), min-max scaled to [0, 1] (no ImageNet mean/std), 
 resized image, prompts the decoder (one mask, ``multimask_output=False``); the 256^2 logits go through a sigmoid,
 are resized bilinearly to the original size and thresholded at 0.5.  Difference from MedSAM's script: the resize is
 torch's antialiased bicubic on floats (MedSAM uses skimage's and rounds to uint8 before the min-max scaling).
+
+Fine-tuning as MedSAM trains (``train_one_gpu.py``)::
+
+    params = medsam.prepare_for_finetuning(model)       # prompt encoder frozen; image encoder + mask decoder train
+    optimizer = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.01)   # MedSAM's defaults
+    loss_fn = medsam.MedSAMLoss()                        # Dice(sigmoid, squared_pred) + BCE-with-logits, fused
+    for images, boxes, masks in loader:                  # (B, 3, 1024, 1024) in [0, 1], (B, 4) in 1024 pixels,
+        loss = medsam.train_step(model, optimizer, images, boxes, masks, loss_fn)   # (B, 1, 1024, 1024) 0/1
 """
 from __future__ import annotations
 
@@ -16,11 +24,12 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from fastmed.models.sam import SAM
+from fastmed.ops.losses import dice_ce_loss
 
-__all__ = ["predict", "preprocess", "main"]
+__all__ = ["predict", "preprocess", "main", "prepare_for_finetuning", "MedSAMLoss", "forward_logits", "train_step"]
 
 THRESHOLD = 0.5  # on the sigmoid of the mask logits
 
@@ -33,6 +42,11 @@ def preprocess(images: Tensor, size: int) -> Tensor:
     lo = x.amin(dim=(1, 2, 3), keepdim=True)
     hi = x.amax(dim=(1, 2, 3), keepdim=True)
     return (x - lo) / (hi - lo).clamp_min(1e-8)
+
+
+def _check_model(model) -> None:
+    if not isinstance(model, SAM):
+        raise TypeError(f"model must be a fastmed.models.SAM, got {type(model).__name__}")
 
 
 def _boxes(box, n: int, H: int, W: int) -> Tensor:
@@ -66,8 +80,7 @@ def predict(image: Tensor, box: Union[Sequence[float], Tensor], model: SAM, *, b
         raise TypeError(f"image must be a torch.Tensor, got {type(image).__name__}")
     if image.is_complex() or image.dtype == torch.bool:
         raise TypeError(f"image must have a real dtype, got {image.dtype}")
-    if not isinstance(model, SAM):
-        raise TypeError(f"model must be a fastmed.models.SAM, got {type(model).__name__}")
+    _check_model(model)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     rgb = image.dim() == 3 and image.shape[-1] == 3
@@ -95,6 +108,87 @@ def predict(image: Tensor, box: Union[Sequence[float], Tensor], model: SAM, *, b
             out.append(prob[0, 0] > THRESHOLD)
     mask = torch.stack(out).cpu()
     return mask[0] if squeeze else mask
+
+
+def prepare_for_finetuning(model: SAM) -> list[nn.Parameter]:
+    """MedSAM's training setup: freezes the prompt encoder (``requires_grad=False``), makes the image encoder and
+    the mask decoder trainable, and puts the model in training mode.
+
+    Returns:
+        the trainable parameters (image encoder's, then mask decoder's), the ones MedSAM gives its optimizer.
+    """
+    _check_model(model)
+    model.train()
+    for p in model.prompt_encoder.parameters():
+        p.requires_grad_(False)
+    params = list(model.image_encoder.parameters()) + list(model.mask_decoder.parameters())
+    for p in params:
+        p.requires_grad_(True)
+    return params
+
+
+class MedSAMLoss(nn.Module):
+    """MedSAM's loss: ``monai.losses.DiceLoss(sigmoid=True, squared_pred=True, reduction="mean")`` plus
+    ``torch.nn.BCEWithLogitsLoss(reduction="mean")``, computed as one fused :func:`fastmed.ops.dice_ce_loss` (one
+    pass over the logits for both terms' statistics, one for the gradient).
+
+    ``forward(logits (B, 1, H, W), target (B, 1, H, W) of 0/1, any real dtype)`` -> a float32 scalar (float64
+    for float64 logits)."""
+
+    def forward(self, logits: Tensor, target: Tensor) -> Tensor:
+        if isinstance(logits, Tensor) and (logits.dim() < 2 or logits.shape[1] != 1):
+            raise ValueError(f"logits must have one channel (B, 1, *spatial), as MedSAM's single mask, got shape "
+                             f"{tuple(logits.shape)}")
+        return dice_ce_loss(logits, target, sigmoid=True, squared_pred=True, reduction="mean")
+
+
+def forward_logits(model: SAM, images: Tensor, boxes: Tensor) -> Tensor:
+    """MedSAM's ``forward``: full-resolution mask logits for one box per image.
+
+    The image encoder runs with gradients; the prompt encoder under ``no_grad`` (frozen, as in MedSAM); the mask
+    decoder with ``multimask_output=False`` on the batch; its low-resolution logits are upsampled bilinearly
+    (``align_corners=False``) to the images' size.
+
+    Args:
+        images: ``(B, 3, S, S)`` preprocessed images (:func:`preprocess`), S the encoder's input size.
+        boxes: ``(B, 4)`` ``(x0, y0, x1, y1)`` in the images' pixels.
+
+    Returns:
+        ``(B, 1, S, S)`` logits.
+    """
+    _check_model(model)
+    if not isinstance(images, Tensor) or images.dim() != 4:
+        raise ValueError(f"images must be a (B, 3, S, S) tensor, got "
+                         f"{tuple(images.shape) if isinstance(images, Tensor) else type(images).__name__}")
+    if not isinstance(boxes, Tensor) or tuple(boxes.shape) != (images.shape[0], 4):
+        raise ValueError(f"boxes must be a ({images.shape[0]}, 4) tensor (one box per image), got "
+                         f"{tuple(boxes.shape) if isinstance(boxes, Tensor) else type(boxes).__name__}")
+    emb = model.image_encoder(images)
+    with torch.no_grad():
+        sparse, dense = model.prompt_encoder(None, boxes.to(images.device, torch.float32), None)
+    low, _ = model.mask_decoder(emb, model.prompt_encoder.get_dense_pe(), sparse, dense, False)
+    return F.interpolate(low, size=images.shape[-2:], mode="bilinear", align_corners=False)
+
+
+def train_step(model: SAM, optimizer: torch.optim.Optimizer, images: Tensor, boxes: Tensor, masks: Tensor,
+               loss_fn: Optional[nn.Module] = None) -> Tensor:
+    """One MedSAM training step: :func:`forward_logits`, ``loss_fn`` (default :class:`MedSAMLoss`) against
+    ``masks``, ``backward``, ``optimizer.step()``, ``optimizer.zero_grad()`` (MedSAM's order).
+
+    Args:
+        images, boxes: as :func:`forward_logits`; masks: ``(B, 1, S, S)`` ground truth (0/1).
+        optimizer: over :func:`prepare_for_finetuning`'s parameters.
+
+    Returns:
+        the loss (detached).
+    """
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, got {type(optimizer).__name__}")
+    loss = (loss_fn or MedSAMLoss())(forward_logits(model, images, boxes), masks)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad()
+    return loss.detach()
 
 
 def _read_image(path: str) -> Tensor:

@@ -32,6 +32,14 @@ checkpoints load before or after patching):
   ``attn.relative_position_bias_table``, ``attn.attn_drop`` (an ``nn.Dropout``), ``norm1``, ``norm2``, ``mlp``,
   ``window_size``, ``shift_size`` and ``input_resolution`` (Swin-Unet) or ``drop_path1``/``drop_path2``
   (timm)): replaced by a :class:`FusedSwinBlock` holding the same children.
+* **segment_anything's image-encoder blocks** (``segment_anything.modeling.image_encoder.Block`` whose ``attn`` is
+  its ``Attention`` with ``use_rel_pos=True``; SAM and MedSAM ViTs, windowed and global): replaced by a
+  :class:`FusedSamBlock` holding the same ``norm1``/``norm2``/``mlp`` and a :class:`FusedSamAttention` over the
+  original ``qkv``/``proj`` and ``rel_pos_h``/``rel_pos_w`` Parameters (the same objects: optimizer state and
+  state-dict keys are unchanged).  The attention, window partition and padding included, is one
+  :func:`fastmed.ops.sam_attention` on the token grid.  An ``Attention`` outside such a block (a ``Block``
+  subclass, or on its own) becomes a :class:`FusedSamAttention` that attends over its whole input, as the
+  original does.  ``use_rel_pos=False`` attention is left alone and reported.
 * Swin blocks with attention dropout are replaced in either mode and keep the original's behaviour in both: in
   training (also after ``.train()`` on a model patched in eval mode) their attention runs unfused, with the
   dropout; in eval mode it is fused.
@@ -60,7 +68,7 @@ from fastmed.ops.conv_block import conv_norm_act
 from fastmed.ops.norm_act import norm_act
 
 __all__ = ["patch", "PatchReport", "FusedConvNormAct", "FusedNormAct", "FusedSwinBlock", "FusedUnetBlock",
-           "FusedUnetUpBlock", "Absorbed", "NormView", "fused_conv_norm_act",
+           "FusedUnetUpBlock", "FusedSamBlock", "FusedSamAttention", "Absorbed", "NormView", "fused_conv_norm_act",
            "activation_args"]
 
 _NORMS = (nn.modules.instancenorm._InstanceNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
@@ -696,13 +704,122 @@ def _patch_swin_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> 
                                       f"(fused window attention{_DROPOUT_NOTE if attn.attn_drop.p > 0 else ''})"))
 
 
+# ------------------------------------------------------------------- segment_anything image-encoder attention
+def _sam_encoder_classes() -> tuple:
+    """(Block, Attention) of segment_anything's image encoder if its module is loaded (a model holding them has
+    loaded it; nothing is imported here), else (None, None)."""
+    mod = sys.modules.get("segment_anything.modeling.image_encoder")
+    return (getattr(mod, "Block", None), getattr(mod, "Attention", None)) if mod is not None else (None, None)
+
+
+class FusedSamAttention(nn.Module):
+    """segment_anything's image-encoder ``Attention`` (decomposed relative position) as one
+    :func:`fastmed.ops.sam_attention`.
+
+    Holds the original's ``qkv`` and ``proj`` Linears and its ``rel_pos_h``/``rel_pos_w`` Parameters (the same
+    objects under the same names).  ``forward(x (B, H, W, C)) -> (B, H, W, C)``: attention in ``window x window``
+    windows of the grid, padded at the end by index (the padding tokens' qkv is the qkv bias, as segment_anything
+    pads the normalized tokens with zeros), or over the whole grid for ``window=0``.  A global attention whose
+    tables do not match the grid (segment_anything interpolates them for another input size) runs the original
+    forward on the same parameters."""
+
+    def __init__(self, attn: nn.Module, window: int):
+        super().__init__()
+        self.qkv, self.proj = attn.qkv, attn.proj
+        self._parameters = attn._parameters  # rel_pos_h, rel_pos_w
+        self.num_heads, self.scale, self.use_rel_pos = attn.num_heads, float(attn.scale), attn.use_rel_pos
+        self.window = int(window)
+        self.training = attn.training
+        object.__setattr__(self, "_original", attn)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from fastmed.ops.sam_attention import sam_attention
+
+        side = (x.shape[1], x.shape[2]) if self.window == 0 else (self.window, self.window)
+        th, tw = self.rel_pos_h, self.rel_pos_w
+        if self.window == 0 and (th.shape[0] != 2 * side[0] - 1 or tw.shape[0] != 2 * side[1] - 1):
+            return type(self._original).forward(self, x)  # interpolated tables: segment_anything's own code
+        qkv = self.qkv(x)
+        bias = self.qkv.bias
+        out = sam_attention(qkv, self.num_heads, th.to(qkv.dtype), tw.to(qkv.dtype), self.window, self.scale,
+                            qkv_pad=None if bias is None else bias.to(qkv.dtype))
+        return self.proj(out)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, " + ("global" if self.window == 0 else f"window={self.window}")
+
+
+class FusedSamBlock(nn.Module):
+    """segment_anything's image-encoder ``Block`` with its attention (window partition and padding included) as one
+    :func:`fastmed.ops.sam_attention`: ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))`` on ``(B, H, W, C)``.
+    Keeps the original's ``norm1``, ``norm2``, ``mlp`` and (as a :class:`FusedSamAttention`) ``attn``."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        self.window_size = int(block.window_size)
+        self.norm1 = block.norm1  # children in the original's order: same parameter and state-dict order
+        self.attn = FusedSamAttention(block.attn, self.window_size)
+        self.norm2, self.mlp = block.norm2, block.mlp
+        self.training = block.training
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+def _sam_attention_desc(window: int) -> str:
+    kind = "global attention" if window == 0 else f"{window}x{window} windowed attention"
+    return f"{kind} with decomposed relative position -> fastmed.ops.sam_attention"
+
+
+def _patch_sam_blocks(model: nn.Module, report: PatchReport, mapping: dict) -> None:
+    block_cls, attn_cls = _sam_encoder_classes()
+    if attn_cls is None:
+        return
+    inside = set()  # attention modules of replaced blocks
+    for name, blk in model.named_modules():
+        if block_cls is None or type(blk) is not block_cls or type(blk.attn) is not attn_cls:
+            continue
+        ws, attn = int(blk.window_size), blk.attn
+        if not attn.use_rel_pos:
+            continue  # reported with the attention below
+        if ws > 0 and (attn.rel_pos_h.shape[0] != 2 * ws - 1 or attn.rel_pos_w.shape[0] != 2 * ws - 1):
+            report.skipped.append((name, f"segment_anything Block: rel-pos tables of {attn.rel_pos_h.shape[0]} x "
+                                         f"{attn.rel_pos_w.shape[0]} rows for window {ws} (interpolated by "
+                                         f"segment_anything; fastmed needs 2 * window - 1)"))
+            inside.add(id(attn))
+            continue
+        if blk is model:
+            report.skipped.append((name, "segment_anything Block: the model itself (patch the model holding it)"))
+            inside.add(id(attn))
+            continue
+        mapping[id(blk)] = FusedSamBlock(blk)
+        inside.add(id(attn))
+        report.replaced.append((name, f"segment_anything Block ({_sam_attention_desc(ws)}, window partition and "
+                                      f"padding by index) -> FusedSamBlock"))
+    for name, attn in model.named_modules():
+        if type(attn) is not attn_cls or id(attn) in inside:
+            continue
+        if not attn.use_rel_pos:
+            report.skipped.append((name, "segment_anything Attention: use_rel_pos=False; fastmed.ops.sam_attention "
+                                         "fuses SAM's attention with decomposed relative position"))
+        elif attn is model:
+            report.skipped.append((name, "segment_anything Attention: the model itself (patch the model holding "
+                                         "it)"))
+        else:
+            mapping[id(attn)] = FusedSamAttention(attn, 0)
+            report.replaced.append((name, f"segment_anything Attention ({_sam_attention_desc(0)} over its input) "
+                                          f"-> FusedSamAttention"))
+
+
 def patch(model: nn.Module, *, conv: bool = True, attention: bool = True) -> PatchReport:
     """Replace, in place, the patterns fastmed accelerates (see the module docstring) and report.
 
     Args:
         model: any ``nn.Module``.
         conv: fuse MONAI's DynUNet/UNETR conv blocks and Conv/Norm/Activation runs.
-        attention: replace MONAI Swin blocks by fastmed's window-attention blocks.
+        attention: replace Swin blocks (MONAI, Swin-Unet, timm) by fastmed's window-attention blocks and
+            segment_anything's image-encoder blocks by :class:`FusedSamBlock`.
 
     Returns a :class:`PatchReport`: every replacement, and every convolution or MONAI block left alone with its
     block type and the reason.  Outputs and gradients are those of the original model (within the dtype's
@@ -714,6 +831,7 @@ def patch(model: nn.Module, *, conv: bool = True, attention: bool = True) -> Pat
     mapping: dict = {}
     if attention:
         _patch_swin_blocks(model, report, mapping)
+        _patch_sam_blocks(model, report, mapping)
         _replace_everywhere(model, mapping)
         mapping = {}
     if not conv:

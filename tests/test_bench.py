@@ -222,7 +222,7 @@ def test_device_script_names_existing_files():
     text = open(script).read()
     benches = re.search(r'for name in \$\{BENCHES:-([a-z_ ]+)\}', text).group(1).split()
     tests = re.search(r"for t in ([a-z_ ]+); do", text).group(1).split()
-    assert benches[:2] == ["losses", "window_attention"] and len(benches) == 6
+    assert benches[:2] == ["losses", "window_attention"] and len(benches) == 7 and "sam" in benches
     missing = [f"bench/bench_{b}.py" for b in benches if not os.path.exists(os.path.join(BENCH, f"bench_{b}.py"))]
     missing += [f"tests/test_{t}.py" for t in tests if not os.path.exists(os.path.join(ROOT, "tests", f"test_{t}.py"))]
     assert not missing and tests[0] == "no_sync", missing
@@ -260,7 +260,8 @@ def test_loss_benchmark_runs_without_monai(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["bench_inference", "bench_models", "bench_losses", "bench_norm_act",
-                                  "bench_conv_block", "bench_window_attention", "bench_distance_transform"])
+                                  "bench_conv_block", "bench_window_attention", "bench_distance_transform",
+                                  "bench_sam"])
 def test_every_benchmark_parses_its_arguments(name):
     """Every benchmark builds its parser (the harness's common options plus its own, no clash) and prints --help."""
     bench = _module(name)
@@ -276,3 +277,28 @@ def test_inference_benchmark_runs_on_the_cpu(tmp_path):
                 "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert {r["impl"] for r in rows if r.get("ms")} >= {"fastmed", "monai"}
+
+
+def test_sam_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
+    """bench_sam --quick: the tiny encoder (inference and training) and the op, fastmed against segment_anything's
+    own code and SDPA, each checked equal before timing; rows carry images/s, FLOP/s and bytes."""
+    from fastmed.models.sam import segment_anything_modeling
+
+    try:
+        segment_anything_modeling()
+    except ImportError as exc:
+        pytest.skip(str(exc))
+    monkeypatch.setenv("FASTMED_BENCH_CASE_S", "0.01")
+    bench = _module("bench_sam")
+    out = tmp_path / "sam.json"
+    bench.main(["--quick", "--device", "cpu", "--no-compile", "--warmup", "1", "--out", str(out)])
+    rows = json.loads(out.read_text())["rows"]
+    assert not [r for r in rows if r.get("error")]
+    encoder = [r for r in rows if r["kind"] == "encoder"]
+    assert {(r["mode"], r["impl"]) for r in encoder} == {(m, i) for m in ("inference", "training")
+                                                        for i in ("fastmed", "segment_anything", "sdpa")}
+    assert all(r["images/s"] == pytest.approx(2 / (r["ms"] * 1e-3), rel=1e-3) and r["TFLOP/s"] > 0 for r in encoder)
+    assert all(r["max_abs_diff_vs_fastmed"] < 1e-4 for r in rows)
+    op = {(r["case"], r["impl"]) for r in rows if r["kind"] == "op"}
+    assert len(op) == 4 * 4 and ("op quick-global-8^2 fwd+bwd", "segment_anything") in op
+    assert all(r["min_bytes"] > 0 and r["pct_copy_bw"] > 0 for r in rows)

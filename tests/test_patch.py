@@ -539,3 +539,78 @@ def test_failed_call_leaves_batch_norm_statistics_unchanged(kind):
     after = _bn_state(model)
     for k, v in before.items():
         assert torch.equal(after[k], v), k
+
+
+# ----------------------------------------------------------------------- segment_anything image-encoder attention
+def _sam_vit(use_rel_pos=True):
+    """segment_anything's ImageEncoderViT, small (8x8 tokens, windows of 3 padded to 9x9, block 1 global), random
+    weights (rel-pos tables non-zero)."""
+    from test_sam_attention import load_sam_modeling
+
+    m = load_sam_modeling()
+    torch.manual_seed(0)
+    vit = m.ImageEncoderViT(img_size=64, patch_size=8, embed_dim=32, depth=3, num_heads=2, mlp_ratio=4, out_chans=16,
+                            qkv_bias=True, norm_layer=lambda d: nn.LayerNorm(d, eps=1e-6), use_rel_pos=use_rel_pos,
+                            window_size=3, global_attn_indexes=(1,))
+    with torch.no_grad():
+        for p in vit.parameters():
+            p.normal_(0, 0.2)
+    return vit
+
+
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+def test_patch_segment_anything_vit_shares_parameters_and_matches(backend):
+    from fastmed.patch import FusedSamAttention, FusedSamBlock
+
+    ref = _sam_vit()
+    model = copy.deepcopy(ref)
+    params = list(model.parameters())
+    tables = [blk.attn.rel_pos_h for blk in model.blocks]
+    report = patch(model)
+    replaced = dict(report.replaced)
+    assert set(replaced) >= {"blocks.0", "blocks.1", "blocks.2"}
+    assert "3x3 windowed attention" in replaced["blocks.0"] and "global attention" in replaced["blocks.1"]
+    assert all(isinstance(model.blocks[i], FusedSamBlock) for i in range(3))
+    assert all(isinstance(model.blocks[i].attn, FusedSamAttention) for i in range(3))
+    assert "blocks.0.attn" not in replaced  # the whole block, not its attention again
+    # the same Parameter objects, in the same order (an optimizer built before patching keeps working)
+    assert [id(p) for p in model.parameters()] == [id(p) for p in params]
+    assert [id(blk.attn.rel_pos_h) for blk in model.blocks] == [id(t) for t in tables]
+    skipped = dict(report.skipped)
+    assert "patch_embed.proj" in skipped  # the convolutions (no norm to fuse) are named with a reason
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with fastmed.use_backend(backend):
+        _check_same(ref, model, x, atol=1e-4)
+
+
+def test_patch_segment_anything_attention_alone_and_without_rel_pos():
+    from test_sam_attention import load_sam_modeling
+
+    from fastmed.patch import FusedSamAttention
+
+    m = load_sam_modeling()
+    torch.manual_seed(0)
+    ref = nn.Sequential(m.image_encoder.Attention(16, 2, use_rel_pos=True, input_size=(4, 4)),
+                        m.image_encoder.Attention(16, 2, use_rel_pos=False))
+    with torch.no_grad():
+        for p in ref.parameters():
+            p.normal_(0, 0.3)
+    model = copy.deepcopy(ref)
+    report = patch(model)
+    assert [n for n, _ in report.replaced] == ["0"] and isinstance(model[0], FusedSamAttention)
+    assert dict(report.skipped)["1"].startswith("segment_anything Attention: use_rel_pos=False")
+    assert type(model[1]) is m.image_encoder.Attention
+    _check_same(ref, model, torch.randn(2, 4, 4, 16))
+    # another grid: segment_anything interpolates the 7-row tables; the patched module runs its code
+    ref.train()
+    model.train()
+    _check_same(ref, model, torch.randn(1, 5, 6, 16))
+
+
+def test_patch_segment_anything_vit_without_rel_pos_is_reported():
+    model = _sam_vit(use_rel_pos=False)
+    report = patch(model)
+    skipped = dict(report.skipped)
+    assert all(skipped[f"blocks.{i}.attn"].startswith("segment_anything Attention: use_rel_pos=False")
+               for i in range(3))
+    assert not any(n.startswith("blocks") for n, _ in report.replaced)

@@ -14,24 +14,14 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def load_sam_modeling():
-    """``segment_anything.modeling`` without running ``segment_anything/__init__.py`` (it imports torchvision,
-    which fastmed's test environment does not have): a bare parent package is registered first.  Skips when
-    segment_anything is not installed."""
-    import importlib
-    import importlib.machinery
-    import sys
-    import types
+    """``segment_anything.modeling`` without its package ``__init__`` (which imports torchvision, absent from
+    fastmed's test environment); skips when segment_anything is not installed."""
+    from fastmed.models.sam import segment_anything_modeling
 
-    if "segment_anything.modeling" in sys.modules:
-        return sys.modules["segment_anything.modeling"]
-    spec = importlib.machinery.PathFinder.find_spec("segment_anything")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.skip("segment_anything (the `test` extra) is not installed")
-    if "segment_anything" not in sys.modules:
-        pkg = types.ModuleType("segment_anything")
-        pkg.__path__ = list(spec.submodule_search_locations)
-        sys.modules["segment_anything"] = pkg
-    return importlib.import_module("segment_anything.modeling")
+    try:
+        return segment_anything_modeling()
+    except ImportError as exc:
+        pytest.skip(f"{exc} (the `test` extra)")
 
 # (B, H, W, heads, head_dim, window): windows with padding (7x6 grid, window 4 -> 8x8), exact tiling, global
 SHAPES = [(2, 7, 6, 2, 8, 4), (1, 4, 8, 1, 16, 4), (1, 5, 6, 2, 8, 0)]
@@ -163,7 +153,11 @@ def test_opcheck_and_compile_reference():
     fn = torch.compile(lambda q, h, w, p: fastmed.ops.sam_attention(q, 2, h, w, 4, qkv_pad=p), fullgraph=True,
                        backend="aot_eager")
     with fastmed.use_backend("reference"):
-        torch.testing.assert_close(fn(qkv, th, tw, qp), fastmed.ops.sam_attention(qkv, 2, th, tw, 4, qkv_pad=qp))
+        got, want = fn(qkv, th, tw, qp), fastmed.ops.sam_attention(qkv, 2, th, tw, 4, qkv_pad=qp)
+        torch.testing.assert_close(got, want)
+        dout = torch.randn(got.shape, generator=torch.Generator().manual_seed(4))
+        for a, b in zip(_grads(got, (qkv, th, tw, qp), dout), _grads(want, (qkv, th, tw, qp), dout)):
+            torch.testing.assert_close(a, b)  # the backward op (its probabilities kept by the forward) compiled too
 
 
 def test_errors():
@@ -233,3 +227,28 @@ def test_kernels_compile_for_sm90_without_spills():
     reports = compile_for_sm90(_sm90_specs())
     assert len(reports) == 12
     assert_no_spills([r for r in reports if not r["constexprs"]["CAST"]])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("window", [14, 0])
+def test_gpu_vit_b_sizes_equal_reference(window, dtype):
+    """ViT-B's blocks on the GPU (64x64 tokens, C=768, 12 heads; 14x14 windows padded to 70x70, and global): the
+    Triton values and gradients against the float64 reference, within twice the reference's own error in ``dtype``
+    plus the dtype's tolerance floor."""
+    leaves = _inputs(2, 64, 64, 12, 64, window, torch.float64, "cuda")
+    exact_in = [t.detach().requires_grad_() for t in leaves]
+    low_in = [t.detach().to(dtype).requires_grad_() for t in leaves]
+    dout = torch.randn(2, 64, 64, 768, generator=torch.Generator().manual_seed(3), dtype=torch.float64).cuda()
+    results = {}
+    for name, ins, backend in (("exact", exact_in, "reference"), ("triton", low_in, "triton"),
+                               ("ref_low", [t.detach().requires_grad_() for t in low_in], "reference")):
+        with fastmed.use_backend(backend):
+            out = fastmed.ops.sam_attention(ins[0], 12, ins[1], ins[2], window, qkv_pad=ins[3])
+        results[name] = [out] + list(_grads(out, ins, dout.to(out.dtype)))
+    for i, what in enumerate(("out", "dqkv", "drel_pos_h", "drel_pos_w", "dqkv_pad")):
+        exact = results["exact"][i]
+        err = (results["triton"][i].double() - exact).abs().max().item()
+        ref_err = (results["ref_low"][i].double() - exact).abs().max().item()
+        floor = TOL[dtype]["atol"] * max(1.0, exact.abs().max().item())
+        assert err <= 2 * ref_err + floor, f"{what}: triton error {err:.3g}, reference error {ref_err:.3g}"

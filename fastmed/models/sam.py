@@ -21,7 +21,29 @@ from fastmed.ops.sam_attention import sam_attention
 from fastmed.ops.window_attention import attention
 from fastmed.reference import sam_attention as ref
 
-__all__ = ["SAM"]
+__all__ = ["SAM", "segment_anything_modeling"]
+
+
+def segment_anything_modeling():
+    """The official ``segment_anything.modeling`` module (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder``,
+    ``Sam``, ``image_encoder.Attention``, ...), imported without running ``segment_anything/__init__.py``, which
+    imports torchvision for its automatic mask generator: a bare parent package is registered first.  For
+    comparisons (tests, ``bench/bench_sam.py``); ``ImportError`` when segment_anything is not installed."""
+    import importlib
+    import importlib.machinery
+    import sys
+    import types
+
+    if "segment_anything.modeling" in sys.modules:
+        return sys.modules["segment_anything.modeling"]
+    spec = importlib.machinery.PathFinder.find_spec("segment_anything")
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("segment_anything is not installed (pip install segment_anything; pure Python)")
+    if "segment_anything" not in sys.modules:
+        pkg = types.ModuleType("segment_anything")
+        pkg.__path__ = list(spec.submodule_search_locations)
+        sys.modules["segment_anything"] = pkg
+    return importlib.import_module("segment_anything.modeling")
 
 
 class LayerNorm2d(nn.Module):
@@ -295,7 +317,10 @@ class MaskDecoder(nn.Module):
                 multimask_output: bool) -> tuple[Tensor, Tensor]:
         out_tokens = torch.cat([self.iou_token.weight, self.mask_tokens.weight]).unsqueeze(0)
         tokens = torch.cat([out_tokens.expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        src = torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0) + dense
+        # one image with N prompt sets (SAM), or N images with one prompt set each (MedSAM's training batches)
+        paired = image_embeddings.shape[0] == tokens.shape[0]
+        src = (image_embeddings if paired else torch.repeat_interleave(image_embeddings, tokens.shape[0], dim=0))
+        src = src + dense
         pos = torch.repeat_interleave(image_pe, tokens.shape[0], dim=0)
         b, c, h, w = src.shape
         hs, src = self.transformer(src, pos, tokens)
@@ -347,7 +372,8 @@ class SAM(nn.Module):
 
     def decode(self, image_embeddings: Tensor, points=None, boxes: Optional[Tensor] = None,
                masks: Optional[Tensor] = None, multimask_output: bool = False) -> tuple[Tensor, Tensor]:
-        """Prompts -> ``(low-res mask logits, iou)`` for precomputed ``image_embeddings (B, C, h, w)``."""
+        """Prompts -> ``(low-res mask logits, iou)`` for precomputed ``image_embeddings``: ``(1, C, h, w)`` with
+        ``N`` prompt sets (SAM), or ``(N, C, h, w)`` with one prompt set per embedding (MedSAM's batches)."""
         sparse, dense = self.prompt_encoder(points, boxes, masks)
         return self.mask_decoder(image_embeddings, self.prompt_encoder.get_dense_pe(), sparse, dense,
                                  multimask_output)

@@ -22,9 +22,9 @@ _backend.register_op("sam_attention", ("triton", "reference"),
                      doc="SAM windowed/global attention with decomposed relative position, forward and backward")
 
 
-def _reference_backward(dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad, spec: ref.SamAttentionSpec):
-    # The reference recomputes the attention from qkv: out and lse are not needed.
-    return ref.sam_attention_backward(dout, qkv, rel_pos_h, rel_pos_w, qkv_pad, spec)
+def _reference_backward(dout, qkv, out, probs, rel_pos_h, rel_pos_w, qkv_pad, spec: ref.SamAttentionSpec):
+    # The reference's forward returns its softmax probabilities in the lse slot; out is not needed.
+    return ref.sam_attention_backward(dout, qkv, rel_pos_h, rel_pos_w, qkv_pad, spec, probs)
 
 
 _FORWARD = _backend.triton_and_reference("sam_attention", "sam_attention_fwd", "sam_attention_forward",
@@ -38,7 +38,8 @@ _NON_TENSOR_GRADS = (None,) * (len(ref.SamAttentionSpec._fields) + 1)  # the spe
 @triton_op("fastmed::sam_attention_fwd", mutates_args=())
 def _sam_attention_fwd(qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, qkv_pad: Optional[Tensor],
                        num_heads: int, window: list[int], scale: float, backend: str) -> tuple[Tensor, Tensor]:
-    """``qkv (B, H, W, 3C)`` -> ``(out (B, H, W, C), lse (B, H, W, heads) or empty)``."""
+    """``qkv (B, H, W, 3C)`` -> ``(out (B, H, W, C), lse (B, H, W, heads))``; the reference returns its softmax
+    probabilities ``(B * nW, heads, L, L)`` in place of ``lse`` (its backward reuses them)."""
     spec = ref.SamAttentionSpec.from_flat(num_heads, window, scale)
     return _FORWARD[backend](qkv, rel_pos_h, rel_pos_w, qkv_pad, spec)
 
@@ -47,7 +48,8 @@ def _sam_attention_fwd(qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, qkv_pa
 def _sam_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse: Optional[Tensor], rel_pos_h: Tensor,
                        rel_pos_w: Tensor, qkv_pad: Optional[Tensor], num_heads: int, window: list[int], scale: float,
                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(dqkv, drel_pos_h, drel_pos_w, dqkv_pad or empty)``; ``out``/``lse`` are None for the reference."""
+    """``(dqkv, drel_pos_h, drel_pos_w, dqkv_pad or empty)``; ``out`` is None for the reference, ``lse`` its
+    probabilities."""
     spec = ref.SamAttentionSpec.from_flat(num_heads, window, scale)
     dqkv, dh, dw, dpad = _BACKWARD[backend](dout, qkv, out, lse, rel_pos_h, rel_pos_w, qkv_pad, spec)
     return dqkv, dh, dw, dpad if dpad is not None else qkv.new_empty(0)
@@ -56,11 +58,11 @@ def _sam_attention_bwd(dout: Tensor, qkv: Tensor, out: Optional[Tensor], lse: Op
 def _setup_context(ctx, inputs, output):
     qkv, rel_pos_h, rel_pos_w, qkv_pad, *spec_fields, backend = inputs
     out, lse = output
-    # The reference recomputes everything from qkv; the Triton backward reads out (delta = rowsum(dO * O)) and
-    # keeps a copy of its own, so that the caller may modify the returned output in place, as with torch modules.
+    # The reference keeps its softmax probabilities (returned in the lse slot, never to the caller); the Triton
+    # backward reads out (delta = rowsum(dO * O)) and keeps a copy of its own, so that the caller may modify the
+    # returned output in place, as with torch modules.
     keep = backend != "reference"
-    ctx.save_for_backward(qkv, out.detach().clone() if keep else None, lse if keep else None, rel_pos_h, rel_pos_w,
-                          qkv_pad)
+    ctx.save_for_backward(qkv, out.detach().clone() if keep else None, lse, rel_pos_h, rel_pos_w, qkv_pad)
     ctx.spec = ref.SamAttentionSpec.from_flat(*spec_fields)
     ctx.backend = backend
 

@@ -105,21 +105,101 @@ def decomposed_bias_backward(q: Tensor, drel_h: Tensor, drel_w: Tensor, rel_pos_
     return dq, grads[0], grads[1]
 
 
-def _windows(t: Tensor, window) -> Tensor:
-    """``(B, Hp, Wp, heads, d)`` -> ``(B * nW, heads, WH * WW, d)`` (SAM's ``window_partition`` order)."""
-    B, Hp, Wp, n, d = t.shape
-    WH, WW = window
-    t = t.view(B, Hp // WH, WH, Wp // WW, WW, n, d).permute(0, 1, 3, 5, 2, 4, 6)
-    return t.reshape(-1, n, WH * WW, d)
+def _pieces(n: int, w: int) -> list[tuple[slice, slice, slice]]:
+    """``n`` grid positions cut into windows of ``w``: ``(grid slice, window-index slice, in-window slice)`` for the
+    full windows and, if ``w`` does not divide ``n``, the last (partly padding) one."""
+    full, rest = divmod(n, w)
+    parts = [(slice(0, full * w), slice(0, full), slice(0, w))] if full else []
+    if rest:
+        parts.append((slice(full * w, n), slice(full, full + 1), slice(0, rest)))
+    return parts
 
 
-def _unwindows(t: Tensor, B: int, padded, window) -> Tensor:
-    """Inverse of :func:`_windows`: ``(B * nW, heads, WH * WW, d)`` -> ``(B, Hp, Wp, heads * d)``."""
-    Hp, Wp = padded
+def _windowed(t: Tensor, pad: Optional[Tensor], spec: SamAttentionSpec, groups: int = 3) -> Tensor:
+    """``t (B, H, W, groups * C)`` (qkv: ``groups=3``) -> ``(groups, B * nW, heads, L, head_dim)`` in the
+    accumulation dtype, window by window (SAM's ``window_partition`` order), the grid padded at the end of each
+    axis with the token ``pad (groups * C,)`` (zeros when None), written in one strided copy (no padded grid in
+    between)."""
+    B, H, W, CG = t.shape
+    heads = spec.num_heads
+    hd = CG // groups // heads
+    WH, WW = spec.window
+    nh, nw = -(-H // WH), -(-W // WW)
+    acc = accumulation_dtype(t.dtype)
+    out = torch.empty(groups, B, nh, nw, heads, WH, WW, hd, dtype=acc, device=t.device)
+    grid = out.permute(1, 2, 5, 3, 6, 0, 4, 7)  # (B, nh, WH, nw, WW, groups, heads, hd)
+    src = t.view(B, H, W, groups, heads, hd)
+    for gh, ih, jh in _pieces(H, WH):
+        for gw, iw, jw in _pieces(W, WW):
+            grid[:, ih, jh, iw, jw] = src[:, gh, gw].reshape(B, ih.stop - ih.start, jh.stop, iw.stop - iw.start,
+                                                             jw.stop, groups, heads, hd)
+    if H % WH or W % WW:
+        pad = (torch.zeros(groups, heads, hd, dtype=acc, device=t.device) if pad is None
+               else pad.to(acc).view(groups, heads, hd))
+        if H % WH:
+            grid[:, nh - 1, H % WH:] = pad
+        if W % WW:
+            grid[:, :, :, nw - 1, W % WW:] = pad
+    return out.view(groups, B * nh * nw, heads, WH * WW, hd)
+
+
+def _grid_view(t: Tensor, B: int, size, window) -> Tensor:
+    """``(k, B * nW, heads, L, d)`` windows seen as the padded grid ``(B, nWh, WH, nWw, WW, k, heads, d)``."""
+    k, _, heads, _, d = t.shape
     WH, WW = window
-    n, d = t.shape[1], t.shape[3]
-    t = t.view(B, Hp // WH, Wp // WW, n, WH, WW, d).permute(0, 1, 4, 2, 5, 3, 6)
-    return t.reshape(B, Hp, Wp, n * d)
+    nh, nw = -(-size[0] // WH), -(-size[1] // WW)
+    return t.view(k, B, nh, nw, heads, WH, WW, d).permute(1, 2, 5, 3, 6, 0, 4, 7)
+
+
+def _to_grid(t: Tensor, B: int, size, window) -> Tensor:
+    """``(k, B * nW, heads, L, d)`` windows -> ``(B, H, W, k * heads * d)`` cropped to ``size = (H, W)``, in one
+    strided copy."""
+    k, _, heads, _, d = t.shape
+    H, W = size
+    grid = _grid_view(t, B, size, window)
+    out = t.new_empty(B, H, W, k * heads * d)  # returned itself (not a view: the op's output may be modified)
+    dst = out.view(B, H, W, k, heads, d)
+    for gh, ih, jh in _pieces(H, window[0]):
+        for gw, iw, jw in _pieces(W, window[1]):
+            dst[:, gh, gw].view(B, ih.stop - ih.start, jh.stop, iw.stop - iw.start, jw.stop, k, heads, d).copy_(
+                grid[:, ih, jh, iw, jw])
+    return out
+
+
+def _padding_sum(t: Tensor, B: int, size, window) -> Tensor:
+    """``(k * heads * d,)``: the sum of the windows ``t (k, B * nW, heads, L, d)`` over the padding positions."""
+    H, W = size
+    WH, WW = window
+    grid = _grid_view(t, B, size, window)
+    nh, nw = grid.shape[1], grid.shape[3]
+    total = t.new_zeros(grid.shape[5:])
+    if H % WH:
+        total = total + grid[:, nh - 1, H % WH:].sum(dim=(0, 1, 2, 3))
+    if W % WW:
+        total = total + grid[:, :, :, nw - 1, W % WW:].sum(dim=(0, 1, 2, 3))
+    if H % WH and W % WW:  # the corner was counted twice
+        total = total - grid[:, nh - 1, H % WH:, nw - 1, W % WW:].sum(dim=(0, 1, 2))
+    return total.reshape(-1)
+
+
+def _bias_rows(rel_pos_h: Tensor, rel_pos_w: Tensor, window, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """``(WH, WH, head_dim)`` and ``(WW, WW, head_dim)``: ``get_rel_pos`` of both tables, in ``dtype``."""
+    return rel_pos_rows(rel_pos_h.to(dtype), window[0]), rel_pos_rows(rel_pos_w.to(dtype), window[1])
+
+
+def _scores(qkvw: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, spec: SamAttentionSpec) -> Tensor:
+    """Scores with the decomposed bias ``(B * nW, heads, L, L)`` of the windows ``qkvw (3, B * nW, heads, L, d)``
+    (``add_decomposed_rel_pos`` per window: the bias depends on the position inside the window only)."""
+    WH, WW = spec.window
+    qw, kw = qkvw[0], qkvw[1]
+    rh_rows, rw_rows = _bias_rows(rel_pos_h, rel_pos_w, spec.window, qw.dtype)
+    q5 = qw.view(*qw.shape[:2], WH, WW, -1)
+    rel_h = torch.einsum("bnhwc,hkc->bnhwk", q5, rh_rows)
+    rel_w = torch.einsum("bnhwc,wkc->bnhwk", q5, rw_rows)
+    s = (qw * spec.scale) @ kw.transpose(-2, -1)
+    # in place on the fresh scores (the matmul's backward does not read its output; the adds' neither)
+    s.view(*s.shape[:2], WH, WW, WH, WW).add_(rel_h[..., :, None]).add_(rel_w[..., None, :])
+    return s
 
 
 def sam_attention_forward(qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, qkv_pad: Optional[Tensor],
@@ -133,72 +213,55 @@ def sam_attention_forward(qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor, qkv
         spec: :class:`SamAttentionSpec`.
 
     Returns:
-        ``(out (B, H, W, C) in qkv's dtype, an empty lse)``: the reference keeps no logsumexp.
+        ``(out (B, H, W, C) in qkv's dtype, probs (B * nW, heads, L, L))``: ``probs`` is the softmax (accumulation
+        dtype, ``L = WH * WW``), which :func:`sam_attention_backward` reuses instead of recomputing it (the op keeps
+        it for the backward, as autograd keeps segment_anything's).
     """
-    B, H, W, C3 = qkv.shape
-    C = C3 // 3
-    heads = spec.num_heads
-    hd = C // heads
-    WH, WW = spec.window
-    Hp, Wp = -(-H // WH) * WH, -(-W // WW) * WW
-    x = _padded(qkv, qkv_pad, spec)
-    q, k, v = x.view(B, Hp, Wp, 3, heads, hd).unbind(3)
-    rel_h, rel_w = decomposed_bias(q, rel_pos_h, rel_pos_w, spec.window)  # (B, Hp, Wp, heads, WH / WW)
-    qw, kw, vw = (_windows(t, spec.window) for t in (q, k, v))
-    s = (qw * spec.scale) @ kw.transpose(-2, -1)
-    rh, rw = _windows(rel_h, spec.window), _windows(rel_w, spec.window)  # (B*nW, heads, L, WH / WW)
-    s = (s.view(*s.shape[:3], WH, WW) + rh[..., :, None] + rw[..., None, :]).flatten(-2)
-    out = _unwindows(torch.softmax(s, dim=-1) @ vw, B, (Hp, Wp), spec.window)[:, :H, :W]
-    return out.to(qkv.dtype).contiguous(), qkv.new_empty(0)
-
-
-def _padded(qkv: Tensor, qkv_pad: Optional[Tensor], spec: SamAttentionSpec) -> Tensor:
-    """``qkv`` upcast and padded at the end of H and W to a multiple of the window with ``qkv_pad`` (or zeros)."""
-    B, H, W, C3 = qkv.shape
-    WH, WW = spec.window
-    Hp, Wp = -(-H // WH) * WH, -(-W // WW) * WW
-    acc = accumulation_dtype(qkv.dtype)
-    x = qkv.to(acc)
-    if (Hp, Wp) == (H, W):
-        return x
-    pad = torch.zeros(C3, dtype=acc, device=qkv.device) if qkv_pad is None else qkv_pad.to(acc)
-    return torch.cat([torch.cat([x, pad.expand(B, H, Wp - W, C3)], dim=2), pad.expand(B, Hp - H, Wp, C3)], dim=1)
+    B, H, W, _ = qkv.shape
+    qkvw = _windowed(qkv, qkv_pad, spec)
+    p = torch.softmax(_scores(qkvw, rel_pos_h, rel_pos_w, spec), dim=-1)
+    out = _to_grid((p @ qkvw[2]).unsqueeze(0), B, (H, W), spec.window)
+    return out.to(qkv.dtype), p
 
 
 def sam_attention_backward(dout: Tensor, qkv: Tensor, rel_pos_h: Tensor, rel_pos_w: Tensor,
-                           qkv_pad: Optional[Tensor], spec: SamAttentionSpec):
+                           qkv_pad: Optional[Tensor], spec: SamAttentionSpec, probs: Optional[Tensor] = None):
     """Gradients ``(dqkv (B, H, W, 3C), drel_pos_h, drel_pos_w, dqkv_pad (3C,) or None)`` by the explicit softmax
-    backward on the padded grid (plain differentiable torch ops, so autograd can differentiate it again;
-    deterministic)."""
+    backward window by window (plain differentiable torch ops, so autograd can differentiate it again;
+    deterministic: matmuls and fixed-order sums).  ``probs``: the forward's softmax
+    (:func:`sam_attention_forward`), else it is recomputed."""
     B, H, W, C3 = qkv.shape
-    heads = spec.num_heads
-    hd = C3 // 3 // heads
     WH, WW = spec.window
-    x = _padded(qkv, qkv_pad, spec)
-    Hp, Wp = x.shape[1], x.shape[2]
-    q, k, v = x.view(B, Hp, Wp, 3, heads, hd).unbind(3)
-    rel_h, rel_w = decomposed_bias(q, rel_pos_h, rel_pos_w, spec.window)
-    qw, kw, vw = (_windows(t, spec.window) for t in (q, k, v))
-    s = (qw * spec.scale) @ kw.transpose(-2, -1)
-    rh, rw = _windows(rel_h, spec.window), _windows(rel_w, spec.window)
-    s = (s.view(*s.shape[:3], WH, WW) + rh[..., :, None] + rw[..., None, :]).flatten(-2)
-    p = torch.softmax(s, dim=-1)
-    do = torch.zeros(B, Hp, Wp, heads, hd, dtype=x.dtype, device=x.device)
-    do[:, :H, :W] = dout.to(x.dtype).view(B, H, W, heads, hd)  # cropped (padding) outputs: zero gradient
-    do = _windows(do, spec.window)
-    dv = p.transpose(-2, -1) @ do
+    qkvw = _windowed(qkv, qkv_pad, spec)
+    qw, kw, vw = qkvw.unbind(0)
+    p = torch.softmax(_scores(qkvw, rel_pos_h, rel_pos_w, spec), dim=-1) if probs is None else probs
+    do = _windowed(dout, None, spec, groups=1)[0]  # cropped (padding) outputs: zero gradient
+    differentiable = torch.is_grad_enabled()  # create_graph: no out= (autograd cannot differentiate it)
+    dqkvw = None if differentiable else torch.empty_like(qkvw)
     dp = do @ vw.transpose(-2, -1)
-    ds = p * (dp - (dp * p).sum(-1, keepdim=True))
-    dq = (ds @ kw) * spec.scale
-    dk = (ds.transpose(-2, -1) @ qw) * spec.scale
-    ds5 = ds.view(*ds.shape[:3], WH, WW)
-    unw = lambda t: _unwindows(t, B, (Hp, Wp), spec.window).view(B, Hp, Wp, heads, -1)  # noqa: E731
-    dq_rel, dth, dtw = decomposed_bias_backward(q, unw(ds5.sum(-1)), unw(ds5.sum(-2)), rel_pos_h, rel_pos_w,
-                                                spec.window)
-    dx = torch.cat([(unw(dq) + dq_rel).flatten(-2), unw(dk).flatten(-2), unw(dv).flatten(-2)], dim=-1)
-    dpad = None
-    if qkv_pad is not None:
-        real = torch.zeros(Hp, Wp, dtype=torch.bool, device=qkv.device)
-        real[:H, :W] = True
-        dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
-    return (dx[:, :H, :W].to(qkv.dtype).contiguous(), dth.to(rel_pos_h.dtype), dtw.to(rel_pos_w.dtype), dpad)
+    ds = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p * (dp - rowsum(dp * p)), one kernel
+    if differentiable:
+        dv = p.transpose(-2, -1) @ do
+        dk = (ds.transpose(-2, -1) @ qw).mul_(spec.scale)  # in place on fresh matmul outputs (not read by backward)
+        dq = (ds @ kw).mul_(spec.scale)
+    else:  # straight into one (3, B*nW, heads, L, d) buffer
+        dq, dk, dv = dqkvw.unbind(0)
+        torch.matmul(p.transpose(-2, -1), do, out=dv)
+        torch.matmul(ds.transpose(-2, -1), qw, out=dk).mul_(spec.scale)
+        torch.matmul(ds, kw, out=dq).mul_(spec.scale)
+    # the decomposed bias: d rel_h = row sums of ds over key columns, d rel_w over key rows
+    ds6 = ds.view(*ds.shape[:2], WH, WW, WH, WW)
+    dh, dw = ds6.sum(-1), ds6.sum(-2)  # (B*nW, heads, WH, WW, WH), (..., WW)
+    rh_rows, rw_rows = _bias_rows(rel_pos_h, rel_pos_w, spec.window, qw.dtype)
+    q5 = qw.view(*qw.shape[:2], WH, WW, -1)
+    dq.view_as(q5).add_(torch.einsum("bnhwk,hkc->bnhwc", dh, rh_rows)).add_(
+        torch.einsum("bnhwk,wkc->bnhwc", dw, rw_rows))
+    grads = []
+    for d, eq, side, table in ((dh, "bnhwk,bnhwc->hkc", WH, rel_pos_h), (dw, "bnhwk,bnhwc->wkc", WW, rel_pos_w)):
+        drows = torch.einsum(eq, d, q5).reshape(side * side, -1)
+        grads.append((rel_pos_onehot(side, drows.dtype, drows.device).t() @ drows).to(table.dtype))
+    if differentiable:
+        dqkvw = torch.stack([dq, dk, dv])
+    dx = _to_grid(dqkvw, B, (H, W), spec.window)
+    dpad = None if qkv_pad is None else _padding_sum(dqkvw, B, (H, W), spec.window).to(qkv_pad.dtype)
+    return dx.to(qkv.dtype), grads[0], grads[1], dpad
