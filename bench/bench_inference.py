@@ -25,6 +25,7 @@ and its labels MONAI's argmax.
 
     python bench/bench_inference.py            # GPU (or CPU) at full shapes
     python bench/bench_inference.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
+    python bench/bench_inference.py --cases blend --memory-only   # accumulation memory at full shapes, no timing
 """
 from __future__ import annotations
 
@@ -142,6 +143,9 @@ def main(argv=None) -> int:
                           "comma-separated prefixes: accumulation, unet, swinunetr")
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.5)
+    parser.add_argument("--memory-only", action="store_true",
+                        help="print each implementation's tracked peak (bytes a voxel, ratio to MONAI) and time "
+                             "nothing (fast at full shapes; writes no results file)")
     # --threads, --reps (default here: 3 quick, 5 full) and --warmup (1 quick, 2 full) come from the harness
     args = parser.parse_args(argv)
     if args.threads:
@@ -180,6 +184,14 @@ def main(argv=None) -> int:
         print(f"  {case}: max |fastmed - monai| = {diff:.3g}; labels equal to monai's argmax at "
               f"{100 * same_labels:.4f}% of voxels")
         peaks = {}
+        if args.memory_only:
+            for name, fn in impls.items():
+                peaks[name] = tracked_peak(fn) / 2**20
+                ratio = f", {peaks[name] / peaks['monai']:.3f}x monai" if name != "monai" and "monai" in peaks else ""
+                print(f"  {case:<22} {name:<22} tracked peak {peaks[name]:9.1f} MiB "
+                      f"({peaks[name] * 2**20 / math.prod(shape[2:]):.2f} B/voxel{ratio})")
+            del net, x
+            continue
         for name, fn in impls.items():
             peaks[name] = tracked_peak(fn) / 2**20
             extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
@@ -206,7 +218,8 @@ def main(argv=None) -> int:
                 share = (t[impl] - t["network-only"]) / t["network-only"]
                 print(f"  {case}: {impl} time beyond the network: {100 * share:.1f}% of the network's")
         del net, x
-    bench.save(args.out)
+    if not args.memory_only:
+        bench.save(args.out)
     return 0
 
 
