@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 
 namespace fastmed {
@@ -177,8 +178,7 @@ namespace generic {
 #pragma GCC pop_options
 }  // namespace generic
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTMED_LOSSES_AVX2 1
+#ifdef FASTMED_CPU_AVX2
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -186,21 +186,6 @@ namespace avx2 {
 #include "losses_cpu_kernels.h"
 #pragma GCC pop_options
 }  // namespace avx2
-#endif
-
-bool use_avx2() {
-#ifdef FASTMED_LOSSES_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#ifdef FASTMED_LOSSES_AVX2
-#define FASTMED_KERNEL(...) (use_avx2() ? &avx2::__VA_ARGS__ : &generic::__VA_ARGS__)
-#else
-#define FASTMED_KERNEL(...) (&generic::__VA_ARGS__)
 #endif
 
 // The block kernels cover every mode but BCE and the softmax focal term (the scalar voxel loop below runs those).

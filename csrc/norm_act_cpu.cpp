@@ -12,6 +12,7 @@
 // when |mean| >> std (two-pass per chunk, Chan's update across chunks, in double), like torch's instance norm and
 // unlike torch's channels-last CPU kernels (which sum x and x^2).  Float32 and float64 are computed in their own
 // precision (sums of chunks in double); float16/bfloat16 inputs are computed in float32.
+#include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 
 #include <ATen/Parallel.h>
@@ -52,8 +53,7 @@ namespace generic {
 #pragma GCC pop_options
 }  // namespace generic
 
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
-#define FASTMED_NORM_ACT_AVX2 1
+#ifdef FASTMED_CPU_AVX2
 namespace avx2 {
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
@@ -64,21 +64,6 @@ namespace avx2 {
 #endif
 
 namespace {
-
-bool use_avx2() {
-#ifdef FASTMED_NORM_ACT_AVX2
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok;
-#else
-  return false;
-#endif
-}
-
-#ifdef FASTMED_NORM_ACT_AVX2
-#define FASTMED_KERNEL(...) (use_avx2() ? &avx2::__VA_ARGS__ : &generic::__VA_ARGS__)
-#else
-#define FASTMED_KERNEL(...) (&generic::__VA_ARGS__)
-#endif
 
 Act act_of(const std::string& activation) {
   if (activation == "identity") return Act::Identity;
