@@ -439,12 +439,8 @@ ATEN_CASES = [
 ]
 
 
-@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,bias,pad,dtype", ATEN_CASES)
-def test_aten_matches_reference(B, grid, heads, head_dim, window, shift, bias, pad, dtype):
-    """The CPU ``aten`` backend (torch's flash-attention CPU kernel, gathers for roll and partition) against the
-    reference backend (the oracle), output and every gradient."""
-    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, bias, pad, dtype)
-
+def _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype):
+    """Output and the gradients of qkv, the bias table and the padding token: ``aten`` backend vs the reference."""
     def f(q, t, p):
         return window_attention(q, heads, window, shift, t, qkv_pad=p)
 
@@ -456,6 +452,15 @@ def test_aten_matches_reference(B, grid, heads, head_dim, window, shift, bias, p
     for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
         scale = max(1.0, b.abs().max().item())
         torch.testing.assert_close(a, b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+
+
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,bias,pad,dtype", ATEN_CASES)
+def test_aten_matches_reference(B, grid, heads, head_dim, window, shift, bias, pad, dtype):
+    """The CPU ``aten`` backend (torch's flash-attention CPU kernel, gathers for roll and partition) against the
+    reference backend (the oracle), output and every gradient."""
+    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, bias, pad, dtype)
+
+    _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype)
 
 
 ATEN_CHUNK_CASES = [
@@ -476,17 +481,7 @@ def test_aten_backward_in_chunks_matches_reference(monkeypatch, B, grid, heads, 
     monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", heads * n * n // torch.get_num_threads())  # chunks of one window
     qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, True, True, dtype)
 
-    def f(q, t, p):
-        return window_attention(q, heads, window, shift, t, qkv_pad=p)
-
-    with fastmed.use_backend("aten"):
-        got = _grads(f, qkv, table, qkv_pad, dout)
-    with fastmed.use_backend("reference"):
-        want = _grads(f, qkv, table, qkv_pad, dout)
-    tol = TOL[dtype]
-    for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
-        scale = max(1.0, b.abs().max().item())
-        torch.testing.assert_close(a, b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
+    _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype)
 
 
 def test_aten_batch_sizes_and_inplace_output():
