@@ -317,6 +317,10 @@ def _run(inputs: Tensor, plan: _Plan, sw_batch_size: int, predictor: Callable, w
             elif p.shape[1] != heads[h].channels:
                 raise ValueError(f"predictor output {h} changed from {heads[h].channels} to {p.shape[1]} channels")
             heads[h].add(p.to(plan.device), w_use.to(plan.device), windows)
+        # drop this call's windows and predictions before the predictor makes the next ones (else two calls'
+        # worth are alive at once: the largest transient of the blending)
+        del win_data, out, seg, p
+        kwargs.pop("condition", None)
     return keys, [h.finish() for h in heads]
 
 

@@ -6,6 +6,7 @@ summed weights of the grid).  float32 runs compare at float32 tolerance.  ``outp
 argmax of MONAI's result (float64, random weights: no ties).
 """
 import math
+import weakref
 
 import pytest
 import torch
@@ -277,6 +278,25 @@ def test_float16_inputs_keep_float16_results():
         got = sliding_window_inference(x.half(), (8, 6), 2, lambda w: net(w.double()).half(), 0.5, "gaussian")
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("output", ["values", "labels"])
+def test_previous_windows_freed_before_the_next_predictor_call(output):
+    """Only one call's windows and predictions are alive while the predictor runs (two were: the largest
+    transient of the blending, 2 bytes a voxel at 96^3 windows, 3 classes, sw_batch 2)."""
+    net = _net(3, 1, 3)
+    previous: list = []
+
+    def predictor(w):
+        assert all(ref() is None for ref in previous), "the previous call's windows or predictions are alive"
+        y = net(w)
+        previous[:] = [weakref.ref(w), weakref.ref(y)]
+        return y
+
+    with torch.no_grad():
+        got = sliding_window_inference(_x((1, 1, 12, 10, 9)), (6, 5, 4), 2, predictor, 0.5, "gaussian",
+                                       output=output)
+    assert got.shape[2:] == (12, 10, 9) and len(previous) == 2
 
 
 def test_inputs_not_modified_and_nan_propagates():
