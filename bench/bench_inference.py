@@ -17,11 +17,13 @@ Implementations, one run, same network and inputs:
     fastmed                 fastmed.inference.sliding_window_inference (MONAI's result, float32)
     fastmed-fp16-buffer     ``buffer_dtype=torch.float16``: float16 accumulation and result
     fastmed-labels          ``output="labels"``: uint8 argmax taken on the fly
+    fastmed-labels-fp16-buffer  the same with ``buffer_dtype=torch.float16`` (the open tiles in float16)
 Reported per row: time (median, 20/80 %), peak memory: on CUDA the harness's peak of the whole call; on every
 device ``tracked_peak_mb``, the largest sum of tensor storages created by the call and alive at once (a dispatch
-mode sees every allocation: buffers, window predictions, network activations), and for the ``accumulation`` case
-the ratio of fastmed's to MONAI's.  The first rows check that fastmed's values equal MONAI's (max abs difference)
-and its labels MONAI's argmax.
+mode sees every allocation: buffers, window predictions, network activations), and the ratio of fastmed's to
+MONAI's, whole (``peak_vs_monai``) and beyond the network alone (``accumulation_vs_monai``: (peak - network-only
+peak) / (MONAI's peak - network-only peak)).  The first rows check that fastmed's values equal MONAI's (max abs
+difference) and its labels MONAI's argmax.
 
     python bench/bench_inference.py            # GPU (or CPU) at full shapes
     python bench/bench_inference.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
@@ -110,6 +112,12 @@ class FixedPredictions(torch.nn.Module):
         return self.bank[:x.shape[0]].clone()
 
 
+def _beyond(peaks: dict, name: str) -> float:
+    """The accumulation's share: (peak of ``name`` - peak of the network alone) / (the same for MONAI).  Both run
+    the same windows through the same network, so what is left is what the blending keeps."""
+    return (peaks[name] - peaks["network-only"]) / (peaks["monai"] - peaks["network-only"])
+
+
 def _cases(quick: bool, device):
     """(case, network factory, input shape, roi, classes) per case."""
     vol = (1, 1, 64, 64, 48) if quick else (1, 1, 256, 256, 192)
@@ -174,6 +182,8 @@ def main(argv=None) -> int:
             "fastmed-fp16-buffer": lambda x=x, common=common: sliding_window_inference(x, *common,
                                                                                        buffer_dtype=torch.float16),
             "fastmed-labels": lambda x=x, common=common: sliding_window_inference(x, *common, output="labels"),
+            "fastmed-labels-fp16-buffer": lambda x=x, common=common: sliding_window_inference(
+                x, *common, output="labels", buffer_dtype=torch.float16),
         }
         with torch.no_grad():
             want, got = impls["monai"](), impls["fastmed"]()
@@ -187,8 +197,11 @@ def main(argv=None) -> int:
         if args.memory_only:
             for name, fn in impls.items():
                 peaks[name] = tracked_peak(fn) / 2**20
-                ratio = f", {peaks[name] / peaks['monai']:.3f}x monai" if name != "monai" and "monai" in peaks else ""
-                print(f"  {case:<22} {name:<22} tracked peak {peaks[name]:9.1f} MiB "
+                ratio = ""
+                if name not in ("monai", "network-only"):
+                    ratio = (f", {peaks[name] / peaks['monai']:.3f}x monai; beyond the network "
+                             f"{_beyond(peaks, name):.3f}x")
+                print(f"  {case:<22} {name:<26} tracked peak {peaks[name]:9.1f} MiB "
                       f"({peaks[name] * 2**20 / math.prod(shape[2:]):.2f} B/voxel{ratio})")
             del net, x
             continue
@@ -199,8 +212,9 @@ def main(argv=None) -> int:
                      "tracked_bytes_per_voxel": round(peaks[name] * 2**20 / math.prod(shape[2:]), 3),
                      "tracked_peak_mb": round(peaks[name], 2),
                      "max_abs_diff_vs_monai": diff, "labels_agree_pct": round(100 * same_labels, 4)}
-            if name != "monai" and peaks.get("monai"):
+            if name not in ("monai", "network-only") and peaks.get("monai"):
                 extra["peak_vs_monai"] = round(peaks[name] / peaks["monai"], 3)
+                extra["accumulation_vs_monai"] = round(_beyond(peaks, name), 3)
 
             def call(fn=fn):
                 with torch.no_grad():
