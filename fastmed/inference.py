@@ -165,22 +165,35 @@ class _Plan(NamedTuple):
 
 
 _normalizer_cache: collections.OrderedDict[tuple, ref.WindowNormalizer] = collections.OrderedDict()
+_weight_cache: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
+
+
+def _cached(cache: collections.OrderedDict, key: Optional[tuple], make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``cache`` under ``key`` (None: not cached) for the next calls; the least recently used
+    of more than ``_NORMALIZERS_CACHED`` entries is dropped."""
+    if key is None:
+        return make()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+        while len(cache) > _NORMALIZERS_CACHED:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return hit
 
 
 def _normalizer(grid3: WindowGrid, weight3: Tensor, dtype: torch.dtype, key: Optional[tuple]) -> ref.WindowNormalizer:
     """The normalizer of a (lifted) grid, from the cache when ``key`` names a weight map seen before."""
-    if key is None:
-        return ref.window_normalizer(grid3, weight3, dtype)
-    full = (key, grid3, dtype, weight3.device)
-    hit = _normalizer_cache.get(full)
-    if hit is None:
-        hit = ref.window_normalizer(grid3, weight3, dtype)
-        _normalizer_cache[full] = hit
-        while len(_normalizer_cache) > _NORMALIZERS_CACHED:
-            _normalizer_cache.popitem(last=False)
-    else:
-        _normalizer_cache.move_to_end(full)
-    return hit
+    return _cached(_normalizer_cache, None if key is None else (key, grid3, dtype, weight3.device),
+                   lambda: ref.window_normalizer(grid3, weight3, dtype))
+
+
+def _weight_map(key: Optional[tuple], window: Sequence[int], device: torch.device,
+                make: Callable[[], Tensor]) -> Tensor:
+    """The importance map named by ``key`` for windows of ``window`` on ``device``, computed once (None: every
+    call, e.g. when a ``process_fn`` may edit it).  Only read by the blending: never handed to the predictor."""
+    return _cached(_weight_cache, None if key is None else (key, tuple(window), device), make)
 
 
 class _AxisTiles(NamedTuple):
@@ -504,8 +517,8 @@ def sliding_window_inference(inputs: Tensor, roi_size: Union[Sequence[int], int]
         weight = roi_weight_map.reshape(roi).to(device=sw_dev, dtype=compute_dtype)
         key = None
     else:
-        weight = ref.importance_map(roi, mode, sigma, compute_dtype, sw_dev)
         key = None if process_fn is not None else ("monai", mode, sigma, compute_dtype)
+        weight = _weight_map(key, roi, sw_dev, lambda: ref.importance_map(roi, mode, sigma, compute_dtype, sw_dev))
     plan = _Plan(ref.monai_grid(padded, roi, overlap), output, requested or accumulation_dtype(compute_dtype),
                  requested or compute_dtype, out_dev, sw_dev)
     keys, results = _run(x, plan, sw_batch_size, predictor, weight, key, process_fn=process_fn,
@@ -621,11 +634,10 @@ def nnunet_sliding_window_inference(inputs: Tensor, patch_size: Sequence[int], p
     if any(pad):
         x = F.pad(x, pad=pad, mode="constant", value=0.0)
     padded = tuple(x.shape[2:])
-    if use_gaussian:
-        weight = ref.nnunet_gaussian(patch, sigma_scale, value_scaling_factor, dtype, sw_dev)
-    else:
-        weight = torch.ones(patch, dtype=dtype, device=sw_dev)
     key = ("nnunet", use_gaussian, sigma_scale, value_scaling_factor, dtype)
+    weight = _weight_map(key, patch, sw_dev, lambda: ref.nnunet_gaussian(patch, sigma_scale, value_scaling_factor,
+                                                                         dtype, sw_dev) if use_gaussian else
+                         torch.ones(patch, dtype=dtype, device=sw_dev))
     plan = _Plan(ref.nnunet_grid(padded, patch, step_size), output, dtype, dtype, out_dev, sw_dev)
     _keys, results = _run(x, plan, sw_batch_size, network, weight, key, progress=progress)
     if len(results) != 1:

@@ -263,16 +263,22 @@ def test_normalizer_equals_the_count_map(mode):
         torch.testing.assert_close(buf, torch.ones_like(buf), rtol=1e-14, atol=1e-14)
 
 
-def test_normalizer_once_per_geometry(monkeypatch):
-    calls = []
-    real = ref.window_normalizer
+def test_normalizer_and_weights_once_per_geometry(monkeypatch):
+    calls, maps = [], []
+    real, real_map = ref.window_normalizer, ref.importance_map
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
+    def counting_map(*args, **kwargs):
+        maps.append(args[:2])
+        return real_map(*args, **kwargs)
+
     monkeypatch.setattr(ref, "window_normalizer", counting)
+    monkeypatch.setattr(ref, "importance_map", counting_map)
     inference._normalizer_cache.clear()
+    inference._weight_cache.clear()
     x = torch.randn(2, 1, 12, 10, generator=_gen(14))
     predictor = lambda w: torch.cat([w, -w], 1)  # noqa: E731
     first = inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.5, "gaussian")
@@ -284,6 +290,12 @@ def test_normalizer_once_per_geometry(monkeypatch):
     assert len(calls) == 2  # another grid
     inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant")
     assert len(calls) == 3  # other weights
+    assert maps == [((6, 4), "gaussian"), ((6, 4), "constant")]  # the importance map once per window and mode
+    edit = lambda seg, win, w: (seg, w.mul_(2))  # noqa: E731  (a process_fn may edit the map it is given)
+    inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant", process_fn=edit)
+    assert len(maps) == 3  # with a process_fn: computed for the call, not cached
+    want = pytest.importorskip("monai.inferers").sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant")
+    torch.testing.assert_close(inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant"), want)
 
 
 def test_opcheck_and_compile_reference():
