@@ -17,11 +17,13 @@ Implementations, one run, same network and inputs:
     fastmed                 fastmed.inference.sliding_window_inference (MONAI's result, float32)
     fastmed-fp16-buffer     ``buffer_dtype=torch.float16``: float16 accumulation and result
     fastmed-labels          ``output="labels"``: uint8 argmax taken on the fly
+    fastmed-labels-fp16-buffer  the same with ``buffer_dtype=torch.float16`` (the open tiles in float16)
 Reported per row: time (median, 20/80 %), peak memory: on CUDA the harness's peak of the whole call; on every
 device ``tracked_peak_mb``, the largest sum of tensor storages created by the call and alive at once (a dispatch
-mode sees every allocation: buffers, window predictions, network activations), and for the ``accumulation`` case
-the ratio of fastmed's to MONAI's.  The first rows check that fastmed's values equal MONAI's (max abs difference)
-and its labels MONAI's argmax.
+mode sees every allocation: buffers, window predictions, network activations), and the ratio of fastmed's to
+MONAI's, whole (``peak_vs_monai``) and beyond the network alone (``accumulation_vs_monai``: (peak - network-only
+peak) / (MONAI's peak - network-only peak)).  The first rows check that fastmed's values equal MONAI's (max abs
+difference) and its labels MONAI's argmax.
 
     python bench/bench_inference.py            # GPU (or CPU) at full shapes
     python bench/bench_inference.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
@@ -110,6 +112,16 @@ class FixedPredictions(torch.nn.Module):
         return self.bank[:x.shape[0]].clone()
 
 
+MIN_BYTES_FORMULA = ("4*C*(windows*roi + volume): every window's float32 predictions read once and the float32 "
+                     "result written once (the network's own traffic not counted)")
+
+
+def _beyond(peaks: dict, name: str) -> float:
+    """The accumulation's share: (peak of ``name`` - peak of the network alone) / (the same for MONAI).  Both run
+    the same windows through the same network, so what is left is what the blending keeps."""
+    return (peaks[name] - peaks["network-only"]) / (peaks["monai"] - peaks["network-only"])
+
+
 def _cases(quick: bool, device):
     """(case, network factory, input shape, roi, classes) per case."""
     vol = (1, 1, 64, 64, 48) if quick else (1, 1, 256, 256, 192)
@@ -140,7 +152,7 @@ def _cases(quick: bool, device):
 
 def main(argv=None) -> int:
     parser = bench_parser(__doc__, "accumulation,unet,swinunetr",
-                          "comma-separated prefixes: accumulation, unet, swinunetr")
+                          "comma-separated prefixes (run in this order): accumulation, unet, swinunetr, blend")
     parser.add_argument("--sw-batch-size", type=int, default=2)
     parser.add_argument("--overlap", type=float, default=0.5)
     parser.add_argument("--memory-only", action="store_true",
@@ -155,12 +167,14 @@ def main(argv=None) -> int:
     bench = Bench("inference", quick=args.quick, device=args.device, reps=args.reps or (3 if args.quick else 5),
                   warmup=args.warmup or (1 if args.quick else 2))
     dev = bench.device
+    if not args.memory_only:
+        bench.copy_bandwidth()  # the rows' pct_copy_bw
     print(f"device: {bench.env['device']}; sw_batch_size {args.sw_batch_size}, overlap {args.overlap}, gaussian")
     wanted = args.cases.split(",")
     g = torch.Generator().manual_seed(0)
-    for case, build, shape, roi, classes in _cases(args.quick, dev):
-        if not any(case.startswith(w) for w in wanted):
-            continue
+    cases = _cases(args.quick, dev)
+    ordered = [c for w in wanted for c in cases if c[0].startswith(w)]  # in the order asked, each once
+    for case, build, shape, roi, classes in [c for i, c in enumerate(ordered) if c not in ordered[:i]]:
         torch.manual_seed(0)
         net = build().to(dev).eval()
         x = torch.randn(shape, generator=g).to(dev)
@@ -174,6 +188,8 @@ def main(argv=None) -> int:
             "fastmed-fp16-buffer": lambda x=x, common=common: sliding_window_inference(x, *common,
                                                                                        buffer_dtype=torch.float16),
             "fastmed-labels": lambda x=x, common=common: sliding_window_inference(x, *common, output="labels"),
+            "fastmed-labels-fp16-buffer": lambda x=x, common=common: sliding_window_inference(
+                x, *common, output="labels", buffer_dtype=torch.float16),
         }
         with torch.no_grad():
             want, got = impls["monai"](), impls["fastmed"]()
@@ -187,33 +203,46 @@ def main(argv=None) -> int:
         if args.memory_only:
             for name, fn in impls.items():
                 peaks[name] = tracked_peak(fn) / 2**20
-                ratio = f", {peaks[name] / peaks['monai']:.3f}x monai" if name != "monai" and "monai" in peaks else ""
-                print(f"  {case:<22} {name:<22} tracked peak {peaks[name]:9.1f} MiB "
+                ratio = ""
+                if name not in ("monai", "network-only"):
+                    ratio = (f", {peaks[name] / peaks['monai']:.3f}x monai; beyond the network "
+                             f"{_beyond(peaks, name):.3f}x")
+                print(f"  {case:<22} {name:<26} tracked peak {peaks[name]:9.1f} MiB "
                       f"({peaks[name] * 2**20 / math.prod(shape[2:]):.2f} B/voxel{ratio})")
             del net, x
             continue
+        impl_extra = {}
         for name, fn in impls.items():
             peaks[name] = tracked_peak(fn) / 2**20
-            extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
-                                    f"{args.sw_batch_size}", "threads": torch.get_num_threads(),
-                     "tracked_bytes_per_voxel": round(peaks[name] * 2**20 / math.prod(shape[2:]), 3),
-                     "tracked_peak_mb": round(peaks[name], 2),
-                     "max_abs_diff_vs_monai": diff, "labels_agree_pct": round(100 * same_labels, 4)}
-            if name != "monai" and peaks.get("monai"):
-                extra["peak_vs_monai"] = round(peaks[name] / peaks["monai"], 3)
+            impl_extra[name] = {"tracked_bytes_per_voxel": round(peaks[name] * 2**20 / math.prod(shape[2:]), 3),
+                                "tracked_peak_mb": round(peaks[name], 2)}
+            if name not in ("monai", "network-only"):
+                impl_extra[name].update(peak_vs_monai=round(peaks[name] / peaks["monai"], 3),
+                                        accumulation_vs_monai=round(_beyond(peaks, name), 3))
+        extra = {"case_detail": f"roi {roi}, {classes} classes, overlap {args.overlap}, sw_batch "
+                                f"{args.sw_batch_size}", "max_abs_diff_vs_monai": diff,
+                 "labels_agree_pct": round(100 * same_labels, 4)}
+        windows = grid.num_windows * shape[0]
+        min_bytes = 4 * classes * (windows * math.prod(roi) + math.prod(shape))
 
-            def call(fn=fn):
+        def no_grad(fn):
+            def call():
                 with torch.no_grad():
                     return fn()
+            return call
 
-            bench.run(name=name, fn=call, case=case, dtype=x.dtype, shape=tuple(x.shape), extra=extra)
-            print(f"  {'':<40} {'':<22} tracked peak {peaks[name]:.1f} MB"
-                  + (f" ({extra['peak_vs_monai']:.3f}x monai)" if "peak_vs_monai" in extra else ""))
+        bench.compare(case, {name: no_grad(fn) for name, fn in impls.items()}, dtype=x.dtype, shape=tuple(x.shape),
+                      min_bytes=min_bytes, formula=MIN_BYTES_FORMULA, extra=extra, impl_extra=impl_extra)
+        for name in impls:
+            e = impl_extra[name]
+            print(f"  {'':<40} {name:<26} tracked peak {e['tracked_peak_mb']:.1f} MB"
+                  + (f" ({e['peak_vs_monai']:.3f}x monai, {e['accumulation_vs_monai']:.3f}x beyond the network)"
+                     if "peak_vs_monai" in e else ""))
         t = {r["impl"]: r.get("ms") for r in bench.rows if r["case"] == case}
-        for impl in ("fastmed", "fastmed-labels"):
-            r = bench.ratios(case, "monai", against=impl)
+        for impl, peer in (("fastmed", "monai"), ("fastmed-labels", "monai+argmax")):
+            r = bench.ratios(case, peer, against=impl)
             if r is not None:
-                print(f"  {case}: {impl} speed-up over monai: {r:.2f}x")
+                print(f"  {case}: {impl} speed-up over {peer}: {r:.2f}x")
             if t.get(impl) and t.get("network-only"):
                 share = (t[impl] - t["network-only"]) / t["network-only"]
                 print(f"  {case}: {impl} time beyond the network: {100 * share:.1f}% of the network's")

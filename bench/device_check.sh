@@ -17,7 +17,8 @@
 #   3. correctness of every op at real sizes on the GPU: the `gpu`-marked tests (tests/test_no_sync.py first: no
 #      host synchronization in any op), JUnit XML in $OUT/gpu_tests.xml
 #   4. benchmarks, most important first: losses, window attention, norm_act, the training step of the two models
-#      (UNet.nnunet 3D, SwinUNet 2D), the SAM ViT-B image encoder (inference b1/b8, training; then its attention
+#      (UNet.nnunet 3D, SwinUNet 2D), whole-volume sliding-window inference (the blending with a 1x1x1 conv and
+#      with UNet.nnunet, vs MONAI: time and tracked memory), the SAM ViT-B image encoder (inference b1/b8, training; then its attention
 #      op), then the conv block and the distance transform.  Each benchmark puts its own
 #      most important cases first and writes its rows after every case, so one stopped at its limit keeps them.
 #      Triton compilation happens in each benchmark's untimed warm-up (the conv kernels' cache is warmed first
@@ -165,15 +166,21 @@ else
 fi
 
 step "4. benchmarks"
-for name in ${BENCHES:-losses window_attention norm_act models sam conv_block distance_transform}; do
+DEFAULT_BENCHES="losses window_attention norm_act models inference sam conv_block distance_transform"
+for name in ${BENCHES:-$DEFAULT_BENCHES}; do
   case $name in
     losses) cap=60 ;; window_attention) cap=70 ;; norm_act) cap=45 ;; models) cap=60 ;; sam) cap=60 ;;
-    conv_block) cap=55 ;; *) cap=30 ;;
+    conv_block) cap=55 ;; inference) cap=45 ;; *) cap=30 ;;
   esac
+  EXTRA=()
+  if [ "$name" = inference ]; then  # whole volumes: few rounds; the UNet case (blending vs the network) second
+    EXTRA=(--reps 3 --warmup 1 --cases accumulation-c3,unet,accumulation-c14,swinunetr)
+    [ "$MODE" = rehearse ] && EXTRA=(--reps 3 --warmup 1 --cases accumulation-c3)  # fastmed's UNet: interpreted
+  fi
   [ "$MODE" = rehearse ] && cap=$((cap * 4))
   step "4. bench_$name (limit ${cap} s)"
   # shellcheck disable=SC2086
-  run "bench_$name" $cap $PY "bench/bench_$name.py" $BENCH_ARGS
+  run "bench_$name" $cap $PY "bench/bench_$name.py" $BENCH_ARGS "${EXTRA[@]}"
 done
 
 step "5. results"
@@ -192,7 +199,7 @@ $PY bench/bench_conv_block.py --write-choice --from "$OUT/device_check.json" --c
   "${CHOICE_ARGS[@]}" || FAILED+=("conv-choice")
 if [ "$MODE" = rehearse ]; then
   # every step must have produced its part: rows of each benchmark, the table, a plot, the choice table
-  $PY - "$OUT" ${BENCHES:-losses window_attention norm_act models sam conv_block distance_transform} <<'PY' || FAILED+=("rehearsal-check")
+  $PY - "$OUT" ${BENCHES:-$DEFAULT_BENCHES} <<'PY' || FAILED+=("rehearsal-check")
 import glob, json, os, sys
 out, want = sys.argv[1], set(sys.argv[2:])
 rows = json.load(open(os.path.join(out, "device_check.json")))["rows"]

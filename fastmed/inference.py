@@ -14,8 +14,9 @@ differs is the blending (:mod:`fastmed.ops.sliding_window`):
 * no count map: the sum of the weights depends only on the window grid, so it is computed once per geometry as a
   small table (window depth x window height x image width, cached between calls) and applied while normalizing;
 * ``output="labels"``: the argmax over channels, taken on the fly as rows of the volume become complete, so only
-  one byte per voxel is kept at full size, plus a band one window deep;
-* a result in another dtype than the accumulation (float16 inputs) is written band by band, without a second
+  one byte per voxel is kept at full size, plus the tiles still open (about one window step of rows across the
+  volume: tiles cut at every window start and end, each finalized and freed after the last window that meets it);
+* a result in another dtype than the accumulation (float16 inputs) is written tile by tile, without a second
   full-size buffer.
 
 :func:`nnunet_sliding_window_inference` is nnU-Net v2's predictor (``predict_sliding_window_return_logits``):
@@ -164,26 +165,71 @@ class _Plan(NamedTuple):
 
 
 _normalizer_cache: collections.OrderedDict[tuple, ref.WindowNormalizer] = collections.OrderedDict()
+_weight_cache: collections.OrderedDict[tuple, Tensor] = collections.OrderedDict()
+
+
+def _cached(cache: collections.OrderedDict, key: Optional[tuple], make: Callable[[], Any]) -> Any:
+    """``make()``, kept in ``cache`` under ``key`` (None: not cached) for the next calls; the least recently used
+    of more than ``_NORMALIZERS_CACHED`` entries is dropped."""
+    if key is None:
+        return make()
+    hit = cache.get(key)
+    if hit is None:
+        hit = cache[key] = make()
+        while len(cache) > _NORMALIZERS_CACHED:
+            cache.popitem(last=False)
+    else:
+        cache.move_to_end(key)
+    return hit
 
 
 def _normalizer(grid3: WindowGrid, weight3: Tensor, dtype: torch.dtype, key: Optional[tuple]) -> ref.WindowNormalizer:
     """The normalizer of a (lifted) grid, from the cache when ``key`` names a weight map seen before."""
-    if key is None:
-        return ref.window_normalizer(grid3, weight3, dtype)
-    full = (key, grid3, dtype, weight3.device)
-    hit = _normalizer_cache.get(full)
-    if hit is None:
-        hit = ref.window_normalizer(grid3, weight3, dtype)
-        _normalizer_cache[full] = hit
-        while len(_normalizer_cache) > _NORMALIZERS_CACHED:
-            _normalizer_cache.popitem(last=False)
-    else:
-        _normalizer_cache.move_to_end(full)
-    return hit
+    return _cached(_normalizer_cache, None if key is None else (key, grid3, dtype, weight3.device),
+                   lambda: ref.window_normalizer(grid3, weight3, dtype))
+
+
+def _weight_map(key: Optional[tuple], window: Sequence[int], device: torch.device,
+                make: Callable[[], Tensor]) -> Tensor:
+    """The importance map named by ``key`` for windows of ``window`` on ``device``, computed once (None: every
+    call, e.g. when a ``process_fn`` may edit it).  Only read by the blending: never handed to the predictor."""
+    return _cached(_weight_cache, None if key is None else (key, tuple(window), device), make)
+
+
+class _AxisTiles(NamedTuple):
+    """One axis of a grid cut into cells at every window start and end: cell ``t`` is ``bounds[t]`` ``[a, b)``, met
+    by one set of windows.  Per window row ``r`` (its start's place in the grid's ``starts``): ``pieces[r]``, the
+    cells the window meets as ``(cell, first voxel in the window, end in the window, first voxel in the cell)``.
+    ``last_row[t]``: the last row whose window meets cell ``t`` (after it, no window adds to the cell)."""
+    bounds: tuple[tuple[int, int], ...]
+    pieces: tuple[tuple[tuple[int, int, int, int], ...], ...]
+    last_row: tuple[int, ...]
+
+
+def _axis_tiles(starts: Sequence[int], window: int, size: int) -> _AxisTiles:
+    cuts = sorted({0, *starts, *(s + window for s in starts if s + window < size)})
+    bounds = tuple(zip(cuts, cuts[1:] + [size]))
+    pieces = []
+    for s in starts:
+        row = []
+        for t, (a, b) in enumerate(bounds):
+            lo, hi = max(s, a), min(s + window, b)
+            if lo < hi:
+                row.append((t, lo - s, hi - s, lo - a))
+        pieces.append(tuple(row))
+    # starts ascend: the last window that meets [a, b) is the last one starting before b
+    last_row = tuple(max(r for r, s in enumerate(starts) if s < b) for _, b in bounds)
+    return _AxisTiles(bounds, tuple(pieces), last_row)
 
 
 class _Head:
-    """The blending state of one predictor output: its grid, buffer, result and normalizer."""
+    """The blending state of one predictor output: its grid, buffer(s), result and normalizer.
+
+    ``output="values"`` in the buffer's dtype accumulates straight into the result.  Otherwise (labels, or a
+    result in another dtype) the volume is cut into tiles at the window starts along every axis; a tile is
+    allocated when the first window reaches it and finalized (normalized or argmaxed into the result) and freed
+    after the last window that reaches it, so that at any time only about one window step of rows across the
+    volume (plus a window's reach ahead) is held in the accumulation dtype."""
 
     def __init__(self, plan: _Plan, batch: int, channels: int, grid: WindowGrid, weight: Tensor,
                  weight_key: Optional[tuple]):
@@ -198,7 +244,6 @@ class _Head:
                 raise ValueError(f"output='labels' keeps labels in {ref.LABEL_DTYPE}, at most "
                                  f"{ref.MAX_LABEL_CHANNELS} channels; a predictor output has {channels}")
         dev = plan.device
-        # Accumulate straight into the result when it is what is returned; else in a band one window deep.
         self.direct = plan.output == "values" and plan.result_dtype == plan.buffer_dtype
         size = tuple(grid.image_size)
         if self.direct:
@@ -207,48 +252,77 @@ class _Head:
         else:
             res_channels, res_dtype = (1, ref.LABEL_DTYPE) if plan.output == "labels" else (channels, plan.result_dtype)
             self.result = torch.empty((batch, res_channels) + size, dtype=res_dtype, device=dev)
-            wz = self.grid3.window[0]
-            self.buffer = torch.zeros((1, channels, wz) + self.grid3.image_size[1:], dtype=plan.buffer_dtype,
-                                      device=dev)
+            self.buffer_dtype = plan.buffer_dtype
+            self.axes = [_axis_tiles(s, w, n) for s, w, n in zip(self.grid3.starts, self.grid3.window,
+                                                                  self.grid3.image_size)]
+            self.tiles: dict[tuple[int, ...], Tensor] = {}
+            self.tile_norms: dict[tuple[str, int], Any] = {}  # crops of the normalizer per axis and cell start
+            # the tiles each window completes, by the window's index in the grid
+            self.completes: dict[int, list[tuple[int, int, int]]] = collections.defaultdict(list)
+            counts = [len(s) for s in self.grid3.starts]
+            for cell in itertools.product(*(range(len(a.bounds)) for a in self.axes)):
+                rows = [a.last_row[t] for a, t in zip(self.axes, cell)]
+                self.completes[(rows[0] * counts[1] + rows[1]) * counts[2] + rows[2]].append(cell)
         self.result3 = ref.lift(self.result, self.nd, 2)
         self.norm = _normalizer(self.grid3, ref.lift(weight.to(dev), self.nd, 0),
                                 accumulation_dtype(plan.buffer_dtype), weight_key)
-        starts_z = self.grid3.starts[0]
-        self.rows_z = list(starts_z[1:]) + [self.grid3.image_size[0]]  # row i is complete up to rows_z[i]
-        self.per_row = math.prod(len(s) for s in self.grid3.starts[1:])
         self.num_windows = self.grid.num_windows
 
     def add(self, patches: Tensor, weight: Tensor, windows: Sequence[int]) -> None:
-        """Accumulate ``patches`` ``(K, C, *window)`` of the global window indices ``windows``; in band mode,
-        finish every image row that becomes complete."""
+        """Accumulate ``patches`` ``(K, C, *window)`` of the global window indices ``windows``; in tile mode,
+        finish every tile that becomes complete."""
         patches3 = ref.lift(patches, self.nd, 2)
         weight3 = ref.lift(weight, self.nd, 0)
-        run_start = 0
+        if self.direct:
+            origins = []
+            for idx in windows:
+                n, local = divmod(idx, self.num_windows)
+                origins += [n, *self.grid3.origin(local)]
+            sliding_window_accumulate(self.buffer, patches3, weight3, origins)
+            return
+        counts = [len(s) for s in self.grid3.starts]
         for j, idx in enumerate(windows):
-            local = idx % self.num_windows
-            row_done = not self.direct and (local + 1) % self.per_row == 0
-            if row_done or j == len(windows) - 1:
-                self._accumulate(patches3[run_start:j + 1], weight3, windows[run_start:j + 1])
-                run_start = j + 1
-            if row_done:
-                self._finish_row(idx // self.num_windows, local // self.per_row)
-
-    def _accumulate(self, patches3: Tensor, weight3: Tensor, windows: Sequence[int]) -> None:
-        origins = []
-        for idx in windows:
             n, local = divmod(idx, self.num_windows)
-            origins += [0 if not self.direct else n, *self.grid3.origin(local)]
-        sliding_window_accumulate(self.buffer, patches3, weight3, origins)
+            rows = (local // (counts[1] * counts[2]), local // counts[2] % counts[1], local % counts[2])
+            for (tz, az, bz, oz), (ty, ay, by, oy), (tx, ax, bx, ox) in itertools.product(
+                    *(a.pieces[r] for a, r in zip(self.axes, rows))):
+                tile = self.tiles.get((n, tz, ty, tx))
+                if tile is None:
+                    shape = tuple(b - a for a, b in (self.axes[0].bounds[tz], self.axes[1].bounds[ty],
+                                                     self.axes[2].bounds[tx]))
+                    tile = torch.zeros((1, self.channels) + shape, dtype=self.buffer_dtype, device=self.result.device)
+                    self.tiles[(n, tz, ty, tx)] = tile
+                sliding_window_accumulate(tile, patches3[j:j + 1, :, az:bz, ay:by, ax:bx],
+                                          weight3[az:bz, ay:by, ax:bx], [0, oz, oy, ox])
+            for cell in self.completes.get(local, ()):
+                self._finish_tile(n, cell)
 
-    def _finish_row(self, n: int, row: int) -> None:
-        lo = self.grid3.starts[0][row]
-        hi = self.rows_z[row]
-        sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], lo, hi,
-                                result=self.result3[n:n + 1], output=self.output, zero_buffer=True)
+    def _tile_normalizer(self, cell: tuple[int, int, int]) -> ref.WindowNormalizer:
+        """The normalizer cropped to a tile: window starts shifted to the tile's origin, the rows' covering
+        windows sliced, the table cut to the tile's columns (a view)."""
+        (za, zb), (ya, yb), (xa, xb) = (a.bounds[t] for a, t in zip(self.axes, cell))
+        nm = self.norm
+        parts = []
+        for key, make in ((("x", xa), lambda: nm.table[:, :, xa:xb]),
+                          (("z", za), lambda: (nm.starts_z - za, nm.first_z[za:zb], nm.count_z[za:zb])),
+                          (("y", ya), lambda: (nm.starts_y - ya, nm.first_y[ya:yb], nm.count_y[ya:yb]))):
+            if key not in self.tile_norms:
+                self.tile_norms[key] = make()
+            parts.append(self.tile_norms[key])
+        table, (sz, fz, cz), (sy, fy, cy) = parts
+        return ref.WindowNormalizer(table, sz, sy, fz, cz, fy, cy, nm.max_count_y)
+
+    def _finish_tile(self, n: int, cell: tuple[int, int, int]) -> None:
+        tile = self.tiles.pop((n,) + cell)
+        (za, zb), (ya, yb), (xa, xb) = (a.bounds[t] for a, t in zip(self.axes, cell))
+        sliding_window_finalize(tile, self._tile_normalizer(cell), self.grid3.window[:2], 0, zb - za,
+                                result=self.result3[n:n + 1, :, za:zb, ya:yb, xa:xb], output=self.output)
 
     def finish(self) -> Tensor:
         if self.direct:
             sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], 0, self.grid3.image_size[0])
+        elif self.tiles:
+            raise RuntimeError(f"internal error: {len(self.tiles)} tiles were never completed")
         return self.result
 
 
@@ -317,6 +391,10 @@ def _run(inputs: Tensor, plan: _Plan, sw_batch_size: int, predictor: Callable, w
             elif p.shape[1] != heads[h].channels:
                 raise ValueError(f"predictor output {h} changed from {heads[h].channels} to {p.shape[1]} channels")
             heads[h].add(p.to(plan.device), w_use.to(plan.device), windows)
+        # drop this call's windows and predictions before the predictor makes the next ones (else two calls'
+        # worth are alive at once: the largest transient of the blending)
+        del win_data, out, seg, p
+        kwargs.pop("condition", None)
     return keys, [h.finish() for h in heads]
 
 
@@ -386,8 +464,8 @@ def sliding_window_inference(inputs: Tensor, roi_size: Union[Sequence[int], int]
 
     fastmed's keyword-only arguments:
         output: ``"values"`` (MONAI's result) or ``"labels"``: the argmax over channels of each output, ``uint8``
-            ``(N, 1, *spatial)``, computed as rows of the volume complete (memory: one byte a voxel, plus a band
-            one window deep and the channels).
+            ``(N, 1, *spatial)``, computed tile by tile as parts of the volume complete (memory: one byte a voxel,
+            plus the channels of about one window step of rows across the volume).
         buffer_dtype: the accumulation dtype (default float32, float64 for float64 inputs); with
             ``output="values"`` a given ``buffer_dtype`` is also the dtype of the results (float16/bfloat16
             halve the memory), otherwise results have the dtype of ``inputs``, as in MONAI.
@@ -439,8 +517,8 @@ def sliding_window_inference(inputs: Tensor, roi_size: Union[Sequence[int], int]
         weight = roi_weight_map.reshape(roi).to(device=sw_dev, dtype=compute_dtype)
         key = None
     else:
-        weight = ref.importance_map(roi, mode, sigma, compute_dtype, sw_dev)
         key = None if process_fn is not None else ("monai", mode, sigma, compute_dtype)
+        weight = _weight_map(key, roi, sw_dev, lambda: ref.importance_map(roi, mode, sigma, compute_dtype, sw_dev))
     plan = _Plan(ref.monai_grid(padded, roi, overlap), output, requested or accumulation_dtype(compute_dtype),
                  requested or compute_dtype, out_dev, sw_dev)
     keys, results = _run(x, plan, sw_batch_size, predictor, weight, key, process_fn=process_fn,
@@ -556,11 +634,10 @@ def nnunet_sliding_window_inference(inputs: Tensor, patch_size: Sequence[int], p
     if any(pad):
         x = F.pad(x, pad=pad, mode="constant", value=0.0)
     padded = tuple(x.shape[2:])
-    if use_gaussian:
-        weight = ref.nnunet_gaussian(patch, sigma_scale, value_scaling_factor, dtype, sw_dev)
-    else:
-        weight = torch.ones(patch, dtype=dtype, device=sw_dev)
     key = ("nnunet", use_gaussian, sigma_scale, value_scaling_factor, dtype)
+    weight = _weight_map(key, patch, sw_dev, lambda: ref.nnunet_gaussian(patch, sigma_scale, value_scaling_factor,
+                                                                         dtype, sw_dev) if use_gaussian else
+                         torch.ones(patch, dtype=dtype, device=sw_dev))
     plan = _Plan(ref.nnunet_grid(padded, patch, step_size), output, dtype, dtype, out_dev, sw_dev)
     _keys, results = _run(x, plan, sw_batch_size, network, weight, key, progress=progress)
     if len(results) != 1:

@@ -58,15 +58,15 @@ def _accumulate_kernel(
 def _finalize_kernel(
     buf_ptr,    # shape (N, C, R, Y, X), strides (sbn, sbc, sbz, sby, sbx)
     out_ptr,    # shape (N, C or 1, Z, Y, X), strides (son, soc, soz, soy, sox); may be buf_ptr (in place)
-    tab_ptr,    # shape (wz, wy, X), contiguous, accumulation dtype: summed weights along x
+    tab_ptr,    # shape (wz, wy, X), strides (stz, sty, stx), accumulation dtype: summed weights along x
     sz_ptr,     # shape (nz,) int32 window starts along z
     sy_ptr,     # shape (ny,) int32 window starts along y
     fz_ptr,     # shape (Z,) int32 first window covering each image row z
     cz_ptr,     # shape (Z,) int32 number of windows covering it
     fy_ptr,     # shape (Y,) int32
     cy_ptr,     # shape (Y,) int32
-    z_lo, C, R, Y, X, wy, max_cy, tiles_x,
-    sbn, sbc, sbz, sby, sbx, son, soc, soz, soy, sox,
+    z_lo, C, R, Y, X, max_cy, tiles_x,
+    sbn, sbc, sbz, sby, sbx, son, soc, soz, soy, sox, stz, sty, stx,
     OUTPUT: tl.constexpr, ZERO: tl.constexpr, BLOCK_Y: tl.constexpr, BLOCK_X: tl.constexpr,
 ):
     z = z_lo + tl.program_id(0).to(tl.int64)
@@ -88,7 +88,7 @@ def _finalize_kernel(
             mk = my & (k < count_y)
             dy = y - tl.load(sy_ptr + first_y + k, mask=mk, other=0).to(tl.int64)
             mt = mk[:, None] & (x[None, :] < X)
-            norm += tl.load(tab_ptr + (dz * wy + dy)[:, None] * X + x[None, :], mask=mt, other=0.0)
+            norm += tl.load(tab_ptr + dz * stz + dy[:, None] * sty + x[None, :] * stx, mask=mt, other=0.0)
     norm = tl.where(m, norm, 1.0)
     src = buf_ptr + n * sbn + (z % R) * sbz + y[:, None] * sby + x[None, :] * sbx
     dst = out_ptr + n * son + z * soz + y[:, None] * soy + x[None, :] * sox
@@ -152,5 +152,6 @@ def sliding_window_finalize(buffer: torch.Tensor, norm: WindowNormalizer, window
     with device_guard(buffer):
         wrap_triton(_finalize_kernel)[grid](
             buffer, out, norm.table, norm.starts_z, norm.starts_y, norm.first_z, norm.count_z, norm.first_y,
-            norm.count_y, z_lo, C, R, Y, X, window_zy[1], max_cy, tiles_x, *buffer.stride(), *out.stride(),
+            norm.count_y, z_lo, C, R, Y, X, max_cy, tiles_x, *buffer.stride(), *out.stride(),
+            *norm.table.stride(),
             OUTPUT=output, ZERO=zero_buffer, BLOCK_Y=by, BLOCK_X=bx, num_warps=_WARPS)

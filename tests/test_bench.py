@@ -220,9 +220,11 @@ def test_device_script_names_existing_files():
     script = os.path.join(BENCH, "device_check.sh")
     subprocess.run(["bash", "-n", script], check=True)
     text = open(script).read()
-    benches = re.search(r'for name in \$\{BENCHES:-([a-z_ ]+)\}', text).group(1).split()
+    benches = re.search(r'DEFAULT_BENCHES="([a-z_ ]+)"', text).group(1).split()
+    assert "for name in ${BENCHES:-$DEFAULT_BENCHES}" in text
     tests = re.search(r"for t in ([a-z_ ]+); do", text).group(1).split()
-    assert benches[:2] == ["losses", "window_attention"] and len(benches) == 7 and "sam" in benches
+    assert benches[:2] == ["losses", "window_attention"] and len(benches) == 8
+    assert {"sam", "inference"} <= set(benches)
     missing = [f"bench/bench_{b}.py" for b in benches if not os.path.exists(os.path.join(BENCH, f"bench_{b}.py"))]
     missing += [f"tests/test_{t}.py" for t in tests if not os.path.exists(os.path.join(ROOT, "tests", f"test_{t}.py"))]
     assert not missing and tests[0] == "no_sync", missing

@@ -6,9 +6,11 @@ summed weights of the grid).  float32 runs compare at float32 tolerance.  ``outp
 argmax of MONAI's result (float64, random weights: no ties).
 """
 import math
+import weakref
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastmed.inference import sliding_window_inference
 
@@ -238,19 +240,59 @@ def test_labels_equal_monai_argmax(shape, roi, mode):
     assert torch.equal(got.long(), want)
 
 
-def test_labels_of_every_head():
+@pytest.mark.parametrize("heads", ["dict", "another resolution"])
+def test_labels_of_every_head(heads):
+    """Each head has its own grid and tiles (a head at twice the resolution: a scaled grid)."""
     net = _net(2, 1, 3)
     x = _x((1, 1, 16, 12))
 
     def predictor(w):
         y = net(w)
-        return {"a": y, "b": -y}
+        return {"a": y, "b": -y} if heads == "dict" else (y, F.interpolate(y, scale_factor=2.0, mode="nearest"))
 
     with torch.no_grad():
         want = monai_swi(x, (8, 8), 2, predictor, 0.5, "gaussian")
         got = sliding_window_inference(x, (8, 8), 2, predictor, 0.5, "gaussian", output="labels")
-    for k in want:
+    for k in (want if heads == "dict" else range(2)):
         assert torch.equal(got[k].long(), want[k].argmax(1, keepdim=True))
+    if heads != "dict":
+        assert got[1].shape[2:] == (32, 24)
+
+
+@pytest.mark.parametrize("overlap", [0.0, 0.25, 0.75, (0.6, 0.0, 0.3)])
+@pytest.mark.parametrize("sw_batch_size", [1, 4])
+def test_labels_tiles_equal_monai_argmax_at_every_overlap(overlap, sw_batch_size):
+    """Labels are finalized tile by tile (cells cut at every window start and end): any overlap, batch and
+    predictor batching gives MONAI's argmax."""
+    net = _net(3, 1, 3)
+    x = _x((2, 1, 21, 14, 9))
+    with torch.no_grad():
+        want = monai_swi(x, (8, 6, 4), sw_batch_size, net, overlap, "gaussian").argmax(1, keepdim=True)
+        got = sliding_window_inference(x, (8, 6, 4), sw_batch_size, net, overlap, "gaussian", output="labels")
+    assert torch.equal(got.long(), want)
+
+
+def test_labels_hold_about_one_window_step_of_rows(monkeypatch):
+    """The accumulation held at once in labels mode: about one window step of rows across the volume plus a
+    window's reach (here at most C x X x step x (Y + wy + step) values), not a band one window deep (C x X x wz x Y)
+    and not the volume."""
+    import fastmed.inference as inf
+
+    peak = [0]
+    finish = inf._Head._finish_tile
+
+    def watched(self, n, cell):
+        peak[0] = max(peak[0], sum(t.numel() for t in self.tiles.values()))
+        finish(self, n, cell)
+
+    monkeypatch.setattr(inf._Head, "_finish_tile", watched)
+    C, (Z, Y, X), roi, step = 3, (48, 32, 8), (8, 8, 8), 4
+    net = _net(3, 1, C)
+    with torch.no_grad():
+        want = monai_swi(_x((1, 1, Z, Y, X)), roi, 2, net, 0.5, "gaussian").argmax(1, keepdim=True)
+        got = sliding_window_inference(_x((1, 1, Z, Y, X)), roi, 2, net, 0.5, "gaussian", output="labels")
+    assert torch.equal(got.long(), want)
+    assert 0 < peak[0] <= C * X * step * (Y + roi[1] + step) < C * X * roi[0] * Y
 
 
 @pytest.mark.parametrize("buffer_dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -277,6 +319,25 @@ def test_float16_inputs_keep_float16_results():
         got = sliding_window_inference(x.half(), (8, 6), 2, lambda w: net(w.double()).half(), 0.5, "gaussian")
     assert got.dtype == torch.float16
     torch.testing.assert_close(got.double(), want, rtol=2e-3, atol=2e-3 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("output", ["values", "labels"])
+def test_previous_windows_freed_before_the_next_predictor_call(output):
+    """Only one call's windows and predictions are alive while the predictor runs (two were: the largest
+    transient of the blending, 2 bytes a voxel at 96^3 windows, 3 classes, sw_batch 2)."""
+    net = _net(3, 1, 3)
+    previous: list = []
+
+    def predictor(w):
+        assert all(ref() is None for ref in previous), "the previous call's windows or predictions are alive"
+        y = net(w)
+        previous[:] = [weakref.ref(w), weakref.ref(y)]
+        return y
+
+    with torch.no_grad():
+        got = sliding_window_inference(_x((1, 1, 12, 10, 9)), (6, 5, 4), 2, predictor, 0.5, "gaussian",
+                                       output=output)
+    assert got.shape[2:] == (12, 10, 9) and len(previous) == 2
 
 
 def test_inputs_not_modified_and_nan_propagates():

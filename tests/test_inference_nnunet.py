@@ -221,6 +221,20 @@ def test_prediction_float32_buffer_equals_float32_transcription():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_labels_with_repeated_window_starts():
+    """A small step_size repeats window starts (nnU-Net rounds them): the tiles of labels mode still see every
+    window once, and the labels are the argmax of the values."""
+    grid = ref.nnunet_grid((10, 9, 8), (8, 6, 6), 0.1)
+    assert any(len(set(s)) < len(s) for s in grid.starts)
+    net = _network(3, 1, 3)
+    x = torch.randn(1, 1, 10, 9, 8, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        values = nnunet_sliding_window_inference(x, (8, 6, 6), net, 0.1, True, buffer_dtype=torch.float32)
+        labels = nnunet_sliding_window_inference(x, (8, 6, 6), net, 0.1, True, buffer_dtype=torch.float32,
+                                                 output="labels")
+    assert torch.equal(labels.long(), values.argmax(1, keepdim=True))
+
+
 @pytest.mark.parametrize("kwargs,exc,words", [
     (dict(patch_size=(8,)), ValueError, ["patch_size", "one int per spatial axis"]),
     (dict(patch_size=(8, 0, 8)), ValueError, ["patch_size"]),

@@ -192,6 +192,30 @@ def test_band_through_the_volume(backend, output):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("output", ["values", "labels"])
+def test_inference_tiles(backend, output):
+    """How inference uses the ops for labels (and for results in another dtype than the buffer): tiles cut at
+    every window start and end, each finalized with the normalizer cropped to it (window starts shifted, the
+    table cut in x) into a strided view of the result; equals MONAI."""
+    monai_swi = pytest.importorskip("monai.inferers").sliding_window_inference
+    dev = _device(backend)
+    torch.manual_seed(21)
+    net = torch.nn.Conv3d(1, 3, 3, padding=1).double()
+    x = torch.randn(2, 1, 11, 9, 10, generator=_gen(21)).half().double()  # float16 inputs below: same values
+    with torch.no_grad():
+        want = monai_swi(x, (5, 4, 6), 3, net, (0.4, 0.5, 0.25), "gaussian")
+        with fastmed.use_backend(backend):
+            got = inference.sliding_window_inference(
+                x.half().to(dev), (5, 4, 6), 3, lambda w: net(w.cpu().double()).to(dev), (0.4, 0.5, 0.25),
+                "gaussian", output=output)
+    if output == "labels":
+        assert torch.equal(got.cpu().long(), want.argmax(1, keepdim=True))
+    else:  # float16 inputs: a float32 buffer, float16 results written tile by tile
+        assert got.dtype == torch.float16
+        torch.testing.assert_close(got.cpu().double(), want, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_finalize_labels_nan_and_ties(backend):
     """torch.argmax's rules: the first maximum wins a tie; a NaN counts as the maximum (the first NaN)."""
     dev = _device(backend)
@@ -239,16 +263,22 @@ def test_normalizer_equals_the_count_map(mode):
         torch.testing.assert_close(buf, torch.ones_like(buf), rtol=1e-14, atol=1e-14)
 
 
-def test_normalizer_once_per_geometry(monkeypatch):
-    calls = []
-    real = ref.window_normalizer
+def test_normalizer_and_weights_once_per_geometry(monkeypatch):
+    calls, maps = [], []
+    real, real_map = ref.window_normalizer, ref.importance_map
 
     def counting(*args, **kwargs):
         calls.append(args[0])
         return real(*args, **kwargs)
 
+    def counting_map(*args, **kwargs):
+        maps.append(args[:2])
+        return real_map(*args, **kwargs)
+
     monkeypatch.setattr(ref, "window_normalizer", counting)
+    monkeypatch.setattr(ref, "importance_map", counting_map)
     inference._normalizer_cache.clear()
+    inference._weight_cache.clear()
     x = torch.randn(2, 1, 12, 10, generator=_gen(14))
     predictor = lambda w: torch.cat([w, -w], 1)  # noqa: E731
     first = inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.5, "gaussian")
@@ -260,6 +290,12 @@ def test_normalizer_once_per_geometry(monkeypatch):
     assert len(calls) == 2  # another grid
     inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant")
     assert len(calls) == 3  # other weights
+    assert maps == [((6, 4), "gaussian"), ((6, 4), "constant")]  # the importance map once per window and mode
+    edit = lambda seg, win, w: (seg, w.mul_(2))  # noqa: E731  (a process_fn may edit the map it is given)
+    inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant", process_fn=edit)
+    assert len(maps) == 3  # with a process_fn: computed for the call, not cached
+    want = pytest.importorskip("monai.inferers").sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant")
+    torch.testing.assert_close(inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant"), want)
 
 
 def test_opcheck_and_compile_reference():
@@ -352,7 +388,7 @@ def test_tracked_peak_counts_storages():
 def test_accumulation_memory_against_monai():
     """Peak bytes of the storages the call allocates (the predictor returns views of a fixed bank, so only the
     blending is counted).  MONAI keeps a float32 result and a count map (C + 1 floats a voxel); fastmed the result
-    only (values), or a band one window deep plus one byte a voxel (labels)."""
+    only (values), or tiles about one window step deep plus one byte a voxel (labels)."""
     monai_swi = pytest.importorskip("monai.inferers").sliding_window_inference
     bench = _bench_module()
     C, shape, roi = 3, (1, 1, 96, 48, 48), (12, 12, 12)
@@ -371,8 +407,10 @@ def test_accumulation_memory_against_monai():
     assert peak["monai"] >= (C + 1) * 4 * vol
     assert peak["values"] <= C * 4 * vol + windows + normalizer
     assert peak["float16"] <= C * 2 * vol + windows + normalizer
-    band = C * 4 * roi[0] * shape[3] * shape[4]
-    assert peak["labels"] <= vol + band + windows + normalizer
+    step = roi[0] // 2
+    tiles = C * 4 * shape[4] * step * (shape[3] + roi[1] + step)  # ~one window step of rows (see _Head)
+    assert tiles < C * 4 * roi[0] * shape[3] * shape[4]           # less than a band one window deep
+    assert peak["labels"] <= vol + tiles + windows + normalizer
     ratio = {k: v / peak["monai"] for k, v in peak.items()}
     assert ratio["values"] <= C / (C + 1) + 0.02
     assert ratio["float16"] <= 0.5 and ratio["labels"] <= 0.25, ratio
