@@ -499,6 +499,23 @@ def test_aten_backward_in_chunks_matches_reference(monkeypatch, B, grid, heads, 
 
 
 @pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+def test_aten_in_place_chunks_of_one_batch_element_match_reference(monkeypatch, saves):
+    """No shift, no padding, chunks of exactly one batch element's 4 windows: the windows are read in place
+    (strided views of the grid), chunk by chunk; output and gradients equal the reference's.  With chunks of
+    fewer windows than one batch element holds, the gathered layout is used instead."""
+    _force_saves(monkeypatch, saves)
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    heads, window, n = 2, 7, 49
+    spec = ref.WindowSpec(heads, (1, 7, 7), (0, 0, 0), 0.25, (1, 7, 7), (1, 7, 7))
+    qkv, table, _, dout = _inputs(3, (14, 14), heads, 8, window, True, False, torch.float32, seed=7)
+    monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", 4 * heads * n * n // torch.get_num_threads())
+    assert wa._layout(qkv.unsqueeze(1), spec, None, (qkv,))[0].in_place
+    _assert_aten_matches_reference(qkv, table, None, dout, heads, window, 0, torch.float32)
+    monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", 3 * heads * n * n // torch.get_num_threads())
+    assert not wa._layout(qkv.unsqueeze(1), spec, None, (qkv,))[0].in_place
+
+
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
 def test_aten_strided_inputs_read_in_place_stay_untouched(monkeypatch, saves):
     """No shift and no padding: the windows are read from the grid through strided views.  Non-contiguous qkv and
     d out (transposed grids) give the reference's output and gradients, and qkv is not modified (q is scaled in

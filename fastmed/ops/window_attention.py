@@ -198,22 +198,29 @@ def _write_chunk(win: _Windows, a: int, b: int, values: Tensor, spec: ref.Window
         win.source[a:b].view(c, n, parts, heads, d).copy_(values.view(parts, c, heads, n, d).permute(1, 3, 0, 2, 4))
 
 
+def _chunk_windows(spec: ref.WindowSpec) -> int:
+    """Windows per chunk of the ``aten`` backend: about :data:`_CHUNK_ELEMENTS` score elements per thread."""
+    return max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (spec.num_heads * spec.tokens * spec.tokens))
+
+
 def _layout(x: Tensor, spec: ref.WindowSpec, qkv_pad, tensors) -> tuple:
-    """``x`` ``(B, D, H, W, ch)`` as :class:`_Windows` (gathered unless the windows can be read in place), the
-    padded grid and the :class:`_Geometry`."""
+    """``x`` ``(B, D, H, W, ch)`` as :class:`_Windows`, the padded grid and the :class:`_Geometry`.  Read in place
+    when there is no shift and no padding and a chunk holds at least one batch element's windows (in-place chunks
+    are whole batch elements: fewer would need a view per row of windows); gathered otherwise."""
     grid = tuple(x.shape[1:4])
     padded = tuple(-(-s // w) * w for s, w in zip(grid, spec.window))
-    if spec.shifted or padded != grid:
+    per_batch = math.prod(s // w for s, w in zip(padded, spec.window))
+    if spec.shifted or padded != grid or _chunk_windows(spec) < per_batch:
         w, padded, geo = _windowed(x, spec, qkv_pad, tensors)
         return _Windows(w, False, 0), padded, geo
     geo = _geometry(spec, padded, x.shape[0], x.dtype, x.device, tensors)
-    return _Windows(x.contiguous(), True, math.prod(s // w for s, w in zip(grid, spec.window))), padded, geo
+    return _Windows(x.contiguous(), True, per_batch), padded, geo
 
 
 def _chunks(geo: _Geometry, win: _Windows, spec: ref.WindowSpec):
     """``(group, a, b)``: the chunks of windows the ``aten`` backend works through, within one shift-mask pattern
     each, of about :data:`_CHUNK_ELEMENTS` score elements per thread (whole batch elements when in place)."""
-    step = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (spec.num_heads * spec.tokens * spec.tokens))
+    step = _chunk_windows(spec)
     if win.in_place:
         step = max(1, step // win.per_batch) * win.per_batch
     for group, (start, stop, _) in enumerate(geo.groups):
