@@ -450,8 +450,10 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
     timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels on CUDA (Triton).  On CPU,
     ``auto`` uses the ``aten`` backend: torch's fused flash-attention CPU kernel over the windows with bias and
-    mask as its additive mask, roll and partition as one gather (the ``reference`` backend is the oracle).  The
-    output projection is not included.
+    mask as its additive mask or, for windows of at most 64 tokens when a gradient is needed, batched matmuls
+    keeping the probabilities for the backward (the faster of the two there, measured); roll and partition as one
+    gather, or strided views without shift and padding (the ``reference`` backend is the oracle).  The output
+    projection is not included.
 
     Args:
         qkv: ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)``: the qkv Linear applied to the token grid, channels in
