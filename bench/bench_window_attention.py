@@ -17,7 +17,8 @@ Blocks (``fastmed.nn.SwinTransformerBlock`` loaded with the weights of MONAI's `
 block; MONAI's shifted-window mask is computed once outside the timed region, which favours MONAI, whose
 ``BasicLayer`` builds it every call): training (forward + backward, gradients of the input and every parameter)
 and inference (no_grad forward, batch 1).  Cases: SwinUNETR stage 1 in 3D ((2, 28^3, C48), 3 heads, window 7,
-shift 3) and the Swin-Unet / timm 2D stage-1 block (56^2, C96, 3 heads, window 7, shift 3; MONAI's 2D block is
+shift 3) and the Swin-Unet / timm 2D stage-1 block (56^2, C96, 3 heads, window 7, shift 3, and on the CPU also
+shift 0, the W-MSA block every other one of a stage; MONAI's 2D block is
 the peer: the same computation as Swin-Unet's timm-style block, and timm is not a dependency).  Bytes at least:
 forward ``2*x + params``, forward+backward ``4*x + 2*params``.
 
@@ -65,6 +66,7 @@ GPU_BLOCKS = [
 CPU_BLOCKS = [
     ("swinunetr-block-28^3", (28, 28, 28), 48, 3, 7, 3, 2, 1),
     ("swin-unet-block-56^2", (56, 56), 96, 3, 7, 3, 2, 1),
+    ("swin-unet-block-56^2-unshifted", (56, 56), 96, 3, 7, 0, 2, 1),  # every other block of a Swin stage
 ]
 QUICK_BLOCKS = [
     ("quick-block-8^3", (8, 8, 8), 24, 2, 4, 2, 1, 1),

@@ -205,3 +205,40 @@ def test_monai_constructor_positional_and_keyword():
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
     with pytest.raises(ValueError, match="act_layer"):
         SwinTransformerBlock(12, 3, (2, 2, 2), (1, 1, 1), act_layer="RELU")
+
+
+INFERENCE_CASES = [
+    pytest.param((11, 16), (7, 7), (3, 3), id="2d-padded-shifted"),
+    pytest.param((14, 14), (7, 7), (0, 0), id="2d-divisible-unshifted"),
+    pytest.param((9, 8, 10), (7, 7, 7), (3, 3, 3), id="3d-padded-shifted"),
+]
+
+
+@pytest.mark.parametrize("grid,window,shift", INFERENCE_CASES)
+def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch, grid, window, shift):
+    """float32 inference on the CPU (no_grad): the fused block's four Linears run as oneDNN GEMMs, the MLP's GELU
+    fused into the first one's epilogue; the output equals MONAI's block (float64) to float32 precision, and a
+    call that needs gradients runs the plain Linears (oneDNN's linear has no backward)."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    calls = []
+
+    def counting(x, w, b, attr, scalars, algorithm):
+        calls.append(attr)
+        return swin._onednn_linear()(x, w, b, attr, scalars, algorithm)
+
+    monkeypatch.setattr(swin, "_ONEDNN_LINEAR", counting)
+    monai_block = _monai_block(24, 3, window, shift).eval()
+    ours = SwinTransformerBlock(24, 3, window, shift).float().eval()
+    ours.load_state_dict(monai_block.state_dict())
+    x = torch.randn(2, *grid, 24, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    with torch.no_grad():
+        want = _monai_forward(monai_block, x, window, shift)
+        got = ours(x.float())
+    assert sorted(calls) == ["gelu", "none", "none", "none"]
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
+    calls.clear()
+    y, _ = _grads(ours, x.float())
+    assert calls == []
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)

@@ -141,16 +141,17 @@ def test_nan_stays_nan_and_inputs_untouched():
     assert torch.equal(torch.isnan(qkv), torch.isnan(before)) and torch.equal(qkv.nan_to_num(), before.nan_to_num())
 
 
-@pytest.mark.parametrize("backend", ["reference", "aten"])
-def test_opcheck(backend):
+@pytest.mark.parametrize("backend, saves", [("reference", "logsumexp"), ("aten", "logsumexp"),
+                                             ("aten", "probabilities")])
+def test_opcheck(backend, saves):
     qkv, table, qkv_pad, dout = _inputs(2, (3, 6), 2, 4, 2, True, True, torch.float32)  # 3 rows: padded to 4
-    args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], backend)
+    args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], saves, backend)
     torch.library.opcheck(torch.ops.fastmed.window_attention_fwd.default, args)
     _out, lse = torch.ops.fastmed.window_attention_fwd(*args)
     # the forward's aot_dispatch check already runs the backward op through AOT autograd
     torch.library.opcheck(torch.ops.fastmed.window_attention_bwd.default,
                           (dout.unsqueeze(1), qkv.unsqueeze(1), lse, table, qkv_pad, 2, [1, 2, 2], [0, 1, 1],
-                           0.5, [1, 2, 2], [1, 2, 2], backend),
+                           0.5, [1, 2, 2], [1, 2, 2], saves, backend),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
@@ -454,10 +455,19 @@ def _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shi
         torch.testing.assert_close(a, b, atol=tol["atol"] * scale, rtol=tol["rtol"], msg=name)
 
 
+def _force_saves(monkeypatch, saves):
+    """Make the ``aten`` forward keep ``saves`` whenever a gradient is needed, whatever the window size."""
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    monkeypatch.setattr(wa, "_PROBS_MAX_TOKENS", 1 << 30 if saves == "probabilities" else 0)
+
+
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,bias,pad,dtype", ATEN_CASES)
-def test_aten_matches_reference(B, grid, heads, head_dim, window, shift, bias, pad, dtype):
-    """The CPU ``aten`` backend (torch's flash-attention CPU kernel, gathers for roll and partition) against the
+def test_aten_matches_reference(monkeypatch, B, grid, heads, head_dim, window, shift, bias, pad, dtype, saves):
+    """The CPU ``aten`` backend (batched matmuls keeping the probabilities, or torch's flash-attention CPU kernel
+    keeping the logsumexp; gathers for roll and partition, strided views without shift and padding) against the
     reference backend (the oracle), output and every gradient."""
+    _force_saves(monkeypatch, saves)
     qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, bias, pad, dtype)
 
     _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype)
@@ -471,17 +481,73 @@ ATEN_CHUNK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
 @pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,dtype", ATEN_CHUNK_CASES)
-def test_aten_backward_in_chunks_matches_reference(monkeypatch, B, grid, heads, head_dim, window, shift, dtype):
-    """The ``aten`` backward walks each shift-mask pattern's windows in chunks; with a chunk of one window (so
-    every pattern spans several chunks, and chunks of one pattern meet the next pattern's) the output and every
-    gradient (qkv, bias table, padding token) still match the reference."""
+def test_aten_backward_in_chunks_matches_reference(monkeypatch, B, grid, heads, head_dim, window, shift, dtype,
+                                                   saves):
+    """The ``aten`` forward (keeping probabilities) and backward walk each shift-mask pattern's windows in chunks;
+    with a chunk of one window (so every pattern spans several chunks, and chunks of one pattern meet the next
+    pattern's; one batch element when the windows are read in place) the output and every gradient (qkv, bias
+    table, padding token) still match the reference."""
+    _force_saves(monkeypatch, saves)
     wa = importlib.import_module("fastmed.ops.window_attention")
     n = window ** len(grid)
     monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", heads * n * n // torch.get_num_threads())  # chunks of one window
     qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, True, True, dtype)
 
     _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype)
+
+
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+def test_aten_in_place_chunks_of_one_batch_element_match_reference(monkeypatch, saves):
+    """No shift, no padding, chunks of exactly one batch element's 4 windows: the windows are read in place
+    (strided views of the grid), chunk by chunk; output and gradients equal the reference's.  With chunks of
+    fewer windows than one batch element holds, the gathered layout is used instead."""
+    _force_saves(monkeypatch, saves)
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    heads, window, n = 2, 7, 49
+    spec = ref.WindowSpec(heads, (1, 7, 7), (0, 0, 0), 0.25, (1, 7, 7), (1, 7, 7))
+    qkv, table, _, dout = _inputs(3, (14, 14), heads, 8, window, True, False, torch.float32, seed=7)
+    monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", 4 * heads * n * n // torch.get_num_threads())
+    assert wa._layout(qkv.unsqueeze(1), spec, None, (qkv,))[0].in_place
+    _assert_aten_matches_reference(qkv, table, None, dout, heads, window, 0, torch.float32)
+    monkeypatch.setattr(wa, "_CHUNK_ELEMENTS", 3 * heads * n * n // torch.get_num_threads())
+    assert not wa._layout(qkv.unsqueeze(1), spec, None, (qkv,))[0].in_place
+
+
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+def test_aten_strided_inputs_read_in_place_stay_untouched(monkeypatch, saves):
+    """No shift and no padding: the windows are read from the grid through strided views.  Non-contiguous qkv and
+    d out (transposed grids) give the reference's output and gradients, and qkv is not modified (q is scaled in
+    a copy)."""
+    _force_saves(monkeypatch, saves)
+    heads, window = 2, (2, 3)
+    qkv, table, _, dout = _inputs(2, (4, 6), heads, 4, window, True, False, torch.float32, seed=5)
+    qkv = qkv.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()  # (2, 4, 6, 24), strided
+    dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qkv.is_contiguous() and not dout.is_contiguous()
+    before = qkv.detach().clone()
+
+    def f(q, t, p):
+        return window_attention(q, heads, window, 0, t)
+
+    with fastmed.use_backend("aten"):
+        got = _grads(f, qkv, table, None, dout)
+    assert torch.equal(qkv.detach(), before)
+    with fastmed.use_backend("reference"):
+        want = _grads(f, qkv, table, None, dout)
+    for name, a, b in zip(["out", "dqkv", "dtable"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
+
+
+def test_aten_keeps_probabilities_only_for_small_windows_with_a_gradient():
+    """The documented choice (``_PROBS_MAX_TOKENS``): probabilities for Swin-Unet's 7x7 windows when a gradient is
+    needed, the flash kernel's logsumexp without one and for SwinUNETR's 7x7x7 windows."""
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    spec2d = ref.WindowSpec(3, (1, 7, 7), (0, 3, 3), 0.1, (1, 7, 7), (1, 7, 7))
+    spec3d = ref.WindowSpec(3, (7, 7, 7), (3, 3, 3), 0.1, (7, 7, 7), (7, 7, 7))
+    assert wa.saves_for(spec2d, True) == "probabilities"
+    assert wa.saves_for(spec2d, False) == wa.saves_for(spec3d, True) == wa.saves_for(spec3d, False) == "logsumexp"
 
 
 def test_aten_batch_sizes_and_inplace_output():

@@ -9,8 +9,9 @@ for patch expanding), so their state dicts load with ``load_state_dict``.
 ``WindowAttention`` and ``SwinTransformerBlock`` have two paths that agree: ``fused=True`` runs
 :func:`fastmed.ops.window_attention` (shift, partition, bias, mask, softmax, reverse in one kernel);
 ``fused=False`` runs the eager composition exactly as MONAI writes it (pad, roll, partition, explicit bias
-and mask, softmax, reverse, roll back).  The patch merging/expanding layers are reshapes around a LayerNorm
-and a Linear and have one path.
+and mask, softmax, reverse, roll back).  In float32 CPU inference the fused path also runs the block's Linears as
+oneDNN GEMMs with the MLP's GELU in the first one's epilogue (:func:`fused_linear`).  The patch
+merging/expanding layers are reshapes around a LayerNorm and a Linear and have one path.
 """
 from __future__ import annotations
 
@@ -79,12 +80,11 @@ class WindowAttention(nn.Module):
         check_token_grid(x, "x", nd, self.dim)
         shift = check_per_axis(shift_size, "shift_size", nd, 0)
         if self.fused and not (self.training and self.attn_drop.p > 0):
-            out = window_attention(self.qkv(x), self.num_heads, self.window_size, shift,
+            out = window_attention(fused_linear(x, self.qkv), self.num_heads, self.window_size, shift,
                                    self.relative_position_bias_table, self.scale, qkv_pad=self.qkv.bias,
                                    bias_index=self.bias_index)
-        else:
-            out = self._eager(x, shift)
-        return self.proj_drop(self.proj(out))
+            return self.proj_drop(fused_linear(out, self.proj))
+        return self.proj_drop(self.proj(self._eager(x, shift)))
 
     def _eager(self, x: Tensor, shift: tuple[int, ...]) -> Tensor:
         """MONAI's composition: pad the tokens, qkv, roll, partition, bias + mask, softmax, reverse, crop."""
@@ -148,8 +148,45 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+def _onednn_linear():
+    """torch's oneDNN linear with a fused epilogue (``torch.ops.mkldnn._linear_pointwise``: bias and an activation
+    applied to the GEMM's output tile while it is in the cache), or None where this torch lacks it."""
+    if not torch.backends.mkldnn.is_available():
+        return None
+    return getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+_ONEDNN_LINEAR = _onednn_linear()
+
+
+def fused_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
+    """``layer(x)``, followed by the exact (erf) GELU when ``gelu``; ``x`` ``(..., in_features)`` ->
+    ``(..., out_features)``.
+
+    On the CPU, for float32 without autograd (inference, ``torch.no_grad``) and outside ``torch.compile``, one
+    oneDNN GEMM with the bias and the GELU applied in its epilogue: the GELU costs no pass of its own over the
+    ``(tokens, 4C)`` hidden activation and the bias no broadcast copy (``addmm`` writes it before the GEMM).  The
+    same GEMM and the same exact GELU: equal to ``F.gelu(layer(x))`` up to the GEMM's summation order.  Anything
+    else (gradients needed, autocast, other dtypes or devices, a subclass of ``nn.Linear``, hooks on it, tensor
+    subclasses) runs ``layer`` and ``F.gelu``.
+    """
+    w, b = layer.weight, layer.bias
+    if (_ONEDNN_LINEAR is not None and type(x) is Tensor and type(layer) is nn.Linear and x.device.type == "cpu"
+            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+            and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)))
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
+        return _ONEDNN_LINEAR(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+    y = layer(x)
+    return F.gelu(y) if gelu else y
+
+
 class Mlp(nn.Module):
-    """``linear2(drop(act(linear1(x))))`` then dropout, MONAI's ``MLPBlock`` in ``dropout_mode="swin"``."""
+    """``linear2(drop(act(linear1(x))))`` then dropout, MONAI's ``MLPBlock`` in ``dropout_mode="swin"``.
+
+    ``forward(x (..., hidden_size), fused=False)``: with ``fused=True`` the Linears and the GELU go through
+    :func:`fused_linear` (one oneDNN GEMM with the GELU fused, on the CPU without autograd); the same result.
+    """
 
     def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0):
         super().__init__()
@@ -158,7 +195,9 @@ class Mlp(nn.Module):
         self.fn = nn.GELU()
         self.drop = nn.Dropout(dropout_rate)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, fused: bool = False) -> Tensor:
+        if fused and type(self.fn) is nn.GELU and self.fn.approximate == "none":
+            return self.drop(fused_linear(self.drop(fused_linear(x, self.linear1, gelu=True)), self.linear2))
         return self.drop(self.linear2(self.drop(self.fn(self.linear1(x)))))
 
 
@@ -204,7 +243,9 @@ class SwinTransformerBlock(nn.Module):
         return self.drop_path(self.attn(self.norm1(x), self.shift_size))
 
     def _mlp_part(self, x: Tensor) -> Tensor:
-        return self.drop_path(self.mlp(self.norm2(x)))
+        h = self.norm2(x)
+        # the MLP follows the attention's path (fastmed.patch may have put MONAI's MLPBlock here)
+        return self.drop_path(self.mlp(h, fused=self.attn.fused) if type(self.mlp) is Mlp else self.mlp(h))
 
     def forward(self, x: Tensor, mask_matrix: Optional[Tensor] = None) -> Tensor:
         if self.use_checkpoint and self.training and torch.is_grad_enabled():

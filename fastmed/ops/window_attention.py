@@ -34,9 +34,30 @@ _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
 
 
-def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec):
+# What the ``aten`` forward keeps for its backward (the ``saves`` argument of the ops; the other backends keep what
+# they always do): the flash kernel's logsumexp, or the probabilities of small windows that need a gradient.
+SAVES = ("logsumexp", "probabilities")
+
+
+def _reference_forward(qkv, table, qkv_pad, spec: ref.WindowSpec, saves: str):
+    return ref.window_attention_forward(qkv, table, qkv_pad, spec)
+
+
+def _triton_forward(qkv, table, qkv_pad, spec: ref.WindowSpec, saves: str):
+    from fastmed.kernels.window_attention import window_attention_forward
+
+    return window_attention_forward(qkv, table, qkv_pad, spec)
+
+
+def _reference_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec, saves: str):
     # The reference recomputes the attention from qkv: lse is not needed.
     return ref.window_attention_backward(dout, qkv, table, qkv_pad, spec)
+
+
+def _triton_backward(dout, qkv, lse, table, qkv_pad, spec: ref.WindowSpec, saves: str):
+    from fastmed.kernels.window_attention import window_attention_backward
+
+    return window_attention_backward(dout, qkv, lse, table, qkv_pad, spec)
 
 
 class _Geometry(NamedTuple):
@@ -132,32 +153,151 @@ def _heads(w: Tensor, part: int, heads: int) -> Tensor:
     return w.view(bw, n, 3, heads, ch // (3 * heads))[:, :, part].transpose(1, 2)
 
 
-def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple[Tensor, Tensor]:
-    """``aten`` backend (CPU): ``(out (B, D, H, W, C), lse)`` through torch's fused CPU flash-attention kernel,
-    one call per shift-mask pattern of the windows (bias plus that pattern's mask as its additive mask, broadcast
-    over the windows), reading q, k and v straight from one gathered copy of ``qkv`` (roll, partition and their
-    inverses are one gather each).  ``lse`` ``(B * nW, N, heads)`` stays in the windowed layout (only this
-    backend's backward reads it)."""
+class _Windows(NamedTuple):
+    """Where the ``aten`` backend reads the windows of a tensor from (and writes them to), chunk by chunk.
+
+    * ``in_place`` (no shift and no padding, a plain partition): ``source`` is the grid ``(B, D, H, W, ch)`` itself,
+      read through a strided view, so each chunk is one copy from the grid (and written back with one copy);
+      chunks hold whole batch elements (``per_batch`` windows each).
+    * otherwise ``source`` is the gathered windowed layout ``(B * nW, N, ch)`` of :func:`_windowed`.
+    """
+    source: Tensor
+    in_place: bool
+    per_batch: int
+
+
+def _grid_windows(t: Tensor, spec: ref.WindowSpec, parts: int) -> Tensor:
+    """``(B, D, H, W, parts * heads * d)`` -> the strided view ``(parts, B, nD, nH, nW, heads, wd, wh, ww, d)``
+    (window partition without a copy; windows in raster order, as :func:`_mask_parts` orders unshifted grids)."""
+    B, D, H, W, _ = t.shape
+    wd, wh, ww = spec.window
+    v = t.view(B, D // wd, wd, H // wh, wh, W // ww, ww, parts, spec.num_heads, -1)
+    return v.permute(7, 0, 1, 3, 5, 8, 2, 4, 6, 9)
+
+
+def _read_chunk(win: _Windows, a: int, b: int, spec: ref.WindowSpec, parts: int) -> Tensor:
+    """Windows ``a:b`` as a new ``(parts, windows * heads, N, d)`` tensor (one copy; q, k, v for ``parts`` 3)."""
+    c, n, heads = b - a, spec.tokens, spec.num_heads
+    if win.in_place:
+        v = _grid_windows(win.source, spec, parts)[:, a // win.per_batch:b // win.per_batch]
+    else:
+        v = win.source[a:b].view(c, n, parts, heads, -1).permute(2, 0, 3, 1, 4)
+    out = torch.empty((parts, c * heads, n, v.shape[-1]), dtype=v.dtype, device=v.device)
+    out.view(v.shape).copy_(v)
+    return out
+
+
+def _write_chunk(win: _Windows, a: int, b: int, values: Tensor, spec: ref.WindowSpec, parts: int) -> None:
+    """Inverse of :func:`_read_chunk`: ``values`` ``(parts, windows * heads, N, d)`` into windows ``a:b``."""
+    c, n, heads = b - a, spec.tokens, spec.num_heads
+    if win.in_place:
+        v = _grid_windows(win.source, spec, parts)[:, a // win.per_batch:b // win.per_batch]
+        v.copy_(values.view(v.shape))
+    else:
+        d = values.shape[-1]
+        win.source[a:b].view(c, n, parts, heads, d).copy_(values.view(parts, c, heads, n, d).permute(1, 3, 0, 2, 4))
+
+
+def _chunk_windows(spec: ref.WindowSpec) -> int:
+    """Windows per chunk of the ``aten`` backend: about :data:`_CHUNK_ELEMENTS` score elements per thread."""
+    return max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (spec.num_heads * spec.tokens * spec.tokens))
+
+
+def _layout(x: Tensor, spec: ref.WindowSpec, qkv_pad, tensors) -> tuple:
+    """``x`` ``(B, D, H, W, ch)`` as :class:`_Windows`, the padded grid and the :class:`_Geometry`.  Read in place
+    when there is no shift and no padding and a chunk holds at least one batch element's windows (in-place chunks
+    are whole batch elements: fewer would need a view per row of windows); gathered otherwise."""
+    grid = tuple(x.shape[1:4])
+    padded = tuple(-(-s // w) * w for s, w in zip(grid, spec.window))
+    per_batch = math.prod(s // w for s, w in zip(padded, spec.window))
+    if spec.shifted or padded != grid or _chunk_windows(spec) < per_batch:
+        w, padded, geo = _windowed(x, spec, qkv_pad, tensors)
+        return _Windows(w, False, 0), padded, geo
+    geo = _geometry(spec, padded, x.shape[0], x.dtype, x.device, tensors)
+    return _Windows(x.contiguous(), True, per_batch), padded, geo
+
+
+def _chunks(geo: _Geometry, win: _Windows, spec: ref.WindowSpec):
+    """``(group, a, b)``: the chunks of windows the ``aten`` backend works through, within one shift-mask pattern
+    each, of about :data:`_CHUNK_ELEMENTS` score elements per thread (whole batch elements when in place)."""
+    step = _chunk_windows(spec)
+    if win.in_place:
+        step = max(1, step // win.per_batch) * win.per_batch
+    for group, (start, stop, _) in enumerate(geo.groups):
+        for a in range(start, stop, step):
+            yield group, a, min(a + step, stop)
+
+
+# When a gradient is needed, windows of at most this many tokens go through batched matmuls with the
+# probabilities kept for the backward (as the unfused composition does) instead of the flash kernel and a
+# recomputation in the backward.  Measured on the 2-core CPU (fwd+bwd of the op at Swin-Unet's four stages, 7x7
+# windows = 49 tokens, 1 thread, interleaved, the machine shared): 10-25% less time than the flash route, and no
+# more than the unfused composition.  Without a gradient the flash kernel is ~10% faster at those shapes, so
+# inference keeps it; SwinUNETR's 7x7x7 windows (343 tokens) keep it too (their probabilities would be 7x the
+# size of q, k and v).
+_PROBS_MAX_TOKENS = 64
+
+
+def saves_for(spec: ref.WindowSpec, needs_grad: bool) -> str:
+    """What the ``aten`` forward keeps for windows of ``spec`` (one of :data:`SAVES`; see
+    :data:`_PROBS_MAX_TOKENS`)."""
+    return "probabilities" if needs_grad and spec.tokens <= _PROBS_MAX_TOKENS else "logsumexp"
+
+
+def _aten_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec, saves: str) -> tuple[Tensor, Tensor]:
+    """``aten`` backend (CPU): ``(out (B, D, H, W, C), saved)``, one shift-mask pattern of windows at a time (bias
+    plus that pattern's mask as one additive mask, broadcast over its windows); roll and partition and their
+    inverses are one gather each, or strided views when there is no shift and no padding.
+
+    ``saves == "probabilities"``: chunk by chunk, q, k, v copied out head by head, scores by one
+    batched matmul, the mask added in place, the softmax written into ``saved``, the probabilities
+    ``(B * nW, heads, N, N)``, and one batched matmul with v.  ``"logsumexp"``: torch's fused CPU flash-attention
+    kernel, one call per pattern, ``saved`` its logsumexp ``(B * nW, N, heads)``.  ``saved`` stays in the
+    windowed layout: only this backend's backward reads it."""
+    with torch.autocast(qkv.device.type, enabled=False):  # float32 (float64) throughout, also under autocast
+        return _aten_forward_body(qkv, table, qkv_pad, spec, saves)
+
+
+def _aten_forward_body(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec, saves: str) -> tuple[Tensor, Tensor]:
     acc = accumulation_dtype(qkv.dtype)
-    grid, batch, heads = tuple(qkv.shape[1:4]), qkv.shape[0], spec.num_heads
-    w, padded, geo = _windowed(qkv.to(acc), spec, qkv_pad, (qkv, table, qkv_pad))
+    grid, batch, heads, n = tuple(qkv.shape[1:4]), qkv.shape[0], spec.num_heads, spec.tokens
+    C = qkv.shape[-1] // 3
+    if saves != "probabilities":
+        w, padded, geo = _windowed(qkv.to(acc), spec, qkv_pad, (qkv, table, qkv_pad))
+        outs, lses = [], []
+        for (start, stop, _), mask in zip(geo.groups, _group_masks(table, geo, spec, acc)):
+            part = w[start:stop]
+            o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                *(_heads(part, i, heads) for i in range(3)), 0.0, False, attn_mask=mask, scale=spec.scale)
+            outs.append(o.transpose(1, 2))  # (windows, N, heads, head_dim), contiguous
+            lses.append(lse.transpose(1, 2))
+        out = outs[0] if len(outs) == 1 else torch.cat(outs)
+        saved = (lses[0] if len(lses) == 1 else torch.cat(lses)).contiguous()
+        out = _unwindowed(out.view(w.shape[0], n, C), geo, batch, padded)
+        return ref.crop(out, grid).to(qkv.dtype), saved
+    win, padded, geo = _layout(qkv.to(acc), spec, qkv_pad, (qkv, table, qkv_pad))
     masks = _group_masks(table, geo, spec, acc)
-    outs, lses = [], []
-    for (start, stop, _), mask in zip(geo.groups, masks):
-        part = w[start:stop]
-        o, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            *(_heads(part, i, heads) for i in range(3)), 0.0, False, attn_mask=mask, scale=spec.scale)
-        outs.append(o.transpose(1, 2))  # (windows, N, heads, head_dim), contiguous
-        lses.append(lse.transpose(1, 2))
-    out = outs[0] if len(outs) == 1 else torch.cat(outs)
-    lse = lses[0] if len(lses) == 1 else torch.cat(lses)
-    out = _unwindowed(out.view(w.shape[0], w.shape[1], -1), geo, batch, padded)
-    return ref.crop(out, grid).to(qkv.dtype), lse.contiguous()
+    bw = geo.order.shape[0] // n
+    probs = torch.empty((bw, heads, n, n), dtype=acc, device=qkv.device)
+    if win.in_place:
+        out = _Windows(torch.empty(qkv.shape[:-1] + (C,), dtype=acc, device=qkv.device), True, win.per_batch)
+    else:
+        out = _Windows(torch.empty((bw, n, C), dtype=acc, device=qkv.device), False, 0)
+    for group, a, b in _chunks(geo, win, spec):
+        c = b - a
+        x = _read_chunk(win, a, b, spec, 3)
+        s = torch.bmm(x[0].mul_(spec.scale), x[1].transpose(1, 2)).view(c, heads, n, n)
+        if masks[group] is not None:
+            s.add_(masks[group])
+        p = torch._softmax(s, -1, False, out=probs[a:b])
+        _write_chunk(out, a, b, torch.bmm(p.view(c * heads, n, n), x[2]).unsqueeze(0), spec, 1)
+    result = out.source if win.in_place else _unwindowed(out.source, geo, batch, padded)
+    return ref.crop(result, grid).to(qkv.dtype), probs
 
 
-# The backward works through the windows in chunks of about this many score elements (windows x heads x N x N)
-# per CPU thread, so that each chunk's scores, probabilities and their gradients stay in the cache between its
-# steps (smaller chunks: more, shorter parallel regions, which lose on a busy machine).
+# The ``aten`` backend works through the windows in chunks of about this many score elements (windows x heads x
+# N x N) per CPU thread, so that each chunk's scores, probabilities and their gradients stay in the cache between
+# its steps (smaller chunks: more, shorter parallel regions, which lose on a busy machine).
 _CHUNK_ELEMENTS = 1 << 20
 # The lowest log-probability the backward exponentiates, per compute dtype: below it exp() is subnormal, which
 # costs the CPU's exp ~20x (the shift mask's -100 puts most masked pairs there).  The clamped probabilities,
@@ -165,48 +305,53 @@ _CHUNK_ELEMENTS = 1 << 20
 _EXP_FLOOR = {torch.float32: math.log(torch.finfo(torch.float32).tiny) + 0.5}
 
 
-def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.WindowSpec):
+def _aten_backward(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: ref.WindowSpec, saves: str):
     """``aten`` backend (CPU) backward, chunk by chunk of windows of one shift-mask pattern: the probabilities
-    recomputed from the forward's ``lse`` (one batched matmul, the mask added and ``exp(s - lse)`` in place), then
-    dV, dP, dS (``P * (dP - rowsum(P * dP))`` in place) and dQ, dK with batched matmuls; the bias-table gradient
-    is dS summed over the windows (a fixed order: deterministic).  dq, dk, dv go back to the grid in one gather."""
+    the forward kept in ``saved``, or recomputed from the logsumexp it kept there (one batched matmul, the mask
+    added and ``exp(s - lse)`` in place), then dV, dP, dS (``P * (dP - rowsum(P * dP))`` in place) and dQ, dK with
+    batched matmuls; the bias-table gradient is dS summed over the windows (a fixed order: deterministic).  dq, dk,
+    dv go back to the grid in one gather (or one strided copy per chunk when there is no shift and no padding)."""
+    with torch.autocast(qkv.device.type, enabled=False):  # float32 (float64) throughout, also under autocast
+        return _aten_backward_body(dout, qkv, saved, table, qkv_pad, spec, saves)
+
+
+def _aten_backward_body(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: ref.WindowSpec, saves: str):
     acc = accumulation_dtype(qkv.dtype)
     grid, batch, heads, n = tuple(qkv.shape[1:4]), qkv.shape[0], spec.num_heads, spec.tokens
     tensors = (qkv, table, qkv_pad)
-    w, padded, geo = _windowed(qkv.to(acc), spec, qkv_pad, tensors)
-    do_w, _, _ = _windowed(dout.to(acc), spec, None, tensors)  # cropped outputs: zero gradient
-    masks = _group_masks(table, geo, spec, acc)
-    d = w.shape[-1] // (3 * heads)
-    grads = torch.empty_like(w)
+    win, padded, geo = _layout(qkv.to(acc), spec, qkv_pad, tensors)
+    dwin, _, _ = _layout(dout.to(acc), spec, None, tensors)  # cropped outputs: zero gradient
+    kept = saves == "probabilities"
+    masks = None if kept else _group_masks(table, geo, spec, acc)
+    grads = _Windows(torch.empty(win.source.shape, dtype=acc, device=qkv.device), win.in_place, win.per_batch)
     dbias = None if table is None else torch.zeros((heads, n, n), dtype=acc, device=qkv.device)
-    step = max(1, _CHUNK_ELEMENTS * torch.get_num_threads() // (heads * n * n))
     floor = _EXP_FLOOR.get(acc)
-    for (start, stop, _), mask in zip(geo.groups, masks):
-        for a in range(start, stop, step):
-            b = min(a + step, stop)
-            c = b - a
-            # q (scaled), k, v of the chunk as (3, windows * heads, N, d), one copy (each is read twice)
-            x = w[a:b].view(c, n, 3, heads, d).permute(2, 0, 3, 1, 4).reshape(3, c * heads, n, d)
-            q, k, v = x[0].mul_(spec.scale), x[1], x[2]
-            do = do_w[a:b].view(c, n, heads, d).transpose(1, 2).reshape(c * heads, n, d)
+    for group, a, b in _chunks(geo, win, spec):
+        c = b - a
+        x = _read_chunk(win, a, b, spec, 3)
+        q, k, v = x[0].mul_(spec.scale), x[1], x[2]
+        do = _read_chunk(dwin, a, b, spec, 1)[0]
+        if kept:  # the forward's probabilities (read only: a second backward reads them again)
+            p = saved[a:b].view(c * heads, n, n)
+        else:  # recomputed from the forward's logsumexp
             p = torch.bmm(q, k.transpose(1, 2)).view(c, heads, n, n)
-            if mask is not None:
-                p.add_(mask)
-            p.sub_(lse[a:b].transpose(1, 2).unsqueeze(-1))
+            if masks[group] is not None:
+                p.add_(masks[group])
+            p.sub_(saved[a:b].transpose(1, 2).unsqueeze(-1))
             if floor is not None:
                 p.clamp_min_(floor)
             p.exp_()
             p = p.view(c * heads, n, n)
-            g = torch.empty((3, c * heads, n, d), dtype=acc, device=qkv.device)
-            torch.bmm(p.transpose(1, 2), do, out=g[2])
-            ds = torch.bmm(do, v.transpose(1, 2)).mul_(p)
-            ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0)
-            torch.bmm(ds, k, out=g[0]).mul_(spec.scale)
-            torch.bmm(ds.transpose(1, 2), q, out=g[1])
-            grads[a:b].view(c, n, 3, heads, d).copy_(g.view(3, c, heads, n, d).permute(1, 3, 0, 2, 4))
-            if dbias is not None:
-                dbias += ds.view(c, heads, n, n).sum(0)
-    dx = _unwindowed(grads, geo, batch, padded)
+        g = torch.empty_like(x)
+        torch.bmm(p.transpose(1, 2), do, out=g[2])
+        ds = torch.bmm(do, v.transpose(1, 2)).mul_(p)
+        ds.addcmul_(p, ds.sum(-1, keepdim=True), value=-1.0)
+        torch.bmm(ds, k, out=g[0]).mul_(spec.scale)
+        torch.bmm(ds.transpose(1, 2), q, out=g[1])
+        _write_chunk(grads, a, b, g, spec, 3)
+        if dbias is not None:
+            dbias += ds.view(c, heads, n, n).sum(0)
+    dx = grads.source if win.in_place else _unwindowed(grads.source, geo, batch, padded)
     dpad = None
     if qkv_pad is not None and padded == grid:  # nothing padded: no padding token to collect a gradient
         dpad = torch.zeros_like(qkv_pad)
@@ -224,14 +369,13 @@ def _aten_backward(dout: Tensor, qkv: Tensor, lse, table, qkv_pad, spec: ref.Win
 _ATTENTION = _backend.Implementations("attention", "fastmed.ops.attention",
                                       reference=F.scaled_dot_product_attention)
 _FORWARD = _backend.Implementations("window_attention", "fastmed::window_attention_fwd",
-                                    triton="fastmed.kernels.window_attention:window_attention_forward",
-                                    aten=_aten_forward, reference=ref.window_attention_forward)
+                                    triton=_triton_forward, aten=_aten_forward, reference=_reference_forward)
 _BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attention_bwd",
-                                     triton="fastmed.kernels.window_attention:window_attention_backward",
-                                     aten=_aten_backward, reference=_reference_backward)
+                                     triton=_triton_backward, aten=_aten_backward, reference=_reference_backward)
 
-# The torch.library ops take the tensors, then the WindowSpec's fields flat (its field order), then the backend.
-_NON_TENSOR_GRADS = (None,) * (len(ref.WindowSpec._fields) + 1)  # the spec's fields and the backend name
+# The torch.library ops take the tensors, then the WindowSpec's fields flat (its field order), then ``saves`` (one
+# of SAVES) and the backend.
+_NON_TENSOR_GRADS = (None,) * (len(ref.WindowSpec._fields) + 2)  # the spec's fields, saves and the backend name
 
 
 def _grid5(t: Tensor) -> Tensor:
@@ -242,11 +386,12 @@ def _grid5(t: Tensor) -> Tensor:
 @triton_op("fastmed::window_attention_fwd", mutates_args=())
 def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optional[Tensor], num_heads: int,
                           window: list[int], shift: list[int], scale: float, table_window: list[int],
-                          bias_coords: list[int], backend: str) -> tuple[Tensor, Tensor]:
+                          bias_coords: list[int], saves: str, backend: str) -> tuple[Tensor, Tensor]:
     """``qkv`` ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)`` -> ``(out, lse)``, ``out`` of ``qkv``'s rank (a tensor of its
-    own, not a view, so that callers may modify it in place)."""
+    own, not a view, so that callers may modify it in place); ``lse``: what the backend's backward reads (for the
+    ``aten`` backend the logsumexp or the probabilities, as ``saves`` says)."""
     spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
-    out, lse = _FORWARD[backend](_grid5(qkv), table, qkv_pad, spec)
+    out, lse = _FORWARD[backend](_grid5(qkv), table, qkv_pad, spec, saves)
     # detach(): the squeezed output must not be a view (autograd forbids modifying views of a multi-output node).
     return (out.squeeze(1).detach() if qkv.dim() == 4 else out), lse
 
@@ -254,25 +399,25 @@ def _window_attention_fwd(qkv: Tensor, table: Optional[Tensor], qkv_pad: Optiona
 @triton_op("fastmed::window_attention_bwd", mutates_args=())
 def _window_attention_bwd(dout: Tensor, qkv: Tensor, lse: Optional[Tensor], table: Optional[Tensor],
                           qkv_pad: Optional[Tensor], num_heads: int, window: list[int], shift: list[int],
-                          scale: float, table_window: list[int], bias_coords: list[int],
+                          scale: float, table_window: list[int], bias_coords: list[int], saves: str,
                           backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    """``lse``: the forward's logsumexp where the backend's backward reads it (None for the reference, which
-    recomputes the attention from ``qkv``).  No backend reads the forward's output."""
+    """``lse``: the forward's second output where the backend's backward reads it (None for the reference, which
+    recomputes the attention from ``qkv``), ``saves`` the forward's.  No backend reads the forward's output."""
     spec = ref.WindowSpec.from_flat(num_heads, window, shift, scale, table_window, bias_coords)
-    dqkv, dtable, dpad = _BACKWARD[backend](_grid5(dout), _grid5(qkv), lse, table, qkv_pad, spec)
+    dqkv, dtable, dpad = _BACKWARD[backend](_grid5(dout), _grid5(qkv), lse, table, qkv_pad, spec, saves)
     # Absent gradients travel as empty tensors (custom ops return no None).
     return (dqkv.squeeze(1).detach() if qkv.dim() == 4 else dqkv, dtable if dtable is not None else qkv.new_empty(0),
             dpad if dpad is not None else qkv.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):
-    qkv, table, qkv_pad, *spec_fields, backend = inputs
+    qkv, table, qkv_pad, *spec_fields, saves, backend = inputs
     _out, lse = output
     # No backward reads the output (the kernels compute rowsum(dO * O) as rowsum(P * dP); the reference recomputes
     # everything from qkv), so the caller may modify it in place (as with the unfused composition).
     ctx.save_for_backward(qkv, lse if backend != "reference" else None, table, qkv_pad)
     ctx.spec = ref.WindowSpec.from_flat(*spec_fields)
-    ctx.backend = backend
+    ctx.saves, ctx.backend = saves, backend
 
 
 def _backward(ctx, dout, _dlse):
@@ -286,7 +431,7 @@ def _backward(ctx, dout, _dlse):
         dqkv = dqkv.squeeze(1) if qkv.dim() == 4 else dqkv
     else:
         dqkv, dtable, dpad = _direct.backward_op(ctx, _window_attention_bwd)(
-            dout, qkv, lse, table, qkv_pad, *spec.flat(), ctx.backend)
+            dout, qkv, lse, table, qkv_pad, *spec.flat(), ctx.saves, ctx.backend)
     return (dqkv, dtable if table is not None else None, dpad if qkv_pad is not None else None) + _NON_TENSOR_GRADS
 
 
@@ -305,8 +450,10 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
     timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels on CUDA (Triton).  On CPU,
     ``auto`` uses the ``aten`` backend: torch's fused flash-attention CPU kernel over the windows with bias and
-    mask as its additive mask, roll and partition as one gather (the ``reference`` backend is the oracle).  The
-    output projection is not included.
+    mask as its additive mask or, for windows of at most 64 tokens when a gradient is needed, batched matmuls
+    keeping the probabilities for the backward (the faster of the two there, measured); roll and partition as one
+    gather, or strided views without shift and padding (the ``reference`` backend is the oracle).  The output
+    projection is not included.
 
     Args:
         qkv: ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)``: the qkv Linear applied to the token grid, channels in
@@ -383,8 +530,10 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
                           win3 if bias_index == "coords" else table_window)
 
     backend = _backend.choose("window_attention", device)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (qkv, rel_pos_bias_table, qkv_pad))
     out, _ = _direct.call(_window_attention_fwd, _WindowAttentionDirect, qkv, rel_pos_bias_table, qkv_pad,
-                          *spec.flat(), backend)
+                          *spec.flat(), saves_for(spec, needs_grad), backend)
     return out
 
 
