@@ -35,13 +35,13 @@
 
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
+#include "losses_cpu_spec.h"
 
 namespace fastmed {
 
 namespace {
 
-// The slots of fastmed/reference/loss_spec.py (tests/test_losses_cpp.py checks the order against loss_spec.SLOTS).
-enum Slot : int64_t { kIntersect, kPred, kGround, kDiff, kNll, kLogsum, kFocal, kFocalPos, kCount, kBad, kNumSlots };
+using namespace loss_vocab;  // the slots, pick
 const char* const kSlotNames[] = {"intersect", "pred", "ground", "diff", "nll", "logsum", "focal", "focal_pos",
                                   "count", "bad"};
 constexpr int64_t kChunk = 2048;  // voxels per task: fixed, so the combine order never depends on the threads
@@ -52,14 +52,6 @@ enum class Pow { kOff, kLinear, kSquare, kAbs };
 enum class Ce { kOff, kSoftmax, kSoftmaxSmooth, kBce };
 enum class FocalMode { kOff, kSigmoid, kSoftmax };
 enum class FocalPos { kOff, kLinear, kHard };
-
-template <typename E>
-E pick(const std::string& value, const char* name, std::initializer_list<std::pair<const char*, E>> words) {
-  for (const auto& w : words) {
-    if (value == w.first) return w.second;
-  }
-  TORCH_CHECK(false, "StatsSpec.", name, ": unknown mode '", value, "'");
-}
 
 struct Spec {
   Act act;
@@ -78,16 +70,17 @@ Spec make_spec(const std::string& act, const std::string& pow_mode, const std::s
                const std::string& focal_mode, int64_t focal_c0, double gamma, const std::string& focal_pos,
                bool label_mode, bool has_ignore, int64_t ignore_index) {
   Spec s;
-  s.act = pick<Act>(act, "act", {{"none", Act::kNone}, {"sigmoid", Act::kSigmoid}, {"softmax", Act::kSoftmax}});
-  s.pow = pick<Pow>(pow_mode, "pow_mode",
+  s.act = pick<Act>(act, "StatsSpec", "act",
+                    {{"none", Act::kNone}, {"sigmoid", Act::kSigmoid}, {"softmax", Act::kSoftmax}});
+  s.pow = pick<Pow>(pow_mode, "StatsSpec", "pow_mode",
                     {{"off", Pow::kOff}, {"linear", Pow::kLinear}, {"square", Pow::kSquare}, {"abs", Pow::kAbs}});
-  s.ce = pick<Ce>(ce_mode, "ce_mode",
+  s.ce = pick<Ce>(ce_mode, "StatsSpec", "ce_mode",
                   {{"off", Ce::kOff}, {"softmax", Ce::kSoftmax}, {"softmax_smooth", Ce::kSoftmaxSmooth},
                    {"bce", Ce::kBce}});
-  s.focal = pick<FocalMode>(focal_mode, "focal_mode",
+  s.focal = pick<FocalMode>(focal_mode, "StatsSpec", "focal_mode",
                             {{"off", FocalMode::kOff}, {"sigmoid", FocalMode::kSigmoid},
                              {"softmax", FocalMode::kSoftmax}});
-  s.focal_pos = pick<FocalPos>(focal_pos, "focal_pos",
+  s.focal_pos = pick<FocalPos>(focal_pos, "StatsSpec", "focal_pos",
                                {{"off", FocalPos::kOff}, {"linear", FocalPos::kLinear}, {"hard", FocalPos::kHard}});
   s.focal_c0 = focal_c0;
   s.gamma = gamma;
@@ -99,6 +92,7 @@ Spec make_spec(const std::string& act, const std::string& pow_mode, const std::s
 
 // ---------------------------------------------------------------------------------------------- blocks of voxels
 constexpr int64_t kLanes = 16;  // voxels per block (a multiple of every vector width); kChunk is a multiple of it
+constexpr int64_t kPrefetch = 4;  // blocks ahead that a block's loads prefetch (one stream per class row)
 static_assert(kChunk % kLanes == 0, "a chunk is a whole number of blocks");
 
 // The operands of kLanes voxels of one sample, (class, lane) rows (see losses_cpu_kernels.h).
@@ -593,9 +587,10 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
           load(o, spec, b, s0, n, blk, cnt, bad);
           backward(blk, spec, gp + b * kNumSlots * C);
           for (int64_t c = 0; c < C; ++c) {
-            const A* d = blk.row(blk.dz, c);
-            Z* dst = dp + b * ds[0] + c * ds[1] + s0 * ds[2];
+            const A* __restrict d = blk.row(blk.dz, c);
+            Z* __restrict dst = dp + b * ds[0] + c * ds[1] + s0 * ds[2];
             if (ds[2] == 1 && n == kLanes) {
+#pragma omp simd
               for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<Z>(d[l]);
             } else {
               for (int64_t l = 0; l < n; ++l) dst[l * ds[2]] = static_cast<Z>(d[l]);

@@ -94,9 +94,10 @@ FASTMED_INLINE A vsign(A x) {
 template <typename A>
 FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
 
-// mx, lse and the exponentials exp(z - mx) in p (the softmax's numerators); normalizes p when `normalize`.
+// mx, the exponentials exp(z - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
+// lse; normalizes p when `normalize`.
 template <typename A>
-void softmax_block(Block<A>& k, bool normalize) {
+void softmax_block(Block<A>& k, bool normalize, bool log_sum) {
   constexpr A inf = std::numeric_limits<A>::infinity();
   A* __restrict mx = k.mx;
   A* __restrict sum = k.sum;
@@ -118,7 +119,9 @@ void softmax_block(Block<A>& k, bool normalize) {
       sum[l] += e;
     }
   }
-  FASTMED_LANES { lse[l] = vlog(sum[l]); }
+  if (log_sum) {
+    FASTMED_LANES { lse[l] = vlog(sum[l]); }
+  }
   if (normalize) {
     FASTMED_LANES { sum[l] = A(1) / sum[l]; }
     for (int64_t c = 0; c < k.C; ++c) {
@@ -129,9 +132,9 @@ void softmax_block(Block<A>& k, bool normalize) {
 }
 
 template <typename A>
-void activate_block(Block<A>& k, Act act) {
+void activate_block(Block<A>& k, Act act, bool log_sum) {
   if (act == Act::kSoftmax) {
-    softmax_block(k, true);
+    softmax_block(k, true, log_sum);
     return;
   }
   for (int64_t c = 0; c < k.C; ++c) {
@@ -183,8 +186,9 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
   const A* __restrict m = k.m;
   const A* __restrict valid = k.valid;
   auto slot = [&](int64_t s, int64_t c) { return acc + (s * C + c) * kLanes; };
+  const bool ce = spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth;
   if (spec.pow != Pow::kOff) {
-    activate_block(k, spec.act);
+    activate_block(k, spec.act, ce);  // the cross entropy below takes mx and lse from here
     for (int64_t c = 0; c < C; ++c) {
       const A* __restrict p = k.row(k.p, c);
       const A* __restrict g = k.row(k.gm, c);
@@ -224,8 +228,8 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
       }
     }
   }
-  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false);  // else: mx, lse known
+  if (ce) {
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false, true);  // else: mx, lse known
     const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
     const bool label = k.label;
     const A* __restrict mx = k.mx;
@@ -306,7 +310,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     FASTMED_LANES { d[l] = A(0); }
   }
   if (spec.pow != Pow::kOff) {
-    activate_block(k, spec.act);
+    activate_block(k, spec.act, false);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c p u
     for (int64_t c = 0; c < C; ++c) {
       const A* __restrict p = k.row(k.p, c);
@@ -349,7 +353,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     }
   }
   if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true);  // else: p is the softmax
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true, false);  // else: p is it
     const A smooth = spec.ce == Ce::kSoftmaxSmooth ? A(1) : A(0);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c w
     for (int64_t c = 0; c < C; ++c) {
@@ -424,10 +428,11 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
                 double& cnt, double& bad) {
   const int64_t C = o.C;
   for (int64_t c = 0; c < C; ++c) {
-    A* z = k.row(k.z, c);
-    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
-    if (o.zs[2] == 1 && n == kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
+    A* __restrict z = k.row(k.z, c);
+    const Z* __restrict src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
+    if (o.zs[2] == 1 && n == kLanes) {  // one row of each class: C streams, prefetched kPrefetch blocks ahead
+      __builtin_prefetch(src + kPrefetch * kLanes);
+      FASTMED_LANES { z[l] = static_cast<A>(src[l]); }
     } else {
       for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
     }
@@ -438,24 +443,33 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
     k.masked = spec.has_ignore;
     k.label = true;
     if constexpr (std::is_same<T, int64_t>::value) {
-      if (n == kLanes) {  // a full block of int64 labels: no branch per voxel
-        const int64_t* src = o.tp + b * o.ts[0] + s0 * o.ts[1];
+      if (n == kLanes && o.ts[1] == 1) {  // a full block of contiguous int64 labels: vectors, no branch
+        const int64_t* __restrict src = o.tp + b * o.ts[0] + s0;
+        __builtin_prefetch(src + kPrefetch * kLanes);
         const bool ignore = spec.has_ignore;
         const int64_t ig = spec.ignore_index;
-        int64_t nc = 0, nb = 0;
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t li = src[l * o.ts[1]];
-          const bool inrange = static_cast<uint64_t>(li) < static_cast<uint64_t>(C);
+        const uint64_t classes = static_cast<uint64_t>(C);
+        A* __restrict m = k.m;
+        A* __restrict pick = k.pick;
+        A* __restrict lb = lab;
+        A nb[kLanes];
+        FASTMED_LANES {
+          const int64_t li = src[l];
+          const bool inrange = static_cast<uint64_t>(li) < classes;
           const bool counts = !(ignore & (li == ig));
-          const A cls = static_cast<A>(inrange ? li : 0);
-          k.m[l] = counts ? A(1) : A(0);
-          lab[l] = (counts & inrange) ? cls : A(-1);
-          k.pick[l] = cls;
-          nc += counts;
-          nb += counts & !inrange;
+          const A cls = static_cast<A>(static_cast<int32_t>(inrange ? li : 0));  // exact: 0 <= cls < C
+          m[l] = counts ? A(1) : A(0);
+          lb[l] = (counts & inrange) ? cls : A(-1);
+          pick[l] = cls;
+          nb[l] = (counts & !inrange) ? A(1) : A(0);
+        }
+        A nc = 0, nbad = 0;  // whole numbers up to kLanes: exact in any order
+        for (int64_t l = 0; l < kLanes; ++l) {
+          nc += m[l];
+          nbad += nb[l];
         }
         cnt += static_cast<double>(nc);
-        bad += static_cast<double>(nb);
+        bad += static_cast<double>(nbad);
         for (int64_t c = 0; c < C; ++c) {
           A* g = k.row(k.gm, c);
           const A cls = static_cast<A>(c);
