@@ -464,6 +464,7 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
           nb[l] = (counts & !inrange) ? A(1) : A(0);
         }
         A nc = 0, nbad = 0;  // whole numbers up to kLanes: exact in any order
+#pragma omp simd reduction(+ : nc, nbad)
         for (int64_t l = 0; l < kLanes; ++l) {
           nc += m[l];
           nbad += nb[l];

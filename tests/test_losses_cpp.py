@@ -276,3 +276,19 @@ def test_native_autograd_label_check_and_no_grad():
         value = ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True)
     assert value.grad_fn is None
     torch.testing.assert_close(value, ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True).detach())
+
+
+@pytest.mark.parametrize("spec", BLOCK_SPECS[:4])
+def test_layouts_that_do_not_collapse(spec):
+    """Transposed logits (spatial dims that do not collapse into one: copied in C++, and d logits written back in
+    the logits' layout) and strided labels (the label loads' strided path)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 21, 19, generator=gen).transpose(2, 3)
+    t = torch.randint(0, 4, (2, 1, 19, 42), generator=gen)[..., ::2]
+    assert t.stride(-1) == 2 and x.stride(-1) != 1
+    got, want = L._cpp_stats(x, t, None, spec), L._reference_stats(x, t, None, spec)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(want.shape, generator=gen)
+    dgot = L._cpp_stats_backward(g, x, t, None, spec)
+    assert dgot.stride() == x.stride()
+    torch.testing.assert_close(dgot, ref.loss_stats_backward(g, x, t, None, spec))
