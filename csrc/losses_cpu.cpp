@@ -8,11 +8,11 @@
 // partials are added in chunk order afterwards (in float64): the result does not depend on the number of threads
 // (bit-identical at 1 and 2 threads).
 //
-// Every mode but BCE and the softmax focal term runs in blocks of kLanes voxels (losses_cpu_kernels.h): a block's
+// Every mode but the softmax focal term runs in blocks of kLanes voxels (losses_cpu_kernels.h): a block's
 // logits and one-hot targets (by comparing the label with the class index) are loaded as (class, lane) rows, the
 // activation is computed across the classes per lane, and each term adds to per-lane sums in A; at the end of a
-// chunk the lanes are added in a fixed order in float64.  The label check (slot BAD) runs in the same pass.  BCE and
-// the softmax focal term run the scalar per-voxel loop below (sums in float64).
+// chunk the lanes are added in a fixed order in float64.  The label check (slot BAD) runs in the same pass.  The
+// softmax focal term runs the scalar per-voxel loop below (sums in float64).
 //
 // Backward: d logits from gstats = d loss / d stats (B, NUM_SLOTS, C) in one pass, the closed forms of
 // fastmed.reference.losses.loss_stats_backward, block by block (or voxel by voxel; no reduction: deterministic by
@@ -182,8 +182,8 @@ namespace avx2 {
 }  // namespace avx2
 #endif
 
-// The block kernels cover every mode but BCE and the softmax focal term (the scalar voxel loop below runs those).
-bool blocked(const Spec& spec) { return spec.ce != Ce::kBce && spec.focal != FocalMode::kSoftmax; }
+// The block kernels cover every mode but the softmax focal term (the scalar voxel loop below runs it).
+bool blocked(const Spec& spec) { return spec.focal != FocalMode::kSoftmax; }
 
 // ---------------------------------------------------------------------------------------------- scalar helpers
 template <typename A>

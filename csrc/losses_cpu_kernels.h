@@ -258,6 +258,22 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
       }
     }
   }
+  if (spec.ce == Ce::kBce) {  // BCE with logits: NLL m bce(z, g), LOGSUM g' softplus(-z) (the pos_weight part)
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);  // g' = g m: the same as g wherever m is not 0 (m is 0 or 1)
+      A* __restrict sn = slot(kNll, c);
+      A* __restrict sl = slot(kLogsum, c);
+      FASTMED_LANES {
+        const A up = vsoftplus(z[l]), down = vsoftplus(-z[l]);
+        const A nll = counted(vweigh(A(1) - g[l], up) + vweigh(g[l], down), m[l]);
+        const A pos = vweigh(g[l], down);
+        const bool v = valid[l] != A(0);
+        sn[l] += v ? nll : A(0);
+        sl[l] += v ? pos : A(0);
+      }
+    }
+  }
   if (spec.focal == FocalMode::kSigmoid) {
     const A gamma = A(spec.gamma);
     A* bce = k.q;
@@ -371,6 +387,18 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
       const A* __restrict w = k.row(k.w, c);
       A* __restrict d = k.row(k.dz, c);
       FASTMED_LANES { d[l] += p[l] * sum[l] - w[l]; }
+    }
+  }
+  if (spec.ce == Ce::kBce) {
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict d = k.row(k.dz, c);
+      const A cn = coef(kNll, c), cl = coef(kLogsum, c);
+      FASTMED_LANES {
+        const A sneg = A(1) / (A(1) + vexp(z[l]));  // sigmoid(-z)
+        d[l] += (cn * ((A(1) - g[l]) - sneg) - cl * g[l] * sneg) * m[l];
+      }
     }
   }
   if (spec.focal == FocalMode::kSigmoid) {

@@ -116,14 +116,16 @@ def test_auto_picks_cpp_for_cpu_tensors():
     assert _backend.choose("losses", torch.device("cpu")) == "cpp"
 
 
-# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec but BCE and the softmax focal term): blocks of 16
+# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec but the softmax focal term): blocks of 16
 # voxels with a padded tail, chunks of 2048 voxels, strided and converted loads, the polynomial exp / log.
 BLOCK_SPECS = [StatsSpec("softmax", "linear", "softmax", label_mode=True),
                StatsSpec("softmax", "linear", "softmax", label_mode=True, has_ignore=True, ignore_index=1),
                StatsSpec("softmax", "square", "softmax_smooth", "sigmoid", 0, 2.0, "linear", True, True, 0),
                StatsSpec("sigmoid", "abs", "off", "sigmoid", 0, 2.0, "hard", True),
                StatsSpec("none", "linear", "softmax", "sigmoid", 0, 0.0, "off", False),
-               StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False)]
+               StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False),
+               StatsSpec("sigmoid", "linear", "bce", "sigmoid", 0, 2.0, "linear", False),
+               StatsSpec("none", "square", "bce", label_mode=True, has_ignore=True, ignore_index=1)]
 
 
 def _block_case(spec, shape, dtype, seed, scale=2.0, dense_mask=False):
@@ -170,11 +172,13 @@ def test_blocks_many_classes_and_one(spec):
         _check_block(spec, x, t, mask, torch.float32)
 
 
+@pytest.mark.parametrize("spec", [2, 6, 7])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_blocks_strided_and_extreme(dtype):
+def test_blocks_strided_and_extreme(dtype, spec):
     """Non-contiguous logits (a strided slice), large logits (exp over- and underflow, softplus's threshold),
-    NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits."""
-    spec = BLOCK_SPECS[2]
+    NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits (specs 6
+    and 7: BCE, dense and label targets)."""
+    spec = BLOCK_SPECS[spec]
     big = torch.randn(2, 4, 9, 2 * 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 60
     x = big.to(dtype)[:, :, :, ::2]
     assert not x.is_contiguous()
@@ -182,6 +186,8 @@ def test_blocks_strided_and_extreme(dtype):
     x[1, 0, 4, 5] = float("inf")
     x[1, 2, 6, 7] = float("-inf")
     t = torch.randint(0, 4, (2, 1, 9, 23), generator=torch.Generator().manual_seed(1))
+    if not spec.label_mode:
+        t = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _check_block(spec, x, t, None, dtype)
     s = L._cpp_stats(x, t, None, spec)
     assert s[0, :8].isnan().any()  # NaN in, NaN out (the values are checked against the reference above)
