@@ -69,6 +69,10 @@ FASTMED_INLINE double vabs(double x) { return __builtin_fabs(x); }  // has other
 inline double vexp(double x) { return std::exp(x); }
 inline double vlog(double x) { return std::log(x); }
 inline double vlog1p(double x) { return std::log1p(x); }
+FASTMED_INLINE float vpow(float b, float e) {  // b >= 0 or NaN: b^e as torch gives it (0^0 = 1, 0^e = 0 for e > 0)
+  return e == 0.0f ? 1.0f : exp_f32(e * log_f32(b));
+}
+inline double vpow(double b, double e) { return std::pow(b, e); }
 
 template <typename A>
 FASTMED_INLINE A vsoftplus(A z) {  // the reference's softplus (z above the threshold: z)
@@ -94,10 +98,11 @@ FASTMED_INLINE A vsign(A x) {
 template <typename A>
 FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
 
-// mx, the exponentials exp(z - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
+// The softmax over the classes c0..C-1 of the rows `v` (the logits k.z, or others of the block's layout): their max in
+// mx, the exponentials exp(v - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
 // lse; normalizes p when `normalize`.
 template <typename A>
-void softmax_block(Block<A>& k, bool normalize, bool log_sum) {
+void softmax_rows(Block<A>& k, const A* v, int64_t c0, bool normalize, bool log_sum) {
   constexpr A inf = std::numeric_limits<A>::infinity();
   A* __restrict mx = k.mx;
   A* __restrict sum = k.sum;
@@ -106,12 +111,12 @@ void softmax_block(Block<A>& k, bool normalize, bool log_sum) {
     mx[l] = -inf;
     sum[l] = 0;
   }
-  for (int64_t c = 0; c < k.C; ++c) {
-    const A* __restrict z = k.row(k.z, c);
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(v, c);
     FASTMED_LANES { mx[l] = (z[l] > mx[l] || z[l] != z[l]) ? z[l] : mx[l]; }  // torch's max: NaN wins
   }
-  for (int64_t c = 0; c < k.C; ++c) {
-    const A* __restrict z = k.row(k.z, c);
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(v, c);
     A* __restrict p = k.row(k.p, c);
     FASTMED_LANES {
       const A e = vexp(z[l] - mx[l]);
@@ -124,7 +129,7 @@ void softmax_block(Block<A>& k, bool normalize, bool log_sum) {
   }
   if (normalize) {
     FASTMED_LANES { sum[l] = A(1) / sum[l]; }
-    for (int64_t c = 0; c < k.C; ++c) {
+    for (int64_t c = c0; c < k.C; ++c) {
       A* __restrict p = k.row(k.p, c);
       FASTMED_LANES { p[l] *= sum[l]; }
     }
@@ -134,7 +139,7 @@ void softmax_block(Block<A>& k, bool normalize, bool log_sum) {
 template <typename A>
 void activate_block(Block<A>& k, Act act, bool log_sum) {
   if (act == Act::kSoftmax) {
-    softmax_block(k, true, log_sum);
+    softmax_rows(k, k.z, 0, true, log_sum);
     return;
   }
   for (int64_t c = 0; c < k.C; ++c) {
@@ -146,6 +151,19 @@ void activate_block(Block<A>& k, Act act, bool log_sum) {
       FASTMED_LANES { p[l] = z[l]; }
     }
   }
+}
+
+// The log-softmax of the softmax focal term over the classes c0..C-1 of the counted logits zz = m z: zz in the rows of
+// k.w, their max in mx and the log of the sum of their exponentials in lse (log q = zz - mx - lse; p is scratch).
+template <typename A>
+void focal_softmax_block(Block<A>& k, int64_t c0) {
+  const A* __restrict m = k.m;
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict zz = k.row(k.w, c);
+    FASTMED_LANES { zz[l] = counted(z[l], m[l]); }
+  }
+  softmax_rows(k, k.w, c0, false, true);
 }
 
 // reference.sigmoid_focal_terms at one class: bce, mod, s, sz (rows of kLanes); kHard: label targets.
@@ -229,7 +247,7 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
     }
   }
   if (ce) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false, true);  // else: mx, lse known
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_rows(k, k.z, 0, false, true);  // else: mx, lse known
     const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
     const bool label = k.label;
     const A* __restrict mx = k.mx;
@@ -311,6 +329,23 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
         }
       }
     }
+  } else if (spec.focal == FocalMode::kSoftmax) {  // -(m g (1 - q)^gamma) log q over the classes c0..
+    focal_softmax_block(k, spec.focal_c0);
+    const A gamma = A(spec.gamma);
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      const A* __restrict zz = k.row(k.w, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict sf = slot(kFocal, c);
+      FASTMED_LANES {
+        const A lq = zz[l] - mx[l] - lse[l];
+        const A b = A(1) - vexp(lq);
+        const A w = g[l] * vpow(b < A(0) ? A(0) : b, gamma) * m[l];
+        const A v = vweigh(w, lq);
+        sf[l] -= valid[l] != A(0) ? v : A(0);
+      }
+    }
   }
 }
 
@@ -369,7 +404,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     }
   }
   if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true, false);  // else: p is it
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_rows(k, k.z, 0, true, false);  // else: p is it
     const A smooth = spec.ce == Ce::kSoftmaxSmooth ? A(1) : A(0);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c w
     for (int64_t c = 0; c < C; ++c) {
@@ -445,6 +480,58 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
           d[l] += cc * dl * m[l] * m[l];
         }
       }
+    }
+  } else if (spec.focal == FocalMode::kSoftmax) {  // reference.loss_stats_backward's softmax focal closed form
+    focal_softmax_block(k, spec.focal_c0);
+    const A gamma = A(spec.gamma);
+    const bool powered = spec.gamma != 0;
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    A vsum[kLanes], lqs[kLanes], bs[kLanes], pg[kLanes], dp[kLanes];
+    FASTMED_LANES { vsum[l] = A(0); }
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      A* __restrict zz = k.row(k.w, c);  // zz in, the voxel term v out
+      A* __restrict q = k.row(k.q, c);
+      const A* __restrict g = k.row(k.gm, c);
+      const A cf = coef(kFocal, c);
+      FASTMED_LANES {
+        const A lq = zz[l] - mx[l] - lse[l];
+        const A qv = vexp(lq);
+        const A b = A(1) - qv;
+        q[l] = qv;
+        lqs[l] = lq;
+        bs[l] = b < A(0) ? A(0) : b;
+      }
+      // (1 - q)^gamma and its derivative gamma (1 - q)^(gamma - 1), torch's 0^0 = 1 (one loop per case: a branch in
+      // the loop would keep it from vectorizing)
+      if (!powered) {
+        FASTMED_LANES {
+          pg[l] = A(1);
+          dp[l] = A(0);
+        }
+      } else if (spec.gamma == 1) {
+        FASTMED_LANES {
+          pg[l] = bs[l];
+          dp[l] = A(1);
+        }
+      } else {
+        FASTMED_LANES {
+          const A lb = vlog(bs[l]);
+          pg[l] = vexp(gamma * lb);
+          dp[l] = gamma * vexp((gamma - A(1)) * lb);
+        }
+      }
+      FASTMED_LANES {
+        const A v = cf * (-g[l] * (pg[l] - vweigh(vweigh(q[l], lqs[l]), dp[l]))) * m[l];
+        zz[l] = v;
+        vsum[l] += v;
+      }
+    }
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      const A* __restrict v = k.row(k.w, c);
+      const A* __restrict q = k.row(k.q, c);
+      A* __restrict d = k.row(k.dz, c);
+      FASTMED_LANES { d[l] += (v[l] - q[l] * vsum[l]) * m[l]; }
     }
   }
 }

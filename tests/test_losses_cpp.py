@@ -116,7 +116,7 @@ def test_auto_picks_cpp_for_cpu_tensors():
     assert _backend.choose("losses", torch.device("cpu")) == "cpp"
 
 
-# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec but the softmax focal term): blocks of 16
+# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec): blocks of 16
 # voxels with a padded tail, chunks of 2048 voxels, strided and converted loads, the polynomial exp / log.
 BLOCK_SPECS = [StatsSpec("softmax", "linear", "softmax", label_mode=True),
                StatsSpec("softmax", "linear", "softmax", label_mode=True, has_ignore=True, ignore_index=1),
@@ -125,7 +125,10 @@ BLOCK_SPECS = [StatsSpec("softmax", "linear", "softmax", label_mode=True),
                StatsSpec("none", "linear", "softmax", "sigmoid", 0, 0.0, "off", False),
                StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False),
                StatsSpec("sigmoid", "linear", "bce", "sigmoid", 0, 2.0, "linear", False),
-               StatsSpec("none", "square", "bce", label_mode=True, has_ignore=True, ignore_index=1)]
+               StatsSpec("none", "square", "bce", label_mode=True, has_ignore=True, ignore_index=1),
+               StatsSpec("softmax", "linear", "softmax", "softmax", 1, 1.5, label_mode=True),
+               StatsSpec(focal_mode="softmax", label_mode=True, has_ignore=True, ignore_index=0),
+               StatsSpec(focal_mode="softmax", focal_c0=1, gamma=0.5)]
 
 
 def _block_case(spec, shape, dtype, seed, scale=2.0, dense_mask=False):
@@ -172,12 +175,12 @@ def test_blocks_many_classes_and_one(spec):
         _check_block(spec, x, t, mask, torch.float32)
 
 
-@pytest.mark.parametrize("spec", [2, 6, 7])
+@pytest.mark.parametrize("spec", [2, 6, 7, 8, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
 def test_blocks_strided_and_extreme(dtype, spec):
     """Non-contiguous logits (a strided slice), large logits (exp over- and underflow, softplus's threshold),
     NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits (specs 6
-    and 7: BCE, dense and label targets)."""
+    and 7: BCE, dense and label targets; 8 and 10: the softmax focal term)."""
     spec = BLOCK_SPECS[spec]
     big = torch.randn(2, 4, 9, 2 * 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 60
     x = big.to(dtype)[:, :, :, ::2]
