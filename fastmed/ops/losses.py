@@ -12,6 +12,10 @@ Each loss is two steps, each one registered torch.library op with a body per bac
    on that tiny tensor, in one launch: the loss and ``d loss / d stats``, so the backward of the formula is one
    multiplication by the output gradient.
 
+Outside ``torch.compile`` the ops run on the direct path (``fastmed/ops/_direct.py``); there the cpp backend runs
+both steps with their autograd nodes in C++ (``loss_stats_autograd_cpu``, ``loss_finalize_autograd_cpu``; two
+Python autograd functions cost more per call than the whole C++ work on small inputs).
+
 Sums accumulate in float32 (float64 for float64 logits), so float16 logits over volumes of more than 65504
 voxels per class give finite Dice values.
 
