@@ -93,6 +93,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The Python function norm_act_autograd_cpu's backward calls under create_graph=True: (dy, x, weight, bias, "
         "residual, slope, kind, num_groups, eps, activation, negative_slope) -> (dx, dweight, dbias, dresidual, "
         "dslope), None where absent.", pybind11::arg("fn"));
+  m.def("loss_finalize_cpu", &fastmed::loss_finalize_cpu,
+        "The loss formula of a LossSpec on the statistics: [loss, jac, valid], csrc/losses_cpu_finalize.cpp.");
+  m.def("loss_stats_nd_cpu", &fastmed::loss_stats_nd_cpu,
+        "loss_stats_cpu on (B, C, *spatial) logits and targets as fastmed.ops.losses passes them.");
+  m.def("loss_stats_backward_nd_cpu", &fastmed::loss_stats_backward_nd_cpu,
+        "loss_stats_backward_cpu on (B, C, *spatial) operands: d logits in the logits' dtype and layout.");
+  m.def("loss_stats_autograd_cpu", &fastmed::loss_stats_autograd_cpu,
+        "loss_stats_nd_cpu with its autograd in C++ (backward: loss_stats_backward_nd_cpu): the statistics.");
+  m.def("loss_finalize_autograd_cpu", &fastmed::loss_finalize_autograd_cpu,
+        "loss_finalize_cpu with its autograd in C++ (backward: jac times the output gradient): [loss, jac, valid].");
+  m.def("set_loss_double_backward", &fastmed::set_loss_double_backward,
+        "The Python functions the loss autograd nodes call under create_graph=True: stats_fn(gstats, logits, target, "
+        "mask, *StatsSpec) -> d logits, finalize_fn(gloss, stats, region_weight, ce_weight, focal_alpha, "
+        "focal_weight, *LossSpec) -> d stats.", pybind11::arg("stats_fn"), pybind11::arg("finalize_fn"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

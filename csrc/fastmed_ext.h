@@ -69,6 +69,49 @@ std::vector<torch::Tensor> norm_act_autograd_cpu(const torch::Tensor& x, const c
                                                  double negative_slope);
 void set_norm_act_double_backward(pybind11::object fn);
 
+// The fields of a StatsSpec and of a LossSpec (fastmed/reference/loss_spec.py), in order, as C++ parameters (and
+// the same names as arguments).
+#define FASTMED_STATS_SPEC_PARAMS                                                                                  \
+  const std::string &act, const std::string &pow_mode, const std::string &ce_mode, const std::string &focal_mode, \
+      int64_t focal_c0, double gamma, const std::string &focal_pos, bool label_mode, bool has_ignore,             \
+      int64_t ignore_index
+#define FASTMED_STATS_SPEC_ARGS \
+  act, pow_mode, ce_mode, focal_mode, focal_c0, gamma, focal_pos, label_mode, has_ignore, ignore_index
+#define FASTMED_LOSS_SPEC_PARAMS                                                                                     \
+  int64_t num_voxels, const std::string &region, int64_t region_c0, const std::string &pow_mode, bool batch,        \
+      double smooth_nr, double smooth_dr, double tversky_alpha, double tversky_beta, const std::string &w_type,     \
+      const std::string &region_reduction, double region_scale, const std::string &ce,                              \
+      const std::string &ce_reduction, double label_smoothing, double ce_scale, const std::string &focal,           \
+      int64_t focal_c0, const std::string &alpha_mode, double alpha, const std::string &focal_reduction,            \
+      bool focal_masked, double focal_scale
+#define FASTMED_LOSS_SPEC_ARGS                                                                                     \
+  num_voxels, region, region_c0, pow_mode, batch, smooth_nr, smooth_dr, tversky_alpha, tversky_beta, w_type,      \
+      region_reduction, region_scale, ce, ce_reduction, label_smoothing, ce_scale, focal, focal_c0, alpha_mode, alpha, \
+      focal_reduction, focal_masked, focal_scale
+#define FASTMED_LOSS_WEIGHT_PARAMS                                                                                 \
+  const c10::optional<torch::Tensor>&region_weight, const c10::optional<torch::Tensor>&ce_weight,               \
+      const c10::optional<torch::Tensor>&focal_alpha, const c10::optional<torch::Tensor>&focal_weight
+// csrc/losses_cpu_finalize.cpp: the loss formula of a LossSpec on the statistics (B, NUM_SLOTS, C): {loss,
+// jac = d loss / d stats, valid}.
+std::vector<torch::Tensor> loss_finalize_cpu(const torch::Tensor& stats, FASTMED_LOSS_WEIGHT_PARAMS,
+                                             FASTMED_LOSS_SPEC_PARAMS);
+// csrc/losses_cpu_finalize.cpp: loss_stats_cpu and loss_stats_backward_cpu on logits (B, C, *spatial), targets
+// (B, 1 | C, *spatial) and a (B, 1, *spatial) mask as fastmed.ops.losses passes them (views and conversions done
+// here); the backward returns d logits in the logits' dtype and layout.
+torch::Tensor loss_stats_nd_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                                const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS);
+torch::Tensor loss_stats_backward_nd_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                         const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                         FASTMED_STATS_SPEC_PARAMS);
+// csrc/losses_cpu_finalize.cpp: loss_stats_nd_cpu and loss_finalize_cpu as autograd functions in C++ (backward:
+// loss_stats_backward_nd_cpu; jac times the output gradient); a differentiated backward calls the Python functions
+// set with set_loss_double_backward: stats_fn(gstats, logits, target, mask, *StatsSpec) -> d logits and
+// finalize_fn(gloss, stats, region_weight, ce_weight, focal_alpha, focal_weight, *LossSpec) -> d stats.
+torch::Tensor loss_stats_autograd_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                                      const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS);
+std::vector<torch::Tensor> loss_finalize_autograd_cpu(const torch::Tensor& stats, FASTMED_LOSS_WEIGHT_PARAMS,
+                                                      FASTMED_LOSS_SPEC_PARAMS);
+void set_loss_double_backward(pybind11::object stats_fn, pybind11::object finalize_fn);
 #ifdef FASTMED_WITH_CUDA
 // csrc/cuda_selftest.cu (plain CUDA, no torch headers)
 cudaError_t launch_iota(int32_t* out, int64_t n, cudaStream_t stream);

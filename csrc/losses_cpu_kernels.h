@@ -69,6 +69,10 @@ FASTMED_INLINE double vabs(double x) { return __builtin_fabs(x); }  // has other
 inline double vexp(double x) { return std::exp(x); }
 inline double vlog(double x) { return std::log(x); }
 inline double vlog1p(double x) { return std::log1p(x); }
+FASTMED_INLINE float vpow(float b, float e) {  // b >= 0 or NaN: b^e as torch gives it (0^0 = 1, 0^e = 0 for e > 0)
+  return e == 0.0f ? 1.0f : exp_f32(e * log_f32(b));
+}
+inline double vpow(double b, double e) { return std::pow(b, e); }
 
 template <typename A>
 FASTMED_INLINE A vsoftplus(A z) {  // the reference's softplus (z above the threshold: z)
@@ -94,9 +98,11 @@ FASTMED_INLINE A vsign(A x) {
 template <typename A>
 FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
 
-// mx, lse and the exponentials exp(z - mx) in p (the softmax's numerators); normalizes p when `normalize`.
+// The softmax over the classes c0..C-1 of the rows `v` (the logits k.z, or others of the block's layout): their max in
+// mx, the exponentials exp(v - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
+// lse; normalizes p when `normalize`.
 template <typename A>
-void softmax_block(Block<A>& k, bool normalize) {
+void softmax_rows(Block<A>& k, const A* v, int64_t c0, bool normalize, bool log_sum) {
   constexpr A inf = std::numeric_limits<A>::infinity();
   A* __restrict mx = k.mx;
   A* __restrict sum = k.sum;
@@ -105,12 +111,12 @@ void softmax_block(Block<A>& k, bool normalize) {
     mx[l] = -inf;
     sum[l] = 0;
   }
-  for (int64_t c = 0; c < k.C; ++c) {
-    const A* __restrict z = k.row(k.z, c);
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(v, c);
     FASTMED_LANES { mx[l] = (z[l] > mx[l] || z[l] != z[l]) ? z[l] : mx[l]; }  // torch's max: NaN wins
   }
-  for (int64_t c = 0; c < k.C; ++c) {
-    const A* __restrict z = k.row(k.z, c);
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(v, c);
     A* __restrict p = k.row(k.p, c);
     FASTMED_LANES {
       const A e = vexp(z[l] - mx[l]);
@@ -118,10 +124,12 @@ void softmax_block(Block<A>& k, bool normalize) {
       sum[l] += e;
     }
   }
-  FASTMED_LANES { lse[l] = vlog(sum[l]); }
+  if (log_sum) {
+    FASTMED_LANES { lse[l] = vlog(sum[l]); }
+  }
   if (normalize) {
     FASTMED_LANES { sum[l] = A(1) / sum[l]; }
-    for (int64_t c = 0; c < k.C; ++c) {
+    for (int64_t c = c0; c < k.C; ++c) {
       A* __restrict p = k.row(k.p, c);
       FASTMED_LANES { p[l] *= sum[l]; }
     }
@@ -129,9 +137,9 @@ void softmax_block(Block<A>& k, bool normalize) {
 }
 
 template <typename A>
-void activate_block(Block<A>& k, Act act) {
+void activate_block(Block<A>& k, Act act, bool log_sum) {
   if (act == Act::kSoftmax) {
-    softmax_block(k, true);
+    softmax_rows(k, k.z, 0, true, log_sum);
     return;
   }
   for (int64_t c = 0; c < k.C; ++c) {
@@ -143,6 +151,19 @@ void activate_block(Block<A>& k, Act act) {
       FASTMED_LANES { p[l] = z[l]; }
     }
   }
+}
+
+// The log-softmax of the softmax focal term over the classes c0..C-1 of the counted logits zz = m z: zz in the rows of
+// k.w, their max in mx and the log of the sum of their exponentials in lse (log q = zz - mx - lse; p is scratch).
+template <typename A>
+void focal_softmax_block(Block<A>& k, int64_t c0) {
+  const A* __restrict m = k.m;
+  for (int64_t c = c0; c < k.C; ++c) {
+    const A* __restrict z = k.row(k.z, c);
+    A* __restrict zz = k.row(k.w, c);
+    FASTMED_LANES { zz[l] = counted(z[l], m[l]); }
+  }
+  softmax_rows(k, k.w, c0, false, true);
 }
 
 // reference.sigmoid_focal_terms at one class: bce, mod, s, sz (rows of kLanes); kHard: label targets.
@@ -183,8 +204,9 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
   const A* __restrict m = k.m;
   const A* __restrict valid = k.valid;
   auto slot = [&](int64_t s, int64_t c) { return acc + (s * C + c) * kLanes; };
+  const bool ce = spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth;
   if (spec.pow != Pow::kOff) {
-    activate_block(k, spec.act);
+    activate_block(k, spec.act, ce);  // the cross entropy below takes mx and lse from here
     for (int64_t c = 0; c < C; ++c) {
       const A* __restrict p = k.row(k.p, c);
       const A* __restrict g = k.row(k.gm, c);
@@ -224,8 +246,8 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
       }
     }
   }
-  if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, false);  // else: mx, lse known
+  if (ce) {
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_rows(k, k.z, 0, false, true);  // else: mx, lse known
     const bool smooth = spec.ce == Ce::kSoftmaxSmooth;
     const bool label = k.label;
     const A* __restrict mx = k.mx;
@@ -251,6 +273,22 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
           const A w = counted(lq, m[l]);
           sl[l] -= valid[l] != A(0) ? w : A(0);
         }
+      }
+    }
+  }
+  if (spec.ce == Ce::kBce) {  // BCE with logits: NLL m bce(z, g), LOGSUM g' softplus(-z) (the pos_weight part)
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);  // g' = g m: the same as g wherever m is not 0 (m is 0 or 1)
+      A* __restrict sn = slot(kNll, c);
+      A* __restrict sl = slot(kLogsum, c);
+      FASTMED_LANES {
+        const A up = vsoftplus(z[l]), down = vsoftplus(-z[l]);
+        const A nll = counted(vweigh(A(1) - g[l], up) + vweigh(g[l], down), m[l]);
+        const A pos = vweigh(g[l], down);
+        const bool v = valid[l] != A(0);
+        sn[l] += v ? nll : A(0);
+        sl[l] += v ? pos : A(0);
       }
     }
   }
@@ -291,6 +329,23 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
         }
       }
     }
+  } else if (spec.focal == FocalMode::kSoftmax) {  // -(m g (1 - q)^gamma) log q over the classes c0..
+    focal_softmax_block(k, spec.focal_c0);
+    const A gamma = A(spec.gamma);
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      const A* __restrict zz = k.row(k.w, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict sf = slot(kFocal, c);
+      FASTMED_LANES {
+        const A lq = zz[l] - mx[l] - lse[l];
+        const A b = A(1) - vexp(lq);
+        const A w = g[l] * vpow(b < A(0) ? A(0) : b, gamma) * m[l];
+        const A v = vweigh(w, lq);
+        sf[l] -= valid[l] != A(0) ? v : A(0);
+      }
+    }
   }
 }
 
@@ -306,7 +361,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     FASTMED_LANES { d[l] = A(0); }
   }
   if (spec.pow != Pow::kOff) {
-    activate_block(k, spec.act);
+    activate_block(k, spec.act, false);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c p u
     for (int64_t c = 0; c < C; ++c) {
       const A* __restrict p = k.row(k.p, c);
@@ -349,7 +404,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     }
   }
   if (spec.ce == Ce::kSoftmax || spec.ce == Ce::kSoftmaxSmooth) {
-    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_block(k, true);  // else: p is the softmax
+    if (!(spec.pow != Pow::kOff && spec.act == Act::kSoftmax)) softmax_rows(k, k.z, 0, true, false);  // else: p is it
     const A smooth = spec.ce == Ce::kSoftmaxSmooth ? A(1) : A(0);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c w
     for (int64_t c = 0; c < C; ++c) {
@@ -367,6 +422,18 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
       const A* __restrict w = k.row(k.w, c);
       A* __restrict d = k.row(k.dz, c);
       FASTMED_LANES { d[l] += p[l] * sum[l] - w[l]; }
+    }
+  }
+  if (spec.ce == Ce::kBce) {
+    for (int64_t c = 0; c < C; ++c) {
+      const A* __restrict z = k.row(k.z, c);
+      const A* __restrict g = k.row(k.gm, c);
+      A* __restrict d = k.row(k.dz, c);
+      const A cn = coef(kNll, c), cl = coef(kLogsum, c);
+      FASTMED_LANES {
+        const A sneg = A(1) / (A(1) + vexp(z[l]));  // sigmoid(-z)
+        d[l] += (cn * ((A(1) - g[l]) - sneg) - cl * g[l] * sneg) * m[l];
+      }
     }
   }
   if (spec.focal == FocalMode::kSigmoid) {
@@ -414,6 +481,58 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
         }
       }
     }
+  } else if (spec.focal == FocalMode::kSoftmax) {  // reference.loss_stats_backward's softmax focal closed form
+    focal_softmax_block(k, spec.focal_c0);
+    const A gamma = A(spec.gamma);
+    const bool powered = spec.gamma != 0;
+    const A* __restrict mx = k.mx;
+    const A* __restrict lse = k.lse;
+    A vsum[kLanes], lqs[kLanes], bs[kLanes], pg[kLanes], dp[kLanes];
+    FASTMED_LANES { vsum[l] = A(0); }
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      A* __restrict zz = k.row(k.w, c);  // zz in, the voxel term v out
+      A* __restrict q = k.row(k.q, c);
+      const A* __restrict g = k.row(k.gm, c);
+      const A cf = coef(kFocal, c);
+      FASTMED_LANES {
+        const A lq = zz[l] - mx[l] - lse[l];
+        const A qv = vexp(lq);
+        const A b = A(1) - qv;
+        q[l] = qv;
+        lqs[l] = lq;
+        bs[l] = b < A(0) ? A(0) : b;
+      }
+      // (1 - q)^gamma and its derivative gamma (1 - q)^(gamma - 1), torch's 0^0 = 1 (one loop per case: a branch in
+      // the loop would keep it from vectorizing)
+      if (!powered) {
+        FASTMED_LANES {
+          pg[l] = A(1);
+          dp[l] = A(0);
+        }
+      } else if (spec.gamma == 1) {
+        FASTMED_LANES {
+          pg[l] = bs[l];
+          dp[l] = A(1);
+        }
+      } else {
+        FASTMED_LANES {
+          const A lb = vlog(bs[l]);
+          pg[l] = vexp(gamma * lb);
+          dp[l] = gamma * vexp((gamma - A(1)) * lb);
+        }
+      }
+      FASTMED_LANES {
+        const A v = cf * (-g[l] * (pg[l] - vweigh(vweigh(q[l], lqs[l]), dp[l]))) * m[l];
+        zz[l] = v;
+        vsum[l] += v;
+      }
+    }
+    for (int64_t c = spec.focal_c0; c < C; ++c) {
+      const A* __restrict v = k.row(k.w, c);
+      const A* __restrict q = k.row(k.q, c);
+      A* __restrict d = k.row(k.dz, c);
+      FASTMED_LANES { d[l] += (v[l] - q[l] * vsum[l]) * m[l]; }
+    }
   }
 }
 
@@ -424,10 +543,11 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
                 double& cnt, double& bad) {
   const int64_t C = o.C;
   for (int64_t c = 0; c < C; ++c) {
-    A* z = k.row(k.z, c);
-    const Z* src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
-    if (o.zs[2] == 1 && n == kLanes) {
-      for (int64_t l = 0; l < kLanes; ++l) z[l] = static_cast<A>(src[l]);
+    A* __restrict z = k.row(k.z, c);
+    const Z* __restrict src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
+    if (o.zs[2] == 1 && n == kLanes) {  // one row of each class: C streams, prefetched kPrefetch blocks ahead
+      __builtin_prefetch(src + kPrefetch * kLanes);
+      FASTMED_LANES { z[l] = static_cast<A>(src[l]); }
     } else {
       for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
     }
@@ -438,24 +558,34 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
     k.masked = spec.has_ignore;
     k.label = true;
     if constexpr (std::is_same<T, int64_t>::value) {
-      if (n == kLanes) {  // a full block of int64 labels: no branch per voxel
-        const int64_t* src = o.tp + b * o.ts[0] + s0 * o.ts[1];
+      if (n == kLanes && o.ts[1] == 1) {  // a full block of contiguous int64 labels: vectors, no branch
+        const int64_t* __restrict src = o.tp + b * o.ts[0] + s0;
+        __builtin_prefetch(src + kPrefetch * kLanes);
         const bool ignore = spec.has_ignore;
         const int64_t ig = spec.ignore_index;
-        int64_t nc = 0, nb = 0;
-        for (int64_t l = 0; l < kLanes; ++l) {
-          const int64_t li = src[l * o.ts[1]];
-          const bool inrange = static_cast<uint64_t>(li) < static_cast<uint64_t>(C);
+        const uint64_t classes = static_cast<uint64_t>(C);
+        A* __restrict m = k.m;
+        A* __restrict pick = k.pick;
+        A* __restrict lb = lab;
+        A nb[kLanes];
+        FASTMED_LANES {
+          const int64_t li = src[l];
+          const bool inrange = static_cast<uint64_t>(li) < classes;
           const bool counts = !(ignore & (li == ig));
-          const A cls = static_cast<A>(inrange ? li : 0);
-          k.m[l] = counts ? A(1) : A(0);
-          lab[l] = (counts & inrange) ? cls : A(-1);
-          k.pick[l] = cls;
-          nc += counts;
-          nb += counts & !inrange;
+          const A cls = static_cast<A>(static_cast<int32_t>(inrange ? li : 0));  // exact: 0 <= cls < C
+          m[l] = counts ? A(1) : A(0);
+          lb[l] = (counts & inrange) ? cls : A(-1);
+          pick[l] = cls;
+          nb[l] = (counts & !inrange) ? A(1) : A(0);
+        }
+        A nc = 0, nbad = 0;  // whole numbers up to kLanes: exact in any order
+#pragma omp simd reduction(+ : nc, nbad)
+        for (int64_t l = 0; l < kLanes; ++l) {
+          nc += m[l];
+          nbad += nb[l];
         }
         cnt += static_cast<double>(nc);
-        bad += static_cast<double>(nb);
+        bad += static_cast<double>(nbad);
         for (int64_t c = 0; c < C; ++c) {
           A* g = k.row(k.gm, c);
           const A cls = static_cast<A>(c);

@@ -7,7 +7,9 @@ import pytest
 import torch
 from conftest import TOL
 
-from fastmed import _backend, _ext
+import fastmed
+from fastmed import _backend, _ext, ops
+from fastmed.ops import _direct
 from fastmed.ops import losses as L
 from fastmed.reference import losses as ref
 from fastmed.reference.loss_spec import SLOTS, StatsSpec
@@ -114,14 +116,19 @@ def test_auto_picks_cpp_for_cpu_tensors():
     assert _backend.choose("losses", torch.device("cpu")) == "cpp"
 
 
-# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec but BCE and the softmax focal term): blocks of 16
+# The vectorized blocks of csrc/losses_cpu_kernels.h (every spec): blocks of 16
 # voxels with a padded tail, chunks of 2048 voxels, strided and converted loads, the polynomial exp / log.
 BLOCK_SPECS = [StatsSpec("softmax", "linear", "softmax", label_mode=True),
                StatsSpec("softmax", "linear", "softmax", label_mode=True, has_ignore=True, ignore_index=1),
                StatsSpec("softmax", "square", "softmax_smooth", "sigmoid", 0, 2.0, "linear", True, True, 0),
                StatsSpec("sigmoid", "abs", "off", "sigmoid", 0, 2.0, "hard", True),
                StatsSpec("none", "linear", "softmax", "sigmoid", 0, 0.0, "off", False),
-               StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False)]
+               StatsSpec("softmax", "abs", "softmax_smooth", "sigmoid", 0, 1.5, "linear", False),
+               StatsSpec("sigmoid", "linear", "bce", "sigmoid", 0, 2.0, "linear", False),
+               StatsSpec("none", "square", "bce", label_mode=True, has_ignore=True, ignore_index=1),
+               StatsSpec("softmax", "linear", "softmax", "softmax", 1, 1.5, label_mode=True),
+               StatsSpec(focal_mode="softmax", label_mode=True, has_ignore=True, ignore_index=0),
+               StatsSpec(focal_mode="softmax", focal_c0=1, gamma=0.5)]
 
 
 def _block_case(spec, shape, dtype, seed, scale=2.0, dense_mask=False):
@@ -168,11 +175,13 @@ def test_blocks_many_classes_and_one(spec):
         _check_block(spec, x, t, mask, torch.float32)
 
 
+@pytest.mark.parametrize("spec", [2, 6, 7, 8, 10])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
-def test_blocks_strided_and_extreme(dtype):
+def test_blocks_strided_and_extreme(dtype, spec):
     """Non-contiguous logits (a strided slice), large logits (exp over- and underflow, softplus's threshold),
-    NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits."""
-    spec = BLOCK_SPECS[2]
+    NaN and infinities in the same pass: NaN in gives NaN out, infinities give the reference's limits (specs 6
+    and 7: BCE, dense and label targets; 8 and 10: the softmax focal term)."""
+    spec = BLOCK_SPECS[spec]
     big = torch.randn(2, 4, 9, 2 * 23, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 60
     x = big.to(dtype)[:, :, :, ::2]
     assert not x.is_contiguous()
@@ -180,6 +189,8 @@ def test_blocks_strided_and_extreme(dtype):
     x[1, 0, 4, 5] = float("inf")
     x[1, 2, 6, 7] = float("-inf")
     t = torch.randint(0, 4, (2, 1, 9, 23), generator=torch.Generator().manual_seed(1))
+    if not spec.label_mode:
+        t = torch.rand(x.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     _check_block(spec, x, t, None, dtype)
     s = L._cpp_stats(x, t, None, spec)
     assert s[0, :8].isnan().any()  # NaN in, NaN out (the values are checked against the reference above)
@@ -211,3 +222,82 @@ def test_blocks_bit_identical_at_1_and_2_threads(spec):
         torch.set_num_threads(threads)
     for s, d in results[1:]:
         assert torch.equal(s, results[0][0]) and torch.equal(d, results[0][1])
+
+
+# The direct path's native implementations (csrc/losses_cpu_finalize.cpp): both loss steps with their autograd nodes
+# in C++ must give what the registered ops give (their Python autograd and the cpp bodies), bit for bit, values and
+# gradients, over the output-gradient shapes of the finalize step (0-d, "none" per class with and without the
+# background, generalized Dice per sample, batch).
+NATIVE_CASES = {
+    "dice_ce": lambda x, y, t: ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True, label_smoothing=0.1,
+                                                weight=torch.tensor([0.5, 1.0, 2.0, 1.5]), include_background=False),
+    "dice_focal": lambda x, y, t: ops.dice_focal_loss(x, y, sigmoid=True, to_onehot_y=True, alpha=0.25,
+                                                      squared_pred=True, batch=True),
+    "nnunet": lambda x, y, t: ops.nnunet_dice_ce_loss(x, y, ignore_label=2),
+    "dice_none": lambda x, y, t: ops.dice_loss(x, y, softmax=True, to_onehot_y=True, reduction="none",
+                                               include_background=False, jaccard=True),
+    "dice_none_batch": lambda x, y, t: ops.dice_loss(x, t, sigmoid=True, reduction="none", batch=True,
+                                                     soft_label=True),
+    "generalized_none": lambda x, y, t: ops.generalized_dice_loss(x, y, softmax=True, to_onehot_y=True,
+                                                                  reduction="none"),
+    "tversky_none_batch": lambda x, y, t: ops.tversky_loss(x, y, softmax=True, to_onehot_y=True, reduction="none",
+                                                           batch=True, include_background=False),
+    "focal_softmax": lambda x, y, t: ops.focal_loss(x, y, to_onehot_y=True, use_softmax=True, alpha=0.3,
+                                                    reduction="sum"),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("name", list(NATIVE_CASES))
+def test_native_autograd_equals_registered_ops(name, dtype, monkeypatch):
+    gen = torch.Generator().manual_seed(11)
+    x0 = torch.randn(2, 4, 5, 6, generator=gen, dtype=dtype)
+    y = torch.randint(0, 4, (2, 1, 5, 6), generator=gen)
+    t = torch.rand(x0.shape, generator=gen, dtype=dtype)
+    results = []
+    for route in ("native", "op"):
+        if route == "op":
+            monkeypatch.setattr(_direct, "call", lambda op, function, *inputs: op(*inputs))
+        x = x0.clone().requires_grad_()
+        with fastmed.use_backend("cpp"):
+            out = NATIVE_CASES[name](x, y, t)
+        if route == "native":  # the C++ autograd node, not a Python one
+            node = out.grad_fn
+            while "LossFinalize" not in node.name() and node.next_functions:
+                node = node.next_functions[0][0]
+            assert "LossFinalizeFunction" in node.name()
+        gout = torch.linspace(0.5, 1.5, out.numel(), dtype=out.dtype).reshape(out.shape)
+        (g,) = torch.autograd.grad(out, x, gout)
+        results.append((out.detach(), g))
+    (out_n, g_n), (out_o, g_o) = results
+    assert torch.equal(out_n, out_o) and torch.equal(g_n, g_o)
+
+
+def test_native_autograd_label_check_and_no_grad():
+    """Bad labels raise on the native path; without a gradient the op bodies run (no autograd node)."""
+    x = torch.randn(1, 3, 4, 4, requires_grad=True)
+    y = torch.randint(0, 3, (1, 1, 4, 4))
+    y[0, 0, 1, 1] = 3
+    with pytest.raises(ValueError, match="target"):
+        ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True)
+    y[0, 0, 1, 1] = 2
+    with torch.no_grad():
+        value = ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True)
+    assert value.grad_fn is None
+    torch.testing.assert_close(value, ops.dice_ce_loss(x, y, softmax=True, to_onehot_y=True).detach())
+
+
+@pytest.mark.parametrize("spec", BLOCK_SPECS[:4])
+def test_layouts_that_do_not_collapse(spec):
+    """Transposed logits (spatial dims that do not collapse into one: copied in C++, and d logits written back in
+    the logits' layout) and strided labels (the label loads' strided path)."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 4, 21, 19, generator=gen).transpose(2, 3)
+    t = torch.randint(0, 4, (2, 1, 19, 42), generator=gen)[..., ::2]
+    assert t.stride(-1) == 2 and x.stride(-1) != 1
+    got, want = L._cpp_stats(x, t, None, spec), L._reference_stats(x, t, None, spec)
+    torch.testing.assert_close(got, want)
+    g = torch.randn(want.shape, generator=gen)
+    dgot = L._cpp_stats_backward(g, x, t, None, spec)
+    assert dgot.stride() == x.stride()
+    torch.testing.assert_close(dgot, ref.loss_stats_backward(g, x, t, None, spec))

@@ -1,5 +1,6 @@
 """The loss formula on the statistics (``fastmed::loss_finalize``): value against the plain torch formula
-(``loss_from_stats``), ``jac = d loss / d stats`` against autograd, on every backend that has a body."""
+(``loss_from_stats``), ``jac = d loss / d stats`` against autograd, on every backend that has a body (``cpp``:
+csrc/losses_cpu_finalize.cpp)."""
 import itertools
 
 import pytest
@@ -8,9 +9,9 @@ from conftest import triton_device
 
 from fastmed.ops import losses as L
 from fastmed.reference import losses as ref
-from fastmed.reference.loss_spec import BAD, COUNT, GROUND, NON_LOGIT_SLOTS, NUM_SLOTS, LossSpec
+from fastmed.reference.loss_spec import BAD, COUNT, GROUND, NLL, NON_LOGIT_SLOTS, NUM_SLOTS, LossSpec
 
-BACKENDS = ["reference", "triton"]
+BACKENDS = ["reference", pytest.param("cpp", marks=pytest.mark.ext), "triton"]
 
 
 def _stats(B, C, seed, dtype=torch.float64, empty_class=False):
@@ -72,11 +73,12 @@ def _weights(spec, C, region_w, ce_w, focal, dtype, device):
 
 #: float64 statistics: the reference is exact to rounding; the Triton kernel takes the hyper-parameters (smoothing,
 #: scales, alpha) as float32 numbers, which moves the result at float32's relative precision
-F64_TOL = {"reference": dict(rtol=1e-10, atol=1e-12), "triton": dict(rtol=1e-6, atol=1e-9)}
+F64_TOL = {"reference": dict(rtol=1e-10, atol=1e-12), "cpp": dict(rtol=1e-10, atol=1e-12),
+           "triton": dict(rtol=1e-6, atol=1e-9)}
 
 
 def _device(backend):
-    return "cpu" if backend == "reference" else triton_device()
+    return "cpu" if backend in ("reference", "cpp") else triton_device()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -119,3 +121,30 @@ def test_finalize_float32(backend):
     assert loss.dtype == jac.dtype == torch.float32
     torch.testing.assert_close(loss.cpu().double(), loss64, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(jac.cpu().double(), jac64, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("case", range(len(SPECS)))
+def test_cpp_finalize_nonfinite(case):
+    """NaN / inf statistics (a NaN logit, an empty class with square weights): the C++ closed form gives what the
+    reference's does, NaN where it gives NaN."""
+    spec, region_w, ce_w, focal = SPECS[case]
+    B, C = 2, 1 if spec.ce == "bce" else 3
+    stats = _stats(B, C, case, dtype=torch.float32, empty_class=True)
+    stats[1, :, C - 1] = float("nan")
+    stats[0, NLL, 0] = float("inf")
+    weights = _weights(spec, C, region_w, ce_w, focal, stats.dtype, "cpu")
+    got = L._FINALIZE["cpp"](stats, *weights, spec)
+    want = ref.loss_finalize(stats, *weights, spec)
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and g.dtype == w.dtype
+        torch.testing.assert_close(g, w, equal_nan=True, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.ext
+def test_cpp_finalize_rejects_bad_spec():
+    stats = _stats(2, 3, 0)
+    with pytest.raises(ValueError, match="region"):
+        L._FINALIZE["cpp"](stats, None, None, None, None, LossSpec(8, "dices"))
+    with pytest.raises(ValueError, match="none"):
+        L._FINALIZE["cpp"](stats, None, None, None, None, LossSpec(8, "dice", region_reduction="none", ce="labels"))

@@ -2,8 +2,8 @@
 ``FocalLoss``, ``DiceCELoss``, ``DiceFocalLoss`` and nnU-Net's ``DC_and_CE_loss`` / deep supervision.
 
 Each loss is two steps, each one registered torch.library op with a body per backend (``triton`` on CUDA,
-``cpp`` (``csrc/losses_cpu.cpp``) for CPU tensors when ``fastmed._C`` is built, ``reference`` otherwise; the
-``cpp`` finalize step is the reference's closed form, plain torch on the tiny statistics):
+``cpp`` (``csrc/losses_cpu.cpp``, the finalize step ``csrc/losses_cpu_finalize.cpp``) for CPU tensors when
+``fastmed._C`` is built, ``reference`` otherwise):
 
 1. ``fastmed::loss_stats``: one fused pass over the logits and the targets yields per-(sample, class)
    statistics ``(B, K, C)``; its backward (``fastmed::loss_stats_bwd``) is one pass that recomputes the
@@ -11,6 +11,10 @@ Each loss is two steps, each one registered torch.library op with a body per bac
 2. ``fastmed::loss_finalize``: MONAI's or nnU-Net's formula (a :class:`~fastmed.reference.loss_spec.LossSpec`)
    on that tiny tensor, in one launch: the loss and ``d loss / d stats``, so the backward of the formula is one
    multiplication by the output gradient.
+
+Outside ``torch.compile`` the ops run on the direct path (``fastmed/ops/_direct.py``); there the cpp backend runs
+both steps with their autograd nodes in C++ (``loss_stats_autograd_cpu``, ``loss_finalize_autograd_cpu``; two
+Python autograd functions cost more per call than the whole C++ work on small inputs).
 
 Sums accumulate in float32 (float64 for float64 logits), so float16 logits over volumes of more than 65504
 voxels per class give finite Dice values.
@@ -56,6 +60,7 @@ scales, alpha, label smoothing) as float32 numbers.
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Optional, Union
@@ -65,7 +70,6 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmed import _backend, _ext
-from fastmed._tensors import accumulation_dtype
 from fastmed._validate import (
     check_choice,
     check_class_weight,
@@ -77,7 +81,6 @@ from fastmed._validate import (
     check_reduction,
     check_same_device,
     check_tensor,
-    flat_view,
 )
 from fastmed.ops import _direct
 from fastmed.reference import losses as ref
@@ -104,42 +107,27 @@ def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spe
         return ref.loss_stats(logits, target, mask, spec)
 
 
-def _cpp_operands(logits: Tensor, target: Tensor, mask: Optional[Tensor],
-                  spec: StatsSpec) -> tuple[Tensor, Tensor, Optional[Tensor]]:
-    """The (B, C, S) logits view, the targets as csrc/losses_cpu.cpp reads them (labels (B, S) as int64, float32 or
-    float64, checked there in their own precision; a dense target (B, Ct, S) in the accumulation dtype) and the
-    (B, S) mask."""
-    acc = accumulation_dtype(logits.dtype)
-    z = flat_view(logits)
-    t = flat_view(target)
-    if spec.label_mode:
-        t = t[:, 0]
-        if not t.is_floating_point():
-            t = t.long()
-        elif t.dtype not in (torch.float32, torch.float64):
-            t = t.float()  # float16 / bfloat16 labels are exact in float32
-    else:
-        t = t.to(acc)
-    m = None if mask is None else flat_view(mask)[:, 0].to(acc)
-    return z, t, m
-
-
 def _cpp_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
-    """csrc/losses_cpu.cpp: the statistics in one pass (threads over fixed chunks of voxels, fixed-order combine)."""
-    return _ext.load().loss_stats_cpu(*_cpp_operands(logits, target, mask, spec), *spec)
+    """csrc/losses_cpu.cpp: the statistics in one pass (threads over fixed chunks of voxels, fixed-order combine);
+    the (B, C, S) views and the label / target conversions are made in C++ (csrc/losses_cpu_finalize.cpp)."""
+    return _ext.load().loss_stats_nd_cpu(logits, target, mask, *spec)
 
 
 def _cpp_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
                         spec: StatsSpec) -> Tensor:
     """csrc/losses_cpu.cpp: d logits in one pass, written in the logits' dtype and layout."""
-    z, t, m = _cpp_operands(logits, target, mask, spec)
-    dlogits = torch.empty_like(logits)
-    dz = flat_view(dlogits)
-    gs = gstats.to(accumulation_dtype(logits.dtype)).contiguous()
-    _ext.load().loss_stats_backward_cpu(gs, z, t, m, *spec, dz)
-    if dz.data_ptr() != dlogits.data_ptr():  # empty_like kept a layout whose spatial dims do not collapse
-        dlogits.copy_(dz.view(dlogits.shape))
-    return dlogits
+    return _ext.load().loss_stats_backward_nd_cpu(gstats, logits, target, mask, *spec)
+
+
+def _cpp_finalize(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
+                  focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor],
+                  spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
+    """csrc/losses_cpu_finalize.cpp: ``ref.loss_finalize`` (loss, jac, valid) in closed form, in plain C++ loops on
+    the tiny statistics (the reference's thirty-odd torch operations cost more than the whole pass on small
+    inputs)."""
+    loss, jac, valid = _ext.load().loss_finalize_cpu(stats, region_weight, ce_weight, focal_alpha, focal_weight,
+                                                     *spec)
+    return loss, jac, valid
 
 
 _FORWARD = _backend.Implementations("losses", "fastmed::loss_stats",
@@ -149,7 +137,7 @@ _BACKWARD = _backend.Implementations("losses", "fastmed::loss_stats_bwd",
                                      triton="fastmed.kernels.losses:loss_stats_backward", cpp=_cpp_stats_backward,
                                      reference=ref.loss_stats_backward)
 _FINALIZE = _backend.Implementations("losses", "fastmed::loss_finalize",
-                                     triton="fastmed.kernels.losses:loss_finalize", cpp=ref.loss_finalize,
+                                     triton="fastmed.kernels.losses:loss_finalize", cpp=_cpp_finalize,
                                      reference=ref.loss_finalize)
 
 
@@ -195,15 +183,43 @@ def _backward(ctx, gstats):
     if torch.is_grad_enabled():
         # create_graph=True (double backward): the same closed form as plain differentiable torch, whatever the
         # backend, so that torch can differentiate the gradient again (the kernels' output would have no graph).
-        dlogits = ref.loss_stats_backward(gstats, logits, target, mask, ctx.spec)
+        dlogits = _stats_double_backward(gstats, logits, target, mask, *ctx.spec)
     else:
         bwd = _direct.backward_op(ctx, _loss_stats_bwd_op)
         dlogits = bwd(gstats, *_op_inputs(logits, target, mask, ctx.spec, ctx.backend))
     return (dlogits,) + (None,) * (ctx.num_inputs - 1)  # only the logits get a gradient from the fused op
 
 
+@functools.cache
+def _native_autograd():
+    """``fastmed._C`` with the loss autograd nodes in C++ (``loss_stats_autograd_cpu``, ``loss_finalize_autograd_cpu``,
+    csrc/losses_cpu_finalize.cpp) and their double backwards registered; None where the built extension predates
+    them."""
+    ext = _ext.load()
+    if not hasattr(ext, "loss_finalize_autograd_cpu"):
+        return None
+    ext.set_loss_double_backward(_stats_double_backward, _finalize_double_backward)
+    return ext
+
+
+def _stats_double_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor], *spec) -> Tensor:
+    """What ``loss_stats_autograd_cpu``'s backward returns under ``create_graph=True``: d logits with its graph."""
+    return ref.loss_stats_backward(gstats, logits, target, mask, StatsSpec(*spec))
+
+
+def _native_stats(grad: bool, logits: Tensor, target: Tensor, mask: Optional[Tensor], *rest):
+    """The direct path's ``native`` implementation of ``fastmed::loss_stats`` (see
+    :func:`fastmed.ops._direct.autograd_function`): on the cpp backend with a gradient, the statistics with their
+    autograd node in C++; None otherwise (the op's body runs)."""
+    if not grad or rest[-1] != "cpp":
+        return None
+    native = _native_autograd()
+    return None if native is None else native.loss_stats_autograd_cpu(logits, target, mask, *rest[:-1])
+
+
 _loss_stats_op.register_autograd(_backward, setup_context=_setup_context)
-_LossStatsDirect = _direct.autograd_function("_LossStatsDirect", _loss_stats_op, _setup_context, _backward)
+_LossStatsDirect = _direct.autograd_function("_LossStatsDirect", _loss_stats_op, _setup_context, _backward,
+                                             native=_native_stats)
 
 
 class _Weights(NamedTuple):
@@ -248,18 +264,37 @@ def _finalize_backward(ctx, gloss, _gjac, _gvalid):
     stats, jac = ctx.saved_tensors
     B, _, C = stats.shape
     if torch.is_grad_enabled():
-        # create_graph=True: autograd through the plain torch formula, so that the gradient has a graph.
-        with torch.enable_grad():
-            loss = ref.loss_from_stats(stats, *ctx.weights, ctx.spec)
-            (gstats,) = torch.autograd.grad(loss, stats, gloss, create_graph=True)
+        gstats = _differentiable_gstats(gloss, stats, *ctx.weights, *ctx.spec)
     else:
         gstats = jac * ref.finalize_output_grad(gloss, ctx.spec, B, C)
     return (gstats,) + (None,) * (ctx.num_inputs - 1)
 
 
+def _differentiable_gstats(gloss: Tensor, stats: Tensor, region_weight: Optional[Tensor], ce_weight: Optional[Tensor],
+                           focal_alpha: Optional[Tensor], focal_weight: Optional[Tensor], *spec) -> Tensor:
+    """d objective / d stats with its graph (``create_graph=True``): autograd through the plain torch formula."""
+    with torch.enable_grad():
+        loss = ref.loss_from_stats(stats, region_weight, ce_weight, focal_alpha, focal_weight, LossSpec(*spec))
+        (gstats,) = torch.autograd.grad(loss, stats, gloss, create_graph=True)
+    return gstats
+
+
+#: what ``loss_finalize_autograd_cpu``'s backward calls under ``create_graph=True``
+_finalize_double_backward = _differentiable_gstats
+
+
+def _native_finalize(grad: bool, stats: Tensor, *rest):
+    """The direct path's ``native`` implementation of ``fastmed::loss_finalize``: on the cpp backend with a
+    gradient, (loss, jac, valid) with the autograd node in C++; None otherwise."""
+    if not grad or rest[-1] != "cpp":
+        return None
+    native = _native_autograd()
+    return None if native is None else tuple(native.loss_finalize_autograd_cpu(stats, *rest[:-1]))
+
+
 _loss_finalize_op.register_autograd(_finalize_backward, setup_context=_finalize_setup_context)
 _LossFinalizeDirect = _direct.autograd_function("_LossFinalizeDirect", _loss_finalize_op, _finalize_setup_context,
-                                                _finalize_backward)
+                                                _finalize_backward, native=_native_finalize)
 
 
 class _Target(NamedTuple):
