@@ -55,6 +55,7 @@ NNUNET_SIGMA_SCALE = 1.0 / 8      # nnU-Net's compute_gaussian(sigma_scale=1/8)
 NNUNET_VALUE_SCALING = 10.0       # and value_scaling_factor=10 (its float16 buffers stay in range)
 _NEAREST = "nearest-exact"        # MONAI resizes the weight map of a head at another resolution so
 _NORMALIZERS_CACHED = 4           # geometries whose normalizer tables are kept between calls
+TILES_MIN_BAND_BYTES = 16 << 20   # labels / other-dtype results: tiles instead of a window-deep band from this size
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -225,11 +226,17 @@ def _axis_tiles(starts: Sequence[int], window: int, size: int) -> _AxisTiles:
 class _Head:
     """The blending state of one predictor output: its grid, buffer(s), result and normalizer.
 
-    ``output="values"`` in the buffer's dtype accumulates straight into the result.  Otherwise (labels, or a
-    result in another dtype) the volume is cut into tiles at the window starts along every axis; a tile is
-    allocated when the first window reaches it and finalized (normalized or argmaxed into the result) and freed
-    after the last window that reaches it, so that at any time only about one window step of rows across the
-    volume (plus a window's reach ahead) is held in the accumulation dtype."""
+    Three ways to hold the accumulation, by ``mode``:
+
+    * ``"direct"``: ``output="values"`` in the buffer's dtype accumulates straight into the result;
+    * ``"band"`` (labels, or a result in another dtype, when the band is small): a ring one window deep along the
+      first axis; each z-row of windows is followed by the finalization of the image rows it completes;
+    * ``"tiles"`` (the same when a window-deep band would hold at least ``TILES_MIN_BAND_BYTES``): the volume is cut
+      at every window start and end along each axis; a tile is allocated when the first window reaches it and is
+      finalized (normalized or argmaxed into the result) and freed after the last window that meets it, so that
+      about one window step of rows across the volume is held instead of a window's depth.  More, smaller calls
+      per window: the band is faster on small volumes, where the memory does not matter.
+    """
 
     def __init__(self, plan: _Plan, batch: int, channels: int, grid: WindowGrid, weight: Tensor,
                  weight_key: Optional[tuple]):
@@ -244,15 +251,25 @@ class _Head:
                 raise ValueError(f"output='labels' keeps labels in {ref.LABEL_DTYPE}, at most "
                                  f"{ref.MAX_LABEL_CHANNELS} channels; a predictor output has {channels}")
         dev = plan.device
-        self.direct = plan.output == "values" and plan.result_dtype == plan.buffer_dtype
         size = tuple(grid.image_size)
-        if self.direct:
+        band = (channels, self.grid3.window[0]) + self.grid3.image_size[1:]
+        if plan.output == "values" and plan.result_dtype == plan.buffer_dtype:
+            self.mode = "direct"
+        elif math.prod(band) * plan.buffer_dtype.itemsize >= TILES_MIN_BAND_BYTES:
+            self.mode = "tiles"
+        else:
+            self.mode = "band"
+        if self.mode == "direct":
             self.result = torch.zeros((batch, channels) + size, dtype=plan.buffer_dtype, device=dev)
             self.buffer = ref.lift(self.result, self.nd, 2)
         else:
             res_channels, res_dtype = (1, ref.LABEL_DTYPE) if plan.output == "labels" else (channels, plan.result_dtype)
             self.result = torch.empty((batch, res_channels) + size, dtype=res_dtype, device=dev)
             self.buffer_dtype = plan.buffer_dtype
+        if self.mode == "band":
+            self.buffer = torch.zeros((1,) + band, dtype=plan.buffer_dtype, device=dev)
+            self.rows_z = list(self.grid3.starts[0][1:]) + [self.grid3.image_size[0]]  # row i complete below
+        elif self.mode == "tiles":
             self.axes = [_axis_tiles(s, w, n) for s, w, n in zip(self.grid3.starts, self.grid3.window,
                                                                   self.grid3.image_size)]
             self.tiles: dict[tuple[int, ...], Tensor] = {}
@@ -266,20 +283,35 @@ class _Head:
         self.result3 = ref.lift(self.result, self.nd, 2)
         self.norm = _normalizer(self.grid3, ref.lift(weight.to(dev), self.nd, 0),
                                 accumulation_dtype(plan.buffer_dtype), weight_key)
+        self.per_row = math.prod(len(s) for s in self.grid3.starts[1:])
         self.num_windows = self.grid.num_windows
 
     def add(self, patches: Tensor, weight: Tensor, windows: Sequence[int]) -> None:
-        """Accumulate ``patches`` ``(K, C, *window)`` of the global window indices ``windows``; in tile mode,
-        finish every tile that becomes complete."""
+        """Accumulate ``patches`` ``(K, C, *window)`` of the global window indices ``windows``; finish every image
+        row (band) or tile (tiles) that becomes complete."""
         patches3 = ref.lift(patches, self.nd, 2)
         weight3 = ref.lift(weight, self.nd, 0)
-        if self.direct:
-            origins = []
-            for idx in windows:
-                n, local = divmod(idx, self.num_windows)
-                origins += [n, *self.grid3.origin(local)]
-            sliding_window_accumulate(self.buffer, patches3, weight3, origins)
+        if self.mode == "tiles":
+            self._add_tiles(patches3, weight3, windows)
             return
+        run_start = 0
+        for j, idx in enumerate(windows):
+            local = idx % self.num_windows
+            row_done = self.mode == "band" and (local + 1) % self.per_row == 0
+            if row_done or j == len(windows) - 1:
+                origins = []
+                for i in windows[run_start:j + 1]:
+                    n, loc = divmod(i, self.num_windows)
+                    origins += [n if self.mode == "direct" else 0, *self.grid3.origin(loc)]
+                sliding_window_accumulate(self.buffer, patches3[run_start:j + 1], weight3, origins)
+                run_start = j + 1
+            row = local // self.per_row
+            if row_done and self.grid3.starts[0][row] < self.rows_z[row]:  # (a repeated start completes no row)
+                sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], self.grid3.starts[0][row],
+                                        self.rows_z[row], result=self.result3[idx // self.num_windows:][:1],
+                                        output=self.output, zero_buffer=True)
+
+    def _add_tiles(self, patches3: Tensor, weight3: Tensor, windows: Sequence[int]) -> None:
         counts = [len(s) for s in self.grid3.starts]
         for j, idx in enumerate(windows):
             n, local = divmod(idx, self.num_windows)
@@ -319,9 +351,9 @@ class _Head:
                                 result=self.result3[n:n + 1, :, za:zb, ya:yb, xa:xb], output=self.output)
 
     def finish(self) -> Tensor:
-        if self.direct:
+        if self.mode == "direct":
             sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], 0, self.grid3.image_size[0])
-        elif self.tiles:
+        elif self.mode == "tiles" and self.tiles:
             raise RuntimeError(f"internal error: {len(self.tiles)} tiles were never completed")
         return self.result
 

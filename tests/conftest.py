@@ -91,6 +91,16 @@ TOL = {
 }
 
 
+@pytest.fixture(params=["band", "tiles"])
+def blend_mode(request, monkeypatch) -> str:
+    """Both ways ``fastmed.inference`` holds labels (and results in another dtype than the buffer): a window-deep
+    band, or tiles freed as they complete (chosen by size; small test volumes would always get the band)."""
+    import fastmed.inference as inference
+
+    monkeypatch.setattr(inference, "TILES_MIN_BAND_BYTES", 0 if request.param == "tiles" else 1 << 62)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module (small models run several times faster on a busy 2-core machine);

@@ -241,7 +241,7 @@ def test_labels_equal_monai_argmax(shape, roi, mode):
 
 
 @pytest.mark.parametrize("heads", ["dict", "another resolution"])
-def test_labels_of_every_head(heads):
+def test_labels_of_every_head(heads, blend_mode):
     """Each head has its own grid and tiles (a head at twice the resolution: a scaled grid)."""
     net = _net(2, 1, 3)
     x = _x((1, 1, 16, 12))
@@ -261,9 +261,9 @@ def test_labels_of_every_head(heads):
 
 @pytest.mark.parametrize("overlap", [0.0, 0.25, 0.75, (0.6, 0.0, 0.3)])
 @pytest.mark.parametrize("sw_batch_size", [1, 4])
-def test_labels_tiles_equal_monai_argmax_at_every_overlap(overlap, sw_batch_size):
-    """Labels are finalized tile by tile (cells cut at every window start and end): any overlap, batch and
-    predictor batching gives MONAI's argmax."""
+def test_labels_equal_monai_argmax_at_every_overlap(overlap, sw_batch_size, blend_mode):
+    """Labels finalized row by row (band) or tile by tile (cells cut at every window start and end): any overlap,
+    batch and predictor batching gives MONAI's argmax."""
     net = _net(3, 1, 3)
     x = _x((2, 1, 21, 14, 9))
     with torch.no_grad():
@@ -286,6 +286,7 @@ def test_labels_hold_about_one_window_step_of_rows(monkeypatch):
         finish(self, n, cell)
 
     monkeypatch.setattr(inf._Head, "_finish_tile", watched)
+    monkeypatch.setattr(inf, "TILES_MIN_BAND_BYTES", 0)
     C, (Z, Y, X), roi, step = 3, (48, 32, 8), (8, 8, 8), 4
     net = _net(3, 1, C)
     with torch.no_grad():

@@ -221,7 +221,7 @@ def test_prediction_float32_buffer_equals_float32_transcription():
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-def test_labels_with_repeated_window_starts():
+def test_labels_with_repeated_window_starts(blend_mode):
     """A small step_size repeats window starts (nnU-Net rounds them): the tiles of labels mode still see every
     window once, and the labels are the argmax of the values."""
     grid = ref.nnunet_grid((10, 9, 8), (8, 6, 6), 0.1)
