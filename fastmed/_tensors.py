@@ -11,7 +11,7 @@ import contextlib
 
 import torch
 
-__all__ = ["accumulation_dtype", "memory_format", "target_programs", "device_guard"]
+__all__ = ["accumulation_dtype", "memory_format", "target_programs", "device_guard", "traced"]
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -46,3 +46,13 @@ def device_guard(t: torch.Tensor):
     if t.device.type == "cuda":
         return torch.cuda.device(t.device)
     return contextlib.nullcontext()
+
+
+_PLAIN_TENSORS = (torch.Tensor, torch.nn.Parameter)
+
+
+def traced(t: torch.Tensor) -> bool:
+    """True for the tensors torch.compile, opcheck and meta-device shape inference run the op bodies with (fake,
+    functional or meta tensors), and for any tensor off the CPU: C++ CPU kernels cannot read them, so a ``cpp``
+    body traces the reference composition instead."""
+    return type(t) not in _PLAIN_TENSORS or not t.is_cpu

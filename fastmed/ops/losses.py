@@ -70,6 +70,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fastmed import _backend, _ext
+from fastmed._tensors import traced
 from fastmed._validate import (
     check_choice,
     check_class_weight,
@@ -107,15 +108,26 @@ def _reference_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spe
         return ref.loss_stats(logits, target, mask, spec)
 
 
+def _traced(*tensors: Optional[Tensor]) -> bool:
+    """Whether any of ``tensors`` is one C++ cannot read (:func:`fastmed._tensors.traced`)."""
+    return any(t is not None and traced(t) for t in tensors)
+
+
 def _cpp_stats(logits: Tensor, target: Tensor, mask: Optional[Tensor], spec: StatsSpec) -> Tensor:
     """csrc/losses_cpu.cpp: the statistics in one pass (threads over fixed chunks of voxels, fixed-order combine);
-    the (B, C, S) views and the label / target conversions are made in C++ (csrc/losses_cpu_finalize.cpp)."""
+    the (B, C, S) views and the label / target conversions are made in C++ (csrc/losses_cpu_finalize.cpp).  The
+    tensors torch.compile traces with (fake, functional) trace the reference instead: C++ cannot read them."""
+    if _traced(logits, target, mask):
+        return _reference_stats(logits, target, mask, spec)
     return _ext.load().loss_stats_nd_cpu(logits, target, mask, *spec)
 
 
 def _cpp_stats_backward(gstats: Tensor, logits: Tensor, target: Tensor, mask: Optional[Tensor],
                         spec: StatsSpec) -> Tensor:
-    """csrc/losses_cpu.cpp: d logits in one pass, written in the logits' dtype and layout."""
+    """csrc/losses_cpu.cpp: d logits in one pass, written in the logits' dtype and layout (traced tensors: the
+    reference)."""
+    if _traced(gstats, logits, target, mask):
+        return ref.loss_stats_backward(gstats, logits, target, mask, spec)
     return _ext.load().loss_stats_backward_nd_cpu(gstats, logits, target, mask, *spec)
 
 
@@ -124,7 +136,9 @@ def _cpp_finalize(stats: Tensor, region_weight: Optional[Tensor], ce_weight: Opt
                   spec: LossSpec) -> tuple[Tensor, Tensor, Tensor]:
     """csrc/losses_cpu_finalize.cpp: ``ref.loss_finalize`` (loss, jac, valid) in closed form, in plain C++ loops on
     the tiny statistics (the reference's thirty-odd torch operations cost more than the whole pass on small
-    inputs)."""
+    inputs); traced tensors: the reference."""
+    if _traced(stats, region_weight, ce_weight, focal_alpha, focal_weight):
+        return ref.loss_finalize(stats, region_weight, ce_weight, focal_alpha, focal_weight, spec)
     loss, jac, valid = _ext.load().loss_finalize_cpu(stats, region_weight, ce_weight, focal_alpha, focal_weight,
                                                      *spec)
     return loss, jac, valid

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from fastmed import _backend, _ext
-from fastmed._tensors import accumulation_dtype
+from fastmed._tensors import accumulation_dtype, traced
 from fastmed._validate import (
     CheckedCalls,
     check_choice,
@@ -64,22 +64,13 @@ _backend.register_op("norm_act", ("triton", "cpp", "reference"),
 TORCH_ACTIVATIONS = ("gelu", "gelu_tanh", "silu")
 
 
-def _traced(t: Tensor) -> bool:
-    """True for the tensors torch.compile, opcheck and meta-device shape inference run the op bodies with (fake,
-    functional or meta tensors): C++ cannot read them, so the cpp bodies trace the reference composition."""
-    return type(t) not in _PLAIN_TENSORS or not t.is_cpu
-
-
-_PLAIN_TENSORS = (Tensor, torch.nn.Parameter)
-
-
 def cpp_forward(x: Tensor, tensors: NormTensors, spec: NormSpec, mean: Optional[Tensor] = None,
                 rstd: Optional[Tensor] = None):
     """The cpp backend's forward (``csrc/norm_act_cpu.cpp``): (y, mean, rstd, saved), saved = the float32 (float64)
     pre-activation for :data:`TORCH_ACTIVATIONS`, else None (the backward recomputes it from x and the statistics,
     so y may be modified in place and nothing but x is kept)."""
     smooth = spec.activation in TORCH_ACTIVATIONS
-    if _traced(x):
+    if traced(x):
         y, mean, rstd, z = ref.norm_act_forward(x, tensors, spec, mean, rstd)
         return y, mean, rstd, (z if smooth else None)
     w, b, r, s = tensors
@@ -102,7 +93,7 @@ def _smooth_activation_grad(dy: Tensor, z: Tensor, activation: str) -> Tensor:
 def cpp_backward(dy: Tensor, x: Tensor, saved: Optional[Tensor], tensors: NormTensors, spec: NormSpec, mean: Tensor,
                  rstd: Tensor, input_stats: bool = True) -> tuple[Tensor, NormTensors]:
     """The cpp backend's backward: (dx, NormTensors of gradients), None where absent."""
-    if _traced(x) or _traced(dy):
+    if traced(x) or traced(dy):
         return ref.norm_act_backward(dy, x, saved, tensors, spec, mean, rstd, input_stats)
     activation = spec.activation
     if activation in TORCH_ACTIVATIONS:  # the C++ pass then runs the identity on g = dy * act'(z)
@@ -250,7 +241,7 @@ def _native_forward(grad, x, weight, bias, residual, slope, mean_in, rstd_in, ki
     backend's forward and backward with their autograd node in C++ (``norm_act_autograd_cpu``) when ``grad``,
     else its forward alone, for input statistics and the activations the C++ pass applies itself; None for
     anything else (and for an extension built without the node)."""
-    if backend != "cpp" or mean_in is not None or activation in TORCH_ACTIVATIONS or _traced(x):
+    if backend != "cpp" or mean_in is not None or activation in TORCH_ACTIVATIONS or traced(x):
         return None
     native = _native_autograd()
     if native is None:
