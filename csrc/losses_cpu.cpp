@@ -164,22 +164,8 @@ Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::T
   return o;
 }
 
-namespace generic {
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#include "losses_cpu_kernels.h"
-#pragma GCC pop_options
-}  // namespace generic
-
-#ifdef FASTMED_CPU_AVX2
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#pragma GCC optimize("no-trapping-math")
-#include "losses_cpu_kernels.h"
-#pragma GCC pop_options
-}  // namespace avx2
-#endif
+#define FASTMED_KERNELS_HEADER "losses_cpu_kernels.h"
+#include "cpu_kernels_twice.h"
 
 template <typename Z, typename T, typename A>
 void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec, at::Tensor& out) {

@@ -197,6 +197,32 @@ FASTMED_INLINE void sigmoid_focal_row(const A* __restrict z, const A* __restrict
   }
 }
 
+// The sigmoid focal terms of class c (sigmoid_focal_row) into the block's scratch rows: bce, mod in k.q; s, sz in
+// k.w.  Returns {bce, mod, s, sz}.
+template <typename A>
+struct FocalRows {
+  const A* bce;
+  const A* mod;
+  const A* s;
+  const A* sz;
+};
+
+template <typename A>
+FASTMED_INLINE FocalRows<A> sigmoid_focal_class(Block<A>& k, int64_t c, bool hard, A gamma) {
+  const A* __restrict z = k.row(k.z, c);
+  const A* __restrict g = k.row(k.gm, c);
+  A* bce = k.q;
+  A* mod = k.q + kLanes;
+  A* s = k.w;
+  A* sz = k.w + kLanes;
+  if (hard) {
+    sigmoid_focal_row<true>(z, g, k.m, gamma, bce, mod, s, sz);
+  } else {
+    sigmoid_focal_row<false>(z, g, k.m, gamma, bce, mod, s, sz);
+  }
+  return {bce, mod, s, sz};
+}
+
 // Adds the block's terms to the lane sums acc ((NUM_SLOTS, C) rows of kLanes).
 template <typename A>
 void forward_block(Block<A>& k, const Spec& spec, A* acc) {
@@ -294,22 +320,13 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
   }
   if (spec.focal == FocalMode::kSigmoid) {
     const A gamma = A(spec.gamma);
-    A* bce = k.q;
-    A* mod = k.q + kLanes;
-    A* s = k.w;
-    A* sz = k.w + kLanes;
     for (int64_t c = 0; c < C; ++c) {
-      const A* __restrict z = k.row(k.z, c);
       const A* __restrict g = k.row(k.gm, c);
-      if (spec.label_mode) {
-        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
-      } else {
-        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
-      }
+      const FocalRows<A> rows = sigmoid_focal_class(k, c, spec.label_mode, gamma);
       A* __restrict sf = slot(kFocal, c);
       A* __restrict sfp = slot(kFocalPos, c);
-      const A* __restrict bc = bce;
-      const A* __restrict md = mod;
+      const A* __restrict bc = rows.bce;
+      const A* __restrict md = rows.mod;
       const bool hard = spec.label_mode;
       FASTMED_LANES {
         const A loss = counted(hard ? md[l] * bc[l] : vweigh(md[l], bc[l]), m[l]);
@@ -438,23 +455,15 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
   }
   if (spec.focal == FocalMode::kSigmoid) {
     const A gamma = A(spec.gamma);
-    A* bce = k.q;
-    A* mod = k.q + kLanes;
-    A* s = k.w;
-    A* sz = k.w + kLanes;
     for (int64_t c = 0; c < C; ++c) {
-      const A* __restrict z = k.row(k.z, c);
       const A* __restrict g = k.row(k.gm, c);
-      if (spec.label_mode) {
-        sigmoid_focal_row<true>(z, g, m, gamma, bce, mod, s, sz);
-      } else {
-        sigmoid_focal_row<false>(z, g, m, gamma, bce, mod, s, sz);
-      }
+      const A* __restrict z = k.row(k.z, c);
+      const FocalRows<A> rows = sigmoid_focal_class(k, c, spec.label_mode, gamma);
       A* __restrict d = k.row(k.dz, c);
-      const A* __restrict bc = bce;
-      const A* __restrict md = mod;
-      const A* __restrict sv = s;
-      const A* __restrict szv = sz;
+      const A* __restrict bc = rows.bce;
+      const A* __restrict md = rows.mod;
+      const A* __restrict sv = rows.s;
+      const A* __restrict szv = rows.sz;
       const A cf = coef(kFocal, c), cfp = coef(kFocalPos, c);
       const A lin = spec.focal_pos == FocalPos::kLinear ? A(1) : A(0);
       const A hard = spec.focal_pos == FocalPos::kHard ? A(1) : A(0);

@@ -46,22 +46,8 @@ struct Moments {
   }
 };
 
-namespace generic {
-#pragma GCC push_options
-#pragma GCC optimize("no-trapping-math")
-#include "norm_act_cpu_kernels.h"
-#pragma GCC pop_options
-}  // namespace generic
-
-#ifdef FASTMED_CPU_AVX2
-namespace avx2 {
-#pragma GCC push_options
-#pragma GCC target("avx2,fma")
-#pragma GCC optimize("no-trapping-math")
-#include "norm_act_cpu_kernels.h"
-#pragma GCC pop_options
-}  // namespace avx2
-#endif
+#define FASTMED_KERNELS_HEADER "norm_act_cpu_kernels.h"
+#include "cpu_kernels_twice.h"
 
 namespace {
 

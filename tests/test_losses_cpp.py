@@ -63,14 +63,7 @@ def test_matches_reference(case):
     spec = SPECS[case]
     dtype, nonfinite, channels_last = VARIANTS[case % len(VARIANTS)]
     x, t, mask = _operands(spec, dtype, case, nonfinite, channels_last)
-    got, want = L._cpp_stats(x, t, mask, spec), L._reference_stats(x, t, mask, spec)
-    tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
-    torch.testing.assert_close(got, want, equal_nan=True, **tol)
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1), dtype=want.dtype)
-    dgot = L._cpp_stats_backward(g, x, t, mask, spec)
-    dwant = ref.loss_stats_backward(g, x, t, mask, spec)
-    assert dgot.dtype == x.dtype and dgot.stride() == x.stride()
-    torch.testing.assert_close(dgot.double(), dwant.double(), equal_nan=True, **TOL[dtype])
+    _check_block(spec, x, t, mask, dtype, seed=1, stride=x.stride())
 
 
 @pytest.mark.parametrize(("ldtype", "value", "bad"), [(torch.float64, 1 + 1e-9, 1), (torch.float32, 0.5, 1),
@@ -144,14 +137,17 @@ def _block_case(spec, shape, dtype, seed, scale=2.0, dense_mask=False):
     return x, t, mask
 
 
-def _check_block(spec, x, t, mask, dtype):
+def _check_block(spec, x, t, mask, dtype, seed=3, stride=None):
+    """The cpp statistics and d logits against the reference; d logits in the logits' dtype with ``stride``
+    (default: what ``empty_like`` gives the logits)."""
     got, want = L._cpp_stats(x, t, mask, spec), L._reference_stats(x, t, mask, spec)
     tol = TOL[torch.float64] if dtype == torch.float64 else TOL[torch.float32]
     torch.testing.assert_close(got, want, equal_nan=True, **tol)
-    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(3), dtype=want.dtype)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(seed), dtype=want.dtype)
     dgot = L._cpp_stats_backward(g, x, t, mask, spec)
     dwant = ref.loss_stats_backward(g, x, t, mask, spec)
-    assert dgot.dtype == x.dtype and dgot.stride() == torch.empty_like(x).stride()
+    expected_stride = torch.empty_like(x).stride() if stride is None else stride
+    assert dgot.dtype == x.dtype and dgot.stride() == expected_stride
     torch.testing.assert_close(dgot.double(), dwant.double(), equal_nan=True, **TOL[dtype])
 
 

@@ -1,0 +1,28 @@
+// The two builds of a CPU kernel header (see cpu_dispatch.h): define FASTMED_KERNELS_HEADER as its quoted name, then
+// include this file where the kernels belong.  It includes that header in `namespace generic` (baseline x86-64) and,
+// where FASTMED_CPU_AVX2 is defined, again in `namespace avx2` under `#pragma GCC target("avx2,fma")`; both without
+// trapping-math, so the per-voxel loops vectorize.  No include guard: one inclusion per kernel header.
+#include "cpu_dispatch.h"
+
+#ifndef FASTMED_KERNELS_HEADER
+#error "define FASTMED_KERNELS_HEADER (the kernel header's quoted name) before including cpu_kernels_twice.h"
+#endif
+
+namespace generic {
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#include FASTMED_KERNELS_HEADER
+#pragma GCC pop_options
+}  // namespace generic
+
+#ifdef FASTMED_CPU_AVX2
+namespace avx2 {
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#pragma GCC optimize("no-trapping-math")
+#include FASTMED_KERNELS_HEADER
+#pragma GCC pop_options
+}  // namespace avx2
+#endif
+
+#undef FASTMED_KERNELS_HEADER
