@@ -72,6 +72,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_stats_cpu", &fastmed::loss_stats_cpu, "Fused loss statistics (B, NUM_SLOTS, C), csrc/losses_cpu.cpp.");
   m.def("loss_stats_backward_cpu", &fastmed::loss_stats_backward_cpu,
         "d logits of the fused loss statistics into dlogits, csrc/losses_cpu.cpp.");
+  m.def("loss_stats_probs_cpu", &fastmed::loss_stats_probs_cpu,
+        "loss_stats_cpu that also writes the softmax to probs (B, C, S), for loss_stats_backward_probs_cpu.");
+  m.def("loss_stats_backward_probs_cpu", &fastmed::loss_stats_backward_probs_cpu,
+        "loss_stats_backward_cpu from the softmax loss_stats_probs_cpu wrote to dlogits, overwritten in place.");
   m.def("norm_act_forward_cpu", &fastmed::norm_act_forward_cpu,
         "Fused normalization + activation of a CPU tensor (contiguous or channels-last): (y, mean, rstd).",
         pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"), pybind11::arg("residual"),
@@ -100,7 +104,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("loss_stats_backward_nd_cpu", &fastmed::loss_stats_backward_nd_cpu,
         "loss_stats_backward_cpu on (B, C, *spatial) operands: d logits in the logits' dtype and layout.");
   m.def("loss_stats_autograd_cpu", &fastmed::loss_stats_autograd_cpu,
-        "loss_stats_nd_cpu with its autograd in C++ (backward: loss_stats_backward_nd_cpu): the statistics.");
+        "loss_stats_nd_cpu with its autograd in C++ (backward: loss_stats_backward_nd_cpu, or from the softmax kept "
+        "from the forward where that replaces the logits): the statistics.");
   m.def("loss_finalize_autograd_cpu", &fastmed::loss_finalize_autograd_cpu,
         "loss_finalize_cpu with its autograd in C++ (backward: jac times the output gradient): [loss, jac, valid].");
   m.def("set_loss_double_backward", &fastmed::set_loss_double_backward,

@@ -23,20 +23,6 @@ torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_
 std::tuple<torch::Tensor, torch::Tensor> feature_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims,
                                                                std::vector<double> spacing, bool squared,
                                                                bool float64);
-// csrc/losses_cpu.cpp: the fused loss statistics (B, NUM_SLOTS, C) of logits (B, C, S) and their backward (into
-// dlogits, a (B, C, S) view); the StatsSpec fields follow the tensors (see fastmed/reference/loss_spec.py).
-std::vector<std::string> loss_slots_cpu();
-torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& target,
-                             const c10::optional<torch::Tensor>& mask, const std::string& act,
-                             const std::string& pow_mode, const std::string& ce_mode, const std::string& focal_mode,
-                             int64_t focal_c0, double gamma, const std::string& focal_pos, bool label_mode,
-                             bool has_ignore, int64_t ignore_index);
-torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
-                                      const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
-                                      const std::string& act, const std::string& pow_mode,
-                                      const std::string& ce_mode, const std::string& focal_mode, int64_t focal_c0,
-                                      double gamma, const std::string& focal_pos, bool label_mode, bool has_ignore,
-                                      int64_t ignore_index, torch::Tensor dlogits);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used
@@ -91,6 +77,25 @@ void set_norm_act_double_backward(pybind11::object fn);
 #define FASTMED_LOSS_WEIGHT_PARAMS                                                                                 \
   const c10::optional<torch::Tensor>&region_weight, const c10::optional<torch::Tensor>&ce_weight,               \
       const c10::optional<torch::Tensor>&focal_alpha, const c10::optional<torch::Tensor>&focal_weight
+// csrc/losses_cpu.cpp: the fused loss statistics (B, NUM_SLOTS, C) of logits (B, C, S) and their backward (into
+// dlogits, a (B, C, S) view); the StatsSpec fields follow the tensors (see fastmed/reference/loss_spec.py).
+std::vector<std::string> loss_slots_cpu();
+torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                             const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS);
+torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                      const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                      FASTMED_STATS_SPEC_PARAMS, torch::Tensor dlogits);
+// The same two with the softmax kept between them, for specs where it stands in for the logits in the backward
+// (loss_stats_probs_suffice: softmax activation, a region term, no BCE or focal term; float32 / float64 logits):
+// loss_stats_probs_cpu also writes the softmax to probs (B, C, S); loss_stats_backward_probs_cpu reads it from
+// dlogits and overwrites it with d logits (the logits are not read).
+bool loss_stats_probs_suffice(FASTMED_STATS_SPEC_PARAMS);
+torch::Tensor loss_stats_probs_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                                   const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS,
+                                   torch::Tensor probs);
+torch::Tensor loss_stats_backward_probs_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                            const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                            FASTMED_STATS_SPEC_PARAMS, torch::Tensor dlogits);
 // csrc/losses_cpu_finalize.cpp: the loss formula of a LossSpec on the statistics (B, NUM_SLOTS, C): {loss,
 // jac = d loss / d stats, valid}.
 std::vector<torch::Tensor> loss_finalize_cpu(const torch::Tensor& stats, FASTMED_LOSS_WEIGHT_PARAMS,

@@ -167,8 +167,46 @@ Operands<Z, T, A> operands(const at::Tensor& z, const at::Tensor& t, const at::T
 #define FASTMED_KERNELS_HEADER "losses_cpu_kernels.h"
 #include "cpu_kernels_twice.h"
 
+// Writes the block rows src of the n <= kLanes voxels [s0, s0 + n) of sample b to the (B, C, S) tensor at p.
+template <typename Z, typename A>
+void store_rows(const A* src, int64_t C, int64_t b, int64_t s0, int64_t n, Z* p, const int64_t* ps) {
+  for (int64_t c = 0; c < C; ++c) {
+    const A* __restrict d = src + c * kLanes;
+    Z* __restrict dst = p + b * ps[0] + c * ps[1] + s0 * ps[2];
+    if (ps[2] == 1 && n == kLanes) {
+#pragma omp simd
+      for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<Z>(d[l]);
+    } else {
+      for (int64_t l = 0; l < n; ++l) dst[l * ps[2]] = static_cast<Z>(d[l]);
+    }
+  }
+}
+
+// Whether the forward's softmax can stand in for the logits in the backward: a softmax activation with a region
+// term (the forward computes the normalized probabilities) and no BCE or focal term (those read the logits).
+bool probs_suffice(const Spec& spec) {
+  return spec.act == Act::kSoftmax && spec.pow != Pow::kOff && spec.ce != Ce::kBce && spec.focal == FocalMode::kOff;
+}
+
+// Whether the softmax Dice path of losses_cpu_kernels.h (softmax_dice_forward / softmax_dice_backward) serves the
+// full blocks: float32 logits and int64 labels, contiguous along the voxels (and probs, when given), and the spec it
+// computes (softmax, pow linear, no other term).
 template <typename Z, typename T, typename A>
-void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec, at::Tensor& out) {
+bool softmax_dice_path(const Spec& spec, const Operands<Z, T, A>& o, const int64_t* ps) {
+  if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value && std::is_same<A, float>::value) {
+    return spec.label_mode && spec.act == Act::kSoftmax && spec.pow == Pow::kLinear && spec.ce == Ce::kOff &&
+           spec.focal == FocalMode::kOff && o.mp == nullptr && o.zs[2] == 1 && o.ts[1] == 1 &&
+           (ps == nullptr || ps[2] == 1);
+  } else {
+    return false;
+  }
+}
+
+// probs: when defined, a (B, C, S) tensor of the logits' dtype the forward's softmax is written to (for the backward
+// to start from: backward_kernel with from_probs).
+template <typename Z, typename T, typename A>
+void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask, const Spec& spec, at::Tensor& out,
+                  const at::Tensor& probs) {
   const int64_t B = z.size(0), C = z.size(1), S = z.size(2);
   const int64_t chunks = std::max<int64_t>(1, (S + kChunk - 1) / kChunk);
   std::vector<double> partial(static_cast<size_t>(B * chunks * kNumSlots * C), 0.0);
@@ -176,6 +214,9 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   const auto ops = operands<Z, T, A>(z, t, mask, spec);
   const auto forward = FASTMED_KERNEL(forward_block<A>);
   const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
+  Z* pp = probs.defined() ? probs.data_ptr<Z>() : nullptr;
+  const int64_t ps[3] = {pp ? probs.stride(0) : 0, pp ? probs.stride(1) : 0, pp ? probs.stride(2) : 0};
+  const bool dice = softmax_dice_path(spec, ops, pp ? ps : nullptr);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     BlockStorage<A> storage(C);
     std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
@@ -184,8 +225,22 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
       std::fill(lanes.begin(), lanes.end(), A(0));
       double cnt = 0, bad = 0;
       for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
-        load(ops, spec, b, s0, std::min(kLanes, S - s0), storage.k, cnt, bad);
+        const int64_t n = std::min(kLanes, S - s0);
+        if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value &&
+                      std::is_same<A, float>::value) {
+          if (dice && n == kLanes) {
+            static const auto fast = FASTMED_KERNEL(softmax_dice_forward);
+            float nc = 0, nbad = 0;  // whole numbers up to kLanes
+            fast(ops.zp + b * ops.zs[0] + s0, ops.zs[1], ops.tp + b * ops.ts[0] + s0, C, spec.has_ignore,
+                 spec.ignore_index, lanes.data(), pp ? pp + b * ps[0] + s0 : nullptr, ps[1], storage.k.p, nc, nbad);
+            cnt += static_cast<double>(nc);
+            bad += static_cast<double>(nbad);
+            continue;
+          }
+        }
+        load(ops, spec, b, s0, n, storage.k, cnt, bad, true);
         forward(storage.k, spec, lanes.data());
+        if (pp) store_rows(storage.k.p, C, b, s0, n, pp, ps);
       }
       double* acc = partial.data() + task * kNumSlots * C;
       for (int64_t j = 0; j < kBad * C; ++j) {  // the lanes in a fixed order
@@ -217,9 +272,11 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
 }
 
 // ---------------------------------------------------------------------------------------------- backward
+// from_probs: dz holds the forward's softmax (stats_kernel's probs), which the backward reads in place of the
+// logits and overwrites with d logits (the logits are not read).
 template <typename Z, typename T, typename A>
 void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Tensor& t, const at::Tensor* mask,
-                     const Spec& spec, at::Tensor& dz) {
+                     const Spec& spec, at::Tensor& dz, bool from_probs) {
   const int64_t B = z.size(0), C = z.size(1), S = z.size(2);
   const int64_t ds[3] = {dz.stride(0), dz.stride(1), dz.stride(2)};
   const A* gp = gstats.data_ptr<A>();
@@ -228,6 +285,8 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   const auto o = operands<Z, T, A>(z, t, mask, spec);
   const auto backward = FASTMED_KERNEL(backward_block<A>);
   const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
+  const auto load_probs = FASTMED_KERNEL(load_rows<Z, A>);
+  const bool dice = from_probs && softmax_dice_path(spec, o, ds);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     BlockStorage<A> storage(C);
     Block<A>& blk = storage.k;
@@ -236,18 +295,19 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
       const int64_t b = task / chunks, k = task % chunks;
       for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
         const int64_t n = std::min(kLanes, S - s0);
-        load(o, spec, b, s0, n, blk, cnt, bad);
-        backward(blk, spec, gp + b * kNumSlots * C);
-        for (int64_t c = 0; c < C; ++c) {
-          const A* __restrict d = blk.row(blk.dz, c);
-          Z* __restrict dst = dp + b * ds[0] + c * ds[1] + s0 * ds[2];
-          if (ds[2] == 1 && n == kLanes) {
-#pragma omp simd
-            for (int64_t l = 0; l < kLanes; ++l) dst[l] = static_cast<Z>(d[l]);
-          } else {
-            for (int64_t l = 0; l < n; ++l) dst[l * ds[2]] = static_cast<Z>(d[l]);
+        if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value &&
+                      std::is_same<A, float>::value) {
+          if (dice && n == kLanes) {
+            static const auto fast = FASTMED_KERNEL(softmax_dice_backward);
+            fast(dp + b * ds[0] + s0, ds[1], o.tp + b * o.ts[0] + s0, C, spec.has_ignore, spec.ignore_index,
+                 gp + b * kNumSlots * C, blk.w);
+            continue;
           }
         }
+        load(o, spec, b, s0, n, blk, cnt, bad, !from_probs);
+        if (from_probs) load_probs(static_cast<const Z*>(dp), ds, C, b, s0, n, blk.p);
+        backward(blk, spec, gp + b * kNumSlots * C, from_probs);
+        store_rows(blk.dz, C, b, s0, n, dp, ds);
       }
     }
   });
@@ -276,39 +336,76 @@ void dispatch(const at::Tensor& logits, const at::Tensor& target, F&& f) {
 
 std::vector<std::string> loss_slots_cpu() { return {std::begin(kSlotNames), std::end(kSlotNames)}; }
 
-torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& target,
-                             const c10::optional<torch::Tensor>& mask, const std::string& act,
-                             const std::string& pow_mode, const std::string& ce_mode, const std::string& focal_mode,
-                             int64_t focal_c0, double gamma, const std::string& focal_pos, bool label_mode,
-                             bool has_ignore, int64_t ignore_index) {
+namespace {
+
+// loss_stats_cpu; with probs defined, the forward's softmax is written to it as well (loss_stats_probs_cpu).
+torch::Tensor stats(const torch::Tensor& logits, const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                    const Spec& spec, const torch::Tensor& probs) {
   TORCH_CHECK(logits.dim() == 3 && logits.device().is_cpu(), "logits: a (B, C, S) CPU tensor expected");
-  const Spec spec = make_spec(act, pow_mode, ce_mode, focal_mode, focal_c0, gamma, focal_pos, label_mode, has_ignore,
-                              ignore_index);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   auto out = torch::zeros({logits.size(0), kNumSlots, logits.size(1)}, logits.options().dtype(acc));
   const at::Tensor* m = mask.has_value() ? &mask.value() : nullptr;
   dispatch(logits, target, [&](auto z, auto t, auto a) {
-    stats_kernel<decltype(z), decltype(t), decltype(a)>(logits, target, m, spec, out);
+    stats_kernel<decltype(z), decltype(t), decltype(a)>(logits, target, m, spec, out, probs);
   });
   return out;
 }
 
-torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
-                                      const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
-                                      const std::string& act, const std::string& pow_mode,
-                                      const std::string& ce_mode, const std::string& focal_mode, int64_t focal_c0,
-                                      double gamma, const std::string& focal_pos, bool label_mode, bool has_ignore,
-                                      int64_t ignore_index, torch::Tensor dlogits) {
+// loss_stats_backward_cpu; from_probs: dlogits holds the forward's softmax (loss_stats_backward_probs_cpu).
+torch::Tensor stats_backward(const torch::Tensor& gstats, const torch::Tensor& logits, const torch::Tensor& target,
+                             const c10::optional<torch::Tensor>& mask, const Spec& spec, torch::Tensor dlogits,
+                             bool from_probs) {
   TORCH_CHECK(logits.dim() == 3 && dlogits.dim() == 3, "logits, dlogits: (B, C, S) views expected");
-  const Spec spec = make_spec(act, pow_mode, ce_mode, focal_mode, focal_c0, gamma, focal_pos, label_mode, has_ignore,
-                              ignore_index);
   const auto acc = logits.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   TORCH_CHECK(gstats.scalar_type() == acc && gstats.is_contiguous(), "gstats: contiguous, accumulation dtype");
   const at::Tensor* m = mask.has_value() ? &mask.value() : nullptr;
   dispatch(logits, target, [&](auto z, auto t, auto a) {
-    backward_kernel<decltype(z), decltype(t), decltype(a)>(gstats, logits, target, m, spec, dlogits);
+    backward_kernel<decltype(z), decltype(t), decltype(a)>(gstats, logits, target, m, spec, dlogits, from_probs);
   });
   return dlogits;
+}
+
+// The checks of a stored softmax: a (B, C, S) tensor of the logits' shape and dtype (float32 / float64: the
+// accumulation dtype, so the backward reads exactly what it would compute), for a spec whose backward needs no logits.
+void check_probs(const torch::Tensor& logits, const torch::Tensor& probs, const Spec& spec) {
+  TORCH_CHECK(probs_suffice(spec), "probs: only a softmax with a region term and no BCE or focal term");
+  TORCH_CHECK(probs.dim() == 3 && probs.sizes() == logits.sizes() && probs.scalar_type() == logits.scalar_type(),
+              "probs: a (B, C, S) tensor of the logits' shape and dtype expected");
+  TORCH_CHECK(logits.scalar_type() == at::kFloat || logits.scalar_type() == at::kDouble,
+              "probs: float32 or float64 logits expected, got ", logits.scalar_type());
+}
+
+}  // namespace
+
+torch::Tensor loss_stats_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                             const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS) {
+  const Spec spec = make_spec(FASTMED_STATS_SPEC_ARGS);
+  return stats(logits, target, mask, spec, torch::Tensor());
+}
+
+bool loss_stats_probs_suffice(FASTMED_STATS_SPEC_PARAMS) { return probs_suffice(make_spec(FASTMED_STATS_SPEC_ARGS)); }
+
+torch::Tensor loss_stats_probs_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                                   const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS,
+                                   torch::Tensor probs) {
+  const Spec spec = make_spec(FASTMED_STATS_SPEC_ARGS);
+  check_probs(logits, probs, spec);
+  return stats(logits, target, mask, spec, probs);
+}
+
+torch::Tensor loss_stats_backward_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                      const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                      FASTMED_STATS_SPEC_PARAMS, torch::Tensor dlogits) {
+  const Spec spec = make_spec(FASTMED_STATS_SPEC_ARGS);
+  return stats_backward(gstats, logits, target, mask, spec, dlogits, false);
+}
+
+torch::Tensor loss_stats_backward_probs_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                            const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                            FASTMED_STATS_SPEC_PARAMS, torch::Tensor dlogits) {
+  const Spec spec = make_spec(FASTMED_STATS_SPEC_ARGS);
+  check_probs(logits, dlogits, spec);
+  return stats_backward(gstats, logits, target, mask, spec, dlogits, true);
 }
 
 }  // namespace fastmed

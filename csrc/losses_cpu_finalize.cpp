@@ -474,6 +474,41 @@ torch::Tensor loss_stats_nd_cpu(const torch::Tensor& logits, const torch::Tensor
   return loss_stats_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS);
 }
 
+namespace {
+
+// loss_stats_nd_cpu writing the softmax to probs, a tensor like the logits whose (B, C, S) view flat(probs) is a view
+// (loss_stats_probs_cpu).
+torch::Tensor loss_stats_probs_nd(const torch::Tensor& logits, const torch::Tensor& target,
+                                  const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS,
+                                  const torch::Tensor& probs) {
+  auto [z, t, m] = operands(logits, target, mask, label_mode);
+  return loss_stats_probs_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS, flat(probs));
+}
+
+// loss_stats_backward_nd_cpu from the softmax loss_stats_probs_nd stored in probs, overwritten with d logits and
+// returned (loss_stats_backward_probs_cpu).
+torch::Tensor loss_stats_backward_probs_nd(const torch::Tensor& gstats, const torch::Tensor& logits,
+                                           const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
+                                           FASTMED_STATS_SPEC_PARAMS, const torch::Tensor& probs) {
+  auto [z, t, m] = operands(logits, target, mask, label_mode);
+  const at::Tensor gs = gstats.to(accumulation(logits)).contiguous();
+  loss_stats_backward_probs_cpu(gs, z, t, m, FASTMED_STATS_SPEC_ARGS, flat(probs));
+  return probs;
+}
+
+// A tensor like the logits for the forward to keep its softmax in (the backward's d logits later), when the spec's
+// backward can start from it (loss_stats_probs_suffice) and its (B, C, S) view is a view; else undefined.
+at::Tensor probs_buffer(const at::Tensor& logits, FASTMED_STATS_SPEC_PARAMS) {
+  if (logits.dim() < 2 || (logits.scalar_type() != at::kFloat && logits.scalar_type() != at::kDouble) ||
+      !loss_stats_probs_suffice(FASTMED_STATS_SPEC_ARGS)) {
+    return at::Tensor();
+  }
+  at::Tensor probs = at::empty_like(logits);
+  return flat(probs).is_alias_of(probs) ? probs : at::Tensor();
+}
+
+}  // namespace
+
 torch::Tensor loss_stats_backward_nd_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
                                          const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
                                          FASTMED_STATS_SPEC_PARAMS) {
@@ -536,9 +571,15 @@ struct LossStatsFunction : public torch::autograd::Function<LossStatsFunction> {
   static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& logits,
                                                 const at::Tensor& target, const c10::optional<at::Tensor>& mask,
                                                 FASTMED_STATS_SPEC_PARAMS) {
-    at::Tensor stats = loss_stats_nd_cpu(logits, target, mask, FASTMED_STATS_SPEC_ARGS);
+    // With a gradient to compute and a spec whose backward needs only the softmax, the forward keeps it in the
+    // buffer that becomes d logits: the backward then reads it instead of computing it again (no second exp pass;
+    // the same memory as d logits, held from the forward on).
+    const at::Tensor probs = ctx->needs_input_grad(0) ? probs_buffer(logits, FASTMED_STATS_SPEC_ARGS) : at::Tensor();
+    at::Tensor stats = probs.defined() ? loss_stats_probs_nd(logits, target, mask, FASTMED_STATS_SPEC_ARGS, probs)
+                                       : loss_stats_nd_cpu(logits, target, mask, FASTMED_STATS_SPEC_ARGS);
     ctx->save_for_backward({logits, target, mask.value_or(at::Tensor())});
     ctx->saved_data["spec"] = spec_list(FASTMED_STATS_SPEC_ARGS);
+    if (probs.defined()) ctx->saved_data["probs"] = probs;
     ctx->set_materialize_grads(false);
     return {stats};
   }
@@ -555,6 +596,19 @@ struct LossStatsFunction : public torch::autograd::Function<LossStatsFunction> {
       return result;
     }
     auto str = [&](size_t k) { return spec.get(k).toStringRef(); };
+    const auto probs = ctx->saved_data.find("probs");
+    if (probs != ctx->saved_data.end()) {
+      // The first backward takes the stored softmax and writes d logits over it (a second one, retain_graph=True,
+      // computes it again).  Dropped from saved_data first, so the returned tensor has no other owner and autograd
+      // can keep it as the gradient without a copy.
+      const at::Tensor buffer = probs->second.toTensor();
+      ctx->saved_data.erase(probs);
+      result[0] = loss_stats_backward_probs_nd(gstats, saved[0], saved[1], maybe(saved[2]), str(0), str(1), str(2),
+                                               str(3), spec.get(4).toInt(), spec.get(5).toDouble(), str(6),
+                                               spec.get(7).toBool(), spec.get(8).toBool(), spec.get(9).toInt(),
+                                               buffer);
+      return result;
+    }
     result[0] = loss_stats_backward_nd_cpu(gstats, saved[0], saved[1], maybe(saved[2]), str(0), str(1), str(2),
                                            str(3), spec.get(4).toInt(), spec.get(5).toDouble(), str(6),
                                            spec.get(7).toBool(), spec.get(8).toBool(), spec.get(9).toInt());

@@ -366,9 +366,11 @@ void forward_block(Block<A>& k, const Spec& spec, A* acc) {
   }
 }
 
-// d logits of the block into k.dz; gs: (NUM_SLOTS, C) = d loss / d stats of the sample.
+// d logits of the block into k.dz; gs: (NUM_SLOTS, C) = d loss / d stats of the sample.  `have_p`: k.p already
+// holds the softmax the forward stored (softmax activation with a region term, no BCE or focal term: the logits are
+// not read).
 template <typename A>
-void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
+void backward_block(Block<A>& k, const Spec& spec, const A* gs, bool have_p) {
   const int64_t C = k.C;
   const A* __restrict m = k.m;
   A* __restrict sum = k.sum;
@@ -378,7 +380,7 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
     FASTMED_LANES { d[l] = A(0); }
   }
   if (spec.pow != Pow::kOff) {
-    activate_block(k, spec.act, false);
+    if (!have_p) activate_block(k, spec.act, false);
     FASTMED_LANES { sum[l] = A(0); }  // sum_c p u
     for (int64_t c = 0; c < C; ++c) {
       const A* __restrict p = k.row(k.p, c);
@@ -545,22 +547,30 @@ void backward_block(Block<A>& k, const Spec& spec, const A* gs) {
   }
 }
 
-// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
-// and their bad labels to bad.  The label check is the one of load_voxel.
-template <typename Z, typename T, typename A>
-void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
-                double& cnt, double& bad) {
-  const int64_t C = o.C;
+// Loads the (B, C, S) rows of the n <= kLanes voxels [s0, s0 + n) of sample b (pointer p, strides ps) into the
+// block rows dst (zeros past n).
+template <typename Z, typename A>
+FASTMED_INLINE void load_rows(const Z* p, const int64_t* ps, int64_t C, int64_t b, int64_t s0, int64_t n, A* dst) {
   for (int64_t c = 0; c < C; ++c) {
-    A* __restrict z = k.row(k.z, c);
-    const Z* __restrict src = o.zp + b * o.zs[0] + c * o.zs[1] + s0 * o.zs[2];
-    if (o.zs[2] == 1 && n == kLanes) {  // one row of each class: C streams, prefetched kPrefetch blocks ahead
+    A* __restrict z = dst + c * kLanes;
+    const Z* __restrict src = p + b * ps[0] + c * ps[1] + s0 * ps[2];
+    if (ps[2] == 1 && n == kLanes) {  // one row of each class: C streams, prefetched kPrefetch blocks ahead
       __builtin_prefetch(src + kPrefetch * kLanes);
       FASTMED_LANES { z[l] = static_cast<A>(src[l]); }
     } else {
-      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * o.zs[2]]) : A(0);
+      for (int64_t l = 0; l < kLanes; ++l) z[l] = l < n ? static_cast<A>(src[l * ps[2]]) : A(0);
     }
   }
+}
+
+// Loads the n <= kLanes voxels [s0, s0 + n) of sample b into k (zeros past n), adds their counted weight to cnt
+// and their bad labels to bad.  The label check is the one of load_voxel.  `logits`: false leaves k.z unread (a
+// backward from the stored softmax).
+template <typename Z, typename T, typename A>
+void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t s0, int64_t n, Block<A>& k,
+                double& cnt, double& bad, bool logits) {
+  const int64_t C = o.C;
+  if (logits) load_rows(o.zp, o.zs, C, b, s0, n, k.z);
   for (int64_t l = 0; l < kLanes; ++l) k.valid[l] = l < n ? A(1) : A(0);
   if (spec.label_mode) {
     A lab[kLanes];  // the class of a voxel that counts and holds one, else -1
@@ -648,6 +658,108 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
         g[l] = k.masked ? v * k.m[l] : v;
       }
     }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------- the softmax Dice path
+// The most common spec (Dice, Tversky or generalized Dice after a softmax, on int64 labels: spec.act softmax,
+// pow linear, no other term) on a full block of contiguous float32 rows: the same arithmetic as load_block +
+// forward_block / backward_block in the same order (so the same values), without their one-hot rows, finiteness
+// checks and padding selects (a softmax is finite or NaN; a full block has no padding).
+
+// The labels of a full block: lab[l] the class (as a float) of a voxel that counts and holds one, else -1; m[l] 1
+// where the voxel counts (not ignore_index); adds the voxels that count to nc and those with a bad label to nbad.
+FASTMED_INLINE void softmax_dice_labels(const int64_t* __restrict src, int64_t C, bool ignore, int64_t ig,
+                                        float* __restrict lab, float* __restrict m, float& nc, float& nbad) {
+  const uint64_t classes = static_cast<uint64_t>(C);
+  float c_sum = 0, b_sum = 0;
+#pragma omp simd reduction(+ : c_sum, b_sum)
+  for (int64_t l = 0; l < kLanes; ++l) {
+    const int64_t li = src[l];
+    const bool inrange = static_cast<uint64_t>(li) < classes;
+    const bool counts = !(ignore & (li == ig));
+    m[l] = counts ? 1.0f : 0.0f;
+    lab[l] = (counts & inrange) ? static_cast<float>(static_cast<int32_t>(li)) : -1.0f;
+    c_sum += counts ? 1.0f : 0.0f;
+    b_sum += (counts & !inrange) ? 1.0f : 0.0f;
+  }
+  nc += c_sum;
+  nbad += b_sum;
+}
+
+// The statistics of one full block into acc ((NUM_SLOTS, C) rows of kLanes, as forward_block); z: the block's first
+// logit of class 0, class rows zs1 apart; the softmax is written to probs (class rows ps1 apart) when not null.
+// e: C rows of scratch.
+FASTMED_INLINE void softmax_dice_forward(const float* z, int64_t zs1, const int64_t* labels, int64_t C, bool ignore,
+                                         int64_t ig, float* acc, float* probs, int64_t ps1, float* e, float& nc,
+                                         float& nbad) {
+  float lab[kLanes], m[kLanes], mx[kLanes], sum[kLanes];
+  softmax_dice_labels(labels, C, ignore, ig, lab, m, nc, nbad);
+  constexpr float inf = std::numeric_limits<float>::infinity();
+  FASTMED_LANES {
+    mx[l] = -inf;
+    sum[l] = 0;
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict zr = z + c * zs1;
+    __builtin_prefetch(zr + kPrefetch * kLanes);
+    FASTMED_LANES { mx[l] = (zr[l] > mx[l] || zr[l] != zr[l]) ? zr[l] : mx[l]; }  // torch's max: NaN wins
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict zr = z + c * zs1;
+    float* __restrict er = e + c * kLanes;
+    FASTMED_LANES {
+      const float v = exp_f32(zr[l] - mx[l]);
+      er[l] = v;
+      sum[l] += v;
+    }
+  }
+  FASTMED_LANES { sum[l] = 1.0f / sum[l]; }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict er = e + c * kLanes;
+    float* __restrict si = acc + (kIntersect * C + c) * kLanes;
+    float* __restrict sp = acc + (kPred * C + c) * kLanes;
+    float* __restrict sg = acc + (kGround * C + c) * kLanes;
+    const float cls = static_cast<float>(c);
+    if (probs) {
+      float* __restrict pr = probs + c * ps1;
+      FASTMED_LANES { pr[l] = er[l] * sum[l]; }
+    }
+    FASTMED_LANES {
+      const float p = er[l] * sum[l];
+      const float g = lab[l] == cls ? 1.0f : 0.0f;
+      const float pm = m[l] * p;
+      si[l] += g * pm;
+      sp[l] += pm;
+      sg[l] += g;
+    }
+  }
+}
+
+// d logits of one full block from the stored softmax, in place: p (class rows ps1 apart) is read and overwritten;
+// gs: (NUM_SLOTS, C) = d loss / d stats of the sample; u: C rows of scratch.
+FASTMED_INLINE void softmax_dice_backward(float* p, int64_t ps1, const int64_t* labels, int64_t C, bool ignore,
+                                          int64_t ig, const float* gs, float* u) {
+  float lab[kLanes], m[kLanes], sum[kLanes];
+  float nc = 0, nbad = 0;  // not needed here
+  softmax_dice_labels(labels, C, ignore, ig, lab, m, nc, nbad);
+  FASTMED_LANES { sum[l] = 0; }
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict pr = p + c * ps1;
+    float* __restrict ur = u + c * kLanes;
+    const float ci = gs[kIntersect * C + c], cp = gs[kPred * C + c];
+    const float cls = static_cast<float>(c);
+    FASTMED_LANES {
+      const float g = lab[l] == cls ? 1.0f : 0.0f;
+      const float v = (ci * g + cp) * m[l];
+      ur[l] = v;
+      sum[l] += pr[l] * v;
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float* __restrict pr = p + c * ps1;
+    const float* __restrict ur = u + c * kLanes;
+    FASTMED_LANES { pr[l] = pr[l] * (ur[l] - sum[l]); }
   }
 }
 

@@ -240,6 +240,8 @@ NATIVE_CASES = {
                                                            batch=True, include_background=False),
     "focal_softmax": lambda x, y, t: ops.focal_loss(x, y, to_onehot_y=True, use_softmax=True, alpha=0.3,
                                                     reduction="sum"),
+    "dice": lambda x, y, t: ops.dice_loss(x, y, softmax=True, to_onehot_y=True),
+    "dice_ignore": lambda x, y, t: ops.dice_loss(x, y, softmax=True, to_onehot_y=True, ignore_index=1, batch=True),
 }
 
 
@@ -297,3 +299,100 @@ def test_layouts_that_do_not_collapse(spec):
     dgot = L._cpp_stats_backward(g, x, t, None, spec)
     assert dgot.stride() == x.stride()
     torch.testing.assert_close(dgot, ref.loss_stats_backward(g, x, t, None, spec))
+
+
+# The softmax Dice path of csrc/losses_cpu_kernels.h (softmax_dice_forward / softmax_dice_backward: float32 logits and
+# int64 labels contiguous along the voxels, softmax, pow linear, no other term) and the softmax the native autograd
+# node keeps from the forward for the backward (loss_stats_probs_cpu / loss_stats_backward_probs_cpu).
+DICE_SPECS = [StatsSpec("softmax", "linear", label_mode=True),
+              StatsSpec("softmax", "linear", label_mode=True, has_ignore=True, ignore_index=1)]
+
+
+def _strided_copy(x):
+    """The values of ``x`` in a layout whose last dim has stride 2 (the generic blocks, not the Dice path)."""
+    wide = torch.zeros(x.shape[:-1] + (2 * x.shape[-1],), dtype=x.dtype)[..., ::2]
+    wide.copy_(x)
+    assert wide.stride(-1) == 2
+    return wide
+
+
+@pytest.mark.parametrize("spec", range(len(DICE_SPECS)))
+@pytest.mark.parametrize("spatial", [(15,), (16,), (2048 + 37,), (3, 5, 7)])
+def test_softmax_dice_path_equals_generic_blocks(spatial, spec):
+    """The path's statistics and d logits (from the stored softmax) against the reference, and bit for bit the
+    generic blocks' on the same values (the same arithmetic in the same order); NaN, -inf and +inf logits, ignored
+    and bad labels in the same pass."""
+    spec = DICE_SPECS[spec]
+    x, t, _ = _block_case(spec, (2, 4) + spatial, torch.float32, 7)
+    flat_x, flat_t = x.view(2, 4, -1), t.view(2, 1, -1)
+    flat_x[0, 1, 3] = float("nan")
+    flat_x[1, 2, 0] = float("-inf")
+    flat_x[1, 0, 5] = float("inf")
+    flat_t[0, 0, 1] = 1  # ignored by the second spec
+    _check_block(spec, x, t, None, torch.float32)
+    strided = _strided_copy(x)
+    exact = dict(rtol=0, atol=0, equal_nan=True)
+    stats = L._cpp_stats(x, t, None, spec)
+    torch.testing.assert_close(stats, L._cpp_stats(strided, t, None, spec), **exact)
+    assert stats[0, :2].isnan().all() and not stats[:, SLOTS.index("ground")].isnan().any()  # NaN in, NaN out
+    g = torch.randn(stats.shape, generator=torch.Generator().manual_seed(1))
+    want = L._cpp_stats_backward(g, strided, t, None, spec)  # the generic blocks, the softmax computed again
+    ext = _ext.load()
+    fields = tuple(spec)
+    probs = torch.empty_like(x)
+    torch.testing.assert_close(ext.loss_stats_probs_cpu(x.view(2, 4, -1), t.view(2, -1), None, *fields,
+                                                        probs.view(2, 4, -1)), stats, **exact)
+    got = ext.loss_stats_backward_probs_cpu(g, x.view(2, 4, -1), t.view(2, -1), None, *fields, probs.view(2, 4, -1))
+    torch.testing.assert_close(got.view(x.shape), want, **exact)
+    if len(spatial) == 1 and spatial[0] > 16:  # a tail block in the bad-label count too
+        t2 = t.clone()
+        t2.view(-1)[-1] = 9
+        assert L._cpp_stats(x, t2, None, spec)[0, SLOTS.index("bad"), 0].item() == 0  # sample 1 holds it
+        assert L._cpp_stats(x, t2, None, spec)[1, SLOTS.index("bad"), 0].item() == 1
+
+
+@pytest.mark.parametrize("case", ["dice", "dice_ignore", "dice_ce", "float64", "channels_last", "strided", "bf16"])
+def test_stored_softmax_backward(case):
+    """The native node keeps the forward's softmax for its backward where that replaces the logits (softmax with a
+    region term, no BCE or focal term, float32 / float64 logits): the gradient is the one of the backward that
+    computes the softmax again (the registered op's), bit for bit; a second backward (retain_graph=True) computes it
+    again and gives the same; the logits are left as they were; create_graph=True still gives second-order terms."""
+    gen = torch.Generator().manual_seed(21)
+    dtype = {"float64": torch.float64, "bf16": torch.bfloat16}.get(case, torch.float32)
+    x0 = torch.randn(2, 5, 9, 8, 7, generator=gen).to(dtype)
+    if case == "channels_last":
+        x0 = x0.contiguous(memory_format=torch.channels_last_3d)
+    elif case == "strided":
+        x0 = _strided_copy(x0)
+    y = torch.randint(0, 5, (2, 1, 9, 8, 7), generator=gen)
+    kw = dict(softmax=True, to_onehot_y=True)
+    fn = {"dice_ignore": lambda x: ops.dice_loss(x, y, ignore_index=3, **kw),
+          "dice_ce": lambda x: ops.dice_ce_loss(x, y, lambda_ce=0.7, **kw)}.get(
+        case, lambda x: ops.dice_loss(x, y, **kw))
+    grads = []
+    for route in ("native", "op"):
+        x = (_strided_copy(x0) if case == "strided" else x0.clone()).requires_grad_()
+        before = x.detach().clone()
+        with fastmed.use_backend("cpp"):
+            if route == "op":
+                with pytest.MonkeyPatch.context() as mp:
+                    mp.setattr(_direct, "call", lambda op, function, *inputs: op(*inputs))
+                    out = fn(x)
+            else:
+                out = fn(x)
+        (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(out, x)
+        assert torch.equal(g1, g2) and torch.equal(x.detach(), before)
+        assert g1.dtype == dtype and g1.stride() == torch.empty_like(x).stride()
+        grads.append(g1)
+    assert torch.equal(grads[0], grads[1])
+    # create_graph=True on the native node: a gradient penalty's second-order term against the reference's
+    x = x0.clone().requires_grad_()
+    with fastmed.use_backend("cpp"):
+        (g,) = torch.autograd.grad(fn(x), x, create_graph=True)
+    (h,) = torch.autograd.grad(g.float().square().sum(), x)
+    xr = x0.clone().requires_grad_()
+    with fastmed.use_backend("reference"):
+        (gr,) = torch.autograd.grad(fn(xr), xr, create_graph=True)
+    (hr,) = torch.autograd.grad(gr.float().square().sum(), xr)
+    torch.testing.assert_close(h.double(), hr.double(), **TOL[dtype])
