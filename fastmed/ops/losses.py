@@ -14,7 +14,11 @@ Each loss is two steps, each one registered torch.library op with a body per bac
 
 Outside ``torch.compile`` the ops run on the direct path (``fastmed/ops/_direct.py``); there the cpp backend runs
 both steps with their autograd nodes in C++ (``loss_stats_autograd_cpu``, ``loss_finalize_autograd_cpu``; two
-Python autograd functions cost more per call than the whole C++ work on small inputs).
+Python autograd functions cost more per call than the whole C++ work on small inputs).  When the logits need a
+gradient and the statistics need only their softmax (softmax activation with a region term, no BCE or focal term,
+float32 / float64 logits), that node keeps the softmax from the forward in a logits-sized buffer, which its first
+backward overwrites with d logits and returns (no second exp pass): the gradient's memory, taken at the forward
+instead of the backward, and held while the graph lives.
 
 Sums accumulate in float32 (float64 for float64 logits), so float16 logits over volumes of more than 65504
 voxels per class give finite Dice values.
