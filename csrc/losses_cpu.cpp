@@ -189,17 +189,22 @@ bool probs_suffice(const Spec& spec) {
 }
 
 // Whether the softmax Dice path of losses_cpu_kernels.h (softmax_dice_forward / softmax_dice_backward) serves the
-// full blocks: float32 logits and int64 labels, contiguous along the voxels (and probs, when given), and the spec it
-// computes (softmax, pow linear, no other term).
+// full blocks: float32 logits and int64 labels, contiguous along the voxels (and probs, when given), and a spec it
+// computes (softmax, pow linear, with or without the softmax cross entropy, no BCE or focal term).
 template <typename Z, typename T, typename A>
 bool softmax_dice_path(const Spec& spec, const Operands<Z, T, A>& o, const int64_t* ps) {
   if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value && std::is_same<A, float>::value) {
-    return spec.label_mode && spec.act == Act::kSoftmax && spec.pow == Pow::kLinear && spec.ce == Ce::kOff &&
+    return spec.label_mode && spec.act == Act::kSoftmax && spec.pow == Pow::kLinear && spec.ce != Ce::kBce &&
            spec.focal == FocalMode::kOff && o.mp == nullptr && o.zs[2] == 1 && o.ts[1] == 1 &&
            (ps == nullptr || ps[2] == 1);
   } else {
     return false;
   }
+}
+
+// The softmax Dice path's cross-entropy mode: 0 none, 1 the cross entropy, 2 with label smoothing.
+int softmax_dice_ce(const Spec& spec) {
+  return spec.ce == Ce::kSoftmaxSmooth ? 2 : (spec.ce == Ce::kSoftmax ? 1 : 0);
 }
 
 // probs: when defined, a (B, C, S) tensor of the logits' dtype the forward's softmax is written to (for the backward
@@ -217,6 +222,7 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   Z* pp = probs.defined() ? probs.data_ptr<Z>() : nullptr;
   const int64_t ps[3] = {pp ? probs.stride(0) : 0, pp ? probs.stride(1) : 0, pp ? probs.stride(2) : 0};
   const bool dice = softmax_dice_path(spec, ops, pp ? ps : nullptr);
+  const int ce = softmax_dice_ce(spec);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     BlockStorage<A> storage(C);
     std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
@@ -232,7 +238,8 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
             static const auto fast = FASTMED_KERNEL(softmax_dice_forward);
             float nc = 0, nbad = 0;  // whole numbers up to kLanes
             fast(ops.zp + b * ops.zs[0] + s0, ops.zs[1], ops.tp + b * ops.ts[0] + s0, C, spec.has_ignore,
-                 spec.ignore_index, lanes.data(), pp ? pp + b * ps[0] + s0 : nullptr, ps[1], storage.k.p, nc, nbad);
+                 spec.ignore_index, ce, lanes.data(), pp ? pp + b * ps[0] + s0 : nullptr, ps[1], storage.k.p, nc,
+                 nbad);
             cnt += static_cast<double>(nc);
             bad += static_cast<double>(nbad);
             continue;
@@ -287,6 +294,7 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   const auto load = FASTMED_KERNEL(load_block<Z, T, A>);
   const auto load_probs = FASTMED_KERNEL(load_rows<Z, A>);
   const bool dice = from_probs && softmax_dice_path(spec, o, ds);
+  const int ce = softmax_dice_ce(spec);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
     BlockStorage<A> storage(C);
     Block<A>& blk = storage.k;
@@ -299,8 +307,8 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
                       std::is_same<A, float>::value) {
           if (dice && n == kLanes) {
             static const auto fast = FASTMED_KERNEL(softmax_dice_backward);
-            fast(dp + b * ds[0] + s0, ds[1], o.tp + b * o.ts[0] + s0, C, spec.has_ignore, spec.ignore_index,
-                 gp + b * kNumSlots * C, blk.w);
+            fast(dp + b * ds[0] + s0, ds[1], o.tp + b * o.ts[0] + s0, C, spec.has_ignore, spec.ignore_index, ce,
+                 gp + b * kNumSlots * C, blk.q);  // q and w: 2 C rows
             continue;
           }
         }

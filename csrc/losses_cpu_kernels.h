@@ -662,15 +662,19 @@ void load_block(const Operands<Z, T, A>& o, const Spec& spec, int64_t b, int64_t
 }
 
 // ---------------------------------------------------------------------------------------------- the softmax Dice path
-// The most common spec (Dice, Tversky or generalized Dice after a softmax, on int64 labels: spec.act softmax,
-// pow linear, no other term) on a full block of contiguous float32 rows: the same arithmetic as load_block +
+// The most common specs (Dice, Tversky or generalized Dice after a softmax, alone or with the softmax cross entropy,
+// label smoothing included: DiceCE, nnU-Net's DC+CE; on int64 labels: spec.act softmax, pow linear, ce off / softmax
+// / softmax_smooth, no focal term) on a full block of contiguous float32 rows: the same arithmetic as load_block +
 // forward_block / backward_block in the same order (so the same values), without their one-hot rows, finiteness
-// checks and padding selects (a softmax is finite or NaN; a full block has no padding).
+// checks of a softmax and padding selects (a softmax is finite or NaN; a full block has no padding).  ce: 0 none,
+// 1 the cross entropy, 2 with label smoothing.
 
-// The labels of a full block: lab[l] the class (as a float) of a voxel that counts and holds one, else -1; m[l] 1
-// where the voxel counts (not ignore_index); adds the voxels that count to nc and those with a bad label to nbad.
+// The labels of a full block: lab[l] the class (as a float) of a voxel that counts and holds one, else -1; pick[l]
+// the class whose NLL the voxel enters (its label, 0 when out of range); m[l] 1 where the voxel counts (not
+// ignore_index); adds the voxels that count to nc and those with a bad label to nbad.
 FASTMED_INLINE void softmax_dice_labels(const int64_t* __restrict src, int64_t C, bool ignore, int64_t ig,
-                                        float* __restrict lab, float* __restrict m, float& nc, float& nbad) {
+                                        float* __restrict lab, float* __restrict pick, float* __restrict m,
+                                        float& nc, float& nbad) {
   const uint64_t classes = static_cast<uint64_t>(C);
   float c_sum = 0, b_sum = 0;
 #pragma omp simd reduction(+ : c_sum, b_sum)
@@ -678,8 +682,10 @@ FASTMED_INLINE void softmax_dice_labels(const int64_t* __restrict src, int64_t C
     const int64_t li = src[l];
     const bool inrange = static_cast<uint64_t>(li) < classes;
     const bool counts = !(ignore & (li == ig));
+    const float cls = static_cast<float>(static_cast<int32_t>(inrange ? li : 0));
     m[l] = counts ? 1.0f : 0.0f;
-    lab[l] = (counts & inrange) ? static_cast<float>(static_cast<int32_t>(li)) : -1.0f;
+    lab[l] = (counts & inrange) ? cls : -1.0f;
+    pick[l] = cls;
     c_sum += counts ? 1.0f : 0.0f;
     b_sum += (counts & !inrange) ? 1.0f : 0.0f;
   }
@@ -691,10 +697,10 @@ FASTMED_INLINE void softmax_dice_labels(const int64_t* __restrict src, int64_t C
 // logit of class 0, class rows zs1 apart; the softmax is written to probs (class rows ps1 apart) when not null.
 // e: C rows of scratch.
 FASTMED_INLINE void softmax_dice_forward(const float* z, int64_t zs1, const int64_t* labels, int64_t C, bool ignore,
-                                         int64_t ig, float* acc, float* probs, int64_t ps1, float* e, float& nc,
-                                         float& nbad) {
-  float lab[kLanes], m[kLanes], mx[kLanes], sum[kLanes];
-  softmax_dice_labels(labels, C, ignore, ig, lab, m, nc, nbad);
+                                         int64_t ig, int ce, float* acc, float* probs, int64_t ps1, float* e,
+                                         float& nc, float& nbad) {
+  float lab[kLanes], pick[kLanes], m[kLanes], mx[kLanes], sum[kLanes], lse[kLanes];
+  softmax_dice_labels(labels, C, ignore, ig, lab, pick, m, nc, nbad);
   constexpr float inf = std::numeric_limits<float>::infinity();
   FASTMED_LANES {
     mx[l] = -inf;
@@ -713,6 +719,9 @@ FASTMED_INLINE void softmax_dice_forward(const float* z, int64_t zs1, const int6
       er[l] = v;
       sum[l] += v;
     }
+  }
+  if (ce) {
+    FASTMED_LANES { lse[l] = log_f32(sum[l]); }
   }
   FASTMED_LANES { sum[l] = 1.0f / sum[l]; }
   for (int64_t c = 0; c < C; ++c) {
@@ -734,16 +743,40 @@ FASTMED_INLINE void softmax_dice_forward(const float* z, int64_t zs1, const int6
       sg[l] += g;
     }
   }
+  if (!ce) return;
+  for (int64_t c = 0; c < C; ++c) {  // forward_block's cross entropy on labels: -log q of the voxel's class
+    const float* __restrict zr = z + c * zs1;
+    float* __restrict sn = acc + (kNll * C + c) * kLanes;
+    float* __restrict sl = acc + (kLogsum * C + c) * kLanes;
+    const float cls = static_cast<float>(c);
+    FASTMED_LANES {
+      const float lq = zr[l] - mx[l] - lse[l];
+      const float g = lab[l] == cls ? 1.0f : 0.0f;
+      const float w = g * ((g == 0.0f && (lq == inf || lq == -inf)) ? 0.0f : lq);  // weigh(g, lq)
+      sn[l] -= pick[l] == cls ? w : 0.0f;
+    }
+    if (ce == 2) {
+      FASTMED_LANES {
+        const float lq = zr[l] - mx[l] - lse[l];
+        sl[l] -= m[l] * ((m[l] == 0.0f && (lq == inf || lq == -inf)) ? 0.0f : lq);  // weigh(m, lq)
+      }
+    }
+  }
 }
 
 // d logits of one full block from the stored softmax, in place: p (class rows ps1 apart) is read and overwritten;
-// gs: (NUM_SLOTS, C) = d loss / d stats of the sample; u: C rows of scratch.
+// gs: (NUM_SLOTS, C) = d loss / d stats of the sample; u: 2 C rows of scratch.
 FASTMED_INLINE void softmax_dice_backward(float* p, int64_t ps1, const int64_t* labels, int64_t C, bool ignore,
-                                          int64_t ig, const float* gs, float* u) {
-  float lab[kLanes], m[kLanes], sum[kLanes];
+                                          int64_t ig, int ce, const float* gs, float* u) {
+  float lab[kLanes], pick[kLanes], m[kLanes], sum[kLanes], wsum[kLanes];
   float nc = 0, nbad = 0;  // not needed here
-  softmax_dice_labels(labels, C, ignore, ig, lab, m, nc, nbad);
-  FASTMED_LANES { sum[l] = 0; }
+  softmax_dice_labels(labels, C, ignore, ig, lab, pick, m, nc, nbad);
+  float* w = u + C * kLanes;
+  const float smooth = ce == 2 ? 1.0f : 0.0f;
+  FASTMED_LANES {
+    sum[l] = 0;
+    wsum[l] = 0;
+  }
   for (int64_t c = 0; c < C; ++c) {
     const float* __restrict pr = p + c * ps1;
     float* __restrict ur = u + c * kLanes;
@@ -756,10 +789,37 @@ FASTMED_INLINE void softmax_dice_backward(float* p, int64_t ps1, const int64_t* 
       sum[l] += pr[l] * v;
     }
   }
+  if (!ce) {
+    for (int64_t c = 0; c < C; ++c) {
+      float* __restrict pr = p + c * ps1;
+      const float* __restrict ur = u + c * kLanes;
+      FASTMED_LANES { pr[l] = pr[l] * (ur[l] - sum[l]); }
+    }
+    return;
+  }
+  for (int64_t c = 0; c < C; ++c) {  // backward_block's cross entropy: w = cn g + cl m, d += p sum_c w - w
+    float* __restrict wr = w + c * kLanes;
+    const float cn = gs[kNll * C + c], cl = gs[kLogsum * C + c] * smooth;
+    const float cls = static_cast<float>(c);
+    FASTMED_LANES {
+      const float g = lab[l] == cls ? 1.0f : 0.0f;
+      const float v = cn * g + cl * m[l];
+      wr[l] = v;
+      wsum[l] += v;
+    }
+  }
+  // backward_block's two steps, each through memory as there (d = p (u - sum), then d += p sum_c w - w): the same
+  // roundings whatever the compiler contracts into fused multiply-adds
+  for (int64_t c = 0; c < C; ++c) {
+    const float* __restrict pr = p + c * ps1;
+    float* __restrict ur = u + c * kLanes;
+    FASTMED_LANES { ur[l] = pr[l] * (ur[l] - sum[l]); }
+  }
   for (int64_t c = 0; c < C; ++c) {
     float* __restrict pr = p + c * ps1;
     const float* __restrict ur = u + c * kLanes;
-    FASTMED_LANES { pr[l] = pr[l] * (ur[l] - sum[l]); }
+    const float* __restrict wr = w + c * kLanes;
+    FASTMED_LANES { pr[l] = ur[l] + (pr[l] * wsum[l] - wr[l]); }
   }
 }
 

@@ -302,10 +302,13 @@ def test_layouts_that_do_not_collapse(spec):
 
 
 # The softmax Dice path of csrc/losses_cpu_kernels.h (softmax_dice_forward / softmax_dice_backward: float32 logits and
-# int64 labels contiguous along the voxels, softmax, pow linear, no other term) and the softmax the native autograd
+# int64 labels contiguous along the voxels, softmax, pow linear, with or without the softmax cross entropy, no BCE or
+# focal term) and the softmax the native autograd
 # node keeps from the forward for the backward (loss_stats_probs_cpu / loss_stats_backward_probs_cpu).
 DICE_SPECS = [StatsSpec("softmax", "linear", label_mode=True),
-              StatsSpec("softmax", "linear", label_mode=True, has_ignore=True, ignore_index=1)]
+              StatsSpec("softmax", "linear", label_mode=True, has_ignore=True, ignore_index=1),
+              StatsSpec("softmax", "linear", "softmax", label_mode=True),
+              StatsSpec("softmax", "linear", "softmax_smooth", label_mode=True, has_ignore=True, ignore_index=1)]
 
 
 def _strided_copy(x):
