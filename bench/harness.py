@@ -133,8 +133,10 @@ def rotation(names: list[str], rounds: int) -> list[list[str]]:
 
 
 def cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
-    """Peak bytes of torch's CPU allocator above its level at the start of ``fn()``, from the profiler's allocation
-    events (None if this torch's profiler does not report them)."""
+    """Peak bytes of torch's CPU allocator held at once by the blocks ``fn()`` allocates, from the profiler's
+    allocation events (None if this torch's profiler does not report them).  Frees of blocks that existed before
+    (a gradient the step resets) do not lower it: the profiler reports them only for some blocks (those whose size
+    it learnt in an earlier profiling session), which made the peak of one call depend on what ran before."""
     try:
         from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
@@ -149,12 +151,18 @@ def cpu_peak_bytes(fn: Callable[[], object]) -> Optional[int]:
         stack.extend(node.children)
         if node.typed[0] == _EventType.Allocation and node.typed[1].device.type == "cpu":
             allocs.append(node)
-    if not allocs:
-        return 0
     allocs.sort(key=lambda n: n.start_time_ns)
-    first = allocs[0].typed[1]
-    base = first.total_allocated - first.alloc_size
-    return max(0, max(n.typed[1].total_allocated for n in allocs) - base)
+    live, level, peak = set(), 0, 0
+    for node in allocs:
+        event = node.typed[1]
+        if event.alloc_size > 0:
+            live.add(event.ptr)
+            level += event.alloc_size
+        elif event.ptr in live:  # a block fn allocated, freed
+            live.discard(event.ptr)
+            level += event.alloc_size
+        peak = max(peak, level)
+    return peak
 
 
 class Bench:

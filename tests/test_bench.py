@@ -199,6 +199,21 @@ def test_cpu_peak_memory_counts_the_allocations_of_one_call():
     assert peak is not None and 8 * (1 << 20) <= peak < 8 * (1 << 20) + 4096
 
 
+def test_cpu_peak_memory_ignores_frees_of_older_blocks():
+    """A call that frees a block from before it (a gradient the step resets) and allocates its own: the peak is its
+    own allocation.  The profiler reports such a free only for a block it saw allocated in an earlier session, so
+    counting it made the peak depend on what was measured before (0 instead of a gradient's size)."""
+    held = {}
+    harness.cpu_peak_bytes(lambda: held.update(old=torch.ones(1 << 20, dtype=torch.float64)))  # seen allocated
+
+    def step():
+        held.pop("old")
+        held["new"] = torch.ones(1 << 20, dtype=torch.float64)
+
+    peak = harness.cpu_peak_bytes(step)
+    assert peak is not None and 8 * (1 << 20) <= peak < 8 * (1 << 20) + 4096
+
+
 def test_loss_benchmark_rows_count_the_minimum_bytes(tmp_path, monkeypatch):
     monkeypatch.setenv("FASTMED_BENCH_CASE_S", "0.01")
     bench = _module("bench_losses")
