@@ -98,35 +98,42 @@ FASTMED_INLINE A vsign(A x) {
 template <typename A>
 FASTMED_INLINE A counted(A x, A m) { return vweigh(m, x); }
 
-// The softmax over the classes c0..C-1 of the rows `v` (the logits k.z, or others of the block's layout): their max in
-// mx, the exponentials exp(v - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
-// lse; normalizes p when `normalize`.
+// The softmax numerators over the classes c0..C-1 of the rows v (class c's kLanes values at v + c * vs): their max in
+// mx (NaN wins, as in torch's max), exp(v - mx) in the rows of p (class c at p + c * kLanes), their sum in sum and,
+// when log_sum, its log in lse.  Shared by softmax_rows and the softmax Dice path (rows read from the tensor there).
 template <typename A>
-void softmax_rows(Block<A>& k, const A* v, int64_t c0, bool normalize, bool log_sum) {
+FASTMED_INLINE void softmax_numerators(const A* v, int64_t vs, int64_t c0, int64_t C, A* p, A* __restrict mx,
+                                       A* __restrict sum, A* __restrict lse, bool log_sum) {
   constexpr A inf = std::numeric_limits<A>::infinity();
-  A* __restrict mx = k.mx;
-  A* __restrict sum = k.sum;
-  A* __restrict lse = k.lse;
   FASTMED_LANES {
     mx[l] = -inf;
     sum[l] = 0;
   }
-  for (int64_t c = c0; c < k.C; ++c) {
-    const A* __restrict z = k.row(v, c);
+  for (int64_t c = c0; c < C; ++c) {
+    const A* __restrict z = v + c * vs;
     FASTMED_LANES { mx[l] = (z[l] > mx[l] || z[l] != z[l]) ? z[l] : mx[l]; }  // torch's max: NaN wins
   }
-  for (int64_t c = c0; c < k.C; ++c) {
-    const A* __restrict z = k.row(v, c);
-    A* __restrict p = k.row(k.p, c);
+  for (int64_t c = c0; c < C; ++c) {
+    const A* __restrict z = v + c * vs;
+    A* __restrict pr = p + c * kLanes;
     FASTMED_LANES {
       const A e = vexp(z[l] - mx[l]);
-      p[l] = e;
+      pr[l] = e;
       sum[l] += e;
     }
   }
   if (log_sum) {
     FASTMED_LANES { lse[l] = vlog(sum[l]); }
   }
+}
+
+// The softmax over the classes c0..C-1 of the rows `v` (the logits k.z, or others of the block's layout): their max in
+// mx, the exponentials exp(v - mx) in p (the softmax's numerators) and, when `log_sum` (the cross entropy needs it),
+// lse; normalizes p when `normalize`.
+template <typename A>
+void softmax_rows(Block<A>& k, const A* v, int64_t c0, bool normalize, bool log_sum) {
+  A* __restrict sum = k.sum;
+  softmax_numerators(v, kLanes, c0, k.C, k.p, k.mx, sum, k.lse, log_sum);
   if (normalize) {
     FASTMED_LANES { sum[l] = A(1) / sum[l]; }
     for (int64_t c = c0; c < k.C; ++c) {
@@ -702,27 +709,8 @@ FASTMED_INLINE void softmax_dice_forward(const float* z, int64_t zs1, const int6
   float lab[kLanes], pick[kLanes], m[kLanes], mx[kLanes], sum[kLanes], lse[kLanes];
   softmax_dice_labels(labels, C, ignore, ig, lab, pick, m, nc, nbad);
   constexpr float inf = std::numeric_limits<float>::infinity();
-  FASTMED_LANES {
-    mx[l] = -inf;
-    sum[l] = 0;
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict zr = z + c * zs1;
-    __builtin_prefetch(zr + kPrefetch * kLanes);
-    FASTMED_LANES { mx[l] = (zr[l] > mx[l] || zr[l] != zr[l]) ? zr[l] : mx[l]; }  // torch's max: NaN wins
-  }
-  for (int64_t c = 0; c < C; ++c) {
-    const float* __restrict zr = z + c * zs1;
-    float* __restrict er = e + c * kLanes;
-    FASTMED_LANES {
-      const float v = exp_f32(zr[l] - mx[l]);
-      er[l] = v;
-      sum[l] += v;
-    }
-  }
-  if (ce) {
-    FASTMED_LANES { lse[l] = log_f32(sum[l]); }
-  }
+  for (int64_t c = 0; c < C; ++c) __builtin_prefetch(z + c * zs1 + kPrefetch * kLanes);  // C streams
+  softmax_numerators(z, zs1, 0, C, e, mx, sum, lse, ce != 0);
   FASTMED_LANES { sum[l] = 1.0f / sum[l]; }
   for (int64_t c = 0; c < C; ++c) {
     const float* __restrict er = e + c * kLanes;
