@@ -188,12 +188,16 @@ bool probs_suffice(const Spec& spec) {
   return spec.act == Act::kSoftmax && spec.pow != Pow::kOff && spec.ce != Ce::kBce && spec.focal == FocalMode::kOff;
 }
 
-// Whether the softmax Dice path of losses_cpu_kernels.h (softmax_dice_forward / softmax_dice_backward) serves the
-// full blocks: float32 logits and int64 labels, contiguous along the voxels (and probs, when given), and a spec it
-// computes (softmax, pow linear, with or without the softmax cross entropy, no BCE or focal term).
+// The operand types of the softmax Dice path of losses_cpu_kernels.h: float32 logits, int64 labels, float32 sums.
+template <typename Z, typename T, typename A>
+constexpr bool kDiceTypes = std::is_same_v<Z, float> && std::is_same_v<T, int64_t> && std::is_same_v<A, float>;
+
+// Whether the softmax Dice path (softmax_dice_forward / softmax_dice_backward) serves the full blocks: its operand
+// types, contiguous along the voxels (and probs, when given), and a spec it computes (softmax, pow linear, with or
+// without the softmax cross entropy, no BCE or focal term).
 template <typename Z, typename T, typename A>
 bool softmax_dice_path(const Spec& spec, const Operands<Z, T, A>& o, const int64_t* ps) {
-  if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value && std::is_same<A, float>::value) {
+  if constexpr (kDiceTypes<Z, T, A>) {
     return spec.label_mode && spec.act == Act::kSoftmax && spec.pow == Pow::kLinear && spec.ce != Ce::kBce &&
            spec.focal == FocalMode::kOff && o.mp == nullptr && o.zs[2] == 1 && o.ts[1] == 1 &&
            (ps == nullptr || ps[2] == 1);
@@ -232,8 +236,7 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
       double cnt = 0, bad = 0;
       for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
         const int64_t n = std::min(kLanes, S - s0);
-        if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value &&
-                      std::is_same<A, float>::value) {
+        if constexpr (kDiceTypes<Z, T, A>) {
           if (dice && n == kLanes) {
             static const auto fast = FASTMED_KERNEL(softmax_dice_forward);
             float nc = 0, nbad = 0;  // whole numbers up to kLanes
@@ -303,8 +306,7 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
       const int64_t b = task / chunks, k = task % chunks;
       for (int64_t s0 = k * kChunk; s0 < std::min(S, (k + 1) * kChunk); s0 += kLanes) {
         const int64_t n = std::min(kLanes, S - s0);
-        if constexpr (std::is_same<Z, float>::value && std::is_same<T, int64_t>::value &&
-                      std::is_same<A, float>::value) {
+        if constexpr (kDiceTypes<Z, T, A>) {
           if (dice && n == kLanes) {
             static const auto fast = FASTMED_KERNEL(softmax_dice_backward);
             fast(dp + b * ds[0] + s0, ds[1], o.tp + b * o.ts[0] + s0, C, spec.has_ignore, spec.ignore_index, ce,

@@ -467,33 +467,37 @@ std::tuple<at::Tensor, at::Tensor, c10::optional<at::Tensor>> operands(const at:
 
 }  // namespace
 
-torch::Tensor loss_stats_nd_cpu(const torch::Tensor& logits, const torch::Tensor& target,
-                                const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS) {
-  TORCH_CHECK(logits.dim() >= 2 && target.dim() >= 2, "logits, target: (B, C, *spatial) tensors expected");
-  auto [z, t, m] = operands(logits, target, mask, label_mode);
-  return loss_stats_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS);
-}
-
 namespace {
 
-// loss_stats_nd_cpu writing the softmax to probs, a tensor like the logits whose (B, C, S) view flat(probs) is a view
-// (loss_stats_probs_cpu).
-torch::Tensor loss_stats_probs_nd(const torch::Tensor& logits, const torch::Tensor& target,
-                                  const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS,
-                                  const torch::Tensor& probs) {
+// loss_stats_nd_cpu; with probs defined (a tensor like the logits whose (B, C, S) view is a view: probs_buffer), the
+// softmax is written to it too (loss_stats_probs_cpu).
+torch::Tensor stats_nd(const torch::Tensor& logits, const torch::Tensor& target,
+                       const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS, const torch::Tensor& probs) {
+  TORCH_CHECK(logits.dim() >= 2 && target.dim() >= 2, "logits, target: (B, C, *spatial) tensors expected");
   auto [z, t, m] = operands(logits, target, mask, label_mode);
-  return loss_stats_probs_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS, flat(probs));
+  return probs.defined() ? loss_stats_probs_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS, flat(probs))
+                         : loss_stats_cpu(z, t, m, FASTMED_STATS_SPEC_ARGS);
 }
 
-// loss_stats_backward_nd_cpu from the softmax loss_stats_probs_nd stored in probs, overwritten with d logits and
-// returned (loss_stats_backward_probs_cpu).
-torch::Tensor loss_stats_backward_probs_nd(const torch::Tensor& gstats, const torch::Tensor& logits,
-                                           const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
-                                           FASTMED_STATS_SPEC_PARAMS, const torch::Tensor& probs) {
-  auto [z, t, m] = operands(logits, target, mask, label_mode);
+// loss_stats_backward_nd_cpu; with probs defined (the softmax stats_nd stored there), the backward starts from it,
+// overwrites it with d logits and returns it (loss_stats_backward_probs_cpu).  The logits are not read then: the
+// stored softmax's (B, C, S) view stands in for theirs (no copy of logits whose dims do not collapse).
+torch::Tensor stats_backward_nd(const torch::Tensor& gstats, const torch::Tensor& logits, const torch::Tensor& target,
+                                const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS,
+                                const torch::Tensor& probs) {
+  TORCH_CHECK(logits.dim() >= 2 && target.dim() >= 2, "logits, target: (B, C, *spatial) tensors expected");
   const at::Tensor gs = gstats.to(accumulation(logits)).contiguous();
-  loss_stats_backward_probs_cpu(gs, z, t, m, FASTMED_STATS_SPEC_ARGS, flat(probs));
-  return probs;
+  if (probs.defined()) {
+    auto [p, t, m] = operands(probs, target, mask, label_mode);
+    loss_stats_backward_probs_cpu(gs, p, t, m, FASTMED_STATS_SPEC_ARGS, p);
+    return probs;
+  }
+  auto [z, t, m] = operands(logits, target, mask, label_mode);
+  at::Tensor dlogits = at::empty_like(logits);  // the logits' dtype and layout
+  at::Tensor dz = flat(dlogits);
+  loss_stats_backward_cpu(gs, z, t, m, FASTMED_STATS_SPEC_ARGS, dz);
+  if (dz.data_ptr() != dlogits.data_ptr()) dlogits.copy_(dz.view(dlogits.sizes()));  // dims that do not collapse
+  return dlogits;
 }
 
 // A tensor like the logits for the forward to keep its softmax in (the backward's d logits later), when the spec's
@@ -509,17 +513,15 @@ at::Tensor probs_buffer(const at::Tensor& logits, FASTMED_STATS_SPEC_PARAMS) {
 
 }  // namespace
 
+torch::Tensor loss_stats_nd_cpu(const torch::Tensor& logits, const torch::Tensor& target,
+                                const c10::optional<torch::Tensor>& mask, FASTMED_STATS_SPEC_PARAMS) {
+  return stats_nd(logits, target, mask, FASTMED_STATS_SPEC_ARGS, at::Tensor());
+}
+
 torch::Tensor loss_stats_backward_nd_cpu(const torch::Tensor& gstats, const torch::Tensor& logits,
                                          const torch::Tensor& target, const c10::optional<torch::Tensor>& mask,
                                          FASTMED_STATS_SPEC_PARAMS) {
-  TORCH_CHECK(logits.dim() >= 2 && target.dim() >= 2, "logits, target: (B, C, *spatial) tensors expected");
-  auto [z, t, m] = operands(logits, target, mask, label_mode);
-  at::Tensor dlogits = at::empty_like(logits);  // the logits' dtype and layout
-  at::Tensor dz = flat(dlogits);
-  const at::Tensor gs = gstats.to(accumulation(logits)).contiguous();
-  loss_stats_backward_cpu(gs, z, t, m, FASTMED_STATS_SPEC_ARGS, dz);
-  if (dz.data_ptr() != dlogits.data_ptr()) dlogits.copy_(dz.view(dlogits.sizes()));  // dims that do not collapse
-  return dlogits;
+  return stats_backward_nd(gstats, logits, target, mask, FASTMED_STATS_SPEC_ARGS, at::Tensor());
 }
 
 // ---------------------------------------------------------------------------------------------- autograd nodes
@@ -575,8 +577,7 @@ struct LossStatsFunction : public torch::autograd::Function<LossStatsFunction> {
     // buffer that becomes d logits: the backward then reads it instead of computing it again (no second exp pass;
     // the same memory as d logits, held from the forward on).
     const at::Tensor probs = ctx->needs_input_grad(0) ? probs_buffer(logits, FASTMED_STATS_SPEC_ARGS) : at::Tensor();
-    at::Tensor stats = probs.defined() ? loss_stats_probs_nd(logits, target, mask, FASTMED_STATS_SPEC_ARGS, probs)
-                                       : loss_stats_nd_cpu(logits, target, mask, FASTMED_STATS_SPEC_ARGS);
+    at::Tensor stats = stats_nd(logits, target, mask, FASTMED_STATS_SPEC_ARGS, probs);
     ctx->save_for_backward({logits, target, mask.value_or(at::Tensor())});
     ctx->saved_data["spec"] = spec_list(FASTMED_STATS_SPEC_ARGS);
     if (probs.defined()) ctx->saved_data["probs"] = probs;
@@ -596,22 +597,18 @@ struct LossStatsFunction : public torch::autograd::Function<LossStatsFunction> {
       return result;
     }
     auto str = [&](size_t k) { return spec.get(k).toStringRef(); };
+    // The first backward takes the softmax the forward stored and writes d logits over it (a second one,
+    // retain_graph=True, computes it again).  Dropped from saved_data first, so the returned tensor has no other
+    // owner and autograd can keep it as the gradient without a copy.
+    at::Tensor buffer;
     const auto probs = ctx->saved_data.find("probs");
     if (probs != ctx->saved_data.end()) {
-      // The first backward takes the stored softmax and writes d logits over it (a second one, retain_graph=True,
-      // computes it again).  Dropped from saved_data first, so the returned tensor has no other owner and autograd
-      // can keep it as the gradient without a copy.
-      const at::Tensor buffer = probs->second.toTensor();
+      buffer = probs->second.toTensor();
       ctx->saved_data.erase(probs);
-      result[0] = loss_stats_backward_probs_nd(gstats, saved[0], saved[1], maybe(saved[2]), str(0), str(1), str(2),
-                                               str(3), spec.get(4).toInt(), spec.get(5).toDouble(), str(6),
-                                               spec.get(7).toBool(), spec.get(8).toBool(), spec.get(9).toInt(),
-                                               buffer);
-      return result;
     }
-    result[0] = loss_stats_backward_nd_cpu(gstats, saved[0], saved[1], maybe(saved[2]), str(0), str(1), str(2),
-                                           str(3), spec.get(4).toInt(), spec.get(5).toDouble(), str(6),
-                                           spec.get(7).toBool(), spec.get(8).toBool(), spec.get(9).toInt());
+    result[0] = stats_backward_nd(gstats, saved[0], saved[1], maybe(saved[2]), str(0), str(1), str(2), str(3),
+                                  spec.get(4).toInt(), spec.get(5).toDouble(), str(6), spec.get(7).toBool(),
+                                  spec.get(8).toBool(), spec.get(9).toInt(), buffer);
     return result;
   }
 };
