@@ -26,9 +26,9 @@ and both tables):
   sdpa                      the same with SDPA and the materialized bias
 The CPU target of issue 15: fastmed's CPU path is never slower than segment_anything's own code.
 
-    python bench/bench_sam.py                 # GPU: encoder inference b1, b8, training b2; then the op
-    python bench/bench_sam.py --device cpu    # CPU cases (float32)
-    python bench/bench_sam.py --quick         # tiny shapes (the device script's CPU rehearsal)
+    python bench/bench_sam_attention.py                 # GPU: encoder inference b1, b8, training b2; then the op
+    python bench/bench_sam_attention.py --device cpu    # CPU cases (float32)
+    python bench/bench_sam_attention.py --quick         # tiny shapes (the device script's CPU rehearsal)
 """
 from __future__ import annotations
 
@@ -319,7 +319,7 @@ def main(argv=None) -> None:
     parser.add_argument("--parts", default="encoder,op", help="encoder, op or both (default)")
     parser.add_argument("--op-kinds", default="window,global", help="op cases: window, global or both (default)")
     args = parser.parse_args(argv)
-    bench = setup(args, "sam")
+    bench = setup(args, "sam_attention")
     on_gpu = bench.device.type == "cuda"
     if not on_gpu and not args.quick and args.warmup is None:
         bench.warmup = 1  # a ViT-B forward takes seconds on a CPU: one untimed call warms it

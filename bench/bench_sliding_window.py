@@ -25,9 +25,9 @@ MONAI's, whole (``peak_vs_monai``) and beyond the network alone (``accumulation_
 peak) / (MONAI's peak - network-only peak)).  The first rows check that fastmed's values equal MONAI's (max abs
 difference) and its labels MONAI's argmax.
 
-    python bench/bench_inference.py            # GPU (or CPU) at full shapes
-    python bench/bench_inference.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
-    python bench/bench_inference.py --cases blend --memory-only   # accumulation memory at full shapes, no timing
+    python bench/bench_sliding_window.py            # GPU (or CPU) at full shapes
+    python bench/bench_sliding_window.py --quick    # small shapes for the CPU (CPU timings are CPU timings)
+    python bench/bench_sliding_window.py --cases blend --memory-only   # accumulation memory at full shapes, no timing
 """
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     from monai.inferers import sliding_window_inference as monai_swi
 
-    bench = Bench("inference", quick=args.quick, device=args.device, reps=args.reps or (3 if args.quick else 5),
+    bench = Bench("sliding_window", quick=args.quick, device=args.device, reps=args.reps or (3 if args.quick else 5),
                   warmup=args.warmup or (1 if args.quick else 2))
     dev = bench.device
     if not args.memory_only:

@@ -2,7 +2,7 @@
 # The prepared run for a lent GPU machine (15 minutes of device time in all: this script stays under 9, leaving room
 # for one rerun).  torch 2.11, triton 3.6 and python 3.12 are installed there, MONAI and edt are not, and nothing
 # outside can be reached: only the tracked and untracked-not-ignored files of the checkout travel, plus the paths
-# named in the run's `carry`.  The peers MONAI, edt and segment_anything (pure Python; bench_sam.py imports its
+# named in the run's `carry`.  The peers MONAI, edt and segment_anything (pure Python; bench_sam_attention.py imports its
 # modeling code without its torchvision-importing __init__) travel as wheels in .whl/ (ignored by git; carry it):
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
@@ -166,14 +166,14 @@ else
 fi
 
 step "4. benchmarks"
-DEFAULT_BENCHES="losses window_attention norm_act models inference sam conv_block distance_transform"
+DEFAULT_BENCHES="losses window_attention norm_act models sliding_window sam_attention conv_block distance_transform"
 for name in ${BENCHES:-$DEFAULT_BENCHES}; do
   case $name in
-    losses) cap=60 ;; window_attention) cap=70 ;; norm_act) cap=45 ;; models) cap=60 ;; sam) cap=60 ;;
-    conv_block) cap=55 ;; inference) cap=45 ;; *) cap=30 ;;
+    losses) cap=60 ;; window_attention) cap=70 ;; norm_act) cap=45 ;; models) cap=60 ;; sam_attention) cap=60 ;;
+    conv_block) cap=55 ;; sliding_window) cap=45 ;; *) cap=30 ;;
   esac
   EXTRA=()
-  if [ "$name" = inference ]; then  # whole volumes: few rounds; the UNet case (blending vs the network) second
+  if [ "$name" = sliding_window ]; then  # whole volumes: few rounds; the UNet case (blending vs the network) second
     EXTRA=(--reps 3 --warmup 1 --cases accumulation-c3,unet,accumulation-c14,swinunetr)
     [ "$MODE" = rehearse ] && EXTRA=(--reps 3 --warmup 1 --cases accumulation-c3)  # fastmed's UNet: interpreted
   fi

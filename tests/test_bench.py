@@ -239,7 +239,7 @@ def test_device_script_names_existing_files():
     assert "for name in ${BENCHES:-$DEFAULT_BENCHES}" in text
     tests = re.search(r"for t in ([a-z_ ]+); do", text).group(1).split()
     assert benches[:2] == ["losses", "window_attention"] and len(benches) == 8
-    assert {"sam", "inference"} <= set(benches)
+    assert {"sam_attention", "sliding_window"} <= set(benches)
     missing = [f"bench/bench_{b}.py" for b in benches if not os.path.exists(os.path.join(BENCH, f"bench_{b}.py"))]
     missing += [f"tests/test_{t}.py" for t in tests if not os.path.exists(os.path.join(ROOT, "tests", f"test_{t}.py"))]
     assert not missing and tests[0] == "no_sync", missing
@@ -276,9 +276,9 @@ def test_loss_benchmark_runs_without_monai(tmp_path, monkeypatch):
     assert tiny == {("DiceLoss", "fastmed"), ("nnU-Net", "fastmed"), ("nnU-Net", "nnunet")}
 
 
-@pytest.mark.parametrize("name", ["bench_inference", "bench_models", "bench_losses", "bench_norm_act",
+@pytest.mark.parametrize("name", ["bench_sliding_window", "bench_models", "bench_losses", "bench_norm_act",
                                   "bench_conv_block", "bench_window_attention", "bench_distance_transform",
-                                  "bench_sam"])
+                                  "bench_sam_attention"])
 def test_every_benchmark_parses_its_arguments(name):
     """Every benchmark builds its parser (the harness's common options plus its own, no clash) and prints --help."""
     bench = _module(name)
@@ -288,7 +288,7 @@ def test_every_benchmark_parses_its_arguments(name):
 
 
 def test_inference_benchmark_runs_on_the_cpu(tmp_path):
-    bench = _module("bench_inference")
+    bench = _module("bench_sliding_window")
     out = tmp_path / "inference.json"
     bench.main(["--quick", "--device", "cpu", "--cases", "accumulation", "--reps", "1", "--warmup", "0",
                 "--out", str(out)])
@@ -297,8 +297,8 @@ def test_inference_benchmark_runs_on_the_cpu(tmp_path):
 
 
 def test_sam_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
-    """bench_sam --quick: the tiny encoder (inference and training) and the op, fastmed against segment_anything's
-    own code and SDPA, each checked equal before timing; rows carry images/s, FLOP/s and bytes."""
+    """bench_sam_attention --quick: the tiny encoder (inference and training) and the op, fastmed against
+    segment_anything's own code and SDPA, each checked equal before timing; rows carry images/s, FLOP/s and bytes."""
     from fastmed.models.sam import segment_anything_modeling
 
     try:
@@ -306,7 +306,7 @@ def test_sam_benchmark_runs_on_the_cpu(tmp_path, monkeypatch):
     except ImportError as exc:
         pytest.skip(str(exc))
     monkeypatch.setenv("FASTMED_BENCH_CASE_S", "0.01")
-    bench = _module("bench_sam")
+    bench = _module("bench_sam_attention")
     out = tmp_path / "sam.json"
     bench.main(["--quick", "--device", "cpu", "--no-compile", "--warmup", "1", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]

@@ -1,7 +1,7 @@
 """The blending ops of sliding-window inference (``fastmed.ops.sliding_window_accumulate`` / ``_finalize``):
 Triton (under ``TRITON_INTERPRET=1`` here) against the reference, the reference against a dense oracle (a full
 count map, as MONAI keeps), the normalizer cached per geometry, and the memory the blending keeps (measured by
-counting tensor storages, ``bench/bench_inference.py``'s ``TrackedPeak``) against MONAI's.
+counting tensor storages, ``bench/bench_sliding_window.py``'s ``TrackedPeak``) against MONAI's.
 """
 import importlib.util
 import math
@@ -29,8 +29,8 @@ def _device(backend):
 
 
 def _bench_module():
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_inference.py")
-    spec = importlib.util.spec_from_file_location("bench_inference", path)
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "bench_sliding_window.py")
+    spec = importlib.util.spec_from_file_location("bench_sliding_window", path)
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod

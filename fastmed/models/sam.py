@@ -28,7 +28,7 @@ def segment_anything_modeling():
     """The official ``segment_anything.modeling`` module (``ImageEncoderViT``, ``PromptEncoder``, ``MaskDecoder``,
     ``Sam``, ``image_encoder.Attention``, ...), imported without running ``segment_anything/__init__.py``, which
     imports torchvision for its automatic mask generator: a bare parent package is registered first.  For
-    comparisons (tests, ``bench/bench_sam.py``); ``ImportError`` when segment_anything is not installed."""
+    comparisons (tests, ``bench/bench_sam_attention.py``); ``ImportError`` when segment_anything is not installed."""
     import importlib
     import importlib.machinery
     import sys
