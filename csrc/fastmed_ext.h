@@ -23,6 +23,24 @@ torch::Tensor distance_transform_cpu(const torch::Tensor& mask, int64_t spatial_
 std::tuple<torch::Tensor, torch::Tensor> feature_transform_cpu(const torch::Tensor& mask, int64_t spatial_dims,
                                                                std::vector<double> spacing, bool squared,
                                                                bool float64);
+// csrc/window_attention_cpu.cpp: (shifted-)window attention of windows of at most 64 tokens straight on the token
+// grid qkv (B, D, H, W, 3C) (contiguous float32/float64), bias (heads, n, n) (the relative position bias of every
+// pair, or none), qkv_pad (3C) (the qkv of a padding token, or none = zeros), slots (windows,) (int64: where each
+// window, in raster order, keeps its saved rows): returns {out (B, D, H, W, C), saved}, saved the probabilities
+// (windows, heads, n, n) or the log-sum-exp (windows, n, heads).  The backward returns
+// {dqkv, dbias (heads, n, n) when bias_grad, dqkv_pad (3C) when qkv_pad is given}.  Bit-identical for any number of
+// threads.
+std::vector<at::Tensor> window_attention_forward_cpu(const at::Tensor& qkv, const c10::optional<at::Tensor>& bias,
+                                                     const c10::optional<at::Tensor>& qkv_pad, const at::Tensor& slots,
+                                                     int64_t heads, std::vector<int64_t> window,
+                                                     std::vector<int64_t> shift, double scale,
+                                                     bool save_probabilities);
+std::vector<at::Tensor> window_attention_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv,
+                                                      const at::Tensor& saved, const c10::optional<at::Tensor>& bias,
+                                                      const c10::optional<at::Tensor>& qkv_pad,
+                                                      const at::Tensor& slots, int64_t heads,
+                                                      std::vector<int64_t> window, std::vector<int64_t> shift,
+                                                      double scale, bool saved_probabilities, bool bias_grad);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

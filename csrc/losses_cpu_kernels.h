@@ -12,28 +12,9 @@
 // Lanes past the end of the voxels (the tail block) hold zeros and are dropped by `valid` before any sum.
 
 #define FASTMED_LANES _Pragma("omp simd") for (int64_t l = 0; l < kLanes; ++l)
-#define FASTMED_INLINE inline __attribute__((always_inline))
 
 // ---------------------------------------------------------------------------------------------- float32 math
-FASTMED_INLINE float exp_f32(float x) {  // Cephes expf: range reduction by ln 2, degree-6 polynomial; ~1 ulp
-  const float xc = x < -104.0f ? -104.0f : (x > 89.0f ? 89.0f : x);  // NaN passes through (selected below)
-  const float t = xc * 1.44269504088896341f + 12582912.0f;            // round(x / ln 2) in the low bits of t
-  const float n = t - 12582912.0f;
-  const float r = (xc - n * 0.693359375f) + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  const int32_t ni = __builtin_bit_cast(int32_t, t) - 0x4B400000;  // n as an integer, in [-150, 129]
-  const int32_t n1 = ni >> 1, n2 = ni - n1;                          // 2^n = 2^n1 * 2^n2, both normal floats
-  const float s1 = __builtin_bit_cast(float, (n1 + 127) << 23);
-  const float s2 = __builtin_bit_cast(float, (n2 + 127) << 23);
-  const float y = p * s1 * s2;
-  return x != x ? x : y;
-}
+#include "cpu_math_f32.h"  // exp_f32
 
 FASTMED_INLINE float log_f32(float x) {  // x >= FLT_MIN or inf / NaN / 0 / negative: 2 atanh(f / (2 + f)); ~1 ulp
   const int32_t bits = __builtin_bit_cast(int32_t, x);

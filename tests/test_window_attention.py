@@ -142,7 +142,9 @@ def test_nan_stays_nan_and_inputs_untouched():
 
 
 @pytest.mark.parametrize("backend, saves", [("reference", "logsumexp"), ("aten", "logsumexp"),
-                                             ("aten", "probabilities")])
+                                             ("aten", "probabilities"),
+                                             pytest.param("cpp", "logsumexp", marks=pytest.mark.ext),
+                                             pytest.param("cpp", "probabilities", marks=pytest.mark.ext)])
 def test_opcheck(backend, saves):
     qkv, table, qkv_pad, dout = _inputs(2, (3, 6), 2, 4, 2, True, True, torch.float32)  # 3 rows: padded to 4
     args = (qkv.unsqueeze(1), table, qkv_pad, 2, [1, 2, 2], [0, 1, 1], 0.5, [1, 2, 2], [1, 2, 2], saves, backend)
@@ -155,7 +157,7 @@ def test_opcheck(backend, saves):
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-@pytest.mark.parametrize("backend", ["reference", "aten"])
+@pytest.mark.parametrize("backend", ["reference", "aten", pytest.param("cpp", marks=pytest.mark.ext)])
 def test_torch_compile_fullgraph(backend):
     """Traced through (fake tensors meet no cached layout): values and gradients equal the eager call's."""
     qkv, table, qkv_pad, dout = _inputs(1, (5, 6), 2, 4, 3, True, True, torch.float32)
@@ -440,12 +442,13 @@ ATEN_CASES = [
 ]
 
 
-def _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype):
-    """Output and the gradients of qkv, the bias table and the padding token: ``aten`` backend vs the reference."""
+def _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype, backend="aten"):
+    """Output and the gradients of qkv, the bias table and the padding token: ``backend`` (``aten`` or ``cpp``)
+    vs the reference."""
     def f(q, t, p):
         return window_attention(q, heads, window, shift, t, qkv_pad=p)
 
-    with fastmed.use_backend("aten"):
+    with fastmed.use_backend(backend):
         got = _grads(f, qkv, table, qkv_pad, dout)
     with fastmed.use_backend("reference"):
         want = _grads(f, qkv, table, qkv_pad, dout)
@@ -570,10 +573,13 @@ def test_aten_batch_sizes_and_inplace_output():
             torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=f"B={B} {name}")
 
 
-def test_aten_masked_probabilities_stay_exact_in_float32():
-    """The backward clamps log-probabilities at float32's smallest normal exponent (subnormal exp is slow on
+@pytest.mark.parametrize("backend", ["aten", pytest.param("cpp", marks=pytest.mark.ext)])
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+def test_masked_probabilities_stay_exact_in_float32(monkeypatch, backend, saves):
+    """The CPU backends clamp log-probabilities at float32's smallest normal exponent (subnormal exp is slow on
     the CPU); pairs the shift mask separates (-100) must still get no visible gradient: the float32 gradients of
     a shifted case equal the float64 reference to float32 precision, bias table included."""
+    _force_saves(monkeypatch, saves)
     heads, window, shift = 2, 7, 3
     qkv, table, _, dout = _inputs(2, (14, 14), heads, 16, window, True, False, torch.float64, seed=3)
 
@@ -582,17 +588,129 @@ def test_aten_masked_probabilities_stay_exact_in_float32():
 
     with fastmed.use_backend("reference"):
         want = _grads(f, qkv, table, None, dout)
-    with fastmed.use_backend("aten"):
+    with fastmed.use_backend(backend):
         got = _grads(f, qkv.float(), table.float(), None, dout.float())
     for name, a, b in zip(["out", "dqkv", "dtable"], got, want):
         torch.testing.assert_close(a.double(), b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
 
 
-def test_auto_picks_aten_on_cpu():
+@pytest.mark.ext
+def test_auto_picks_cpp_on_cpu():
     from fastmed import _backend
 
-    assert _backend.choose("window_attention", torch.device("cpu")) == "aten"
+    assert _backend.choose("window_attention", torch.device("cpu")) == "cpp"
+    assert _backend.why_not("window_attention", "aten", torch.device("cpu")) is None
     assert _backend.why_not("window_attention", "aten", torch.device("meta")) is not None
+    assert _backend.why_not("window_attention", "cpp", torch.device("meta")) is not None
+
+
+# ----------------------------------------------------------------------------------------------- cpp (CPU)
+
+CPP_CASES = ATEN_CASES + [
+    # B, grid, heads, head_dim, window, shift, bias, pad, dtype
+    pytest.param(2, (56, 56), 3, 32, 7, 3, True, True, torch.float32, id="swin-unet-stage1"),
+    pytest.param(1, (10, 13), 2, 12, 7, 3, True, True, torch.float32, id="2d-padded-both-axes-hd12"),
+    pytest.param(1, (4, 5, 9), 1, 8, (4, 4, 4), (2, 2, 2), True, True, torch.float32, id="3d-64-tokens"),
+    pytest.param(1, (6, 6, 5), 2, 4, (5, 5, 3), (2, 2, 1), True, True, torch.float64, id="3d-75-tokens-aten"),
+    pytest.param(1, (7, 14), 2, 8, 7, 3, True, False, torch.float16, id="2d-fp16"),
+]
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+@pytest.mark.parametrize("B,grid,heads,head_dim,window,shift,bias,pad,dtype", CPP_CASES)
+def test_cpp_matches_reference(monkeypatch, B, grid, heads, head_dim, window, shift, bias, pad, dtype, saves):
+    """The ``cpp`` backend (csrc/window_attention_cpu.cpp: shift, partition and padding by index, the
+    probabilities kept, or the log-sum-exp kept and the probabilities recomputed in the backward; windows of
+    more than 64 tokens through the ``aten`` code) against the reference, output and every gradient."""
+    _force_saves(monkeypatch, saves)
+    qkv, table, qkv_pad, dout = _inputs(B, grid, heads, head_dim, window, bias, pad, dtype)
+
+    _assert_aten_matches_reference(qkv, table, qkv_pad, dout, heads, window, shift, dtype, backend="cpp")
+
+
+@pytest.mark.ext
+@given(nd=st.sampled_from([2, 3]), data=st.data(), bias=st.booleans(), head_dim=st.sampled_from([4, 16, 32]),
+       dtype=st.sampled_from([torch.float64, torch.float32]), pad=st.booleans())
+def test_cpp_backend_matches_eager(nd, data, bias, head_dim, dtype, pad):
+    """The hypothesis equivalence test of the reference backend, on the ``cpp`` backend (against the float64
+    eager oracle)."""
+    window = tuple(data.draw(st.lists(st.integers(1, 4), min_size=nd, max_size=nd), label="window"))
+    grid = tuple(data.draw(st.lists(st.integers(1, 9), min_size=nd, max_size=nd), label="grid"))
+    shift = tuple(data.draw(st.integers(0, w - 1), label="shift") for w in window)
+    _check(2, grid, 2, head_dim, window, shift, bias, pad, dtype, "cpp")
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
+def test_cpp_is_bit_identical_at_1_and_2_threads(monkeypatch, saves):
+    """Output and every gradient (the bias table and the padding token are sums over windows) bit-identical for
+    1 and 2 threads: blocks of windows fixed by the geometry, added in block order."""
+    _force_saves(monkeypatch, saves)
+    qkv, table, qkv_pad, dout = _inputs(2, (13, 20), 2, 8, 7, True, True, torch.float32, seed=11)
+
+    def f(q, t, p):
+        return window_attention(q, 2, 7, 3, t, qkv_pad=p)
+
+    runs = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            with fastmed.use_backend("cpp"):
+                runs.append(_grads(f, qkv, table, qkv_pad, dout))
+    finally:
+        torch.set_num_threads(threads)
+    for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], *runs):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.ext
+def test_cpp_strided_inputs_stay_untouched_and_output_may_be_modified():
+    """Non-contiguous qkv and d out give the reference's output and gradients; qkv is not modified (q is scaled
+    in the kernel's scratch); the output modified in place before the backward changes no gradient."""
+    heads, window = 2, (2, 3)
+    qkv, table, qkv_pad, dout = _inputs(2, (5, 6), heads, 4, window, True, True, torch.float32, seed=5)
+    qkv = qkv.detach().transpose(1, 2).contiguous().transpose(1, 2).requires_grad_()
+    dout = dout.transpose(1, 2).contiguous().transpose(1, 2)
+    assert not qkv.is_contiguous() and not dout.is_contiguous()
+    before = qkv.detach().clone()
+
+    def f(q, t, p):
+        out = window_attention(q, heads, window, 1, t, qkv_pad=p)
+        return out.mul_(2.0).add_(1.0)
+
+    with fastmed.use_backend("cpp"):
+        got = _grads(f, qkv, table, qkv_pad, dout)
+    assert torch.equal(qkv.detach(), before)
+    with fastmed.use_backend("reference"):
+        want = _grads(f, qkv, table, qkv_pad, dout)
+    for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], got, want):
+        torch.testing.assert_close(a, b, atol=1e-5 * max(1.0, b.abs().max().item()), rtol=1e-4, msg=name)
+
+
+@pytest.mark.ext
+def test_cpp_kernel_rejects_bad_operands():
+    """The C++ entry points check what the Python side guarantees (a clear ValueError, not a crash)."""
+    from fastmed import _ext
+
+    C = _ext.load()
+    qkv, one = torch.randn(1, 1, 7, 7, 24), torch.zeros(1, dtype=torch.long)
+    with pytest.raises(ValueError, match="at most 64 tokens"):
+        C.window_attention_forward_cpu(torch.randn(1, 9, 9, 9, 24), None, None, one, 2, [9, 9, 9], [0, 0, 0], 0.5,
+                                       True)
+    with pytest.raises(ValueError, match="float32/float64"):
+        C.window_attention_forward_cpu(qkv.half(), None, None, one, 2, [1, 7, 7], [0, 3, 3], 0.5, True)
+    with pytest.raises(ValueError, match="bias"):
+        C.window_attention_forward_cpu(qkv, torch.zeros(2, 49, 48), None, one, 2, [1, 7, 7], [0, 3, 3], 0.5, True)
+    with pytest.raises(ValueError, match="shift < window"):
+        C.window_attention_forward_cpu(qkv, None, None, one, 2, [1, 7, 7], [0, 7, 3], 0.5, True)
+    with pytest.raises(ValueError, match="slots"):
+        C.window_attention_forward_cpu(qkv, None, None, one + 1, 2, [1, 7, 7], [0, 3, 3], 0.5, True)
+    out, saved = C.window_attention_forward_cpu(qkv, None, None, one, 2, [1, 7, 7], [0, 3, 3], 0.5, True)
+    with pytest.raises(ValueError, match="saved"):
+        C.window_attention_backward_cpu(out, qkv, saved[:, :1].contiguous(), None, None, one, 2, [1, 7, 7],
+                                        [0, 3, 3], 0.5, True, False)
 
 
 def test_swin_unet_stage1_backward_is_fused():

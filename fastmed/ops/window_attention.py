@@ -2,7 +2,9 @@
 
 ``window_attention`` is registered as the torch.library ops ``fastmed::window_attention_fwd`` /
 ``fastmed::window_attention_bwd`` (``triton_op``, so ``torch.compile(fullgraph=True)`` traces through them) with
-``register_autograd``.  ``attention`` routes to ``torch.nn.functional.scaled_dot_product_attention``, which picks
+``register_autograd``.  Backends: ``triton`` (CUDA), ``cpp`` (CPU, csrc/window_attention_cpu.cpp for windows of at
+most 64 tokens), ``aten`` (CPU, torch's own kernels) and ``reference`` (the oracle).  ``attention`` routes to
+``torch.nn.functional.scaled_dot_product_attention``, which picks
 the flash / cuDNN / memory-efficient / math kernel itself.
 """
 from __future__ import annotations
@@ -18,8 +20,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.library import triton_op
 
-from fastmed import _backend
-from fastmed._tensors import accumulation_dtype
+from fastmed import _backend, _ext
+from fastmed._tensors import accumulation_dtype, traced
 from fastmed._validate import check_choice, check_int, check_number, check_per_axis, check_same_device, check_tensor
 from fastmed.ops import _direct
 from fastmed.reference import window_attention as ref
@@ -28,7 +30,7 @@ __all__ = ["window_attention", "attention", "BIAS_INDEX"]
 
 BIAS_INDEX = ("coords", "monai")
 
-_backend.register_op("window_attention", ("triton", "aten", "reference"),
+_backend.register_op("window_attention", ("triton", "cpp", "aten", "reference"),
                      doc="(shifted-)window attention with relative position bias, forward and backward")
 _backend.register_op("attention", ("reference",),
                      doc="global attention through torch scaled_dot_product_attention (torch picks the kernel)")
@@ -366,12 +368,93 @@ def _aten_backward_body(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: 
     return ref.crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
+# The ``cpp`` backend runs csrc/window_attention_cpu.cpp for windows of at most this many tokens (Swin-Unet's 7x7
+# = 49, the 2D Swin Transformer's, small 3D windows) and the ``aten`` backend's code for larger ones (SwinUNETR's
+# 7x7x7 = 343 tokens: torch's flash-attention CPU kernel, blocked for long rows, is the faster there).
+_CPP_MAX_TOKENS = 64
+
+
+@functools.lru_cache(maxsize=16)
+def _table_rows(window: tuple, table_window: tuple, bias_coords: tuple) -> Tensor:
+    """``(N * N,)`` the bias-table row of every (query, key) pair of a window (CPU)."""
+    return ref.bias_index(window, table_window, bias_coords).reshape(-1)
+
+
+def _cpp_native(spec: ref.WindowSpec, *tensors) -> bool:
+    """Whether the ``cpp`` backend runs its C++ kernel (else the ``aten`` code): windows of at most
+    :data:`_CPP_MAX_TOKENS` tokens and real CPU tensors (under tracing, the traceable ``aten`` code)."""
+    return spec.tokens <= _CPP_MAX_TOKENS and not any(t is not None and traced(t) for t in tensors)
+
+
+@functools.lru_cache(maxsize=16)
+def _saved_slots(spec: ref.WindowSpec, padded: tuple, batch: int) -> Tensor:
+    """``(B * nW,)``: the row of the saved probabilities / log-sum-exp of each window (raster order: batch, then
+    cells), in the ``aten`` backend's order (:func:`_mask_parts`: by shift-mask pattern, then batch, then cells), so
+    that both backends, and traced calls of the ``cpp`` one, keep the same tensor."""
+    cells = [p // w for p, w in zip(padded, spec.window)]
+    bits = torch.tensor([sum(1 << a for a in range(3) if spec.shift[a] and cell[a] == cells[a] - 1)
+                         for cell in itertools.product(*(range(c) for c in cells))], dtype=torch.long)
+    raster = torch.arange(batch * bits.numel())
+    order = torch.argsort(bits.repeat(batch) * raster.numel() + raster)
+    return torch.empty_like(raster).index_copy_(0, order, raster)
+
+
+def _cpp_operands(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple:
+    """qkv, the ``(heads, N, N)`` bias of every pair and the padding token, contiguous in the compute dtype, and
+    the windows' :func:`_saved_slots`."""
+    acc = accumulation_dtype(qkv.dtype)
+    padded = tuple(-(-s // w) * w for s, w in zip(qkv.shape[1:4], spec.window))
+    slots = _saved_slots(spec, padded, qkv.shape[0])
+    bias = None
+    if table is not None:
+        n = spec.tokens
+        bias = table.to(acc)[_table_rows(spec.window, spec.table_window, spec.bias_coords)]
+        bias = bias.view(n, n, spec.num_heads).permute(2, 0, 1).contiguous()
+    pad = None if qkv_pad is None else qkv_pad.to(acc).contiguous()
+    return qkv.to(acc).contiguous(), bias, pad, slots
+
+
+def _cpp_forward(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec, saves: str) -> tuple[Tensor, Tensor]:
+    """``cpp`` backend (CPU): csrc/window_attention_cpu.cpp, one pass per (window, head) straight from the token
+    grid (shift, partition and padding by index; no copies of the grid), keeping the probabilities
+    ``(B * nW, heads, N, N)`` (``saves == "probabilities"``) or the log-sum-exp ``(B * nW, N, heads)``; windows
+    of more than :data:`_CPP_MAX_TOKENS` tokens and traced calls run :func:`_aten_forward`."""
+    if not _cpp_native(spec, qkv, table, qkv_pad):  # contiguous like the kernel's (traced: the same strides)
+        out, saved = _aten_forward(qkv, table, qkv_pad, spec, saves)
+        return out.contiguous(), saved
+    x, bias, pad, slots = _cpp_operands(qkv, table, qkv_pad, spec)
+    out, saved = _ext.load().window_attention_forward_cpu(x, bias, pad, slots, spec.num_heads, list(spec.window),
+                                                          list(spec.shift), spec.scale, saves == "probabilities")
+    return out.to(qkv.dtype), saved
+
+
+def _cpp_backward(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: ref.WindowSpec, saves: str):
+    """``cpp`` backend (CPU) backward: dq, dk, dv in one pass per (window, head) from the kept probabilities (or
+    recomputed from the log-sum-exp), written straight to the grid; the bias-table and padding-token gradients
+    summed per fixed block of windows, blocks added in order (deterministic for any number of threads)."""
+    if not _cpp_native(spec, dout, qkv, saved, table, qkv_pad):
+        dqkv, dtable, dpad = _aten_backward(dout, qkv, saved, table, qkv_pad, spec, saves)
+        return dqkv.contiguous(), dtable, dpad
+    x, bias, pad, slots = _cpp_operands(qkv, table, qkv_pad, spec)
+    dqkv, dbias, dpad = _ext.load().window_attention_backward_cpu(
+        dout.to(x.dtype).contiguous(), x, saved, bias, pad, slots, spec.num_heads, list(spec.window), list(spec.shift),
+        spec.scale, saves == "probabilities", table is not None)
+    dtable = None
+    if table is not None:  # dS summed over the windows, scattered to the table rows (in a fixed order)
+        rows = _table_rows(spec.window, spec.table_window, spec.bias_coords)
+        dtable = torch.zeros(table.shape, dtype=x.dtype).index_add_(0, rows, dbias.view(spec.num_heads, -1).t())
+        dtable = dtable.to(table.dtype)
+    return dqkv.to(qkv.dtype), dtable, None if qkv_pad is None else dpad.to(qkv_pad.dtype)
+
+
 _ATTENTION = _backend.Implementations("attention", "fastmed.ops.attention",
                                       reference=F.scaled_dot_product_attention)
 _FORWARD = _backend.Implementations("window_attention", "fastmed::window_attention_fwd",
-                                    triton=_triton_forward, aten=_aten_forward, reference=_reference_forward)
+                                    triton=_triton_forward, cpp=_cpp_forward, aten=_aten_forward,
+                                    reference=_reference_forward)
 _BACKWARD = _backend.Implementations("window_attention", "fastmed::window_attention_bwd",
-                                     triton=_triton_backward, aten=_aten_backward, reference=_reference_backward)
+                                     triton=_triton_backward, cpp=_cpp_backward, aten=_aten_backward,
+                                     reference=_reference_backward)
 
 # The torch.library ops take the tensors, then the WindowSpec's fields flat (its field order), then ``saves`` (one
 # of SAVES) and the backend.
@@ -449,11 +532,13 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     Per window of ``N = prod(window)`` tokens and per head: ``softmax(q k^T * scale + B_rel + M_shift) v``, with
     the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
     timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels on CUDA (Triton).  On CPU,
-    ``auto`` uses the ``aten`` backend: torch's fused flash-attention CPU kernel over the windows with bias and
-    mask as its additive mask or, for windows of at most 64 tokens when a gradient is needed, batched matmuls
-    keeping the probabilities for the backward (the faster of the two there, measured); roll and partition as one
-    gather, or strided views without shift and padding (the ``reference`` backend is the oracle).  The output
-    projection is not included.
+    ``auto`` uses the ``cpp`` backend when ``fastmed._C`` is built: for windows of at most 64 tokens one C++ pass
+    per window straight on the token grid (shift, partition and padding by index), keeping the probabilities for
+    the backward when a gradient is needed; for larger windows (and under tracing) the ``aten`` backend's code:
+    torch's fused flash-attention CPU kernel over the windows with bias and mask as its additive mask or, for
+    windows of at most 64 tokens when a gradient is needed, batched matmuls keeping the probabilities; roll and
+    partition as one gather, or strided views without shift and padding (the ``reference`` backend is the
+    oracle).  The output projection is not included.
 
     Args:
         qkv: ``(B, H, W, 3C)`` or ``(B, D, H, W, 3C)``: the qkv Linear applied to the token grid, channels in
