@@ -80,9 +80,6 @@ inline void rows_times(const T* a, int64_t as, int64_t ar, int64_t rows, int64_t
   }
 }
 
-FASTMED_INLINE float exp_of(float x) { return exp_f32(x); }
-inline double exp_of(double x) { return std::exp(x); }
-
 // exp(z) for the softmax of z = s - max <= 0: float32 clamps z at log(FLT_MIN) + 0.5, so that the -100 of the shift
 // mask gives ~2e-38 instead of a subnormal (which costs the CPU ~20x per operation); no float32 result changes.
 // NaN stays NaN.

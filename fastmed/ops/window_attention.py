@@ -79,19 +79,47 @@ class _Geometry(NamedTuple):
     index: Tensor
 
 
+def _patterns(spec: ref.WindowSpec, padded: tuple) -> list[int]:
+    """The shift-mask pattern of each window of a ``padded`` grid, windows in raster order: bit ``a`` set when it is
+    the last window along a shifted axis ``a``."""
+    cells = [p // w for p, w in zip(padded, spec.window)]
+    return [sum(1 << a for a in range(3) if spec.shift[a] and cell[a] == cells[a] - 1)
+            for cell in itertools.product(*(range(c) for c in cells))]
+
+
+def _table_rows(window: tuple, table_window: tuple, bias_coords: tuple) -> Tensor:
+    """``(N * N,)`` the bias-table row of every (query, key) pair of a window (CPU)."""
+    return ref.bias_index(window, table_window, bias_coords).reshape(-1)
+
+
+# for the ``cpp`` kernel's calls, which take plain tensors only (traced calls build it fresh in :func:`_mask_parts`)
+_cached_table_rows = functools.lru_cache(maxsize=16)(_table_rows)
+
+
+def _pair_bias(table: Tensor, rows: Tensor, spec: ref.WindowSpec, dtype: torch.dtype) -> Tensor:
+    """``(heads, N, N)`` the relative position bias of every (query, key) pair (a permuted view of the gather)."""
+    n = spec.tokens
+    return table.to(dtype)[rows].view(n, n, -1).permute(2, 0, 1)
+
+
+def _table_grad(table: Tensor, rows: Tensor, dbias: Tensor) -> Tensor:
+    """The bias table's gradient from ``dbias`` ``(heads, N, N)`` (dS summed over the windows): scattered to the
+    table rows, in a fixed order."""
+    heads = table.shape[1]
+    grad = torch.zeros(table.shape, dtype=dbias.dtype, device=dbias.device)
+    return grad.index_add_(0, rows, dbias.reshape(heads, -1).transpose(0, 1)).to(table.dtype)
+
+
 def _mask_parts(spec: ref.WindowSpec, padded: tuple, batch: int, dtype: torch.dtype, device) -> _Geometry:
     """The :class:`_Geometry` of a ``(batch, *padded)`` grid (built on the CPU, moved to ``device``)."""
     n = spec.tokens
-    per_axis = [p // w for p, w in zip(padded, spec.window)]
     tp = padded[0] * padded[1] * padded[2]
     tokens = torch.arange(tp).view(1, *padded, 1)
     if spec.shifted:
         tokens = torch.roll(tokens, shifts=tuple(-t for t in spec.shift), dims=(1, 2, 3))
     rows = ref.window_partition(tokens, spec.window).reshape(-1, n)  # (nW, N) grid rows of each window
-    # shift-mask pattern of each window (raster order): bit a set when it is the last window of a shifted axis a
     members: dict[int, list[int]] = {}
-    for wid, cell in enumerate(itertools.product(*(range(c) for c in per_axis))):
-        bits = sum(1 << a for a in range(3) if spec.shift[a] and cell[a] == per_axis[a] - 1)
+    for wid, bits in enumerate(_patterns(spec, padded)):
         members.setdefault(bits, []).append(wid)
     mask = ref.shift_mask(padded, spec.window, spec.shift, None, dtype)  # (nW, N, N) or None
     offsets = (torch.arange(batch) * tp).view(batch, 1, 1)
@@ -104,7 +132,7 @@ def _mask_parts(spec: ref.WindowSpec, padded: tuple, batch: int, dtype: torch.dt
         groups.append((start, stop, part))
         start = stop
     order = torch.cat(order)
-    index = ref.bias_index(spec.window, spec.table_window, spec.bias_coords).reshape(-1)
+    index = _table_rows(spec.window, spec.table_window, spec.bias_coords)
     return _Geometry(order.to(device), torch.argsort(order).to(device), tuple(groups), index.to(device))
 
 
@@ -121,10 +149,7 @@ def _geometry(spec: ref.WindowSpec, padded: tuple, batch: int, dtype, device, te
 def _group_masks(table, geo: _Geometry, spec: ref.WindowSpec, dtype) -> list:
     """Per group of :class:`_Geometry`, the additive ``(1, heads, N, N)`` mask (bias plus the group's shift
     mask; None when there is neither)."""
-    bias = None
-    if table is not None:
-        n = spec.tokens
-        bias = table.to(dtype)[geo.index].view(1, n, n, -1).permute(0, 3, 1, 2)
+    bias = None if table is None else _pair_bias(table, geo.index, spec, dtype).unsqueeze(0)
     out = []
     for _, _, mask in geo.groups:
         if bias is None:
@@ -363,8 +388,7 @@ def _aten_backward_body(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: 
         dpad = dx[:, ~real].sum(dim=(0, 1)).to(qkv_pad.dtype)
     dtable = None
     if table is not None:  # the bias is shared by every window: dS summed over them, scattered to table rows
-        dtable = torch.zeros(table.shape, dtype=acc, device=qkv.device)
-        dtable = dtable.index_add_(0, geo.index, dbias.reshape(heads, -1).transpose(0, 1)).to(table.dtype)
+        dtable = _table_grad(table, geo.index, dbias)
     return ref.crop(dx, grid).to(qkv.dtype), dtable, dpad
 
 
@@ -372,12 +396,6 @@ def _aten_backward_body(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: 
 # = 49, the 2D Swin Transformer's, small 3D windows) and the ``aten`` backend's code for larger ones (SwinUNETR's
 # 7x7x7 = 343 tokens: torch's flash-attention CPU kernel, blocked for long rows, is the faster there).
 _CPP_MAX_TOKENS = 64
-
-
-@functools.lru_cache(maxsize=16)
-def _table_rows(window: tuple, table_window: tuple, bias_coords: tuple) -> Tensor:
-    """``(N * N,)`` the bias-table row of every (query, key) pair of a window (CPU)."""
-    return ref.bias_index(window, table_window, bias_coords).reshape(-1)
 
 
 def _cpp_native(spec: ref.WindowSpec, *tensors) -> bool:
@@ -391,9 +409,7 @@ def _saved_slots(spec: ref.WindowSpec, padded: tuple, batch: int) -> Tensor:
     """``(B * nW,)``: the row of the saved probabilities / log-sum-exp of each window (raster order: batch, then
     cells), in the ``aten`` backend's order (:func:`_mask_parts`: by shift-mask pattern, then batch, then cells), so
     that both backends, and traced calls of the ``cpp`` one, keep the same tensor."""
-    cells = [p // w for p, w in zip(padded, spec.window)]
-    bits = torch.tensor([sum(1 << a for a in range(3) if spec.shift[a] and cell[a] == cells[a] - 1)
-                         for cell in itertools.product(*(range(c) for c in cells))], dtype=torch.long)
+    bits = torch.tensor(_patterns(spec, padded), dtype=torch.long)
     raster = torch.arange(batch * bits.numel())
     order = torch.argsort(bits.repeat(batch) * raster.numel() + raster)
     return torch.empty_like(raster).index_copy_(0, order, raster)
@@ -405,11 +421,8 @@ def _cpp_operands(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple:
     acc = accumulation_dtype(qkv.dtype)
     padded = tuple(-(-s // w) * w for s, w in zip(qkv.shape[1:4], spec.window))
     slots = _saved_slots(spec, padded, qkv.shape[0])
-    bias = None
-    if table is not None:
-        n = spec.tokens
-        bias = table.to(acc)[_table_rows(spec.window, spec.table_window, spec.bias_coords)]
-        bias = bias.view(n, n, spec.num_heads).permute(2, 0, 1).contiguous()
+    rows = _cached_table_rows(spec.window, spec.table_window, spec.bias_coords)
+    bias = None if table is None else _pair_bias(table, rows, spec, acc).contiguous()
     pad = None if qkv_pad is None else qkv_pad.to(acc).contiguous()
     return qkv.to(acc).contiguous(), bias, pad, slots
 
@@ -439,11 +452,8 @@ def _cpp_backward(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: ref.Wi
     dqkv, dbias, dpad = _ext.load().window_attention_backward_cpu(
         dout.to(x.dtype).contiguous(), x, saved, bias, pad, slots, spec.num_heads, list(spec.window), list(spec.shift),
         spec.scale, saves == "probabilities", table is not None)
-    dtable = None
-    if table is not None:  # dS summed over the windows, scattered to the table rows (in a fixed order)
-        rows = _table_rows(spec.window, spec.table_window, spec.bias_coords)
-        dtable = torch.zeros(table.shape, dtype=x.dtype).index_add_(0, rows, dbias.view(spec.num_heads, -1).t())
-        dtable = dtable.to(table.dtype)
+    rows = _cached_table_rows(spec.window, spec.table_window, spec.bias_coords)
+    dtable = None if table is None else _table_grad(table, rows, dbias)
     return dqkv.to(qkv.dtype), dtable, None if qkv_pad is None else dpad.to(qkv_pad.dtype)
 
 
