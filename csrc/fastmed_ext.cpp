@@ -122,6 +122,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dout"), pybind11::arg("qkv"), pybind11::arg("saved"), pybind11::arg("bias"),
         pybind11::arg("qkv_pad"), pybind11::arg("slots"), pybind11::arg("heads"), pybind11::arg("window"), pybind11::arg("shift"),
         pybind11::arg("scale"), pybind11::arg("saved_probabilities"), pybind11::arg("bias_grad"));
+  m.def("sliding_window_accumulate_cpu", &fastmed::sliding_window_accumulate_cpu,
+        "In place: buffer += weight * patch for each window in order (origins: n, z, y, x per window; the buffer's z "
+        "axis a ring), csrc/sliding_window_cpu.cpp.", pybind11::arg("buffer"), pybind11::arg("patches"),
+        pybind11::arg("weight"), pybind11::arg("origins"));
+  m.def("sliding_window_finalize_cpu", &fastmed::sliding_window_finalize_cpu,
+        "Image rows [z_lo, z_hi) of an accumulation buffer divided by the summed window weights (in place or into "
+        "result) or argmaxed over channels into uint8 labels, csrc/sliding_window_cpu.cpp.", pybind11::arg("buffer"),
+        pybind11::arg("result"), pybind11::arg("table"), pybind11::arg("starts_z"), pybind11::arg("starts_y"),
+        pybind11::arg("first_z"), pybind11::arg("count_z"), pybind11::arg("first_y"), pybind11::arg("count_y"),
+        pybind11::arg("z_lo"), pybind11::arg("z_hi"), pybind11::arg("output"), pybind11::arg("zero_buffer"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

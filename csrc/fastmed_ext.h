@@ -41,6 +41,18 @@ std::vector<at::Tensor> window_attention_backward_cpu(const at::Tensor& dout, co
                                                       const at::Tensor& slots, int64_t heads,
                                                       std::vector<int64_t> window, std::vector<int64_t> shift,
                                                       double scale, bool saved_probabilities, bool bias_grad);
+// csrc/sliding_window_cpu.cpp: the blending of sliding-window inference on CPU tensors (any strides).  Accumulate:
+// buffer[n, :, (z + dz) % R, y + dy, x + dx] += weight[dz, dy, dx] * patches[k, :, dz, dy, dx] per window k in order,
+// origins 4 ints (n, z, y, x) per window, weight in the buffer's accumulation dtype (float32; float64 for float64).
+// Finalize: image rows [z_lo, z_hi) divided by the summed window weights (the normalizer table and its int32 index
+// vectors, fastmed/reference/sliding_window.py), in place (no result) or into result, or their argmax over channels
+// into uint8 labels (output "labels"); zero_buffer zeroes the rows read.  Bit-identical for any number of threads.
+void sliding_window_accumulate_cpu(at::Tensor buffer, const at::Tensor& patches, const at::Tensor& weight,
+                                   std::vector<int64_t> origins);
+void sliding_window_finalize_cpu(at::Tensor buffer, const c10::optional<at::Tensor>& result, const at::Tensor& table,
+                                 const at::Tensor& starts_z, const at::Tensor& starts_y, const at::Tensor& first_z,
+                                 const at::Tensor& count_z, const at::Tensor& first_y, const at::Tensor& count_y,
+                                 int64_t z_lo, int64_t z_hi, const std::string& output, bool zero_buffer);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

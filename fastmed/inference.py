@@ -42,9 +42,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fastmed import _backend
 from fastmed._tensors import accumulation_dtype
 from fastmed._validate import FLOAT_DTYPES, check_int, check_mode, check_number, check_tensor
-from fastmed.ops.sliding_window import sliding_window_accumulate, sliding_window_finalize
+from fastmed.ops.sliding_window import _accumulate_unchecked, _finalize_unchecked
 from fastmed.reference import sliding_window as ref
 from fastmed.reference.sliding_window import BLEND_MODES, OUTPUTS, PADDING_MODES, WindowGrid
 
@@ -251,6 +252,8 @@ class _Head:
                 raise ValueError(f"output='labels' keeps labels in {ref.LABEL_DTYPE}, at most "
                                  f"{ref.MAX_LABEL_CHANNELS} channels; a predictor output has {channels}")
         dev = plan.device
+        # the blending ops without their argument checks: this engine builds every window and buffer itself
+        self.backend = _backend.choose("sliding_window", dev)
         size = tuple(grid.image_size)
         band = (channels, self.grid3.window[0]) + self.grid3.image_size[1:]
         if plan.output == "values" and plan.result_dtype == plan.buffer_dtype:
@@ -303,13 +306,13 @@ class _Head:
                 for i in windows[run_start:j + 1]:
                     n, loc = divmod(i, self.num_windows)
                     origins += [n if self.mode == "direct" else 0, *self.grid3.origin(loc)]
-                sliding_window_accumulate(self.buffer, patches3[run_start:j + 1], weight3, origins)
+                _accumulate_unchecked(self.buffer, patches3[run_start:j + 1], weight3, origins, self.backend)
                 run_start = j + 1
             row = local // self.per_row
             if row_done and self.grid3.starts[0][row] < self.rows_z[row]:  # (a repeated start completes no row)
-                sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], self.grid3.starts[0][row],
-                                        self.rows_z[row], result=self.result3[idx // self.num_windows:][:1],
-                                        output=self.output, zero_buffer=True)
+                _finalize_unchecked(self.buffer, self.norm, self.grid3.window[:2], self.grid3.starts[0][row],
+                                    self.rows_z[row], self.result3[idx // self.num_windows:][:1], self.output, True,
+                                    self.backend)
 
     def _add_tiles(self, patches3: Tensor, weight3: Tensor, windows: Sequence[int]) -> None:
         counts = [len(s) for s in self.grid3.starts]
@@ -324,8 +327,8 @@ class _Head:
                                                      self.axes[2].bounds[tx]))
                     tile = torch.zeros((1, self.channels) + shape, dtype=self.buffer_dtype, device=self.result.device)
                     self.tiles[(n, tz, ty, tx)] = tile
-                sliding_window_accumulate(tile, patches3[j:j + 1, :, az:bz, ay:by, ax:bx],
-                                          weight3[az:bz, ay:by, ax:bx], [0, oz, oy, ox])
+                _accumulate_unchecked(tile, patches3[j:j + 1, :, az:bz, ay:by, ax:bx], weight3[az:bz, ay:by, ax:bx],
+                                      [0, oz, oy, ox], self.backend)
             for cell in self.completes.get(local, ()):
                 self._finish_tile(n, cell)
 
@@ -347,12 +350,13 @@ class _Head:
     def _finish_tile(self, n: int, cell: tuple[int, int, int]) -> None:
         tile = self.tiles.pop((n,) + cell)
         (za, zb), (ya, yb), (xa, xb) = (a.bounds[t] for a, t in zip(self.axes, cell))
-        sliding_window_finalize(tile, self._tile_normalizer(cell), self.grid3.window[:2], 0, zb - za,
-                                result=self.result3[n:n + 1, :, za:zb, ya:yb, xa:xb], output=self.output)
+        _finalize_unchecked(tile, self._tile_normalizer(cell), self.grid3.window[:2], 0, zb - za,
+                            self.result3[n:n + 1, :, za:zb, ya:yb, xa:xb], self.output, False, self.backend)
 
     def finish(self) -> Tensor:
         if self.mode == "direct":
-            sliding_window_finalize(self.buffer, self.norm, self.grid3.window[:2], 0, self.grid3.image_size[0])
+            _finalize_unchecked(self.buffer, self.norm, self.grid3.window[:2], 0, self.grid3.image_size[0], None,
+                                "values", False, self.backend)
         elif self.mode == "tiles" and self.tiles:
             raise RuntimeError(f"internal error: {len(self.tiles)} tiles were never completed")
         return self.result

@@ -1,7 +1,8 @@
 """The blending ops of sliding-window inference (``fastmed.ops.sliding_window_accumulate`` / ``_finalize``):
-Triton (under ``TRITON_INTERPRET=1`` here) against the reference, the reference against a dense oracle (a full
-count map, as MONAI keeps), the normalizer cached per geometry, and the memory the blending keeps (measured by
-counting tensor storages, ``bench/bench_sliding_window.py``'s ``TrackedPeak``) against MONAI's.
+Triton (under ``TRITON_INTERPRET=1`` here) and the C++ ``cpp`` backend against the reference, the reference
+against a dense oracle (a full count map, as MONAI keeps), the normalizer cached per geometry, and the memory the
+blending keeps (measured by counting tensor storages, ``bench/bench_sliding_window.py``'s ``TrackedPeak``) against
+MONAI's.
 """
 import importlib.util
 import math
@@ -10,13 +11,16 @@ import os
 import pytest
 import torch
 from conftest import TOL, triton_device
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import fastmed
 from fastmed import inference
+from fastmed._tensors import accumulation_dtype
 from fastmed.ops import sliding_window_accumulate, sliding_window_finalize
 from fastmed.reference import sliding_window as ref
 
-BACKENDS = ("reference", "triton")
+BACKENDS = ("reference", pytest.param("cpp", marks=pytest.mark.ext), "triton")
 pytestmark = pytest.mark.usefixtures("one_thread")  # many small ops: one thread is faster here
 
 
@@ -109,19 +113,20 @@ def test_accumulate_ring_and_strides(backend):
     assert buf.is_contiguous(memory_format=torch.channels_last_3d)
 
 
-def test_accumulate_triton_equals_reference_float64():
-    """float64 buffers accumulate in float64 in both (one product and one sum per voxel and window)."""
+@pytest.mark.parametrize("backend", [pytest.param("cpp", marks=pytest.mark.ext), "triton"])
+def test_accumulate_equals_reference_float64(backend):
+    """float64 buffers accumulate in float64 in every backend (one product and one sum per voxel and window)."""
     grid = _grid((6, 5, 7), (3, 4, 4), (0.5, 0.5, 0.5))
     samples = [0] * grid.num_windows
     patches = torch.randn(grid.num_windows, 2, 3, 4, 4, generator=_gen(5), dtype=torch.float64)
     weight = torch.rand(3, 4, 4, generator=_gen(6), dtype=torch.float64)
     out = {}
-    for backend in BACKENDS:
-        buf = torch.zeros(1, 2, 6, 5, 7, dtype=torch.float64, device=_device(backend))
-        with fastmed.use_backend(backend):
+    for b in ("reference", backend):
+        buf = torch.zeros(1, 2, 6, 5, 7, dtype=torch.float64, device=_device(b))
+        with fastmed.use_backend(b):
             sliding_window_accumulate(buf, patches.to(buf.device), weight.to(buf.device), _origins(grid, samples))
-        out[backend] = buf.cpu()
-    torch.testing.assert_close(out["triton"], out["reference"], rtol=1e-14, atol=1e-14)
+        out[b] = buf.cpu()
+    torch.testing.assert_close(out[backend], out["reference"], rtol=1e-14, atol=1e-14)
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -298,19 +303,21 @@ def test_normalizer_and_weights_once_per_geometry(monkeypatch):
     torch.testing.assert_close(inference.sliding_window_inference(x, (6, 4), 3, predictor, 0.25, "constant"), want)
 
 
-def test_opcheck_and_compile_reference():
-    """torch.library.opcheck of both ops, and torch.compile(fullgraph=True) through them, on the reference path."""
+@pytest.mark.parametrize("backend", ["reference", pytest.param("cpp", marks=pytest.mark.ext)])
+def test_opcheck_and_compile(backend):
+    """torch.library.opcheck of both ops, and torch.compile(fullgraph=True) through them, on the CPU backends
+    (``cpp``: the C++ kernels eagerly, the reference when traced)."""
     grid = _grid((4, 3, 3), (3, 3, 3), (0.5,) * 3)  # two windows: tracing cost grows with them
     w = torch.rand(3, 3, 3, generator=_gen(17))
     p = torch.randn(grid.num_windows, 2, 3, 3, 3, generator=_gen(18))
     origins = _origins(grid, [0] * grid.num_windows)
     norm = ref.window_normalizer(grid, w, torch.float32)
-    with fastmed.use_backend("reference"):
+    with fastmed.use_backend(backend):
         torch.library.opcheck(torch.ops.fastmed.sliding_window_accumulate.default,
-                              (torch.zeros(1, 2, 4, 3, 3), p, w, origins, "reference"))
+                              (torch.zeros(1, 2, 4, 3, 3), p, w, origins, backend))
         torch.library.opcheck(torch.ops.fastmed.sliding_window_finalize.default,
                               (torch.rand(1, 2, 4, 3, 3) + 1, torch.zeros(1, 2, 4, 3, 3), *norm, 3, 3, 0, 4,
-                               "values", True, "reference"))
+                               "values", True, backend))
 
         def blend(buf, result):
             sliding_window_accumulate(buf, p, w, origins)
@@ -321,6 +328,132 @@ def test_opcheck_and_compile_reference():
         compiled = torch.compile(blend, fullgraph=True, backend="aot_eager")
         got = compiled(torch.zeros(1, 2, 4, 3, 3), torch.zeros(1, 2, 4, 3, 3))
     torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# The cpp backend against the reference
+# ------------------------------------------------------------------------------------------------------------------
+
+def _blend_all(backend, grid, samples, patches, weight, buffer_dtype, output, ring):
+    """Every window accumulated and every row finalized with ``backend``: a whole-volume buffer (``ring`` False;
+    values in place or into a result, or labels), or a ring one window deep that each z-row of windows fills and
+    the rows it completes leave (finalized and zeroed), as inference uses the ops.  Returns the buffer and the
+    result."""
+    N, C = max(samples) + 1, patches.shape[1]
+    Z, Y, X = grid.image_size
+    acc = accumulation_dtype(buffer_dtype)
+    norm = ref.window_normalizer(grid, weight.to(acc), acc)
+    in_place = output == "in_place"
+    result = None if in_place else (torch.zeros(N, 1, Z, Y, X, dtype=torch.uint8) if output == "labels"
+                                    else torch.zeros(N, C, Z, Y, X, dtype=torch.float16 if ring else acc))
+    origins = _origins(grid, samples)
+    kind = "labels" if output == "labels" else "values"
+    with fastmed.use_backend(backend):
+        if not ring:
+            buf = torch.zeros(N, C, Z, Y, X, dtype=buffer_dtype)
+            sliding_window_accumulate(buf, patches, weight, origins)
+            sliding_window_finalize(buf, norm, grid.window[:2], 0, Z, result=result, output=kind)
+            return buf, result
+        buf = torch.zeros(N, C, grid.window[0], Y, X, dtype=buffer_dtype)
+        per_row = len(grid.starts[1]) * len(grid.starts[2])
+        ends = list(grid.starts[0][1:]) + [Z]
+        for n in range(N):
+            for row, (lo, hi) in enumerate(zip(grid.starts[0], ends)):
+                ks = [n * grid.num_windows + k for k in range(row * per_row, (row + 1) * per_row)]
+                sliding_window_accumulate(buf, patches[ks], weight, [v for k in ks for v in origins[4 * k:4 * k + 4]])
+                if lo < hi:
+                    sliding_window_finalize(buf[n:n + 1], norm, grid.window[:2], lo, hi, result=result[n:n + 1],
+                                            output=kind, zero_buffer=True)
+    return buf, result
+
+
+@pytest.mark.ext
+@settings(max_examples=40, deadline=None)
+@given(data=st.data(), buffer_dtype=st.sampled_from([torch.float32, torch.float64, torch.float16, torch.bfloat16]),
+       patch_dtype=st.sampled_from([torch.float32, torch.float64, torch.float16]),
+       output=st.sampled_from(["values", "in_place", "labels"]), ring=st.booleans())
+def test_cpp_matches_reference(data, buffer_dtype, patch_dtype, output, ring):
+    """The hypothesis equivalence test of the ``cpp`` backend against the reference: random grids (1-9 voxels an
+    axis, overlaps 0 / 0.25 / 0.5), 1-2 samples, buffer and patch dtypes, strided patches, a whole-volume buffer or
+    a ring, values (in place or into a result) and labels.  Values to the buffer dtype's tolerance (the
+    multiply-add may round once instead of twice); labels exactly, from integer predictions and unit weights
+    (exact sums in every dtype, so the same argmax)."""
+    ring = ring and output != "in_place"
+    image = tuple(data.draw(st.integers(1, 9), label="image") for _ in range(3))
+    window = tuple(data.draw(st.integers(1, n), label="window") for n in image)
+    grid = _grid(image, window, tuple(data.draw(st.sampled_from([0.0, 0.25, 0.5]), label="overlap") for _ in range(3)))
+    C = data.draw(st.integers(2 if output == "labels" else 1, 4), label="C")
+    samples = [n for n in range(data.draw(st.integers(1, 2), label="N")) for _ in range(grid.num_windows)]
+    g = _gen(data.draw(st.integers(0, 2**16), label="seed"))
+    shape = (len(samples), C) + window + (2,)
+    if output == "labels":
+        patches = torch.randint(-4, 5, shape, generator=g).to(patch_dtype)[..., 0]
+        weight = torch.ones(window)
+    else:
+        patches = torch.randn(shape, generator=g).to(patch_dtype)[..., 0]  # strided along x
+        weight = ref.importance_map(window, "gaussian", (0.125,) * 3, torch.float32)
+    got = _blend_all("cpp", grid, samples, patches, weight, buffer_dtype, output, ring)
+    want = _blend_all("reference", grid, samples, patches, weight, buffer_dtype, output, ring)
+    if output == "labels":
+        assert torch.equal(got[1], want[1])
+        return
+    tol = TOL[buffer_dtype if output == "in_place" else (torch.float16 if ring else buffer_dtype)]
+    g_out, w_out = (got[0], want[0]) if output == "in_place" else (got[1], want[1])
+    torch.testing.assert_close(g_out.double(), w_out.double(), **tol)
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("output", ["in_place", "float16", "labels"])
+def test_cpp_finalize_is_the_reference_bit_for_bit(output):
+    """From the same buffer, the ``cpp`` finalization equals the reference's exactly: the normalizer row is summed
+    in the reference's order (z windows outer, y windows inner) and divided once."""
+    grid, samples, patches, weight = _blended(23, image=(9, 7, 10), window=(4, 3, 5), overlap=(0.5, 0.25, 0.5), C=4)
+    values, _ = _dense(grid, patches, weight, samples)
+    norm = ref.window_normalizer(grid, weight.float(), torch.float32)
+    out = {}
+    for backend in ("reference", "cpp"):
+        buf = values.float().clone()
+        result = (None if output == "in_place" else torch.zeros(1, 1, *grid.image_size, dtype=torch.uint8)
+                  if output == "labels" else torch.zeros(1, 4, *grid.image_size, dtype=torch.float16))
+        with fastmed.use_backend(backend):
+            sliding_window_finalize(buf, norm, grid.window[:2], 0, grid.image_size[0], result=result,
+                                    output="labels" if output == "labels" else "values")
+        out[backend] = buf if result is None else result
+    assert torch.equal(out["cpp"], out["reference"])
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("output", ["values", "labels"])
+def test_cpp_is_bit_identical_at_1_and_2_threads(output):
+    """Windows large enough that both ops split their rows between the threads: the same bits at 1 and 2."""
+    grid = _grid((10, 70, 64), (4, 64, 64), (0.5, 0.5, 0.0))
+    samples = [0] * grid.num_windows
+    patches = torch.randn(grid.num_windows, 3, 4, 64, 64, generator=_gen(31))
+    weight = ref.importance_map((4, 64, 64), "gaussian", (0.125,) * 3, torch.float32)
+    norm = ref.window_normalizer(grid, weight, torch.float32)
+    out = []
+    threads = torch.get_num_threads()
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            buf = torch.zeros(1, 3, *grid.image_size)
+            result = torch.zeros(1, 1 if output == "labels" else 3, *grid.image_size,
+                                 dtype=torch.uint8 if output == "labels" else torch.float32)
+            with fastmed.use_backend("cpp"):
+                sliding_window_accumulate(buf, patches, weight, _origins(grid, samples))
+                sliding_window_finalize(buf, norm, (4, 64), 0, 10, result=result, output=output)
+            out.append((buf, result))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(out[0][0], out[1][0]) and torch.equal(out[0][1], out[1][1])
+
+
+@pytest.mark.ext
+def test_auto_picks_cpp_on_cpu():
+    """``auto`` blends CPU tensors with the ``cpp`` backend (the extension is built)."""
+    from fastmed import _backend
+    assert _backend.choose("sliding_window", torch.device("cpu")) == "cpp"
+    assert _backend.why_not("sliding_window", "cpp", torch.device("meta")) is not None
 
 
 # ------------------------------------------------------------------------------------------------------------------

@@ -8,11 +8,14 @@ inference (:mod:`fastmed.inference` runs the windows), fused.
   :func:`fastmed.reference.sliding_window.window_normalizer`), then ``buffer / norm`` in place or into a result of
   another dtype, or the argmax over channels into ``uint8`` labels; optionally zeroing the rows read.
 
-Registered as the torch.library ops ``fastmed::sliding_window_accumulate`` (``triton_op``) and
+Registered as the torch.library ops ``fastmed::sliding_window_accumulate`` (``triton_op``; outside torch.compile the
+body runs directly, :mod:`fastmed.ops._direct`) and
 ``fastmed::sliding_window_finalize`` (``custom_op`` with a fake implementation: its reference body reads the
 window starts as Python ints), mutating their buffers, returning nothing.  Inference only: no autograd.
-Backends: ``triton`` (kernels/sliding_window.py) and ``reference`` (fastmed/reference/sliding_window.py, in-place
-torch: the CPU path, one ``addcmul_`` per window).
+Backends: ``triton`` (kernels/sliding_window.py), ``cpp`` (csrc/sliding_window_cpu.cpp: the CPU path when
+``fastmed._C`` is built, one pass per window and one per finalized row, threaded, bit-identical for any number of
+threads; traced calls run the reference) and ``reference`` (fastmed/reference/sliding_window.py, in-place torch: one
+``addcmul_`` per window).
 """
 from __future__ import annotations
 
@@ -22,10 +25,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
-from torch.library import triton_op
 
-from fastmed import _backend
-from fastmed._tensors import accumulation_dtype
+from fastmed import _backend, _ext
+from fastmed._tensors import accumulation_dtype, traced
 from fastmed._validate import check_mode, check_same_device, check_tensor
 from fastmed.ops import _direct
 from fastmed.reference import sliding_window as ref
@@ -33,18 +35,43 @@ from fastmed.reference.sliding_window import OUTPUTS, WindowNormalizer
 
 __all__ = ["sliding_window_accumulate", "sliding_window_finalize", "OUTPUTS"]
 
-_backend.register_op("sliding_window", ("triton", "reference"),
+_backend.register_op("sliding_window", ("triton", "cpp", "reference"),
                      doc="sliding-window inference: fused weighted accumulation and normalization / argmax")
+
+
+def _cpp_accumulate(buffer: Tensor, patches: Tensor, weight: Tensor, origins: Sequence[int]) -> None:
+    """``cpp`` backend (CPU): csrc/sliding_window_cpu.cpp, the windows in order, each in one threaded pass; traced
+    calls run :func:`fastmed.reference.sliding_window.accumulate`."""
+    if any(traced(t) for t in (buffer, patches, weight)):
+        ref.accumulate(buffer, patches, weight, origins)
+        return
+    _ext.load().sliding_window_accumulate_cpu(buffer, patches, weight.to(accumulation_dtype(buffer.dtype)),
+                                              list(origins))
+
+
+def _cpp_finalize(buffer: Tensor, norm: WindowNormalizer, window_zy: tuple[int, int], z_lo: int, z_hi: int,
+                  result: Optional[Tensor], output: str, zero_buffer: bool) -> None:
+    """``cpp`` backend (CPU): csrc/sliding_window_cpu.cpp, one threaded pass over the rows (the normalizer row
+    summed once per (n, z, y) row, as the reference sums it); traced calls run the reference."""
+    if any(traced(t) for t in (buffer, result, norm.table) if t is not None):
+        ref.finalize(buffer, norm, window_zy, z_lo, z_hi, result, output, zero_buffer)
+        return
+    index = [t.to(torch.int32).contiguous() for t in (norm.starts_z, norm.starts_y, norm.first_z, norm.count_z,
+                                                       norm.first_y, norm.count_y)]
+    _ext.load().sliding_window_finalize_cpu(buffer, result, norm.table, *index, z_lo, z_hi, output, zero_buffer)
+
 
 # Bodies: accumulate(buffer, patches, weight, origins) -> None;
 # finalize(buffer, WindowNormalizer, (wz, wy), z_lo, z_hi, result or None, output, zero_buffer) -> None.
-_ACCUMULATE = _backend.triton_and_reference("sliding_window", "sliding_window_accumulate",
-                                             "sliding_window_accumulate", ref.accumulate)
-_FINALIZE = _backend.triton_and_reference("sliding_window", "sliding_window_finalize", "sliding_window_finalize",
-                                          ref.finalize)
+_ACCUMULATE = _backend.Implementations("sliding_window", "fastmed::sliding_window_accumulate",
+                                       triton="fastmed.kernels.sliding_window:sliding_window_accumulate",
+                                       cpp=_cpp_accumulate, reference=ref.accumulate)
+_FINALIZE = _backend.Implementations("sliding_window", "fastmed::sliding_window_finalize",
+                                     triton="fastmed.kernels.sliding_window:sliding_window_finalize",
+                                     cpp=_cpp_finalize, reference=ref.finalize)
 
 
-@triton_op("fastmed::sliding_window_accumulate", mutates_args=("buffer",))
+@_direct.triton_op("fastmed::sliding_window_accumulate", mutates_args=("buffer",))
 def _accumulate_op(buffer: Tensor, patches: Tensor, weight: Tensor, origins: list[int], backend: str) -> None:
     _ACCUMULATE[backend](buffer, patches, weight, origins)
 
@@ -66,8 +93,23 @@ def _(buffer, result, table, starts_z, starts_y, first_z, count_z, first_y, coun
 
 
 def _call(op, *args) -> None:
-    """The op under torch.compile, else its body (no torch.library dispatch; there is no autograd to route)."""
-    (op if torch.compiler.is_compiling() else _direct.body(op))(*args)
+    """The op under torch.compile, else its body for the backend named by the last argument (no torch.library
+    dispatch; there is no autograd to route)."""
+    (op if torch.compiler.is_compiling() else _direct.body(op, args[-1]))(*args)
+
+
+def _accumulate_unchecked(buffer: Tensor, patches: Tensor, weight: Tensor, origins: list[int], backend: str) -> None:
+    """:func:`sliding_window_accumulate` with ``backend`` chosen by the caller and no argument checks: for
+    :mod:`fastmed.inference`, whose engine builds the windows itself (one call per window batch, or per tile piece
+    of a window, where the checks would cost more than the blending at small windows)."""
+    _call(_accumulate_op, buffer, patches, weight, origins, backend)
+
+
+def _finalize_unchecked(buffer: Tensor, normalizer: WindowNormalizer, window: Sequence[int], z_lo: int, z_hi: int,
+                        result: Optional[Tensor], output: str, zero_buffer: bool, backend: str) -> None:
+    """:func:`sliding_window_finalize` likewise, for :mod:`fastmed.inference`."""
+    _call(_finalize_op, buffer, result, *normalizer, int(window[0]), int(window[1]), int(z_lo), int(z_hi), output,
+          bool(zero_buffer), backend)
 
 
 def _check_buffer(buffer) -> None:
@@ -112,8 +154,7 @@ def sliding_window_accumulate(buffer: Tensor, patches: Tensor, weight: Tensor, o
     device = check_same_device(buffer=buffer, patches=patches, weight=weight)
     if K == 0:
         return
-    backend = _backend.choose("sliding_window", device)
-    _call(_accumulate_op, buffer, patches, weight, origins, backend)
+    _accumulate_unchecked(buffer, patches, weight, origins, _backend.choose("sliding_window", device))
 
 
 def sliding_window_finalize(buffer: Tensor, normalizer: WindowNormalizer, window: Sequence[int], z_lo: int,
@@ -172,6 +213,5 @@ def sliding_window_finalize(buffer: Tensor, normalizer: WindowNormalizer, window
             raise ValueError(f"output='labels' stores labels in {ref.LABEL_DTYPE}, at most {ref.MAX_LABEL_CHANNELS} "
                              f"channels; buffer has {C}")
     device = check_same_device(buffer=buffer, result=result, **normalizer._asdict())
-    backend = _backend.choose("sliding_window", device)
-    _call(_finalize_op, buffer, result, *normalizer, wz, wy, int(z_lo), int(z_hi), output, bool(zero_buffer),
-          backend)
+    _finalize_unchecked(buffer, normalizer, (wz, wy), z_lo, z_hi, result, output, zero_buffer,
+                        _backend.choose("sliding_window", device))
