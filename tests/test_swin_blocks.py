@@ -217,8 +217,9 @@ INFERENCE_CASES = [
 @pytest.mark.parametrize("grid,window,shift", INFERENCE_CASES)
 def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch, grid, window, shift):
     """float32 inference on the CPU (no_grad): the fused block's four Linears run as oneDNN GEMMs, the MLP's GELU
-    fused into the first one's epilogue; the output equals MONAI's block (float64) to float32 precision, and a
-    call that needs gradients runs the plain Linears (oneDNN's linear has no backward)."""
+    fused into the first one's epilogue; the output equals MONAI's block (float64) to float32 precision.  A call
+    that needs gradients runs the four GEMMs by oneDNN too (the GELU separate: its input is kept for the backward;
+    autograd's backward GEMMs, the GELU's gradient written in place), output and every gradient equal to MONAI's."""
     swin = pytest.importorskip("fastmed.nn.swin")
     if swin._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
@@ -239,6 +240,14 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     assert sorted(calls) == ["gelu", "none", "none", "none"]
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     calls.clear()
-    y, _ = _grads(ours, x.float())
-    assert calls == []
-    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+    ours.train()
+    monai_block.train()
+    y_want, grads_want = _grads(monai_block, x, lambda t: _monai_forward(monai_block, t, window, shift))
+    xg = x.float().requires_grad_()
+    y = ours(xg)
+    grads = torch.autograd.grad(y, [xg, *ours.parameters()],
+                                torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).float())
+    assert calls == ["none"] * 4
+    torch.testing.assert_close(y.double(), y_want, atol=1e-4, rtol=1e-4)
+    for a, b in zip(grads, grads_want):
+        torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)

@@ -159,6 +159,60 @@ def _onednn_linear():
 _ONEDNN_LINEAR = _onednn_linear()
 
 
+class _OneDnnLinear(torch.autograd.Function):
+    """``F.linear(gelu(x) if gelu_input else x, w, b)`` with the GEMM by oneDNN (the bias in its epilogue: no
+    broadcast copy of the bias into the output first, as ``addmm`` makes) and autograd's own backward GEMMs
+    (``d in = dy w``, ``d w = dy^T in``, ``d b = sum dy``).  With ``gelu_input`` the GELU's backward is written into
+    the buffer of ``d gelu(x)``, which this backward allocated itself (one ``(tokens, 4C)`` tensor fewer per MLP);
+    under ``create_graph=True`` the same formulas run out of place, differentiable."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Tensor, b: Optional[Tensor], gelu_input: bool) -> Tensor:
+        inp = F.gelu(x) if gelu_input else x
+        ctx.gelu_input, ctx.has_bias = gelu_input, b is not None
+        ctx.save_for_backward(x, inp if gelu_input else None, w)
+        return _ONEDNN_LINEAR(inp, w, b, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, g, w = ctx.saved_tensors
+        graph = torch.is_grad_enabled()  # create_graph=True: every term differentiable, GELU(x) with its graph
+        inp = (F.gelu(x) if graph else g) if ctx.gelu_input else x
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        dw = dy2.t().mm(inp.reshape(-1, inp.shape[-1])) if ctx.needs_input_grad[1] else None
+        db = dy2.sum(0) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = dy2.mm(w)
+            if ctx.gelu_input:
+                x2 = x.reshape(-1, x.shape[-1])
+                if graph:
+                    dx = torch.ops.aten.gelu_backward(dx, x2)
+                else:
+                    torch.ops.aten.gelu_backward.grad_input(dx, x2, grad_input=dx)
+            dx = dx.view(x.shape)
+        return dx, dw, db, None
+
+
+def _onednn_applies(x: Tensor, layer: nn.Linear) -> bool:
+    """Whether :func:`fused_linear` may run ``layer`` on ``x`` with oneDNN: a plain float32 CPU tensor and a plain
+    ``nn.Linear`` without hooks, outside autocast and torch.compile."""
+    w = layer.weight
+    return (_ONEDNN_LINEAR is not None and type(x) is Tensor and type(layer) is nn.Linear and x.device.type == "cpu"
+            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
+            and not layer._forward_hooks and not layer._forward_pre_hooks
+            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
+
+
+def gelu_linear(x: Tensor, layer: nn.Linear) -> Tensor:
+    """``layer(F.gelu(x))`` (the exact GELU): with gradients on the CPU in float32, one autograd node whose GEMM is
+    oneDNN's and whose backward writes the GELU's gradient in place (:class:`_OneDnnLinear`); else the two torch
+    calls."""
+    if _onednn_applies(x, layer) and torch.is_grad_enabled():
+        return _OneDnnLinear.apply(x, layer.weight, layer.bias, True)
+    return layer(F.gelu(x))
+
+
 def fused_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     """``layer(x)``, followed by the exact (erf) GELU when ``gelu``; ``x`` ``(..., in_features)`` ->
     ``(..., out_features)``.
@@ -171,12 +225,11 @@ def fused_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     subclasses) runs ``layer`` and ``F.gelu``.
     """
     w, b = layer.weight, layer.bias
-    if (_ONEDNN_LINEAR is not None and type(x) is Tensor and type(layer) is nn.Linear and x.device.type == "cpu"
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
-            and not layer._forward_hooks and not layer._forward_pre_hooks
-            and not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b)))
-            and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling()):
-        return _ONEDNN_LINEAR(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+    if _onednn_applies(x, layer):
+        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
+            return _ONEDNN_LINEAR(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
+        if not gelu:  # training: the GEMM without addmm's bias copy, autograd's backward
+            return _OneDnnLinear.apply(x, w, b, False)
     y = layer(x)
     return F.gelu(y) if gelu else y
 
@@ -197,6 +250,8 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         if fused and type(self.fn) is nn.GELU and self.fn.approximate == "none":
+            if (not self.training or self.drop.p == 0.0) and torch.is_grad_enabled():
+                return self.drop(gelu_linear(fused_linear(x, self.linear1), self.linear2))
             return self.drop(fused_linear(self.drop(fused_linear(x, self.linear1, gelu=True)), self.linear2))
         return self.drop(self.linear2(self.drop(self.fn(self.linear1(x)))))
 
