@@ -204,13 +204,19 @@ def _onednn_applies(x: Tensor, layer: nn.Linear) -> bool:
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
+def _needs_grad(x: Tensor, *layers: nn.Linear) -> bool:
+    """Whether autograd records a call on ``x`` through ``layers``: grad mode on and a tensor requiring grad."""
+    return torch.is_grad_enabled() and (x.requires_grad or any(
+        t is not None and t.requires_grad for layer in layers for t in (layer.weight, layer.bias)))
+
+
 def gelu_linear(x: Tensor, layer: nn.Linear) -> Tensor:
-    """``layer(F.gelu(x))`` (the exact GELU): with gradients on the CPU in float32, one autograd node whose GEMM is
-    oneDNN's and whose backward writes the GELU's gradient in place (:class:`_OneDnnLinear`); else the two torch
-    calls."""
-    if _onednn_applies(x, layer) and torch.is_grad_enabled():
+    """``layer(F.gelu(x))`` (the exact GELU): when a gradient is needed on the CPU in float32, one autograd node
+    whose GEMM is oneDNN's and whose backward writes the GELU's gradient in place (:class:`_OneDnnLinear`); without
+    gradients :func:`fused_linear`'s path; else the two torch calls."""
+    if _onednn_applies(x, layer) and _needs_grad(x, layer):
         return _OneDnnLinear.apply(x, layer.weight, layer.bias, True)
-    return layer(F.gelu(x))
+    return fused_linear(F.gelu(x), layer)
 
 
 def fused_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
@@ -220,13 +226,14 @@ def fused_linear(x: Tensor, layer: nn.Linear, gelu: bool = False) -> Tensor:
     On the CPU, for float32 without autograd (inference, ``torch.no_grad``) and outside ``torch.compile``, one
     oneDNN GEMM with the bias and the GELU applied in its epilogue: the GELU costs no pass of its own over the
     ``(tokens, 4C)`` hidden activation and the bias no broadcast copy (``addmm`` writes it before the GEMM).  The
-    same GEMM and the same exact GELU: equal to ``F.gelu(layer(x))`` up to the GEMM's summation order.  Anything
-    else (gradients needed, autocast, other dtypes or devices, a subclass of ``nn.Linear``, hooks on it, tensor
-    subclasses) runs ``layer`` and ``F.gelu``.
+    same GEMM and the same exact GELU: equal to ``F.gelu(layer(x))`` up to the GEMM's summation order.  When a
+    gradient is needed and ``gelu`` is False, the same oneDNN GEMM in an autograd node (:class:`_OneDnnLinear`:
+    autograd's backward GEMMs).  Anything else (a GELU with gradients, autocast, other dtypes or devices, a subclass
+    of ``nn.Linear``, hooks on it, tensor subclasses) runs ``layer`` and ``F.gelu``.
     """
     w, b = layer.weight, layer.bias
     if _onednn_applies(x, layer):
-        if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, w, b))):
+        if not _needs_grad(x, layer):
             return _ONEDNN_LINEAR(x, w, b, "gelu" if gelu else "none", [], "none" if gelu else "")
         if not gelu:  # training: the GEMM without addmm's bias copy, autograd's backward
             return _OneDnnLinear.apply(x, w, b, False)
@@ -238,7 +245,9 @@ class Mlp(nn.Module):
     """``linear2(drop(act(linear1(x))))`` then dropout, MONAI's ``MLPBlock`` in ``dropout_mode="swin"``.
 
     ``forward(x (..., hidden_size), fused=False)``: with ``fused=True`` the Linears and the GELU go through
-    :func:`fused_linear` (one oneDNN GEMM with the GELU fused, on the CPU without autograd); the same result.
+    :func:`fused_linear` (on the CPU in float32 without autograd: one oneDNN GEMM with the GELU fused) or, when a
+    gradient is needed and the dropout is off, :func:`fused_linear` and :func:`gelu_linear` (oneDNN GEMMs in
+    autograd nodes, the GELU's gradient in place); the same result.
     """
 
     def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0):
@@ -250,7 +259,7 @@ class Mlp(nn.Module):
 
     def forward(self, x: Tensor, fused: bool = False) -> Tensor:
         if fused and type(self.fn) is nn.GELU and self.fn.approximate == "none":
-            if (not self.training or self.drop.p == 0.0) and torch.is_grad_enabled():
+            if (not self.training or self.drop.p == 0.0) and _needs_grad(x, self.linear1, self.linear2):
                 return self.drop(gelu_linear(fused_linear(x, self.linear1), self.linear2))
             return self.drop(fused_linear(self.drop(fused_linear(x, self.linear1, gelu=True)), self.linear2))
         return self.drop(self.linear2(self.drop(self.fn(self.linear1(x)))))
