@@ -100,16 +100,19 @@ def network_only(net, x: torch.Tensor, grid, sw_batch_size: int) -> None:
 
 
 class FixedPredictions(torch.nn.Module):
-    """A stand-in network for the ``blend`` case: returns a copy of one fixed block of predictions
-    ``(sw_batch, classes, *roi)`` (a copy: MONAI scales the predictor's output in place)."""
+    """A stand-in network for the ``blend`` case: for each window, a copy of one of a few fixed blocks of
+    predictions ``(classes, *roi)`` (a copy: MONAI scales the predictor's output in place), picked by the window's
+    first input value, so that a window's prediction depends on the window only (not on its place in a batch:
+    fastmed's labels engine batches the windows in another order than MONAI's raster)."""
 
-    def __init__(self, classes: int, roi, sw_batch_size: int = 8):
+    def __init__(self, classes: int, roi, bank_size: int = 8):
         super().__init__()
-        self.register_buffer("bank", torch.randn(sw_batch_size, classes, *roi,
+        self.register_buffer("bank", torch.randn(bank_size, classes, *roi,
                                                  generator=torch.Generator().manual_seed(classes)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.bank[:x.shape[0]].clone()
+        pick = (x.reshape(x.shape[0], -1)[:, 0] * 1e4).long().remainder(self.bank.shape[0])
+        return self.bank[pick]  # advanced indexing: a copy
 
 
 MIN_BYTES_FORMULA = ("4*C*(windows*roi + volume): every window's float32 predictions read once and the float32 "

@@ -4,15 +4,16 @@
 // One pass per window, straight from and to the token grid: the cyclic shift, the window partition and the padding
 // are index arithmetic (a window's token rows are computed, padding tokens read the qkv of a padding token), the
 // window's token rows are copied once (whole rows, the next window's prefetched meanwhile), the shift mask comes from
-// the tokens' region ids, and per head q k^T, the bias, the mask, the softmax and P v run on its q, k, v in an
-// L1-sized scratch; the window's output rows are written whole.  No rolled, partitioned or padded copy of the grid.
+// the tokens' region ids, and per head q k^T, the bias, the mask, the softmax and P v run on the window's rows in
+// the cache (only k, or v in the backward, transposed into scratch); the window's output rows are written whole.
+// No rolled, partitioned or padded copy of the grid.
 //   forward   reads qkv and the (heads, n, n) bias once, writes out and the probabilities (training) or the
 //             log-sum-exp (inference; the backward then recomputes the probabilities);
 //   backward  reads qkv, dout and the saved tensor once, writes dqkv once (every real token belongs to exactly one
 //             window), and the bias and padding-token gradients summed per block of windows.
-// Work items are blocks of windows (every head) fixed by the geometry alone (at most kMaxBlocks of them), and
-// the per-block bias and padding gradients are added in block order: the results are bit-identical for any number of
-// threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
+// Work items are blocks of windows (every head) fixed by the geometry alone (at most kMaxBlocks of them, at least
+// kMinBlock windows each), and the per-block bias and padding gradients are added in block order: the results are
+// bit-identical for any number of threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 
@@ -33,6 +34,7 @@ namespace window_attention_cpu {
 
 constexpr int64_t kMaxTokens = 64;   // tokens per window this kernel takes
 constexpr int64_t kMaxBlocks = 64;   // blocks of windows (bias / padding gradients: one partial per block)
+constexpr int64_t kMinBlock = 4;     // windows per block at least (fewer partials to write and add)
 constexpr double kMaskValue = -100.0;  // timm / Swin / MONAI's shifted-window mask
 
 struct Geometry {
@@ -50,21 +52,25 @@ struct Scratch {
   std::vector<int32_t> region_store;  // region / next_region: their shift regions
   int64_t *rows = nullptr, *next_rows = nullptr;
   int32_t *region = nullptr, *next_region = nullptr;
+  // q, k, v, dout: copies when the head dim is not a multiple of the vector width; kt, vt: k and v as columns; p, ds:
+  // scores / probabilities and their gradient; tmp: a product; mask: the window's shift mask; inv: 1 / the softmax
+  // sums; x: the window's qkv rows; y: its out / d out rows; g: its d qkv rows; db: the block's bias gradient
   T *q = nullptr, *k = nullptr, *kt = nullptr, *v = nullptr, *vt = nullptr, *dout = nullptr, *p = nullptr,
-    *ds = nullptr, *tmp = nullptr, *x = nullptr, *y = nullptr, *g = nullptr;
+    *ds = nullptr, *tmp = nullptr, *mask = nullptr, *inv = nullptr, *x = nullptr, *y = nullptr, *g = nullptr,
+    *db = nullptr;
 
-  explicit Scratch(const Geometry& geo) : row_store(2 * geo.n), region_store(2 * geo.n) {
+  Scratch(const Geometry& geo, bool backward) : row_store(2 * geo.n), region_store(2 * geo.n) {
     constexpr int64_t L = 32 / sizeof(T);
     const int64_t nd = geo.n * geo.dp, dn = geo.dp * geo.np, nn = geo.n * geo.np, c = geo.channels;
-    // q, k, kt, v, vt, dout, p, ds, tmp (one head); x (the window's qkv rows), y (its out / d out rows), g (d qkv)
-    const int64_t sizes[12] = {nd, nd, dn, nd, dn, nd, nn, nn, nd, geo.n * 3 * c, geo.n * c, geo.n * 3 * c};
+    const int64_t sizes[15] = {nd, nd, dn, nd, dn, nd, nn, nn, nd, nn, geo.np, geo.n * 3 * c, geo.n * c,
+                               backward ? geo.n * 3 * c : 0, backward ? geo.heads * geo.n * geo.n : 0};
     int64_t total = L;  // room to align the start
     for (int64_t z : sizes) total += (z + L - 1) / L * L;
     buffer.reset(new T[total]());
     T* at = buffer.get();
     at += (L - (reinterpret_cast<uintptr_t>(at) / sizeof(T)) % L) % L;
-    T** slots[12] = {&q, &k, &kt, &v, &vt, &dout, &p, &ds, &tmp, &x, &y, &g};
-    for (int i = 0; i < 12; ++i) {
+    T** slots[15] = {&q, &k, &kt, &v, &vt, &dout, &p, &ds, &tmp, &mask, &inv, &x, &y, &g, &db};
+    for (int i = 0; i < 15; ++i) {
       *slots[i] = at;
       at += (sizes[i] + L - 1) / L * L;
     }
@@ -117,7 +123,22 @@ Geometry geometry(const at::Tensor& qkv, int64_t heads, const std::vector<int64_
   return g;
 }
 
-int64_t block_size(const Geometry& g) { return std::max<int64_t>(1, (g.windows + kMaxBlocks - 1) / kMaxBlocks); }
+// The kernels' padded bias (heads, n, np): the bias (zero without one), -inf in the padded columns (so that the
+// softmax runs on whole vectors).
+at::Tensor padded_bias(const at::Tensor* bias, const at::Tensor& qkv, const Geometry& g) {
+  auto add = at::full({g.heads, g.n, g.np}, -std::numeric_limits<double>::infinity(), qkv.options());
+  auto real = add.narrow(2, 0, g.n);
+  if (bias != nullptr) {
+    real.copy_(bias->view({g.heads, g.n, g.n}));
+  } else {
+    real.zero_();
+  }
+  return add;
+}
+
+int64_t block_size(const Geometry& g) {
+  return std::max<int64_t>(kMinBlock, (g.windows + kMaxBlocks - 1) / kMaxBlocks);
+}
 
 void check_operand(const at::Tensor& t, const at::Tensor& like, const char* name) {
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == like.scalar_type() && t.is_contiguous(),
@@ -192,13 +213,14 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
   auto saved = save_probabilities ? at::empty({g.windows, heads, g.n, g.n}, qkv.options())
                                   : at::empty({g.windows, g.n, heads}, qkv.options());
   const int64_t bs = block_size(g), blocks = (g.windows + bs - 1) / bs;
+  const at::Tensor add = padded_bias(bias, qkv, g);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_cpu_forward", [&] {
     auto kernel = FASTMED_KERNEL(forward_windows<scalar_t>);
-    const scalar_t *x = qkv.data_ptr<scalar_t>(), *b = data_or_null<scalar_t>(bias), *p = data_or_null<scalar_t>(pad);
+    const scalar_t *x = qkv.data_ptr<scalar_t>(), *b = add.data_ptr<scalar_t>(), *p = data_or_null<scalar_t>(pad);
     scalar_t *o = out.data_ptr<scalar_t>(), *sv = saved.data_ptr<scalar_t>();
     const int64_t* sl = slots.data_ptr<int64_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(g);
+      Scratch<scalar_t> scratch(g, false);
       for (int64_t blk = begin; blk < end; ++blk) {
         kernel(g, x, b, p, o, sv, sl, save_probabilities, blk * bs, std::min(g.windows, (blk + 1) * bs), scratch);
       }
@@ -223,18 +245,20 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qkv, 
   const int64_t bs = block_size(g), blocks = (g.windows + bs - 1) / bs;
   auto dqkv = at::empty_like(qkv);
   const bool any_padding = g.padded[0] != g.grid[0] || g.padded[1] != g.grid[1] || g.padded[2] != g.grid[2];
-  auto dbias_blocks = bias_grad ? at::zeros({blocks, heads, g.n, g.n}, qkv.options()) : at::Tensor();
+  auto dbias_blocks = bias_grad ? at::empty({blocks, heads, g.n, g.n}, qkv.options()) : at::Tensor();  // written
   auto dpad_blocks = pad != nullptr && any_padding ? at::zeros({blocks, 3 * g.channels}, qkv.options()) : at::Tensor();
+  // the bias only enters recomputed probabilities
+  const at::Tensor add = saved_probabilities ? at::Tensor() : padded_bias(bias, qkv, g);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_cpu_backward", [&] {
     auto kernel = FASTMED_KERNEL(backward_windows<scalar_t>);
     const scalar_t *x = qkv.data_ptr<scalar_t>(), *dy = dout.data_ptr<scalar_t>(), *sv = saved.data_ptr<scalar_t>();
     const int64_t* sl = slots.data_ptr<int64_t>();
-    const scalar_t *b = data_or_null<scalar_t>(bias), *p = data_or_null<scalar_t>(pad);
+    const scalar_t *b = add.defined() ? add.data_ptr<scalar_t>() : nullptr, *p = data_or_null<scalar_t>(pad);
     scalar_t* dx = dqkv.data_ptr<scalar_t>();
     scalar_t* db = bias_grad ? dbias_blocks.data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = dpad_blocks.defined() ? dpad_blocks.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
-      Scratch<scalar_t> scratch(g);
+      Scratch<scalar_t> scratch(g, true);
       for (int64_t blk = begin; blk < end; ++blk) {
         kernel(g, dy, x, sv, sl, saved_probabilities, b, p, dx, db != nullptr ? db + blk * heads * g.n * g.n : nullptr,
                dp != nullptr ? dp + blk * 3 * g.channels : nullptr, blk * bs, std::min(g.windows, (blk + 1) * bs),

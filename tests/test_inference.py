@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from fastmed.inference import sliding_window_inference
+from fastmed.reference.sliding_window import monai_grid
 
 monai_inferers = pytest.importorskip("monai.inferers")
 monai_swi = monai_inferers.sliding_window_inference
@@ -403,3 +404,51 @@ def test_error_when_a_head_changes_channels():
 
     with pytest.raises(ValueError, match="changed from 1 to 2 channels"):
         sliding_window_inference(torch.zeros(1, 1, 9, 8), (4, 4), 1, predictor)
+
+
+def test_tiles_take_the_moved_back_windows_together(monkeypatch):
+    """MONAI's last window along an axis is moved back to end at the image's edge (here 4 voxels after the one
+    before it, the step being 6): the tiles engine takes such rows together (:func:`tile_order`), so that at most
+    about one window step of z rows is open, where the raster order holds a window's depth while the last two rows
+    pass.  Every window once, labels equal to MONAI's argmax, every tile finished."""
+    import fastmed.inference as inf
+
+    monkeypatch.setattr(inf, "TILES_MIN_BAND_BYTES", 0)
+    C, (Z, Y, X), roi = 3, (40, 40, 12), (12, 12, 12)
+    grid3 = monai_grid((Z, Y, X), roi, (0.5,) * 3)
+    assert grid3.starts[0] == (0, 6, 12, 18, 24, 28)
+    assert inf._start_groups(grid3.starts[0]) == [[0], [1], [2], [3], [4, 5]]
+    order = inf.tile_order(grid3)
+    assert sorted(order) == list(range(grid3.num_windows)) and order != sorted(order)
+
+    peaks = {}
+    finish = inf._Head._finish_tile
+    current = [None]
+
+    def watched(self, n, cell):
+        peaks[current[0]] = max(peaks.get(current[0], 0), sum(t.numel() for t in self.tiles.values()))
+        finish(self, n, cell)
+
+    monkeypatch.setattr(inf._Head, "_finish_tile", watched)
+    net = _net(3, 1, C)
+    calls = []
+
+    def predictor(w):
+        calls.append(w.shape[0])
+        return net(w)
+
+    x = _x((1, 1, Z, Y, X))
+    with torch.no_grad():
+        want = monai_swi(x, roi, 2, net, 0.5, "gaussian").argmax(1, keepdim=True)
+        for name, rows in (("raster", None), ("grouped", inf.tile_order)):
+            if rows is None:
+                monkeypatch.setattr(inf, "tile_order", lambda g: list(range(g.num_windows)))
+            else:
+                monkeypatch.setattr(inf, "tile_order", rows)
+            current[0] = name
+            calls.clear()
+            got = sliding_window_inference(x, roi, 2, predictor, 0.5, "gaussian", output="labels")
+            assert torch.equal(got.long(), want), name
+            assert sum(calls) == grid3.num_windows
+    step = roi[0] // 2
+    assert peaks["grouped"] <= C * X * step * (Y + roi[1] + step) < peaks["raster"], peaks

@@ -217,19 +217,26 @@ INFERENCE_CASES = [
 @pytest.mark.parametrize("grid,window,shift", INFERENCE_CASES)
 def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch, grid, window, shift):
     """float32 inference on the CPU (no_grad): the fused block's four Linears run as oneDNN GEMMs, the MLP's GELU
-    fused into the first one's epilogue; the output equals MONAI's block (float64) to float32 precision.  A call
-    that needs gradients runs the four GEMMs by oneDNN too (the GELU separate: its input is kept for the backward;
-    autograd's backward GEMMs, the GELU's gradient written in place), output and every gradient equal to MONAI's."""
+    fused into the first one's epilogue and the two residual adds into the output GEMMs' epilogues; the output
+    equals MONAI's block (float64) to float32 precision.  A call that needs gradients runs the four GEMMs by oneDNN
+    too (the GELU separate: its input is kept for the backward; autograd's backward GEMMs, the GELU's gradient
+    written in place, the residual's gradient passed through), output and every gradient equal to MONAI's."""
     swin = pytest.importorskip("fastmed.nn.swin")
     if swin._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
     calls = []
+    linear = swin._onednn_linear()
 
-    def counting(x, w, b, attr, scalars, algorithm):
-        calls.append(attr)
-        return swin._onednn_linear()(x, w, b, attr, scalars, algorithm)
+    class Counting:  # torch.ops.mkldnn._linear_pointwise and its .binary overload, counted
+        def __call__(self, x, w, b, attr, scalars, algorithm):
+            calls.append(attr)
+            return linear(x, w, b, attr, scalars, algorithm)
 
-    monkeypatch.setattr(swin, "_ONEDNN_LINEAR", counting)
+        def binary(self, x, other, w, b, attr):
+            calls.append("residual " + attr)
+            return linear.binary(x, other, w, b, attr)
+
+    monkeypatch.setattr(swin, "_ONEDNN_LINEAR", Counting())
     monai_block = _monai_block(24, 3, window, shift).eval()
     ours = SwinTransformerBlock(24, 3, window, shift).float().eval()
     ours.load_state_dict(monai_block.state_dict())
@@ -237,7 +244,7 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     with torch.no_grad():
         want = _monai_forward(monai_block, x, window, shift)
         got = ours(x.float())
-    assert sorted(calls) == ["gelu", "none", "none", "none"]
+    assert calls == ["none", "residual add", "gelu", "residual add"]  # qkv, proj (+ x), fc1 + GELU, fc2 (+ x)
     torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-4)
     calls.clear()
     ours.train()
@@ -247,7 +254,64 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     y = ours(xg)
     grads = torch.autograd.grad(y, [xg, *ours.parameters()],
                                 torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).float())
-    assert calls == ["none"] * 4
+    assert calls == ["none", "residual add", "none", "residual add"]
     torch.testing.assert_close(y.double(), y_want, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads, grads_want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+def test_residual_in_the_output_gemm_epilogue():
+    """``fused_linear`` / ``gelu_linear`` with ``residual``: ``residual + layer(x)`` (and its gradients: the residual's
+    is the output's), with or without gradients, the residual left untouched; ``WindowAttention`` and ``Mlp`` with
+    ``residual`` equal ``residual + module(x)``; a residual of another shape, or with ``gelu=True``, is refused."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    g = torch.Generator().manual_seed(4)
+    layer = torch.nn.Linear(16, 8)
+    x = torch.randn(2, 5, 7, 16, generator=g)
+    r = torch.randn(2, 5, 7, 8, generator=g)
+    dy = torch.randn(2, 5, 7, 8, generator=g)
+    before = r.clone()
+    for fn, eager in ((swin.fused_linear, layer), (swin.gelu_linear, lambda t: layer(torch.nn.functional.gelu(t)))):
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x, layer, residual=r), r + eager(x), atol=1e-6, rtol=1e-6)
+        xg, rg = x.clone().requires_grad_(), r.clone().requires_grad_()
+        got = torch.autograd.grad(fn(xg, layer, residual=rg), [xg, rg, layer.weight, layer.bias], dy)
+        want = torch.autograd.grad(rg + eager(xg), [xg, rg, layer.weight, layer.bias], dy)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1], dy, atol=0, rtol=0)
+        # float64 operands take torch's composition (the same values)
+        with torch.no_grad():
+            torch.testing.assert_close(fn(x, layer, residual=r.double()), r.double() + eager(x), atol=1e-6, rtol=1e-6)
+    assert torch.equal(r, before)
+    with pytest.raises(ValueError, match="gelu=True and a residual"):
+        swin.fused_linear(x, layer, gelu=True, residual=r)
+
+    attn = WindowAttention(16, 2, (3, 3)).eval()
+    mlp = swin.Mlp(16, 32, dropout_rate=0.5).eval()
+    res = torch.randn(2, 5, 7, 16, generator=g)
+    with torch.no_grad():
+        for fused in (True, False):
+            attn.fused = fused
+            torch.testing.assert_close(attn(x, (1, 1), residual=res), res + attn(x, (1, 1)), atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(mlp(x, fused=fused, residual=res), res + mlp(x, fused=fused), atol=1e-5,
+                                       rtol=1e-5)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        attn(x, 0, residual=r)
+    with pytest.raises(ValueError, match="residual must have x's shape"):
+        mlp(x, residual=r)
+
+
+@pytest.mark.parametrize("n_in,n_out", [(24, 8), (8, 24), (12, 12)])
+def test_linear_weight_gradient_orientation(n_in, n_out):
+    """The training Linears' weight gradient ``dy^T x`` (computed as ``(x^T dy)^T`` when the output is the narrower
+    side) equals torch's ``nn.Linear`` gradient; accumulated into ``.grad`` it is a contiguous tensor."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    g = torch.Generator().manual_seed(8)
+    x, dy = torch.randn(50, n_in, generator=g), torch.randn(50, n_out, generator=g)
+    torch.testing.assert_close(swin._weight_grad(dy, x), dy.t() @ x, atol=1e-5, rtol=1e-5)
+    layer = torch.nn.Linear(n_in, n_out)
+    if swin._onednn_applies(x, layer):
+        swin.fused_linear(x, layer).backward(dy)
+        assert layer.weight.grad.is_contiguous()
+        torch.testing.assert_close(layer.weight.grad, dy.t() @ x, atol=1e-5, rtol=1e-5)
