@@ -237,6 +237,7 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
             return linear.binary(x, other, w, b, attr)
 
     monkeypatch.setattr(swin, "_ONEDNN_LINEAR", Counting())
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 0)  # these small grids: oneDNN too
     monai_block = _monai_block(24, 3, window, shift).eval()
     ours = SwinTransformerBlock(24, 3, window, shift).float().eval()
     ours.load_state_dict(monai_block.state_dict())
@@ -260,11 +261,14 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
 
 
-def test_residual_in_the_output_gemm_epilogue():
+@pytest.mark.parametrize("min_rows", [0, 1 << 30])
+def test_residual_in_the_output_gemm_epilogue(monkeypatch, min_rows):
     """``fused_linear`` / ``gelu_linear`` with ``residual``: ``residual + layer(x)`` (and its gradients: the residual's
     is the output's), with or without gradients, the residual left untouched; ``WindowAttention`` and ``Mlp`` with
-    ``residual`` equal ``residual + module(x)``; a residual of another shape, or with ``gelu=True``, is refused."""
+    ``residual`` equal ``residual + module(x)``; a residual of another shape, or with ``gelu=True``, is refused.
+    Through oneDNN (``min_rows`` 0) and through torch's Linear (fewer rows than ``_ONEDNN_MIN_ROWS``)."""
     swin = pytest.importorskip("fastmed.nn.swin")
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", min_rows)
     g = torch.Generator().manual_seed(4)
     layer = torch.nn.Linear(16, 8)
     x = torch.randn(2, 5, 7, 16, generator=g)
@@ -303,15 +307,48 @@ def test_residual_in_the_output_gemm_epilogue():
 
 
 @pytest.mark.parametrize("n_in,n_out", [(24, 8), (8, 24), (12, 12)])
-def test_linear_weight_gradient_orientation(n_in, n_out):
+def test_linear_weight_gradient_orientation(monkeypatch, n_in, n_out):
     """The training Linears' weight gradient ``dy^T x`` (computed as ``(x^T dy)^T`` when the output is the narrower
     side) equals torch's ``nn.Linear`` gradient; accumulated into ``.grad`` it is a contiguous tensor."""
     swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 0)
     g = torch.Generator().manual_seed(8)
     x, dy = torch.randn(50, n_in, generator=g), torch.randn(50, n_out, generator=g)
     torch.testing.assert_close(swin._weight_grad(dy, x), dy.t() @ x, atol=1e-5, rtol=1e-5)
     layer = torch.nn.Linear(n_in, n_out)
-    if swin._onednn_applies(x, layer):
-        swin.fused_linear(x, layer).backward(dy)
-        assert layer.weight.grad.is_contiguous()
-        torch.testing.assert_close(layer.weight.grad, dy.t() @ x, atol=1e-5, rtol=1e-5)
+    assert swin._onednn_applies(x, layer)
+    swin.fused_linear(x, layer).backward(dy)
+    assert layer.weight.grad.is_contiguous()
+    torch.testing.assert_close(layer.weight.grad, dy.t() @ x, atol=1e-5, rtol=1e-5)
+
+
+def test_small_inputs_take_torchs_linear(monkeypatch):
+    """Below ``_ONEDNN_MIN_ROWS`` tokens the fused block's Linears are torch's (oneDNN's per-call cost is higher
+    there), from it on oneDNN's; the same values either way."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    calls = []
+    linear = swin._onednn_linear()
+
+    class Counting:
+        def __call__(self, *args):
+            calls.append("linear")
+            return linear(*args)
+
+        def binary(self, *args):
+            calls.append("binary")
+            return linear.binary(*args)
+
+    monkeypatch.setattr(swin, "_ONEDNN_LINEAR", Counting())
+    block = SwinTransformerBlock(24, 3, (7, 7), (3, 3)).eval()
+    small = torch.randn(1, 14, 14, 24, generator=torch.Generator().manual_seed(2))  # 196 tokens
+    with torch.no_grad():
+        want = block(small)
+        assert swin._ONEDNN_MIN_ROWS > 196 and calls == []
+        monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 196)
+        got = block(small)
+    assert calls == ["linear", "binary", "linear", "binary"]
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
