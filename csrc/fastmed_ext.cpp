@@ -132,6 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("result"), pybind11::arg("table"), pybind11::arg("starts_z"), pybind11::arg("starts_y"),
         pybind11::arg("first_z"), pybind11::arg("count_z"), pybind11::arg("first_y"), pybind11::arg("count_y"),
         pybind11::arg("z_lo"), pybind11::arg("z_hi"), pybind11::arg("output"), pybind11::arg("zero_buffer"));
+  m.def("gelu_and_derivative_cpu_", &fastmed::gelu_and_derivative_cpu_,
+        "The exact (erf) GELU of a contiguous float32 CPU tensor x, returned; x overwritten with GELU'(x), "
+        "csrc/gelu_cpu.cpp.", pybind11::arg("x"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

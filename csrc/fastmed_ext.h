@@ -53,6 +53,9 @@ void sliding_window_finalize_cpu(at::Tensor buffer, const c10::optional<at::Tens
                                  const at::Tensor& starts_z, const at::Tensor& starts_y, const at::Tensor& first_z,
                                  const at::Tensor& count_z, const at::Tensor& first_y, const at::Tensor& count_y,
                                  int64_t z_lo, int64_t z_hi, const std::string& output, bool zero_buffer);
+// csrc/gelu_cpu.cpp: the exact (erf) GELU of a contiguous float32 CPU tensor x (to ~1 ulp, errors unbiased),
+// returned, with x overwritten by GELU'(x).  The same values for any number of threads.
+torch::Tensor gelu_and_derivative_cpu_(torch::Tensor& x);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

@@ -219,8 +219,9 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     """float32 inference on the CPU (no_grad): the fused block's four Linears run as oneDNN GEMMs, the MLP's GELU
     fused into the first one's epilogue and the two residual adds into the output GEMMs' epilogues; the output
     equals MONAI's block (float64) to float32 precision.  A call that needs gradients runs the four GEMMs by oneDNN
-    too (the GELU separate: its input is kept for the backward; autograd's backward GEMMs, the GELU's gradient
-    written in place, the residual's gradient passed through), output and every gradient equal to MONAI's."""
+    too (the GELU separate, its derivative kept for the backward where fastmed._C is built: the MLP's backward
+    multiplies by it in the epilogue of a fifth oneDNN GEMM; the residual's gradient passed through), output and
+    every gradient equal to MONAI's."""
     swin = pytest.importorskip("fastmed.nn.swin")
     if swin._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
@@ -255,10 +256,143 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     y = ours(xg)
     grads = torch.autograd.grad(y, [xg, *ours.parameters()],
                                 torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).float())
-    assert calls == ["none", "residual add", "none", "residual add"]
+    # qkv, proj (+ x), fc1, fc2 (+ x); the backward's d(fc1 output) = (dy w2) * GELU' when the kernel kept GELU'
+    assert calls == ["none", "residual add", "none", "residual add"] + (
+        ["residual mul"] if swin._gelu_kernel() is not None else [])
     torch.testing.assert_close(y.double(), y_want, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads, grads_want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
+
+
+# --- the MLP's GELU kernel (csrc/gelu_cpu.cpp) and the training MLP node (fastmed.nn.swin._OneDnnMlp) ---
+
+def _gelu64(x):
+    x64 = x.double()
+    return torch.nn.functional.gelu(x64), torch.ops.aten.gelu_backward(torch.ones_like(x64), x64)
+
+
+@pytest.mark.ext
+def test_gelu_kernel_is_accurate_and_unbiased():
+    """GELU and its derivative from one pass: within about 1 ulp of float64 everywhere, and their errors average
+    out (a summed gradient over millions of values inherits any bias: Abramowitz & Stegun's erf, which torch's
+    derivative shares, is biased by ~2e-8 on these samples); the same values at 1 and 2 threads; NaN stays NaN;
+    a tensor that is not contiguous float32 on the CPU is refused with a ValueError naming it."""
+    from fastmed import _ext
+    ext = _ext.load()
+    g = torch.Generator().manual_seed(0)
+    for x in (torch.linspace(-12, 12, 480001), torch.randn(1_000_000, generator=g),
+              3 * torch.randn(1_000_000, generator=g)):
+        d = x.clone()
+        y = ext.gelu_and_derivative_cpu_(d)
+        y64, d64 = _gelu64(x)
+        torch.testing.assert_close(y.double(), y64, atol=2.5e-7, rtol=1.2e-7)
+        torch.testing.assert_close(d.double(), d64, atol=2e-7, rtol=0)
+        assert abs((y.double() - y64).mean().item()) < 3e-9
+        assert abs((d.double() - d64).mean().item()) < 3e-9
+    runs = []
+    x = torch.randn(100_003, generator=g) * 4
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            d = x.clone()
+            runs.append((ext.gelu_and_derivative_cpu_(d), d))
+        finally:
+            torch.set_num_threads(before)
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    special = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 1e-30, -1e-30, 1e20, -1e20, -40.0])
+    d = special.clone()
+    y = ext.gelu_and_derivative_cpu_(d)
+    want_y, want_d = torch.nn.functional.gelu(special), torch.ops.aten.gelu_backward(torch.ones_like(special), special)
+    torch.testing.assert_close(y[3:], want_y[3:])
+    torch.testing.assert_close(d[3:], want_d[3:])
+    assert y[0].isnan() and y[1] == float("inf") and y[2].isnan()  # NaN stays NaN; gelu(inf) = inf
+    assert d[:3].isnan().all()  # inf * 0
+    for bad in (torch.randn(4, 6).t(), torch.randn(5).double(), torch.randn(5).half()):
+        with pytest.raises(ValueError, match="x must be a contiguous float32 CPU tensor"):
+            ext.gelu_and_derivative_cpu_(bad)
+
+
+@pytest.mark.parametrize("kernel", [pytest.param(True, marks=pytest.mark.ext), False], ids=["gelu-kernel", "torch"])
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, kernel, residual):
+    """The training MLP node (oneDNN GEMMs; the GELU's derivative kept from the forward by the kernel and applied in
+    the backward GEMM's epilogue, or torch's GELU without the extension): output and the gradients of every input
+    (the residual's too) equal the float64 composition to float32 precision; create_graph=True gives the same
+    first-order gradients and a second-order gradient equal to the float64 one; retain_graph=True gives the same
+    gradients twice; no input is modified."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    if not kernel:
+        monkeypatch.setattr(swin, "_gelu_kernel", lambda: None)
+    g = torch.Generator().manual_seed(2)
+    h = torch.randn(2, 5, 7, 12, generator=g)
+    params = [torch.randn(48, 12, generator=g) / 4, torch.randn(48, generator=g) / 4,
+              torch.randn(12, 48, generator=g) / 7, torch.randn(12, generator=g) / 7]
+    res = torch.randn(2, 5, 7, 12, generator=g) if residual else None
+    dy = torch.randn(2, 5, 7, 12, generator=g)
+    inputs = [h] + params + ([res] if residual else [])
+    before = [t.clone() for t in inputs]
+
+    def composed(t, w1, b1, w2, b2, r=None):
+        y = torch.nn.functional.linear(torch.nn.functional.gelu(torch.nn.functional.linear(t, w1, b1)), w2, b2)
+        return y if r is None else r + y
+
+    leaves64 = [t.double().requires_grad_() for t in inputs]
+    want = composed(*leaves64)
+    grads64 = torch.autograd.grad(want, leaves64, dy.double(), create_graph=True)
+    second64 = torch.autograd.grad(grads64[0].square().sum(), leaves64[1])[0]
+    leaves = [t.clone().requires_grad_() for t in inputs]
+    got = swin._OneDnnMlp.apply(*leaves, *([] if residual else [None]))
+    torch.testing.assert_close(got.double(), want.detach(), atol=1e-5, rtol=1e-5)
+    first = torch.autograd.grad(got, leaves, dy, retain_graph=True)
+    again = torch.autograd.grad(got, leaves, dy, retain_graph=True)
+    graph = torch.autograd.grad(got, leaves, dy, create_graph=True)
+    for a, b, c, w in zip(first, again, graph, grads64):
+        torch.testing.assert_close(a.double(), w.detach(), atol=1e-5, rtol=1e-5)
+        assert torch.equal(a, b)
+        torch.testing.assert_close(c.double(), w.detach(), atol=1e-5, rtol=1e-5)
+    second = torch.autograd.grad(graph[0].square().sum(), leaves[1])[0]
+    torch.testing.assert_close(second.double(), second64, atol=1e-4, rtol=1e-4)
+    for t, b in zip(inputs, before):
+        assert torch.equal(t, b)
+
+
+def test_training_mlp_takes_the_node_only_where_it_applies(monkeypatch):
+    """The fused Mlp with gradients runs the node for float32 CPU inputs of at least ``_ONEDNN_MIN_ROWS`` tokens
+    and plain Linears; float64, a hooked Linear or an active dropout take the per-Linear path; the values agree."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    used = []
+    node = swin._OneDnnMlp
+
+    class Spy:
+        @staticmethod
+        def apply(*args):
+            used.append(True)
+            return node.apply(*args)
+
+    monkeypatch.setattr(swin, "_OneDnnMlp", Spy)
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 0)
+    g = torch.Generator().manual_seed(5)
+    mlp = swin.Mlp(8, 32)
+    x = torch.randn(3, 4, 8, generator=g, requires_grad=True)
+    r = torch.randn(3, 4, 8, generator=g)
+    want = r + mlp(x)  # the unfused module
+    torch.testing.assert_close(mlp(x, fused=True, residual=r), want, atol=1e-5, rtol=1e-5)
+    assert used == [True]
+    used.clear()
+    mlp.double()
+    mlp(x.double(), fused=True, residual=r.double())
+    handle = mlp.float().linear2.register_forward_hook(lambda *a: None)
+    torch.testing.assert_close(mlp(x, fused=True, residual=r), want, atol=1e-5, rtol=1e-5)
+    handle.remove()
+    assert used == []
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 1 << 30)
+    mlp(x, fused=True)
+    assert used == []
 
 
 @pytest.mark.parametrize("min_rows", [0, 1 << 30])

@@ -10,11 +10,14 @@ for patch expanding), so their state dicts load with ``load_state_dict``.
 :func:`fastmed.ops.window_attention` (shift, partition, bias, mask, softmax, reverse in one kernel);
 ``fused=False`` runs the eager composition exactly as MONAI writes it (pad, roll, partition, explicit bias
 and mask, softmax, reverse, roll back).  In float32 CPU inference the fused path also runs the block's Linears as
-oneDNN GEMMs with the MLP's GELU in the first one's epilogue (:func:`fused_linear`).  The patch
-merging/expanding layers are reshapes around a LayerNorm and a Linear and have one path.
+oneDNN GEMMs with the MLP's GELU in the first one's epilogue (:func:`fused_linear`); in float32 CPU training the
+MLP is one autograd node whose backward applies the GELU's derivative, kept from the forward, in a GEMM's
+epilogue (:class:`_OneDnnMlp`).  The patch merging/expanding layers are reshapes around a LayerNorm and a Linear
+and have one path.
 """
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 from collections.abc import Sequence
@@ -25,6 +28,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import Tensor, nn
 
+from fastmed import _ext
 from fastmed._validate import check_choice, check_int, check_per_axis, check_spatial_dims, check_token_grid
 from fastmed.ops.window_attention import BIAS_INDEX, window_attention
 from fastmed.reference import window_attention as ref
@@ -217,20 +221,89 @@ class _OneDnnLinear(torch.autograd.Function):
         return dx, dw, db, None, dy if ctx.needs_input_grad[4] else None
 
 
+@functools.cache
+def _gelu_kernel():
+    """``fastmed._C.gelu_and_derivative_cpu_`` (csrc/gelu_cpu.cpp: returns GELU(x), overwrites x with GELU'(x)), or
+    None where the extension is not built (torch's GELU and its backward then)."""
+    if not _ext.extension_info()["built"]:
+        return None
+    return getattr(_ext.load(), "gelu_and_derivative_cpu_", None)
+
+
+class _OneDnnMlp(torch.autograd.Function):
+    """``residual + linear2(gelu(linear1(x)))`` (the exact GELU; ``residual`` optional) for training on the CPU in
+    float32, as one autograd node.  The forward's GEMMs are oneDNN's (the biases, and the residual, in their
+    epilogues); between them, where ``fastmed._C`` is built, one pass over the hidden activation computes the GELU
+    and overwrites the pre-activation with the GELU's derivative (csrc/gelu_cpu.cpp: one erf and one exponential a
+    value).  The backward's GELU is then a product, applied in the epilogue of the oneDNN GEMM that forms its
+    input gradient (``(dy w2) * gelu'``): no pass of its own over the ``(tokens, 4C)`` activation and no erf or
+    exponential, where torch's GELU backward reads the pre-activation and computes both.  Without the extension,
+    torch's GELU and its backward (in place).  Saves ``x``, the GELU's output and the derivative (or the
+    pre-activation), as the two Linears' and the GELU's nodes save.  Under ``create_graph=True`` the backward
+    recomputes the pre-activation and runs torch's differentiable formulas."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
+                residual: Optional[Tensor]) -> Tensor:
+        pre = _ONEDNN_LINEAR(x, w1, b1, "none", [], "")
+        kernel = _gelu_kernel()
+        ctx.derivative = kernel is not None
+        g = kernel(pre) if ctx.derivative else F.gelu(pre)  # with the kernel, pre now holds GELU'(pre)
+        ctx.save_for_backward(x, w1, b1, g, pre, w2)
+        ctx.has_b2, ctx.has_residual = b2 is not None, residual is not None
+        if residual is not None:
+            return _ONEDNN_LINEAR.binary(g, residual, w2, b2, "add")
+        return _ONEDNN_LINEAR(g, w2, b2, "none", [], "")
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w1, b1, g, saved, w2 = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        dres = dy if ctx.has_residual and need[5] else None
+        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas on the recomputed pre-activation
+            pre = F.linear(x2, w1, b1)
+            dpre = torch.ops.aten.gelu_backward(dy2.mm(w2), pre)
+            return (dpre.mm(w1).view(x.shape) if need[0] else None, dpre.t().mm(x2) if need[1] else None,
+                    dpre.sum(0) if b1 is not None and need[2] else None,
+                    dy2.t().mm(F.gelu(pre)) if need[3] else None, dy2.sum(0) if ctx.has_b2 and need[4] else None,
+                    dres)
+        g2 = g.reshape(-1, g.shape[-1])
+        dw2 = _weight_grad(dy2, g2) if need[3] else None
+        db2 = dy2.sum(0) if ctx.has_b2 and need[4] else None
+        dx = dw1 = db1 = None
+        if need[0] or need[1] or need[2]:
+            s2 = saved.reshape(g2.shape)
+            if ctx.derivative:  # d pre = (dy w2) * GELU'(pre), the product in the GEMM's epilogue
+                dpre = _ONEDNN_LINEAR.binary(dy2, s2, w2.t().contiguous(), None, "mul")
+            else:
+                dpre = dy2.mm(w2)
+                torch.ops.aten.gelu_backward.grad_input(dpre, s2, grad_input=dpre)
+            dw1 = _weight_grad(dpre, x2) if need[1] else None
+            db1 = dpre.sum(0) if b1 is not None and need[2] else None
+            dx = dpre.mm(w1).view(x.shape) if need[0] else None
+        return dx, dw1, db1, dw2, db2, dres
+
+
 # oneDNN's linear costs ~10-25 us more per call than torch's addmm; from about this many rows (tokens) on, its
 # epilogues (bias, GELU, residual) win it back.  Measured here (2 threads, a 2D Swin-Unet block, C = 96, inference):
 # 441 tokens 1.15 ms with torch's Linears against 1.21 ms with oneDNN's, 784 tokens 2.19 against 1.93 ms.
 _ONEDNN_MIN_ROWS = 576
 
 
+def _plain_linear(layer: nn.Linear) -> bool:
+    """A plain ``nn.Linear`` (not a subclass) with float32 CPU weights and no hooks."""
+    w = layer.weight
+    return (type(layer) is nn.Linear and w.dtype == torch.float32 and w.device.type == "cpu"
+            and not layer._forward_hooks and not layer._forward_pre_hooks)
+
+
 def _onednn_applies(x: Tensor, layer: nn.Linear) -> bool:
     """Whether :func:`fused_linear` may run ``layer`` on ``x`` with oneDNN: a plain float32 CPU tensor of at least
     ``_ONEDNN_MIN_ROWS`` rows and a plain ``nn.Linear`` without hooks, outside autocast and torch.compile."""
-    w = layer.weight
-    return (_ONEDNN_LINEAR is not None and type(x) is Tensor and type(layer) is nn.Linear and x.device.type == "cpu"
-            and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1]
-            and x.dtype == torch.float32 and w.dtype == torch.float32 and w.device.type == "cpu"
-            and not layer._forward_hooks and not layer._forward_pre_hooks
+    return (_ONEDNN_LINEAR is not None and type(x) is Tensor and _plain_linear(layer) and x.device.type == "cpu"
+            and x.numel() >= _ONEDNN_MIN_ROWS * x.shape[-1] and x.dtype == torch.float32
             and not torch.is_autocast_enabled("cpu") and not torch.compiler.is_compiling())
 
 
@@ -305,8 +378,11 @@ class Mlp(nn.Module):
 
     ``forward(x (..., hidden_size), fused=False)``: with ``fused=True`` the Linears and the GELU go through
     :func:`fused_linear` (on the CPU in float32 without autograd: one oneDNN GEMM with the GELU fused) or, when a
-    gradient is needed and the dropout is off, :func:`fused_linear` and :func:`gelu_linear` (oneDNN GEMMs in
-    autograd nodes, the GELU's gradient in place); the same result.
+    gradient is needed and the dropout is off, one autograd node (:class:`_OneDnnMlp`: oneDNN GEMMs, the GELU's
+    derivative computed with the GELU and applied in the backward GEMM's epilogue; for plain ``nn.Linear`` layers
+    and float32 CPU inputs of at least ``_ONEDNN_MIN_ROWS`` tokens, else :func:`fused_linear` and
+    :func:`gelu_linear`); the same result.  ``residual`` (``x``'s shape): ``residual + mlp(x)``, added in the
+    second GEMM's epilogue where oneDNN runs it.
     """
 
     def __init__(self, hidden_size: int, mlp_dim: int, dropout_rate: float = 0.0):
@@ -321,6 +397,10 @@ class Mlp(nn.Module):
         if fused and type(self.fn) is nn.GELU and self.fn.approximate == "none":
             if _inactive(self.drop):  # the residual (if any) in the second GEMM's epilogue
                 if _needs_grad(x, self.linear1, self.linear2, residual=residual):
+                    if _onednn_applies(x, self.linear1) and _plain_linear(self.linear2) and (
+                            residual is None or _residual_applies(residual, x, self.linear2)):
+                        return _OneDnnMlp.apply(x, self.linear1.weight, self.linear1.bias, self.linear2.weight,
+                                                self.linear2.bias, residual)
                     return gelu_linear(fused_linear(x, self.linear1), self.linear2, residual=residual)
                 return fused_linear(fused_linear(x, self.linear1, gelu=True), self.linear2, residual=residual)
             y = self.drop(fused_linear(self.drop(fused_linear(x, self.linear1, gelu=True)), self.linear2))

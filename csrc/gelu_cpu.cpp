@@ -1,0 +1,73 @@
+// The exact (erf) GELU on float32 CPU tensors for the MLPs of fastmed.nn's Swin blocks in training
+// (fastmed/nn/swin.py, _OneDnnMlp): one pass computes GELU(x) and overwrites x with GELU'(x) (one erf and one
+// exponential per value; torch's GELU and its backward compute one and two), so that the backward's GELU is a
+// product, which oneDNN applies in the epilogue of the GEMM that forms the GELU's input gradient.
+//
+// Three builds of the loop (gelu_cpu_kernels.h): baseline x86-64, AVX2 + FMA and AVX-512, chosen at run time.
+// Work items are fixed blocks of values; every value is computed alone, so the results do not depend on the
+// number of threads.
+#include "cpu_dispatch.h"
+#include "fastmed_ext.h"
+
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace fastmed {
+namespace gelu_cpu {
+
+constexpr int64_t kForwardBlock = 16384;  // values per work item
+
+#define FASTMED_KERNELS_HEADER "gelu_cpu_kernels.h"
+#include "cpu_kernels_twice.h"
+
+#ifdef FASTMED_CPU_AVX2
+namespace avx512 {
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512dq,avx512vl,avx512bw,avx2,fma,prefer-vector-width=512")
+#pragma GCC optimize("no-trapping-math")
+#include "gelu_cpu_kernels.h"
+#pragma GCC pop_options
+}  // namespace avx512
+
+bool use_avx512() {
+  static const bool ok = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512dq") &&
+                         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512bw");
+  return ok;
+}
+#define FASTMED_GELU_KERNEL(...) (use_avx512() ? &avx512::__VA_ARGS__ : FASTMED_KERNEL(__VA_ARGS__))
+#else
+#define FASTMED_GELU_KERNEL(...) FASTMED_KERNEL(__VA_ARGS__)
+#endif
+
+namespace {
+
+void check_float32_cpu_contiguous(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous(),
+                    "gelu_cpu: ", name, " must be a contiguous float32 CPU tensor, got ", t.scalar_type(), " on ",
+                    t.device(), t.is_contiguous() ? "" : " (not contiguous)");
+}
+
+}  // namespace
+}  // namespace gelu_cpu
+
+torch::Tensor gelu_and_derivative_cpu_(torch::Tensor& x) {
+  using namespace gelu_cpu;
+  check_float32_cpu_contiguous(x, "x");
+  at::Tensor y = at::empty_like(x);
+  float* xp = x.mutable_data_ptr<float>();
+  float* yp = y.mutable_data_ptr<float>();
+  const int64_t n = x.numel();
+  const auto run = FASTMED_GELU_KERNEL(gelu_and_derivative_run);
+  const int64_t blocks = (n + kForwardBlock - 1) / kForwardBlock;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b) {
+      const int64_t s = b * kForwardBlock;
+      run(xp + s, yp + s, std::min(kForwardBlock, n - s));
+    }
+  });
+  return y;
+}
+
+}  // namespace fastmed
