@@ -415,14 +415,15 @@ def _saved_slots(spec: ref.WindowSpec, padded: tuple, batch: int) -> Tensor:
     return torch.empty_like(raster).index_copy_(0, order, raster)
 
 
-def _cpp_operands(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec) -> tuple:
-    """qkv, the ``(heads, N, N)`` bias of every pair and the padding token, contiguous in the compute dtype, and
-    the windows' :func:`_saved_slots`."""
+def _cpp_operands(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec, with_bias: bool = True) -> tuple:
+    """qkv, the ``(heads, N, N)`` bias of every pair (None when ``with_bias`` is False: a backward from the kept
+    probabilities does not read it) and the padding token, contiguous in the compute dtype, and the windows'
+    :func:`_saved_slots`."""
     acc = accumulation_dtype(qkv.dtype)
     padded = tuple(-(-s // w) * w for s, w in zip(qkv.shape[1:4], spec.window))
     slots = _saved_slots(spec, padded, qkv.shape[0])
     rows = _cached_table_rows(spec.window, spec.table_window, spec.bias_coords)
-    bias = None if table is None else _pair_bias(table, rows, spec, acc).contiguous()
+    bias = None if table is None or not with_bias else _pair_bias(table, rows, spec, acc).contiguous()
     pad = None if qkv_pad is None else qkv_pad.to(acc).contiguous()
     return qkv.to(acc).contiguous(), bias, pad, slots
 
@@ -448,7 +449,7 @@ def _cpp_backward(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: ref.Wi
     if not _cpp_native(spec, dout, qkv, saved, table, qkv_pad):
         dqkv, dtable, dpad = _aten_backward(dout, qkv, saved, table, qkv_pad, spec, saves)
         return dqkv.contiguous(), dtable, dpad
-    x, bias, pad, slots = _cpp_operands(qkv, table, qkv_pad, spec)
+    x, bias, pad, slots = _cpp_operands(qkv, table, qkv_pad, spec, with_bias=saves != "probabilities")
     dqkv, dbias, dpad = _ext.load().window_attention_backward_cpu(
         dout.to(x.dtype).contiguous(), x, saved, bias, pad, slots, spec.num_heads, list(spec.window), list(spec.shift),
         spec.scale, saves == "probabilities", table is not None)
@@ -509,6 +510,10 @@ def _setup_context(ctx, inputs, output):
     # No backward reads the output (the kernels compute rowsum(dO * O) as rowsum(P * dP); the reference recomputes
     # everything from qkv), so the caller may modify it in place (as with the unfused composition).
     ctx.save_for_backward(qkv, lse if backend != "reference" else None, table, qkv_pad)
+    # What the backward reads gets no gradient, and none is filled with zeros for it (a (B * nW, heads, N, N)
+    # tensor of zeros a call where the probabilities are kept).
+    ctx.mark_non_differentiable(lse)
+    ctx.set_materialize_grads(False)
     ctx.spec = ref.WindowSpec.from_flat(*spec_fields)
     ctx.saves, ctx.backend = saves, backend
 
@@ -516,6 +521,8 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, dout, _dlse):
     qkv, lse, table, qkv_pad = ctx.saved_tensors
     spec = ctx.spec
+    if dout is None:  # an undefined output gradient (not materialized as zeros): no gradient flows back
+        return (None, None, None) + _NON_TENSOR_GRADS
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (dout, qkv, table, qkv_pad)):
         # Double backward (create_graph=True): the first-order gradient must itself be differentiable, so it is
         # computed by the reference's plain torch composition, which autograd differentiates again, on every
