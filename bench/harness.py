@@ -47,6 +47,11 @@ from typing import Optional
 import torch
 from results_io import comparisons
 
+try:
+    import resource
+except ImportError:  # not on Windows
+    resource = None
+
 RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 MIN_REPS = 5
 
@@ -202,6 +207,15 @@ class Bench:
         fn()
         return (time.perf_counter() - t0) * 1e3
 
+    def minor_faults(self) -> Optional[int]:
+        """The process's minor page faults so far, on the CPU where the OS counts them (else None).  A CPU call that
+        writes into memory freshly mapped by the allocator pays one fault per 4 KiB page touched first (glibc's
+        malloc maps large blocks anew and returns freed ones, depending on the process's history); the rows record
+        the faults per call so that times differing for this reason can be told apart."""
+        if resource is None or self.device.type != "cpu":
+            return None
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
     def peak_bytes(self, fn: Callable[[], object]) -> Optional[int]:
         """Peak extra memory of one call of ``fn`` (None when not measured)."""
         if not self.memory:
@@ -282,12 +296,16 @@ class Bench:
         round_s = time.perf_counter() - t0
         reps = self.reps if round_s <= 0 else max(MIN_REPS, min(self.reps, int(self.case_budget_s / round_s)))
         times: dict[str, list[float]] = {name: [] for name in live}
+        faults: dict[str, list[int]] = {name: [] for name in live}
         for order in rotation(list(live), reps):
             for name in order:
                 if name in live:
+                    f0 = self.minor_faults()
                     t = attempt(name, lambda fn=live[name]: self.time_once(fn))
                     if t is not None:
                         times[name].append(t)
+                        if f0 is not None:
+                            faults[name].append(self.minor_faults() - f0)
         load_end = load_average()
         out: dict[str, dict] = {}
         for name in impls:
@@ -309,9 +327,12 @@ class Bench:
                 if flops is not None:
                     row["TFLOP/s"] = _sig(flops / (med * 1e-3) / 1e12)
                 out[name] = row
+                if faults[name]:
+                    row["minor_faults_per_call"] = statistics.median(faults[name])
                 mem = "" if row["peak_mem_mb"] is None else f"  peak {row['peak_mem_mb']:.1f} MiB"
                 bw = f"  {row['pct_copy_bw']:.1f}% copy bw" if "pct_copy_bw" in row else ""
-                print(f"  {case:<44} {name:<22} {med:9.3f} ms [{q20:.3f}, {q80:.3f}]{bw}{mem}")
+                flt = f"  {row['minor_faults_per_call']:g} faults/call" if row.get("minor_faults_per_call") else ""
+                print(f"  {case:<44} {name:<22} {med:9.3f} ms [{q20:.3f}, {q80:.3f}]{bw}{mem}{flt}")
             row.update(extra or {})
             row.update((impl_extra or {}).get(name, {}))
             row["copy_GB/s"] = None if self._copy_gbs is None else round(self._copy_gbs, 2)
