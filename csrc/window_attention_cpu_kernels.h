@@ -9,7 +9,9 @@
 // gathered rows (rows_times takes any strides for its scalar operand and 32-byte aligned rows for its vector one);
 // only the operand needed as columns (k in the forward, v in the backward) is transposed, in 8 x 8 blocks.  The
 // softmax runs on whole vectors (the padded columns are -inf through the padded bias) and its normalization is
-// deferred: the products use exp(s - max) and their rows are scaled by 1 / sum on the way out.  Nothing in here
+// deferred: the products use exp(s - max) and their rows are scaled by 1 / sum on the way out.  The row maxima and
+// sums (and the backward's row dot products) are vector accumulations reduced by halves at the end (an `omp simd`
+// reduction's per-lane array went through the stack, a serial chain of scalar adds per row).  Nothing in here
 // depends on the thread that runs it: a (window, head) is always computed the same way.
 #include "cpu_math_f32.h"  // exp_f32_normal, FASTMED_INLINE
 
@@ -30,6 +32,39 @@ using Vec = typename VecOf<T>::type;
 
 template <typename T>
 constexpr int64_t kLanesOf = 32 / static_cast<int64_t>(sizeof(T));
+
+// 32 bytes at any alignment as one vector, and back.
+template <typename T>
+FASTMED_INLINE Vec<T> load_vec(const T* p) {
+  Vec<T> v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+template <typename T>
+FASTMED_INLINE void store_vec(T* p, const Vec<T>& v) {
+  std::memcpy(p, &v, sizeof(v));
+}
+
+// The sum and the maximum of a vector's lanes, by halves (a fixed order); the maximum skips NaN lanes, as
+// `a > m ? a : m` does (a NaN score still makes its row NaN through exp(NaN - max)).
+template <typename T>
+FASTMED_INLINE T lanes_sum(Vec<T> v) {
+  T l[kLanesOf<T>];
+  std::memcpy(l, &v, sizeof(v));
+  for (int64_t w = kLanesOf<T> / 2; w >= 1; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) l[i] += l[i + w];
+  }
+  return l[0];
+}
+template <typename T>
+FASTMED_INLINE T lanes_max(Vec<T> v) {
+  T l[kLanesOf<T>];
+  std::memcpy(l, &v, sizeof(v));
+  for (int64_t w = kLanesOf<T> / 2; w >= 1; w /= 2) {
+    for (int64_t i = 0; i < w; ++i) l[i] = l[i + w] > l[i] ? l[i + w] : l[i];
+  }
+  return l[0];
+}
 
 // R rows of NV vectors: out[r * ldo + 0:NV*L] = sum_k a[r * ar + k * as] * B[k * ldb + 0:NV*L], the R x NV sums in
 // registers (independent chains: enough of them to cover the FMA latency).
@@ -229,23 +264,16 @@ inline void window_mask(const Geometry& g, const int32_t* region, T* mask) {
 // padded columns) and of the window's mask (when shifted); returns the row's maximum.
 template <typename T>
 FASTMED_INLINE T scores_row(const Geometry& g, const T* add_row, const T* mask_row, T* row) {
-  const int64_t np = g.np;
-  const T scale = T(g.scale);
-  T m = -std::numeric_limits<T>::infinity();  // a NaN score makes its row NaN via exp(NaN - m)
-  if (mask_row != nullptr) {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < np; ++j) {
-      row[j] = (row[j] * scale + add_row[j]) + mask_row[j];
-      m = row[j] > m ? row[j] : m;
-    }
-  } else {
-#pragma omp simd reduction(max : m)
-    for (int64_t j = 0; j < np; ++j) {
-      row[j] = row[j] * scale + add_row[j];
-      m = row[j] > m ? row[j] : m;
-    }
+  constexpr int64_t L = kLanesOf<T>;
+  const Vec<T> scale = Vec<T>{} + T(g.scale);
+  Vec<T> m = Vec<T>{} - std::numeric_limits<T>::infinity();  // a NaN score makes its row NaN via exp(NaN - m)
+  for (int64_t j = 0; j < g.np; j += L) {  // np: whole vectors
+    Vec<T> r = load_vec<T>(row + j) * scale + load_vec<T>(add_row + j);
+    if (mask_row != nullptr) r = r + load_vec<T>(mask_row + j);
+    store_vec<T>(row + j, r);
+    m = r > m ? r : m;
   }
-  return m;
+  return lanes_max<T>(m);
 }
 
 // The rows of `tmp` (n x dp), row t times `mul` and row_mul[t] (when not null), as the columns [0, d) of the rows of
@@ -291,12 +319,11 @@ void forward_windows(const Geometry& g, const T* qkv, const T* add, const T* pad
       for (int64_t i = 0; i < n; ++i) {
         T* p = s.p + i * np;
         const T mx = scores_row(g, add_h + i * np, mask != nullptr ? mask + i * np : nullptr, p);
-        T sum = T(0);
-#pragma omp simd reduction(+ : sum)
-        for (int64_t j = 0; j < np; ++j) {
-          p[j] = softmax_exp(p[j] - mx);
-          sum += p[j];
-        }
+#pragma omp simd
+        for (int64_t j = 0; j < np; ++j) p[j] = softmax_exp(p[j] - mx);
+        Vec<T> acc = {};
+        for (int64_t j = 0; j < np; j += kLanesOf<T>) acc += load_vec<T>(p + j);
+        const T sum = lanes_sum<T>(acc);
         const T inv = T(1) / sum;
         s.inv[i] = inv;
         if (probs) {  // normalized on the way out; the products use exp(s - max) and scale their rows by inv
@@ -377,9 +404,11 @@ void backward_windows(const Geometry& g, const T* dout, const T* qkv, const T* s
       for (int64_t i = 0; i < n; ++i) {
         T* ds = s.ds + i * np;
         const T* p = P + i * pl;
-        T r = T(0);
-#pragma omp simd reduction(+ : r)
-        for (int64_t j = 0; j < n; ++j) r += p[j] * ds[j];
+        Vec<T> acc = {};
+        int64_t j0 = 0;
+        for (; j0 + kLanesOf<T> <= n; j0 += kLanesOf<T>) acc += load_vec<T>(p + j0) * load_vec<T>(ds + j0);
+        T r = lanes_sum<T>(acc);
+        for (int64_t j = j0; j < n; ++j) r += p[j] * ds[j];
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - r);
         if (db != nullptr) {
