@@ -13,15 +13,8 @@
 // to show in summed gradients).  The same exp(-w) gives the normal density exp(-x^2 / 2) / sqrt(2 pi).
 #include "cpu_math_f32.h"
 
-// exp(-w) for w >= 0 (Cephes expf's reduction and polynomial, as exp_f32, ~1 ulp) with one scale 2^n,
-// n in [-126, 0], and 0 beyond w = 87 (below FLT_MIN); NaN passes through.
-FASTMED_INLINE float exp_neg(float w) {
-  const float a = w > 87.0f ? -87.0f : -w;
-  const float t = a * 1.44269504088896341f + 12582912.0f;  // round(a / ln 2) in the low bits of t
-  const float p = exp_f32_mantissa(a, t);
-  const float scale = __builtin_bit_cast(float, (__builtin_bit_cast(int32_t, t) - 0x4B400000 + 127) << 23);
-  return w > 87.0f ? 0.0f : p * scale;
-}
+// exp(-w) for w >= 0 (exp_f32_normal, ~1 ulp), 0 beyond w = 87 (below FLT_MIN); NaN passes through.
+FASTMED_INLINE float exp_neg(float w) { return w > 87.0f ? 0.0f : exp_f32_normal(w > 87.0f ? -87.0f : -w); }
 
 // x[i] -> y[i] = gelu(x[i]) = x Phi(x), and x[i] overwritten with gelu'(x[i]) = Phi(x) + x phi(x).
 // NaN stays NaN; gelu(+inf) = +inf, gelu(-inf) and the derivatives at +-inf are NaN (inf * 0), as torch's.

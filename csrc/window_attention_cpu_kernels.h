@@ -47,23 +47,22 @@ FASTMED_INLINE void store_vec(T* p, const Vec<T>& v) {
 
 // The sum and the maximum of a vector's lanes, by halves (a fixed order); the maximum skips NaN lanes, as
 // `a > m ? a : m` does (a NaN score still makes its row NaN through exp(NaN - max)).
-template <typename T>
-FASTMED_INLINE T lanes_sum(Vec<T> v) {
+template <typename T, typename Combine>
+FASTMED_INLINE T lanes_reduce(Vec<T> v, Combine combine) {
   T l[kLanesOf<T>];
   std::memcpy(l, &v, sizeof(v));
   for (int64_t w = kLanesOf<T> / 2; w >= 1; w /= 2) {
-    for (int64_t i = 0; i < w; ++i) l[i] += l[i + w];
+    for (int64_t i = 0; i < w; ++i) l[i] = combine(l[i], l[i + w]);
   }
   return l[0];
 }
 template <typename T>
+FASTMED_INLINE T lanes_sum(Vec<T> v) {
+  return lanes_reduce<T>(v, [](T a, T b) { return a + b; });
+}
+template <typename T>
 FASTMED_INLINE T lanes_max(Vec<T> v) {
-  T l[kLanesOf<T>];
-  std::memcpy(l, &v, sizeof(v));
-  for (int64_t w = kLanesOf<T> / 2; w >= 1; w /= 2) {
-    for (int64_t i = 0; i < w; ++i) l[i] = l[i + w] > l[i] ? l[i + w] : l[i];
-  }
-  return l[0];
+  return lanes_reduce<T>(v, [](T a, T b) { return b > a ? b : a; });
 }
 
 // R rows of NV vectors: out[r * ldo + 0:NV*L] = sum_k a[r * ar + k * as] * B[k * ldb + 0:NV*L], the R x NV sums in
