@@ -1,5 +1,6 @@
-// fastmed::window_attention on CPU tensors, for windows of at most 64 tokens (the `cpp` backend of
-// fastmed.ops.window_attention; larger windows take torch's flash-attention kernel, see fastmed/ops/window_attention.py).
+// fastmed::window_attention on CPU tensors, for windows of at most 512 tokens (the `cpp` backend of
+// fastmed.ops.window_attention: Swin-Unet's 7x7 = 49, SwinUNETR's 7x7x7 = 343, 8x8x8; larger windows take torch's
+// flash-attention kernel, see fastmed/ops/window_attention.py).
 //
 // One pass per window, straight from and to the token grid: the cyclic shift, the window partition and the padding
 // are index arithmetic (a window's token rows are computed, padding tokens read the qkv of a padding token), the
@@ -11,9 +12,10 @@
 //             log-sum-exp (inference; the backward then recomputes the probabilities);
 //   backward  reads qkv, dout and the saved tensor once, writes dqkv once (every real token belongs to exactly one
 //             window), and the bias and padding-token gradients summed per block of windows.
-// Work items are blocks of windows (every head) fixed by the geometry alone (at most kMaxBlocks of them, at least
-// kMinBlock windows each), and the per-block bias and padding gradients are added in block order: the results are
-// bit-identical for any number of threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
+// Work items are blocks of windows (every head) fixed by the geometry and the dtype alone (at most kMaxBlocks of
+// them, fewer when their bias-gradient partials would pass kMaxPartialBytes, at least kMinBlock windows each), and
+// the per-block bias and padding gradients are added in block order: the results are bit-identical for any number of
+// threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 
@@ -32,8 +34,12 @@
 namespace fastmed {
 namespace window_attention_cpu {
 
-constexpr int64_t kMaxTokens = 64;   // tokens per window this kernel takes
+constexpr int64_t kMaxTokens = 512;  // tokens per window this kernel takes (scratch: a few n x n per thread)
 constexpr int64_t kMaxBlocks = 64;   // blocks of windows (bias / padding gradients: one partial per block)
+constexpr int64_t kMinBlocks = 8;    // ... at least this many when there are enough windows (parallel work)
+// The blocks' (heads, n, n) bias-gradient partials, at most (under glibc's 32 MiB mmap ceiling: a larger buffer would
+// be mapped anew, page by page, every call).
+constexpr int64_t kMaxPartialBytes = int64_t{24} << 20;
 constexpr int64_t kMinBlock = 4;     // windows per block at least (fewer partials to write and add)
 constexpr double kMaskValue = -100.0;  // timm / Swin / MONAI's shifted-window mask
 
@@ -136,8 +142,13 @@ at::Tensor padded_bias(const at::Tensor* bias, const at::Tensor& qkv, const Geom
   return add;
 }
 
-int64_t block_size(const Geometry& g) {
-  return std::max<int64_t>(kMinBlock, (g.windows + kMaxBlocks - 1) / kMaxBlocks);
+// Windows per block: at most kMaxBlocks blocks, and for large windows few enough that their bias-gradient partials
+// (one (heads, n, n) per block) stay within kMaxPartialBytes (SwinUNETR's 343 tokens, 3 heads, float32: 1.4 MB each,
+// at most 17 blocks), but not fewer than kMinBlocks; at least kMinBlock windows per block.
+int64_t block_size(const Geometry& g, int64_t elem_size) {
+  const int64_t partial = g.heads * g.n * g.n * elem_size;
+  const int64_t max_blocks = std::clamp<int64_t>(kMaxPartialBytes / partial, kMinBlocks, kMaxBlocks);
+  return std::max<int64_t>(kMinBlock, (g.windows + max_blocks - 1) / max_blocks);
 }
 
 void check_operand(const at::Tensor& t, const at::Tensor& like, const char* name) {
@@ -212,7 +223,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
   auto out = at::empty({g.batch, g.grid[0], g.grid[1], g.grid[2], g.channels}, qkv.options());
   auto saved = save_probabilities ? at::empty({g.windows, heads, g.n, g.n}, qkv.options())
                                   : at::empty({g.windows, g.n, heads}, qkv.options());
-  const int64_t bs = block_size(g), blocks = (g.windows + bs - 1) / bs;
+  const int64_t bs = block_size(g, qkv.element_size()), blocks = (g.windows + bs - 1) / bs;
   const at::Tensor add = padded_bias(bias, qkv, g);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_cpu_forward", [&] {
     auto kernel = FASTMED_KERNEL(forward_windows<scalar_t>);
@@ -242,7 +253,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qkv, 
   TORCH_CHECK_VALUE(saved.numel() == g.windows * heads * g.n * (saved_probabilities ? g.n : 1),
                     "window_attention_cpu: saved does not match the geometry");
   check_operands(bias, pad, slots, qkv, g);
-  const int64_t bs = block_size(g), blocks = (g.windows + bs - 1) / bs;
+  const int64_t bs = block_size(g, qkv.element_size()), blocks = (g.windows + bs - 1) / bs;
   auto dqkv = at::empty_like(qkv);
   const bool any_padding = g.padded[0] != g.grid[0] || g.padded[1] != g.grid[1] || g.padded[2] != g.grid[2];
   auto dbias_blocks = bias_grad ? at::empty({blocks, heads, g.n, g.n}, qkv.options()) : at::Tensor();  // written

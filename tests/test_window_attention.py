@@ -611,7 +611,10 @@ CPP_CASES = ATEN_CASES + [
     pytest.param(2, (56, 56), 3, 32, 7, 3, True, True, torch.float32, id="swin-unet-stage1"),
     pytest.param(1, (10, 13), 2, 12, 7, 3, True, True, torch.float32, id="2d-padded-both-axes-hd12"),
     pytest.param(1, (4, 5, 9), 1, 8, (4, 4, 4), (2, 2, 2), True, True, torch.float32, id="3d-64-tokens"),
-    pytest.param(1, (6, 6, 5), 2, 4, (5, 5, 3), (2, 2, 1), True, True, torch.float64, id="3d-75-tokens-aten"),
+    pytest.param(1, (6, 6, 5), 2, 4, (5, 5, 3), (2, 2, 1), True, True, torch.float64, id="3d-75-tokens"),
+    pytest.param(2, (7, 9, 14), 2, 8, 7, 3, True, True, torch.float32, id="3d-343-tokens-swinunetr-padded"),
+    pytest.param(1, (8, 8, 9), 1, 4, 8, 4, True, True, torch.float64, id="3d-512-tokens-fp64"),
+    pytest.param(1, (9, 9, 10), 1, 4, 9, 4, True, True, torch.float64, id="3d-729-tokens-aten"),
     pytest.param(1, (7, 14), 2, 8, 7, 3, True, False, torch.float16, id="2d-fp16"),
 ]
 
@@ -642,12 +645,13 @@ def test_cpp_backend_matches_eager(nd, data, bias, head_dim, dtype, pad):
 
 
 @pytest.mark.ext
+@pytest.mark.parametrize("grid", [(13, 20), (7, 14, 20)], ids=["2d-49-tokens", "3d-343-tokens"])
 @pytest.mark.parametrize("saves", ["probabilities", "logsumexp"])
-def test_cpp_is_bit_identical_at_1_and_2_threads(monkeypatch, saves):
+def test_cpp_is_bit_identical_at_1_and_2_threads(monkeypatch, saves, grid):
     """Output and every gradient (the bias table and the padding token are sums over windows) bit-identical for
     1 and 2 threads: blocks of windows fixed by the geometry, added in block order."""
     _force_saves(monkeypatch, saves)
-    qkv, table, qkv_pad, dout = _inputs(2, (13, 20), 2, 8, 7, True, True, torch.float32, seed=11)
+    qkv, table, qkv_pad, dout = _inputs(2, grid, 2, 8, 7, True, True, torch.float32, seed=11)
 
     def f(q, t, p):
         return window_attention(q, 2, 7, 3, t, qkv_pad=p)
@@ -663,6 +667,27 @@ def test_cpp_is_bit_identical_at_1_and_2_threads(monkeypatch, saves):
         torch.set_num_threads(threads)
     for name, a, b in zip(["out", "dqkv", "dtable", "dqkv_pad"], *runs):
         assert torch.equal(a, b), name
+
+
+@pytest.mark.ext
+@pytest.mark.parametrize("window,runs_kernel", [(7, True), (8, True), (9, False)])
+def test_cpp_backend_runs_its_kernel_up_to_512_tokens(monkeypatch, window, runs_kernel):
+    """SwinUNETR's 7x7x7 windows (343 tokens) and 8x8x8 ones run the C++ kernel, forward and backward (the
+    probabilities recomputed from the kept log-sum-exp); 9x9x9 (729 tokens) takes the ``aten`` code."""
+    wa = importlib.import_module("fastmed.ops.window_attention")
+    calls = []
+    for name in ("_aten_forward", "_aten_backward"):
+        real = getattr(wa, name)
+        monkeypatch.setattr(wa, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    qkv, table, _, dout = _inputs(1, (window, window, 2 * window), 1, 4, window, True, False, torch.float32, seed=3)
+    qkv.requires_grad_()
+    table.requires_grad_()
+    with fastmed.use_backend("cpp"):
+        window_attention(qkv, 1, window, window // 2, table).backward(dout)
+    w3 = (window,) * 3
+    assert wa.saves_for(ref.WindowSpec(1, w3, (0, 0, 0), 0.5, w3, w3), True) == "logsumexp"
+    assert calls == ([] if runs_kernel else ["_aten_forward", "_aten_backward"])
+    assert torch.isfinite(qkv.grad).all() and torch.isfinite(table.grad).all()
 
 
 @pytest.mark.ext
@@ -696,7 +721,7 @@ def test_cpp_kernel_rejects_bad_operands():
 
     C = _ext.load()
     qkv, one = torch.randn(1, 1, 7, 7, 24), torch.zeros(1, dtype=torch.long)
-    with pytest.raises(ValueError, match="at most 64 tokens"):
+    with pytest.raises(ValueError, match="at most 512 tokens, got 729"):
         C.window_attention_forward_cpu(torch.randn(1, 9, 9, 9, 24), None, None, one, 2, [9, 9, 9], [0, 0, 0], 0.5,
                                        True)
     with pytest.raises(ValueError, match="float32/float64"):

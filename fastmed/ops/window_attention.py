@@ -3,7 +3,7 @@
 ``window_attention`` is registered as the torch.library ops ``fastmed::window_attention_fwd`` /
 ``fastmed::window_attention_bwd`` (``triton_op``, so ``torch.compile(fullgraph=True)`` traces through them) with
 ``register_autograd``.  Backends: ``triton`` (CUDA), ``cpp`` (CPU, csrc/window_attention_cpu.cpp for windows of at
-most 64 tokens), ``aten`` (CPU, torch's own kernels) and ``reference`` (the oracle).  ``attention`` routes to
+most 512 tokens), ``aten`` (CPU, torch's own kernels) and ``reference`` (the oracle).  ``attention`` routes to
 ``torch.nn.functional.scaled_dot_product_attention``, which picks
 the flash / cuDNN / memory-efficient / math kernel itself.
 """
@@ -393,9 +393,12 @@ def _aten_backward_body(dout: Tensor, qkv: Tensor, saved, table, qkv_pad, spec: 
 
 
 # The ``cpp`` backend runs csrc/window_attention_cpu.cpp for windows of at most this many tokens (Swin-Unet's 7x7
-# = 49, the 2D Swin Transformer's, small 3D windows) and the ``aten`` backend's code for larger ones (SwinUNETR's
-# 7x7x7 = 343 tokens: torch's flash-attention CPU kernel, blocked for long rows, is the faster there).
-_CPP_MAX_TOKENS = 64
+# = 49, SwinUNETR's 7x7x7 = 343, 8x8x8, Swin V2's 12x12 / 16x16) and the ``aten`` backend's code for larger ones
+# (its scratch holds a few N x N matrices per thread).  Measured on the 2-core CPU (the op alone, 2 threads,
+# interleaved, medians, fwd+bwd / forward): 7x7x7 on (2, 28^3, C 48, 3 heads) 1.61x / 1.48x the ``aten`` code
+# (torch's flash-attention CPU kernel and the recomputing backward), 8x8x8 1.70x / 1.48x, 12x12 2.1x / 2.2x, 16x16
+# 1.43x / 1.34x.
+_CPP_MAX_TOKENS = 512
 
 
 def _cpp_native(spec: ref.WindowSpec, *tensors) -> bool:
@@ -549,9 +552,10 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     Per window of ``N = prod(window)`` tokens and per head: ``softmax(q k^T * scale + B_rel + M_shift) v``, with
     the cyclic shift, window partition, relative position bias, shifted-window mask (-100 between regions, as
     timm / Swin-Unet / MONAI), window reverse and roll back all inside the kernels on CUDA (Triton).  On CPU,
-    ``auto`` uses the ``cpp`` backend when ``fastmed._C`` is built: for windows of at most 64 tokens one C++ pass
+    ``auto`` uses the ``cpp`` backend when ``fastmed._C`` is built: for windows of at most 512 tokens one C++ pass
     per window straight on the token grid (shift, partition and padding by index), keeping the probabilities for
-    the backward when a gradient is needed; for larger windows (and under tracing) the ``aten`` backend's code:
+    the backward when a gradient is needed and windows have at most 64 tokens, else the log-sum-exp (the backward
+    recomputes the probabilities); for larger windows (and under tracing) the ``aten`` backend's code:
     torch's fused flash-attention CPU kernel over the windows with bias and mask as its additive mask or, for
     windows of at most 64 tokens when a gradient is needed, batched matmuls keeping the probabilities; roll and
     partition as one gather, or strided views without shift and padding (the ``reference`` backend is the
