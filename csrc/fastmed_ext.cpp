@@ -135,6 +135,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_and_derivative_cpu_", &fastmed::gelu_and_derivative_cpu_,
         "The exact (erf) GELU of a contiguous float32 CPU tensor x, returned; x overwritten with GELU'(x), "
         "csrc/gelu_cpu.cpp.", pybind11::arg("x"));
+  m.def("layer_norm_cpu", &fastmed::layer_norm_cpu,
+        "LayerNorm over the last dimension of a contiguous float32 CPU tensor (forward only), "
+        "csrc/layer_norm_cpu.cpp.", pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
+        pybind11::arg("eps"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

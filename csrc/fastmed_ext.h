@@ -56,6 +56,10 @@ void sliding_window_finalize_cpu(at::Tensor buffer, const c10::optional<at::Tens
 // csrc/gelu_cpu.cpp: the exact (erf) GELU of a contiguous float32 CPU tensor x (to ~1 ulp, errors unbiased),
 // returned, with x overwritten by GELU'(x).  The same values for any number of threads.
 torch::Tensor gelu_and_derivative_cpu_(torch::Tensor& x);
+// csrc/layer_norm_cpu.cpp: LayerNorm over the last dimension of a contiguous float32 CPU tensor (weight and bias
+// optional, C values each), forward only; the same values for any number of threads.
+at::Tensor layer_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                          const c10::optional<at::Tensor>& bias, double eps);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

@@ -486,3 +486,82 @@ def test_small_inputs_take_torchs_linear(monkeypatch):
         got = block(small)
     assert calls == ["linear", "binary", "linear", "binary"]
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.ext
+def test_layer_norm_kernel_matches_torch():
+    """csrc/layer_norm_cpu.cpp against float64 (and torch's float32 LayerNorm): channels a multiple of 8 and not,
+    with and without weight and bias, a large offset (the two-pass variance has no cancellation); the same values at
+    1 and 2 threads; NaN stays in its row; the input is not modified; bad operands get a ValueError."""
+    from fastmed import _ext
+    ln = _ext.load().layer_norm_cpu
+    g = torch.Generator().manual_seed(0)
+    for shape in [(2, 7, 9, 96), (3, 5, 13), (1, 4, 4, 4, 48), (1000, 1), (6, 8)]:
+        C = shape[-1]
+        x = torch.randn(shape, generator=g) * 3 + 50
+        w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
+        before = x.clone()
+        for ww, bb in ((w, b), (None, b), (w, None), (None, None)):
+            y = ln(x, ww, bb, 1e-5)
+            want = torch.nn.functional.layer_norm(x.double(), (C,), None if ww is None else ww.double(),
+                                                  None if bb is None else bb.double(), 1e-5)
+            torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (C,), ww, bb, 1e-5), atol=3e-5, rtol=1e-5)
+        assert torch.equal(x, before)
+    x = torch.randn(4097, 96, generator=g)
+    runs = []
+    for threads in (1, 2):
+        keep = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(ln(x, w[:1].expand(96).contiguous(), None, 1e-6))
+        finally:
+            torch.set_num_threads(keep)
+    assert torch.equal(runs[0], runs[1])
+    x[5, 17] = float("nan")
+    y = ln(x, None, None, 1e-5)
+    assert y[5].isnan().all() and not y[[4, 6]].isnan().any()
+    with pytest.raises(ValueError, match="x must be a contiguous float32 CPU tensor"):
+        ln(torch.randn(4, 6).t(), None, None, 1e-5)
+    with pytest.raises(ValueError, match="x must be a contiguous float32 CPU tensor"):
+        ln(torch.randn(4, 6).double(), None, None, 1e-5)
+    with pytest.raises(ValueError, match="weight must be a contiguous float32 CPU tensor of 6 values"):
+        ln(torch.randn(4, 6), torch.randn(5), None, 1e-5)
+    with pytest.raises(ValueError, match="bias must be a contiguous float32 CPU tensor of 6 values"):
+        ln(torch.randn(4, 6), None, torch.randn(6).double(), 1e-5)
+
+
+@pytest.mark.ext
+def test_block_inference_layer_norm_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """The fused block's LayerNorms run the C++ kernel in float32 CPU inference (the block's output as with
+    torch's LayerNorm, within float32 rounding), and torch's LayerNorm when a gradient is recorded, on the eager
+    path (``fused=False``), for float64 and under a forward hook on the norm."""
+    from fastmed.nn import swin
+    calls = []
+    real = swin._layer_norm_kernel()
+    monkeypatch.setattr(swin, "_layer_norm_kernel", lambda: lambda *a: calls.append(1) or real(*a))
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(32, 2, (7, 7), (3, 3)).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, 14, 14, 32)
+    with torch.no_grad():
+        y = block(x)
+        assert len(calls) == 2
+        with monkeypatch.context() as m:
+            m.setattr(swin, "_layer_norm_kernel", lambda: None)
+            want = block(x)
+        torch.testing.assert_close(y, want, atol=2e-5, rtol=1e-5)
+        calls.clear()
+        block.attn.fused = False
+        block(x)
+        block.attn.fused = True
+        block.double()(x.double())
+        block.float()
+        handle = block.norm1.register_forward_hook(lambda *a: None)
+        block(x)
+        assert len(calls) == 1  # norm2 only
+        handle.remove()
+        calls.clear()
+    block(x).sum().backward()  # grad mode: torch's LayerNorm, whose gradients autograd has
+    assert calls == [] and block.norm1.weight.grad is not None

@@ -1,0 +1,80 @@
+// The per-row loop of csrc/layer_norm_cpu.cpp on raw float32 pointers (included once per build, see
+// cpu_kernels_twice.h).  A row's sums are 8-lane vector accumulations over its whole vectors, reduced by halves, then
+// its tail values added in order: a fixed order for any number of threads.
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "cpu_math_f32.h"  // FASTMED_INLINE
+
+typedef float LnVec __attribute__((vector_size(32)));
+
+FASTMED_INLINE LnVec ln_load(const float* p) {
+  LnVec v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+
+FASTMED_INLINE void ln_store(float* p, const LnVec& v) { std::memcpy(p, &v, sizeof(v)); }
+
+FASTMED_INLINE float ln_lanes_sum(const LnVec& v) {
+  const float a = (v[0] + v[4]) + (v[2] + v[6]);
+  const float b = (v[1] + v[5]) + (v[3] + v[7]);
+  return a + b;
+}
+
+// R rows of x (C values each) -> y = (x - mean) * rstd * weight + bias, the mean and the biased variance of each row
+// in two passes (the deviations' squares summed, no cancellation), rstd = 1 / sqrt(var + eps); weight and bias may
+// be null (1 and 0).  The R rows' sums are independent chains (a row alone is a chain of dependent adds, then a
+// square root and a division).  NaN in a row makes that row NaN.
+template <int R>
+FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __restrict weight,
+                                     const float* __restrict bias, float eps, int64_t C, float* __restrict y) {
+  const int64_t cv = C / 8 * 8;
+  float mean[R], rstd[R];
+  LnVec acc[R] = {};
+  for (int64_t c = 0; c < cv; c += 8) {
+    for (int r = 0; r < R; ++r) acc[r] += ln_load(x + r * C + c);
+  }
+  for (int r = 0; r < R; ++r) {
+    float s = ln_lanes_sum(acc[r]);
+    for (int64_t c = cv; c < C; ++c) s += x[r * C + c];
+    mean[r] = s / static_cast<float>(C);
+    acc[r] = LnVec{};
+  }
+  for (int64_t c = 0; c < cv; c += 8) {
+    for (int r = 0; r < R; ++r) {
+      const LnVec d = ln_load(x + r * C + c) - mean[r];
+      acc[r] += d * d;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    float v = ln_lanes_sum(acc[r]);
+    for (int64_t c = cv; c < C; ++c) v += (x[r * C + c] - mean[r]) * (x[r * C + c] - mean[r]);
+    rstd[r] = 1.0f / std::sqrt(v / static_cast<float>(C) + eps);
+  }
+  for (int r = 0; r < R; ++r) {
+    const float* xr = x + r * C;
+    float* yr = y + r * C;
+    for (int64_t c = 0; c < cv; c += 8) {
+      LnVec o = (ln_load(xr + c) - mean[r]) * rstd[r];
+      if (weight != nullptr) o = o * ln_load(weight + c);
+      if (bias != nullptr) o = o + ln_load(bias + c);
+      ln_store(yr + c, o);
+    }
+    for (int64_t c = cv; c < C; ++c) {
+      float o = (xr[c] - mean[r]) * rstd[r];
+      if (weight != nullptr) o = o * weight[c];
+      if (bias != nullptr) o = o + bias[c];
+      yr[c] = o;
+    }
+  }
+}
+
+// Rows [0, rows): 4 at a time, then one by one (a row's values do not depend on its block).
+inline void layer_norm_rows(const float* __restrict x, const float* __restrict weight, const float* __restrict bias,
+                            float eps, int64_t C, int64_t rows, float* __restrict y) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) layer_norm_block<4>(x + r * C, weight, bias, eps, C, y + r * C);
+  for (; r < rows; ++r) layer_norm_block<1>(x + r * C, weight, bias, eps, C, y + r * C);
+}
