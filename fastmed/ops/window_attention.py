@@ -97,9 +97,10 @@ _cached_table_rows = functools.lru_cache(maxsize=16)(_table_rows)
 
 
 def _pair_bias(table: Tensor, rows: Tensor, spec: ref.WindowSpec, dtype: torch.dtype) -> Tensor:
-    """``(heads, N, N)`` the relative position bias of every (query, key) pair (a permuted view of the gather)."""
+    """``(heads, N, N)`` the relative position bias of every (query, key) pair, contiguous: one ``index_select`` of
+    the table's columns (a fraction of advanced indexing's fixed cost, ~10 against ~25 us at 49 tokens)."""
     n = spec.tokens
-    return table.to(dtype)[rows].view(n, n, -1).permute(2, 0, 1)
+    return table.to(dtype).t().index_select(1, rows).view(-1, n, n)
 
 
 def _table_grad(table: Tensor, rows: Tensor, dbias: Tensor) -> Tensor:
@@ -426,7 +427,7 @@ def _cpp_operands(qkv: Tensor, table, qkv_pad, spec: ref.WindowSpec, with_bias: 
     padded = tuple(-(-s // w) * w for s, w in zip(qkv.shape[1:4], spec.window))
     slots = _saved_slots(spec, padded, qkv.shape[0])
     rows = _cached_table_rows(spec.window, spec.table_window, spec.bias_coords)
-    bias = None if table is None or not with_bias else _pair_bias(table, rows, spec, acc).contiguous()
+    bias = None if table is None or not with_bias else _pair_bias(table, rows, spec, acc)
     pad = None if qkv_pad is None else qkv_pad.to(acc).contiguous()
     return qkv.to(acc).contiguous(), bias, pad, slots
 
