@@ -136,9 +136,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "The exact (erf) GELU of a contiguous float32 CPU tensor x, returned; x overwritten with GELU'(x), "
         "csrc/gelu_cpu.cpp.", pybind11::arg("x"));
   m.def("layer_norm_cpu", &fastmed::layer_norm_cpu,
-        "LayerNorm over the last dimension of a contiguous float32 CPU tensor (forward only), "
-        "csrc/layer_norm_cpu.cpp.", pybind11::arg("x"), pybind11::arg("weight"), pybind11::arg("bias"),
-        pybind11::arg("eps"));
+        "LayerNorm over the last dimension of a contiguous float32 CPU tensor: [y, mean, rstd] (the statistics "
+        "undefined unless stats), csrc/layer_norm_cpu.cpp.", pybind11::arg("x"), pybind11::arg("weight"),
+        pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("stats") = false);
+  m.def("layer_norm_backward_cpu", &fastmed::layer_norm_backward_cpu,
+        "Backward of layer_norm_cpu: [dx, dweight, dbias] (undefined unless asked for), csrc/layer_norm_cpu.cpp.",
+        pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("mean"), pybind11::arg("rstd"), pybind11::arg("weight"),
+        pybind11::arg("need_dx"), pybind11::arg("need_dw"), pybind11::arg("need_db"));
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

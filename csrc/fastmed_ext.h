@@ -57,9 +57,13 @@ void sliding_window_finalize_cpu(at::Tensor buffer, const c10::optional<at::Tens
 // returned, with x overwritten by GELU'(x).  The same values for any number of threads.
 torch::Tensor gelu_and_derivative_cpu_(torch::Tensor& x);
 // csrc/layer_norm_cpu.cpp: LayerNorm over the last dimension of a contiguous float32 CPU tensor (weight and bias
-// optional, C values each), forward only; the same values for any number of threads.
-at::Tensor layer_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
-                          const c10::optional<at::Tensor>& bias, double eps);
+// optional, C values each): [y, mean, rstd] (the row statistics when `stats`, else undefined), and the backward
+// [dx, dweight, dbias] (each undefined unless asked for); the same values for any number of threads.
+std::vector<at::Tensor> layer_norm_cpu(const at::Tensor& x, const c10::optional<at::Tensor>& weight,
+                                       const c10::optional<at::Tensor>& bias, double eps, bool stats);
+std::vector<at::Tensor> layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
+                                                const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
+                                                bool need_dx, bool need_dw, bool need_db);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

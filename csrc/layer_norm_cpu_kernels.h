@@ -29,7 +29,8 @@ FASTMED_INLINE float ln_lanes_sum(const LnVec& v) {
 // square root and a division).  NaN in a row makes that row NaN.
 template <int R>
 FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __restrict weight,
-                                     const float* __restrict bias, float eps, int64_t C, float* __restrict y) {
+                                     const float* __restrict bias, float eps, int64_t C, float* __restrict y,
+                                     float* __restrict mean_out, float* __restrict rstd_out) {
   const int64_t cv = C / 8 * 8;
   float mean[R], rstd[R];
   LnVec acc[R] = {};
@@ -52,6 +53,10 @@ FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __r
     float v = ln_lanes_sum(acc[r]);
     for (int64_t c = cv; c < C; ++c) v += (x[r * C + c] - mean[r]) * (x[r * C + c] - mean[r]);
     rstd[r] = 1.0f / std::sqrt(v / static_cast<float>(C) + eps);
+    if (mean_out != nullptr) {
+      mean_out[r] = mean[r];
+      rstd_out[r] = rstd[r];
+    }
   }
   for (int r = 0; r < R; ++r) {
     const float* xr = x + r * C;
@@ -71,10 +76,74 @@ FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __r
   }
 }
 
-// Rows [0, rows): 4 at a time, then one by one (a row's values do not depend on its block).
+// Rows [0, rows): 4 at a time, then one by one (a row's values do not depend on its block); each row's mean and
+// rstd into mean / rstd when they are not null (the backward's).
 inline void layer_norm_rows(const float* __restrict x, const float* __restrict weight, const float* __restrict bias,
-                            float eps, int64_t C, int64_t rows, float* __restrict y) {
+                            float eps, int64_t C, int64_t rows, float* __restrict y, float* __restrict mean,
+                            float* __restrict rstd) {
+  const bool stats = mean != nullptr;
   int64_t r = 0;
-  for (; r + 4 <= rows; r += 4) layer_norm_block<4>(x + r * C, weight, bias, eps, C, y + r * C);
-  for (; r < rows; ++r) layer_norm_block<1>(x + r * C, weight, bias, eps, C, y + r * C);
+  for (; r + 4 <= rows; r += 4) {
+    layer_norm_block<4>(x + r * C, weight, bias, eps, C, y + r * C, stats ? mean + r : nullptr,
+                        stats ? rstd + r : nullptr);
+  }
+  for (; r < rows; ++r) {
+    layer_norm_block<1>(x + r * C, weight, bias, eps, C, y + r * C, stats ? mean + r : nullptr,
+                        stats ? rstd + r : nullptr);
+  }
+}
+
+// The backward of rows [0, rows): with x^ = (x - mean) rstd and g = dy * weight (dy without a weight),
+// dx = rstd (g - mean(g) - x^ mean(g x^)) (when dx is not null), and the rows' sums of dy x^ and of dy added to
+// dw_part and db_part (C values each, this block's; when not null), row after row: a fixed order.
+inline void layer_norm_backward_rows(const float* __restrict dy, const float* __restrict x,
+                                     const float* __restrict mean, const float* __restrict rstd,
+                                     const float* __restrict weight, int64_t C, int64_t rows, float* __restrict dx,
+                                     float* __restrict dw_part, float* __restrict db_part) {
+  const int64_t cv = C / 8 * 8;
+  const float inv_c = 1.0f / static_cast<float>(C);
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* xr = x + r * C;
+    const float* dyr = dy + r * C;
+    const float m = mean[r], rs = rstd[r];
+    const LnVec mv = LnVec{} + m, rv = LnVec{} + rs;
+    if (dw_part != nullptr || db_part != nullptr) {
+      for (int64_t c = 0; c < cv; c += 8) {
+        const LnVec d = ln_load(dyr + c);
+        if (dw_part != nullptr) ln_store(dw_part + c, ln_load(dw_part + c) + d * ((ln_load(xr + c) - mv) * rv));
+        if (db_part != nullptr) ln_store(db_part + c, ln_load(db_part + c) + d);
+      }
+      for (int64_t c = cv; c < C; ++c) {
+        if (dw_part != nullptr) dw_part[c] += dyr[c] * ((xr[c] - m) * rs);
+        if (db_part != nullptr) db_part[c] += dyr[c];
+      }
+    }
+    if (dx == nullptr) continue;
+    LnVec sg = {}, sgx = {};
+    for (int64_t c = 0; c < cv; c += 8) {
+      LnVec g = ln_load(dyr + c);
+      if (weight != nullptr) g = g * ln_load(weight + c);
+      sg += g;
+      sgx += g * ((ln_load(xr + c) - mv) * rv);
+    }
+    float a = ln_lanes_sum(sg), b = ln_lanes_sum(sgx);
+    for (int64_t c = cv; c < C; ++c) {
+      const float g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
+      a += g;
+      b += g * ((xr[c] - m) * rs);
+    }
+    a *= inv_c;
+    b *= inv_c;
+    const LnVec av = LnVec{} + a, bv = LnVec{} + b;
+    float* dxr = dx + r * C;
+    for (int64_t c = 0; c < cv; c += 8) {
+      LnVec g = ln_load(dyr + c);
+      if (weight != nullptr) g = g * ln_load(weight + c);
+      ln_store(dxr + c, rv * (g - av - ((ln_load(xr + c) - mv) * rv) * bv));
+    }
+    for (int64_t c = cv; c < C; ++c) {
+      const float g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
+      dxr[c] = rs * (g - a - ((xr[c] - m) * rs) * b);
+    }
+  }
 }

@@ -491,8 +491,9 @@ def test_small_inputs_take_torchs_linear(monkeypatch):
 @pytest.mark.ext
 def test_layer_norm_kernel_matches_torch():
     """csrc/layer_norm_cpu.cpp against float64 (and torch's float32 LayerNorm): channels a multiple of 8 and not,
-    with and without weight and bias, a large offset (the two-pass variance has no cancellation); the same values at
-    1 and 2 threads; NaN stays in its row; the input is not modified; bad operands get a ValueError."""
+    with and without weight and bias, a large offset (the two-pass variance has no cancellation), the row statistics;
+    the same values at 1 and 2 threads; NaN stays in its row; the input is not modified; bad operands get a
+    ValueError."""
     from fastmed import _ext
     ln = _ext.load().layer_norm_cpu
     g = torch.Generator().manual_seed(0)
@@ -502,11 +503,15 @@ def test_layer_norm_kernel_matches_torch():
         w, b = torch.randn(C, generator=g), torch.randn(C, generator=g)
         before = x.clone()
         for ww, bb in ((w, b), (None, b), (w, None), (None, None)):
-            y = ln(x, ww, bb, 1e-5)
+            y, mean, rstd = ln(x, ww, bb, 1e-5, True)
             want = torch.nn.functional.layer_norm(x.double(), (C,), None if ww is None else ww.double(),
                                                   None if bb is None else bb.double(), 1e-5)
             torch.testing.assert_close(y.double(), want, atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(y, torch.nn.functional.layer_norm(x, (C,), ww, bb, 1e-5), atol=3e-5, rtol=1e-5)
+            x64 = x.double().reshape(-1, C)
+            torch.testing.assert_close(mean.double(), x64.mean(-1), atol=1e-5, rtol=1e-6)
+            torch.testing.assert_close(rstd.double(), (x64.var(-1, unbiased=False) + 1e-5).rsqrt(), rtol=1e-5, atol=0)
+            assert torch.equal(ln(x, ww, bb, 1e-5)[0], y) and ln(x, ww, bb, 1e-5)[1] is None
         assert torch.equal(x, before)
     x = torch.randn(4097, 96, generator=g)
     runs = []
@@ -514,12 +519,12 @@ def test_layer_norm_kernel_matches_torch():
         keep = torch.get_num_threads()
         torch.set_num_threads(threads)
         try:
-            runs.append(ln(x, w[:1].expand(96).contiguous(), None, 1e-6))
+            runs.append(ln(x, w[:1].expand(96).contiguous(), None, 1e-6, True))
         finally:
             torch.set_num_threads(keep)
-    assert torch.equal(runs[0], runs[1])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
     x[5, 17] = float("nan")
-    y = ln(x, None, None, 1e-5)
+    y = ln(x, None, None, 1e-5)[0]
     assert y[5].isnan().all() and not y[[4, 6]].isnan().any()
     with pytest.raises(ValueError, match="x must be a contiguous float32 CPU tensor"):
         ln(torch.randn(4, 6).t(), None, None, 1e-5)
@@ -531,22 +536,75 @@ def test_layer_norm_kernel_matches_torch():
         ln(torch.randn(4, 6), None, torch.randn(6).double(), 1e-5)
 
 
+def _ln_grads(x, w, b, dy, create_graph=False):
+    """Gradients of LayerNorm written out in primitive ops (twice differentiable for any weight / bias; torch's
+    own LayerNorm has no second-order gradient without a weight)."""
+    ps = [t for t in (x, w, b) if t is not None]
+    y = (x - x.mean(-1, keepdim=True)) * (x.var(-1, unbiased=False, keepdim=True) + 1e-5).rsqrt()
+    y = y if w is None else y * w
+    y = y if b is None else y + b
+    return torch.autograd.grad(y, ps, dy, create_graph=create_graph)
+
+
 @pytest.mark.ext
-def test_block_inference_layer_norm_takes_the_kernel_only_where_it_applies(monkeypatch):
-    """The fused block's LayerNorms run the C++ kernel in float32 CPU inference (the block's output as with
-    torch's LayerNorm, within float32 rounding), and torch's LayerNorm when a gradient is recorded, on the eager
-    path (``fused=False``), for float64 and under a forward hook on the norm."""
+@pytest.mark.parametrize("shape,affine", [((2, 9, 11, 96), "both"), ((700, 13), "both"), ((5, 3, 8), "weight"),
+                                          ((300, 24), "bias"), ((17, 40), "none")])
+def test_layer_norm_node_gradients(shape, affine):
+    """The C++ LayerNorm as an autograd node (fastmed.nn.swin._LayerNorm): x, weight and bias gradients against
+    float64 torch (a non-contiguous d out too), bit-identical at 1 and 2 threads (the weight and bias gradients are
+    sums over fixed blocks of rows), and second-order gradients (create_graph=True) against torch's."""
+    from fastmed.nn import swin
+    g = torch.Generator().manual_seed(1)
+    C = shape[-1]
+    x = (torch.randn(shape, generator=g) * 2 + 3).requires_grad_()
+    w = (torch.randn(C, generator=g) if affine in ("both", "weight") else None)
+    b = (torch.randn(C, generator=g) if affine in ("both", "bias") else None)
+    w, b = [None if t is None else t.requires_grad_() for t in (w, b)]
+    dy = torch.randn(shape[::-1], generator=g).permute(*range(len(shape) - 1, -1, -1))  # not contiguous
+    ps = [t for t in (x, w, b) if t is not None]
+
+    def ours():
+        return torch.autograd.grad(swin._LayerNorm.apply(x, w, b, 1e-5), ps, dy)
+
+    want = _ln_grads(*[None if t is None else t.detach().double().requires_grad_() for t in (x, w, b)], dy.double())
+    runs = []
+    for threads in (1, 2):
+        keep = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            runs.append(ours())
+        finally:
+            torch.set_num_threads(keep)
+    for a, b1, ref64 in zip(*runs, want):
+        assert torch.equal(a, b1)
+        torch.testing.assert_close(a.double(), ref64, atol=1e-4 * max(1.0, ref64.abs().max().item()), rtol=1e-4)
+    y = swin._LayerNorm.apply(x, w, b, 1e-5)
+    first = torch.autograd.grad(y, ps, dy, create_graph=True)
+    second = torch.autograd.grad(sum((t * t).sum() for t in first), ps, allow_unused=True)
+    want1 = _ln_grads(x, w, b, dy, create_graph=True)
+    want2 = torch.autograd.grad(sum((t * t).sum() for t in want1), ps, allow_unused=True)
+    for a, ref in zip(first + second, want1 + want2):
+        assert (a is None) == (ref is None)  # the bias gets no second-order gradient
+        if ref is not None:
+            torch.testing.assert_close(a, ref, atol=2e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.ext
+def test_block_layer_norm_takes_the_kernel_only_where_it_applies(monkeypatch):
+    """The fused block's LayerNorms run the C++ kernel on float32 CPU tensors, in inference and in training (the
+    block's output and every gradient as with torch's LayerNorm, within float32 rounding), and torch's LayerNorm on
+    the eager path (``fused=False``), for float64 and under a forward hook on the norm."""
     from fastmed.nn import swin
     calls = []
     real = swin._layer_norm_kernel()
     monkeypatch.setattr(swin, "_layer_norm_kernel", lambda: lambda *a: calls.append(1) or real(*a))
     torch.manual_seed(0)
-    block = SwinTransformerBlock(32, 2, (7, 7), (3, 3)).eval()
+    block = SwinTransformerBlock(32, 2, (7, 7), (3, 3))
     for p in block.parameters():
         torch.nn.init.normal_(p, std=0.2)
     x = torch.randn(2, 14, 14, 32)
     with torch.no_grad():
-        y = block(x)
+        y = block.eval()(x)
         assert len(calls) == 2
         with monkeypatch.context() as m:
             m.setattr(swin, "_layer_norm_kernel", lambda: None)
@@ -563,5 +621,12 @@ def test_block_inference_layer_norm_takes_the_kernel_only_where_it_applies(monke
         assert len(calls) == 1  # norm2 only
         handle.remove()
         calls.clear()
-    block(x).sum().backward()  # grad mode: torch's LayerNorm, whose gradients autograd has
-    assert calls == [] and block.norm1.weight.grad is not None
+    block.train()
+    xg = x.clone().requires_grad_()
+    got = torch.autograd.grad(block(xg).square().sum(), [xg] + list(block.parameters()))
+    assert len(calls) == 2
+    with monkeypatch.context() as m:
+        m.setattr(swin, "_layer_norm_kernel", lambda: None)
+        want = torch.autograd.grad(block(xg).square().sum(), [xg] + list(block.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=1e-4)

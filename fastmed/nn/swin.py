@@ -10,8 +10,8 @@ for patch expanding), so their state dicts load with ``load_state_dict``.
 :func:`fastmed.ops.window_attention` (shift, partition, bias, mask, softmax, reverse in one kernel);
 ``fused=False`` runs the eager composition exactly as MONAI writes it (pad, roll, partition, explicit bias
 and mask, softmax, reverse, roll back).  In float32 CPU inference the fused path also runs the block's Linears as
-oneDNN GEMMs with the MLP's GELU in the first one's epilogue (:func:`fused_linear`) and its LayerNorms in C++
-(:func:`_layer_norm`); in float32 CPU training the
+oneDNN GEMMs with the MLP's GELU in the first one's epilogue (:func:`fused_linear`); its LayerNorms run in C++
+(:func:`_layer_norm`, float32 CPU, inference and training); in float32 CPU training the
 MLP is one autograd node whose backward applies the GELU's derivative, kept from the forward, in a GEMM's
 epilogue (:class:`_OneDnnMlp`).  The patch merging/expanding layers are reshapes around a LayerNorm and a Linear
 and have one path.
@@ -239,11 +239,44 @@ def _layer_norm_kernel():
     return getattr(_ext.load(), "layer_norm_cpu", None)
 
 
+class _LayerNorm(torch.autograd.Function):
+    """``F.layer_norm(x, (C,), w, b, eps)`` over the last dimension of a contiguous float32 CPU tensor with
+    fastmed._C's forward (which also returns each row's mean and rstd) and backward (a row's gradient from its two
+    sums; the weight and bias gradients summed per fixed block of rows, in block order).  Saves x, the weight and
+    the row statistics, as torch's LayerNorm does.  Under ``create_graph=True`` the backward runs torch's
+    differentiable formulas on the recomputed statistics."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float) -> Tensor:
+        y, mean, rstd = _layer_norm_kernel()(x, w, b, eps, True)
+        ctx.save_for_backward(x, w, mean, rstd)
+        ctx.eps, ctx.has_w, ctx.has_b = eps, w is not None, b is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, w, mean, rstd = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        C = x.shape[-1]
+        if torch.is_grad_enabled():  # create_graph=True: differentiable formulas
+            mu = x.mean(-1, keepdim=True)
+            rs = (x.var(-1, unbiased=False, keepdim=True) + ctx.eps).rsqrt()
+            xh = (x - mu) * rs
+            g = dy * w if ctx.has_w else dy
+            dx = rs * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+            return (dx if need[0] else None, (dy * xh).reshape(-1, C).sum(0) if ctx.has_w and need[1] else None,
+                    dy.reshape(-1, C).sum(0) if ctx.has_b and need[2] else None, None)
+        dx, dw, db = _ext.load().layer_norm_backward_cpu(dy.contiguous(), x, mean, rstd, w, need[0],
+                                                         ctx.has_w and need[1], ctx.has_b and need[2])
+        return dx, dw, db, None
+
+
 def _layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
-    """``norm(x)``.  For a plain ``nn.LayerNorm`` over the last dimension of a contiguous float32 CPU tensor when
-    no gradient is recorded (inference), outside autocast and torch.compile and where ``fastmed._C`` is built: one
-    C++ pass per row (csrc/layer_norm_cpu.cpp; measured here, 2 threads, (1, 56^2, 96): ~0.05 ms against ~0.13 ms
-    for torch's LayerNorm; the same two-pass formula, float32 rounding apart)."""
+    """``norm(x)``.  For a plain ``nn.LayerNorm`` over the last dimension of a contiguous float32 CPU tensor with
+    float32 CPU parameters, outside autocast and torch.compile and where ``fastmed._C`` is built: the C++ LayerNorm
+    (csrc/layer_norm_cpu.cpp; measured here, 2 threads, (1, 56^2, 96): ~0.05 ms against ~0.13 ms for torch's
+    forward), as one autograd node (:class:`_LayerNorm`) when a gradient is recorded.  The same two-pass formula as
+    torch's, float32 rounding apart."""
     if (torch.compiler.is_compiling() or type(norm) is not nn.LayerNorm or type(x) is not Tensor
             or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
             or norm.normalized_shape != (x.shape[-1],) or norm._forward_hooks or norm._forward_pre_hooks
@@ -254,12 +287,12 @@ def _layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
         return norm(x)
     w, b = norm.weight, norm.bias
     params = [t for t in (w, b) if t is not None]
-    if any(t.dtype != torch.float32 or t.device.type != "cpu" or type(t.data) is not Tensor for t in params):
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" or type(t.data) is not Tensor
+           or not t.is_contiguous() for t in params):
         return norm(x)
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-        return norm(x)
-    return kernel(x, None if w is None else w.detach().contiguous(), None if b is None else b.detach().contiguous(),
-                  norm.eps)
+        return _LayerNorm.apply(x, w, b, norm.eps)
+    return kernel(x, None if w is None else w.detach(), None if b is None else b.detach(), norm.eps)[0]
 
 
 class _OneDnnMlp(torch.autograd.Function):
@@ -480,7 +513,7 @@ class SwinTransformerBlock(nn.Module):
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
     def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
-        """``norm(x)``; on the fused path through :func:`_layer_norm` (a C++ LayerNorm in float32 CPU inference)."""
+        """``norm(x)``; on the fused path through :func:`_layer_norm` (a C++ LayerNorm for float32 CPU tensors)."""
         return _layer_norm(norm, x) if getattr(self.attn, "fused", False) else norm(x)
 
     def _attention_part(self, x: Tensor) -> Tensor:
