@@ -262,7 +262,8 @@ def _chunks(geo: _Geometry, win: _Windows, spec: ref.WindowSpec):
 # windows = 49 tokens, 1 thread, interleaved, the machine shared): 10-25% less time than the flash route, and no
 # more than the unfused composition.  Without a gradient the flash kernel is ~10% faster at those shapes, so
 # inference keeps it; SwinUNETR's 7x7x7 windows (343 tokens) keep it too (their probabilities would be 7x the
-# size of q, k and v).
+# size of q, k and v).  The ``cpp`` kernel keeps what this says too: at 343 tokens the log-sum-exp route was as fast
+# (a (2, 28^3, C 48) block's training step 232 ms, 235 ms keeping the probabilities) and keeps ~180 MB less.
 _PROBS_MAX_TOKENS = 64
 
 
