@@ -6,22 +6,7 @@
 #include <cstring>
 
 #include "cpu_math_f32.h"  // FASTMED_INLINE
-
-typedef float LnVec __attribute__((vector_size(32)));
-
-FASTMED_INLINE LnVec ln_load(const float* p) {
-  LnVec v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-
-FASTMED_INLINE void ln_store(float* p, const LnVec& v) { std::memcpy(p, &v, sizeof(v)); }
-
-FASTMED_INLINE float ln_lanes_sum(const LnVec& v) {
-  const float a = (v[0] + v[4]) + (v[2] + v[6]);
-  const float b = (v[1] + v[5]) + (v[3] + v[7]);
-  return a + b;
-}
+#include "cpu_vec.h"       // Vec, load_vec, store_vec, lanes_sum
 
 // R rows of x (C values each) -> y = (x - mean) * rstd * weight + bias, the mean and the biased variance of each row
 // in two passes (the deviations' squares summed, no cancellation), rstd = 1 / sqrt(var + eps); weight and bias may
@@ -33,24 +18,24 @@ FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __r
                                      float* __restrict mean_out, float* __restrict rstd_out) {
   const int64_t cv = C / 8 * 8;
   float mean[R], rstd[R];
-  LnVec acc[R] = {};
+  Vec<float> acc[R] = {};
   for (int64_t c = 0; c < cv; c += 8) {
-    for (int r = 0; r < R; ++r) acc[r] += ln_load(x + r * C + c);
+    for (int r = 0; r < R; ++r) acc[r] += load_vec<float>(x + r * C + c);
   }
   for (int r = 0; r < R; ++r) {
-    float s = ln_lanes_sum(acc[r]);
+    float s = lanes_sum<float>(acc[r]);
     for (int64_t c = cv; c < C; ++c) s += x[r * C + c];
     mean[r] = s / static_cast<float>(C);
-    acc[r] = LnVec{};
+    acc[r] = Vec<float>{};
   }
   for (int64_t c = 0; c < cv; c += 8) {
     for (int r = 0; r < R; ++r) {
-      const LnVec d = ln_load(x + r * C + c) - mean[r];
+      const Vec<float> d = load_vec<float>(x + r * C + c) - mean[r];
       acc[r] += d * d;
     }
   }
   for (int r = 0; r < R; ++r) {
-    float v = ln_lanes_sum(acc[r]);
+    float v = lanes_sum<float>(acc[r]);
     for (int64_t c = cv; c < C; ++c) v += (x[r * C + c] - mean[r]) * (x[r * C + c] - mean[r]);
     rstd[r] = 1.0f / std::sqrt(v / static_cast<float>(C) + eps);
     if (mean_out != nullptr) {
@@ -62,10 +47,10 @@ FASTMED_INLINE void layer_norm_block(const float* __restrict x, const float* __r
     const float* xr = x + r * C;
     float* yr = y + r * C;
     for (int64_t c = 0; c < cv; c += 8) {
-      LnVec o = (ln_load(xr + c) - mean[r]) * rstd[r];
-      if (weight != nullptr) o = o * ln_load(weight + c);
-      if (bias != nullptr) o = o + ln_load(bias + c);
-      ln_store(yr + c, o);
+      Vec<float> o = (load_vec<float>(xr + c) - mean[r]) * rstd[r];
+      if (weight != nullptr) o = o * load_vec<float>(weight + c);
+      if (bias != nullptr) o = o + load_vec<float>(bias + c);
+      store_vec<float>(yr + c, o);
     }
     for (int64_t c = cv; c < C; ++c) {
       float o = (xr[c] - mean[r]) * rstd[r];
@@ -106,12 +91,12 @@ inline void layer_norm_backward_rows(const float* __restrict dy, const float* __
     const float* xr = x + r * C;
     const float* dyr = dy + r * C;
     const float m = mean[r], rs = rstd[r];
-    const LnVec mv = LnVec{} + m, rv = LnVec{} + rs;
+    const Vec<float> mv = Vec<float>{} + m, rv = Vec<float>{} + rs;
     if (dw_part != nullptr || db_part != nullptr) {
       for (int64_t c = 0; c < cv; c += 8) {
-        const LnVec d = ln_load(dyr + c);
-        if (dw_part != nullptr) ln_store(dw_part + c, ln_load(dw_part + c) + d * ((ln_load(xr + c) - mv) * rv));
-        if (db_part != nullptr) ln_store(db_part + c, ln_load(db_part + c) + d);
+        const Vec<float> d = load_vec<float>(dyr + c);
+        if (dw_part != nullptr) store_vec<float>(dw_part + c, load_vec<float>(dw_part + c) + d * ((load_vec<float>(xr + c) - mv) * rv));
+        if (db_part != nullptr) store_vec<float>(db_part + c, load_vec<float>(db_part + c) + d);
       }
       for (int64_t c = cv; c < C; ++c) {
         if (dw_part != nullptr) dw_part[c] += dyr[c] * ((xr[c] - m) * rs);
@@ -119,14 +104,14 @@ inline void layer_norm_backward_rows(const float* __restrict dy, const float* __
       }
     }
     if (dx == nullptr) continue;
-    LnVec sg = {}, sgx = {};
+    Vec<float> sg = {}, sgx = {};
     for (int64_t c = 0; c < cv; c += 8) {
-      LnVec g = ln_load(dyr + c);
-      if (weight != nullptr) g = g * ln_load(weight + c);
+      Vec<float> g = load_vec<float>(dyr + c);
+      if (weight != nullptr) g = g * load_vec<float>(weight + c);
       sg += g;
-      sgx += g * ((ln_load(xr + c) - mv) * rv);
+      sgx += g * ((load_vec<float>(xr + c) - mv) * rv);
     }
-    float a = ln_lanes_sum(sg), b = ln_lanes_sum(sgx);
+    float a = lanes_sum<float>(sg), b = lanes_sum<float>(sgx);
     for (int64_t c = cv; c < C; ++c) {
       const float g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
       a += g;
@@ -134,12 +119,12 @@ inline void layer_norm_backward_rows(const float* __restrict dy, const float* __
     }
     a *= inv_c;
     b *= inv_c;
-    const LnVec av = LnVec{} + a, bv = LnVec{} + b;
+    const Vec<float> av = Vec<float>{} + a, bv = Vec<float>{} + b;
     float* dxr = dx + r * C;
     for (int64_t c = 0; c < cv; c += 8) {
-      LnVec g = ln_load(dyr + c);
-      if (weight != nullptr) g = g * ln_load(weight + c);
-      ln_store(dxr + c, rv * (g - av - ((ln_load(xr + c) - mv) * rv) * bv));
+      Vec<float> g = load_vec<float>(dyr + c);
+      if (weight != nullptr) g = g * load_vec<float>(weight + c);
+      store_vec<float>(dxr + c, rv * (g - av - ((load_vec<float>(xr + c) - mv) * rv) * bv));
     }
     for (int64_t c = cv; c < C; ++c) {
       const float g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
