@@ -113,10 +113,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "mask, *StatsSpec) -> d logits, finalize_fn(gloss, stats, region_weight, ce_weight, focal_alpha, "
         "focal_weight, *LossSpec) -> d stats.", pybind11::arg("stats_fn"), pybind11::arg("finalize_fn"));
   m.def("window_attention_forward_cpu", &fastmed::window_attention_forward_cpu,
-        "(Shifted-)window attention of windows of <= 64 tokens on the token grid: [out, probabilities or "
-        "log-sum-exp], csrc/window_attention_cpu.cpp.", pybind11::arg("qkv"), pybind11::arg("bias"),
-        pybind11::arg("qkv_pad"), pybind11::arg("slots"), pybind11::arg("heads"), pybind11::arg("window"), pybind11::arg("shift"),
-        pybind11::arg("scale"), pybind11::arg("save_probabilities"));
+        "(Shifted-)window attention of windows of <= 512 tokens on the token grid: [out, probabilities or "
+        "log-sum-exp (an empty tensor with save=False: no backward will read it)], csrc/window_attention_cpu.cpp.",
+        pybind11::arg("qkv"), pybind11::arg("bias"), pybind11::arg("qkv_pad"), pybind11::arg("slots"),
+        pybind11::arg("heads"), pybind11::arg("window"), pybind11::arg("shift"), pybind11::arg("scale"),
+        pybind11::arg("save_probabilities"), pybind11::arg("save") = true);
   m.def("window_attention_backward_cpu", &fastmed::window_attention_backward_cpu,
         "Backward of window_attention_forward_cpu: [dqkv, dbias or undefined, dqkv_pad or undefined].",
         pybind11::arg("dout"), pybind11::arg("qkv"), pybind11::arg("saved"), pybind11::arg("bias"),

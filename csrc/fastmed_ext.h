@@ -34,7 +34,7 @@ std::vector<at::Tensor> window_attention_forward_cpu(const at::Tensor& qkv, cons
                                                      const c10::optional<at::Tensor>& qkv_pad, const at::Tensor& slots,
                                                      int64_t heads, std::vector<int64_t> window,
                                                      std::vector<int64_t> shift, double scale,
-                                                     bool save_probabilities);
+                                                     bool save_probabilities, bool save);
 std::vector<at::Tensor> window_attention_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv,
                                                       const at::Tensor& saved, const c10::optional<at::Tensor>& bias,
                                                       const c10::optional<at::Tensor>& qkv_pad,

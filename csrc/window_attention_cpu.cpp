@@ -215,20 +215,22 @@ at::Tensor sum_blocks(const at::Tensor& parts) {
 std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::Tensor>& bias_opt,
                                 const c10::optional<at::Tensor>& pad_opt, const at::Tensor& slots, int64_t heads,
                                 std::vector<int64_t> window, std::vector<int64_t> shift, double scale,
-                                bool save_probabilities) {
+                                bool save_probabilities, bool save) {
   const Geometry g = geometry(qkv, heads, window, shift, scale);
   const at::Tensor* bias = present(bias_opt);
   const at::Tensor* pad = present(pad_opt);
   check_operands(bias, pad, slots, qkv, g);
   auto out = at::empty({g.batch, g.grid[0], g.grid[1], g.grid[2], g.channels}, qkv.options());
-  auto saved = save_probabilities ? at::empty({g.windows, heads, g.n, g.n}, qkv.options())
-                                  : at::empty({g.windows, g.n, heads}, qkv.options());
+  // save == false (no backward will run): nothing kept, and the kernel skips the log-sum-exp
+  auto saved = !save ? at::empty({0}, qkv.options())
+               : save_probabilities ? at::empty({g.windows, heads, g.n, g.n}, qkv.options())
+                                    : at::empty({g.windows, g.n, heads}, qkv.options());
   const int64_t bs = block_size(g, qkv.element_size()), blocks = (g.windows + bs - 1) / bs;
   const at::Tensor add = padded_bias(bias, qkv, g);
   AT_DISPATCH_FLOATING_TYPES(qkv.scalar_type(), "window_attention_cpu_forward", [&] {
     auto kernel = FASTMED_KERNEL(forward_windows<scalar_t>);
     const scalar_t *x = qkv.data_ptr<scalar_t>(), *b = add.data_ptr<scalar_t>(), *p = data_or_null<scalar_t>(pad);
-    scalar_t *o = out.data_ptr<scalar_t>(), *sv = saved.data_ptr<scalar_t>();
+    scalar_t *o = out.data_ptr<scalar_t>(), *sv = save ? saved.data_ptr<scalar_t>() : nullptr;
     const int64_t* sl = slots.data_ptr<int64_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
       Scratch<scalar_t> scratch(g, false);
@@ -289,9 +291,9 @@ std::vector<at::Tensor> window_attention_forward_cpu(const at::Tensor& qkv, cons
                                                      const c10::optional<at::Tensor>& qkv_pad, const at::Tensor& slots,
                                                      int64_t heads, std::vector<int64_t> window,
                                                      std::vector<int64_t> shift, double scale,
-                                                     bool save_probabilities) {
+                                                     bool save_probabilities, bool save) {
   return window_attention_cpu::forward(qkv, bias, qkv_pad, slots, heads, std::move(window), std::move(shift), scale,
-                                       save_probabilities);
+                                       save_probabilities, save);
 }
 
 std::vector<at::Tensor> window_attention_backward_cpu(const at::Tensor& dout, const at::Tensor& qkv,

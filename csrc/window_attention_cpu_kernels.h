@@ -243,7 +243,8 @@ FASTMED_INLINE void store_rows(const Geometry& g, const T* tmp, T mul, const T* 
 }
 
 // The forward of windows [w0, w1), every head: out rows of the real tokens, and the probabilities
-// (saved (windows, heads, n, n)) or the log-sum-exp (saved (windows, n, heads)), window `win` at slots[win].
+// (saved (windows, heads, n, n)) or the log-sum-exp (saved (windows, n, heads)), window `win` at slots[win];
+// nothing when saved is null.
 // `add` is the padded bias (heads, n, np): the bias (zero when there is none), -inf in the padded columns.
 template <typename T>
 void forward_windows(const Geometry& g, const T* qkv, const T* add, const T* pad, T* out, T* saved,
@@ -266,7 +267,7 @@ void forward_windows(const Geometry& g, const T* qkv, const T* add, const T* pad
       const T* q = s.x + h * d;  // rows of 3C
       load_columns(g, s.x + C + h * d, 3 * C, s.kt);
       const Rows<T> v = aligned_rows(g, s.x + 2 * C + h * d, 3 * C, s.v);
-      T* sv = probs ? saved + (slot * g.heads + h) * n * n : saved + slot * n * g.heads + h;
+      T* sv = saved == nullptr ? nullptr : probs ? saved + (slot * g.heads + h) * n * n : saved + slot * n * g.heads + h;
       rows_times(q, 1, 3 * C, n, d, s.kt, np, np, s.p, np);  // q k^T
       for (int64_t i = 0; i < n; ++i) {
         T* p = s.p + i * np;
@@ -278,6 +279,7 @@ void forward_windows(const Geometry& g, const T* qkv, const T* add, const T* pad
         const T sum = lanes_sum<T>(acc);
         const T inv = T(1) / sum;
         s.inv[i] = inv;
+        if (sv == nullptr) continue;  // nothing kept (no backward will run)
         if (probs) {  // normalized on the way out; the products use exp(s - max) and scale their rows by inv
           T* to = sv + i * n;
 #pragma omp simd

@@ -220,8 +220,8 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     fused into the first one's epilogue and the two residual adds into the output GEMMs' epilogues; the output
     equals MONAI's block (float64) to float32 precision.  A call that needs gradients runs the four GEMMs by oneDNN
     too (the GELU separate, its derivative kept for the backward where fastmed._C is built: the MLP's backward
-    multiplies by it in the epilogue of a fifth oneDNN GEMM; the residual's gradient passed through), output and
-    every gradient equal to MONAI's."""
+    multiplies by it in place; the residual's gradient passed through), output and every gradient equal to
+    MONAI's."""
     swin = pytest.importorskip("fastmed.nn.swin")
     if swin._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
@@ -256,9 +256,9 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     y = ours(xg)
     grads = torch.autograd.grad(y, [xg, *ours.parameters()],
                                 torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).float())
-    # qkv, proj (+ x), fc1, fc2 (+ x); the backward's d(fc1 output) = (dy w2) * GELU' when the kernel kept GELU'
-    assert calls == ["none", "residual add", "none", "residual add"] + (
-        ["residual mul"] if swin._gelu_kernel() is not None else [])
+    # qkv, proj (+ x), fc1, fc2 (+ x); the backward's d(fc1 output) = (dy w2) * GELU' (when the kernel kept GELU')
+    # is torch's mm into the GELU output's buffer, times GELU' in place: the graph is freed after this backward
+    assert calls == ["none", "residual add", "none", "residual add"]
     torch.testing.assert_close(y.double(), y_want, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads, grads_want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
@@ -320,7 +320,8 @@ def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, ke
     the backward GEMM's epilogue, or torch's GELU without the extension): output and the gradients of every input
     (the residual's too) equal the float64 composition to float32 precision; create_graph=True gives the same
     first-order gradients and a second-order gradient equal to the float64 one; retain_graph=True gives the same
-    gradients twice; no input is modified."""
+    gradients twice (nothing saved is overwritten then), and the last backward, which frees the graph (and writes
+    d pre into the GELU output's buffer), the same again; no input is modified."""
     swin = pytest.importorskip("fastmed.nn.swin")
     if swin._ONEDNN_LINEAR is None:
         pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
@@ -355,6 +356,17 @@ def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, ke
         torch.testing.assert_close(c.double(), w.detach(), atol=1e-5, rtol=1e-5)
     second = torch.autograd.grad(graph[0].square().sum(), leaves[1])[0]
     torch.testing.assert_close(second.double(), second64, atol=1e-4, rtol=1e-4)
+    kept = []
+    real_kept = swin._graph_kept
+    monkeypatch.setattr(swin, "_graph_kept", lambda: kept.append(real_kept()) or kept[-1])
+    # the graph freed after this backward: d pre written into the GELU output's buffer (the kernel's path)
+    last = torch.autograd.grad(got, leaves, dy)
+    assert kept == ([False] if kernel else [])
+    for a, b, w in zip(last, first, grads64):
+        torch.testing.assert_close(a.double(), w.detach(), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    with pytest.raises(RuntimeError, match="second time"):
+        torch.autograd.grad(got, leaves, dy)
     for t, b in zip(inputs, before):
         assert torch.equal(t, b)
 
@@ -630,3 +642,75 @@ def test_block_layer_norm_takes_the_kernel_only_where_it_applies(monkeypatch):
         want = torch.autograd.grad(block(xg).square().sum(), [xg] + list(block.parameters()))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, atol=1e-4 * max(1.0, b.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.parametrize("grid,window,shift", INFERENCE_CASES)
+def test_block_inference_calls_the_kernels_directly(monkeypatch, grid, window, shift):
+    """Without autograd, a fused float32 CPU block runs its kernels as straight calls (no submodule call, the
+    window attention through ``cpu_inference``): the output is bit-identical to the path through the submodules
+    and to the window-attention op's; that path runs instead under forward hooks on the attention or the MLP (or
+    global ones), an active dropout or drop path, ``fused=False``, float64, a non-contiguous input, grad mode, and
+    below ``_ONEDNN_MIN_ROWS`` tokens."""
+    from fastmed.nn import swin
+
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 0)
+    torch.manual_seed(0)
+    block = SwinTransformerBlock(24, 3, window, shift, drop_path=0.1).eval()
+    for p in block.parameters():
+        torch.nn.init.normal_(p, std=0.2)
+    x = torch.randn(2, *grid, 24, generator=torch.Generator().manual_seed(2))
+    before = x.clone()
+    through = []  # calls of WindowAttention.forward: the path through the submodules
+    real_forward = WindowAttention.forward
+    monkeypatch.setattr(WindowAttention, "forward", lambda *a, **k: through.append(1) or real_forward(*a, **k))
+    attention = []
+    real_inference = swin.cpu_inference
+
+    def counted(*a):
+        out = real_inference(*a)
+        attention.append(out is not None)  # True: the C++ kernel ran (not the op)
+        return out
+
+    monkeypatch.setattr(swin, "cpu_inference", counted)
+    with torch.no_grad():
+        got = block(x)
+        assert through == [] and torch.equal(x, before)
+        assert attention == [swin._ext.extension_info()["built"]]
+        handle = block.attn.register_forward_pre_hook(lambda *a: None)
+        want = block(x)
+        handle.remove()
+        assert through == [1] and torch.equal(got, want)
+        with monkeypatch.context() as m:  # the op itself (its own dispatch; the kernel keeps its log-sum-exp)
+            m.setattr(swin, "cpu_inference", lambda *a: None)
+            assert torch.equal(block(x), got)
+        through.clear()
+        for hooked in (block.mlp, torch.nn.modules.module):
+            if hooked is torch.nn.modules.module:
+                handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+            else:
+                handle = hooked.register_forward_hook(lambda *a: None)
+            torch.testing.assert_close(block(x), got, atol=0, rtol=0)
+            handle.remove()
+        assert through == [1, 1]
+        through.clear()
+        block.train()  # drop path active
+        block(x)
+        block.eval()
+        block.attn.fused = False
+        torch.testing.assert_close(block(x), got, atol=1e-4, rtol=1e-4)
+        block.attn.fused = True
+        torch.testing.assert_close(block.double()(x.double()).float(), got, atol=1e-4, rtol=1e-4)
+        block.float()
+        xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+        torch.testing.assert_close(block(xt), got, atol=1e-4, rtol=1e-4)
+        assert len(through) == 4
+        through.clear()
+        monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 1 << 30)
+        torch.testing.assert_close(block(x), got, atol=1e-4, rtol=1e-4)
+        assert through == [1]
+    monkeypatch.setattr(swin, "_ONEDNN_MIN_ROWS", 0)
+    through.clear()
+    torch.testing.assert_close(block(x), got, atol=1e-4, rtol=1e-4)  # grad mode on: the autograd path
+    assert through == [1]

@@ -738,6 +738,50 @@ def test_cpp_kernel_rejects_bad_operands():
                                         [0, 3, 3], 0.5, True, False)
 
 
+@pytest.mark.ext
+@pytest.mark.parametrize("grid,window,shift", [((14, 14), (7, 7), (0, 0)), ((11, 16), (7, 7), (3, 3)),
+                                               ((9, 8, 10), (7, 7, 7), (3, 3, 3))])
+def test_cpu_inference_is_the_kernel_without_its_saved_tensor(grid, window, shift):
+    """``cpu_inference`` (no autograd: the C++ kernel with ``save=False``, no op dispatch) gives the op's output bit
+    for bit, keeps nothing (the kernel's second output is empty) and leaves its inputs alone; it declines (None)
+    under grad mode, a forced non-``cpp`` backend, float64, a non-contiguous qkv, a table or padding token of
+    another shape, windows of more than 512 tokens."""
+    from fastmed import _ext
+
+    W = importlib.import_module("fastmed.ops.window_attention")
+    C = _ext.load()
+    g = torch.Generator().manual_seed(4)
+    heads, nd = 2, len(grid)
+    qkv = torch.randn(2, *grid, 3 * 16, generator=g)
+    table = torch.nn.Parameter(torch.randn(math.prod(2 * w - 1 for w in window), heads, generator=g))
+    pad = torch.randn(3 * 16, generator=g)
+    before = [t.detach().clone() for t in (qkv, table, pad)]  # the table a module's Parameter
+    args = (heads, window, shift, table, 0.3, pad, "monai")
+    with torch.no_grad():
+        got = W.cpu_inference(qkv, *args)
+        want = window_attention(qkv, heads, window, shift, table, 0.3, qkv_pad=pad, bias_index="monai")
+        assert got is not None and torch.equal(got, want)
+        assert all(torch.equal(a, b) for a, b in zip((qkv, table, pad), before))
+        spec = W._cached_call_spec(tuple(grid), heads, window, shift, 0.3, "monai")
+        x, bias, p, slots = W._cpp_operands(qkv.unsqueeze(1) if nd == 2 else qkv, table, pad, spec)
+        for probs in (False, True):
+            kept, saved = C.window_attention_forward_cpu(x, bias, p, slots, heads, list(spec.window),
+                                                         list(spec.shift), spec.scale, probs)
+            out, nothing = C.window_attention_forward_cpu(x, bias, p, slots, heads, list(spec.window),
+                                                          list(spec.shift), spec.scale, probs, save=False)
+            assert torch.equal(out, kept) and nothing.numel() == 0 and saved.numel() > 0
+        assert W.cpu_inference(qkv.double(), *args) is None
+        assert W.cpu_inference(qkv.transpose(1, 2), *args) is None
+        assert W.cpu_inference(qkv, heads, window, shift, table[1:], 0.3, pad, "monai") is None
+        assert W.cpu_inference(qkv, heads, window, shift, table, 0.3, pad[1:], "monai") is None
+        with fastmed.use_backend("aten"):
+            assert W.cpu_inference(qkv, *args) is None
+        big = (9, 9, 9) if nd == 3 else (23, 23)  # 729 and 529 tokens a window
+        assert W.cpu_inference(torch.randn(1, *big, 48), heads, big, (0,) * nd,
+                               torch.zeros(math.prod(2 * w - 1 for w in big), heads), 0.3, None, "monai") is None
+    assert W.cpu_inference(qkv, *args) is None  # grad mode on
+
+
 def test_swin_unet_stage1_backward_is_fused():
     """Swin-UNet stage 1 (B 24, 56^2, C 96, 3 heads, window 7, bf16, 132 SMs): the backward is one kernel per
     (group of windows, head) computing dq, dk, dv from one dS (no saved output, no separate delta pass), the

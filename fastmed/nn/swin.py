@@ -31,7 +31,7 @@ from torch import Tensor, nn
 
 from fastmed import _ext
 from fastmed._validate import check_choice, check_int, check_per_axis, check_spatial_dims, check_token_grid
-from fastmed.ops.window_attention import BIAS_INDEX, window_attention
+from fastmed.ops.window_attention import BIAS_INDEX, cpu_inference, window_attention
 from fastmed.reference import window_attention as ref
 
 __all__ = ["WindowAttention", "SwinTransformerBlock", "Mlp", "DropPath", "PatchMerging", "PatchExpand",
@@ -89,15 +89,23 @@ class WindowAttention(nn.Module):
         shift = check_per_axis(shift_size, "shift_size", nd, 0)
         _check_residual(residual, x)
         if self.fused and not (self.training and self.attn_drop.p > 0):
-            out = window_attention(fused_linear(x, self.qkv), self.num_heads, self.window_size, shift,
-                                   self.relative_position_bias_table, self.scale, qkv_pad=self.qkv.bias,
-                                   bias_index=self.bias_index)
+            out = self._fused_attention(fused_linear(x, self.qkv), shift)
             if residual is not None and _inactive(self.proj_drop):
                 return fused_linear(out, self.proj, residual=residual)
             y = self.proj_drop(fused_linear(out, self.proj))
         else:
             y = self.proj_drop(self.proj(self._eager(x, shift)))
         return y if residual is None else residual + y
+
+    def _fused_attention(self, qkv: Tensor, shift: tuple[int, ...]) -> Tensor:
+        """The window-attention op on the qkv grid (without autograd on the CPU straight into its C++ kernel)."""
+        table, pad = self.relative_position_bias_table, self.qkv.bias
+        out = None if torch.is_grad_enabled() else cpu_inference(qkv, self.num_heads, self.window_size, shift, table,
+                                                                 self.scale, pad, self.bias_index)
+        if out is None:
+            out = window_attention(qkv, self.num_heads, self.window_size, shift, table, self.scale, qkv_pad=pad,
+                                   bias_index=self.bias_index)
+        return out
 
     def _eager(self, x: Tensor, shift: tuple[int, ...]) -> Tensor:
         """MONAI's composition: pad the tokens, qkv, roll, partition, bias + mask, softmax, reverse, crop."""
@@ -295,14 +303,22 @@ def _layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
     return kernel(x, None if w is None else w.detach(), None if b is None else b.detach(), norm.eps)[0]
 
 
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (``retain_graph=True``): then a node's saved tensors may be
+    read again and must not be overwritten.  True where this torch cannot tell."""
+    kept = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return True if kept is None else bool(kept())
+
+
 class _OneDnnMlp(torch.autograd.Function):
     """``residual + linear2(gelu(linear1(x)))`` (the exact GELU; ``residual`` optional) for training on the CPU in
     float32, as one autograd node.  The forward's GEMMs are oneDNN's (the biases, and the residual, in their
     epilogues); between them, where ``fastmed._C`` is built, one pass over the hidden activation computes the GELU
     and overwrites the pre-activation with the GELU's derivative (csrc/gelu_cpu.cpp: one erf and one exponential a
-    value).  The backward's GELU is then a product, applied in the epilogue of the oneDNN GEMM that forms its
-    input gradient (``(dy w2) * gelu'``): no pass of its own over the ``(tokens, 4C)`` activation and no erf or
-    exponential, where torch's GELU backward reads the pre-activation and computes both.  Without the extension,
+    value).  The backward's GELU is then a product, ``(dy w2) * gelu'``, with no erf or exponential (torch's GELU
+    backward reads the pre-activation and computes both): written into the GELU output's buffer, which nothing
+    reads after ``d w2``, and multiplied in place where the graph is freed after the backward (no ``(tokens, 4C)``
+    tensor of its own), else (``retain_graph=True``) in the epilogue of a oneDNN GEMM.  Without the extension,
     torch's GELU and its backward (in place).  Saves ``x``, the GELU's output and the derivative (or the
     pre-activation), as the two Linears' and the GELU's nodes save.  Under ``create_graph=True`` the backward
     recomputes the pre-activation and runs torch's differentiable formulas."""
@@ -340,7 +356,12 @@ class _OneDnnMlp(torch.autograd.Function):
         dx = dw1 = db1 = None
         if need[0] or need[1] or need[2]:
             s2 = saved.reshape(g2.shape)
-            if ctx.derivative:  # d pre = (dy w2) * GELU'(pre), the product in the GEMM's epilogue
+            if ctx.derivative and not _graph_kept():
+                # d pre = (dy w2) * GELU'(pre) into the GELU output's buffer, which nothing reads after d w2
+                # (the graph is freed after this backward): no (tokens, 4C) tensor of its own, ~10 MB less at the
+                # peak of a Swin-Unet stage-1 training step
+                dpre = torch.mm(dy2, w2, out=g2).mul_(s2)
+            elif ctx.derivative:  # the product in the epilogue of oneDNN's GEMM
                 dpre = _ONEDNN_LINEAR.binary(dy2, s2, w2.t().contiguous(), None, "mul")
             else:
                 dpre = dy2.mm(w2)
@@ -383,6 +404,13 @@ def _inactive(drop: nn.Module) -> bool:
     """Whether a dropout (or drop-path) module is the identity now: evaluation mode or probability 0."""
     p = getattr(drop, "p", getattr(drop, "drop_prob", None))
     return type(drop) is nn.Identity or (p is not None and (not drop.training or p == 0.0))
+
+
+def _forward_hooked(*modules: nn.Module) -> bool:
+    """Whether calling ``modules`` would run forward hooks (their own or global ones)."""
+    g = nn.modules.module
+    return bool(g._global_forward_hooks or g._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in modules)
 
 
 def _check_residual(residual: Optional[Tensor], x: Tensor) -> None:
@@ -524,7 +552,43 @@ class SwinTransformerBlock(nn.Module):
         # the MLP follows the attention's path (fastmed.patch may have put MONAI's MLPBlock here)
         return self.drop_path(self.mlp(h, fused=self.attn.fused) if type(self.mlp) is Mlp else self.mlp(h))
 
+    def _cpu_inference(self, x: Tensor) -> Optional[Tensor]:
+        """The block without autograd on a float32 CPU grid of at least ``_ONEDNN_MIN_ROWS`` tokens, as straight
+        calls: the C++ LayerNorms, oneDNN's GEMMs (bias, GELU and residuals in their epilogues) and the C++ window
+        attention, none of the submodules' calls, checks and dispatch in between (~0.2-0.3 ms of a ~5.5 ms
+        Swin-Unet stage-1 block here).  The same kernels in the same order as the fused path through the
+        submodules, so the same result.  None where that path would run something else (other submodule types,
+        hooks on them, active dropout or drop path, the eager attention, other dtypes or devices, autocast,
+        torch.compile): ``forward`` then takes it."""
+        attn, mlp, norm1, norm2 = self.attn, self.mlp, self.norm1, self.norm2
+        if (_ONEDNN_LINEAR is None or type(attn) is not WindowAttention or type(mlp) is not Mlp or not attn.fused
+                or type(norm1) is not nn.LayerNorm or type(norm2) is not nn.LayerNorm or type(x) is not Tensor
+                or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
+                or x.dim() != len(attn.window_size) + 2 or x.shape[-1] != attn.dim
+                or x.numel() < _ONEDNN_MIN_ROWS * attn.dim or type(mlp.fn) is not nn.GELU
+                or mlp.fn.approximate != "none" or _forward_hooked(attn, mlp) or torch.is_autocast_enabled("cpu")
+                or torch.compiler.is_compiling()):
+            return None
+        if not all(_inactive(d) for d in (self.drop_path, attn.attn_drop, attn.proj_drop, mlp.drop)):
+            return None
+        C, qkv, proj, lin1, lin2 = attn.dim, attn.qkv, attn.proj, mlp.linear1, mlp.linear2
+        if not (all(_plain_linear(layer) for layer in (qkv, proj, lin1, lin2)) and qkv.in_features == C
+                and qkv.out_features == 3 * C and proj.in_features == C and proj.out_features == C
+                and lin1.in_features == C and lin2.in_features == lin1.out_features and lin2.out_features == C):
+            return None
+        # nested calls: each intermediate is freed as soon as the next call has read it (the peak of the path
+        # through the submodules, no local name keeping the qkv grid alive into the MLP)
+        x = _ONEDNN_LINEAR.binary(
+            attn._fused_attention(_ONEDNN_LINEAR(_layer_norm(norm1, x), qkv.weight, qkv.bias, "none", [], ""),
+                                  self.shift_size), x, proj.weight, proj.bias, "add")
+        return _ONEDNN_LINEAR.binary(_ONEDNN_LINEAR(_layer_norm(norm2, x), lin1.weight, lin1.bias, "gelu", [], "none"),
+                                     x, lin2.weight, lin2.bias, "add")
+
     def forward(self, x: Tensor, mask_matrix: Optional[Tensor] = None) -> Tensor:
+        if not torch.is_grad_enabled():
+            y = self._cpu_inference(x)
+            if y is not None:
+                return y
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
             x = x + torch.utils.checkpoint.checkpoint(self._attention_part, x, use_reentrant=False)
             return x + torch.utils.checkpoint.checkpoint(self._mlp_part, x, use_reentrant=False)

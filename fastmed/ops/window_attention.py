@@ -545,6 +545,55 @@ _WindowAttentionDirect = _direct.autograd_function("_WindowAttentionDirect", _wi
                                                    _backward)
 
 
+def _call_spec(grid: tuple, heads: int, window: tuple, shift: tuple, scale: float, bias_index: str) -> ref.WindowSpec:
+    """The kernels' view of a call on a token grid of spatial size ``grid`` (validated arguments): the window and
+    shift after MONAI's shrinking, as 3D, and the table's window and the bias coordinates per ``bias_index``."""
+    nd = len(grid)
+    eff_window, eff_shift = ref.effective_window(grid, window, shift)
+    lead = (1,) * (3 - nd)
+    win3 = lead + eff_window
+    table_window = lead + window
+    return ref.WindowSpec(heads, win3, (0,) * (3 - nd) + eff_shift, scale, table_window,
+                          win3 if bias_index == "coords" else table_window)
+
+
+# for cpu_inference (not under torch.compile, where window_attention builds the spec each call: dynamo traces
+# through an lru_cache and warns)
+_cached_call_spec = functools.lru_cache(maxsize=256)(_call_spec)
+
+
+def cpu_inference(qkv: Tensor, num_heads: int, window: tuple, shift: tuple, table: Optional[Tensor], scale: float,
+                  qkv_pad: Optional[Tensor], bias_index: str) -> Optional[Tensor]:
+    """:func:`window_attention` for a module's own, already-checked arguments (``window`` and ``shift`` tuples of
+    ints per axis, ``0 <= shift < window``; ``scale`` a float), without autograd, straight into the ``cpp``
+    backend's C++ kernel: no op dispatch and nothing kept for a backward (the kernel skips the log-sum-exp).  The
+    same kernel and the same result as :func:`window_attention`; None where that call would not run this kernel
+    (grad mode on, a backend other than ``cpp`` chosen or forced, not a contiguous float32 CPU ``qkv``,
+    ``(B, *grid, 3C)`` with ``len(window)`` spatial axes, a table or padding token of another shape, dtype or
+    device, windows of more than :data:`_CPP_MAX_TOKENS` tokens, torch.compile): call :func:`window_attention`
+    then, which also raises the errors."""
+    nd = len(window)
+    if (torch.is_grad_enabled() or type(qkv) is not Tensor or qkv.device.type != "cpu" or qkv.dtype != torch.float32
+            or qkv.dim() != nd + 2 or not 2 <= nd <= 3 or not qkv.is_contiguous() or torch.compiler.is_compiling()):
+        return None
+    C3 = qkv.shape[-1]
+    if C3 % (3 * num_heads) != 0:
+        return None
+    for t, shape in ((table, (math.prod(2 * w - 1 for w in window), num_heads)), (qkv_pad, (C3,))):
+        if t is not None and (type(t) not in (Tensor, torch.nn.Parameter) or t.device.type != "cpu"
+                              or t.dtype != torch.float32 or tuple(t.shape) != shape):
+            return None
+    if _backend.choose("window_attention", qkv.device) != "cpp":  # (chosen only where fastmed._C is built)
+        return None
+    spec = _cached_call_spec(tuple(qkv.shape[1:-1]), num_heads, window, shift, scale, bias_index)
+    if spec.tokens > _CPP_MAX_TOKENS:
+        return None
+    x, bias, pad, slots = _cpp_operands(_grid5(qkv), table, qkv_pad, spec)
+    out, _ = _ext.load().window_attention_forward_cpu(x, bias, pad, slots, num_heads, list(spec.window),
+                                                      list(spec.shift), spec.scale, False, save=False)
+    return out.view(qkv.shape[:-1] + (C3 // 3,))
+
+
 def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequence[int]],
                      shift_size: Union[int, Sequence[int]] = 0, rel_pos_bias_table: Optional[Tensor] = None,
                      scale: Optional[float] = None, *, qkv_pad: Optional[Tensor] = None,
@@ -629,14 +678,7 @@ def window_attention(qkv: Tensor, num_heads: int, window_size: Union[int, Sequen
     check_choice(bias_index, "bias_index", BIAS_INDEX)
     device = check_same_device(qkv=qkv, rel_pos_bias_table=rel_pos_bias_table, qkv_pad=qkv_pad)
 
-    grid = tuple(qkv.shape[1:-1])
-    eff_window, eff_shift = ref.effective_window(grid, window, shift)
-    lead = (1,) * (3 - nd)
-    win3 = lead + eff_window
-    table_window = lead + window
-    spec = ref.WindowSpec(heads, win3, (0,) * (3 - nd) + eff_shift, float(scale), table_window,
-                          win3 if bias_index == "coords" else table_window)
-
+    spec = _call_spec(tuple(qkv.shape[1:-1]), heads, window, shift, float(scale), bias_index)
     backend = _backend.choose("window_attention", device)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (qkv, rel_pos_bias_table, qkv_pad))
