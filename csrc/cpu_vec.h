@@ -32,9 +32,10 @@ FASTMED_INLINE void store_vec(T* p, const Vec<T>& v) {
 }
 
 // The sum and the maximum of a vector's lanes, by halves (a fixed order); the maximum skips NaN lanes, as
-// `a > m ? a : m` does (a NaN score still makes its row NaN through exp(NaN - max)).
+// `a > m ? a : m` does (a NaN score still makes its row NaN through exp(NaN - max)).  Vectors by reference: a
+// 32-byte vector by value in the baseline build draws GCC's -Wpsabi note at every instantiation.
 template <typename T, typename Combine>
-FASTMED_INLINE T lanes_reduce(Vec<T> v, Combine combine) {
+FASTMED_INLINE T lanes_reduce(const Vec<T>& v, Combine combine) {
   T l[kLanesOf<T>];
   std::memcpy(l, &v, sizeof(v));
   for (int64_t w = kLanesOf<T> / 2; w >= 1; w /= 2) {
@@ -43,10 +44,10 @@ FASTMED_INLINE T lanes_reduce(Vec<T> v, Combine combine) {
   return l[0];
 }
 template <typename T>
-FASTMED_INLINE T lanes_sum(Vec<T> v) {
+FASTMED_INLINE T lanes_sum(const Vec<T>& v) {
   return lanes_reduce<T>(v, [](T a, T b) { return a + b; });
 }
 template <typename T>
-FASTMED_INLINE T lanes_max(Vec<T> v) {
+FASTMED_INLINE T lanes_max(const Vec<T>& v) {
   return lanes_reduce<T>(v, [](T a, T b) { return b > a ? b : a; });
 }

@@ -136,6 +136,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("gelu_and_derivative_cpu_", &fastmed::gelu_and_derivative_cpu_,
         "The exact (erf) GELU of a contiguous float32 CPU tensor x, returned; x overwritten with GELU'(x), "
         "csrc/gelu_cpu.cpp.", pybind11::arg("x"));
+  m.def("mul_and_column_sums_cpu_", &fastmed::mul_and_column_sums_cpu_,
+        "a *= b in place (contiguous float32 CPU (rows, columns) tensors of one shape): [a, the column sums of the "
+        "product], summed per fixed block of rows, blocks in order (the same bits for any number of threads), "
+        "csrc/gelu_cpu.cpp.", pybind11::arg("a"), pybind11::arg("b"));
   m.def("layer_norm_cpu", &fastmed::layer_norm_cpu,
         "LayerNorm over the last dimension of a contiguous float32 CPU tensor: [y, mean, rstd] (the statistics "
         "undefined unless stats), csrc/layer_norm_cpu.cpp.", pybind11::arg("x"), pybind11::arg("weight"),

@@ -56,6 +56,7 @@ void sliding_window_finalize_cpu(at::Tensor buffer, const c10::optional<at::Tens
 // csrc/gelu_cpu.cpp: the exact (erf) GELU of a contiguous float32 CPU tensor x (to ~1 ulp, errors unbiased),
 // returned, with x overwritten by GELU'(x).  The same values for any number of threads.
 torch::Tensor gelu_and_derivative_cpu_(torch::Tensor& x);
+std::vector<torch::Tensor> mul_and_column_sums_cpu_(torch::Tensor& a, const torch::Tensor& b);
 // csrc/layer_norm_cpu.cpp: LayerNorm over the last dimension of a contiguous float32 CPU tensor (weight and bias
 // optional, C values each): [y, mean, rstd] (the row statistics when `stats`, else undefined), and the backward
 // [dx, dweight, dbias] (each undefined unless asked for); the same values for any number of threads.

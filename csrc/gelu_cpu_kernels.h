@@ -1,4 +1,5 @@
-// The inner loop of csrc/gelu_cpu.cpp on raw float32 pointers: the exact (erf) GELU with its derivative.
+// The inner loops of csrc/gelu_cpu.cpp on raw float32 pointers: the exact (erf) GELU with its derivative, and the
+// backward's product with that derivative together with its column sums.
 //
 // Included by gelu_cpu.cpp once per build (see there): it includes cpu_math_f32.h and nothing else.
 //
@@ -48,5 +49,22 @@ inline void gelu_and_derivative_run(float* __restrict x, float* __restrict y, in
     y[i] = v * cdf;
     const float ve = v * e;
     x[i] = cdf + (ve * 3.989422917e-01f + ve * -1.133517014e-08f);  // 1 / sqrt(2 pi) as hi + lo
+  }
+}
+
+// a[r, :] *= b[r, :] for the rows [0, rows) of `cols` values, and sums[c] = the sum over those rows of the products
+// in column c (row after row: one order for a given block of rows).
+inline void mul_rows_and_sum(float* __restrict a, const float* __restrict b, int64_t rows, int64_t cols,
+                             float* __restrict sums) {
+  for (int64_t c = 0; c < cols; ++c) sums[c] = 0.0f;
+  for (int64_t r = 0; r < rows; ++r) {
+    float* ar = a + r * cols;
+    const float* br = b + r * cols;
+#pragma omp simd
+    for (int64_t c = 0; c < cols; ++c) {
+      const float v = ar[c] * br[c];
+      ar[c] = v;
+      sums[c] += v;
+    }
   }
 }

@@ -313,6 +313,47 @@ def test_gelu_kernel_is_accurate_and_unbiased():
             ext.gelu_and_derivative_cpu_(bad)
 
 
+@pytest.mark.ext
+def test_mul_and_column_sums_kernel():
+    """``mul_and_column_sums_cpu_`` (the training MLP's ``d pre *= GELU'`` with ``d b1``): the product in place, as
+    torch's ``a * b`` bit for bit; the column sums equal float64's to float32 precision, the same bits at 1 and 2
+    threads (fixed row blocks added in order); NaN stays NaN; ``b`` untouched; a ValueError for other shapes,
+    dtypes or layouts."""
+    from fastmed import _ext
+
+    ext = _ext.load()
+    g = torch.Generator().manual_seed(8)
+    for rows, cols in ((6272, 384), (130, 13), (64, 8), (1, 5), (0, 7)):
+        a, b = torch.randn(rows, cols, generator=g), torch.randn(rows, cols, generator=g)
+        b_before = b.clone()
+        runs = []
+        for threads in (1, 2):
+            before = torch.get_num_threads()
+            torch.set_num_threads(threads)
+            try:
+                got = a.clone()
+                out, sums = ext.mul_and_column_sums_cpu_(got, b)
+                runs.append((got, sums))
+            finally:
+                torch.set_num_threads(before)
+            assert out.data_ptr() == got.data_ptr()  # in place
+        assert torch.equal(runs[0][0], a * b) and torch.equal(b, b_before)
+        assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+        want = (a.double() * b.double()).sum(0)
+        scale = (a.double() * b.double()).abs().sum(0).clamp_min(1.0)
+        assert ((runs[0][1].double() - want).abs() <= 2e-6 * scale).all()
+    a, b = torch.randn(70, 9, generator=g), torch.randn(70, 9, generator=g)
+    a[3, 4] = float("nan")
+    sums = ext.mul_and_column_sums_cpu_(a, b)[1]
+    assert a[3, 4].isnan() and sums[4].isnan() and not sums[torch.arange(9) != 4].isnan().any()
+    for bad_a, bad_b, what in ((torch.randn(4, 6).t(), torch.randn(6, 4), "contiguous float32"),
+                               (torch.randn(4, 6).double(), torch.randn(4, 6).double(), "contiguous float32"),
+                               (torch.randn(4, 6), torch.randn(4, 5), "one shape"),
+                               (torch.randn(24), torch.randn(24), "one shape")):
+        with pytest.raises(ValueError, match=what):
+            ext.mul_and_column_sums_cpu_(bad_a, bad_b)
+
+
 @pytest.mark.parametrize("kernel", [pytest.param(True, marks=pytest.mark.ext), False], ids=["gelu-kernel", "torch"])
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
 def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, kernel, residual):
@@ -356,12 +397,14 @@ def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, ke
         torch.testing.assert_close(c.double(), w.detach(), atol=1e-5, rtol=1e-5)
     second = torch.autograd.grad(graph[0].square().sum(), leaves[1])[0]
     torch.testing.assert_close(second.double(), second64, atol=1e-4, rtol=1e-4)
-    kept = []
-    real_kept = swin._graph_kept
+    kept, products = [], []
+    real_kept, real_product = swin._graph_kept, swin._mul_sums_kernel()
     monkeypatch.setattr(swin, "_graph_kept", lambda: kept.append(real_kept()) or kept[-1])
-    # the graph freed after this backward: d pre written into the GELU output's buffer (the kernel's path)
+    monkeypatch.setattr(swin, "_mul_sums_kernel", lambda: lambda *a: products.append(1) or real_product(*a))
+    # the graph freed after this backward: d pre written into the GELU output's buffer, times GELU' with d b1 in
+    # one C++ pass (the kernel's path)
     last = torch.autograd.grad(got, leaves, dy)
-    assert kept == ([False] if kernel else [])
+    assert kept == ([False] if kernel else []) and products == ([1] if kernel else [])
     for a, b, w in zip(last, first, grads64):
         torch.testing.assert_close(a.double(), w.detach(), atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)

@@ -240,6 +240,15 @@ def _gelu_kernel():
 
 
 @functools.cache
+def _mul_sums_kernel():
+    """``fastmed._C.mul_and_column_sums_cpu_`` (csrc/gelu_cpu.cpp: ``a *= b`` in place and the column sums of the
+    product, in a fixed order), or None where the extension is not built."""
+    if not _ext.extension_info()["built"]:
+        return None
+    return getattr(_ext.load(), "mul_and_column_sums_cpu_", None)
+
+
+@functools.cache
 def _layer_norm_kernel():
     """``fastmed._C.layer_norm_cpu`` (csrc/layer_norm_cpu.cpp), or None where the extension is not built."""
     if not _ext.extension_info()["built"]:
@@ -359,15 +368,21 @@ class _OneDnnMlp(torch.autograd.Function):
             if ctx.derivative and not _graph_kept():
                 # d pre = (dy w2) * GELU'(pre) into the GELU output's buffer, which nothing reads after d w2
                 # (the graph is freed after this backward): no (tokens, 4C) tensor of its own, ~10 MB less at the
-                # peak of a Swin-Unet stage-1 training step
-                dpre = torch.mm(dy2, w2, out=g2).mul_(s2)
+                # peak of a Swin-Unet stage-1 training step; the product and d b1 (its column sums) in one C++ pass
+                dpre = torch.mm(dy2, w2, out=g2)
+                product = _mul_sums_kernel()
+                if product is not None and b1 is not None and need[2]:
+                    db1 = product(dpre, s2)[1]
+                else:
+                    dpre.mul_(s2)
             elif ctx.derivative:  # the product in the epilogue of oneDNN's GEMM
                 dpre = _ONEDNN_LINEAR.binary(dy2, s2, w2.t().contiguous(), None, "mul")
             else:
                 dpre = dy2.mm(w2)
                 torch.ops.aten.gelu_backward.grad_input(dpre, s2, grad_input=dpre)
             dw1 = _weight_grad(dpre, x2) if need[1] else None
-            db1 = dpre.sum(0) if b1 is not None and need[2] else None
+            if db1 is None and b1 is not None and need[2]:
+                db1 = dpre.sum(0)
             dx = dpre.mm(w1).view(x.shape) if need[0] else None
         return dx, dw1, db1, dw2, db2, dres
 
