@@ -145,9 +145,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "undefined unless stats), csrc/layer_norm_cpu.cpp.", pybind11::arg("x"), pybind11::arg("weight"),
         pybind11::arg("bias"), pybind11::arg("eps"), pybind11::arg("stats") = false);
   m.def("layer_norm_backward_cpu", &fastmed::layer_norm_backward_cpu,
-        "Backward of layer_norm_cpu: [dx, dweight, dbias] (undefined unless asked for), csrc/layer_norm_cpu.cpp.",
+        "Backward of layer_norm_cpu: [dx, dweight, dbias] (undefined unless asked for; dx plus residual_grad when "
+        "that is given: x's gradient from a residual connection, added in the same pass), csrc/layer_norm_cpu.cpp.",
         pybind11::arg("dy"), pybind11::arg("x"), pybind11::arg("mean"), pybind11::arg("rstd"), pybind11::arg("weight"),
-        pybind11::arg("need_dx"), pybind11::arg("need_dw"), pybind11::arg("need_db"));
+        pybind11::arg("need_dx"), pybind11::arg("need_dw"), pybind11::arg("need_db"),
+        pybind11::arg("residual_grad") = pybind11::none());
 #ifdef FASTMED_WITH_CUDA
   m.def("distance_transform_cuda", &fastmed::distance_transform_cuda,
         "distance_transform_cpu for CUDA tensors: one thread per line, one launch per axis for the whole batch.",

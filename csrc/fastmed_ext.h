@@ -64,7 +64,8 @@ std::vector<at::Tensor> layer_norm_cpu(const at::Tensor& x, const c10::optional<
                                        const c10::optional<at::Tensor>& bias, double eps, bool stats);
 std::vector<at::Tensor> layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                                                bool need_dx, bool need_dw, bool need_db);
+                                                bool need_dx, bool need_dw, bool need_db,
+                                                const c10::optional<at::Tensor>& residual_grad);
 // csrc/norm_act_cpu.cpp: y = act((x - mean) * rstd * weight + bias + residual) for CPU tensors (N, C, *spatial),
 // contiguous or channels-last, instance/group/batch statistics, activation identity/relu/leaky_relu/prelu:
 // returns {y, mean, rstd} (statistics (R,) in float32, float64 for float64 x); mean_in/rstd_in given are used

@@ -79,7 +79,8 @@ std::vector<at::Tensor> layer_norm_cpu(const at::Tensor& x, const c10::optional<
 
 std::vector<at::Tensor> layer_norm_backward_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& mean,
                                                 const at::Tensor& rstd, const c10::optional<at::Tensor>& weight,
-                                                bool need_dx, bool need_dw, bool need_db) {
+                                                bool need_dx, bool need_dw, bool need_db,
+                                                const c10::optional<at::Tensor>& residual_grad) {
   using namespace layer_norm_kernels;
   check_x(x, "x");
   check_x(dy, "dy");
@@ -93,6 +94,14 @@ std::vector<at::Tensor> layer_norm_backward_cpu(const at::Tensor& dy, const at::
                       " values (x's rows)");
   }
   const float* w = param(weight, C, "weight");
+  const float* add = nullptr;
+  if (residual_grad.has_value() && residual_grad->defined()) {
+    check_x(*residual_grad, "residual_grad");
+    TORCH_CHECK_VALUE(residual_grad->sizes() == x.sizes(), "layer_norm_cpu: residual_grad must have x's shape ",
+                      x.sizes(), ", got ", residual_grad->sizes());
+    TORCH_CHECK_VALUE(need_dx, "layer_norm_cpu: residual_grad is added to dx, so need_dx must be true");
+    add = residual_grad->data_ptr<float>();
+  }
   at::Tensor dx = need_dx ? at::empty_like(x) : at::Tensor();
   const int64_t blocks = (rows + kBackwardBlock - 1) / kBackwardBlock;
   // per block: the sums of dy x^ and of dy over its rows, added in block order below (any number of threads)
@@ -107,7 +116,8 @@ std::vector<at::Tensor> layer_norm_backward_cpu(const at::Tensor& dy, const at::
       const int64_t r0 = blk * kBackwardBlock;
       float* part = pp != nullptr ? pp + blk * 2 * C : nullptr;
       run(dyp + r0 * C, xp + r0 * C, mp + r0, rp + r0, w, C, std::min(kBackwardBlock, rows - r0),
-          dxp != nullptr ? dxp + r0 * C : nullptr, need_dw ? part : nullptr, need_db ? part + C : nullptr);
+          dxp != nullptr ? dxp + r0 * C : nullptr, need_dw ? part : nullptr, need_db ? part + C : nullptr,
+          add != nullptr ? add + r0 * C : nullptr);
     }
   });
   at::Tensor dw, db;

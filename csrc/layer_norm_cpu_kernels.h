@@ -79,12 +79,14 @@ inline void layer_norm_rows(const float* __restrict x, const float* __restrict w
 }
 
 // The backward of rows [0, rows): with x^ = (x - mean) rstd and g = dy * weight (dy without a weight),
-// dx = rstd (g - mean(g) - x^ mean(g x^)) (when dx is not null), and the rows' sums of dy x^ and of dy added to
+// dx = rstd (g - mean(g) - x^ mean(g x^)) (when dx is not null; plus `add`'s row when that is not null: the
+// gradient x receives from elsewhere, a residual connection's), and the rows' sums of dy x^ and of dy added to
 // dw_part and db_part (C values each, this block's; when not null), row after row: a fixed order.
 inline void layer_norm_backward_rows(const float* __restrict dy, const float* __restrict x,
                                      const float* __restrict mean, const float* __restrict rstd,
                                      const float* __restrict weight, int64_t C, int64_t rows, float* __restrict dx,
-                                     float* __restrict dw_part, float* __restrict db_part) {
+                                     float* __restrict dw_part, float* __restrict db_part,
+                                     const float* __restrict add) {
   const int64_t cv = C / 8 * 8;
   const float inv_c = 1.0f / static_cast<float>(C);
   for (int64_t r = 0; r < rows; ++r) {
@@ -121,14 +123,17 @@ inline void layer_norm_backward_rows(const float* __restrict dy, const float* __
     b *= inv_c;
     const Vec<float> av = Vec<float>{} + a, bv = Vec<float>{} + b;
     float* dxr = dx + r * C;
+    const float* addr = add != nullptr ? add + r * C : nullptr;
     for (int64_t c = 0; c < cv; c += 8) {
       Vec<float> g = load_vec<float>(dyr + c);
       if (weight != nullptr) g = g * load_vec<float>(weight + c);
-      store_vec<float>(dxr + c, rv * (g - av - ((load_vec<float>(xr + c) - mv) * rv) * bv));
+      const Vec<float> d = rv * (g - av - ((load_vec<float>(xr + c) - mv) * rv) * bv);
+      store_vec<float>(dxr + c, addr != nullptr ? load_vec<float>(addr + c) + d : d);
     }
     for (int64_t c = cv; c < C; ++c) {
       const float g = weight != nullptr ? dyr[c] * weight[c] : dyr[c];
-      dxr[c] = rs * (g - a - ((xr[c] - m) * rs) * b);
+      const float d = rs * (g - a - ((xr[c] - m) * rs) * b);
+      dxr[c] = addr != nullptr ? addr[c] + d : d;
     }
   }
 }

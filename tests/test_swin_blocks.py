@@ -645,6 +645,45 @@ def test_layer_norm_node_gradients(shape, affine):
 
 
 @pytest.mark.ext
+@pytest.mark.parametrize("use", ["both", "norm", "alias"])
+def test_layer_norm_node_residual_alias(use):
+    """``_LayerNorm`` with ``residual=True`` returns ``(LayerNorm(x), alias of x)``; x's gradient is the sum of the
+    gradients through both (the alias's added in the backward kernel's pass; also when only one is used, with a
+    non-contiguous gradient, and under create_graph=True), against float64 torch; the alias carries x's values."""
+    from fastmed.nn import swin
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(2, 5, 7, 24, generator=g) * 2 + 1).requires_grad_()
+    w, b = torch.randn(24, generator=g).requires_grad_(), torch.randn(24, generator=g).requires_grad_()
+    k = torch.randn(24, 24, generator=g)
+    dy = torch.randn(24, 7, 5, 2, generator=g).permute(3, 2, 1, 0)  # not contiguous
+
+    def f(y, r):  # the block's use: the norm's output through a layer, plus the residual
+        out = 0
+        if use in ("both", "norm"):
+            out = out + y @ k.to(y.dtype)
+        if use in ("both", "alias"):
+            out = out + r * 1.5
+        return out
+
+    y, r = swin._LayerNorm.apply(x, w, b, 1e-5, True)
+    assert torch.equal(r, x) and r.requires_grad
+    leaves = [x, w, b]
+    got = torch.autograd.grad(f(y, r), leaves, dy, allow_unused=True)
+    x64, w64, b64 = [t.detach().double().requires_grad_() for t in leaves]
+    want = torch.autograd.grad(f(torch.nn.functional.layer_norm(x64, (24,), w64, b64, 1e-5), x64), [x64, w64, b64],
+                               dy.double(), allow_unused=True)
+    for a, ref in zip(got, want):
+        assert (a is None) == (ref is None)
+        if ref is not None:
+            torch.testing.assert_close(a.double(), ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+    y, r = swin._LayerNorm.apply(x, w, b, 1e-5, True)
+    graph = torch.autograd.grad(f(y, r), leaves, dy, create_graph=True, allow_unused=True)
+    for a, ref in zip(graph, want):
+        if ref is not None:
+            torch.testing.assert_close(a.double(), ref, atol=1e-4 * max(1.0, ref.abs().max().item()), rtol=1e-4)
+
+
+@pytest.mark.ext
 def test_block_layer_norm_takes_the_kernel_only_where_it_applies(monkeypatch):
     """The fused block's LayerNorms run the C++ kernel on float32 CPU tensors, in inference and in training (the
     block's output and every gradient as with torch's LayerNorm, within float32 rounding), and torch's LayerNorm on

@@ -261,55 +261,84 @@ class _LayerNorm(torch.autograd.Function):
     fastmed._C's forward (which also returns each row's mean and rstd) and backward (a row's gradient from its two
     sums; the weight and bias gradients summed per fixed block of rows, in block order).  Saves x, the weight and
     the row statistics, as torch's LayerNorm does.  Under ``create_graph=True`` the backward runs torch's
-    differentiable formulas on the recomputed statistics."""
+    differentiable formulas on the recomputed statistics.
+
+    With ``residual=True`` it returns ``(y, x)``, the second an alias of ``x`` for a residual connection to use in
+    x's place: the gradient that alias receives is then added to x's in the backward kernel's pass (the engine
+    would otherwise add the two gradients of x in a pass of its own)."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float) -> Tensor:
+    def forward(ctx, x: Tensor, w: Optional[Tensor], b: Optional[Tensor], eps: float, residual: bool = False):
         y, mean, rstd = _layer_norm_kernel()(x, w, b, eps, True)
         ctx.save_for_backward(x, w, mean, rstd)
         ctx.eps, ctx.has_w, ctx.has_b = eps, w is not None, b is not None
+        if residual:
+            ctx.set_materialize_grads(False)  # an unused output's gradient stays None (no tensor of zeros)
+            return y, x.view_as(x)
         return y
 
     @staticmethod
-    def backward(ctx, dy: Tensor):
+    def backward(ctx, dy: Optional[Tensor], dres: Optional[Tensor] = None):
         x, w, mean, rstd = ctx.saved_tensors
         need = ctx.needs_input_grad
         C = x.shape[-1]
+        if dy is None:  # only the alias was used
+            return dres if need[0] else None, None, None, None, None
         if torch.is_grad_enabled():  # create_graph=True: differentiable formulas
             mu = x.mean(-1, keepdim=True)
             rs = (x.var(-1, unbiased=False, keepdim=True) + ctx.eps).rsqrt()
             xh = (x - mu) * rs
             g = dy * w if ctx.has_w else dy
             dx = rs * (g - g.mean(-1, keepdim=True) - xh * (g * xh).mean(-1, keepdim=True))
+            if dres is not None:
+                dx = dx + dres
             return (dx if need[0] else None, (dy * xh).reshape(-1, C).sum(0) if ctx.has_w and need[1] else None,
-                    dy.reshape(-1, C).sum(0) if ctx.has_b and need[2] else None, None)
+                    dy.reshape(-1, C).sum(0) if ctx.has_b and need[2] else None, None, None)
+        add = None
+        if dres is not None and need[0]:
+            add = dres if type(dres) is Tensor and dres.dtype == x.dtype and dres.shape == x.shape else None
+            add = None if add is None else add.contiguous()
         dx, dw, db = _ext.load().layer_norm_backward_cpu(dy.contiguous(), x, mean, rstd, w, need[0],
-                                                         ctx.has_w and need[1], ctx.has_b and need[2])
-        return dx, dw, db, None
+                                                         ctx.has_w and need[1], ctx.has_b and need[2], add)
+        if dres is not None and need[0] and add is None:
+            dx = dx + dres
+        return dx, dw, db, None, None
 
 
-def _layer_norm(norm: nn.Module, x: Tensor) -> Tensor:
+def _layer_norm(norm: nn.Module, x: Tensor, residual: bool = False):
     """``norm(x)``.  For a plain ``nn.LayerNorm`` over the last dimension of a contiguous float32 CPU tensor with
     float32 CPU parameters, outside autocast and torch.compile and where ``fastmed._C`` is built: the C++ LayerNorm
     (csrc/layer_norm_cpu.cpp; measured here, 2 threads, (1, 56^2, 96): ~0.05 ms against ~0.13 ms for torch's
     forward), as one autograd node (:class:`_LayerNorm`) when a gradient is recorded.  The same two-pass formula as
-    torch's, float32 rounding apart."""
+    torch's, float32 rounding apart.  With ``residual=True``: ``(norm(x), r)``, ``r`` what a residual connection
+    should add in place of ``x`` (an alias of ``x`` from the node, whose backward then adds its gradient; else
+    ``x``)."""
+    y = _layer_norm_or_none(norm, x, residual)
+    if y is None:
+        y = norm(x)
+        return (y, x) if residual else y
+    return y
+
+
+def _layer_norm_or_none(norm: nn.Module, x: Tensor, residual: bool):
+    """:func:`_layer_norm`'s C++ path, None where it does not apply."""
     if (torch.compiler.is_compiling() or type(norm) is not nn.LayerNorm or type(x) is not Tensor
             or x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous()
             or norm.normalized_shape != (x.shape[-1],) or norm._forward_hooks or norm._forward_pre_hooks
             or torch.is_autocast_enabled("cpu")):
-        return norm(x)
+        return None
     kernel = _layer_norm_kernel()
     if kernel is None:
-        return norm(x)
+        return None
     w, b = norm.weight, norm.bias
     params = [t for t in (w, b) if t is not None]
     if any(t.dtype != torch.float32 or t.device.type != "cpu" or type(t.data) is not Tensor
            or not t.is_contiguous() for t in params):
-        return norm(x)
+        return None
     if torch.is_grad_enabled() and (x.requires_grad or any(t.requires_grad for t in params)):
-        return _LayerNorm.apply(x, w, b, norm.eps)
-    return kernel(x, None if w is None else w.detach(), None if b is None else b.detach(), norm.eps)[0]
+        return _LayerNorm.apply(x, w, b, norm.eps, residual)
+    y = kernel(x, None if w is None else w.detach(), None if b is None else b.detach(), norm.eps)[0]
+    return (y, x) if residual else y
 
 
 def _graph_kept() -> bool:
@@ -555,9 +584,12 @@ class SwinTransformerBlock(nn.Module):
         self.norm2 = norm_layer(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
 
-    def _norm(self, norm: nn.Module, x: Tensor) -> Tensor:
-        """``norm(x)``; on the fused path through :func:`_layer_norm` (a C++ LayerNorm for float32 CPU tensors)."""
-        return _layer_norm(norm, x) if getattr(self.attn, "fused", False) else norm(x)
+    def _norm(self, norm: nn.Module, x: Tensor, residual: bool = False):
+        """``norm(x)``; on the fused path through :func:`_layer_norm` (a C++ LayerNorm for float32 CPU tensors).
+        ``residual=True``: ``(norm(x), r)`` with ``r`` for the residual connection (see :func:`_layer_norm`)."""
+        if getattr(self.attn, "fused", False):
+            return _layer_norm(norm, x, residual)
+        return (norm(x), x) if residual else norm(x)
 
     def _attention_part(self, x: Tensor) -> Tensor:
         return self.drop_path(self.attn(self._norm(self.norm1, x), self.shift_size))
@@ -608,9 +640,13 @@ class SwinTransformerBlock(nn.Module):
             x = x + torch.utils.checkpoint.checkpoint(self._attention_part, x, use_reentrant=False)
             return x + torch.utils.checkpoint.checkpoint(self._mlp_part, x, use_reentrant=False)
         if type(self.attn) is WindowAttention and type(self.mlp) is Mlp and _inactive(self.drop_path):
-            # the residual adds in the output GEMMs' epilogues (no pass of their own where oneDNN runs them)
-            x = self.attn(self._norm(self.norm1, x), self.shift_size, residual=x)
-            return self.mlp(self._norm(self.norm2, x), fused=self.attn.fused, residual=x)
+            # the residual adds in the output GEMMs' epilogues (no pass of their own where oneDNN runs them); on
+            # the fused path the residual is the LayerNorm node's alias of x, so that the C++ LayerNorm backward
+            # adds the residual's gradient to x's in its own pass
+            h, r = self._norm(self.norm1, x, residual=True)
+            x = self.attn(h, self.shift_size, residual=r)
+            h, r = self._norm(self.norm2, x, residual=True)
+            return self.mlp(h, fused=self.attn.fused, residual=r)
         x = x + self._attention_part(x)
         return x + self._mlp_part(x)
 
