@@ -257,8 +257,9 @@ def test_block_float32_inference_uses_onednn_linear_and_equals_monai(monkeypatch
     grads = torch.autograd.grad(y, [xg, *ours.parameters()],
                                 torch.randn(y.shape, generator=torch.Generator().manual_seed(3), dtype=x.dtype).float())
     # qkv, proj (+ x), fc1, fc2 (+ x); the backward's d(fc1 output) = (dy w2) * GELU' (when the kernel kept GELU')
-    # is torch's mm into the GELU output's buffer, times GELU' in place: the graph is freed after this backward
-    assert calls == ["none", "residual add", "none", "residual add"]
+    # is torch's mm into the GELU output's buffer, times GELU' in place: the graph is freed after this backward;
+    # then the input gradients of fc1, proj and qkv (d in = dy w) by oneDNN on the transposed weights
+    assert calls == ["none", "residual add", "none", "residual add", "none", "none", "none"]
     torch.testing.assert_close(y.double(), y_want, atol=1e-4, rtol=1e-4)
     for a, b in zip(grads, grads_want):
         torch.testing.assert_close(a.double(), b, atol=1e-4, rtol=1e-4)
@@ -412,6 +413,46 @@ def test_training_mlp_node_equals_float64_first_and_second_order(monkeypatch, ke
         torch.autograd.grad(got, leaves, dy)
     for t, b in zip(inputs, before):
         assert torch.equal(t, b)
+
+
+def test_input_gradient_by_onednn_equals_the_product(monkeypatch):
+    """``_input_grad(dy, w)`` (a Linear's ``d in = dy w`` in the training nodes' backward): oneDNN's linear on the
+    transposed weight from ``_ONEDNN_MIN_ROWS`` float32 rows on, outside grad mode; ``mm`` for fewer rows, for other
+    dtypes and in grad mode (create_graph=True), where the result must stay differentiable.  Values equal the float64
+    product to float32 precision; nothing passed is modified."""
+    swin = pytest.importorskip("fastmed.nn.swin")
+    if swin._ONEDNN_LINEAR is None:
+        pytest.skip("this torch has no oneDNN linear (torch.ops.mkldnn._linear_pointwise)")
+    calls = []
+    linear = swin._onednn_linear()
+
+    def counting(x, w, b, attr, scalars, algorithm):
+        calls.append((tuple(x.shape), tuple(w.shape), b, attr))
+        return linear(x, w, b, attr, scalars, algorithm)
+
+    monkeypatch.setattr(swin, "_ONEDNN_LINEAR", counting)
+    g = torch.Generator().manual_seed(11)
+    rows = swin._ONEDNN_MIN_ROWS
+    dy, w = torch.randn(rows, 40, generator=g), torch.randn(40, 24, generator=g)
+    dy0, w0 = dy.clone(), w.clone()
+    want = dy.double() @ w.double()
+    with torch.no_grad():
+        got = swin._input_grad(dy, w)
+    assert calls == [((rows, 40), (24, 40), None, "none")]  # oneDNN, on w^T (out = 24, in = 40)
+    torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    assert torch.equal(dy, dy0) and torch.equal(w, w0)
+    calls.clear()
+    with torch.no_grad():  # fewer rows, float64: mm
+        small = swin._input_grad(dy[: rows - 1], w)
+        got64 = swin._input_grad(dy.double(), w.double())
+    assert calls == []
+    torch.testing.assert_close(small.double(), want[: rows - 1], atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(got64, want)
+    wg = w.clone().requires_grad_()
+    out = swin._input_grad(dy, wg)  # grad mode: differentiable
+    assert calls == [] and out.grad_fn is not None
+    (gw,) = torch.autograd.grad(out.sum(), wg)
+    torch.testing.assert_close(gw.double(), dy.double().sum(0)[:, None].expand(40, 24), atol=1e-3, rtol=1e-5)
 
 
 def test_training_mlp_takes_the_node_only_where_it_applies(monkeypatch):
