@@ -100,9 +100,8 @@ class WindowAttention(nn.Module):
     def _fused_attention(self, qkv: Tensor, shift: tuple[int, ...]) -> Tensor:
         """The window-attention op on the qkv grid (without autograd on the CPU straight into its C++ kernel)."""
         table, pad = self.relative_position_bias_table, self.qkv.bias
-        out = None if torch.is_grad_enabled() else cpu_inference(qkv, self.num_heads, self.window_size, shift, table,
-                                                                 self.scale, pad, self.bias_index)
-        if out is None:
+        out = cpu_inference(qkv, self.num_heads, self.window_size, shift, table, self.scale, pad, self.bias_index)
+        if out is None:  # grad mode, or a call the C++ kernel does not take
             out = window_attention(qkv, self.num_heads, self.window_size, shift, table, self.scale, qkv_pad=pad,
                                    bias_index=self.bias_index)
         return out
@@ -246,29 +245,28 @@ class _OneDnnLinear(torch.autograd.Function):
 
 
 @functools.cache
+def _ext_function(name: str):
+    """``fastmed._C.<name>``, or None where the extension is not built (or lacks it)."""
+    if not _ext.extension_info()["built"]:
+        return None
+    return getattr(_ext.load(), name, None)
+
+
 def _gelu_kernel():
     """``fastmed._C.gelu_and_derivative_cpu_`` (csrc/gelu_cpu.cpp: returns GELU(x), overwrites x with GELU'(x)), or
-    None where the extension is not built (torch's GELU and its backward then)."""
-    if not _ext.extension_info()["built"]:
-        return None
-    return getattr(_ext.load(), "gelu_and_derivative_cpu_", None)
+    None (torch's GELU and its backward then)."""
+    return _ext_function("gelu_and_derivative_cpu_")
 
 
-@functools.cache
 def _mul_sums_kernel():
     """``fastmed._C.mul_and_column_sums_cpu_`` (csrc/gelu_cpu.cpp: ``a *= b`` in place and the column sums of the
-    product, in a fixed order), or None where the extension is not built."""
-    if not _ext.extension_info()["built"]:
-        return None
-    return getattr(_ext.load(), "mul_and_column_sums_cpu_", None)
+    product, in a fixed order), or None."""
+    return _ext_function("mul_and_column_sums_cpu_")
 
 
-@functools.cache
 def _layer_norm_kernel():
-    """``fastmed._C.layer_norm_cpu`` (csrc/layer_norm_cpu.cpp), or None where the extension is not built."""
-    if not _ext.extension_info()["built"]:
-        return None
-    return getattr(_ext.load(), "layer_norm_cpu", None)
+    """``fastmed._C.layer_norm_cpu`` (csrc/layer_norm_cpu.cpp), or None."""
+    return _ext_function("layer_norm_cpu")
 
 
 class _LayerNorm(torch.autograd.Function):
@@ -309,10 +307,9 @@ class _LayerNorm(torch.autograd.Function):
                 dx = dx + dres
             return (dx if need[0] else None, (dy * xh).reshape(-1, C).sum(0) if ctx.has_w and need[1] else None,
                     dy.reshape(-1, C).sum(0) if ctx.has_b and need[2] else None, None, None)
-        add = None
-        if dres is not None and need[0]:
-            add = dres if type(dres) is Tensor and dres.dtype == x.dtype and dres.shape == x.shape else None
-            add = None if add is None else add.contiguous()
+        add = None  # the alias's gradient, added in the kernel's pass where it is a plain tensor like x
+        if dres is not None and need[0] and type(dres) is Tensor and dres.dtype == x.dtype and dres.shape == x.shape:
+            add = dres.contiguous()
         dx, dw, db = _ext.load().layer_norm_backward_cpu(dy.contiguous(), x, mean, rstd, w, need[0],
                                                          ctx.has_w and need[1], ctx.has_b and need[2], add)
         if dres is not None and need[0] and add is None:
