@@ -16,6 +16,7 @@
 // them, fewer when their bias-gradient partials would pass kMaxPartialBytes, at least kMinBlock windows each), and
 // the per-block bias and padding gradients are added in block order: the results are bit-identical for any number of
 // threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
+#include "cpu_denormals.h"
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 
@@ -233,6 +234,7 @@ std::vector<at::Tensor> forward(const at::Tensor& qkv, const c10::optional<at::T
     scalar_t *o = out.data_ptr<scalar_t>(), *sv = save ? saved.data_ptr<scalar_t>() : nullptr;
     const int64_t* sl = slots.data_ptr<int64_t>();
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals no_subnormals;
       Scratch<scalar_t> scratch(g, false);
       for (int64_t blk = begin; blk < end; ++blk) {
         kernel(g, x, b, p, o, sv, sl, save_probabilities, blk * bs, std::min(g.windows, (blk + 1) * bs), scratch);
@@ -271,6 +273,7 @@ std::vector<at::Tensor> backward(const at::Tensor& dout, const at::Tensor& qkv, 
     scalar_t* db = bias_grad ? dbias_blocks.data_ptr<scalar_t>() : nullptr;
     scalar_t* dp = dpad_blocks.defined() ? dpad_blocks.data_ptr<scalar_t>() : nullptr;
     at::parallel_for(0, blocks, 1, [&](int64_t begin, int64_t end) {
+      const FlushDenormals no_subnormals;
       Scratch<scalar_t> scratch(g, true);
       for (int64_t blk = begin; blk < end; ++blk) {
         kernel(g, dy, x, sv, sl, saved_probabilities, b, p, dx, db != nullptr ? db + blk * heads * g.n * g.n : nullptr,

@@ -595,6 +595,29 @@ def test_masked_probabilities_stay_exact_in_float32(monkeypatch, backend, saves)
 
 
 @pytest.mark.ext
+def test_cpp_kernel_restores_the_callers_subnormal_mode():
+    """The kernel flushes subnormals to zero inside its threads (csrc/cpu_denormals.h: Intel cores take a microcode
+    assist per subnormal operation, and the shift mask's tiny probabilities make many), and gives every thread its
+    floating-point mode back: after a shifted forward and backward on two threads, float32 products that are
+    subnormal still come out subnormal, on the calling thread and on torch's worker threads."""
+    heads, window, shift = 2, 7, 3
+    qkv, table, _, dout = _inputs(2, (14, 14), heads, 16, window, True, False, torch.float32, seed=5)
+    tiny = torch.finfo(torch.float32).tiny
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with fastmed.use_backend("cpp"):
+            got = _grads(lambda q, t, p: window_attention(q, heads, window, shift, t), qkv, table, None, dout)
+        assert all(torch.isfinite(g).all() for g in got)
+        small = torch.tensor([tiny]) * 0.25  # the calling thread
+        many = torch.full((1 << 20,), tiny) * 0.25  # split over the worker threads
+    finally:
+        torch.set_num_threads(threads)
+    assert small.item() == pytest.approx(tiny * 0.25, rel=1e-6)
+    assert bool((many > 0).all()), "a worker thread kept flush-to-zero after the kernel"
+
+
+@pytest.mark.ext
 def test_auto_picks_cpp_on_cpu():
     from fastmed import _backend
 
