@@ -16,6 +16,8 @@
 // them, fewer when their bias-gradient partials would pass kMaxPartialBytes, at least kMinBlock windows each), and
 // the per-block bias and padding gradients are added in block order: the results are bit-identical for any number of
 // threads.  float32 and float64; float16/bfloat16 are computed in float32 by the caller.
+// Subnormals are flushed to zero inside the kernel's threads (cpu_denormals.h): Intel cores take a microcode assist
+// for each operation on one, and the shift mask's tiny probabilities make many.
 #include "cpu_denormals.h"
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
