@@ -31,6 +31,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "cpu_denormals.h"
 #include "cpu_dispatch.h"
 #include "fastmed_ext.h"
 #include "losses_cpu_spec.h"
@@ -228,6 +229,7 @@ void stats_kernel(const at::Tensor& z, const at::Tensor& t, const at::Tensor* ma
   const bool dice = softmax_dice_path(spec, ops, pp ? ps : nullptr);
   const int ce = softmax_dice_ce(spec);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals no_subnormals;  // confident logits: softmax probabilities below FLT_MIN (see the header)
     BlockStorage<A> storage(C);
     std::vector<A> lanes(static_cast<size_t>(kNumSlots * C * kLanes));  // per-lane sums over one chunk
     for (int64_t task = begin; task < end; ++task) {
@@ -299,6 +301,7 @@ void backward_kernel(const at::Tensor& gstats, const at::Tensor& z, const at::Te
   const bool dice = from_probs && softmax_dice_path(spec, o, ds);
   const int ce = softmax_dice_ce(spec);
   at::parallel_for(0, B * chunks, 1, [&](int64_t begin, int64_t end) {
+    const FlushDenormals no_subnormals;  // confident logits: softmax probabilities below FLT_MIN (see the header)
     BlockStorage<A> storage(C);
     Block<A>& blk = storage.k;
     double cnt = 0, bad = 0;  // not needed here
